@@ -1,0 +1,301 @@
+"""The part of a model adapter that SD3 and FLUX share: prompt cache, decode, LoRA, reference policy, saving.
+
+An adapter wraps a loaded diffusers pipeline and gives the trainers and samplers a small, stateless surface:
+
+* ``encode(prompts) -> Conditioning`` (text encoders frozen, results cached per prompt string),
+* ``velocity(x, sigma, cond, guidance_scale) -> v`` (the transformer's flow-matching velocity),
+* ``decode(latents) -> images`` in [0, 1], differentiable,
+* ``schedule(num_steps, height, width)`` and ``sample_noise(batch, height, width, generator)``,
+* ``add_lora(...)`` / ``set_full_finetuning()``, ``disable_adapter()`` (the base model as reference policy),
+  ``save_lora(dir)`` in the diffusers LoRA format, ``enable_gradient_checkpointing()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = ["Conditioning", "FlowModel"]
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch of B prompts (tensors in the model's dtype, on its device)."""
+
+    prompt_embeds: torch.Tensor  # (B, L, D) token embeddings
+    pooled: torch.Tensor  # (B, P) pooled embedding
+    negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D) SD3 CFG: the negative prompt's embeddings
+    negative_pooled: torch.Tensor | None = None  # (B, P)
+    text_ids: torch.Tensor | None = None  # (L, 3) FLUX text position ids, shared by the batch
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map_batched(self, fn) -> Conditioning:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = fn(value) if (value is not None and f.name != "text_ids") else value
+        return Conditioning(**out)
+
+    def select(self, index) -> Conditioning:
+        """The rows ``index`` (an int list, a slice or an index tensor) of the batch."""
+        if isinstance(index, int):
+            index = [index]
+        return self._map_batched(lambda t: t[index])
+
+    def repeat_interleave(self, repeats: int) -> Conditioning:
+        """Each prompt ``repeats`` times in a row (a group of G images per prompt)."""
+        return self._map_batched(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate batches along the batch dimension."""
+        first = items[0]
+        out = {}
+        for f in dataclasses.fields(first):
+            values = [getattr(c, f.name) for c in items]
+            if f.name == "text_ids" or values[0] is None:
+                out[f.name] = values[0]
+            else:
+                out[f.name] = torch.cat(values, dim=0)
+        return Conditioning(**out)
+
+
+class _PromptCache:
+    """A bounded least-recently-used cache of per-prompt encodings (tuples of tensors without batch dim)."""
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self._data: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    def get(self, key: str):
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: tuple[torch.Tensor, ...]) -> None:
+        if self.max_size <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_size:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+class FlowModel:
+    """Base class of the SD3 and FLUX adapters; build one with :func:`diffrl.models.load_model`."""
+
+    family: str = ""
+    pipeline_class_name: str = ""
+    default_lora_rank: int = 32
+    default_lora_alpha: int = 64
+    default_lora_targets: list[str] | str = []
+
+    def __init__(self, pipe, *, prompt_cache_size: int = 4096):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self._cache = _PromptCache(prompt_cache_size)
+        self._mode = "frozen"
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+                module.requires_grad_(False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device=None, dtype=None) -> FlowModel:
+        """Move the whole pipeline; clears the prompt cache (its tensors live on the old device)."""
+        self.pipe.to(device=device, dtype=dtype)
+        self._cache.clear()
+        return self
+
+    # ------------------------------------------------------------------ to implement per family
+    def _encode_uncached(self, prompts: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        raise NotImplementedError
+
+    def _assemble(self, rows: list[tuple[torch.Tensor, ...]], negative_rows) -> Conditioning:
+        raise NotImplementedError
+
+    def velocity(self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text
+    def _encode_cached(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, ...]]:
+        missing = list(dict.fromkeys(p for p in prompts if self._cache.get(p) is None))
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                rows = self._encode_uncached(missing)
+            fresh = dict(zip(missing, rows, strict=True))
+            for p, row in fresh.items():
+                self._cache.put(p, row)
+        return [fresh[p] if p in fresh else self._cache.get(p) for p in prompts]
+
+    def encode(self, prompts: Sequence[str] | str, negative_prompt: str | None = "") -> Conditioning:
+        """Encode prompts with the frozen text encoders; each distinct prompt string is encoded once and cached.
+
+        ``negative_prompt`` is the unconditional prompt for classifier-free guidance (SD3; FLUX ignores it).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings.")
+        rows = self._encode_cached(prompts)
+        negative_rows = None
+        if negative_prompt is not None and self.family == "sd3":
+            negative_rows = self._encode_cached([negative_prompt]) * len(prompts)
+        return self._assemble(rows, negative_rows)
+
+    def clear_prompt_cache(self) -> None:
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ latents and images
+    def _check_size(self, height: int, width: int, multiple: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of {multiple} for this {self.family} model.")
+
+    def sample_noise(self, batch: int, height: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial noise ``(B, C, h, w)`` in float32, drawn as diffusers' pipelines draw it."""
+        shape = (batch, *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [0, 1], float32, differentiable."""
+        cfg = self.vae.config
+        z = latents.to(self.vae.dtype) / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None) is not None:
+            z = z + cfg.shift_factor
+        images = self.vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ training modes
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the transformer blocks' activations in the backward pass (diffusers' own checkpointing)."""
+        self.transformer.enable_gradient_checkpointing()
+
+    def add_lora(
+        self,
+        rank: int | None = None,
+        alpha: float | None = None,
+        target_modules: list[str] | str | None = None,
+        *,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+    ) -> None:
+        """Attach a trainable LoRA adapter (PEFT) to the transformer; only its weights require grad.
+
+        Defaults per family: SD3 r=32, alpha=64 on the joint-attention projections; FLUX r=64, alpha=128 on
+        the attention projections and the feed-forward layers. ``init_lora_weights=True`` makes the adapter a
+        no-op at start (B = 0), so the adapted model starts as the base model.
+        """
+        from peft import LoraConfig
+
+        if self._mode == "full":
+            raise ValueError("this model is set for full fine-tuning; load it again to train a LoRA instead.")
+        rank = self.default_lora_rank if rank is None else rank
+        alpha = self.default_lora_alpha if alpha is None else alpha
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"lora rank={rank!r} must be a positive integer (e.g. 32).")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=target_modules if target_modules is not None else self.default_lora_targets,
+            init_lora_weights=init_lora_weights,
+        )
+        self.transformer.add_adapter(config, adapter_name=adapter_name)
+        self._mode = "lora"
+
+    def set_full_finetuning(self) -> None:
+        """Train every transformer weight (no adapter; no reference policy without a second copy)."""
+        if self._mode == "lora":
+            raise ValueError("this model has a LoRA adapter; load it again for full fine-tuning.")
+        self.transformer.requires_grad_(True)
+        self._mode = "full"
+
+    @property
+    def has_lora(self) -> bool:
+        return self._mode == "lora"
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model (the reference policy) inside this block: the LoRA adapter is switched off."""
+        if self._mode == "full":
+            raise ValueError(
+                "full fine-tuning keeps no copy of the base weights, so there is no reference policy; "
+                "train a LoRA (add_lora) to get the base model by disabling the adapter."
+            )
+        if not self.has_lora:
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    # ------------------------------------------------------------------ saving
+    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        if not self.has_lora:
+            raise ValueError("this model has no LoRA adapter; call add_lora() first.")
+        return get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
+
+    def save_lora(self, save_directory: str | Path, adapter_name: str = "default") -> Path:
+        """Save the LoRA in the diffusers format (``pytorch_lora_weights.safetensors`` with the adapter config
+        as metadata), so ``pipe.load_lora_weights(save_directory)`` loads it into a plain diffusers pipeline."""
+        save_directory = Path(save_directory)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.lora_state_dict(adapter_name).items()}
+        metadata = self.transformer.peft_config[adapter_name].to_dict()
+        type(self.pipe).save_lora_weights(
+            save_directory,
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=metadata,
+        )
+        return save_directory
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Save the whole pipeline (after full fine-tuning) so ``from_pretrained(save_directory)`` loads it."""
+        if self.has_lora:
+            raise ValueError("this model trains a LoRA; save it with save_lora() (or fuse it first).")
+        self.pipe.save_pretrained(save_directory)
+        return Path(save_directory)

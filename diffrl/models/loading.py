@@ -1,0 +1,98 @@
+"""``load_model``: read a checkpoint's ``model_index.json``, pick the adapter for its pipeline class, load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import FlowModel
+from .flux import FluxModel
+from .sd3 import SD3Model
+
+__all__ = ["load_model", "detect_family", "ADAPTERS"]
+
+# pipeline class name in model_index.json -> adapter class
+ADAPTERS: dict[str, type[FlowModel]] = {
+    SD3Model.pipeline_class_name: SD3Model,
+    FluxModel.pipeline_class_name: FluxModel,
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _read_model_index(path: str, revision: str | None) -> dict:
+    from diffusers import DiffusionPipeline
+
+    local = Path(path)
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json; pass a diffusers pipeline directory or hub id.")
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision)
+    except OSError as err:
+        raise OSError(
+            f"could not read model_index.json of {path!r} ({err.__class__.__name__}); pass a local diffusers "
+            "pipeline directory, or a hub id that is in the Hugging Face cache (or reachable when not offline)."
+        ) from err
+
+
+def detect_family(path: str, revision: str | None = None) -> type[FlowModel]:
+    """The adapter class for the checkpoint at ``path`` (local directory or hub id), from its pipeline class."""
+    index = _read_model_index(path, revision)
+    name = index.get("_class_name")
+    if name not in ADAPTERS:
+        raise ValueError(
+            f"{path!r} is a {name} checkpoint, which diffrl does not support; supported pipelines: "
+            f"{', '.join(sorted(ADAPTERS))}."
+        )
+    return ADAPTERS[name]
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)} or a torch dtype.")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    **adapter_kwargs,
+) -> FlowModel:
+    """Load an SD3/SD3.5 or FLUX.1 checkpoint (hub id or local diffusers directory) as a diffrl model adapter.
+
+    The family is detected from the checkpoint's ``model_index.json``. Every module is put in eval mode with
+    gradients off; call ``add_lora()`` or ``set_full_finetuning()`` on the result to train it.
+
+    Args:
+        path: hub id (e.g. ``"stabilityai/stable-diffusion-3.5-medium"``) or local pipeline directory.
+        dtype: weights' dtype (``torch.bfloat16`` or ``"bf16"`` for GPU training); sampler maths stays float32.
+        device: where to put the pipeline.
+        revision: hub revision.
+        adapter_kwargs: passed to the adapter (``max_sequence_length``, ``prompt_cache_size``).
+    """
+    path = str(path)
+    torch_dtype = resolve_dtype(dtype)
+    adapter_cls = detect_family(path, revision)
+    index = _read_model_index(path, revision)
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[adapter_cls.family]
+    # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
+    pipe = pipeline_cls.from_pretrained(path, torch_dtype=torch_dtype, revision=revision, **absent)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return adapter_cls(pipe, **adapter_kwargs)
