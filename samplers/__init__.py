@@ -1,7 +1,13 @@
 """diffrl.samplers: schedules, ODE/SDE/CPS steps with log-probabilities, and rollouts (pure functions, float32)."""
 
 from .rollout import SAMPLERS, RolloutOutput, VelocityModel, resolve_window, rollout
-from .schedules import calculate_shift, flow_match_sigmas, sigmas_from_scheduler_config, static_shift, time_shift
+from .schedules import (
+    calculate_shift,
+    flow_match_sigmas,
+    sigmas_from_scheduler_config,
+    static_shift,
+    time_shift,
+)
 from .steps import StepOutput, cps_step, gaussian_log_prob, ode_step, sde_std, sde_step
 
 __all__ = [

@@ -14,7 +14,6 @@ The model is anything with ``velocity(x, sigma, cond, guidance_scale) -> v`` (th
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +28,9 @@ SAMPLERS = ("ode", "sde", "cps")
 
 
 class VelocityModel(Protocol):
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, guidance_scale: float = 1.0) -> torch.Tensor: ...
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, guidance_scale: float = 1.0
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,9 +39,13 @@ class RolloutOutput:
 
     latents: torch.Tensor  # (B, T+1, C, h, w) the trajectory, detached; latents[:, 0] is the initial noise
     sigmas: torch.Tensor  # (T+1,) the levels, sigmas[k] -> sigmas[k+1] is step k
-    log_probs: torch.Tensor  # (B, T) log-prob of step k's transition (mean over dims); NaN where step k was deterministic
+    log_probs: (
+        torch.Tensor
+    )  # (B, T) log-prob of step k's transition (mean over dims); NaN where step k was deterministic
     stochastic: torch.Tensor  # (T,) bool, True where step k was an SDE/CPS step
-    final: torch.Tensor  # (B, C, h, w) the final latents; carries the autograd graph when the grad window reached the end
+    final: (
+        torch.Tensor
+    )  # (B, C, h, w) the final latents; carries the autograd graph when the grad window reached the end
 
     @property
     def num_steps(self) -> int:
@@ -64,10 +69,14 @@ def resolve_window(window, num_steps: int, name: str) -> tuple[int, int]:
     try:
         start, end = window
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={window!r} is not a window; pass (start, end) step indices, 'all' or None.") from None
+        raise ValueError(
+            f"{name}={window!r} is not a window; pass (start, end) step indices, 'all' or None."
+        ) from None
     start, end, _ = slice(start, end).indices(num_steps)
     if end < start:
-        raise ValueError(f"{name}={window!r} is empty for {num_steps} steps; pass (start, end) with start < end.")
+        raise ValueError(
+            f"{name}={window!r} is empty for {num_steps} steps; pass (start, end) with start < end."
+        )
     return start, end
 
 

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["calculate_shift", "time_shift", "static_shift", "flow_match_sigmas", "sigmas_from_scheduler_config"]
+__all__ = [
+    "calculate_shift",
+    "time_shift",
+    "static_shift",
+    "flow_match_sigmas",
+    "sigmas_from_scheduler_config",
+]
 
 
 def calculate_shift(
@@ -86,22 +92,35 @@ def flow_match_sigmas(
         device: where to put the result.
     """
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be a positive integer; pass the number of sampling steps.")
+        raise ValueError(
+            f"num_steps={num_steps!r} must be a positive integer; pass the number of sampling steps."
+        )
     dynamic = mu is not None
     if base_sigmas is None:
         s_max, s_min = _train_level_range(shift, dynamic, num_train_timesteps)
-        sig = np.linspace(s_max * num_train_timesteps, s_min * num_train_timesteps, num_steps) / num_train_timesteps
+        sig = (
+            np.linspace(s_max * num_train_timesteps, s_min * num_train_timesteps, num_steps)
+            / num_train_timesteps
+        )
     else:
         sig = np.array(base_sigmas).astype(np.float32)
         if sig.shape != (num_steps,):
-            raise ValueError(f"base_sigmas has {sig.shape} levels but num_steps={num_steps}; give one level per step.")
+            raise ValueError(
+                f"base_sigmas has {sig.shape} levels but num_steps={num_steps}; give one level per step."
+            )
     sig = time_shift(mu, sig, time_shift_type) if dynamic else static_shift(shift, sig)
     out = torch.from_numpy(np.asarray(sig)).to(dtype=torch.float32, device=device)
     return torch.cat([out, torch.zeros(1, dtype=torch.float32, device=out.device)])
 
 
-_UNSUPPORTED_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "shift_terminal",
-                        "stochastic_sampling")
+_UNSUPPORTED_OPTIONS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "shift_terminal",
+    "stochastic_sampling",
+)
 
 
 def sigmas_from_scheduler_config(
@@ -132,7 +151,9 @@ def sigmas_from_scheduler_config(
     mu = None
     if config.get("use_dynamic_shifting", False):
         if image_seq_len is None:
-            raise ValueError("this scheduler shifts by resolution: pass image_seq_len (the number of image tokens).")
+            raise ValueError(
+                "this scheduler shifts by resolution: pass image_seq_len (the number of image tokens)."
+            )
         mu = calculate_shift(
             image_seq_len,
             config.get("base_image_seq_len", 256),

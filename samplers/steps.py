@@ -35,8 +35,12 @@ class StepOutput:
 
     sample: torch.Tensor  # (B, ...) the next sample x_{s_next} (``prev_sample`` when one was given)
     mean: torch.Tensor  # (B, ...) the transition mean
-    std: torch.Tensor  # (B, 1, ..., 1) the transition std, broadcastable to ``sample``; zero for a deterministic step
-    log_prob: torch.Tensor | None  # (B,) mean over non-batch dims of log N(sample; mean, std); None when std == 0
+    std: (
+        torch.Tensor
+    )  # (B, 1, ..., 1) the transition std, broadcastable to ``sample``; zero for a deterministic step
+    log_prob: (
+        torch.Tensor | None
+    )  # (B,) mean over non-batch dims of log N(sample; mean, std); None when std == 0
 
 
 def _level(s: float | torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -46,7 +50,9 @@ def _level(s: float | torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         return t.reshape((1,) * x.ndim)
     if t.ndim == 1 and t.shape[0] == x.shape[0]:
         return t.reshape((-1,) + (1,) * (x.ndim - 1))
-    raise ValueError(f"{name} has shape {tuple(t.shape)}; pass a float or a ({x.shape[0]},) tensor, one level per sample.")
+    raise ValueError(
+        f"{name} has shape {tuple(t.shape)}; pass a float or a ({x.shape[0]},) tensor, one level per sample."
+    )
 
 
 def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -59,7 +65,9 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
 def _noise_like(x: torch.Tensor, noise, generator) -> torch.Tensor:
     if noise is not None:
         if noise.shape != x.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)} but the sample has {tuple(x.shape)}; give noise of the sample's shape.")
+            raise ValueError(
+                f"noise has shape {tuple(noise.shape)} but the sample has {tuple(x.shape)}; give noise of the sample's shape."
+            )
         return noise.to(device=x.device, dtype=torch.float32)
     gen_device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)

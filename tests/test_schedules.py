@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-
 from diffrl.samplers import calculate_shift, flow_match_sigmas, sigmas_from_scheduler_config, static_shift
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 STEPS = [1, 2, 4, 10, 28, 40]
 
@@ -22,11 +21,18 @@ def test_static_shift_equals_diffusers(steps, shift):
 @pytest.mark.parametrize("image_seq_len", [16, 256, 1024, 4096])
 def test_flux_dynamic_shift_equals_diffusers(steps, image_seq_len):
     sched = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, shift=3.0
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift=3.0,
     )
     mu = calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    ours = sigmas_from_scheduler_config(sched.config, steps, image_seq_len=image_seq_len, flux_base_sigmas=True)
+    ours = sigmas_from_scheduler_config(
+        sched.config, steps, image_seq_len=image_seq_len, flux_base_sigmas=True
+    )
     assert torch.equal(ours, sched.sigmas)
 
 

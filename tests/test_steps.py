@@ -2,8 +2,15 @@ import math
 
 import pytest
 import torch
-
-from diffrl.samplers import cps_step, gaussian_log_prob, ode_step, rollout, sde_std, sde_step, flow_match_sigmas
+from diffrl.samplers import (
+    cps_step,
+    flow_match_sigmas,
+    gaussian_log_prob,
+    ode_step,
+    rollout,
+    sde_std,
+    sde_step,
+)
 
 
 def _xv(seed=0, shape=(3, 4, 5, 5), dtype=torch.float32):
@@ -57,19 +64,35 @@ def test_sde_log_prob_equals_torch_normal_per_sample_sigmas():
     sigma = torch.tensor([1.0, 0.7, 0.3])
     sigma_next = torch.tensor([0.9, 0.5, 0.0])
     out = sde_step(x, v, sigma, sigma_next, 0.7, generator=torch.Generator().manual_seed(1))
-    ref = torch.distributions.Normal(out.mean, out.std.expand_as(out.mean)).log_prob(out.sample).mean(dim=(1, 2, 3))
+    ref = (
+        torch.distributions.Normal(out.mean, out.std.expand_as(out.mean))
+        .log_prob(out.sample)
+        .mean(dim=(1, 2, 3))
+    )
     torch.testing.assert_close(out.log_prob, ref, rtol=1e-6, atol=1e-6)
     assert out.log_prob.shape == (3,) and out.log_prob.dtype == torch.float32
     # each row equals the scalar-level step of that row
     for i in range(3):
-        row = sde_step(x[i : i + 1], v[i : i + 1], sigma[i].item(), sigma_next[i].item(), 0.7, noise=None, prev_sample=out.sample[i : i + 1])
+        row = sde_step(
+            x[i : i + 1],
+            v[i : i + 1],
+            sigma[i].item(),
+            sigma_next[i].item(),
+            0.7,
+            noise=None,
+            prev_sample=out.sample[i : i + 1],
+        )
         torch.testing.assert_close(row.log_prob, out.log_prob[i : i + 1], rtol=1e-6, atol=1e-6)
 
 
 def test_cps_log_prob_equals_torch_normal_and_recompute_is_bitwise():
     x, v = _xv()
     out = cps_step(x, v, 0.7, 0.5, 0.7, generator=torch.Generator().manual_seed(3))
-    ref = torch.distributions.Normal(out.mean, out.std.expand_as(out.mean)).log_prob(out.sample).mean(dim=(1, 2, 3))
+    ref = (
+        torch.distributions.Normal(out.mean, out.std.expand_as(out.mean))
+        .log_prob(out.sample)
+        .mean(dim=(1, 2, 3))
+    )
     torch.testing.assert_close(out.log_prob, ref, rtol=1e-6, atol=1e-6)
     again = cps_step(x, v, 0.7, 0.5, 0.7, prev_sample=out.sample)
     assert torch.equal(again.log_prob, out.log_prob)
@@ -97,7 +120,9 @@ def test_stored_transition_log_prob_is_bitwise():
     assert torch.equal(again.log_prob, out.log_prob)
     assert torch.equal(again.sample, out.sample)
     # a different velocity gives a different log-prob of the same transition
-    assert not torch.equal(sde_step(x, v * 1.01, 0.8, 0.6, 0.7, prev_sample=out.sample).log_prob, out.log_prob)
+    assert not torch.equal(
+        sde_step(x, v * 1.01, 0.8, 0.6, 0.7, prev_sample=out.sample).log_prob, out.log_prob
+    )
 
 
 def test_log_prob_is_float32_from_low_precision_inputs():

@@ -113,7 +113,7 @@ class FlowModel:
         self.scheduler_config = dict(pipe.scheduler.config)
         self._cache = _PromptCache(prompt_cache_size)
         self._mode = "frozen"
-        for name, module in pipe.components.items():
+        for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()
                 module.requires_grad_(False)
@@ -144,7 +144,9 @@ class FlowModel:
     def _assemble(self, rows: list[tuple[torch.Tensor, ...]], negative_rows) -> Conditioning:
         raise NotImplementedError
 
-    def velocity(self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -188,9 +190,13 @@ class FlowModel:
     def _check_size(self, height: int, width: int, multiple: int) -> None:
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"{name}={value!r} must be a positive multiple of {multiple} for this {self.family} model.")
+                raise ValueError(
+                    f"{name}={value!r} must be a positive multiple of {multiple} for this {self.family} model."
+                )
 
-    def sample_noise(self, batch: int, height: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_noise(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Initial noise ``(B, C, h, w)`` in float32, drawn as diffusers' pipelines draw it."""
         shape = (batch, *self.latent_shape(height, width))
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)

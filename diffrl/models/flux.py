@@ -82,17 +82,27 @@ class FluxModel(FlowModel):
         """The pipeline's levels: ``linspace(1, 1/T, T)`` shifted by ``mu`` from the image token count."""
         _, h, w = self.latent_shape(height, width)
         return sigmas_from_scheduler_config(
-            self.scheduler_config, num_steps, image_seq_len=(h // 2) * (w // 2), flux_base_sigmas=True, device=self.device
+            self.scheduler_config,
+            num_steps,
+            image_seq_len=(h // 2) * (w // 2),
+            flux_base_sigmas=True,
+            device=self.device,
         )
 
-    def velocity(self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 3.5) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 3.5
+    ) -> torch.Tensor:
         """Velocity ``(B, C, h, w)`` in the model's dtype."""
         batch, _, h, w = x.shape
         if len(cond) != batch:
-            raise ValueError(f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample.")
+            raise ValueError(
+                f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample."
+            )
         hidden = pack_latents(x.to(self.dtype))
         # As FluxPipeline: the timestep 1000 * s in the latents' dtype, divided by 1000.
-        t = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch) * 1000).to(hidden.dtype)
+        t = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch) * 1000).to(
+            hidden.dtype
+        )
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=x.device)

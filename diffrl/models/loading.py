@@ -33,7 +33,9 @@ def _read_model_index(path: str, revision: str | None) -> dict:
 
     local = Path(path)
     if local.is_dir() and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} has no model_index.json; pass a diffusers pipeline directory or hub id.")
+        raise FileNotFoundError(
+            f"{path} has no model_index.json; pass a diffusers pipeline directory or hub id."
+        )
     try:
         return DiffusionPipeline.load_config(path, revision=revision)
     except OSError as err:
@@ -91,7 +93,9 @@ def load_model(
 
     pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
-    absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
+    absent = {
+        k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
+    }
     pipe = pipeline_cls.from_pretrained(path, torch_dtype=torch_dtype, revision=revision, **absent)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -71,20 +71,28 @@ class SD3Model(FlowModel):
         by resolution)."""
         _, h, w = self.latent_shape(height, width)
         seq = (h // self.patch_size) * (w // self.patch_size)
-        return sigmas_from_scheduler_config(self.scheduler_config, num_steps, image_seq_len=seq, device=self.device)
+        return sigmas_from_scheduler_config(
+            self.scheduler_config, num_steps, image_seq_len=seq, device=self.device
+        )
 
-    def velocity(self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
         """Velocity ``(B, C, h, w)`` in the model's dtype; CFG when ``guidance_scale > 1`` (as the pipeline does)."""
         batch = x.shape[0]
         if len(cond) != batch:
-            raise ValueError(f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample.")
+            raise ValueError(
+                f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample."
+            )
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch) * 1000
         hidden = x.to(self.dtype)
         embeds, pooled = cond.prompt_embeds, cond.pooled
         cfg = guidance_scale > 1
         if cfg:
             if cond.negative_prompt_embeds is None:
-                raise ValueError("guidance_scale > 1 needs negative embeddings; encode with negative_prompt='' (the default).")
+                raise ValueError(
+                    "guidance_scale > 1 needs negative embeddings; encode with negative_prompt='' (the default)."
+                )
             hidden = torch.cat([hidden, hidden])
             t = torch.cat([t, t])
             embeds = torch.cat([cond.negative_prompt_embeds, embeds])

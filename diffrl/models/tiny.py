@@ -1,0 +1,567 @@
+"""Tiny, offline, randomly initialised SD3 and FLUX.1 pipelines for tests and benchmarks.
+
+The builders in this module assemble *real* diffusers pipelines -- the actual
+:class:`~diffusers.StableDiffusion3Pipeline` / :class:`~diffusers.FluxPipeline` classes with the
+actual transformer, VAE, text-encoder, tokenizer and scheduler classes -- but with every component
+shrunk to a few thousand parameters and initialised from a fixed seed.  The pipeline is written to a
+directory with ``save_pretrained``, so it can be loaded back exactly like a downloaded checkpoint::
+
+    import os
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+    from diffusers import StableDiffusion3Pipeline
+    from diffrl.models.tiny import build_tiny_sd3
+
+    path = build_tiny_sd3(tmp_dir / "tiny-sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)
+    images = pipe(prompt="a red circle", height=32, width=32, num_inference_steps=4, output_type="pt").images
+
+Nothing is downloaded: the tokenizers are built from hand-written vocabularies
+(:func:`tiny_clip_tokenizer`, :func:`tiny_t5_tokenizer`) and every model from a config.  The models
+produce noise, of course, but every tensor has the same structure (names, ranks, conditioning paths,
+latent packing, VAE scaling/shift factors, scheduler shifting) as the full-size checkpoints, so code
+that runs on the tiny pipelines runs on the real ones.
+
+Geometry
+--------
+Both VAEs downsample by 4 (``vae_scale_factor == 4``), so a 32x32 image maps to 8x8 latents:
+
+* SD3: latents ``(B, latent_channels, 8, 8)``; the transformer patchifies them (patch size 2) into
+  16 image tokens.  ``transformer.config.sample_size == 8`` so the pipeline's default resolution is 32.
+* FLUX: latents ``(B, latent_channels, 8, 8)`` are packed into 2x2 patches, giving
+  ``(B, 16, 4 * latent_channels)`` tokens -- this packed form is what ``output_type="latent"`` returns.
+
+Determinism
+-----------
+Each component is created right after ``torch.manual_seed`` with a seed derived from ``seed`` and
+the component's name, so the same ``seed`` gives bitwise identical weights, independently of which
+optional components (e.g. T5) are built.  The caller's global RNG state is restored afterwards.
+All modules are put in eval mode before saving (modules created from a config start in train mode,
+and T5 has dropout); ``from_pretrained`` returns them in eval mode as well.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+__all__ = [
+    "CLIP_HIDDEN_SIZE",
+    "CLIP_PROJECTION_DIM",
+    "T5_D_MODEL",
+    "TINY_WORDS",
+    "SD3_VAE_SCALING_FACTOR",
+    "SD3_VAE_SHIFT_FACTOR",
+    "FLUX_VAE_SCALING_FACTOR",
+    "FLUX_VAE_SHIFT_FACTOR",
+    "build_tiny_sd3",
+    "build_tiny_flux",
+    "tiny_clip_tokenizer",
+    "tiny_t5_tokenizer",
+]
+
+#: Width of the tiny CLIP text encoders (both SD3 encoders and the FLUX one).
+CLIP_HIDDEN_SIZE = 32
+#: Projection width of the tiny ``CLIPTextModelWithProjection`` encoders (SD3).
+CLIP_PROJECTION_DIM = 32
+#: Width of the tiny T5 encoder.  SD3 pads the concatenated CLIP hidden states (32 + 32) to the T5
+#: width, so it must be at least ``2 * CLIP_HIDDEN_SIZE``.
+T5_D_MODEL = 64
+
+#: VAE latent normalisation constants of the real SD3 / SD3.5 VAE.
+SD3_VAE_SCALING_FACTOR = 1.5305
+SD3_VAE_SHIFT_FACTOR = 0.0609
+#: VAE latent normalisation constants of the real FLUX.1 VAE.
+FLUX_VAE_SCALING_FACTOR = 0.3611
+FLUX_VAE_SHIFT_FACTOR = 0.1159
+
+#: Words that get a single token in both tiny tokenizers (other ascii text still tokenizes, into
+#: characters, never into the unknown token).
+TINY_WORDS = (
+    "a an the of and on in with to next left right above below top bottom photo image picture "
+    "one two three four five six red green blue yellow orange purple pink brown black white gray "
+    "circle square triangle cube sphere cat dog car bird apple banana cup chair tree house"
+).split()
+
+_CLIP_BOS = "<|startoftext|>"
+_CLIP_EOS = "<|endoftext|>"
+_CLIP_WORD_END = "</w>"
+_T5_SPACE = "\u2581"  # "▁", SentencePiece's word-boundary marker
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(mapping.items()))
+
+
+def _clip_vocab_and_merges(words: tuple[str, ...] | list[str]) -> tuple[dict[str, int], list[str]]:
+    """Byte-level BPE vocabulary in CLIP's layout: bytes, bytes + ``</w>``, merges, special tokens."""
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + _CLIP_WORD_END] = len(vocab)
+    merges: list[str] = []
+    seen: set[str] = set()
+    for word in words:
+        # Left-to-right merges that rebuild the whole word: "r e", "re d</w>".  Every merge result is
+        # added to the vocabulary, so whichever merges BPE ends up applying, no unknown token appears.
+        pieces = list(word[:-1]) + [word[-1] + _CLIP_WORD_END]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            current = current + piece
+            if merge not in seen:
+                seen.add(merge)
+                merges.append(merge)
+            if current not in vocab:
+                vocab[current] = len(vocab)
+    vocab[_CLIP_BOS] = len(vocab)
+    vocab[_CLIP_EOS] = len(vocab)
+    return vocab, merges
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """Build a small but complete CLIP byte-level BPE tokenizer, fully offline.
+
+    The vocabulary holds the 256 byte symbols of CLIP's ``bytes_to_unicode`` table, the same symbols
+    with the end-of-word suffix ``</w>``, the merges needed to spell each word of :data:`TINY_WORDS` as
+    one token, and finally ``<|startoftext|>`` (bos) and ``<|endoftext|>`` (eos, pad and unk), i.e. the
+    layout of the real CLIP vocabulary.  Any text therefore tokenizes without unknown tokens.
+
+    The ``vocab.json`` / ``merges.txt`` pair is written to a temporary directory and loaded with
+    :meth:`CLIPTokenizer.from_pretrained`, the same code path a real checkpoint takes.
+
+    Args:
+        model_max_length: Padding/truncation length (CLIP uses 77; the pipelines read it from here).
+
+    Returns:
+        A :class:`transformers.CLIPTokenizer`; ``len(tokenizer)`` is the text model's vocabulary size.
+    """
+    vocab, merges = _clip_vocab_and_merges(TINY_WORDS)
+    with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
+    if len(tokenizer) != len(vocab) or tokenizer.unk_token_id == tokenizer.bos_token_id:
+        raise RuntimeError("tiny CLIP tokenizer did not load its hand-written vocabulary")
+    return tokenizer
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    """Unigram pieces and log-probabilities in T5's layout: ``<pad>``, ``</s>``, ``<unk>``, pieces."""
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (_T5_SPACE, -3.0)]
+    # Word-initial letters/digits, then every printable ascii character on its own: any ascii text
+    # can be segmented without <unk>.  Whole words score better than their spelling, so they win.
+    vocab += [(_T5_SPACE + c, -4.0) for c in string.ascii_lowercase + string.digits]
+    vocab += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    vocab += [(_T5_SPACE + w, -6.0) for w in TINY_WORDS if len(w) > 1]
+    return vocab
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """Build a small T5 (SentencePiece-Unigram style) tokenizer, fully offline.
+
+    Ids 0, 1, 2 are ``<pad>``, ``</s>``, ``<unk>`` as in T5; then come ``▁``, ``▁`` + each lower-case
+    letter and digit, every printable ascii character, and ``▁`` + each word of :data:`TINY_WORDS`.
+    No sentinel ``<extra_id_*>`` tokens are added.  It is built from the piece list by transformers'
+    ``T5Tokenizer(vocab=...)`` (no ``spiece.model`` needed), then saved to and reloaded from a
+    temporary directory, so the returned object is exactly what a pipeline reload produces
+    (``T5TokenizerFast`` is an alias of ``T5Tokenizer`` in transformers 5).
+
+    Args:
+        model_max_length: Padding/truncation length.  512 allows SD3's default
+            ``max_sequence_length=256`` and FLUX's maximum of 512.
+
+    Returns:
+        A :class:`transformers.T5Tokenizer`; ``len(tokenizer)`` is the encoder's vocabulary size.
+    """
+    vocab = _t5_vocab()
+    built = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory(prefix="tiny-t5-tok-") as tmp:
+        built.save_pretrained(tmp)
+        tokenizer = T5Tokenizer.from_pretrained(tmp)
+    if len(tokenizer) != len(vocab) or tokenizer.pad_token_id != 0 or tokenizer.unk_token_id != 2:
+        raise RuntimeError("tiny T5 tokenizer did not load its hand-written vocabulary")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+# ----------------------------------------------------------------------------------------------
+
+
+def _seed(seed: int, component: str) -> None:
+    """Seed torch's global RNG with a per-component seed derived from ``seed``.
+
+    torch's CPU generator (mt19937) only uses the low 32 bits of the seed, so the derived seed is
+    kept within 32 bits: ``(seed + crc32(component)) mod 2**32``, distinct for distinct ``seed`` values
+    below ``2**32``.
+    """
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    torch.manual_seed((seed + zlib.crc32(component.encode())) % 2**32)
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_HIDDEN_SIZE,
+        intermediate_size=2 * CLIP_HIDDEN_SIZE,
+        projection_dim=CLIP_PROJECTION_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, seed: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_D_MODEL,
+        d_kv=16,
+        d_ff=2 * T5_D_MODEL,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.1,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    _seed(seed, "text_encoder_t5")
+    return T5EncoderModel(config).eval()
+
+
+def _vae(latent_channels: int, scaling_factor: float, shift_factor: float, seed: int) -> AutoencoderKL:
+    # Three blocks -> two downsamplings -> vae_scale_factor = 2 ** (3 - 1) = 4.
+    _seed(seed, "vae")
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        act_fn="silu",
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    ).eval()
+
+
+def _flux_axes_dims_rope(attention_head_dim: int) -> tuple[int, int, int]:
+    """Split the head dim over FLUX's (text/index, row, col) RoPE axes like FLUX.1 does (16, 56, 56)."""
+    if attention_head_dim % 2 or attention_head_dim < 6:
+        raise ValueError(f"attention_head_dim must be even and >= 6 for FLUX RoPE, got {attention_head_dim}")
+    pairs = attention_head_dim // 2
+    spatial = max(1, pairs * 7 // 16)
+    first = pairs - 2 * spatial
+    if first < 1:
+        spatial = (pairs - 1) // 2
+        first = pairs - 2 * spatial
+    return (2 * first, 2 * spatial, 2 * spatial)
+
+
+def _prepare_dir(path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tiny_sd3(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 8,
+    latent_channels: int = 4,
+    with_t5: bool = True,
+    shift: float = 3.0,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.StableDiffusion3Pipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.SD3Transformer2DModel`, patch size 2,
+      ``in_channels = out_channels = latent_channels``, ``sample_size=8`` (default resolution 32x32),
+      ``pos_embed_max_size=32`` (images up to 256x256), ``joint_attention_dim=64`` (T5 width),
+      ``pooled_projection_dim=64`` (2 x CLIP projection), ``caption_projection_dim =
+      num_attention_heads * attention_head_dim``.
+    * ``text_encoder`` / ``text_encoder_2``: :class:`~transformers.CLIPTextModelWithProjection`
+      (hidden 32, projection 32, 2 layers, 2 heads, 77 positions), with different random weights,
+      and ``tokenizer`` / ``tokenizer_2`` from :func:`tiny_clip_tokenizer`.
+    * ``text_encoder_3``: :class:`~transformers.T5EncoderModel` (d_model 64, 2 layers, 4 heads, gated-gelu)
+      with ``tokenizer_3`` from :func:`tiny_t5_tokenizer`; the pipeline pads the concatenated CLIP
+      hidden states (32 + 32) to the T5 width.
+    * ``vae``: :class:`~diffusers.AutoencoderKL`, channels (16, 32, 32), spatial factor 4, with SD3's
+      ``scaling_factor=1.5305`` and ``shift_factor=0.0609``; a 32x32 image gives 8x8 latents.
+    * ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with ``shift=shift``.
+
+    Load it with ``StableDiffusion3Pipeline.from_pretrained(path)`` (set ``HF_HUB_OFFLINE=1``).
+
+    Args:
+        path: Output directory (created if needed); gets ``model_index.json`` and one sub-folder per
+            component, like a hub checkpoint.
+        seed: Seed of the random weights, in ``[0, 2**32)``; the same seed gives bitwise identical
+            weights.  The global torch RNG state is left unchanged.
+        num_layers: Number of joint (MM-DiT) transformer blocks.
+        num_attention_heads: Attention heads of the transformer.
+        attention_head_dim: Per-head width of the transformer.
+        latent_channels: VAE latent channels (real SD3 uses 16).
+        with_t5: If False the pipeline is saved without T5 (``text_encoder_3`` and ``tokenizer_3`` are
+            None, as with ``from_pretrained(..., text_encoder_3=None, tokenizer_3=None)`` on a real
+            checkpoint); the pipeline then feeds zeros in place of the T5 embeddings.  Reloading such
+            a directory requires passing ``text_encoder_3=None, tokenizer_3=None`` to
+            ``from_pretrained`` explicitly (``model_index.json`` records them as ``[null, null]``, which
+            diffusers rejects for non-optional components).  diffusers logs "text_encoder_3=None ...
+            cannot be saved" while saving; that message is expected.
+        shift: Flow-matching timestep shift of the scheduler (SD3 uses 3.0).
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        pipe = _tiny_sd3_pipeline(
+            seed=seed,
+            num_layers=num_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            latent_channels=latent_channels,
+            with_t5=with_t5,
+            shift=shift,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+def _tiny_sd3_pipeline(
+    *,
+    seed: int,
+    num_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    latent_channels: int,
+    with_t5: bool,
+    shift: float,
+) -> StableDiffusion3Pipeline:
+    inner_dim = num_attention_heads * attention_head_dim
+
+    clip_tokenizer = tiny_clip_tokenizer()
+    clip_config = _clip_text_config(clip_tokenizer)
+    _seed(seed, "text_encoder")
+    text_encoder = CLIPTextModelWithProjection(clip_config).eval()
+    _seed(seed, "text_encoder_2")
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config).eval()
+
+    t5_tokenizer = tiny_t5_tokenizer() if with_t5 else None
+    text_encoder_3 = _t5_encoder(t5_tokenizer, seed) if with_t5 else None
+
+    _seed(seed, "transformer")
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=T5_D_MODEL,
+        caption_projection_dim=inner_dim,
+        pooled_projection_dim=2 * CLIP_PROJECTION_DIM,
+        out_channels=latent_channels,
+        pos_embed_max_size=32,
+    ).eval()
+
+    vae = _vae(latent_channels, SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR, seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
+def build_tiny_flux(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+    guidance_embeds: bool = True,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.FluxPipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.FluxTransformer2DModel`, patch size 1 on *packed* latents,
+      so ``in_channels = 4 * latent_channels`` (the pipeline packs 2x2 latent patches and uses
+      ``in_channels // 4`` latent channels); ``joint_attention_dim=64`` (T5 width),
+      ``pooled_projection_dim=32`` (CLIP width), RoPE ``axes_dims_rope`` splitting
+      ``attention_head_dim`` like FLUX.1 (16 -> (4, 6, 6)), ``guidance_embeds`` as given
+      (True: FLUX.1-dev style guidance distillation; False: FLUX.1-schnell style).
+    * ``text_encoder``: :class:`~transformers.CLIPTextModel` (hidden 32, 2 layers; its pooled output
+      is the pooled projection) with ``tokenizer`` from :func:`tiny_clip_tokenizer`.
+    * ``text_encoder_2``: :class:`~transformers.T5EncoderModel` (d_model 64, 2 layers, 4 heads) with
+      ``tokenizer_2`` from :func:`tiny_t5_tokenizer` (``model_max_length=512``).
+    * ``vae``: :class:`~diffusers.AutoencoderKL`, channels (16, 32, 32), spatial factor 4 (image
+      sizes must be multiples of 8), FLUX's ``scaling_factor=0.3611`` and ``shift_factor=0.1159``.
+    * ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with FLUX.1's resolution
+      dependent shifting (``use_dynamic_shifting=True``, base/max shift 0.5/1.15 over 256..4096
+      image tokens, ``shift=3.0``).
+
+    A 32x32 image corresponds to latents ``(B, latent_channels, 8, 8)``, i.e. 16 packed tokens
+    ``(B, 16, 4 * latent_channels)``, which is what ``output_type="latent"`` returns.
+
+    Load it with ``FluxPipeline.from_pretrained(path)`` (set ``HF_HUB_OFFLINE=1``).
+
+    Args:
+        path: Output directory (created if needed).
+        seed: Seed of the random weights, in ``[0, 2**32)``; the same seed gives bitwise identical
+            weights.  The global torch RNG state is left unchanged.
+        num_layers: Number of dual-stream (MM-DiT) blocks.
+        num_single_layers: Number of single-stream blocks.
+        num_attention_heads: Attention heads of the transformer.
+        attention_head_dim: Per-head width; even and >= 6 (it is split over the 3 RoPE axes).
+        latent_channels: VAE latent channels (real FLUX.1 uses 16).
+        guidance_embeds: Whether the transformer embeds the guidance scale (FLUX.1-dev style).
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        pipe = _tiny_flux_pipeline(
+            seed=seed,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            latent_channels=latent_channels,
+            guidance_embeds=guidance_embeds,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+def _tiny_flux_pipeline(
+    *,
+    seed: int,
+    num_layers: int,
+    num_single_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    latent_channels: int,
+    guidance_embeds: bool,
+) -> FluxPipeline:
+    clip_tokenizer = tiny_clip_tokenizer()
+    _seed(seed, "text_encoder")
+    text_encoder = CLIPTextModel(_clip_text_config(clip_tokenizer)).eval()
+
+    t5_tokenizer = tiny_t5_tokenizer()
+    text_encoder_2 = _t5_encoder(t5_tokenizer, seed)
+
+    _seed(seed, "transformer")
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        out_channels=None,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=T5_D_MODEL,
+        pooled_projection_dim=CLIP_HIDDEN_SIZE,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=_flux_axes_dims_rope(attention_head_dim),
+    ).eval()
+
+    vae = _vae(latent_channels, FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR, seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )

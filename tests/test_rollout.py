@@ -1,0 +1,143 @@
+import pytest
+import torch
+from diffrl.samplers import flow_match_sigmas, resolve_window, rollout, sde_step
+
+
+class LinearVelocity(torch.nn.Module):
+    """A small trainable velocity model: v = W x * (1 + s) + b (enough to test graphs and windows)."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels, channels, 1)
+        self.calls = 0
+
+    def velocity(self, x, sigma, cond=None, guidance_scale=1.0):
+        self.calls += 1
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return self.conv(x) * (1 + s)
+
+
+def _noise(b=4, shape=(3, 4, 4), seed=0):
+    return torch.randn((b, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def test_resolve_window():
+    assert resolve_window(None, 10, "w") == (0, 0)
+    assert resolve_window("all", 10, "w") == (0, 10)
+    assert resolve_window((2, 5), 10, "w") == (2, 5)
+    assert resolve_window((-1, None), 10, "w") == (9, 10)
+    with pytest.raises(ValueError, match="w="):
+        resolve_window(3, 10, "w")
+
+
+def test_ode_rollout_shapes_and_values():
+    model = LinearVelocity()
+    sig = flow_match_sigmas(5, shift=3.0)
+    out = rollout(model, None, sig, _noise())
+    assert out.latents.shape == (4, 6, 3, 4, 4)
+    assert out.log_probs.shape == (4, 5) and torch.isnan(out.log_probs).all()
+    assert not out.stochastic.any()
+    assert torch.equal(out.latents[:, -1], out.final)
+    # manual Euler loop
+    x = _noise()
+    with torch.no_grad():
+        for k in range(5):
+            x = x + (sig[k + 1] - sig[k]) * model.velocity(x, sig[k].expand(4))
+    torch.testing.assert_close(out.final, x, rtol=0, atol=0)
+    assert not out.final.requires_grad
+
+
+def test_sde_window_log_probs_and_recompute_bitwise():
+    model = LinearVelocity()
+    sig = flow_match_sigmas(6, shift=3.0)
+    out = rollout(
+        model,
+        None,
+        sig,
+        _noise(),
+        sampler="sde",
+        sde_window=(1, 4),
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert out.stochastic.tolist() == [False, True, True, True, False, False]
+    assert torch.isfinite(out.log_probs[:, 1:4]).all() and torch.isnan(out.log_probs[:, [0, 4, 5]]).all()
+    assert out.stochastic_steps().tolist() == [1, 2, 3]
+    # recompute each stored transition's log-prob from the trajectory: bitwise equal in fp32
+    for k in out.stochastic_steps().tolist():
+        x_k, x_next = out.latents[:, k], out.latents[:, k + 1]
+        with torch.no_grad():
+            v = model.velocity(x_k, sig[k].expand(4))
+        again = sde_step(x_k, v, sig[k], sig[k + 1], 0.7, prev_sample=x_next)
+        assert torch.equal(again.log_prob, out.log_probs[:, k])
+    # deterministic steps are exact Euler steps
+    with torch.no_grad():
+        v0 = model.velocity(out.latents[:, 0], sig[0].expand(4))
+    torch.testing.assert_close(out.latents[:, 1], out.latents[:, 0] + (sig[1] - sig[0]) * v0, rtol=0, atol=0)
+
+
+def test_rollout_is_reproducible_with_a_generator():
+    model = LinearVelocity()
+    sig = flow_match_sigmas(4)
+    a = rollout(model, None, sig, _noise(), sampler="sde", generator=torch.Generator().manual_seed(7))
+    b = rollout(model, None, sig, _noise(), sampler="sde", generator=torch.Generator().manual_seed(7))
+    c = rollout(model, None, sig, _noise(), sampler="sde", generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.latents, c.latents)
+
+
+def test_cps_window_may_not_include_the_last_step():
+    with pytest.raises(ValueError, match="CPS"):
+        rollout(LinearVelocity(), None, flow_match_sigmas(4), _noise(), sampler="cps", sde_window="all")
+    out = rollout(LinearVelocity(), None, flow_match_sigmas(4), _noise(), sampler="cps", sde_window=(0, 3))
+    assert torch.isfinite(out.log_probs[:, :3]).all()
+
+
+def _grad_of_last_steps(model, k_last, checkpointing):
+    model.zero_grad()
+    sig = flow_match_sigmas(5)
+    out = rollout(
+        model, None, sig, _noise(), grad_window=(-k_last, None), gradient_checkpointing=checkpointing
+    )
+    out.final.square().mean().backward()
+    return out, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("k_last", [1, 2])
+def test_grad_window_matches_manual_graph_and_checkpointing(k_last):
+    model = LinearVelocity()
+    out, grads = _grad_of_last_steps(model, k_last, checkpointing=False)
+    assert out.final.requires_grad
+    # manual: steps before the window without grad, the window with grad
+    sig = flow_match_sigmas(5)
+    model.zero_grad()
+    x = _noise()
+    for k in range(5):
+        with torch.set_grad_enabled(k >= 5 - k_last):
+            x = x + (sig[k + 1] - sig[k]) * model.velocity(x, sig[k].expand(4))
+    x.square().mean().backward()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    # checkpointing recomputes the window's model calls in backward and gives the same gradients
+    calls_before = model.calls
+    _, grads_ckpt = _grad_of_last_steps(model, k_last, checkpointing=True)
+    assert model.calls - calls_before == 5 + k_last
+    for g, gc in zip(grads, grads_ckpt, strict=True):
+        torch.testing.assert_close(g, gc)
+
+
+def test_no_grad_outside_window():
+    model = LinearVelocity()
+    out = rollout(model, None, flow_match_sigmas(4), _noise(), grad_window=(0, 2))
+    # the window ended before the last step, so nothing downstream of it carries a graph
+    assert not out.final.requires_grad
+
+
+def test_bad_arguments_raise():
+    model = LinearVelocity()
+    with pytest.raises(ValueError, match="sampler"):
+        rollout(model, None, flow_match_sigmas(4), _noise(), sampler="ddim")
+    with pytest.raises(ValueError, match="sigmas"):
+        rollout(model, None, torch.tensor([1.0]), _noise())
+    with pytest.raises(ValueError, match="grad_window"):
+        rollout(model, None, flow_match_sigmas(4), _noise(), grad_window=(3, 1))
