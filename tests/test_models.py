@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from diffrl.samplers import rollout
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from diffrl.models import FluxModel, SD3Model, detect_family, load_model
 from diffrl.models.flux import pack_latents, unpack_latents
 from diffrl.models.tiny import build_tiny_flux, build_tiny_sd3
+from diffrl.samplers import rollout
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
 H = W = 32
@@ -335,3 +335,15 @@ def test_bf16_weights_keep_float32_sampler_maths(sd3_dir):
     )
     assert out.latents.dtype == torch.float32 and out.log_probs.dtype == torch.float32
     assert torch.isfinite(out.log_probs).all()
+
+
+def test_cfg_batch_is_reused_but_never_stale(sd3_dir):
+    model = load_model(sd3_dir)
+    cond = model.encode(PROMPTS)
+    first = cond.cfg_batch()
+    assert cond.cfg_batch()[0] is first[0]  # concatenated once
+    torch.testing.assert_close(first[0], torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]))
+    cond.prompt_embeds = cond.prompt_embeds + 1  # a new tensor: the cached concatenation must not be served
+    torch.testing.assert_close(cond.cfg_batch()[0][2:], cond.prompt_embeds)
+    with pytest.raises(ValueError, match="negative"):
+        model.encode(PROMPTS, negative_prompt=None).cfg_batch()

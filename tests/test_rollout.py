@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from diffrl.samplers import flow_match_sigmas, resolve_window, rollout, sde_step
 
 

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from diffrl.samplers import calculate_shift, flow_match_sigmas, sigmas_from_scheduler_config, static_shift
 from diffusers import FlowMatchEulerDiscreteScheduler
+
+from diffrl.samplers import calculate_shift, flow_match_sigmas, sigmas_from_scheduler_config, static_shift
 
 STEPS = [1, 2, 4, 10, 28, 40]
 

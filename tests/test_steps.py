@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from diffrl.samplers import (
     cps_step,
     flow_match_sigmas,

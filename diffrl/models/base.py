@@ -34,6 +34,20 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D) SD3 CFG: the negative prompt's embeddings
     negative_pooled: torch.Tensor | None = None  # (B, P)
     text_ids: torch.Tensor | None = None  # (L, 3) FLUX text position ids, shared by the batch
+    _cfg: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def cfg_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[negative; positive]`` embeddings and pooled embeddings ``(2B, ...)`` for one batched CFG pass,
+        concatenated once and reused while the four tensors stay the same objects."""
+        if self.negative_prompt_embeds is None or self.negative_pooled is None:
+            raise ValueError(
+                "classifier-free guidance needs negative embeddings; encode with negative_prompt='' (the default)."
+            )
+        parts = (self.negative_prompt_embeds, self.prompt_embeds, self.negative_pooled, self.pooled)
+        if self._cfg is None or any(a is not b for a, b in zip(self._cfg[0], parts, strict=True)):
+            merged = (torch.cat(parts[:2]), torch.cat(parts[2:]))
+            self._cfg = (parts, merged)
+        return self._cfg[1]
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -41,6 +55,8 @@ class Conditioning:
     def _map_batched(self, fn) -> Conditioning:
         out = {}
         for f in dataclasses.fields(self):
+            if not f.init:
+                continue
             value = getattr(self, f.name)
             out[f.name] = fn(value) if (value is not None and f.name != "text_ids") else value
         return Conditioning(**out)
@@ -61,6 +77,8 @@ class Conditioning:
         first = items[0]
         out = {}
         for f in dataclasses.fields(first):
+            if not f.init:
+                continue
             values = [getattr(c, f.name) for c in items]
             if f.name == "text_ids" or values[0] is None:
                 out[f.name] = values[0]

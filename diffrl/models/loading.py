@@ -96,7 +96,7 @@ def load_model(
     absent = {
         k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
     }
-    pipe = pipeline_cls.from_pretrained(path, torch_dtype=torch_dtype, revision=revision, **absent)
+    pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype, revision=revision, **absent)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return adapter_cls(pipe, **adapter_kwargs)
