@@ -347,3 +347,88 @@ def test_cfg_batch_is_reused_but_never_stale(sd3_dir):
     torch.testing.assert_close(cond.cfg_batch()[0][2:], cond.prompt_embeds)
     with pytest.raises(ValueError, match="negative"):
         model.encode(PROMPTS, negative_prompt=None).cfg_batch()
+
+
+def test_trainer_recomputes_rollout_log_probs_bitwise(family_dir):
+    # What Flow-GRPO does at its first inner step: same weights, same batch -> ratio exactly 1 in float32.
+    from diffrl.samplers import sde_step
+
+    _, path = family_dir
+    model = load_model(path)
+    model.add_lora()
+    _randomise_lora(model)
+    cond = model.encode(PROMPTS)
+    sigmas = model.schedule(4, H, W)
+    out = rollout(
+        model,
+        cond,
+        sigmas,
+        model.sample_noise(2, H, W, _gen(0)),
+        guidance_scale=3.0,
+        sampler="sde",
+        sde_window=(0, 3),
+        generator=_gen(1),
+    )
+    for k in out.stochastic_steps().tolist():
+        v = model.velocity(out.latents[:, k], sigmas[k].expand(2), cond, 3.0)  # with grad, as in training
+        again = sde_step(
+            out.latents[:, k], v, sigmas[k], sigmas[k + 1], 0.7, prev_sample=out.latents[:, k + 1]
+        )
+        assert torch.equal(again.log_prob.detach(), out.log_probs[:, k])
+        assert torch.equal(torch.exp(again.log_prob - out.log_probs[:, k]).detach(), torch.ones(2))
+        again.log_prob.sum().backward()  # the log-prob is differentiable in the LoRA weights
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_rollout_matches_pipeline(sd3_dir, dtype):
+    model = load_model(sd3_dir, dtype=dtype, device="cuda")
+    cond = model.encode(PROMPTS)
+    noise = model.sample_noise(2, H, W, generator=_gen(0))
+    ref = model.pipe(
+        prompt=PROMPTS,
+        height=H,
+        width=W,
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        latents=noise.to(dtype),
+        output_type="latent",
+    ).images
+    out = rollout(model, cond, model.schedule(4, H, W), noise, guidance_scale=4.5)
+    # the pipeline keeps its latents in the model dtype, diffrl in float32: equal up to that rounding
+    torch.testing.assert_close(out.final, ref.float(), rtol=2e-2, atol=2e-2)
+    sde = rollout(
+        model,
+        cond,
+        model.schedule(4, H, W),
+        noise,
+        guidance_scale=4.5,
+        sampler="sde",
+        sde_window=(0, 3),
+        generator=torch.Generator("cuda").manual_seed(1),
+    )
+    assert sde.log_probs.dtype == torch.float32 and torch.isfinite(sde.log_probs[:, :3]).all()
+
+
+@pytest.mark.weights
+def test_real_sd35_medium_checkpoint_matches_pipeline():
+    # Runs only with the real checkpoint in the Hugging Face cache (and HF_HUB_OFFLINE unset).
+    model = load_model(
+        "stabilityai/stable-diffusion-3.5-medium",
+        dtype=torch.bfloat16,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    assert isinstance(model, SD3Model)
+    noise = model.sample_noise(1, 256, 256, generator=_gen(0))
+    ref = model.pipe(
+        prompt=PROMPTS[:1],
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=4.5,
+        latents=noise.to(model.dtype),
+        output_type="latent",
+    ).images
+    out = rollout(model, model.encode(PROMPTS[:1]), model.schedule(2, 256, 256), noise, guidance_scale=4.5)
+    torch.testing.assert_close(out.final, ref.float(), rtol=5e-2, atol=5e-2)
