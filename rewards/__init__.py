@@ -1,4 +1,28 @@
-"""diffrl.rewards: the reward zoo (the reward contract, built-in scorers, combinations).
+"""diffrl.rewards: the reward zoo.
 
-This package is part of the layout; its contents arrive with the reward-zoo work and nothing is exported yet.
+A reward is called as ``reward(images, prompts, **metadata) -> (B,) float32`` with images ``(B, 3, H, W)`` in
+[0, 1]. Built-ins load by name (``load_reward("hpsv2")``); any function becomes a reward with :func:`as_reward`;
+:class:`CombinedReward` sums several with weights; :class:`CachedReward` skips images already scored.
 """
+
+from .base import FunctionReward, Reward, RewardOutput, as_reward
+from .cache import CachedReward, ScoreCache
+from .combine import CombinedReward
+from .registry import REWARDS, available_rewards, load_reward, register_reward
+from .weights import HubFile, WeightsNotFoundError
+
+__all__ = [
+    "REWARDS",
+    "CachedReward",
+    "CombinedReward",
+    "FunctionReward",
+    "HubFile",
+    "Reward",
+    "RewardOutput",
+    "ScoreCache",
+    "WeightsNotFoundError",
+    "as_reward",
+    "available_rewards",
+    "load_reward",
+    "register_reward",
+]

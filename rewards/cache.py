@@ -1,0 +1,146 @@
+"""A score cache keyed by the reward's fingerprint, the prompt, the metadata and the image's exact content.
+
+Re-scoring the same images (evaluation reruns, comparing checkpoints on fixed seeds) then costs nothing. The
+key includes :attr:`Reward.fingerprint` (class, settings and a digest of the loaded weights), so a reward with
+other weights or options never gets another one's scores. Stored in SQLite (one file, safe to share between
+runs; writes are committed per call, so a killed run loses at most the batch in flight).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Reward, RewardOutput, _check_inputs, split_metadata
+
+__all__ = ["ScoreCache", "CachedReward"]
+
+
+def _image_digest(image: torch.Tensor) -> bytes:
+    t = image.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.digest()
+
+
+def _meta_repr(meta: dict[str, Any]) -> str:
+    def plain(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().cpu().tolist()
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        return v
+
+    return json.dumps({k: plain(v) for k, v in sorted(meta.items())}, sort_keys=True, default=str)
+
+
+class ScoreCache:
+    """Scores by key, in memory (``path=None``) or in an SQLite file."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            str(self.path) if self.path is not None else ":memory:", check_same_thread=False
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
+        self._db.commit()
+        self.hits = 0
+        self.misses = 0
+
+    def get_many(self, keys: list[str]) -> dict[str, float]:
+        found = {}
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            rows = self._db.execute(
+                f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(part))})", part
+            )
+            found.update(dict(rows.fetchall()))
+        return found
+
+    def put_many(self, items: dict[str, float]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO scores (key, score) VALUES (?, ?)", list(items.items())
+            )
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class CachedReward(Reward):
+    """``reward`` with a :class:`ScoreCache` in front: only images not seen before (for this reward, prompt and
+    metadata) are scored. When the images require grad the cache is bypassed, so gradients still flow."""
+
+    def __init__(self, reward: Reward, cache: ScoreCache | str | Path | None = None):
+        super().__init__()
+        self.reward = reward
+        self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
+        self.name = reward.name
+        self.differentiable = reward.differentiable
+        self._loaded = True
+
+    @property
+    def fingerprint(self) -> str:
+        return self.reward.fingerprint
+
+    def _keys(self, images, prompts, metadata) -> list[str]:
+        fp = self.reward.fingerprint
+        batch = images.shape[0]
+        keys = []
+        for i in range(batch):
+            meta = _meta_repr(split_metadata(metadata, batch, i, i + 1))
+            h = hashlib.sha256(fp.encode())
+            h.update(prompts[i].encode())
+            h.update(meta.encode())
+            h.update(_image_digest(images[i]))
+            keys.append(h.hexdigest())
+        return keys
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
+        prompts = _check_inputs(images, prompts, self.name)
+        if self.differentiable and images.requires_grad and torch.is_grad_enabled():
+            return self.reward(images, prompts, **metadata)
+        keys = self._keys(images, prompts, metadata)
+        found = self.cache.get_many(keys)
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        self.cache.hits += len(keys) - len(missing)
+        self.cache.misses += len(missing)
+        if missing:
+            idx = torch.tensor(missing, device=images.device)
+            meta = {
+                k: (_take(v, missing) if _per_sample(v, images.shape[0]) else v) for k, v in metadata.items()
+            }
+            with torch.no_grad():
+                fresh = self.reward(images[idx], [prompts[i] for i in missing], **meta)
+            new = {keys[i]: float(s) for i, s in zip(missing, fresh.tolist(), strict=True)}
+            self.cache.put_many(new)
+            found.update(new)
+        return torch.tensor([found[k] for k in keys], dtype=torch.float32, device=images.device)
+
+    def evaluate(self, images, prompts, **metadata) -> RewardOutput:
+        total = self(images, prompts, **metadata)
+        return RewardOutput(total=total, components={self.name: total})
+
+
+def _per_sample(value, batch: int) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray, torch.Tensor)) and len(value) == batch
+
+
+def _take(value, index: list[int]):
+    if isinstance(value, torch.Tensor):
+        return value[torch.tensor(index, device=value.device)]
+    if isinstance(value, np.ndarray):
+        return value[index]
+    return type(value)(value[i] for i in index) if isinstance(value, tuple) else [value[i] for i in index]

@@ -1,0 +1,105 @@
+"""Weighted sums of rewards, with every component returned for logging and optional per-reward normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Reward, RewardOutput, _check_inputs
+from .registry import load_reward
+
+__all__ = ["CombinedReward"]
+
+NORMALISATIONS = (None, "batch", "running")
+
+
+class CombinedReward(Reward):
+    """``total = sum_i w_i * norm_i(r_i(images, prompts))``; a trainer uses it like any reward.
+
+    Args:
+        rewards: ``{name_or_spec: weight}`` or a list of ``(reward, weight)`` pairs; a reward is a registry name,
+            a ``"module:attr"`` string, a :class:`Reward` or a function.
+        normalize: ``None`` (raw scores), ``"batch"`` (each component z-scored over the batch, so rewards on
+            different scales weigh as their weights say) or ``"running"`` (z-scored with running statistics,
+            updated with ``momentum`` on every call; use it when batches are small).
+        momentum: the running statistics' update rate.
+        name: the metric name of the total.
+
+    :meth:`evaluate` returns the total and each component's raw (un-normalised) score. The combination is
+    differentiable when every component with a non-zero weight is.
+    """
+
+    def __init__(
+        self,
+        rewards: Mapping[Any, float] | Sequence[tuple[Any, float]],
+        *,
+        normalize: str | None = None,
+        momentum: float = 0.01,
+        name: str = "combined",
+    ):
+        super().__init__()
+        if normalize not in NORMALISATIONS:
+            raise ValueError(f"normalize={normalize!r} is not known; use one of {NORMALISATIONS}.")
+        pairs = list(rewards.items()) if isinstance(rewards, Mapping) else list(rewards)
+        if not pairs:
+            raise ValueError("CombinedReward needs at least one (reward, weight) pair.")
+        self.parts: list[tuple[Reward, float]] = []
+        for spec, weight in pairs:
+            reward = load_reward(spec)
+            if not isinstance(weight, (int, float)):
+                raise ValueError(f"weight {weight!r} of reward {reward.name!r} must be a number.")
+            self.parts.append((reward, float(weight)))
+        names = [r.name for r, _ in self.parts]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"reward names {names} repeat; give each reward a distinct name (as_reward(fn, name=...))."
+            )
+        self.name = name
+        self.normalize = normalize
+        self.momentum = momentum
+        self.differentiable = all(r.differentiable for r, w in self.parts if w != 0)
+        self._running: dict[str, tuple[float, float]] = {}
+        self._loaded = True  # components load themselves lazily
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "parts": [(r.fingerprint, w) for r, w in self.parts],
+            "normalize": self.normalize,
+            "running": self._running if self.normalize == "running" else None,
+        }
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def _normalise(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        if self.normalize is None:
+            return scores
+        if self.normalize == "batch":
+            std = scores.std(unbiased=False) if scores.numel() > 1 else scores.new_tensor(0.0)
+            return (scores - scores.mean()) / (std.detach() + 1e-6)
+        mean, var = self._running.get(name, (scores.mean().item(), scores.var(unbiased=False).item()))
+        m = self.momentum
+        mean = (1 - m) * mean + m * scores.mean().item()
+        var = (1 - m) * var + m * scores.var(unbiased=False).item()
+        self._running[name] = (mean, var)
+        return (scores - mean) / (var**0.5 + 1e-6)
+
+    def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
+        prompts = _check_inputs(images, prompts, self.name)
+        total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
+        components = {}
+        for reward, weight in self.parts:
+            scores = reward(images, prompts, **metadata)
+            components[reward.name] = scores.detach()
+            if weight != 0:
+                total = total + weight * self._normalise(reward.name, scores)
+        return RewardOutput(total=total if self.differentiable else total.detach(), components=components)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
+        return self.evaluate(images, prompts, **metadata).total
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{r.name}: {w:g}" for r, w in self.parts)
+        return f"CombinedReward({{{inner}}}, normalize={self.normalize!r})"

@@ -1,0 +1,98 @@
+"""Reward registry: built-ins by name (imported lazily), user rewards by ``"package.module:attr"``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from .base import Reward, as_reward
+
+__all__ = ["REWARDS", "register_reward", "load_reward", "available_rewards", "reward_class"]
+
+# name -> "module:Class" (imported on first use, so `import diffrl.rewards` stays light) or a class.
+REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
+    "hpsv2": "diffrl.rewards.hpsv2:HPSv2",
+    "pickscore": "diffrl.rewards.pickscore:PickScore",
+    "clipscore": "diffrl.rewards.clipscore:CLIPScore",
+    "aesthetic": "diffrl.rewards.aesthetic:AestheticScore",
+    "imagereward": "diffrl.rewards.imagereward:ImageReward",
+    "vlm_yes_prob": "diffrl.rewards.vlm:VLMYesProb",
+    "jpeg_compressibility": "diffrl.rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "diffrl.rewards.jpeg:JpegIncompressibility",
+}
+
+
+def register_reward(name: str):
+    """Decorator that makes ``load_reward(name)`` build a :class:`Reward` subclass, or wrap a plain reward function."""
+
+    def deco(obj):
+        REWARDS[name] = obj
+        return obj
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    return sorted(REWARDS)
+
+
+def _import_attr(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward {spec!r} is not of the form 'package.module:attr'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(
+            f"reward {spec!r}: cannot import module {module_name!r} ({err}); check the name and PYTHONPATH."
+        ) from err
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise AttributeError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}.") from None
+    return obj
+
+
+def reward_class(name: str):
+    """The class (or factory) registered under ``name``."""
+    if name not in REWARDS:
+        raise ValueError(
+            f"unknown reward {name!r}; available: {', '.join(available_rewards())}, "
+            "or a 'package.module:attr' pointing at your own reward or function."
+        )
+    entry = REWARDS[name]
+    if isinstance(entry, str):
+        entry = _import_attr(entry)
+        REWARDS[name] = entry
+    return entry
+
+
+def load_reward(spec: str | Reward | Callable[..., Any], **kwargs) -> Reward:
+    """Build a reward from a registry name (``"hpsv2"``), a ``"package.module:attr"`` string, a :class:`Reward`
+    or any callable. ``kwargs`` go to the reward's constructor (or to :func:`as_reward` for a plain function)."""
+    if isinstance(spec, Reward):
+        if kwargs:
+            raise ValueError(
+                f"options {sorted(kwargs)} cannot be applied to an already built reward {spec.name!r}."
+            )
+        return spec
+    if isinstance(spec, str):
+        obj = _import_attr(spec) if ":" in spec else reward_class(spec)
+    else:
+        obj = spec
+    if isinstance(obj, Reward):
+        if kwargs:
+            raise ValueError(
+                f"options {sorted(kwargs)} cannot be applied to an already built reward {obj.name!r}."
+            )
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Reward):
+        return obj(**kwargs)
+    if callable(obj):
+        return as_reward(obj, **kwargs)
+    raise TypeError(
+        f"reward {spec!r} is a {type(obj).__name__}; point at a Reward class, a Reward or a function."
+    )
