@@ -1,0 +1,280 @@
+"""The reward contract, custom rewards, the registry, combinations, the score cache, weights and JPEG rewards."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reward_contract import check_reward_contract, finite_difference_check, make_images
+
+from diffrl.rewards import (
+    CachedReward,
+    CombinedReward,
+    HubFile,
+    Reward,
+    ScoreCache,
+    WeightsNotFoundError,
+    as_reward,
+    available_rewards,
+    load_reward,
+    register_reward,
+)
+from diffrl.rewards.registry import REWARDS
+from diffrl.rewards.weights import resolve_file, resolve_snapshot
+
+PROMPTS = ["a red circle", "two blue squares", "a cat", "a green triangle"]
+
+
+def brightness(images, prompts, **metadata):
+    return images.mean(dim=(1, 2, 3))
+
+
+def redness_list(images, prompts, **metadata):
+    return [float(x) for x in images[:, 0].mean(dim=(1, 2))]
+
+
+def count_match(images, prompts, count=None, **metadata):
+    return np.asarray([float(c) for c in count])
+
+
+class Weighted(Reward):
+    """A tiny differentiable reward with weights (a linear layer on pooled pixels)."""
+
+    name = "weighted"
+    differentiable = True
+
+    def __init__(self, seed=0, **kw):
+        super().__init__(**kw)
+        self.seed = seed
+        self.loads = 0
+
+    def _load(self):
+        self.loads += 1
+        torch.manual_seed(self.seed)
+        self.head = torch.nn.Linear(3, 1).to(self.device)
+
+    def score(self, images, prompts, **metadata):
+        return self.head(images.mean(dim=(2, 3)))[:, 0]
+
+
+def test_function_rewards_follow_the_contract():
+    images = make_images(4)
+    scores = check_reward_contract(as_reward(brightness, differentiable=True), images, PROMPTS)
+    torch.testing.assert_close(scores, images.mean(dim=(1, 2, 3)))
+    check_reward_contract(as_reward(redness_list), images, PROMPTS)
+    finite_difference_check(as_reward(brightness, differentiable=True), images, PROMPTS)
+    assert as_reward(brightness).name == "brightness"
+    assert as_reward(brightness, name="bright").name == "bright"
+
+
+def test_metadata_is_split_per_chunk():
+    images = make_images(4)
+    reward = as_reward(count_match, batch_size=3)
+    torch.testing.assert_close(reward(images, PROMPTS, count=[1, 2, 3, 4]), torch.tensor([1.0, 2, 3, 4]))
+    torch.testing.assert_close(
+        reward(images, PROMPTS, count=torch.tensor([4, 3, 2, 1])), torch.tensor([4.0, 3, 2, 1])
+    )
+
+
+def test_weighted_reward_contract_lazy_load_and_device():
+    reward = Weighted(batch_size=2)
+    assert reward.loads == 0  # nothing loaded at construction
+    check_reward_contract(reward, make_images(4), PROMPTS)
+    assert reward.loads == 1
+    assert reward.device == torch.device("cpu")
+
+
+def test_score_only_reward_returns_detached_and_runs_under_no_grad():
+    images = make_images(2).requires_grad_(True)
+    out = as_reward(brightness)(images, PROMPTS[:2])
+    assert not out.requires_grad
+    with torch.no_grad():
+        assert not as_reward(brightness, differentiable=True)(images, PROMPTS[:2]).requires_grad
+
+
+def test_bad_inputs_and_outputs_raise():
+    reward = as_reward(brightness)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        reward(torch.rand(3, 32, 32), PROMPTS[:3])
+    with pytest.raises(ValueError, match="one prompt per image"):
+        reward(make_images(2), PROMPTS[:3])
+    with pytest.raises(ValueError, match="uint8"):
+        reward((make_images(2) * 255).to(torch.uint8), PROMPTS[:2])
+    with pytest.raises(ValueError, match="one score per image"):
+        as_reward(lambda im, p, **k: [1.0])(make_images(2), PROMPTS[:2])
+    with pytest.raises(TypeError, match="not numbers"):
+        as_reward(lambda im, p, **k: ["a", "b"])(make_images(2), PROMPTS[:2])
+    with pytest.raises(ValueError, match="batch_size"):
+        as_reward(brightness, batch_size=0)
+    with pytest.raises(TypeError, match="callable"):
+        as_reward(3)
+
+
+def test_registry_names_specs_and_errors():
+    assert {"hpsv2", "pickscore", "imagereward", "aesthetic", "clipscore", "vlm_yes_prob"} <= set(
+        available_rewards()
+    )
+    assert {"jpeg_compressibility", "jpeg_incompressibility"} <= set(available_rewards())
+    with pytest.raises(ValueError, match="unknown reward 'nope'; available: .*hpsv2"):
+        load_reward("nope")
+    reward = load_reward("test_rewards_core:brightness", differentiable=True)
+    assert reward.name == "brightness" and reward.differentiable
+    assert isinstance(load_reward("test_rewards_core:Weighted", seed=1), Weighted)
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        load_reward("test_rewards_core:missing")
+    with pytest.raises(ImportError, match="cannot import module"):
+        load_reward("no_such_module_xyz:fn")
+    built = Weighted()
+    assert load_reward(built) is built
+    with pytest.raises(ValueError, match="already built"):
+        load_reward(built, seed=3)
+
+
+def test_register_reward_decorator():
+    @register_reward("unit_test_reward")
+    def unit_test_reward(images, prompts, **metadata):
+        return torch.ones(images.shape[0])
+
+    try:
+        assert load_reward("unit_test_reward")(make_images(2), PROMPTS[:2]).tolist() == [1.0, 1.0]
+    finally:
+        REWARDS.pop("unit_test_reward")
+
+
+def test_combined_reward_sums_weights_and_logs_components():
+    images = make_images(4)
+    combo = CombinedReward({as_reward(brightness, differentiable=True): 2.0, Weighted(): -0.5})
+    out = combo.evaluate(images, PROMPTS)
+    b, w = brightness(images, PROMPTS), Weighted()(images, PROMPTS).detach()
+    torch.testing.assert_close(out.total.detach(), 2 * b - 0.5 * w)
+    assert set(out.components) == {"brightness", "weighted"}
+    torch.testing.assert_close(out.components["weighted"], w)
+    assert combo.differentiable
+    check_reward_contract(combo, images, PROMPTS)
+    # a score-only part makes the combination score-only, unless its weight is 0
+    assert not CombinedReward(
+        [(as_reward(brightness, differentiable=True), 1.0), (as_reward(redness_list), 1.0)]
+    ).differentiable
+    assert CombinedReward(
+        [(as_reward(brightness, differentiable=True), 1.0), (as_reward(redness_list), 0.0)]
+    ).differentiable
+
+
+def test_combined_reward_batch_normalisation():
+    images = make_images(4)
+    combo = CombinedReward([(as_reward(brightness), 1.0), (as_reward(redness_list), 1.0)], normalize="batch")
+    total = combo(images, PROMPTS)
+
+    def z(x):
+        return (x - x.mean()) / (x.std(unbiased=False) + 1e-6)
+
+    b = brightness(images, PROMPTS)
+    r = torch.tensor(redness_list(images, PROMPTS))
+    torch.testing.assert_close(total, z(b) + z(r))
+    with pytest.raises(ValueError, match="normalize"):
+        CombinedReward({"jpeg_compressibility": 1.0}, normalize="minmax")
+    with pytest.raises(ValueError, match="repeat"):
+        CombinedReward([(as_reward(brightness), 1.0), (as_reward(brightness), 1.0)])
+
+
+def test_running_normalisation_updates_statistics():
+    combo = CombinedReward([(as_reward(brightness), 1.0)], normalize="running", momentum=0.5)
+    images = make_images(4)
+    first = combo(images, PROMPTS)
+    second = combo(images * 0.5, PROMPTS)
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    mean, _ = combo._running["brightness"]
+    b1, b2 = brightness(images, PROMPTS).mean().item(), brightness(images * 0.5, PROMPTS).mean().item()
+    assert mean == pytest.approx(0.5 * (0.5 * b1 + 0.5 * b1) + 0.5 * b2, rel=1e-5)
+
+
+def test_score_cache_hits_and_never_serves_stale_scores(tmp_path):
+    images = make_images(4)
+    cache = ScoreCache(tmp_path / "scores.sqlite")
+    inner = Weighted(seed=0)
+    reward = CachedReward(inner, cache)
+    first = reward(images, PROMPTS)
+    assert (cache.hits, cache.misses) == (0, 4)
+    torch.testing.assert_close(first, inner(images, PROMPTS).detach())
+    second = reward(images, PROMPTS)
+    assert (cache.hits, cache.misses) == (4, 4) and torch.equal(first, second)
+    # new images and new prompts are scored, the rest served
+    mixed = torch.cat([images[:2], make_images(2, seed=9)])
+    reward(mixed, PROMPTS[:2] + ["x", "y"])
+    assert (cache.hits, cache.misses) == (6, 6)
+    # other weights (another seed) or other settings never get these scores
+    other = CachedReward(Weighted(seed=1), cache)
+    torch.testing.assert_close(other(images, PROMPTS), Weighted(seed=1)(images, PROMPTS).detach())
+    assert cache.misses == 10
+    # weights changed in place are a different reward too
+    changed = Weighted(seed=0)
+    changed.load()
+    with torch.no_grad():
+        changed.head.bias += 1
+    torch.testing.assert_close(CachedReward(changed, cache)(images, PROMPTS), first + 1)
+    # the cache persists across processes (a file)
+    cache.close()
+    again = CachedReward(Weighted(seed=0), ScoreCache(tmp_path / "scores.sqlite"))
+    torch.testing.assert_close(again(images, PROMPTS), first)
+    assert again.cache.hits == 4
+
+
+def test_cache_keys_include_metadata_and_bypass_for_gradients():
+    reward = CachedReward(as_reward(count_match))
+    images = make_images(2)
+    assert reward(images, PROMPTS[:2], count=[1, 2]).tolist() == [1.0, 2.0]
+    assert reward(images, PROMPTS[:2], count=[3, 4]).tolist() == [3.0, 4.0]
+    diff = CachedReward(as_reward(brightness, differentiable=True))
+    x = images.clone().requires_grad_(True)
+    diff(x, PROMPTS[:2]).sum().backward()
+    assert x.grad is not None and diff.cache.misses == 0
+
+
+def test_function_fingerprint_changes_with_source_and_version():
+    a = as_reward(brightness).fingerprint
+    assert a == as_reward(brightness).fingerprint
+    assert a != as_reward(redness_list, name="brightness").fingerprint
+    assert a != as_reward(brightness, version="2").fingerprint
+
+
+def test_jpeg_rewards_match_pil_file_sizes():
+    images = make_images(3)
+    inc = load_reward("jpeg_incompressibility")
+    comp = load_reward("jpeg_compressibility")
+    scores = check_reward_contract(inc, images, PROMPTS[:3])
+    torch.testing.assert_close(check_reward_contract(comp, images, PROMPTS[:3]), -scores)
+    for img, s in zip(images, scores.tolist(), strict=True):
+        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+        assert s == pytest.approx(len(buf.getvalue()) / 1000)
+    # a flat image compresses far better than a noisy one
+    flat, noisy = (
+        torch.full((1, 3, 64, 64), 0.5),
+        torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+    )
+    assert comp(flat, ["x"]).item() > comp(noisy, ["x"]).item()
+    with pytest.raises(ValueError, match="quality"):
+        load_reward("jpeg_compressibility", quality=0)
+
+
+def test_missing_weights_fail_fast_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    file = HubFile("some-org/some-reward", "weights.pt")
+    with pytest.raises(
+        WeightsNotFoundError, match=r"some-org/some-reward/weights.pt.*diffrl download myreward"
+    ):
+        resolve_file(None, file, "myreward")
+    with pytest.raises(WeightsNotFoundError, match="config.json"):
+        resolve_snapshot("some-org/some-model", ["config.json", "model.safetensors"], "myreward")
+    local = tmp_path / "w.pt"
+    local.write_bytes(b"x")
+    assert resolve_file(local, file, "myreward") == local
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "weights.pt").write_bytes(b"x")
+    assert resolve_file(tmp_path / "d", file, "myreward") == tmp_path / "d" / "weights.pt"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_file(tmp_path / "nope.pt", file, "myreward")
+    assert resolve_snapshot(tmp_path / "d", ["config.json"], "myreward") == tmp_path / "d"
