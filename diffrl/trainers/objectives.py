@@ -1,0 +1,192 @@
+"""The numerics every trainer shares, as tested pure functions (float32 whatever the model dtype).
+
+* :func:`group_advantages`: Flow-GRPO / DiffusionNFT group-relative advantages.
+* :func:`ppo_clip_loss`: the PPO clipped surrogate with asymmetric clip ("clip-higher") and a trajectory-level
+  ratio (GSPO-style) option.
+* :func:`gaussian_kl`: the per-step KL between two Gaussians with the same std, in the samplers' log-prob
+  convention (mean over dimensions).
+* :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
+* :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Advantages",
+    "PPOStats",
+    "group_advantages",
+    "ppo_clip_loss",
+    "gaussian_kl",
+    "nft_optimality",
+    "nft_loss",
+    "nft_old_policy_decay",
+    "refl_loss",
+]
+
+
+@dataclass
+class Advantages:
+    values: torch.Tensor  # (B,) clipped advantages
+    zero_std: torch.Tensor  # (B,) bool, True where the sample's group had identical rewards (no signal)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    std: str = "global",
+    eps: float = 1e-4,
+    clip: float | None = 5.0,
+) -> Advantages:
+    """``A_i = (R_i - mean_group(R)) / (std + eps)``, clipped to ``+-clip``.
+
+    Args:
+        rewards: ``(B,)`` rewards of every sample of every group (gathered from all processes).
+        group_ids: ``(B,)`` integer id of each sample's prompt group.
+        std: ``"global"`` (std over the whole batch, the Flow-GRPO/DiffusionNFT reference default) or ``"group"``.
+            Both are population stds (``unbiased=False``), as the reference's ``np.std``.
+        eps: added to the std.
+        clip: clip range (``None``: no clipping).
+    """
+    if std not in ("global", "group"):
+        raise ValueError(f"std={std!r} is not known; use 'global' or 'group'.")
+    r = rewards.detach().float()
+    if r.ndim != 1 or group_ids.shape != r.shape:
+        raise ValueError(
+            f"rewards {tuple(r.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)."
+        )
+    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    n = ids.numel()
+    count = torch.zeros(n, device=r.device).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros(n, device=r.device).index_add_(0, inverse, r) / count
+    centred = r - mean[inverse]
+    group_var = torch.zeros(n, device=r.device).index_add_(0, inverse, centred**2) / count
+    zero_std = group_var[inverse] == 0
+    denom = r.std(unbiased=False) if std == "global" else group_var[inverse].sqrt()
+    adv = centred / (denom + eps)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return Advantages(values=adv, zero_std=zero_std)
+
+
+@dataclass
+class PPOStats:
+    loss: torch.Tensor  # () the clipped surrogate loss (to minimise)
+    ratio: torch.Tensor  # (B,) or (B, K) the policy ratios
+    clipfrac: torch.Tensor  # () fraction of ratios outside the clip range
+    approx_kl: torch.Tensor  # () 0.5 * mean((logp - logp_old)^2), a diagnostic
+
+
+def ppo_clip_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float = 1e-4,
+    clip_range_high: float | None = None,
+    trajectory_ratio: bool = False,
+) -> PPOStats:
+    """``mean(max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)))`` with ``ratio = exp(logp - logp_old)``.
+
+    ``log_prob``/``old_log_prob`` are ``(B,)`` (one step) or ``(B, K)`` (K trained steps); ``advantages`` is ``(B,)``.
+    ``clip_range_high`` gives an asymmetric upper clip (DAPO's clip-higher); ``trajectory_ratio=True`` uses one ratio
+    per trajectory, ``exp(mean_k(logp_k - logp_old_k))`` (GSPO-style), instead of one per step.
+    """
+    lp, old = log_prob.float(), old_log_prob.detach().float()
+    if lp.shape != old.shape:
+        raise ValueError(
+            f"log_prob {tuple(lp.shape)} and old_log_prob {tuple(old.shape)} must have the same shape."
+        )
+    high = clip_range if clip_range_high is None else clip_range_high
+    diff = lp - old
+    if trajectory_ratio and diff.ndim == 2:
+        diff = diff.mean(dim=1)
+    ratio = torch.exp(diff)
+    adv = advantages.detach().float()
+    adv = adv.view(-1, *([1] * (ratio.ndim - 1))).expand_as(ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    loss = torch.maximum(unclipped, clipped).mean()
+    clipfrac = ((ratio < 1.0 - clip_range) | (ratio > 1.0 + high)).float().mean()
+    approx_kl = 0.5 * ((lp - old) ** 2).mean()
+    return PPOStats(loss=loss, ratio=ratio.detach(), clipfrac=clipfrac.detach(), approx_kl=approx_kl.detach())
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(B,)`` KL(N(mean, std^2) || N(ref_mean, std^2)) averaged over dimensions:
+    ``mean_d((mean - ref_mean)^2 / (2 std^2))`` (same std; the samplers' mean-over-dims convention)."""
+    d = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return d.mean(dim=tuple(range(1, d.ndim)))
+
+
+def nft_optimality(advantages: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
+    """DiffusionNFT's optimality probability ``r = clamp(0.5 + clip(A, +-clip) / (2 clip), 0, 1)`` (``0.5 + A/10``)."""
+    a = advantages.float().clamp(-clip, clip)
+    return (0.5 + a / (2 * clip)).clamp(0, 1)
+
+
+def nft_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    x_s: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    *,
+    weighting: str = "adaptive",
+) -> torch.Tensor:
+    """Per-sample ``(B,)`` DiffusionNFT policy loss ``r * L(v+) + (1 - r) * L(v-)`` (before any scaling).
+
+    Implicit policies: ``v+ = beta v_theta + (1 - beta) sg(v_old)``, ``v- = (1 + beta) sg(v_old) - beta v_theta``.
+    ``weighting="velocity"``: the paper's ``L(v) = mean_d (v - v*)^2`` with ``v* = (x_s - x0) / s`` (= eps - x0).
+    ``weighting="adaptive"``: the reference code's x0-space loss ``mean_d (x0_hat - x0)^2 / sg(max(mean_d |x0_hat -
+    x0|, 1e-5))`` with ``x0_hat = x_s - s v``, which equals the velocity loss times ``s^2`` per sample, divided by
+    its own (detached) mean absolute error.
+    """
+    if weighting not in ("adaptive", "velocity"):
+        raise ValueError(f"weighting={weighting!r} is not known; use 'adaptive' or 'velocity'.")
+    vt, vo = v_theta.float(), v_old.detach().float()
+    xs, x0f = x_s.float(), x0.float()
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=xs.device).reshape(-1, *([1] * (xs.ndim - 1)))
+    v_pos = beta * vt + (1 - beta) * vo
+    v_neg = (1 + beta) * vo - beta * vt
+    dims = tuple(range(1, xs.ndim))
+
+    def part(v):
+        if weighting == "velocity":
+            target = (xs - x0f) / s
+            return ((v - target) ** 2).mean(dim=dims)
+        err = xs - s * v - x0f
+        with torch.no_grad():
+            w = err.double().abs().mean(dim=dims, keepdim=True).clamp(min=1e-5).float()
+        return (err**2 / w).mean(dim=dims)
+
+    rr = r.float().to(xs.device)
+    return rr * part(v_pos) + (1 - rr) * part(v_neg)
+
+
+def nft_old_policy_decay(step: int, *, flat: int = 0, rate: float = 0.001, cap: float = 0.5) -> float:
+    """Decay ``d`` of the old-policy soft update ``theta_old <- d theta_old + (1 - d) theta`` at ``step``: 0 for
+    ``flat`` steps, then rising by ``rate`` per step up to ``cap`` (reference defaults; OCR: flat 75, rate 0.0075,
+    cap 0.999)."""
+    if step < flat:
+        return 0.0
+    return min((step - flat) * rate, cap)
+
+
+def refl_loss(
+    rewards: torch.Tensor, *, kind: str = "hinge", target: float = 2.0, scale: float = 1e-3
+) -> torch.Tensor:
+    """ReFL's loss on differentiable rewards ``(B,)``: ``mean(relu(target - r)) * scale`` (hinge, the reference with
+    ImageReward's z-scored output) or ``-mean(r) * scale`` (linear)."""
+    r = rewards.float()
+    if kind == "hinge":
+        return torch.relu(target - r).mean() * scale
+    if kind == "linear":
+        return -r.mean() * scale
+    raise ValueError(f"kind={kind!r} is not known; use 'hinge' or 'linear'.")
