@@ -183,7 +183,7 @@ class Reward:
                     h.update(key.encode())
                     t = tensor.detach().to("cpu").contiguous()
                     h.update(str(t.dtype).encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             self._weights_id = h.hexdigest()
         head = json.dumps(
             {

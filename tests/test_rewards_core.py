@@ -278,3 +278,21 @@ def test_missing_weights_fail_fast_offline(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_file(tmp_path / "nope.pt", file, "myreward")
     assert resolve_snapshot(tmp_path / "d", ["config.json"], "myreward") == tmp_path / "d"
+
+
+def test_fingerprint_hashes_zero_dim_parameters():
+    class Scalar(Reward):
+        name = "scalar"
+
+        def _load(self):
+            self.m = torch.nn.Module()
+            self.m.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def score(self, images, prompts, **metadata):
+            return images.mean(dim=(1, 2, 3)) * self.m.scale
+
+    a, b = Scalar(), Scalar()
+    b.load()
+    with torch.no_grad():
+        b.m.scale.fill_(3.0)
+    assert a.fingerprint != b.fingerprint
