@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffrl.utils import resolve_dtype
+
 __all__ = ["Reward", "RewardOutput", "FunctionReward", "as_reward", "split_metadata", "to_score_tensor"]
 
 
@@ -107,7 +109,7 @@ class Reward:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None (all at once).")
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype)
         self._loaded = False
         self._weights_id: str | None = None
 

@@ -6,25 +6,17 @@ from pathlib import Path
 
 import torch
 
+from ..utils import resolve_dtype
 from .base import FlowModel
 from .flux import FluxModel
 from .sd3 import SD3Model
 
-__all__ = ["load_model", "detect_family", "ADAPTERS"]
+__all__ = ["load_model", "detect_family", "resolve_dtype", "ADAPTERS"]
 
 # pipeline class name in model_index.json -> adapter class
 ADAPTERS: dict[str, type[FlowModel]] = {
     SD3Model.pipeline_class_name: SD3Model,
     FluxModel.pipeline_class_name: FluxModel,
-}
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
 }
 
 
@@ -55,14 +47,6 @@ def detect_family(path: str, revision: str | None = None) -> type[FlowModel]:
             f"{', '.join(sorted(ADAPTERS))}."
         )
     return ADAPTERS[name]
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)} or a torch dtype.")
 
 
 def load_model(
