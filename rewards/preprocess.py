@@ -38,10 +38,11 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize so the shorter side is ``size`` (bicubic), then crop the centre ``size x size`` (CLIP's transform)."""
     h, w = images.shape[-2:]
+    # the longer side is truncated, as torchvision's Resize(int) and transformers' CLIPImageProcessor do
     if h <= w:
-        new_h, new_w = size, max(size, int(round(w * size / h)))
+        new_h, new_w = size, max(size, int(size * w / h))
     else:
-        new_h, new_w = max(size, int(round(h * size / w))), size
+        new_h, new_w = max(size, int(size * h / w)), size
     images = _resize(images, (new_h, new_w))
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
