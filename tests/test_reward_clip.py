@@ -371,7 +371,7 @@ def test_tiny_clip_has_the_hub_layout(tiny, tmp_path):
     for text in PROMPTS + ["Zebra-crossing #42, über alles!"]:
         assert bpe(text)["input_ids"] == full(text)["input_ids"]
     with pytest.raises(TypeError, match="tokenizer"):
-        build_tiny_clip(tmp_path / "x", tokenizer=None)
+        build_tiny_clip(tmp_path / "x", tokenizer="not a tokenizer")
 
 
 # ------------------------------------------------------------------------------------------------- construction
