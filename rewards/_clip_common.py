@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_bicubic_pil_order
 from .weights import HubFile, WeightsNotFoundError, fetch_hint, resolve_snapshot
 
 __all__ = [
@@ -125,24 +125,6 @@ def resolve_dirs(reward_name: str, parts: Sequence[tuple[str | Path, list[HubFil
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """float32, or float64 when the tensor is float64 (so gradients can be checked in double precision)."""
     return tensor if tensor.dtype == torch.float64 else tensor.float()
-
-
-def _bicubic(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(
-        0.0, 1.0
-    )
-
-
-def resize_bicubic_pil_order(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(B, C, H, W)`` images in [0, 1] to ``size`` like PIL's bicubic: width first, then height, each
-    pass antialiased and clipped to [0, 1]. An axis whose size does not change is left untouched."""
-    h, w = images.shape[-2:]
-    new_h, new_w = size
-    if new_w != w:
-        images = _bicubic(images, (h, new_w))
-    if new_h != h:
-        images = _bicubic(images, (new_h, new_w))
-    return images
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

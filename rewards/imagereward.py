@@ -22,18 +22,16 @@ tensor shapes (width, depth, patch, image size, MLP width; heads = width / 64, a
 text configuration comes from ``med_config.json`` with the cross-attention width set to the vision width, as BLIP
 does (the file's ``encoder_width`` is ignored, as in the original).
 
-Preprocessing (torch, differentiable, :func:`imagereward_preprocess`): shorter side to 224 (bicubic, antialiased;
-the longer side truncated to an integer as torchvision does), centre crop 224 x 224, normalise with the OpenAI
+Preprocessing (torch, differentiable, :func:`imagereward_preprocess`): shorter side to 224 (bicubic, antialiased,
+in PIL's order: width then height, each pass clipped to [0, 1]; the longer side truncated to an integer as
+torchvision does), centre crop 224 x 224, normalise with the OpenAI
 CLIP mean/std, i.e. the reference's ``Resize(224, BICUBIC)``, ``CenterCrop(224)``, ``ToTensor()``,
 ``Normalize(...)`` on a PIL image (``diffrl.rewards.preprocess.clip_preprocess``).
 
 Deviations from the reference (``ImageReward.ImageReward.score``):
 
-* Resizing is torch's antialiased bicubic on float images instead of PIL's bicubic on 8-bit images: when
-  downscaling, pixel values after normalisation differ by about one 8-bit step (max ~0.016, mean ~0.004; see the
-  tests); when upscaling small images with hard edges, PIL clips the bicubic overshoot to 8 bits after each pass
-  and torch does not (as torchvision's float-tensor resize in the reference's ReFL code), so a few edge pixels
-  differ by up to ~0.17.
+* Resizing is torch's antialiased bicubic on float images instead of PIL's bicubic on 8-bit images: pixel
+  values after normalisation differ by about one 8-bit step (see the tests for the measured tolerances).
 * Attention masks add the dtype's minimum instead of -10000 to masked positions (no difference in float32).
 * The MLP head runs in float32 whatever ``dtype`` is (the reference casts the ``[CLS]`` feature to float32 too).
 * Prompts are scored in batches; the reference scores one (prompt, image) pair per call.

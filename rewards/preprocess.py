@@ -35,15 +35,36 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
 
 
+def _bicubic_clipped(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(
+        0.0, 1.0
+    )
+
+
+def resize_bicubic_pil_order(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(B, C, H, W)`` images in [0, 1] to ``size`` like PIL's bicubic: width first, then height, each
+    pass antialiased and clipped to [0, 1] (PIL clips each 8-bit pass). An axis whose size does not change is
+    left untouched. This is what processors that resize PIL images (transformers' CLIP, torchvision on PIL)
+    do."""
+    h, w = images.shape[-2:]
+    new_h, new_w = size
+    if new_w != w:
+        images = _bicubic_clipped(images, (h, new_w))
+    if new_h != h:
+        images = _bicubic_clipped(images, (new_h, new_w))
+    return images
+
+
 def resize_shortest_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is ``size`` (bicubic), then crop the centre ``size x size`` (CLIP's transform)."""
+    """Resize so the shorter side is ``size`` (bicubic, PIL order), then crop the centre ``size x size`` with
+    torchvision's ``CenterCrop`` offsets (CLIP's transform as in torchvision on a PIL image)."""
     h, w = images.shape[-2:]
     # the longer side is truncated, as torchvision's Resize(int) and transformers' CLIPImageProcessor do
     if h <= w:
         new_h, new_w = size, max(size, int(size * w / h))
     else:
         new_h, new_w = max(size, int(size * h / w)), size
-    images = _resize(images, (new_h, new_w))
+    images = resize_bicubic_pil_order(images, (new_h, new_w))
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
     return images[..., top : top + size, left : left + size]
