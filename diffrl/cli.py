@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="diffrl", description="RL fine-tuning of flow-matching text-to-image models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser(
+        "train", help="train with a YAML config (same as python -m diffrl.train)", add_help=False
+    )
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
     dl = sub.add_parser(
         "download", help="pre-fetch the hub files that rewards or a config need into the HF cache"
     )
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     dl.add_argument("--dry-run", action="store_true", help="list the files without fetching them")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from diffrl.train import main as train_main
+
+        return train_main(args.rest)
     try:
         if args.command == "download":
             return _download(args)

@@ -18,6 +18,8 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "aesthetic": "diffrl.rewards.aesthetic:AestheticScore",
     "imagereward": "diffrl.rewards.imagereward:ImageReward",
     "vlm_yes_prob": "diffrl.rewards.vlm:VLMYesProb",
+    "brightness": "diffrl.rewards.simple:Brightness",
+    "saturation": "diffrl.rewards.simple:Saturation",
     "jpeg_compressibility": "diffrl.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "diffrl.rewards.jpeg:JpegIncompressibility",
 }

@@ -296,6 +296,18 @@ class FlowModel:
         finally:
             self.transformer.enable_adapters()
 
+    @contextlib.contextmanager
+    def use_adapter(self, adapter_name: str) -> Iterator[None]:
+        """Run with another LoRA adapter of the transformer active (e.g. DiffusionNFT's old policy)."""
+        if not self.has_lora:
+            raise ValueError("this model has no LoRA adapter; call add_lora() first.")
+        active = "default"
+        self.transformer.set_adapter(adapter_name)
+        try:
+            yield
+        finally:
+            self.transformer.set_adapter(active)
+
     # ------------------------------------------------------------------ saving
     def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict

@@ -49,6 +49,33 @@ def detect_family(path: str, revision: str | None = None) -> type[FlowModel]:
     return ADAPTERS[name]
 
 
+def tiny_model_dir(spec: str) -> Path:
+    """``tiny:sd3`` / ``tiny:flux``: the tiny random pipeline of :mod:`diffrl.models.tiny`, built once into
+    ``$DIFFRL_CACHE/tiny`` (default ``~/.cache/diffrl/tiny``) and then loaded like any local checkpoint."""
+    import os
+    import shutil
+    import tempfile
+
+    from . import tiny
+
+    family = spec.split(":", 1)[1]
+    builders = {"sd3": tiny.build_tiny_sd3, "flux": tiny.build_tiny_flux}
+    if family not in builders:
+        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3 or tiny:flux.")
+    root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
+    target = root / f"{family}-v1"
+    if not (target / "model_index.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{family}-"))
+        builders[family](tmp / "model")
+        try:
+            os.replace(tmp / "model", target)
+        except OSError:  # another process built it first
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def load_model(
     path: str | Path,
     *,
@@ -63,13 +90,16 @@ def load_model(
     gradients off; call ``add_lora()`` or ``set_full_finetuning()`` on the result to train it.
 
     Args:
-        path: hub id (e.g. ``"stabilityai/stable-diffusion-3.5-medium"``) or local pipeline directory.
+        path: hub id (e.g. ``"stabilityai/stable-diffusion-3.5-medium"``), local pipeline directory, or
+            ``tiny:sd3`` / ``tiny:flux`` for the tiny random test pipelines (built offline once, then loaded from disk).
         dtype: weights' dtype (``torch.bfloat16`` or ``"bf16"`` for GPU training); sampler maths stays float32.
         device: where to put the pipeline.
         revision: hub revision.
         adapter_kwargs: passed to the adapter (``max_sequence_length``, ``prompt_cache_size``).
     """
     path = str(path)
+    if path.startswith("tiny:"):
+        path = str(tiny_model_dir(path))
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)

@@ -1,0 +1,489 @@
+"""Typed run configuration: dataclasses with a docstring per field, YAML presets, dotted ``key=value`` overrides.
+
+``load_config("configs/tiny/flow_grpo.yaml", ["optim.lr=1e-4", "max_steps=20"])`` reads a preset, applies the
+overrides and validates everything (unknown keys, wrong types, sizes that do not fit) before any model is loaded,
+raising :class:`ConfigError` with one sentence that names the bad value and the fix.
+
+Each field's documentation is the string literal right under it (as in cleanrl); :func:`field_docs` reads them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "SampleConfig",
+    "OptimConfig",
+    "FlowGRPOConfig",
+    "DiffusionNFTConfig",
+    "ReFLConfig",
+    "TrainConfig",
+    "load_config",
+    "config_to_dict",
+    "field_docs",
+    "ALGORITHMS",
+]
+
+ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names it and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hub id or local directory of an SD3/SD3.5 or FLUX.1 diffusers pipeline."""
+    dtype: str = "float32"
+    """Dtype of the frozen weights: float32, bfloat16 or float16 (LoRA weights and sampler maths stay float32)."""
+    lora_rank: int = -1
+    """LoRA rank; -1 uses the family default (SD3: 32, FLUX: 64); 0 trains every transformer weight instead."""
+    lora_alpha: float = -1.0
+    """LoRA alpha; -1 uses the family default (twice the default rank)."""
+    lora_targets: list[str] = field(default_factory=list)
+    """Module names to adapt; empty uses the family default (attention projections; FLUX also feed-forward)."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer activations in the backward pass (less memory, about 30% more time)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training prompts: a .txt file (one prompt a line), a .jsonl file (a "prompt" field plus metadata per line)
+    or "hf:<dataset>[:<split>]" for a Hugging Face datasets dataset."""
+    eval: str = ""
+    """Held-out evaluation prompts, same formats; empty holds out eval_size prompts of the training set."""
+    eval_size: int = 16
+    """How many prompts to hold out of the training set when no eval file is given (and how many to evaluate)."""
+    prompt_key: str = "prompt"
+    """The field holding the prompt in .jsonl files and datasets; the other fields are metadata for rewards."""
+
+
+@dataclass
+class SampleConfig:
+    height: int = 512
+    """Image height in pixels."""
+    width: int = 512
+    """Image width in pixels."""
+    num_steps: int = 10
+    """Sampling steps in training rollouts."""
+    guidance_scale: float = 4.5
+    """CFG scale (SD3) or guidance-embedding scale (FLUX.1-dev) in training rollouts; DiffusionNFT samples without
+    CFG and ignores it for SD3."""
+    eval_num_steps: int = 40
+    """Sampling steps for evaluation images."""
+    eval_guidance_scale: float = 4.5
+    """Guidance scale for evaluation images."""
+    batch_size: int = 8
+    """Most images sampled (and scored) at once on one device; memory knob, does not change results."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping; 0 disables it."""
+    use_8bit_adam: bool = False
+    """Use bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU)."""
+    lr_scheduler: str = "constant"
+    """Learning-rate schedule: constant, linear or cosine (with warmup_steps of linear warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    train_batch_size: int = 4
+    """Most samples in one forward/backward pass on one device; memory knob, does not change results."""
+
+
+@dataclass
+class FlowGRPOConfig:
+    group_size: int = 8
+    """Images per prompt (G); advantages are relative to the group."""
+    prompts_per_step: int = 4
+    """Prompt groups per training step, over all processes (must be divisible by the number of processes)."""
+    sampler: str = "sde"
+    """Stochastic step of the rollouts: sde (Flow-GRPO) or cps (coefficients-preserving)."""
+    noise_level: float = 0.7
+    """SDE/CPS noise level a."""
+    sde_window: int = 0
+    """Flow-GRPO-Fast: length of the window of stochastic (and trained) steps; 0 makes every step stochastic."""
+    sde_window_range: list[int] = field(default_factory=list)
+    """[lo, hi): where the window may start (drawn per step); empty means the first half of the steps."""
+    timestep_fraction: float = 0.99
+    """Fraction of the stochastic steps that are trained (the reference drops the last step at 10 steps)."""
+    clip_range: float = 1e-4
+    """PPO clip range eps (1e-5 for Fast/CPS in the reference)."""
+    clip_range_high: float = 0.0
+    """Upper clip range (DAPO clip-higher); 0 uses clip_range."""
+    kl_beta: float = 0.04
+    """Weight of the KL to the base model (adapter disabled); 0 skips the reference pass."""
+    adv_std: str = "global"
+    """Advantage normalisation: global (std over the whole gathered batch, the reference) or group."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to +-adv_clip."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (DAPO dynamic sampling); their fraction is logged either way."""
+    trajectory_ratio: bool = False
+    """One ratio per trajectory from the mean step log-ratio (GSPO-style) instead of one per step."""
+    num_inner_epochs: int = 1
+    """Passes over each batch of rollouts."""
+
+
+@dataclass
+class DiffusionNFTConfig:
+    group_size: int = 8
+    """Images per prompt (G)."""
+    prompts_per_step: int = 4
+    """Prompt groups per training step, over all processes."""
+    beta: float = 1.0
+    """Strength of the implicit positive/negative policies (0.1 for OCR and multi-reward in the paper)."""
+    kl_weight: float = 1e-4
+    """Weight of mean((v_theta - v_base)^2), the pull towards the base model (adapter disabled)."""
+    weighting: str = "adaptive"
+    """Loss: adaptive (the reference code's x0-space loss with a self-normalising weight, the default because it
+    is what the published results used) or velocity (the paper's equation)."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to +-adv_clip before r = 0.5 + A / (2 adv_clip)."""
+    decay_flat: int = 0
+    """Old-policy soft update: steps with decay 0 (the old policy copies the current one)."""
+    decay_rate: float = 0.001
+    """Old-policy decay increase per step after decay_flat."""
+    decay_cap: float = 0.5
+    """Largest old-policy decay."""
+    num_train_levels: int = 0
+    """Noise levels trained per sample per step, drawn from the rollout's levels; 0 uses all but the last."""
+
+
+@dataclass
+class ReFLConfig:
+    prompts_per_step: int = 8
+    """Prompts (one image each) per training step, over all processes."""
+    stop_min: float = 0.75
+    """Earliest stop, as a fraction of the sampling steps (the reference stops at steps 30-39 of 40)."""
+    stop_max: float = 1.0
+    """Latest stop fraction (exclusive)."""
+    grad_steps: int = 1
+    """Steps before the stop that keep the graph (DRaFT-K); 1 is ReFL's single step."""
+    loss: str = "hinge"
+    """hinge: relu(target - r) (ReFL with ImageReward) or linear: -r."""
+    target: float = 2.0
+    """Hinge target."""
+    scale: float = 1e-3
+    """Loss scale (ReFL: 1e-3)."""
+    kl_weight: float = 0.0
+    """Weight of mean((v_theta - v_base)^2) on the grad steps (DRaFT+ style regulariser)."""
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "flow_grpo"
+    """Trainer: flow_grpo, diffusion_nft or refl."""
+    output_dir: str = "runs/diffrl"
+    """Run directory: config, metrics.jsonl, TensorBoard logs, checkpoints and the final LoRA."""
+    seed: int = 0
+    """Seed of everything (prompt order, noise, dropout)."""
+    max_steps: int = 100
+    """Training steps (one optimiser update each)."""
+    checkpointing_steps: int = 50
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    checkpoints_total_limit: int = 3
+    """Checkpoints to keep (the oldest are deleted)."""
+    resume_from_checkpoint: str = ""
+    """latest, a checkpoint directory, or empty to start fresh."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the start and the end)."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+    report_to: str = "tensorboard"
+    """Extra metric sink: tensorboard, wandb or none (metrics.jsonl is always written)."""
+    mixed_precision: str = "no"
+    """Autocast: no, bf16 or fp16."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights for evaluation (reference 0.9); 0 disables it."""
+    max_bad_steps: int = 5
+    """Consecutive steps with a non-finite reward or loss before the run stops with a checkpoint."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt sources."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    """Sampling settings."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser settings."""
+    reward: dict[str, float] = field(default_factory=dict)
+    """Training reward(s): {name or "module:attr": weight}."""
+    reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    """Options per reward name, e.g. {hpsv2: {version: v2.1}}."""
+    reward_normalize: str = ""
+    """Normalisation of a multi-reward sum: empty (none), batch or running."""
+    eval_reward: dict[str, float] = field(default_factory=dict)
+    """Evaluation reward(s), logged separately to catch reward hacking; empty reuses the training reward."""
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    """Flow-GRPO settings."""
+    diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
+    """DiffusionNFT settings."""
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    """ReFL / DRaFT settings."""
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring of each field of a config dataclass (the string literal under its annotation)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, not {value!r}.")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r} must be a list.")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping, e.g. {{name: 1.0}}.")
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} must be true or false.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer.")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string.")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {where + '.' if where else ''}{key}{hint}; see docs for the fields of {cls.__name__}."
+            )
+    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value; write e.g. optim.lr=1e-4.")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({err.__class__.__name__}).") from None
+    return key.strip().split("."), value
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(
+    source: str | Path | dict | TrainConfig | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML file, a dict or a config, with dotted ``key=value`` overrides."""
+    import yaml
+
+    if isinstance(source, TrainConfig):
+        data = config_to_dict(source)
+    elif isinstance(source, dict):
+        data = json.loads(json.dumps(source))
+    elif source is None:
+        data = {}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {source} does not exist; pass a YAML preset such as configs/tiny/flow_grpo.yaml."
+            )
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {source} must hold a mapping of fields, not {type(data).__name__}."
+            )
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _merge(data, keys, value)
+    cfg = _build(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig, num_processes: int = 1) -> None:
+    """Checks that need no model: choices, positive sizes, divisibility by the number of processes."""
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ConfigError(message)
+
+    need(
+        cfg.algorithm in ALGORITHMS,
+        f"algorithm={cfg.algorithm!r} is not known; use one of {', '.join(ALGORITHMS)}.",
+    )
+    need(
+        bool(cfg.model.path),
+        "model.path is empty; set it to a hub id or a local diffusers pipeline directory.",
+    )
+    need(bool(cfg.data.train), "data.train is empty; set it to a prompt file (.txt/.jsonl) or hf:<dataset>.")
+    need(bool(cfg.reward), "reward is empty; set it to {name: weight}, e.g. reward={pickscore: 1.0}.")
+    need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1.")
+    need(
+        cfg.model.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype={cfg.model.dtype!r} must be float32, bfloat16 or float16.",
+    )
+    need(
+        cfg.mixed_precision in ("no", "bf16", "fp16"),
+        f"mixed_precision={cfg.mixed_precision!r} must be no, bf16 or fp16.",
+    )
+    need(
+        cfg.report_to in ("tensorboard", "wandb", "none"),
+        f"report_to={cfg.report_to!r} must be tensorboard, wandb or none.",
+    )
+    need(
+        cfg.reward_normalize in ("", "batch", "running"),
+        f"reward_normalize={cfg.reward_normalize!r} must be empty, batch or running.",
+    )
+    need(
+        cfg.optim.lr_scheduler in ("constant", "linear", "cosine"),
+        f"optim.lr_scheduler={cfg.optim.lr_scheduler!r} must be constant, linear or cosine.",
+    )
+    for name in ("height", "width", "num_steps", "eval_num_steps", "batch_size"):
+        value = getattr(cfg.sample, name)
+        need(value >= 1, f"sample.{name}={value} must be positive.")
+    need(
+        cfg.optim.train_batch_size >= 1,
+        f"optim.train_batch_size={cfg.optim.train_batch_size} must be positive.",
+    )
+    need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
+    if cfg.algorithm == "flow_grpo":
+        g = cfg.flow_grpo
+        need(
+            g.group_size >= 2,
+            f"flow_grpo.group_size={g.group_size} must be at least 2 (advantages compare images of a prompt).",
+        )
+        need(
+            g.prompts_per_step % num_processes == 0 and g.prompts_per_step >= 1,
+            f"flow_grpo.prompts_per_step={g.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
+        )
+        need(g.sampler in ("sde", "cps"), f"flow_grpo.sampler={g.sampler!r} must be sde or cps.")
+        need(
+            0 < g.timestep_fraction <= 1,
+            f"flow_grpo.timestep_fraction={g.timestep_fraction} must be in (0, 1].",
+        )
+        need(
+            0 <= g.sde_window <= cfg.sample.num_steps,
+            f"flow_grpo.sde_window={g.sde_window} must be between 0 and sample.num_steps.",
+        )
+        need(g.adv_std in ("global", "group"), f"flow_grpo.adv_std={g.adv_std!r} must be global or group.")
+        need(g.clip_range > 0, f"flow_grpo.clip_range={g.clip_range} must be positive.")
+        need(g.num_inner_epochs >= 1, f"flow_grpo.num_inner_epochs={g.num_inner_epochs} must be at least 1.")
+        if g.sde_window_range:
+            need(
+                len(g.sde_window_range) == 2 and 0 <= g.sde_window_range[0] < g.sde_window_range[1],
+                f"flow_grpo.sde_window_range={g.sde_window_range} must be [lo, hi) with 0 <= lo < hi.",
+            )
+    elif cfg.algorithm == "diffusion_nft":
+        n = cfg.diffusion_nft
+        need(n.group_size >= 2, f"diffusion_nft.group_size={n.group_size} must be at least 2.")
+        need(
+            n.prompts_per_step % num_processes == 0 and n.prompts_per_step >= 1,
+            f"diffusion_nft.prompts_per_step={n.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
+        )
+        need(n.beta > 0, f"diffusion_nft.beta={n.beta} must be positive.")
+        need(
+            n.weighting in ("adaptive", "velocity"),
+            f"diffusion_nft.weighting={n.weighting!r} must be adaptive or velocity.",
+        )
+        need(
+            cfg.model.lora_rank != 0,
+            "diffusion_nft needs a LoRA (model.lora_rank != 0): the old and base policies are adapters.",
+        )
+    else:
+        r = cfg.refl
+        need(
+            r.prompts_per_step % num_processes == 0 and r.prompts_per_step >= 1,
+            f"refl.prompts_per_step={r.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
+        )
+        need(
+            0 <= r.stop_min < r.stop_max <= 1,
+            f"refl.stop_min={r.stop_min} and stop_max={r.stop_max} must satisfy 0 <= min < max <= 1.",
+        )
+        need(r.grad_steps >= 1, f"refl.grad_steps={r.grad_steps} must be at least 1.")
+        need(r.loss in ("hinge", "linear"), f"refl.loss={r.loss!r} must be hinge or linear.")

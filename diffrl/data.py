@@ -1,0 +1,106 @@
+"""Prompt sources: a .txt file (one prompt a line), a .jsonl file (a prompt field plus metadata), or a Hugging Face
+``datasets`` dataset (``hf:<name>[:<split>]``); with a held-out evaluation split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PromptSet", "load_prompts", "train_eval_prompts"]
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    metadata: list[dict[str, Any]] = field(default_factory=list)  # one dict per prompt (may be empty dicts)
+
+    def __post_init__(self):
+        if not self.metadata:
+            self.metadata = [{} for _ in self.prompts]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index) -> PromptSet:
+        return PromptSet([self.prompts[i] for i in index], [self.metadata[i] for i in index])
+
+    def batch_metadata(self) -> dict[str, list]:
+        """Metadata as per-sample lists (the reward call's ``**metadata``), keys present in every row only."""
+        if not self.metadata:
+            return {}
+        keys = set(self.metadata[0])
+        for row in self.metadata[1:]:
+            keys &= set(row)
+        return {k: [row[k] for row in self.metadata] for k in sorted(keys)}
+
+
+def load_prompts(spec: str, prompt_key: str = "prompt") -> PromptSet:
+    """Read prompts from ``spec`` (see the module docstring); raises a one-sentence error when absent or empty."""
+    if spec.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(
+                f"prompt source {spec!r} needs the datasets package: pip install datasets."
+            ) from err
+        name, _, split = spec[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        if prompt_key not in ds.column_names:
+            raise ValueError(
+                f"dataset {name} has no {prompt_key!r} column (columns: {ds.column_names}); set data.prompt_key."
+            )
+        rows = [dict(r) for r in ds]
+        prompts = [str(r.pop(prompt_key)) for r in rows]
+        out = PromptSet(prompts, rows)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"prompt file {spec} does not exist; pass a .txt or .jsonl file or hf:<dataset>."
+            )
+        if path.suffix == ".jsonl":
+            prompts, meta = [], []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(
+                        f"{spec} line {n} is not valid JSON; write one JSON object per line."
+                    ) from None
+                if prompt_key not in row:
+                    raise ValueError(
+                        f"{spec} line {n} has no {prompt_key!r} field; add it or set data.prompt_key."
+                    )
+                prompts.append(str(row.pop(prompt_key)))
+                meta.append(row)
+            out = PromptSet(prompts, meta)
+        else:
+            out = PromptSet([line.strip() for line in path.read_text().splitlines() if line.strip()])
+    if not len(out):
+        raise ValueError(f"prompt source {spec} holds no prompts; add some.")
+    return out
+
+
+def train_eval_prompts(
+    train: str, eval_spec: str = "", eval_size: int = 16, seed: int = 0, prompt_key: str = "prompt"
+):
+    """``(train_set, eval_set)``: the eval file when given (first ``eval_size`` prompts), else ``eval_size`` prompts
+    held out of the training set at random (fixed by ``seed``)."""
+    train_set = load_prompts(train, prompt_key)
+    if eval_spec:
+        eval_set = load_prompts(eval_spec, prompt_key)
+        return train_set, eval_set.take(range(min(eval_size, len(eval_set))))
+    if eval_size <= 0:
+        return train_set, PromptSet([])
+    if eval_size >= len(train_set):
+        raise ValueError(
+            f"data.eval_size={eval_size} leaves no training prompts out of {len(train_set)}; lower it or give data.eval."
+        )
+    order = np.random.default_rng(seed).permutation(len(train_set))
+    return train_set.take(order[eval_size:]), train_set.take(order[:eval_size])

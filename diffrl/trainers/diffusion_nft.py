@@ -1,0 +1,178 @@
+"""DiffusionNFT: online RL on the forward process (Zheng et al., arXiv 2509.16117).
+
+Per step: sample G images per prompt from the *old* policy with a deterministic solver (Euler ODE here) and no
+CFG, keeping only the clean latents ``x0``; score them; turn rewards into optimality probabilities
+``r = clamp(0.5 + clip(A, +-5) / 10, 0, 1)`` with ``A = (R - mean_prompt R) / (global std + 1e-4)``. Then, at
+training levels ``s`` drawn from the rollout's levels, with fresh noise ``x_s = (1 - s) x0 + s eps``:
+
+    v+ = beta v_theta + (1 - beta) sg(v_old),   v- = (1 + beta) sg(v_old) - beta v_theta,
+    L  = (5 / beta) * [ r * l(v+) + (1 - r) * l(v-) ]  +  kl_weight * mean((v_theta - v_base)^2),
+
+with ``l`` the reference code's adaptive x0-space loss (default) or the paper's velocity loss, and ``v_base`` the
+network with its adapter disabled. After each update the old policy moves towards the current one:
+``theta_old <- d theta_old + (1 - d) theta`` with ``d = min(rate * (step - flat), cap)``.
+
+The old policy is a second LoRA adapter (``"old"``) on the same transformer, so no second model copy is kept.
+
+Deviations from the reference code (NVlabs/DiffusionNFT):
+* Rollouts use the Euler ODE (the reference uses a 2nd-order DPM-Solver); any deterministic solver is allowed by
+  the method.
+* One optimiser update per step over all samples and levels.
+* The training levels are ``num_train_levels`` of the rollout's non-zero levels in random order (default: all
+  but one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffrl.samplers import rollout
+
+from .engine import Trainer
+from .objectives import group_advantages, nft_loss, nft_old_policy_decay, nft_optimality
+
+__all__ = ["DiffusionNFTTrainer"]
+
+OLD = "old"
+
+
+class DiffusionNFTTrainer(Trainer):
+    algorithm = "diffusion_nft"
+
+    def setup(self) -> None:
+        model = self.model
+        config = model.transformer.peft_config["default"]
+        model.transformer.add_adapter(config, adapter_name=OLD)
+        model.transformer.set_adapter("default")
+        self.old_params = self._adapter_params(OLD)
+        with torch.no_grad():
+            for o, p in zip(self.old_params, self.params, strict=True):
+                o.copy_(p)
+        for o in self.old_params:
+            o.requires_grad_(False)
+
+    def _adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
+        named = dict(self.model.transformer.named_parameters())
+        out = []
+        for name in self.param_names:
+            other = name.replace(".default.", f".{adapter}.")
+            if other == name or other not in named:
+                raise RuntimeError(f"no {adapter!r} counterpart for trained weight {name}")
+            out.append(named[other])
+        return out
+
+    def derived_sizes(self):
+        c = self.cfg.diffusion_nft
+        per = c.prompts_per_step // self.world
+        return {
+            "num_processes": self.world,
+            "prompts_per_process": per,
+            "images_per_process": per * c.group_size,
+            "images_per_step": c.prompts_per_step * c.group_size,
+        }
+
+    def _guidance(self) -> float:
+        # CFG-free: SD3 samples without CFG; FLUX.1-dev's distilled guidance embedding is not CFG and stays on.
+        return 1.0 if self.model.family == "sd3" else self.cfg.sample.guidance_scale
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, c, s = self.cfg, self.cfg.diffusion_nft, self.cfg.sample
+        model = self.model
+        batch = self.step_batch(c.prompts_per_step)
+        G = c.group_size
+        prompts = [p for p in batch.prompts for _ in range(G)]
+        metadata = {k: [v for v in vals for _ in range(G)] for k, vals in batch.metadata.items()}
+        group_ids = batch.group_ids.repeat_interleave(G)
+        sigmas = model.schedule(s.num_steps, s.height, s.width)
+        guidance = self._guidance()
+        cond_all = model.encode(batch.prompts).repeat_interleave(G)
+
+        # 1. rollouts of the old policy (ODE, no grad), keep x0
+        n = len(prompts)
+        x0s = []
+        noise_gen = self.generator(1)
+        with torch.no_grad(), model.use_adapter(OLD), self.autocast():
+            for i in range(0, n, s.batch_size):
+                idx = list(range(i, min(n, i + s.batch_size)))
+                noise = model.sample_noise(len(idx), s.height, s.width, noise_gen)
+                x0s.append(rollout(model, cond_all.select(idx), sigmas, noise, guidance_scale=guidance).final)
+        x0 = torch.cat(x0s)
+        images = self.decode_chunks(x0, s.batch_size)
+        scored = self.score(images, prompts, metadata)
+        rewards = scored.total.float().to(self.device)
+        all_rewards = self.gather(rewards)
+        all_groups = self.gather(group_ids.to(self.device))
+        adv_all = group_advantages(all_rewards, all_groups, std="global", clip=c.adv_clip)
+        r = nft_optimality(adv_all.values[self.rank * n : (self.rank + 1) * n], c.adv_clip)
+        metrics = {
+            f"reward/{name}/mean": float(self.gather(v.float().to(self.device)).mean())
+            for name, v in scored.components.items()
+        }
+        metrics[f"reward/{self.reward.name}/mean"] = float(all_rewards.mean())
+        metrics[f"reward/{self.reward.name}/std"] = float(all_rewards.std(unbiased=False))
+        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
+        if not torch.isfinite(all_rewards).all():
+            return {**metrics, "train/skipped": 1.0}
+
+        # 2. training levels and the NFT loss
+        levels = sigmas[:-1]
+        k = c.num_train_levels or max(1, levels.numel() - 1)
+        pick = np.random.default_rng([cfg.seed, self.step, 15485863]).permutation(levels.numel())[:k]
+        eps_gen = self.generator(4)
+        sums = {"policy_loss": 0.0, "kl": 0.0, "old_deviate": 0.0}
+        bad = False
+        per_process = n
+        for i in range(0, n, cfg.optim.train_batch_size):
+            mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
+            cond = cond_all.select(mb)
+            for j in pick.tolist():
+                sig = levels[j]
+                eps = torch.randn(x0[mb].shape, generator=eps_gen, device=eps_gen.device).to(self.device)
+                x_s = (1 - sig) * x0[mb] + sig * eps
+                sig_b = sig.expand(len(mb))
+                with self.autocast():
+                    v = model.velocity(x_s, sig_b, cond, guidance).float()
+                with torch.no_grad(), self.autocast():
+                    with model.use_adapter(OLD):
+                        v_old = model.velocity(x_s, sig_b, cond, guidance).float()
+                    if c.kl_weight > 0:
+                        with model.disable_adapter():
+                            v_ref = model.velocity(x_s, sig_b, cond, guidance).float()
+                policy = nft_loss(v, v_old, x_s, x0[mb], sig_b, r[mb], c.beta, weighting=c.weighting) * (
+                    c.adv_clip / c.beta
+                )
+                loss = policy.mean()
+                kl = ((v - v_ref) ** 2).mean() if c.kl_weight > 0 else torch.zeros((), device=self.device)
+                loss = loss + c.kl_weight * kl
+                if not torch.isfinite(loss):
+                    bad = True
+                w = len(mb) / per_process / len(pick)
+                self.accelerator.backward(loss * w)
+                sums["policy_loss"] += float(policy.detach().mean()) * w
+                sums["kl"] += float(kl.detach()) * w
+                sums["old_deviate"] += float(((v.detach() - v_old) ** 2).mean()) * w
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**metrics, "train/skipped": 1.0}
+        metrics.update(self.finish_update())
+
+        # 3. old policy soft update
+        d = nft_old_policy_decay(self.step, flat=c.decay_flat, rate=c.decay_rate, cap=c.decay_cap)
+        with torch.no_grad():
+            for o, p in zip(self.old_params, self.params, strict=True):
+                o.mul_(d).add_(p.detach(), alpha=1 - d)
+        for key, value in sums.items():
+            metrics[f"train/{key}"] = self.mean_over_processes(value)
+        metrics["train/loss"] = metrics["train/policy_loss"] + c.kl_weight * metrics["train/kl"]
+        metrics["train/old_decay"] = d
+        metrics["train/skipped"] = 0.0
+        return metrics
+
+    def extra_state(self):
+        return {f"old.{n}": o.detach() for n, o in zip(self.param_names, self.old_params, strict=True)}
+
+    def load_extra_state(self, tensors):
+        with torch.no_grad():
+            for n, o in zip(self.param_names, self.old_params, strict=True):
+                o.copy_(tensors[f"old.{n}"].to(o.device, o.dtype))

@@ -1,0 +1,566 @@
+"""The engine every trainer shares: set-up, the step loop, distribution, logging, evaluation and checkpoints.
+
+A trainer subclasses :class:`Trainer` and implements ``train_step(step, prompts) -> metrics``; everything else
+lives here so each algorithm file reads like its paper's algorithm box.
+
+Distribution (``accelerate launch``): every process draws the same prompts for a step (from ``seed`` and the step)
+and takes its share; it samples whole groups, so group statistics are computed on rewards gathered from all
+processes. Gradients of the trained weights are averaged over processes before each update (DDP semantics on the
+LoRA or full weights). FSDP and DeepSpeed are not supported yet and are refused with a clear error.
+
+Determinism: every random draw (prompts, noise, windows, levels) comes from a generator seeded by ``(seed, step,
+process)``, so a resumed run replays exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, config_to_dict, load_config, validate
+from ..data import PromptSet, train_eval_prompts
+from ..utils import resolve_dtype
+
+__all__ = ["Trainer", "StepBatch", "seeded_generator"]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from integer keys (e.g. seed, step, process, purpose)."""
+    seq = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
+    return torch.Generator(device=device).manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+
+@dataclass
+class StepBatch:
+    """This process's prompts of one step."""
+
+    prompts: list[str]  # (k,) local prompts
+    metadata: dict[str, list]  # per-prompt metadata lists
+    group_ids: torch.Tensor  # (k,) global index of each prompt within the step's prompt list
+
+
+class _JsonlLogger:
+    def __init__(self, path: Path, report_to: str, enabled: bool, config: dict):
+        self.enabled = enabled
+        self.path = path
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError(
+                    "report_to=tensorboard needs the tensorboard package: pip install tensorboard (or set report_to=none)."
+                ) from err
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(project="diffrl", dir=str(path.parent), config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Trainer:
+    """Base of the ReFL, Flow-GRPO and DiffusionNFT trainers.
+
+    Args:
+        config: a :class:`TrainConfig`, a YAML path or a dict (validated).
+        model: an already loaded :class:`diffrl.models.FlowModel` (default: ``load_model(config.model.path)``).
+        reward: a reward or a plain function (default: built from ``config.reward``).
+        eval_reward: the evaluation reward (default: ``config.eval_reward``, else the training reward).
+        train_prompts / eval_prompts: :class:`PromptSet` or lists of prompts (default: from ``config.data``).
+    """
+
+    algorithm = ""
+    needs_differentiable_reward = False
+
+    def __init__(
+        self, config, *, model=None, reward=None, eval_reward=None, train_prompts=None, eval_prompts=None
+    ):
+        from accelerate import Accelerator
+
+        cfg = config if isinstance(config, TrainConfig) else load_config(config)
+        if cfg.algorithm != self.algorithm:
+            raise ValueError(
+                f"config.algorithm={cfg.algorithm!r} but this is the {self.algorithm} trainer; build it with diffrl.train.build_trainer."
+            )
+        self.cfg = cfg
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        acc = self.accelerator
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise NotImplementedError(
+                f"{acc.distributed_type.name} is not supported yet; launch with DDP (the default accelerate config)."
+            )
+        validate(cfg, acc.num_processes)
+        self.output_dir = Path(cfg.output_dir)
+        self._check_output_dir()
+        self.reward = self._build_reward(reward, cfg.reward)
+        self.eval_reward = (
+            self._build_reward(eval_reward, cfg.eval_reward)
+            if (eval_reward or cfg.eval_reward)
+            else self.reward
+        )
+        if self.needs_differentiable_reward and not self.reward.differentiable:
+            raise ValueError(
+                f"the {self.algorithm} trainer backpropagates through the reward, but {self.reward.name!r} is score-only; "
+                "use a differentiable reward (hpsv2, pickscore, imagereward, aesthetic, clipscore or a torch function)."
+            )
+        self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
+        self.model = model if model is not None else self._load_model()
+        self._setup_training_mode()
+        self.params = [p for p in self.model.trainable_parameters()]
+        self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+        self.step = 0
+        self.bad_steps = 0
+        self.setup()
+        self.logger = _JsonlLogger(
+            self.output_dir / "metrics.jsonl", cfg.report_to, acc.is_main_process, config_to_dict(cfg)
+        )
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def setup(self) -> None:
+        """Algorithm-specific set-up (after model and optimiser)."""
+
+    def _check_output_dir(self) -> None:
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.output_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(
+                f"output_dir={self.cfg.output_dir} is not writable ({err.strerror}); choose another directory."
+            ) from None
+
+    def _build_reward(self, given, spec: dict[str, float]):
+        from diffrl.rewards import CombinedReward, load_reward
+
+        if given is not None:
+            return load_reward(given)
+        kwargs = self.cfg.reward_kwargs
+        if len(spec) == 1 and not self.cfg.reward_normalize:
+            ((name, weight),) = spec.items()
+            reward = load_reward(name, **kwargs.get(name, {}))
+            if weight == 1.0:
+                return reward
+            return CombinedReward([(reward, weight)], name=reward.name)
+        parts = [(load_reward(name, **kwargs.get(name, {})), w) for name, w in spec.items()]
+        return CombinedReward(parts, normalize=self.cfg.reward_normalize or None)
+
+    def _build_prompts(self, train, eval_):
+        def as_set(x):
+            if x is None or isinstance(x, PromptSet):
+                return x
+            return PromptSet(list(x))
+
+        train, eval_ = as_set(train), as_set(eval_)
+        if train is None:
+            d = self.cfg.data
+            t, e = train_eval_prompts(d.train, d.eval, d.eval_size, self.cfg.seed, d.prompt_key)
+            train = train
+            train, eval_ = t, (eval_ if eval_ is not None else e)
+        if not len(train):
+            raise ValueError("the training prompt set is empty; give at least one prompt.")
+        return train, eval_ if eval_ is not None else PromptSet([])
+
+    def _load_model(self):
+        from diffrl.models import load_model
+
+        return load_model(self.cfg.model.path, dtype=resolve_dtype(self.cfg.model.dtype), device=self.device)
+
+    def _setup_training_mode(self) -> None:
+        m = self.cfg.model
+        if m.lora_rank == 0:
+            self.model.set_full_finetuning()
+        elif not self.model.has_lora:
+            self.model.add_lora(
+                rank=None if m.lora_rank < 0 else m.lora_rank,
+                alpha=None if m.lora_alpha < 0 else m.lora_alpha,
+                target_modules=m.lora_targets or None,
+            )
+        for p in self.model.trainable_parameters():
+            p.data = p.data.float()  # trained weights in float32 whatever the frozen dtype
+        if m.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
+    def _build_optimizer(self):
+        o = self.cfg.optim
+        if o.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError(
+                    "optim.use_8bit_adam needs bitsandbytes: pip install bitsandbytes."
+                ) from err
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        return cls(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
+
+    def _build_scheduler(self):
+        from diffusers.optimization import get_scheduler
+
+        o = self.cfg.optim
+        return get_scheduler(
+            o.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=o.warmup_steps,
+            num_training_steps=self.cfg.max_steps,
+        )
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def generator(self, *keys: int) -> torch.Generator:
+        """A generator for this step and process: ``(seed, step, rank, *keys)``."""
+        return seeded_generator(self.cfg.seed, self.step, self.rank, *keys)
+
+    def step_batch(self, prompts_per_step: int) -> StepBatch:
+        """The step's prompts (the same global draw on every process), this process's share."""
+        rng = np.random.default_rng([self.cfg.seed, self.step, 7919])
+        n = len(self.train_set)
+        idx = rng.choice(n, size=prompts_per_step, replace=prompts_per_step > n)
+        per = prompts_per_step // self.world
+        mine = list(range(self.rank * per, (self.rank + 1) * per))
+        local = self.train_set.take([int(idx[i]) for i in mine])
+        return StepBatch(local.prompts, local.batch_metadata(), torch.tensor(mine, dtype=torch.long))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-process tensor over processes (in process order)."""
+        return self.accelerator.gather(tensor.contiguous().to(self.device)) if self.world > 1 else tensor
+
+    def mean_over_processes(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], device=self.device)
+        return float(self.accelerator.reduce(t, reduction="mean").item())
+
+    def autocast(self):
+        return self.accelerator.autocast() if self.cfg.mixed_precision != "no" else contextlib.nullcontext()
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, list], reward=None):
+        """Reward of decoded images, with components; non-finite rewards are reported, not hidden."""
+        reward = reward or self.reward
+        return reward.evaluate(images, prompts, **metadata)
+
+    def decode_chunks(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [self.model.decode(latents[i : i + chunk]) for i in range(0, latents.shape[0], chunk)]
+            )
+
+    def finish_update(self) -> dict[str, float]:
+        """Average gradients over processes, clip, step the optimiser and scheduler, update the EMA."""
+        grads_ok = True
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if self.world > 1:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            if not torch.isfinite(p.grad).all():
+                grads_ok = False
+        metrics = {}
+        if not grads_ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"train/nonfinite_grad": 1.0}
+        if self.cfg.optim.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+            metrics["train/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            d = self.cfg.ema_decay
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params, strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Evaluate with the EMA weights when enabled."""
+        if self.ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema, strict=True):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train_step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def train(self) -> dict[str, float]:
+        """Run from the current step (0, or the resumed one) to ``max_steps``; returns the last metrics."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if cfg.resume_from_checkpoint:
+            self.load_checkpoint(cfg.resume_from_checkpoint)
+        self._announce()
+        if self.step == 0 and len(self.eval_set):
+            self.logger.log(0, self.evaluate())
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not self.accelerator.is_main_process,
+            desc=self.algorithm,
+        )
+        metrics: dict[str, float] = {}
+        stopped = False
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.step)
+            metrics["time/step_seconds"] = time.perf_counter() - t0
+            bad = metrics.get("train/skipped", 0.0) > 0
+            self.bad_steps = self.bad_steps + 1 if bad else 0
+            metrics["train/bad_steps_in_a_row"] = float(self.bad_steps)
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.logger.log(self.step, metrics)
+            reward_key = next((k for k in metrics if k.startswith("reward/") and k.endswith("/mean")), None)
+            if reward_key:
+                bar.set_postfix(reward=f"{metrics[reward_key]:.4g}")
+            bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and len(self.eval_set):
+                self.logger.log(self.step, self.evaluate())
+            if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if self.bad_steps >= cfg.max_bad_steps:
+                self.accelerator.print(
+                    f"stopping: {self.bad_steps} steps in a row had a non-finite reward or loss"
+                )
+                stopped = True
+                break
+        bar.close()
+        self.save_checkpoint()
+        if not stopped and len(self.eval_set) and not (cfg.eval_every and self.step % cfg.eval_every == 0):
+            self.logger.log(self.step, self.evaluate())
+        self.save_final()
+        self.logger.close()
+        return metrics
+
+    def _announce(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        info = self.derived_sizes()
+        resolved = {"config": config_to_dict(self.cfg), "derived": info}
+        (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        print(f"[diffrl] {self.algorithm}: {json.dumps(info)}")
+        print(f"[diffrl] resolved config saved to {self.output_dir / 'config.json'}")
+
+    def derived_sizes(self) -> dict[str, Any]:
+        return {"num_processes": self.world}
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Sample the held-out prompts (ODE, fixed seed, EMA weights) and score them with the evaluation reward."""
+        from diffrl.samplers import rollout
+
+        cfg = self.cfg
+        s = cfg.sample
+        prompts = self.eval_set
+        n = len(prompts)
+        mine = list(range(self.rank, n, self.world))
+        if not mine:
+            return {}
+        local = prompts.take(mine)
+        guidance = s.eval_guidance_scale
+        images = []
+        with self.ema_weights():
+            for i in range(0, len(mine), s.batch_size):
+                chunk = local.prompts[i : i + s.batch_size]
+                cond = self.model.encode(chunk)
+                noise = torch.cat(
+                    [
+                        self.model.sample_noise(
+                            1, s.height, s.width, seeded_generator(cfg.seed, 10**6 + mine[i + j])
+                        )
+                        for j in range(len(chunk))
+                    ]
+                )
+                with self.autocast():
+                    out = rollout(
+                        self.model,
+                        cond,
+                        self.model.schedule(s.eval_num_steps, s.height, s.width),
+                        noise,
+                        guidance_scale=guidance,
+                    )
+                images.append(self.model.decode(out.final))
+        images = torch.cat(images)
+        result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
+        metrics = {}
+        comps = dict(result.components)
+        comps.setdefault(self.eval_reward.name, result.total)
+        for name, values in comps.items():
+            all_values = self.gather(values.float().to(self.device))
+            metrics[f"eval/reward/{name}/mean"] = float(all_values.mean())
+        if self.accelerator.is_main_process:
+            from torchvision.utils import save_image
+
+            path = self.output_dir / "eval" / f"step_{self.step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(images.float().cpu(), str(path), nrow=max(1, int(math.sqrt(len(images)))))
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Algorithm tensors to checkpoint (e.g. DiffusionNFT's old policy)."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint-<step>`` atomically (temporary directory, then rename) and keep the last N."""
+        self.accelerator.wait_for_everyone()
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return final
+        from safetensors.torch import save_file
+
+        tmp = self.output_dir / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in zip(self.param_names, self.params, strict=True)},
+            tmp / "trainable.safetensors",
+        )
+        if self.ema is not None:
+            save_file(
+                {n: e.cpu().contiguous() for n, e in zip(self.param_names, self.ema, strict=True)},
+                tmp / "ema.safetensors",
+            )
+        extra = self.extra_state()
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / "optim.pt",
+        )
+        (tmp / "state.json").write_text(
+            json.dumps(
+                {"step": self.step, "bad_steps": self.bad_steps, "config": config_to_dict(self.cfg)}, indent=2
+            )
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpts = sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        limit = self.cfg.checkpoints_total_limit
+        for old in ckpts[: max(0, len(ckpts) - limit)] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, which: str) -> None:
+        """Restore a checkpoint (``latest`` or a path): weights, optimiser, scheduler, EMA, step."""
+        from safetensors.torch import load_file
+
+        if which == "latest":
+            ckpts = sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+            if not ckpts:
+                self.accelerator.print(f"[diffrl] no checkpoint in {self.output_dir}; starting fresh")
+                return
+            path = ckpts[-1]
+        else:
+            path = Path(which)
+            if not (path / "state.json").is_file():
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint={which} is not a checkpoint directory; pass latest or a checkpoint-N path."
+                )
+        weights = load_file(str(path / "trainable.safetensors"))
+        missing = [n for n in self.param_names if n not in weights]
+        if missing:
+            raise ValueError(
+                f"checkpoint {path} does not match this model ({len(missing)} trained tensors missing, e.g. {missing[0]})."
+            )
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params, strict=True):
+                p.copy_(weights[n].to(p.device, p.dtype))
+            if self.ema is not None and (path / "ema.safetensors").is_file():
+                ema = load_file(str(path / "ema.safetensors"))
+                for n, e in zip(self.param_names, self.ema, strict=True):
+                    e.copy_(ema[n].to(e.device))
+        if (path / "extra.safetensors").is_file():
+            self.load_extra_state(
+                {k: v.to(self.device) for k, v in load_file(str(path / "extra.safetensors")).items()}
+            )
+        state = torch.load(path / "optim.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        info = json.loads((path / "state.json").read_text())
+        self.step = int(info["step"])
+        self.bad_steps = int(info.get("bad_steps", 0))
+        self.accelerator.print(f"[diffrl] resumed from {path} at step {self.step}")
+
+    def save_final(self) -> Path | None:
+        """The trained LoRA in the diffusers format (``output_dir/lora``), or the full pipeline."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        with self.ema_weights():
+            if self.model.has_lora:
+                return self.model.save_lora(self.output_dir / "lora")
+            return self.model.save_pretrained(self.output_dir / "pipeline")

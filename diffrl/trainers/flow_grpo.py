@@ -1,0 +1,208 @@
+"""Flow-GRPO: online RL for flow-matching models through an ODE-to-SDE sampler (Liu et al., arXiv 2505.05470).
+
+Per step, for each of the step's prompts, sample a group of G images with SDE (or CPS) steps, keeping each
+stochastic transition's log-probability ``logp_old`` (float32, mean over dimensions: see diffrl.samplers.steps);
+score them; compute group-relative advantages ``A = (R - mean_group R) / (std + 1e-4)`` (std over the whole
+gathered batch by default), clipped to +-5. Then, for every trained step k of every trajectory,
+
+    ratio = exp(logp_theta(x_{k+1} | x_k) - logp_old),   L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))
+                                                           + beta * KL(N(mu_theta, std) || N(mu_base, std)),
+
+with mu_base from the same network with its LoRA adapter disabled, and one optimiser update per pass.
+
+Options: a window of ``sde_window`` stochastic (and trained) steps placed at random in ``sde_window_range``
+(Flow-GRPO-Fast / MixGRPO), asymmetric clipping (``clip_range_high``, DAPO), dropping groups with identical
+rewards (``dynamic_sampling``), one ratio per trajectory (``trajectory_ratio``, GSPO-style).
+
+Deviations from the reference code (yifan123/flow_grpo):
+* The KL uses the exact Gaussian KL with the step's std (``||mu - mu_ref||^2 / (2 std^2)``, mean over dims); the
+  reference drops the ``dt`` inside the std (divides by ``2 sigma_t^2``), so its beta is not comparable across
+  step counts. The same beta therefore weighs the KL differently here.
+* The CPS log-prob is the full Gaussian log-density (the reference keeps only ``-(x - mu)^2``).
+* ``timestep_fraction`` keeps the first ``int(fraction * K)`` of the K stochastic steps (at least one) when every
+  step is stochastic; with a window every window step is trained.
+* One optimiser update per inner epoch over all of the step's samples (the reference updates every few
+  micro-batches); ``optim.train_batch_size`` only changes memory, not the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffrl.samplers import cps_step, rollout, sde_step
+
+from .engine import Trainer
+from .objectives import gaussian_kl, group_advantages, ppo_clip_loss
+
+__all__ = ["FlowGRPOTrainer"]
+
+
+class FlowGRPOTrainer(Trainer):
+    algorithm = "flow_grpo"
+
+    def derived_sizes(self):
+        g = self.cfg.flow_grpo
+        per = g.prompts_per_step // self.world
+        return {
+            "num_processes": self.world,
+            "prompts_per_process": per,
+            "images_per_process": per * g.group_size,
+            "images_per_step": g.prompts_per_step * g.group_size,
+        }
+
+    def _window(self, num_steps: int) -> tuple[int, int]:
+        g = self.cfg.flow_grpo
+        last = num_steps - 1 if g.sampler == "cps" else num_steps  # the CPS step to 0 is deterministic
+        if g.sde_window == 0:
+            return 0, last
+        lo, hi = g.sde_window_range or [0, max(1, num_steps // 2)]
+        hi = min(hi, last - g.sde_window + 1)
+        if hi <= lo:
+            raise ValueError(
+                f"flow_grpo.sde_window={g.sde_window} does not fit in {num_steps} steps from {lo}; shorten it."
+            )
+        start = int(np.random.default_rng([self.cfg.seed, self.step, 104729]).integers(lo, hi))
+        return start, start + g.sde_window
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, g, s = self.cfg, self.cfg.flow_grpo, self.cfg.sample
+        model = self.model
+        batch = self.step_batch(g.prompts_per_step)
+        G = g.group_size
+        prompts = [p for p in batch.prompts for _ in range(G)]
+        metadata = {k: [v for v in vals for _ in range(G)] for k, vals in batch.metadata.items()}
+        group_ids = batch.group_ids.repeat_interleave(G)
+        sigmas = model.schedule(s.num_steps, s.height, s.width)
+        window = self._window(s.num_steps)
+
+        # 1. rollouts with log-probs (no grad), decode, score
+        cond_all = model.encode(batch.prompts).repeat_interleave(G)
+        trajs, logps, finals = [], [], []
+        noise_gen, sde_gen = self.generator(1), self.generator(2)
+        n = len(prompts)
+        with torch.no_grad(), self.autocast():
+            for i in range(0, n, s.batch_size):
+                idx = list(range(i, min(n, i + s.batch_size)))
+                noise = model.sample_noise(len(idx), s.height, s.width, noise_gen)
+                out = rollout(
+                    model,
+                    cond_all.select(idx),
+                    sigmas,
+                    noise,
+                    guidance_scale=s.guidance_scale,
+                    sampler=g.sampler,
+                    noise_level=g.noise_level,
+                    sde_window=window,
+                    generator=sde_gen,
+                )
+                trajs.append(out.latents)
+                logps.append(out.log_probs)
+                finals.append(out.final)
+        latents = torch.cat(trajs)  # (n, T+1, C, h, w)
+        old_logp = torch.cat(logps)  # (n, T)
+        images = self.decode_chunks(torch.cat(finals), s.batch_size)
+        scored = self.score(images, prompts, metadata)
+        rewards = scored.total.float().to(self.device)
+
+        # 2. advantages over the whole gathered batch
+        all_rewards = self.gather(rewards)
+        all_groups = self.gather(group_ids.to(self.device))
+        adv_all = group_advantages(all_rewards, all_groups, std=g.adv_std, clip=g.adv_clip)
+        local = slice(self.rank * n, (self.rank + 1) * n)
+        adv = adv_all.values[local]
+        keep = torch.arange(n, device=self.device)
+        if g.dynamic_sampling:
+            keep = keep[~adv_all.zero_std[local]]
+        metrics = {
+            f"reward/{name}/mean": float(self.gather(v.float().to(self.device)).mean())
+            for name, v in scored.components.items()
+        }
+        metrics[f"reward/{self.reward.name}/mean"] = float(all_rewards.mean())
+        metrics[f"reward/{self.reward.name}/std"] = float(all_rewards.std(unbiased=False))
+        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
+        if not torch.isfinite(all_rewards).all():
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**metrics, "train/skipped": 1.0}
+
+        # 3. trained steps
+        stochastic = [k for k in range(window[0], window[1])]
+        train_steps = (
+            stochastic if g.sde_window else stochastic[: max(1, int(len(stochastic) * g.timestep_fraction))]
+        )
+        step_fn = sde_step if g.sampler == "sde" else cps_step
+        n_keep = max(1, int(self.gather(torch.tensor([keep.numel()], device=self.device)).sum()))
+        stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "count": 0}
+        for epoch in range(g.num_inner_epochs):
+            order = keep[torch.randperm(keep.numel(), generator=self.generator(3, epoch)).to(keep.device)]
+            bad = False
+            for i in range(0, order.numel(), cfg.optim.train_batch_size):
+                mb = order[i : i + cfg.optim.train_batch_size].tolist()
+                cond = cond_all.select(mb)
+                weight = len(mb) / (n_keep / self.world) / len(train_steps)
+                step_logps, step_old = [], []
+                total = 0.0
+                for k in train_steps:
+                    x, x_next = latents[mb, k], latents[mb, k + 1]
+                    sig = sigmas[k].expand(len(mb))
+                    with self.autocast():
+                        v = model.velocity(x, sig, cond, s.guidance_scale)
+                    out = step_fn(x, v, sigmas[k], sigmas[k + 1], g.noise_level, prev_sample=x_next)
+                    loss_k = torch.zeros((), device=self.device)
+                    kl = torch.zeros((), device=self.device)
+                    if g.kl_beta > 0:
+                        with torch.no_grad(), model.disable_adapter(), self.autocast():
+                            v_ref = model.velocity(x, sig, cond, s.guidance_scale)
+                        ref = step_fn(x, v_ref, sigmas[k], sigmas[k + 1], g.noise_level, prev_sample=x_next)
+                        kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
+                        loss_k = loss_k + g.kl_beta * kl
+                    if g.trajectory_ratio:
+                        step_logps.append(out.log_prob)
+                        step_old.append(old_logp[mb, k])
+                        total = total + loss_k * weight
+                    else:
+                        ppo = ppo_clip_loss(
+                            out.log_prob,
+                            old_logp[mb, k],
+                            adv[mb],
+                            clip_range=g.clip_range,
+                            clip_range_high=g.clip_range_high or None,
+                        )
+                        loss_k = loss_k + ppo.loss
+                        self._accumulate(stats, ppo, kl, len(mb))
+                        if not torch.isfinite(loss_k):
+                            bad = True
+                        self.accelerator.backward(loss_k * weight)
+                if g.trajectory_ratio:
+                    ppo = ppo_clip_loss(
+                        torch.stack(step_logps, 1),
+                        torch.stack(step_old, 1),
+                        adv[mb],
+                        clip_range=g.clip_range,
+                        clip_range_high=g.clip_range_high or None,
+                        trajectory_ratio=True,
+                    )
+                    total = total + ppo.loss * len(mb) / (n_keep / self.world)
+                    self._accumulate(stats, ppo, torch.zeros(()), len(mb))
+                    if not torch.isfinite(total):
+                        bad = True
+                    self.accelerator.backward(total)
+            if bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                return {**metrics, "train/skipped": 1.0}
+            metrics.update(self.finish_update())
+        c = max(1, stats["count"])
+        for key in ("loss", "kl", "clipfrac", "ratio_mean", "approx_kl"):
+            metrics[f"train/{key}"] = self.mean_over_processes(stats[key] / c)
+        metrics["train/skipped"] = 0.0
+        metrics["train/trained_steps"] = float(len(train_steps))
+        return metrics
+
+    @staticmethod
+    def _accumulate(stats, ppo, kl, weight: int) -> None:
+        stats["loss"] += float(ppo.loss.detach()) * weight
+        stats["kl"] += float(kl.detach()) * weight
+        stats["clipfrac"] += float(ppo.clipfrac) * weight
+        stats["ratio_mean"] += float(ppo.ratio.mean()) * weight
+        stats["approx_kl"] += float(ppo.approx_kl) * weight
+        stats["count"] += weight
