@@ -178,8 +178,10 @@ class FlowModel:
         missing = list(dict.fromkeys(p for p in prompts if self._cache.get(p) is None))
         fresh = {}
         if missing:
+            # One prompt at a time: a prompt's conditioning then never depends on which other prompts shared the
+            # batch (batched matmuls differ in the last bits), so runs and resumes reproduce bitwise.
             with torch.no_grad():
-                rows = self._encode_uncached(missing)
+                rows = [self._encode_uncached([p])[0] for p in missing]
             fresh = dict(zip(missing, rows, strict=True))
             for p, row in fresh.items():
                 self._cache.put(p, row)
@@ -256,14 +258,22 @@ class FlowModel:
         alpha = self.default_lora_alpha if alpha is None else alpha
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"lora rank={rank!r} must be a positive integer (e.g. 32).")
+        extra = {}
+        if target_modules is None and self._unused_lora_modules():
+            extra["exclude_modules"] = self._unused_lora_modules()
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
             target_modules=target_modules if target_modules is not None else self.default_lora_targets,
             init_lora_weights=init_lora_weights,
+            **extra,
         )
         self.transformer.add_adapter(config, adapter_name=adapter_name)
         self._mode = "lora"
+
+    def _unused_lora_modules(self) -> list[str]:
+        """Default-target modules whose output never reaches the model's output (left out of the default LoRA)."""
+        return []
 
     def set_full_finetuning(self) -> None:
         """Train every transformer weight (no adapter; no reference policy without a second copy)."""

@@ -35,6 +35,15 @@ class SD3Model(FlowModel):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
         self.max_sequence_length = max_sequence_length
 
+    def _unused_lora_modules(self) -> list[str]:
+        # The last MMDiT block is "context pre-only": its text-token queries are computed but their attention
+        # output is discarded, so a LoRA there would never receive a gradient.
+        names = []
+        for i, block in enumerate(self.transformer.transformer_blocks):
+            if getattr(block, "context_pre_only", False):
+                names.append(f"transformer_blocks.{i}.attn.add_q_proj")
+        return names
+
     def _encode_uncached(self, prompts):
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts,

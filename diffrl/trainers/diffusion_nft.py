@@ -119,16 +119,17 @@ class DiffusionNFTTrainer(Trainer):
         levels = sigmas[:-1]
         k = c.num_train_levels or max(1, levels.numel() - 1)
         pick = np.random.default_rng([cfg.seed, self.step, 15485863]).permutation(levels.numel())[:k]
-        eps_gen = self.generator(4)
+        # the noise of every (level, sample) drawn up front, so micro-batching never changes which noise a sample gets
+        eps_all = torch.randn((len(pick), *x0.shape), generator=self.generator(4)).to(self.device)
         sums = {"policy_loss": 0.0, "kl": 0.0, "old_deviate": 0.0}
         bad = False
         per_process = n
         for i in range(0, n, cfg.optim.train_batch_size):
             mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
             cond = cond_all.select(mb)
-            for j in pick.tolist():
+            for li, j in enumerate(pick.tolist()):
                 sig = levels[j]
-                eps = torch.randn(x0[mb].shape, generator=eps_gen, device=eps_gen.device).to(self.device)
+                eps = eps_all[li, mb]
                 x_s = (1 - sig) * x0[mb] + sig * eps
                 sig_b = sig.expand(len(mb))
                 with self.autocast():

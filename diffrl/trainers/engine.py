@@ -220,11 +220,13 @@ class Trainer:
         if m.lora_rank == 0:
             self.model.set_full_finetuning()
         elif not self.model.has_lora:
-            self.model.add_lora(
-                rank=None if m.lora_rank < 0 else m.lora_rank,
-                alpha=None if m.lora_alpha < 0 else m.lora_alpha,
-                target_modules=m.lora_targets or None,
-            )
+            with torch.random.fork_rng(devices=[]):  # the LoRA's random init depends on the seed only
+                torch.manual_seed(self.cfg.seed)
+                self.model.add_lora(
+                    rank=None if m.lora_rank < 0 else m.lora_rank,
+                    alpha=None if m.lora_alpha < 0 else m.lora_alpha,
+                    target_modules=m.lora_targets or None,
+                )
         for p in self.model.trainable_parameters():
             p.data = p.data.float()  # trained weights in float32 whatever the frozen dtype
         if m.gradient_checkpointing:

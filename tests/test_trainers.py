@@ -1,0 +1,305 @@
+"""Trainers end to end on the tiny SD3/FLUX pipelines: CLI runs, every weight moves, metrics, LoRA output, resume,
+invariance, non-finite rewards and early one-sentence errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from safetensors.torch import load_file
+
+from diffrl.config import ConfigError, TrainConfig, field_docs, load_config
+from diffrl.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGOS = ["flow_grpo", "diffusion_nft", "refl"]
+PRESET = {a: ROOT / "configs" / "tiny" / f"{a}.yaml" for a in ALGOS}
+PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_cache(tmp_path_factory):
+    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
+    yield
+
+
+def _overrides(out, *extra):
+    return [f"output_dir={out}", f"data.train={PROMPTS}", *extra]
+
+
+def _trained(out: Path) -> dict[str, torch.Tensor]:
+    ckpts = sorted(out.glob("checkpoint-*"))
+    return load_file(str(ckpts[-1] / "trainable.safetensors"))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- presets and errors
+
+
+def test_every_shipped_preset_validates_without_loading_weights():
+    presets = sorted((ROOT / "configs").rglob("*.yaml"))
+    presets = [p for p in presets if "accelerate" not in p.parts]
+    assert presets
+    for path in presets:
+        load_config(path, [f"data.train={PROMPTS}"] if "tiny" in path.parts else [])
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+
+    from diffrl import config as c
+
+    for cls in (
+        c.TrainConfig,
+        c.ModelConfig,
+        c.DataConfig,
+        c.SampleConfig,
+        c.OptimConfig,
+        c.FlowGRPOConfig,
+        c.DiffusionNFTConfig,
+        c.ReFLConfig,
+    ):
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1e-4"], "unknown config key optim.lrr.*did you mean lr"),
+        (["max_steps=abc"], "max_steps='abc' must be an integer"),
+        (["flow_grpo.group_size=1"], "group_size=1 must be at least 2"),
+        (["algorithm=ppo"], "algorithm='ppo' is not known"),
+        (["flow_grpo.sampler=ddim"], "sampler='ddim'"),
+        (["reward={}"], "reward is empty"),
+    ],
+)
+def test_bad_config_values_raise_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PRESET["flow_grpo"], [f"data.train={PROMPTS}", *overrides])
+
+
+def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
+    import diffrl.models.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    import diffrl.models
+
+    monkeypatch.setattr(diffrl.models, "load_model", no_load)
+    cases = [
+        (["data.train=/nonexistent/prompts.txt"], FileNotFoundError, "does not exist"),
+        (["reward={no_such_reward: 1.0}"], ValueError, "unknown reward 'no_such_reward'"),
+        (
+            ["algorithm=refl", "reward={saturation: 1.0}", "reward={jpeg_compressibility: 1.0}"],
+            ValueError,
+            "score-only",
+        ),
+    ]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    cases.append(([f"data.train={empty}"], ValueError, "holds no prompts"))
+    for extra, exc, message in cases:
+        overrides = (
+            _overrides(tmp_path / "out", *extra)
+            if "data.train" not in " ".join(extra)
+            else [f"output_dir={tmp_path / 'out'}", *extra]
+        )
+        algo = "refl" if "algorithm=refl" in extra else "flow_grpo"
+        with pytest.raises(exc, match=message):
+            build_trainer(PRESET[algo], overrides)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        build_trainer(PRESET["flow_grpo"], _overrides(blocker / "sub"))
+
+
+def test_cli_exits_nonzero_with_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffrl.train",
+            str(PRESET["flow_grpo"]),
+            f"output_dir={tmp_path}",
+            "flow_grpo.group_size=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: flow_grpo.group_size=1 must be at least 2")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffrl",
+            "train",
+            str(PRESET[algo]),
+            *_overrides(out, "max_steps=2", "checkpointing_steps=0"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trainer = build_trainer(PRESET[algo], _overrides(tmp_path / "fresh", "max_steps=2"))
+    initial = {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)}
+    final = _trained(out)
+    assert set(final) == set(initial)
+    unchanged = [n for n in initial if torch.equal(initial[n], final[n])]
+    assert not unchanged, f"{len(unchanged)} trainable tensors did not change, e.g. {unchanged[:2]}"
+    rows = _metrics(out)
+    keys = set().union(*rows)
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        f"reward/{trainer.reward.name}/mean",
+        "eval/reward/" + trainer.eval_reward.name + "/mean",
+    }
+    if algo == "flow_grpo":
+        expected |= {"train/clipfrac", "train/kl", "train/ratio_mean", "sample/zero_std_frac"}
+    assert expected <= keys, expected - keys
+    assert (out / "config.json").is_file() and list((out / "eval").glob("*.png"))
+    # the LoRA loads into a plain diffusers pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.environ["DIFFRL_CACHE"] + "/tiny/sd3-v1")
+    pipe.load_lora_weights(out / "lora")
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+def test_flow_grpo_first_inner_step_is_on_policy(tmp_path):
+    trainer = build_trainer(PRESET["flow_grpo"], _overrides(tmp_path, "max_steps=1", "flow_grpo.kl_beta=0.1"))
+    metrics = trainer.train_step(0)
+    assert (
+        metrics["train/ratio_mean"] == 1.0
+        and metrics["train/clipfrac"] == 0.0
+        and metrics["train/approx_kl"] == 0.0
+    )
+
+
+def test_flux_trainer_runs(tmp_path):
+    trainer = build_trainer(
+        PRESET["diffusion_nft"],
+        _overrides(tmp_path, "max_steps=1", "model.path=tiny:flux", "sample.guidance_scale=3.5"),
+    )
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+    pipe = FluxPipeline.from_pretrained(os.environ["DIFFRL_CACHE"] + "/tiny/flux-v1")
+    pipe.load_lora_weights(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_resume_is_bitwise_identical(algo, tmp_path):
+    full = build_trainer(
+        PRESET[algo],
+        _overrides(tmp_path / "full", "max_steps=4", "checkpointing_steps=2", "data.eval_size=0"),
+    )
+    full.train()
+    half = build_trainer(
+        PRESET[algo],
+        _overrides(tmp_path / "half", "max_steps=2", "checkpointing_steps=2", "data.eval_size=0"),
+    )
+    half.train()
+    resumed = build_trainer(
+        PRESET[algo],
+        _overrides(
+            tmp_path / "half",
+            "max_steps=4",
+            "checkpointing_steps=2",
+            "data.eval_size=0",
+            "resume_from_checkpoint=latest",
+        ),
+    )
+    resumed.train()
+    a, b = _trained(tmp_path / "full"), _trained(tmp_path / "half")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_micro_batch_size_does_not_change_the_update(algo, tmp_path):
+    results = []
+    for mb in (1, 4):
+        trainer = build_trainer(
+            PRESET[algo],
+            _overrides(
+                tmp_path / f"mb{mb}",
+                "max_steps=1",
+                f"optim.train_batch_size={mb}",
+                "data.eval_size=0",
+                "optim.max_grad_norm=0",
+            ),
+        )
+        trainer.train()
+        results.append([p.detach().clone() for p in trainer.params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_rewards_skip_updates_and_stop_cleanly(tmp_path):
+    calls = {"n": 0}
+
+    def flaky(images, prompts, **metadata):
+        calls["n"] += 1
+        out = images.mean(dim=(1, 2, 3)).detach()
+        return out * float("nan") if calls["n"] in (1,) or calls["n"] >= 3 else out
+
+    trainer = build_trainer(
+        PRESET["flow_grpo"],
+        _overrides(tmp_path, "max_steps=10", "max_bad_steps=3", "data.eval_size=0"),
+        reward=flaky,
+    )
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    rows = _metrics(tmp_path)
+    skipped = [r["train/skipped"] for r in rows if "train/skipped" in r]
+    assert skipped[:2] == [1.0, 0.0]  # the first step is skipped, the second trains
+    assert trainer.step == 5  # steps 3, 4 and 5 are bad in a row: the run stops after the third
+    assert (tmp_path / "checkpoint-000005").is_dir()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+
+
+def test_python_api_with_a_plain_function_reward(tmp_path):
+    cfg = TrainConfig(algorithm="refl", output_dir=str(tmp_path), max_steps=1, report_to="none")
+    cfg.model.path = "tiny:sd3"
+    cfg.data.train = PROMPTS
+    cfg.data.eval_size = 0
+    cfg.reward = {"placeholder": 1.0}
+    cfg.sample.height = cfg.sample.width = 32
+    cfg.sample.num_steps = 4
+    cfg.refl.prompts_per_step = 2
+
+    def darkness(images, prompts, **metadata):
+        return 1 - images.mean(dim=(1, 2, 3))
+
+    from diffrl.rewards import as_reward
+
+    trainer = build_trainer(cfg, reward=as_reward(darkness, differentiable=True))
+    assert trainer.reward.name == "darkness"
+    metrics = trainer.train()
+    assert "reward/darkness/mean" in metrics
