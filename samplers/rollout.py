@@ -92,7 +92,7 @@ def rollout(
     sde_window="all",
     grad_window=None,
     gradient_checkpointing: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> RolloutOutput:
     """Sample from ``latents`` (the initial noise at level ``sigmas[0]``) through the ``T + 1`` levels ``sigmas``.
 
@@ -109,7 +109,8 @@ def rollout(
             e.g. ``(-1, None)`` for the last step); the other steps run under ``torch.no_grad()``.
         gradient_checkpointing: recompute each grad-window step's model call in the backward pass instead of
             storing its activations.
-        generator: random generator for the SDE/CPS noise (drawn step by step, in order).
+        generator: random generator for the SDE/CPS noise (drawn step by step, in order), or a list of one
+            generator per sample (each sample's noise then does not depend on the batch it is sampled in).
 
     Returns:
         :class:`RolloutOutput` with the detached trajectory, the levels, per-step log-probs and the final latents.

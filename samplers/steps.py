@@ -69,6 +69,16 @@ def _noise_like(x: torch.Tensor, noise, generator) -> torch.Tensor:
                 f"noise has shape {tuple(noise.shape)} but the sample has {tuple(x.shape)}; give noise of the sample's shape."
             )
         return noise.to(device=x.device, dtype=torch.float32)
+    if isinstance(generator, (list, tuple)):
+        # one generator per sample: a sample's noise then never depends on the batch it is drawn in
+        if len(generator) != x.shape[0]:
+            raise ValueError(
+                f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample."
+            )
+        rows = [
+            torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator
+        ]
+        return torch.stack(rows).to(x.device)
     gen_device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)
 
@@ -133,7 +143,7 @@ def sde_step(
         noise_level: the noise scale ``a`` (reference default 0.7); a float or ``(B,)`` tensor.
         noise: standard normal noise ``z`` to use (drawn with ``generator`` otherwise).
         prev_sample: a stored next sample whose log-prob to compute; no noise is drawn then.
-        generator: random generator for ``z``.
+        generator: random generator for ``z``, or a list of one generator per sample.
 
     Returns:
         :class:`StepOutput`; ``log_prob`` is the per-sample mean over non-batch dims (see the module docstring).

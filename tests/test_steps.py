@@ -184,3 +184,13 @@ def test_sde_keeps_ode_marginals(gaussian_flow):
         s, s_next = sig[k].item(), sig[k + 1].item()
         x = _naive_sde(x, gaussian_flow.velocity(x, torch.tensor([s])), s, s_next, 0.7, g)
     assert abs(x.var().item() - var) > 10 * tol_var
+
+
+def test_per_sample_generators_make_noise_independent_of_the_batch():
+    x, v = _xv()
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    whole = sde_step(x, v, 0.8, 0.6, 0.7, generator=gens)
+    alone = sde_step(x[1:2], v[1:2], 0.8, 0.6, 0.7, generator=[torch.Generator().manual_seed(1)])
+    assert torch.equal(whole.sample[1:2], alone.sample)
+    with pytest.raises(ValueError, match="one per sample"):
+        sde_step(x, v, 0.8, 0.6, 0.7, generator=gens[:2])

@@ -215,9 +215,14 @@ class FlowModel:
                 )
 
     def sample_noise(
-        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """Initial noise ``(B, C, h, w)`` in float32, drawn as diffusers' pipelines draw it."""
+        """Initial noise ``(B, C, h, w)`` in float32, drawn as diffusers' pipelines draw it (``generator`` may be a
+        list of one generator per sample)."""
         shape = (batch, *self.latent_shape(height, width))
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 

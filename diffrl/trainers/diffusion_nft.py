@@ -90,16 +90,13 @@ class DiffusionNFTTrainer(Trainer):
 
         # 1. rollouts of the old policy (ODE, no grad), keep x0
         n = len(prompts)
-        x0s = []
-        noise_gen = self.generator(1)
-        with torch.no_grad(), model.use_adapter(OLD), self.autocast():
-            for i in range(0, n, s.batch_size):
-                idx = list(range(i, min(n, i + s.batch_size)))
-                noise = model.sample_noise(len(idx), s.height, s.width, noise_gen)
-                x0s.append(rollout(model, cond_all.select(idx), sigmas, noise, guidance_scale=guidance).final)
-        x0 = torch.cat(x0s)
-        images = self.decode_chunks(x0, s.batch_size)
-        scored = self.score(images, prompts, metadata)
+
+        def sample_chunk(rows):
+            with torch.no_grad(), model.use_adapter(OLD), self.autocast():
+                noise = model.sample_noise(len(rows), s.height, s.width, self.row_generators(1, rows))
+                return rollout(model, cond_all.select(rows), sigmas, noise, guidance_scale=guidance).final
+
+        x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         rewards = scored.total.float().to(self.device)
         all_rewards = self.gather(rewards)
         all_groups = self.gather(group_ids.to(self.device))

@@ -262,6 +262,10 @@ class Trainer:
         """A generator for this step and process: ``(seed, step, rank, *keys)``."""
         return seeded_generator(self.cfg.seed, self.step, self.rank, *keys)
 
+    def row_generators(self, purpose: int, rows) -> list[torch.Generator]:
+        """One generator per sample row (for this step and process), so chunking never changes a sample's noise."""
+        return [self.generator(purpose, int(r)) for r in rows]
+
     def step_batch(self, prompts_per_step: int) -> StepBatch:
         """The step's prompts (the same global draw on every process), this process's share."""
         rng = np.random.default_rng([self.cfg.seed, self.step, 7919])
@@ -289,6 +293,41 @@ class Trainer:
         """Reward of decoded images, with components; non-finite rewards are reported, not hidden."""
         reward = reward or self.reward
         return reward.evaluate(images, prompts, **metadata)
+
+    def sample_and_score(self, n: int, sample_chunk, prompts: list[str], metadata: dict[str, list]):
+        """Sample ``n`` images chunk by chunk (``sample_chunk(rows) -> final latents``) and score them.
+
+        When the reward is per-sample (the contract; not a batch-normalised combination), each chunk is decoded
+        and scored in a background thread while the next chunk is sampled. Returns ``(final latents, RewardOutput)``.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from diffrl.rewards import RewardOutput
+
+        bs = self.cfg.sample.batch_size
+        chunks = [list(range(i, min(n, i + bs))) for i in range(0, n, bs)]
+
+        def decode_and_score(latents, rows):
+            with torch.no_grad():
+                images = self.model.decode(latents)
+                meta = {k: [v[r] for r in rows] for k, v in metadata.items()}
+                return self.reward.evaluate(images, [prompts[r] for r in rows], **meta)
+
+        finals, results = [], []
+        overlap = getattr(self.reward, "per_sample", True) and len(chunks) > 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for rows in chunks:
+                final = sample_chunk(rows)
+                finals.append(final)
+                if overlap:
+                    results.append(pool.submit(decode_and_score, final, rows))
+            results = [r.result() for r in results]
+        latents = torch.cat(finals)
+        if not overlap:
+            return latents, decode_and_score(latents, list(range(n)))
+        total = torch.cat([r.total for r in results])
+        components = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
+        return latents, RewardOutput(total=total, components=components)
 
     def decode_chunks(self, latents: torch.Tensor, chunk: int) -> torch.Tensor:
         with torch.no_grad():

@@ -78,31 +78,30 @@ class FlowGRPOTrainer(Trainer):
 
         # 1. rollouts with log-probs (no grad), decode, score
         cond_all = model.encode(batch.prompts).repeat_interleave(G)
-        trajs, logps, finals = [], [], []
-        noise_gen, sde_gen = self.generator(1), self.generator(2)
+        trajs, logps = [], []
         n = len(prompts)
-        with torch.no_grad(), self.autocast():
-            for i in range(0, n, s.batch_size):
-                idx = list(range(i, min(n, i + s.batch_size)))
-                noise = model.sample_noise(len(idx), s.height, s.width, noise_gen)
+
+        def sample_chunk(rows):
+            with torch.no_grad(), self.autocast():
+                noise = model.sample_noise(len(rows), s.height, s.width, self.row_generators(1, rows))
                 out = rollout(
                     model,
-                    cond_all.select(idx),
+                    cond_all.select(rows),
                     sigmas,
                     noise,
                     guidance_scale=s.guidance_scale,
                     sampler=g.sampler,
                     noise_level=g.noise_level,
                     sde_window=window,
-                    generator=sde_gen,
+                    generator=self.row_generators(2, rows),
                 )
-                trajs.append(out.latents)
-                logps.append(out.log_probs)
-                finals.append(out.final)
+            trajs.append(out.latents)
+            logps.append(out.log_probs)
+            return out.final
+
+        _, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         latents = torch.cat(trajs)  # (n, T+1, C, h, w)
         old_logp = torch.cat(logps)  # (n, T)
-        images = self.decode_chunks(torch.cat(finals), s.batch_size)
-        scored = self.score(images, prompts, metadata)
         rewards = scored.total.float().to(self.device)
 
         # 2. advantages over the whole gathered batch

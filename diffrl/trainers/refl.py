@@ -60,7 +60,6 @@ class ReFLTrainer(Trainer):
         # levels s_0 .. s_j, then a last jump to 0: the grad window is the last K steps of this schedule
         levels = torch.cat([sigmas[: j + 1], sigmas.new_zeros(1)])
         cond_all = model.encode(batch.prompts)
-        noise_gen = self.generator(1)
         sums = {"loss": 0.0, "kl": 0.0}
         rewards_all = []
         components: dict[str, list] = {}
@@ -68,7 +67,7 @@ class ReFLTrainer(Trainer):
         for i in range(0, n, cfg.optim.train_batch_size):
             mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
             cond = cond_all.select(mb)
-            noise = model.sample_noise(len(mb), s.height, s.width, noise_gen)
+            noise = model.sample_noise(len(mb), s.height, s.width, self.row_generators(1, mb))
             with self.autocast():
                 head = (
                     rollout(model, cond, levels[: levels.numel() - K], noise, guidance_scale=s.guidance_scale)
