@@ -101,6 +101,9 @@ class Reward:
 
     name: str = "reward"
     differentiable: bool = False
+    # Each score depends only on its own image, prompt and metadata (the contract), so images may be scored in any
+    # chunks, e.g. chunk by chunk in a background thread while sampling goes on. False for batch-normalised sums.
+    per_sample: bool = True
 
     def __init__(
         self, *, batch_size: int | None = None, device: torch.device | str | None = None, dtype=torch.float32

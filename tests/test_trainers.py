@@ -257,8 +257,10 @@ def test_micro_batch_size_does_not_change_the_update(algo, tmp_path):
         )
         trainer.train()
         results.append([p.detach().clone() for p in trainer.params])
+    # forward batches of 1 vs 4 rows differ in the last bits, which Adam can turn into a few percent of one step
+    # (lr 1e-3) for a near-zero gradient: the weights agree to 2e-5
     for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_nonfinite_rewards_skip_updates_and_stop_cleanly(tmp_path):
