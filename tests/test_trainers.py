@@ -47,8 +47,12 @@ def test_every_shipped_preset_validates_without_loading_weights():
     presets = sorted((ROOT / "configs").rglob("*.yaml"))
     presets = [p for p in presets if "accelerate" not in p.parts]
     assert presets
+    from diffrl.rewards.registry import reward_class
+
     for path in presets:
-        load_config(path, [f"data.train={PROMPTS}"] if "tiny" in path.parts else [])
+        cfg = load_config(path, [f"data.train={PROMPTS}"] if "tiny" in path.parts else [])
+        for name in [*cfg.reward, *cfg.eval_reward, *cfg.reward_kwargs]:
+            reward_class(name)  # every named reward exists (nothing is loaded)
 
 
 def test_every_config_field_is_documented():
