@@ -4,6 +4,10 @@
 hub file that rewards (and the model of a config) need, for clusters whose compute nodes are offline: run it on a
 login node with network, then train with ``HF_HUB_OFFLINE=1``. ``key=value`` words after a reward name are its
 options (``diffrl download hpsv2 version=v2``). ``--dry-run`` lists the exact files without fetching them.
+
+``diffrl sample MODEL [--lora DIR] --prompts FILE_OR_TEXT... --out DIR`` generates images (one fixed seed per prompt
+and image) and ``diffrl eval MODEL [--lora DIR] --prompts FILE --reward NAME[=WEIGHT]...`` scores them with rewards;
+see :mod:`diffrl.generate`.
 """
 
 from __future__ import annotations
@@ -157,11 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         "targets", nargs="+", help="reward names (with key=value options after them) or YAML configs"
     )
     dl.add_argument("--dry-run", action="store_true", help="list the files without fetching them")
+    from diffrl.generate import add_parsers
+
+    add_parsers(sub)  # sample, eval
     args = parser.parse_args(argv)
     if args.command == "train":
         from diffrl.train import main as train_main
 
         return train_main(args.rest)
+    if args.command in ("sample", "eval"):
+        from diffrl.generate import run_command
+
+        return run_command(args)
     try:
         if args.command == "download":
             return _download(args)
