@@ -58,12 +58,17 @@ def _rewards_from_value(value: Any) -> list[tuple[str, dict]]:
 
 def _scan_config(node: Any, rewards: list, models: list) -> None:
     if isinstance(node, dict):
+        options = node.get("reward_kwargs") if isinstance(node.get("reward_kwargs"), dict) else {}
         for key, value in node.items():
             if key in _REWARD_KEYS:
-                rewards.extend(_rewards_from_value(value))
+                rewards.extend(
+                    (name, kw or dict(options.get(name) or {})) for name, kw in _rewards_from_value(value)
+                )
             elif key in _MODEL_KEYS and isinstance(value, str):
                 models.append(value)
-            else:
+            elif key in _MODEL_KEYS and isinstance(value, dict) and isinstance(value.get("path"), str):
+                models.append(value["path"])  # a diffrl train config: model: {path: ...}
+            elif key != "reward_kwargs":
                 _scan_config(value, rewards, models)
     elif isinstance(node, list):
         for item in node:

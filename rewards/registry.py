@@ -18,6 +18,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "aesthetic": "diffrl.rewards.aesthetic:AestheticScore",
     "imagereward": "diffrl.rewards.imagereward:ImageReward",
     "vlm_yes_prob": "diffrl.rewards.vlm:VLMYesProb",
+    "shapes_verifier": "diffrl.rewards.shapes:ShapesVerifier",
     "brightness": "diffrl.rewards.simple:Brightness",
     "saturation": "diffrl.rewards.simple:Saturation",
     "jpeg_compressibility": "diffrl.rewards.jpeg:JpegCompressibility",

@@ -49,3 +49,17 @@ def test_download_offline_fails_clearly(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     assert main(["download", "test_cli:NeedsFiles"]) == 1
     assert "could not fetch org/repo/weights-a.pt" in capsys.readouterr().err
+
+
+def test_download_reads_a_training_preset(capsys):
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "sd35m_diffusion_nft_multireward.yaml"
+    rewards, models = collect_targets([str(preset)])
+    assert models == ["stabilityai/stable-diffusion-3.5-medium"]
+    assert ("hpsv2", {"version": "v2.1"}) in rewards and ("pickscore", {}) in rewards
+    assert main(["download", str(preset), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "xswu/HPSv2 HPS_v2.1_compressed.pt" in out and "model stabilityai/stable-diffusion-3.5-medium" in out
+    )

@@ -1,0 +1,292 @@
+"""``shapes_verifier``: a programmatic verifier of the toy world (:mod:`diffrl.toy`), score-only and weight-free.
+
+It finds the objects in an image and checks them against the prompt's structured description, which it reads
+from ``metadata["scene"]`` (one dict, or its JSON string, per image). Perception, batched in torch (any device):
+
+1. *Colour segmentation*. Every pixel is projected on the chroma plane (``a = r - (g + b) / 2``,
+   ``b = sqrt(3) / 2 (g - b)``), where blending a colour with the grey background only shortens the vector, so the
+   hue angle survives anti-aliasing and blur. A pixel takes the palette colour of nearest hue; it is background /
+   "other" when its hue is more than ``max_hue_dev`` degrees from every palette colour, its chroma is below
+   ``min_chroma``, or its estimated coverage (chroma along the colour / the colour's own chroma) is below
+   ``min_coverage`` (so the mask edge sits near the 50 % blend of the true edge).
+2. *Connected components* of same-colour pixels (4-connectivity; label propagation with pointer jumping, in
+   torch); components smaller than ``min_area`` pixels (at 64x64, scaled with the image area) are noise.
+3. *Shape* from coverage-weighted moments of each component (not from its bounding box, which a stray pixel or
+   a rounded corner moves): the vertical skewness ``mu03 / mu02^1.5`` (an apex-up
+   triangle ~ -0.57, circle and square 0) and the fourth-moment anisotropy ``(E[u^4 + v^4] - E[x^4 + y^4]) /
+   (mu20 + mu02)^2`` with ``u, v`` the diagonals (square ~0.3, circle 0). A Gaussian blur leaves the third and the
+   anisotropic part of the fourth cumulants unchanged, which is why these survive blur where the bounding box's
+   fill ratio does not. Too elongated (ratio of the principal axes above ``max_elongation``) or too ragged
+   (``(mu20 + mu02) / area`` above 0.26; circle 0.16, square 0.17, triangle 0.19) components, and skews or
+   anisotropies of the wrong sign, are ``"other"``. The position is the centre of the ideal shape's bounding box
+   (the centroid, moved up by a sixth of the size for a triangle), as the generator defines it.
+
+Scoring (:func:`diffrl.toy.scenes.score_objects`): partial credit is the mean of the requirements met (each
+required object present with the right shape and colour, half credit for a left-over object with one of them; the
+exact count for counting prompts; the relation), strict correctness (GenEval-style) is all of them met. ``score``
+returns the partial credit, or the 0/1 strict correctness with ``strict=True``; :func:`verify` returns both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from diffrl.toy.scenes import BASE_SIZE, PALETTE, RELATION_MARGIN, normalize_description, score_objects
+
+from .base import Reward
+
+__all__ = ["ShapesVerifier", "verify", "detect_objects"]
+
+_COLORS = list(PALETTE)
+_SHAPE_NAMES = ("square", "circle", "triangle")
+# Shape rules on blur-robust moment features (ideal values: circle skew 0, aniso 0; square skew 0, aniso 0.3;
+# triangle skew -0.57; Gaussian blur leaves the third and the anisotropic fourth cumulants unchanged).
+_SKEW_TRIANGLE = 0.22  # |vertical skewness| above this: a triangle (apex up) when negative, else "other"
+_ANISO_SQUARE = 0.13  # 4th-moment anisotropy (axes vs diagonals) above this: a square
+_MAX_COMPACTNESS = 0.26  # (mu20 + mu02) / area; circle 0.159, square 0.167, triangle 0.194; larger is ragged
+
+
+def _chroma_plane(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r, g, b = rgb.unbind(-3)
+    return r - (g + b) / 2, (math.sqrt(3) / 2) * (g - b)
+
+
+def _label_components(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """Connected components of a graph of ``n`` nodes and edges ``src -> dst`` (both directions): each node's label
+    is the largest node index of its component (label propagation along edges, with pointer jumping)."""
+    lab = torch.arange(n, device=src.device)
+    for _ in range(n + 1):
+        new = lab.clone()
+        new.scatter_reduce_(0, src, lab[dst], reduce="amax")
+        new.scatter_reduce_(0, dst, lab[src], reduce="amax")
+        new = new[new]  # pointer jumping: a label is a node of the same component whose label is >= it
+        new = new[new]
+        if torch.equal(new, lab):
+            break
+        lab = new
+    return lab
+
+
+def detect_objects(
+    images: torch.Tensor,
+    *,
+    min_area: float = 20.0,
+    min_chroma: float = 0.12,
+    min_coverage: float = 0.4,
+    max_hue_dev: float = 30.0,
+    max_elongation: float = 1.6,
+) -> list[list[dict[str, Any]]]:
+    """The objects of each image (B, 3, H, W) in [0, 1]: per image a list of dicts with ``shape`` (or ``"other"``),
+    ``color``, ``cx``, ``cy`` (centre of the shape's box, pixels), ``size`` (side of that box, from the area),
+    ``area`` (pixels), ``centroid`` and ``features`` (the moment features). ``min_area`` is in pixels at 64x64
+    and scales with the image area."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"detect_objects needs images (B, 3, H, W), got {tuple(images.shape)}.")
+    x = images.detach().float().clamp(0, 1)
+    B, _, H, W = x.shape
+    HW = H * W
+    dev = x.device
+    out: list[list[dict[str, Any]]] = [[] for _ in range(B)]
+    pal = torch.tensor([PALETTE[c] for c in _COLORS], dtype=torch.float32, device=dev)  # (K, 3)
+    pa, pb = _chroma_plane(pal.view(len(_COLORS), 3, 1, 1))
+    pa, pb = pa.view(-1), pb.view(-1)
+    pnorm = torch.sqrt(pa**2 + pb**2)
+    ua, ub = pa / pnorm, pb / pnorm  # palette hue directions
+
+    # 1. colour of every chromatic pixel (sparse: only pixels with some chroma are looked at)
+    a, b = _chroma_plane(x)  # (B, H, W)
+    chroma = torch.sqrt(a**2 + b**2).view(-1)
+    g = (chroma >= min_chroma).nonzero(as_tuple=True)[0]  # flat pixel indices over the batch
+    a, b, chroma = a.view(-1)[g], b.view(-1)[g], chroma[g]
+    proj = a[:, None] * ua + b[:, None] * ub  # (N, K): chroma * cos(hue difference)
+    best, k = proj.max(dim=1)
+    ok = (best >= math.cos(math.radians(max_hue_dev)) * chroma) & (best >= min_coverage * pnorm[k])
+    g, k = g[ok], k[ok]
+    n = g.numel()
+    if n == 0:
+        return out
+
+    # 2. connected components of same-colour pixels (4-connectivity)
+    node = torch.full((B * HW,), -1, dtype=torch.long, device=dev)
+    node[g] = torch.arange(n, device=dev)
+    cls = torch.full((B * HW,), -1, dtype=torch.long, device=dev)
+    cls[g] = k
+    xs = g % W
+    ys = torch.div(g % HW, W, rounding_mode="floor")
+    right = g[xs < W - 1] + 1
+    right_src = node[right - 1][cls[right] == cls[right - 1]]
+    right_dst = node[right][cls[right] == cls[right - 1]]
+    down = g[ys < H - 1] + W
+    down_src = node[down - W][cls[down] == cls[down - W]]
+    down_dst = node[down][cls[down] == cls[down - W]]
+    labels = _label_components(torch.cat([right_src, down_src]), torch.cat([right_dst, down_dst]), n)
+    is_rep = labels == torch.arange(n, device=dev)  # a component's label is one of its own nodes
+    uniq = is_rep.nonzero(as_tuple=True)[0]
+    inv = (torch.cumsum(is_rep, 0) - 1)[labels]
+    m = uniq.numel()
+    area = torch.bincount(inv, minlength=m)
+
+    # 3. geometry: coverage-weighted moments of each component (see the module docstring)
+    wt = (best[ok] / pnorm[k]).clamp(0, 1)  # estimated coverage of each pixel
+    xf, yf = xs.float() + 0.5, ys.float() + 0.5
+    first = torch.zeros(m, 3, device=dev).index_add_(0, inv, torch.stack([wt, wt * xf, wt * yf], dim=1))
+    mass = first[:, 0]
+    cx, cy = first[:, 1] / mass, first[:, 2] / mass
+    dx, dy = xf - cx[inv], yf - cy[inv]
+    du, dv = (dx + dy) / math.sqrt(2), (dx - dy) / math.sqrt(2)
+    cols = [dx * dx, dy * dy, dx * dy, dy**3, dx**4 + dy**4, du**4 + dv**4]
+    mom = torch.zeros(m, len(cols), device=dev).index_add_(0, inv, torch.stack(cols, dim=1) * wt[:, None])
+    mom = mom / mass[:, None]
+    mu20, mu02, mu11, mu03, axis4, diag4 = mom.unbind(1)
+    m2 = (mu20 + mu02).clamp(min=1e-6)
+    root = torch.sqrt((mu20 - mu02) ** 2 + 4 * mu11**2)
+    elongation = torch.sqrt((m2 + root) / (m2 - root).clamp(min=1e-6))
+    af = area.float()
+    compactness = m2 / af  # pixel area, not mass: a washed-out colour has less mass, the same shape
+    skew = mu03 / mu02.clamp(min=1e-6) ** 1.5
+    aniso = (diag4 - axis4) / m2**2
+    is_tri = skew <= -_SKEW_TRIANGLE
+    is_square = ~is_tri & (aniso >= _ANISO_SQUARE)
+    is_circle = ~is_tri & (aniso.abs() < _ANISO_SQUARE) & (skew.abs() < _SKEW_TRIANGLE)
+    plausible = (elongation <= max_elongation) & (compactness <= _MAX_COMPACTNESS)
+    shape_idx = torch.where(is_tri, 2, torch.where(is_square, 0, torch.where(is_circle, 1, -1)))
+    shape_idx = torch.where(plausible, shape_idx, torch.full_like(shape_idx, -1))
+    # size of the square box of the ideal shape with this mass; a triangle's box centre is above its centroid
+    size = torch.stack([af.sqrt(), 2 * (af / math.pi).sqrt(), (2 * af).sqrt()], dim=1)
+    size = size.gather(1, shape_idx.clamp(min=0)[:, None])[:, 0]
+    cy_box = torch.where(shape_idx == 2, cy - size / 6, cy)
+    rep = g[uniq]  # the representative pixel of each component
+    comp_b = torch.div(rep, HW, rounding_mode="floor")
+    keep = af >= min_area * HW / (BASE_SIZE * BASE_SIZE)
+
+    rows = torch.stack(
+        [comp_b.float(), cls[rep].float(), shape_idx.float(), af, cx, cy_box, size, cx, cy]
+        + [elongation, compactness, skew, aniso],
+        dim=1,
+    )[keep]
+    for row in rows.tolist():
+        bidx, c, s, ar, bcx, bcy, sz, mcx, mcy, elong, comp, sk, an = row
+        out[int(bidx)].append(
+            {
+                "shape": _SHAPE_NAMES[int(s)] if s >= 0 else "other",
+                "color": _COLORS[int(c)],
+                "cx": bcx,
+                "cy": bcy,
+                "size": sz,
+                "area": int(ar),
+                "centroid": (mcx, mcy),
+                "features": {"elongation": elong, "compactness": comp, "skew": sk, "aniso": an},
+            }
+        )
+    return out
+
+
+def _scenes_from(metadata: dict[str, Any], batch: int, name: str) -> list[dict]:
+    if "scene" not in metadata or metadata["scene"] is None:
+        raise ValueError(
+            f"reward {name!r} needs metadata field 'scene' (one structured description per image, e.g. from a "
+            "toy-world prompt file written by diffrl.toy.write_prompt_sets); the prompts came without it."
+        )
+    return _as_scene_list(metadata["scene"], batch, name)
+
+
+def _as_scene_list(scenes: Any, batch: int, name: str) -> list[dict]:
+    if isinstance(scenes, (dict, str, bytes)):
+        scenes = [scenes] * batch  # one description for every image
+    scenes = list(scenes)
+    if len(scenes) != batch:
+        raise ValueError(f"reward {name!r} got {len(scenes)} scene descriptions for {batch} images.")
+    out = []
+    for i, s in enumerate(scenes):
+        try:
+            out.append(normalize_description(json.loads(s) if isinstance(s, (str, bytes)) else s))
+        except ValueError as err:
+            raise ValueError(f"reward {name!r}, image {i}: {err}") from None
+    return out
+
+
+class ShapesVerifier(Reward):
+    """The toy world's verifier (see the module docstring). Options: ``strict`` (score = 0/1 strict correctness
+    instead of partial credit), ``exact_scene`` (also require no objects beyond the described ones), and the
+    perception thresholds of :func:`detect_objects`."""
+
+    name = "shapes_verifier"
+    differentiable = False
+
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        exact_scene: bool = False,
+        min_area: float = 20.0,
+        min_chroma: float = 0.12,
+        min_coverage: float = 0.4,
+        max_hue_dev: float = 30.0,
+        max_elongation: float = 1.6,
+        relation_margin: float = RELATION_MARGIN,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype=torch.float32,
+    ):
+        super().__init__(batch_size=batch_size, device=device, dtype=dtype)
+        self.strict = bool(strict)
+        self.exact_scene = bool(exact_scene)
+        self.detect_kwargs = {
+            "min_area": float(min_area),
+            "min_chroma": float(min_chroma),
+            "min_coverage": float(min_coverage),
+            "max_hue_dev": float(max_hue_dev),
+            "max_elongation": float(max_elongation),
+        }
+        self.relation_margin = float(relation_margin)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "strict": self.strict,
+            "exact_scene": self.exact_scene,
+            "relation_margin": self.relation_margin,
+            **self.detect_kwargs,
+        }
+
+    def detect(self, images: torch.Tensor) -> list[list[dict[str, Any]]]:
+        """The detected objects of each image (see :func:`detect_objects`)."""
+        with torch.no_grad():
+            return detect_objects(images, **self.detect_kwargs)
+
+    def verify(
+        self, images: torch.Tensor, scenes: Sequence[dict | str] | dict | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(partial, strict)``, float32 ``(B,)`` tensors on the images' device (strict is 0. or 1.)."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError("verify needs images as a float tensor (B, 3, H, W) in [0, 1].")
+        batch = images.shape[0]
+        descs = _as_scene_list(scenes, batch, self.name)
+        scale = images.shape[-1] / BASE_SIZE
+        partial, strict = [], []
+        for objs, desc in zip(self.detect(images), descs, strict=True):
+            p, s = score_objects(objs, desc, self.exact_scene, self.relation_margin * scale)
+            partial.append(p)
+            strict.append(float(s))
+        dev = images.device
+        return (
+            torch.tensor(partial, dtype=torch.float32, device=dev),
+            torch.tensor(strict, dtype=torch.float32, device=dev),
+        )
+
+    def score(self, images: torch.Tensor, prompts: list[str], **metadata) -> torch.Tensor:
+        scenes = _scenes_from(metadata, images.shape[0], self.name)
+        partial, strict = self.verify(images, scenes)
+        return strict if self.strict else partial
+
+
+def verify(
+    images: torch.Tensor, scenes: Sequence[dict | str] | dict | str, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partial, strict)`` of images against their descriptions with a :class:`ShapesVerifier` built with
+    ``kwargs`` (e.g. to log the strict accuracy ``strict.mean()`` next to the trained partial credit)."""
+    return ShapesVerifier(**kwargs).verify(images, scenes)
