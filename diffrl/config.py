@@ -309,6 +309,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be a number.")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes (e.g. mixed_precision: no) as a boolean
+            return "yes" if value else "no"
         if not isinstance(value, str):
             raise ConfigError(f"{where}={value!r} must be a string.")
         return value

@@ -332,3 +332,10 @@ def test_sampling_chunk_size_and_background_scoring_do_not_change_the_update(alg
     # few percent of one step (lr 1e-3), so the weights agree to 2e-5 rather than to float precision
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_yaml_no_reads_as_the_string_no():
+    assert (
+        load_config(PRESET["flow_grpo"], [f"data.train={PROMPTS}", "mixed_precision=no"]).mixed_precision
+        == "no"
+    )

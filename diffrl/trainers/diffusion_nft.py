@@ -93,7 +93,9 @@ class DiffusionNFTTrainer(Trainer):
 
         def sample_chunk(rows):
             with torch.no_grad(), model.use_adapter(OLD), self.autocast():
-                noise = model.sample_noise(len(rows), s.height, s.width, self.row_generators(1, rows))
+                noise = model.sample_noise(
+                    len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
+                )
                 return rollout(model, cond_all.select(rows), sigmas, noise, guidance_scale=guidance).final
 
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
@@ -116,8 +118,15 @@ class DiffusionNFTTrainer(Trainer):
         levels = sigmas[:-1]
         k = c.num_train_levels or max(1, levels.numel() - 1)
         pick = np.random.default_rng([cfg.seed, self.step, 15485863]).permutation(levels.numel())[:k]
-        # the noise of every (level, sample) drawn up front, so micro-batching never changes which noise a sample gets
-        eps_all = torch.randn((len(pick), *x0.shape), generator=self.generator(4)).to(self.device)
+        # the noise of every (level, sample) drawn up front and per global row, so neither micro-batching nor the
+        # number of processes changes which noise a sample gets
+        eps_all = torch.stack(
+            [
+                torch.randn((len(pick), *x0.shape[1:]), generator=g)
+                for g in self.row_generators(4, range(n), self.rank * n)
+            ],
+            dim=1,
+        ).to(self.device)
         sums = {"policy_loss": 0.0, "kl": 0.0, "old_deviate": 0.0}
         bad = False
         per_process = n

@@ -9,7 +9,9 @@ processes. Gradients of the trained weights are averaged over processes before e
 LoRA or full weights). FSDP and DeepSpeed are not supported yet and are refused with a clear error.
 
 Determinism: every random draw (prompts, noise, windows, levels) comes from a generator seeded by ``(seed, step,
-process)``, so a resumed run replays exactly what an uninterrupted one does.
+...)``, so a resumed run replays exactly what an uninterrupted one does. A sample's noise is keyed by its global row
+in the step (not by the process holding it), so N processes draw the same images as one process with the same
+global batch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..utils import resolve_dtype
 __all__ = ["Trainer", "StepBatch", "seeded_generator"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
+_ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
 
 
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -262,9 +265,11 @@ class Trainer:
         """A generator for this step and process: ``(seed, step, rank, *keys)``."""
         return seeded_generator(self.cfg.seed, self.step, self.rank, *keys)
 
-    def row_generators(self, purpose: int, rows) -> list[torch.Generator]:
-        """One generator per sample row (for this step and process), so chunking never changes a sample's noise."""
-        return [self.generator(purpose, int(r)) for r in rows]
+    def row_generators(self, purpose: int, rows, offset: int) -> list[torch.Generator]:
+        """One generator per sample row, keyed by ``(seed, step, purpose, offset + row)`` and not by the process:
+        ``offset`` is this process's first global row of the step, so neither chunking nor the number of processes
+        changes a sample's noise."""
+        return [seeded_generator(self.cfg.seed, self.step, _ROW_KEY, purpose, offset + int(r)) for r in rows]
 
     def step_batch(self, prompts_per_step: int) -> StepBatch:
         """The step's prompts (the same global draw on every process), this process's share."""
@@ -458,7 +463,7 @@ class Trainer:
         n = len(prompts)
         mine = list(range(self.rank, n, self.world))
         if not mine:
-            return {}
+            return self._eval_means({})  # still takes part in the reduction the other processes wait for
         local = prompts.take(mine)
         guidance = s.eval_guidance_scale
         images = []
@@ -485,12 +490,11 @@ class Trainer:
                 images.append(self.model.decode(out.final))
         images = torch.cat(images)
         result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
-        metrics = {}
         comps = dict(result.components)
         comps.setdefault(self.eval_reward.name, result.total)
-        for name, values in comps.items():
-            all_values = self.gather(values.float().to(self.device))
-            metrics[f"eval/reward/{name}/mean"] = float(all_values.mean())
+        metrics = self._eval_means(
+            {name: (float(v.detach().float().sum()), int(v.numel())) for name, v in comps.items()}
+        )
         if self.accelerator.is_main_process:
             from torchvision.utils import save_image
 
@@ -498,6 +502,22 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(images.float().cpu(), str(path), nrow=max(1, int(math.sqrt(len(images)))))
         return metrics
+
+    def _eval_means(self, local: dict[str, tuple[float, int]]) -> dict[str, float]:
+        """Means over all processes of per-process ``{name: (sum, count)}``; the eval prompts rarely split evenly
+        over processes (a tensor all-gather needs equal sizes), so the sums and counts are gathered as objects."""
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([local])
+        else:
+            parts = [local]
+        names = list(dict.fromkeys(name for part in parts for name in part))
+        return {
+            f"eval/reward/{name}/mean": sum(p[name][0] for p in parts if name in p)
+            / sum(p[name][1] for p in parts if name in p)
+            for name in names
+        }
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict[str, torch.Tensor]:

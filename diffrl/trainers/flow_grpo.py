@@ -83,7 +83,9 @@ class FlowGRPOTrainer(Trainer):
 
         def sample_chunk(rows):
             with torch.no_grad(), self.autocast():
-                noise = model.sample_noise(len(rows), s.height, s.width, self.row_generators(1, rows))
+                noise = model.sample_noise(
+                    len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
+                )
                 out = rollout(
                     model,
                     cond_all.select(rows),
@@ -93,7 +95,7 @@ class FlowGRPOTrainer(Trainer):
                     sampler=g.sampler,
                     noise_level=g.noise_level,
                     sde_window=window,
-                    generator=self.row_generators(2, rows),
+                    generator=self.row_generators(2, rows, self.rank * n),
                 )
             trajs.append(out.latents)
             logps.append(out.log_probs)
@@ -190,9 +192,14 @@ class FlowGRPOTrainer(Trainer):
                 self.optimizer.zero_grad(set_to_none=True)
                 return {**metrics, "train/skipped": 1.0}
             metrics.update(self.finish_update())
-        c = max(1, stats["count"])
-        for key in ("loss", "kl", "clipfrac", "ratio_mean", "approx_kl"):
-            metrics[f"train/{key}"] = self.mean_over_processes(stats[key] / c)
+        # sums and counts over processes (with dynamic_sampling a process may keep fewer samples, or none)
+        keys = ("loss", "kl", "clipfrac", "ratio_mean", "approx_kl")
+        totals = torch.tensor([stats[k] for k in keys] + [stats["count"]], dtype=torch.float64)
+        if self.world > 1:
+            totals = self.accelerator.reduce(totals.to(self.device), reduction="sum").cpu()
+        c = max(1.0, float(totals[-1]))
+        for key, value in zip(keys, totals[:-1].tolist(), strict=True):
+            metrics[f"train/{key}"] = value / c
         metrics["train/skipped"] = 0.0
         metrics["train/trained_steps"] = float(len(train_steps))
         return metrics

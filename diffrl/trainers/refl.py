@@ -67,7 +67,7 @@ class ReFLTrainer(Trainer):
         for i in range(0, n, cfg.optim.train_batch_size):
             mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
             cond = cond_all.select(mb)
-            noise = model.sample_noise(len(mb), s.height, s.width, self.row_generators(1, mb))
+            noise = model.sample_noise(len(mb), s.height, s.width, self.row_generators(1, mb, self.rank * n))
             with self.autocast():
                 head = (
                     rollout(model, cond, levels[: levels.numel() - K], noise, guidance_scale=s.guidance_scale)
