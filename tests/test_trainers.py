@@ -150,26 +150,20 @@ def test_cli_exits_nonzero_with_one_line_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 @pytest.mark.parametrize("algo", ALGOS)
-def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo, tmp_path):
+def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo, family, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffrl",
-            "train",
-            str(PRESET[algo]),
-            *_overrides(out, "max_steps=2", "checkpointing_steps=0"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ},
-    )
+    extra = ["max_steps=2", "checkpointing_steps=0", f"model.path=tiny:{family}"]
+    if family == "sd3":
+        extra.append("report_to=tensorboard")  # the default sink (the tiny presets say none)
+    cmd = [sys.executable, "-m", "diffrl", "train", str(PRESET[algo]), *_overrides(out, *extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    trainer = build_trainer(PRESET[algo], _overrides(tmp_path / "fresh", "max_steps=2"))
+    assert "[diffrl] resolved config:" in proc.stdout
+    trainer = build_trainer(
+        PRESET[algo], _overrides(tmp_path / "fresh", "max_steps=2", f"model.path=tiny:{family}")
+    )
     initial = {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)}
     final = _trained(out)
     assert set(final) == set(initial)
@@ -188,8 +182,11 @@ def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo
         expected |= {"train/clipfrac", "train/kl", "train/ratio_mean", "sample/zero_std_frac"}
     assert expected <= keys, expected - keys
     assert (out / "config.json").is_file() and list((out / "eval").glob("*.png"))
+    if family == "sd3":
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # the LoRA loads into a plain diffusers pipeline
-    pipe = StableDiffusion3Pipeline.from_pretrained(os.environ["DIFFRL_CACHE"] + "/tiny/sd3-v1")
+    pipe_cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    pipe = pipe_cls.from_pretrained(os.environ["DIFFRL_CACHE"] + f"/tiny/{family}-v1")
     pipe.load_lora_weights(out / "lora")
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
 

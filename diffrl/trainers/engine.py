@@ -445,6 +445,11 @@ class Trainer:
         info = self.derived_sizes()
         resolved = {"config": config_to_dict(self.cfg), "derived": info}
         (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        import yaml
+
+        print(
+            f"[diffrl] resolved config:\n{yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False).rstrip()}"
+        )
         print(f"[diffrl] {self.algorithm}: {json.dumps(info)}")
         print(f"[diffrl] resolved config saved to {self.output_dir / 'config.json'}")
 
