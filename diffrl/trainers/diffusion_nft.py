@@ -81,9 +81,7 @@ class DiffusionNFTTrainer(Trainer):
         model = self.model
         batch = self.step_batch(c.prompts_per_step)
         G = c.group_size
-        prompts = [p for p in batch.prompts for _ in range(G)]
-        metadata = {k: [v for v in vals for _ in range(G)] for k, vals in batch.metadata.items()}
-        group_ids = batch.group_ids.repeat_interleave(G)
+        prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
         guidance = self._guidance()
         cond_all = model.encode(batch.prompts).repeat_interleave(G)
@@ -104,12 +102,7 @@ class DiffusionNFTTrainer(Trainer):
         all_groups = self.gather(group_ids.to(self.device))
         adv_all = group_advantages(all_rewards, all_groups, std="global", clip=c.adv_clip)
         r = nft_optimality(adv_all.values[self.rank * n : (self.rank + 1) * n], c.adv_clip)
-        metrics = {
-            f"reward/{name}/mean": float(self.gather(v.float().to(self.device)).mean())
-            for name, v in scored.components.items()
-        }
-        metrics[f"reward/{self.reward.name}/mean"] = float(all_rewards.mean())
-        metrics[f"reward/{self.reward.name}/std"] = float(all_rewards.std(unbiased=False))
+        metrics = self.reward_metrics(scored.components, all_rewards)
         metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
         if not torch.isfinite(all_rewards).all():
             return {**metrics, "train/skipped": 1.0}

@@ -281,6 +281,27 @@ class Trainer:
         local = self.train_set.take([int(idx[i]) for i in mine])
         return StepBatch(local.prompts, local.batch_metadata(), torch.tensor(mine, dtype=torch.long))
 
+    @staticmethod
+    def expand_groups(batch: StepBatch, group_size: int) -> tuple[list[str], dict[str, list], torch.Tensor]:
+        """Each prompt of the batch ``group_size`` times in a row: ``(prompts, metadata, group ids)``."""
+        prompts = [p for p in batch.prompts for _ in range(group_size)]
+        metadata = {k: [v for v in vals for _ in range(group_size)] for k, vals in batch.metadata.items()}
+        return prompts, metadata, batch.group_ids.repeat_interleave(group_size)
+
+    def reward_metrics(
+        self, components: dict[str, torch.Tensor], all_rewards: torch.Tensor
+    ) -> dict[str, float]:
+        """``reward/<name>/mean`` of every component (over all processes) and the total's mean and std."""
+        metrics = {
+            f"reward/{name}/mean": float(self.gather(v.float().to(self.device)).mean())
+            for name, v in components.items()
+        }
+        metrics[f"reward/{self.reward.name}/mean"] = float(all_rewards.mean())
+        metrics[f"reward/{self.reward.name}/std"] = (
+            float(all_rewards.std(unbiased=False)) if all_rewards.numel() > 1 else 0.0
+        )
+        return metrics
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-process tensor over processes (in process order)."""
         return self.accelerator.gather(tensor.contiguous().to(self.device)) if self.world > 1 else tensor

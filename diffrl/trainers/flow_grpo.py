@@ -70,9 +70,7 @@ class FlowGRPOTrainer(Trainer):
         model = self.model
         batch = self.step_batch(g.prompts_per_step)
         G = g.group_size
-        prompts = [p for p in batch.prompts for _ in range(G)]
-        metadata = {k: [v for v in vals for _ in range(G)] for k, vals in batch.metadata.items()}
-        group_ids = batch.group_ids.repeat_interleave(G)
+        prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
         window = self._window(s.num_steps)
 
@@ -115,12 +113,7 @@ class FlowGRPOTrainer(Trainer):
         keep = torch.arange(n, device=self.device)
         if g.dynamic_sampling:
             keep = keep[~adv_all.zero_std[local]]
-        metrics = {
-            f"reward/{name}/mean": float(self.gather(v.float().to(self.device)).mean())
-            for name, v in scored.components.items()
-        }
-        metrics[f"reward/{self.reward.name}/mean"] = float(all_rewards.mean())
-        metrics[f"reward/{self.reward.name}/std"] = float(all_rewards.std(unbiased=False))
+        metrics = self.reward_metrics(scored.components, all_rewards)
         metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
         if not torch.isfinite(all_rewards).all():
             self.optimizer.zero_grad(set_to_none=True)

@@ -101,14 +101,7 @@ class ReFLTrainer(Trainer):
             for name, v in scored.components.items():
                 components.setdefault(name, []).append(v.detach().float())
         rewards = self.gather(torch.cat(rewards_all).to(self.device))
-        metrics = {
-            f"reward/{name}/mean": float(self.gather(torch.cat(v).to(self.device)).mean())
-            for name, v in components.items()
-        }
-        metrics[f"reward/{self.reward.name}/mean"] = float(rewards.mean())
-        metrics[f"reward/{self.reward.name}/std"] = (
-            float(rewards.std(unbiased=False)) if rewards.numel() > 1 else 0.0
-        )
+        metrics = self.reward_metrics({name: torch.cat(v) for name, v in components.items()}, rewards)
         if bad or not torch.isfinite(rewards).all():
             self.optimizer.zero_grad(set_to_none=True)
             return {**metrics, "train/skipped": 1.0}
