@@ -21,7 +21,8 @@ __all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer"]
 TINY_WORDS = (
     "a an the of and on in with to next left right above below top bottom photo image picture "
     "one two three four five six red green blue yellow orange purple pink brown black white gray "
-    "circle square triangle cube sphere cat dog car bird apple banana cup chair tree house"
+    "circle square triangle cube sphere cat dog car bird apple banana cup chair tree house "
+    "circles squares triangles cubes spheres"
 ).split()
 
 _CLIP_BOS = "<|startoftext|>"
@@ -51,6 +52,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(mapping.items()))
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the lowest merge rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces[:-1], pieces[1:], strict=True))]
+        pairs = [(r, i) for r, i in pairs if r is not None]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def _clip_vocab_and_merges(words: tuple[str, ...] | list[str]) -> tuple[dict[str, int], list[str]]:
     """Byte-level BPE vocabulary in CLIP's layout: bytes, bytes + ``</w>``, merges, special tokens."""
     chars = list(_bytes_to_unicode().values())
@@ -60,18 +73,17 @@ def _clip_vocab_and_merges(words: tuple[str, ...] | list[str]) -> tuple[dict[str
     for c in chars:
         vocab[c + _CLIP_WORD_END] = len(vocab)
     merges: list[str] = []
-    seen: set[str] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        # Left-to-right merges that rebuild the whole word: "r e", "re d</w>".  Every merge result is
-        # added to the vocabulary, so whichever merges BPE ends up applying, no unknown token appears.
-        pieces = list(word[:-1]) + [word[-1] + _CLIP_WORD_END]
+        # Run BPE with the merges so far, then append the merges that join the resulting pieces left to right
+        # ("t ri", "tri an", ...). Earlier words keep their single token (new merges rank below every merge
+        # they use), and each word ends as one token whichever merges earlier words introduced.
+        pieces = _bpe(list(word[:-1]) + [word[-1] + _CLIP_WORD_END], ranks)
         current = pieces[0]
         for piece in pieces[1:]:
-            merge = f"{current} {piece}"
+            ranks[(current, piece)] = len(merges)
+            merges.append(f"{current} {piece}")
             current = current + piece
-            if merge not in seen:
-                seen.add(merge)
-                merges.append(merge)
             if current not in vocab:
                 vocab[current] = len(vocab)
     vocab[_CLIP_BOS] = len(vocab)

@@ -19,6 +19,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "imagereward": "diffrl.rewards.imagereward:ImageReward",
     "vlm_yes_prob": "diffrl.rewards.vlm:VLMYesProb",
     "shapes_verifier": "diffrl.rewards.shapes:ShapesVerifier",
+    "shapes_accuracy": "diffrl.rewards.shapes:ShapesAccuracy",
     "brightness": "diffrl.rewards.simple:Brightness",
     "saturation": "diffrl.rewards.simple:Saturation",
     "jpeg_compressibility": "diffrl.rewards.jpeg:JpegCompressibility",

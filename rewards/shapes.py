@@ -40,7 +40,7 @@ from diffrl.toy.scenes import BASE_SIZE, PALETTE, RELATION_MARGIN, normalize_des
 
 from .base import Reward
 
-__all__ = ["ShapesVerifier", "verify", "detect_objects"]
+__all__ = ["ShapesVerifier", "ShapesAccuracy", "verify", "detect_objects"]
 
 _COLORS = list(PALETTE)
 _SHAPE_NAMES = ("square", "circle", "triangle")
@@ -290,3 +290,17 @@ def verify(
     """``(partial, strict)`` of images against their descriptions with a :class:`ShapesVerifier` built with
     ``kwargs`` (e.g. to log the strict accuracy ``strict.mean()`` next to the trained partial credit)."""
     return ShapesVerifier(**kwargs).verify(images, scenes)
+
+
+class ShapesAccuracy(ShapesVerifier):
+    """:class:`ShapesVerifier` scoring the 0/1 strict correctness (GenEval-style accuracy) under its own name, so an
+    evaluation reward ``{shapes_verifier: 1.0, shapes_accuracy: 0.0}`` logs the partial credit and the accuracy
+    side by side (a zero weight is logged, not summed)."""
+
+    name = "shapes_accuracy"
+
+    def __init__(self, *, strict: bool = True, **kwargs):
+        if not strict:
+            raise ValueError("shapes_accuracy is the strict score; use shapes_verifier for partial credit.")
+        super().__init__(strict=True, **kwargs)
+

@@ -47,21 +47,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output directory (created)")
     p.add_argument("--eval-only", type=Path, default=None, help="only evaluate this pipeline directory")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32])
-    p.add_argument("--num-layers", type=int, default=3)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--vae-steps", type=int, default=500)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vae-channels", type=int, nargs="+", default=list(d.vae_channels))
+    p.add_argument("--num-layers", type=int, default=d.num_layers)
+    p.add_argument("--heads", type=int, default=d.num_attention_heads)
+    p.add_argument("--head-dim", type=int, default=d.attention_head_dim)
+    p.add_argument("--shift", type=float, default=d.shift, help="the scheduler's shift saved with the pipeline")
+    p.add_argument("--clip-max-length", type=int, default=d.clip_max_length, help="CLIP tokenizer length")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch)
+    p.add_argument("--vae-lr", type=float, default=d.vae_lr)
+    p.add_argument("--n-train", type=int, default=d.n_train)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--cfg-dropout", type=float, default=d.cfg_dropout)
     p.add_argument("--ema", type=float, default=d.ema)
-    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--eval-steps", type=int, default=d.eval_steps)
     p.add_argument("--eval-guidance", type=float, default=d.eval_guidance)
@@ -81,6 +83,8 @@ def config_from_args(a: argparse.Namespace) -> ToyModelConfig:
         num_attention_heads=a.heads,
         attention_head_dim=a.head_dim,
         seed=a.seed,
+        shift=a.shift,
+        clip_max_length=a.clip_max_length,
         vae_steps=a.vae_steps,
         vae_batch=a.vae_batch,
         vae_lr=a.vae_lr,

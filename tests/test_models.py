@@ -1,6 +1,7 @@
 """Model adapters on tiny real SD3 / FLUX pipelines, loaded through ``load_model`` as a real checkpoint is."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,44 @@ def test_sd3_without_t5_loads(tmp_path):
     assert model.pipe.text_encoder_3 is None
     cond = model.encode(PROMPTS)
     assert cond.prompt_embeds.shape[0] == 2 and torch.isfinite(cond.prompt_embeds).all()
+
+
+def test_sd3_without_t5_collapses_the_zero_padding_exactly(tmp_path):
+    # Without T5 the pipeline feeds 77 CLIP tokens + 256 zero tokens; the adapter keeps one zero token and counts
+    # it 256 times in the attention. Same maths as the pipeline: rollout, CFG and LoRA gradients agree.
+    path = build_tiny_sd3(tmp_path / "no-t5", with_t5=False, num_layers=2)
+    model = load_model(path)
+    full = load_model(path, collapse_t5_padding=False)
+    assert model.collapse_t5_padding and not full.collapse_t5_padding
+    cond, cond_full = model.encode(PROMPTS), full.encode(PROMPTS)
+    assert cond.prompt_embeds.shape[1] == 77 + 1 and cond_full.prompt_embeds.shape[1] == 77 + 256
+    steps, cfg = 4, 4.5
+    ref = model.pipe(
+        prompt=PROMPTS, height=H, width=W, num_inference_steps=steps, guidance_scale=cfg,
+        generator=_gen(0), output_type="latent",
+    ).images  # the pipeline's full-length context goes through the wrapped original processors
+    noise = model.sample_noise(2, H, W, generator=_gen(0))
+    out = rollout(model, cond, model.schedule(steps, H, W), noise, guidance_scale=cfg)
+    torch.testing.assert_close(out.final, ref, rtol=1e-5, atol=1e-5)
+    # a wrong multiplicity (no log(256) bias) is far off: the check can fail
+    for proc in model.transformer.attn_processors.values():
+        proc.log_m = 0.0
+    wrong = rollout(model, cond, model.schedule(steps, H, W), noise, guidance_scale=cfg)
+    assert (wrong.final - ref).abs().max() > 1e-3
+    for proc in model.transformer.attn_processors.values():
+        proc.log_m = math.log(256)
+    # gradients through a LoRA agree with the uncollapsed model's
+    grads = []
+    for m, c in ((model, cond), (full, cond_full)):
+        m.add_lora(rank=4)
+        _randomise_lora(m)
+        v = m.velocity(noise, 0.6, c, guidance_scale=cfg)
+        v.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.transformer.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    # float32 sums in another order (one key counted 256 times vs 256 keys): agree to ~1e-5 of the norm
+    errs = {n: float((grads[0][n] - grads[1][n]).norm() / grads[1][n].norm()) for n in grads[0]}
+    assert max(errs.values()) < 1e-3, errs
 
 
 # ---------------------------------------------------------------- prompts

@@ -17,6 +17,7 @@ from diffrl.models.tiny import (  # noqa: E402
     FLUX_VAE_SHIFT_FACTOR,
     SD3_VAE_SCALING_FACTOR,
     SD3_VAE_SHIFT_FACTOR,
+    TINY_WORDS,
     build_tiny_flux,
     build_tiny_sd3,
     tiny_clip_tokenizer,
@@ -258,6 +259,16 @@ def test_tokenizers_are_sensible():
     # unknown words are spelled out, never mapped to <unk>
     spelled = t5("zebra quokka").input_ids
     assert t5.unk_token_id not in spelled and len(spelled) > 3
+
+
+def test_every_tiny_word_is_one_clip_token():
+    # BPE applies merges by rank, so words sharing pieces ("right", "triangle") need the merges built in BPE order
+    clip = tiny_clip_tokenizer()
+    split = {w: clip.tokenize(w) for w in TINY_WORDS if len(clip.tokenize(w)) != 1}
+    assert not split
+    assert clip.tokenize("three orange triangles to the right of a purple square") == [
+        w + "</w>" for w in "three orange triangles to the right of a purple square".split()
+    ]
 
 
 def test_text_encoder_vocab_covers_tokenizers(sd3_pipe, flux_dir):

@@ -91,15 +91,21 @@ def load_model(
 
     Args:
         path: hub id (e.g. ``"stabilityai/stable-diffusion-3.5-medium"``), local pipeline directory, or
-            ``tiny:sd3`` / ``tiny:flux`` for the tiny random test pipelines (built offline once, then loaded from disk).
+            ``tiny:sd3`` / ``tiny:flux`` for the tiny random test pipelines (built offline once, then loaded from disk),
+            or ``toy`` for the pretrained toy-world model shipped in ``diffrl/toy/assets/sd3``.
         dtype: weights' dtype (``torch.bfloat16`` or ``"bf16"`` for GPU training); sampler maths stays float32.
         device: where to put the pipeline.
         revision: hub revision.
-        adapter_kwargs: passed to the adapter (``max_sequence_length``, ``prompt_cache_size``).
+        adapter_kwargs: passed to the adapter (``max_sequence_length``, ``prompt_cache_size``; SD3:
+            ``collapse_t5_padding``, see :class:`~diffrl.models.sd3.SD3Model`).
     """
     path = str(path)
     if path.startswith("tiny:"):
         path = str(tiny_model_dir(path))
+    elif path == "toy":
+        from ..toy.assets import toy_model_dir
+
+        path = str(toy_model_dir())
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)

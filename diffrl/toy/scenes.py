@@ -590,6 +590,7 @@ def make_prompt_sets(
     seed: int = 0,
     weights: dict[str, float] | None = None,
     train_repeats: bool = True,
+    eval_repeats: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` lists of ``{"prompt": str, "scene": description}``, deterministic for ``seed``.
 
@@ -597,7 +598,9 @@ def make_prompt_sets(
     and eval prompts from the held-out split (see the module docstring), so no prompt, and no prompt with the same
     meaning, is in both. Eval prompts are distinct (a category with too few gives its quota to the others). Train
     prompts are distinct while a category has unused ones, then (``train_repeats``) repeat to keep the category
-    balance; with ``train_repeats=False`` they behave like the eval prompts.
+    balance; with ``train_repeats=False`` they behave like the eval prompts. ``eval_repeats`` does the same for
+    the eval prompts (few held-out single-object prompts exist, so a category-balanced eval set repeats them;
+    repeated prompts are sampled with different seeds, as GenEval samples several images per prompt).
     """
     weights = {k: float(v) for k, v in (weights or CATEGORY_WEIGHTS).items() if v > 0}
     for k in weights:
@@ -607,7 +610,7 @@ def make_prompt_sets(
         raise ValueError(f"n_train={n_train} and n_eval={n_eval} must be >= 0.")
     rng = np.random.default_rng(seed)
     train = _draw(n_train, "train", rng, weights, train_repeats)
-    held = _draw(n_eval, "eval", rng, weights, False)
+    held = _draw(n_eval, "eval", rng, weights, eval_repeats)
     return train, held
 
 
