@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv if needed and run the demo (extra arguments go to the demo script).
+# Set up .venv if needed and run the embedded demo: `diffrl demo` (RL fine-tuning of the toy-world model on a CPU,
+# a few minutes). Extra arguments go to `diffrl demo`, e.g. ./scripts/demo.sh max_steps=10 output_dir=runs/demo2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export HF_HUB_OFFLINE=1
-.venv/bin/python benchmarks/bench_rollout.py "$@"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec .venv/bin/python -m diffrl.demo "$@"

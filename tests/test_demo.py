@@ -1,0 +1,59 @@
+"""The embedded demo's code path (``diffrl demo``) for a couple of steps on the shipped toy model."""
+
+import json
+
+import pytest
+
+from diffrl.demo import DEFAULT_CONFIG, main, read_metrics, run_demo
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory):
+    lines = DEFAULT_CONFIG.with_name("eval.jsonl").read_text().splitlines()[:6]
+    path = tmp_path_factory.mktemp("prompts") / "eval.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval):
+    out = tmp_path / "demo"
+    lines = []
+    summary = run_demo(
+        [
+            f"output_dir={out}",
+            "max_steps=2",
+            "eval_every=0",
+            f"data.eval={small_eval}",
+            "report_to=none",
+            "diffusion_nft.prompts_per_step=2",
+            "diffusion_nft.group_size=2",
+        ],
+        n_pictures=3,
+        log=lines.append,
+    )
+    for name in ("curves.png", "before_after.png", "metrics.jsonl", "demo_summary.json", "lora"):
+        assert (out / name).exists(), name
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if "eval/reward/shapes_accuracy/mean" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert summary["base_strict_accuracy"] == evals[0]["eval/reward/shapes_accuracy/mean"]
+    assert summary["final_strict_accuracy"] == evals[-1]["eval/reward/shapes_accuracy/mean"]
+    assert 0.0 <= summary["final_strict_accuracy"] <= 1.0 and summary["eval_prompts"] == 6
+    assert json.loads((out / "demo_summary.json").read_text())["max_steps"] == 2
+    assert any("held-out strict accuracy: base" in line for line in lines)
+    assert any(r.get("reward/shapes_verifier/mean") is not None for r in records)
+
+
+def test_demo_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert main([f"output_dir={out}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "{}\n"  # nothing already written is touched
+
+
+def test_demo_names_a_missing_config(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
