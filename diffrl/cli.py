@@ -8,6 +8,9 @@ options (``diffrl download hpsv2 version=v2``). ``--dry-run`` lists the exact fi
 ``diffrl sample MODEL [--lora DIR] --prompts FILE_OR_TEXT... --out DIR`` generates images (one fixed seed per prompt
 and image) and ``diffrl eval MODEL [--lora DIR] --prompts FILE --reward NAME[=WEIGHT]...`` scores them with rewards;
 see :mod:`diffrl.generate`.
+
+``diffrl doctor [CONFIG.yaml] [key=value ...]`` checks the environment (and a config) before a long run; see
+:mod:`diffrl.doctor`. ``diffrl demo [key=value ...]`` runs the embedded toy-world demo; see :mod:`diffrl.demo`.
 """
 
 from __future__ import annotations
@@ -151,6 +154,15 @@ def _download(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["doctor"]:  # its own parser, so options may come first (argparse.REMAINDER refuses them)
+        from diffrl.doctor import main as doctor_main
+
+        return doctor_main(words[1:])
+    if words[:1] == ["demo"]:
+        from diffrl.demo import main as demo_main
+
+        return demo_main(words[1:])
     parser = argparse.ArgumentParser(
         prog="diffrl", description="RL fine-tuning of flow-matching text-to-image models."
     )
@@ -166,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         "targets", nargs="+", help="reward names (with key=value options after them) or YAML configs"
     )
     dl.add_argument("--dry-run", action="store_true", help="list the files without fetching them")
+    dr = sub.add_parser(
+        "doctor", help="check the environment (and a config) before a long run", add_help=False
+    )
+    dr.add_argument("rest", nargs=argparse.REMAINDER, help="see diffrl doctor --help")
+    de = sub.add_parser(
+        "demo", help="fine-tune the toy-world model on a CPU and draw before/after pictures", add_help=False
+    )
+    de.add_argument("rest", nargs=argparse.REMAINDER, help="see diffrl demo --help")
     from diffrl.generate import add_parsers
 
     add_parsers(sub)  # sample, eval

@@ -51,7 +51,9 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     train_keys = sorted({k for r in records for k in r if k.startswith("reward/") and k.endswith("/mean")})
-    eval_keys = sorted({k for r in records for k in r if k.startswith("eval/reward/") and k.endswith("/mean")})
+    eval_keys = sorted(
+        {k for r in records for k in r if k.startswith("eval/reward/") and k.endswith("/mean")}
+    )
     if len(eval_keys) > 1:  # the weighted sum repeats its parts
         eval_keys = [k for k in eval_keys if k != "eval/reward/combined/mean"]
     names = {"shapes_accuracy": "strict accuracy", "shapes_verifier": "partial credit (verifier)"}
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="diffrl demo",
         description="Fine-tune the toy-world model on a CPU (a few minutes) and draw before/after pictures.",
     )
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=10 output_dir=runs/x")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=10 output_dir=runs/x"
+    )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="toy preset (default: %(default)s)")
     parser.add_argument("--pictures", type=int, default=8, help="held-out prompts in before_after.png")
     args = parser.parse_args(argv)

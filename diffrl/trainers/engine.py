@@ -418,8 +418,17 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             self.load_checkpoint(cfg.resume_from_checkpoint)
         self._announce()
+        shown: dict[str, str] = {}  # progress-bar postfix: last reward and last evaluation
+
+        def show_eval(metrics: dict[str, float]) -> None:
+            key = next((k for k in metrics if "accuracy" in k), None) or next(iter(metrics), None)
+            if key:
+                shown["eval"] = f"{metrics[key]:.4g}"
+
         if self.step == 0 and len(self.eval_set):
-            self.logger.log(0, self.evaluate())
+            first = self.evaluate()
+            self.logger.log(0, first)
+            show_eval(first)
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -440,10 +449,13 @@ class Trainer:
                 self.logger.log(self.step, metrics)
             reward_key = next((k for k in metrics if k.startswith("reward/") and k.endswith("/mean")), None)
             if reward_key:
-                bar.set_postfix(reward=f"{metrics[reward_key]:.4g}")
-            bar.update(1)
+                shown["reward"] = f"{metrics[reward_key]:.4g}"
             if cfg.eval_every and self.step % cfg.eval_every == 0 and len(self.eval_set):
-                self.logger.log(self.step, self.evaluate())
+                evaluated = self.evaluate()
+                self.logger.log(self.step, evaluated)
+                show_eval(evaluated)
+            bar.set_postfix(shown)
+            bar.update(1)
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if self.bad_steps >= cfg.max_bad_steps:
