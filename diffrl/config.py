@@ -407,6 +407,20 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> None:
     need(bool(cfg.reward), "reward is empty; set it to {name: weight}, e.g. reward={pickscore: 1.0}.")
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1.")
     need(
+        cfg.max_bad_steps >= 1,
+        f"max_bad_steps={cfg.max_bad_steps} must be at least 1 (5: stop after five bad steps in a row).",
+    )
+    reference = (
+        (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.kl_beta > 0)
+        or (cfg.algorithm == "diffusion_nft" and cfg.diffusion_nft.kl_weight > 0)
+        or (cfg.algorithm == "refl" and cfg.refl.kl_weight > 0)
+    )
+    need(
+        not (cfg.model.lora_rank == 0 and reference),
+        "model.lora_rank=0 (full fine-tuning) has no base model to regularise towards; set the KL weight "
+        "(flow_grpo.kl_beta / diffusion_nft.kl_weight / refl.kl_weight) to 0 or train a LoRA.",
+    )
+    need(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
         f"model.dtype={cfg.model.dtype!r} must be float32, bfloat16 or float16.",
     )

@@ -84,6 +84,8 @@ def test_every_config_field_is_documented():
         (["algorithm=ppo"], "algorithm='ppo' is not known"),
         (["flow_grpo.sampler=ddim"], "sampler='ddim'"),
         (["reward={}"], "reward is empty"),
+        (["max_bad_steps=0"], "max_bad_steps=0 must be at least 1"),
+        (["model.lora_rank=0"], "lora_rank=0 .* has no base model"),
     ],
 )
 def test_bad_config_values_raise_one_sentence(overrides, message):
@@ -199,6 +201,18 @@ def test_flow_grpo_first_inner_step_is_on_policy(tmp_path):
         and metrics["train/clipfrac"] == 0.0
         and metrics["train/approx_kl"] == 0.0
     )
+
+
+def test_lr_schedule_counts_inner_epochs(tmp_path):
+    # linear decay over max_steps=2 steps of 2 updates each: the lr after the first step is half the peak, not 0
+    trainer = build_trainer(
+        PRESET["flow_grpo"],
+        _overrides(
+            tmp_path, "max_steps=2", "flow_grpo.num_inner_epochs=2", "optim.lr_scheduler=linear", "optim.lr=1e-3"
+        ),
+    )
+    metrics = trainer.train_step(0)
+    assert metrics["train/lr"] == pytest.approx(5e-4)
 
 
 def test_flux_trainer_runs(tmp_path):

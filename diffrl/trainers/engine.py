@@ -253,12 +253,17 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         o = self.cfg.optim
+        k = self.updates_per_step()  # the schedule counts optimiser updates; steps are what the config counts
         return get_scheduler(
             o.lr_scheduler,
             self.optimizer,
-            num_warmup_steps=o.warmup_steps,
-            num_training_steps=self.cfg.max_steps,
+            num_warmup_steps=o.warmup_steps * k,
+            num_training_steps=self.cfg.max_steps * k,
         )
+
+    def updates_per_step(self) -> int:
+        """Optimiser updates in one training step (Flow-GRPO: ``num_inner_epochs``)."""
+        return 1
 
     # ------------------------------------------------------------------------------------------ helpers
     def generator(self, *keys: int) -> torch.Generator:

@@ -65,6 +65,9 @@ class FlowGRPOTrainer(Trainer):
         start = int(np.random.default_rng([self.cfg.seed, self.step, 104729]).integers(lo, hi))
         return start, start + g.sde_window
 
+    def updates_per_step(self) -> int:
+        return self.cfg.flow_grpo.num_inner_epochs
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg, g, s = self.cfg, self.cfg.flow_grpo, self.cfg.sample
         model = self.model
