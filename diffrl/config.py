@@ -358,9 +358,13 @@ def config_to_dict(cfg) -> dict:
 
 
 def load_config(
-    source: str | Path | dict | TrainConfig | None = None, overrides: list[str] | None = None
+    source: str | Path | dict | TrainConfig | None = None,
+    overrides: list[str] | None = None,
+    given: frozenset[str] | set[str] = frozenset(),
 ) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML file, a dict or a config, with dotted ``key=value`` overrides."""
+    """A validated :class:`TrainConfig` from a YAML file, a dict or a config, with dotted ``key=value`` overrides;
+    ``given`` names the parts passed as objects instead (``model``, ``reward``, ``train_prompts``), whose config
+    fields may then be empty."""
     import yaml
 
     if isinstance(source, TrainConfig):
@@ -384,12 +388,13 @@ def load_config(
         keys, value = _parse_override(text)
         _merge(data, keys, value)
     cfg = _build(TrainConfig, data)
-    validate(cfg)
+    validate(cfg, given=given)
     return cfg
 
 
-def validate(cfg: TrainConfig, num_processes: int = 1) -> None:
-    """Checks that need no model: choices, positive sizes, divisibility by the number of processes."""
+def validate(cfg: TrainConfig, num_processes: int = 1, given: frozenset[str] | set[str] = frozenset()) -> None:
+    """Checks that need no model: choices, positive sizes, divisibility by the number of processes. Parts named in
+    ``given`` (``model``, ``reward``, ``train_prompts``) come as objects, so their config fields may be empty."""
 
     def need(cond: bool, message: str) -> None:
         if not cond:
@@ -400,11 +405,17 @@ def validate(cfg: TrainConfig, num_processes: int = 1) -> None:
         f"algorithm={cfg.algorithm!r} is not known; use one of {', '.join(ALGORITHMS)}.",
     )
     need(
-        bool(cfg.model.path),
+        bool(cfg.model.path) or "model" in given,
         "model.path is empty; set it to a hub id or a local diffusers pipeline directory.",
     )
-    need(bool(cfg.data.train), "data.train is empty; set it to a prompt file (.txt/.jsonl) or hf:<dataset>.")
-    need(bool(cfg.reward), "reward is empty; set it to {name: weight}, e.g. reward={pickscore: 1.0}.")
+    need(
+        bool(cfg.data.train) or "train_prompts" in given,
+        "data.train is empty; set it to a prompt file (.txt/.jsonl) or hf:<dataset>.",
+    )
+    need(
+        bool(cfg.reward) or "reward" in given,
+        "reward is empty; set it to {name: weight}, e.g. reward={pickscore: 1.0}.",
+    )
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1.")
     need(
         cfg.max_bad_steps >= 1,

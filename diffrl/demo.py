@@ -165,10 +165,6 @@ def run_demo(
         )
     cfg = load_config(str(config), ["output_dir=runs/demo", *(overrides or [])])
     out = Path(cfg.output_dir)
-    if (out / "metrics.jsonl").exists() and not cfg.resume_from_checkpoint:
-        raise FileExistsError(
-            f"{out} already holds a run (metrics.jsonl); pass output_dir=<new dir>, or delete it to start over."
-        )
     log(
         f"diffrl demo: {cfg.algorithm} on the toy-world model, {cfg.max_steps} steps, evaluation of "
         f"held-out prompts every {cfg.eval_every or cfg.max_steps} steps; run directory {out}"

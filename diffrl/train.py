@@ -29,7 +29,7 @@ def trainer_class(algorithm: str):
 def build_trainer(config: TrainConfig | str | dict, overrides: list[str] | None = None, **parts):
     """The trainer for ``config`` (a :class:`TrainConfig`, a YAML path or a dict); ``parts`` may give ``model``,
     ``reward``, ``eval_reward``, ``train_prompts`` and ``eval_prompts`` directly (e.g. from a notebook)."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, given={k for k, v in parts.items() if v is not None})
     return trainer_class(cfg.algorithm)(cfg, **parts)
 
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ConfigError,
         FileNotFoundError,
+        FileExistsError,
         PermissionError,
         ValueError,
         ImportError,

@@ -151,7 +151,10 @@ def rollout(
                 v = model.velocity(x, s_batch, cond, guidance_scale)
             if stochastic[k]:
                 out: StepOutput = step_fn(x, v, s, s_next, noise_level, generator=generator)
-                log_probs[:, k] = out.log_prob if keeps_grad else out.log_prob.detach()
+                if out.log_prob is None:  # noise_level 0: the step is the ODE step, deterministic
+                    stochastic[k] = False
+                else:
+                    log_probs[:, k] = out.log_prob if keeps_grad else out.log_prob.detach()
             else:
                 out = ode_step(x, v, s, s_next)
         x = out.sample

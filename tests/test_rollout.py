@@ -49,6 +49,15 @@ def test_ode_rollout_shapes_and_values():
     assert not out.final.requires_grad
 
 
+def test_sde_rollout_at_noise_level_zero_is_the_ode_rollout():
+    model = LinearVelocity()
+    sig = flow_match_sigmas(5, shift=3.0)
+    ode = rollout(model, None, sig, _noise())
+    sde = rollout(model, None, sig, _noise(), sampler="sde", noise_level=0.0, generator=torch.Generator())
+    assert torch.equal(sde.final, ode.final)
+    assert not sde.stochastic.any() and torch.isnan(sde.log_probs).all()
+
+
 def test_sde_window_log_probs_and_recompute_bitwise():
     model = LinearVelocity()
     sig = flow_match_sigmas(6, shift=3.0)

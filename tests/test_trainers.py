@@ -350,3 +350,38 @@ def test_yaml_no_reads_as_the_string_no():
         load_config(PRESET["flow_grpo"], [f"data.train={PROMPTS}", "mixed_precision=no"]).mixed_precision
         == "no"
     )
+
+
+def test_parts_given_as_objects_need_no_config_fields(tmp_path):
+    # a notebook passes the model, a reward function and prompt rows with metadata; the config leaves them out
+    from diffrl.models import load_model
+
+    seen = []
+
+    def reward(images, prompts, scene=None, **_):
+        seen.append(list(scene))
+        return images.mean(dim=(1, 2, 3))
+
+    cfg = {
+        "algorithm": "diffusion_nft",
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 1,
+        "report_to": "none",
+        "sample": {"height": 32, "width": 32, "num_steps": 2, "eval_num_steps": 2},
+        "diffusion_nft": {"group_size": 2, "prompts_per_step": 1},
+    }
+    rows = [{"prompt": "a red circle", "scene": "s0"}, {"prompt": "a blue square", "scene": "s1"}]
+    trainer = build_trainer(cfg, model=load_model("tiny:sd3"), reward=reward, train_prompts=rows, eval_prompts=[])
+    assert trainer.train_set.prompts == ["a red circle", "a blue square"]
+    assert trainer.train_set.metadata == [{"scene": "s0"}, {"scene": "s1"}]
+    trainer.train()
+    assert seen and set(seen[0]) <= {"s0", "s1"}
+    with pytest.raises(ConfigError, match="model.path is empty"):
+        build_trainer(cfg, reward=reward, train_prompts=rows)
+
+
+def test_a_fresh_run_never_appends_to_an_old_one(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        build_trainer(PRESET["refl"], _overrides(tmp_path, "max_steps=1"))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'

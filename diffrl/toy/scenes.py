@@ -261,12 +261,28 @@ def _pool(category: str) -> tuple[str, ...]:
     return tuple(json.dumps({"category": category, **d}) for d in out)
 
 
+SPLITS = ("train", "eval", "eval_seen", "eval_unseen", "all")
+
+
+def _uses_unseen_combo(desc: dict) -> bool:
+    return any((g["shape"], g["color"]) in HELD_OUT_COMBOS for g in normalize_description(desc)["objects"])
+
+
 def prompt_pool(category: str, split: str = "all") -> list[dict]:
-    """Every description of ``category`` in ``split`` (``"train"``, ``"eval"`` or ``"all"``), in a fixed order."""
-    if split not in ("train", "eval", "all"):
-        raise ValueError(f"split={split!r}; use 'train', 'eval' or 'all'.")
+    """Every description of ``category`` in ``split``, in a fixed order: ``"train"``, ``"eval"`` (held out),
+    ``"eval_seen"`` (held-out compositions of colour-shape combinations that training does show),
+    ``"eval_unseen"`` (held-out descriptions naming a combination of :data:`HELD_OUT_COMBOS`) or ``"all"``."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; use one of {', '.join(repr(x) for x in SPLITS)}.")
     descs = [json.loads(s) for s in _pool(category)]
-    return [d for d in descs if split == "all" or split_of(d) == split]
+    if split == "all":
+        return descs
+    if split == "train":
+        return [d for d in descs if split_of(d) == "train"]
+    held = [d for d in descs if split_of(d) == "eval"]
+    if split == "eval":
+        return held
+    return [d for d in held if _uses_unseen_combo(d) == (split == "eval_unseen")]
 
 
 @functools.cache
@@ -591,6 +607,7 @@ def make_prompt_sets(
     weights: dict[str, float] | None = None,
     train_repeats: bool = True,
     eval_repeats: bool = False,
+    eval_split: str = "eval",
 ) -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` lists of ``{"prompt": str, "scene": description}``, deterministic for ``seed``.
 
@@ -601,6 +618,8 @@ def make_prompt_sets(
     balance; with ``train_repeats=False`` they behave like the eval prompts. ``eval_repeats`` does the same for
     the eval prompts (few held-out single-object prompts exist, so a category-balanced eval set repeats them;
     repeated prompts are sampled with different seeds, as GenEval samples several images per prompt).
+    ``eval_split="eval_seen"`` keeps only held-out compositions of colour-shape combinations seen in training
+    (``"eval_unseen"``: only those naming a never-trained combination); see :func:`prompt_pool`.
     """
     weights = {k: float(v) for k, v in (weights or CATEGORY_WEIGHTS).items() if v > 0}
     for k in weights:
@@ -610,7 +629,9 @@ def make_prompt_sets(
         raise ValueError(f"n_train={n_train} and n_eval={n_eval} must be >= 0.")
     rng = np.random.default_rng(seed)
     train = _draw(n_train, "train", rng, weights, train_repeats)
-    held = _draw(n_eval, "eval", rng, weights, eval_repeats)
+    if eval_split not in ("eval", "eval_seen", "eval_unseen"):
+        raise ValueError(f"eval_split={eval_split!r}; use 'eval', 'eval_seen' or 'eval_unseen'.")
+    held = _draw(n_eval, eval_split, rng, weights, eval_repeats)
     return train, held
 
 

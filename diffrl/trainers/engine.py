@@ -114,7 +114,12 @@ class Trainer:
     ):
         from accelerate import Accelerator
 
-        cfg = config if isinstance(config, TrainConfig) else load_config(config)
+        given = {
+            k
+            for k, v in (("model", model), ("reward", reward), ("train_prompts", train_prompts))
+            if v is not None
+        }
+        cfg = config if isinstance(config, TrainConfig) else load_config(config, given=given)
         if cfg.algorithm != self.algorithm:
             raise ValueError(
                 f"config.algorithm={cfg.algorithm!r} but this is the {self.algorithm} trainer; build it with diffrl.train.build_trainer."
@@ -126,7 +131,7 @@ class Trainer:
             raise NotImplementedError(
                 f"{acc.distributed_type.name} is not supported yet; launch with DDP (the default accelerate config)."
             )
-        validate(cfg, acc.num_processes)
+        validate(cfg, acc.num_processes, given=given)
         self.output_dir = Path(cfg.output_dir)
         self._check_output_dir()
         self.reward = self._build_reward(reward, cfg.reward)
@@ -172,6 +177,11 @@ class Trainer:
         """Algorithm-specific set-up (after model and optimiser)."""
 
     def _check_output_dir(self) -> None:
+        if not self.cfg.resume_from_checkpoint and (self.output_dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"output_dir={self.cfg.output_dir} already holds a run (metrics.jsonl); continue it with "
+                "resume_from_checkpoint=latest or choose a new output_dir."
+            )
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = self.output_dir / f".write-test-{os.getpid()}"
@@ -201,13 +211,23 @@ class Trainer:
         def as_set(x):
             if x is None or isinstance(x, PromptSet):
                 return x
-            return PromptSet(list(x))
+            rows = list(x)
+            if rows and all(isinstance(r, dict) for r in rows):  # [{"prompt": ..., other metadata}, ...]
+                key = self.cfg.data.prompt_key
+                missing = [i for i, r in enumerate(rows) if key not in r]
+                if missing:
+                    raise ValueError(
+                        f"prompt row {missing[0]} has no {key!r} field; give dicts with data.prompt_key={key!r}."
+                    )
+                return PromptSet(
+                    [str(r[key]) for r in rows], [{k: v for k, v in r.items() if k != key} for r in rows]
+                )
+            return PromptSet([str(r) for r in rows])
 
         train, eval_ = as_set(train), as_set(eval_)
         if train is None:
             d = self.cfg.data
             t, e = train_eval_prompts(d.train, d.eval, d.eval_size, self.cfg.seed, d.prompt_key)
-            train = train
             train, eval_ = t, (eval_ if eval_ is not None else e)
         if not len(train):
             raise ValueError("the training prompt set is empty; give at least one prompt.")
