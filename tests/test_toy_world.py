@@ -350,3 +350,22 @@ def test_jsonl_round_trip_through_the_prompt_loader(tmp_path, verifier):
         assert scores.mean().item() >= 0.99
     tr, ev = train_eval_prompts(str(train_path), str(eval_path), eval_size=8)
     assert len(tr) == 40 and len(ev) == 8 and "scene" in ev.batch_metadata()
+
+
+def test_shipped_toy_prompt_files_are_reproducible(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("make_toy_prompts", root / "scripts" / "make_toy_prompts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--out", str(tmp_path)])
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_text() == (root / "configs" / "toy" / name).read_text(), name
+    # the eval prompts are held out: no eval prompt is a training prompt, none names an unseen combination
+    from diffrl.toy.scenes import split_of
+
+    rows = [json.loads(line) for line in (root / "configs" / "toy" / "eval.jsonl").read_text().splitlines()]
+    train = {json.loads(line)["prompt"] for line in (root / "configs" / "toy" / "train.jsonl").read_text().splitlines()}
+    assert all(split_of(r["scene"]) == "eval" for r in rows) and not {r["prompt"] for r in rows} & train
