@@ -29,7 +29,7 @@ def toy_model_dir() -> Path:
         ASSETS / "sd3",
         "model_index.json",
         "toy text-to-image model",
-        "python scripts/train_toy_model.py --out runs/toy-model && cp -r runs/toy-model/final diffrl/toy/assets/sd3",
+        "python scripts/train_toy_model.py --out runs/toy-model && cp -r runs/toy-model/ckpt-7000 diffrl/toy/assets/sd3",
     )
 
 
