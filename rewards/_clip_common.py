@@ -1,6 +1,9 @@
 """Shared code of the transformers-CLIP rewards (``pickscore``, ``clipscore``, ``aesthetic``).
 
 * Which hub files a CLIP checkpoint directory needs (:func:`clip_hub_files`) and finding them (:func:`resolve_dirs`).
+  Besides hub ids and local paths, a spec may name a checkpoint shipped inside diffrl: ``"toy:clip"``
+  (:data:`TOY_CLIP_SPEC`), the toy-world CLIP of :mod:`diffrl.toy.clip` in ``diffrl/toy/assets/clip``
+  (:func:`builtin_dir`).
 * :class:`CLIPImageTransform`: the transform of Hugging Face's ``CLIPImageProcessor`` (read from a
   ``preprocessor_config.json``) in differentiable torch.
 * Loading a ``transformers.CLIPModel`` strictly (:func:`load_clip_model`) and projected image / text embeddings
@@ -40,6 +43,9 @@ __all__ = [
     "TOKENIZER_FILES",
     "TOKENIZER_OPTIONAL_FILES",
     "CLIPImageTransform",
+    "TOY_CLIP_SPEC",
+    "toy_clip_dir",
+    "builtin_dir",
     "is_local",
     "check_spec",
     "clip_hub_files",
@@ -66,8 +72,30 @@ TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt", "tokeniz
 TOKENIZER_OPTIONAL_FILES = ("special_tokens_map.json",)
 
 
+#: Spec of the toy-world CLIP shipped with diffrl (:mod:`diffrl.toy.clip`), usable as ``model`` / ``processor``.
+TOY_CLIP_SPEC = "toy:clip"
+
+
+def toy_clip_dir() -> Path:
+    """The shipped toy CLIP directory, ``diffrl/toy/assets/clip`` (:func:`diffrl.toy.assets.toy_clip_dir`); a
+    FileNotFoundError saying how to re-create it when it is not in this checkout."""
+    from diffrl.toy.assets import toy_clip_dir as shipped
+
+    return shipped()
+
+
+def builtin_dir(spec: Any) -> Path | None:
+    """The shipped directory a built-in spec (``"toy:clip"``) names, or ``None`` for any other spec."""
+    if isinstance(spec, str) and spec == TOY_CLIP_SPEC:
+        return toy_clip_dir()
+    return None
+
+
 def is_local(spec: str | Path) -> bool:
-    """Whether ``spec`` names a local path (an existing one, or one written as a path) rather than a hub id."""
+    """Whether ``spec`` names a local path (an existing one, or one written as a path, or a built-in such as
+    ``"toy:clip"``) rather than a hub id."""
+    if isinstance(spec, str) and spec == TOY_CLIP_SPEC:
+        return True
     return Path(str(spec)).expanduser().exists() or str(spec).startswith((".", "/", "~"))
 
 
@@ -108,12 +136,14 @@ def missing_files_named(reward_name: str, files: Sequence[HubFile]):
 
 
 def resolve_dirs(reward_name: str, parts: Sequence[tuple[str | Path, list[HubFile]]]) -> list[Path]:
-    """Local directories for ``(spec, hub files)`` pairs: a local directory as is, a hub id through the HF cache."""
+    """Local directories for ``(spec, hub files)`` pairs: a built-in spec (``"toy:clip"``) as its shipped
+    directory, a local directory as is, a hub id through the HF cache."""
     all_files = [f for _, files in parts for f in files]
     out = []
     with missing_files_named(reward_name, all_files):
         for spec, files in parts:
-            out.append(resolve_snapshot(spec, files, reward_name))
+            shipped = builtin_dir(spec)
+            out.append(shipped if shipped is not None else resolve_snapshot(spec, files, reward_name))
     return out
 
 

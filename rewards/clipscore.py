@@ -9,6 +9,8 @@ Checkpoint: any transformers ``CLIPModel``; default hub ``openai/clip-vit-large-
 too): ``config.json``, ``model.safetensors`` and, from the same repository unless ``processor`` is given,
 ``preprocessor_config.json`` and the tokenizer files (``tokenizer_config.json``, ``vocab.json``, ``merges.txt``,
 ``tokenizer.json``, optional ``special_tokens_map.json``). OpenAI's CLIP weights are MIT-licensed.
+``model="toy:clip"`` loads the small CLIP trained on the toy world that ships in ``diffrl/toy/assets/clip``
+(:mod:`diffrl.toy.clip`; 64x64 input, 16-token prompts), a differentiable prompt-aware reward for toy runs.
 
 Preprocessing (torch, differentiable): the processor's ``CLIPImageProcessor`` settings (for ViT-L/14: shorter
 side to 224, bicubic, centre crop 224, OpenAI CLIP mean/std), see
