@@ -172,7 +172,8 @@ class DiffusionNFTConfig:
     decay_cap: float = 0.5
     """Largest old-policy decay."""
     num_train_levels: int = 0
-    """Noise levels trained per sample per step, drawn from the rollout's levels; 0 uses all but the last."""
+    """Noise levels trained per sample per step, drawn at random from the rollout's levels without repeats; 0 uses all
+    but one (a randomly chosen one is left out); values above the number of levels use them all."""
 
 
 @dataclass
