@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     plot(results, a.out / "learning.png")
 
     def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
+        return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
     print(
         f"\ntraining images and seconds to gain {a.gain:.2f} strict accuracy over the base ('-': not reached)"
