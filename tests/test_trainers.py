@@ -385,3 +385,9 @@ def test_a_fresh_run_never_appends_to_an_old_one(tmp_path):
     with pytest.raises(FileExistsError, match="already holds a run"):
         build_trainer(PRESET["refl"], _overrides(tmp_path, "max_steps=1"))
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_weighted_single_reward_logs_raw_and_weighted_scores(tmp_path):
+    trainer = build_trainer(PRESET["refl"], _overrides(tmp_path, "max_steps=1", "reward={brightness: 2.0}"))
+    metrics = trainer.train_step(0)
+    assert metrics["reward/combined/mean"] == pytest.approx(2 * metrics["reward/brightness/mean"], rel=1e-5)

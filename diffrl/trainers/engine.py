@@ -203,7 +203,8 @@ class Trainer:
             reward = load_reward(name, **kwargs.get(name, {}))
             if weight == 1.0:
                 return reward
-            return CombinedReward([(reward, weight)], name=reward.name)
+            # logged as reward/combined/* (the weighted score) next to reward/<name>/mean (the raw one)
+            return CombinedReward([(reward, weight)])
         parts = [(load_reward(name, **kwargs.get(name, {})), w) for name, w in spec.items()]
         return CombinedReward(parts, normalize=self.cfg.reward_normalize or None)
 
