@@ -442,6 +442,15 @@ def _locate_model(cfg, label: str) -> _ModelLocation:
         if label != "the config"
         else "Run `diffrl download <your config.yaml>` where there is network (into the same HF cache)."
     )
+    if spec == "toy":  # the toy-world model shipped in the package
+        from diffrl.toy.assets import toy_model_dir
+
+        try:
+            spec = str(toy_model_dir())
+        except FileNotFoundError as err:
+            return _ModelLocation(
+                "toy", "local", None, Finding("model", "FAIL", str(err), "Re-create it with that command.")
+            )
     if spec.startswith("tiny:"):
         family = spec.split(":", 1)[1]
         if family not in ("sd3", "flux"):

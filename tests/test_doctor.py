@@ -341,3 +341,11 @@ def test_cli_env_only_matches_findings(capsys):
     out = capsys.readouterr().out
     assert "torch:" in out and "cuda:" in out
     assert code == (1 if "FAIL " in out else 0)
+
+
+def test_toy_model_is_found_offline():
+    findings = run_doctor(
+        str(Path(__file__).resolve().parent.parent / "configs" / "toy" / "flow_grpo.yaml"), checks=["model"]
+    )
+    model = [f for f in findings if f.name == "model"]
+    assert model and model[0].status == "OK" and "assets/sd3" in model[0].message
