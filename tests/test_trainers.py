@@ -391,3 +391,22 @@ def test_a_weighted_single_reward_logs_raw_and_weighted_scores(tmp_path):
     trainer = build_trainer(PRESET["refl"], _overrides(tmp_path, "max_steps=1", "reward={brightness: 2.0}"))
     metrics = trainer.train_step(0)
     assert metrics["reward/combined/mean"] == pytest.approx(2 * metrics["reward/brightness/mean"], rel=1e-5)
+
+
+def test_nonfinite_gradients_count_as_bad_steps(tmp_path):
+    from diffrl.rewards import as_reward
+
+    def nan_grad(images, prompts, **metadata):  # value 0, gradient of sqrt at 0: infinite
+        return (images - images.detach()).abs().sqrt().mean(dim=(1, 2, 3))
+
+    trainer = build_trainer(
+        PRESET["refl"],
+        _overrides(tmp_path, "max_steps=10", "max_bad_steps=2", "data.eval_size=0"),
+        reward=as_reward(nan_grad, differentiable=True),
+    )
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    rows = [r for r in _metrics(tmp_path) if "train/bad_steps_in_a_row" in r]
+    assert [r.get("train/nonfinite_grad") for r in rows] == [1.0, 1.0]
+    assert trainer.step == 2  # stopped after two bad steps in a row, nothing updated
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))

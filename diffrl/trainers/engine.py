@@ -467,7 +467,7 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self.train_step(self.step)
             metrics["time/step_seconds"] = time.perf_counter() - t0
-            bad = metrics.get("train/skipped", 0.0) > 0
+            bad = metrics.get("train/skipped", 0.0) > 0 or metrics.get("train/nonfinite_grad", 0.0) > 0
             self.bad_steps = self.bad_steps + 1 if bad else 0
             metrics["train/bad_steps_in_a_row"] = float(self.bad_steps)
             self.step += 1
