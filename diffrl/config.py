@@ -34,6 +34,7 @@ __all__ = [
     "load_config",
     "config_to_dict",
     "field_docs",
+    "config_classes",
     "ALGORITHMS",
 ]
 
@@ -249,6 +250,18 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
+
+
+def config_classes(cls: type | None = None) -> list[type]:
+    """``TrainConfig`` (or ``cls``) and every config dataclass nested in it, in field order."""
+    import dataclasses
+
+    cls = cls or TrainConfig
+    out = [cls]
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            out += [c for c in config_classes(f.default_factory) if c not in out]
+    return out
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -1021,6 +1021,17 @@ def _probe_window(cfg, num_steps: int) -> tuple[str, float, int, int]:
     return sampler, g.noise_level, lo, max(lo + 1, min(hi, lo + ONPOLICY_STEPS))
 
 
+def _graded(
+    name: str, dev: float, tol: float, worst: str, msg: str, bad: str, bad_fix: str, near_fix: str
+) -> Finding:
+    """``worst`` at or above ``tol``, WARN within a factor 10 of it, OK below."""
+    if dev >= tol:
+        return Finding(name, worst, msg + bad, bad_fix)
+    if dev >= tol / 10:
+        return Finding(name, "WARN", msg + ": within tolerance but close to it", near_fix)
+    return Finding(name, "OK", msg)
+
+
 def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]:
     import torch
 
@@ -1124,28 +1135,20 @@ def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]
         f"max |exp(logp_new - logp_old) - 1| = {ratio_dev:.2e} ({tol_text}) over "
         f"{setting}; rollout batch {chunk}, recompute batch {train_bs}{note}"
     )
-    if ratio_dev >= tol:
-        findings.append(
-            Finding(
-                "ratio",
-                worst,
-                msg + ": fresh samples are off-policy",
-                "Make the recompute match the rollout: deterministic kernels (torch.use_deterministic_algorithms, "
-                "CUBLAS_WORKSPACE_CONFIG=:4096:8), no dropout, the same dtype and mixed_precision in sampling and "
-                "training, and sample.batch_size equal to optim.train_batch_size.",
-            )
+    findings.append(
+        _graded(
+            "ratio",
+            ratio_dev,
+            tol,
+            worst,
+            msg,
+            ": fresh samples are off-policy",
+            "Make the recompute match the rollout: deterministic kernels (torch.use_deterministic_algorithms, "
+            "CUBLAS_WORKSPACE_CONFIG=:4096:8), no dropout, the same dtype and mixed_precision in sampling and "
+            "training, and sample.batch_size equal to optim.train_batch_size.",
+            "Prefer float32 sampler maths and equal sample.batch_size and optim.train_batch_size.",
         )
-    elif ratio_dev >= tol / 10:
-        findings.append(
-            Finding(
-                "ratio",
-                "WARN",
-                msg + ": within tolerance but close to it",
-                "Prefer float32 sampler maths and equal sample.batch_size and optim.train_batch_size.",
-            )
-        )
-    else:
-        findings.append(Finding("ratio", "OK", msg))
+    )
 
     if train_bs == 1:
         findings.append(
@@ -1157,27 +1160,19 @@ def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]
         f"max |exp(logp_bs1 - logp_bs{train_bs}) - 1| = {batch_dev:.2e} ({tol_text}) over {n} samples "
         f"x {len(steps)} step(s){note}"
     )
-    if batch_dev >= tol:
-        findings.append(
-            Finding(
-                "batch-invariance",
-                worst,
-                msg + ": log-probs depend on the batch size",
-                "Set optim.train_batch_size equal to sample.batch_size so the rollout and the ratio's recompute "
-                "use the same batch, or sample in float32 (model.dtype=float32, mixed_precision=no).",
-            )
+    findings.append(
+        _graded(
+            "batch-invariance",
+            batch_dev,
+            tol,
+            worst,
+            msg,
+            ": log-probs depend on the batch size",
+            "Set optim.train_batch_size equal to sample.batch_size so the rollout and the ratio's recompute "
+            "use the same batch, or sample in float32 (model.dtype=float32, mixed_precision=no).",
+            "Set optim.train_batch_size equal to sample.batch_size.",
         )
-    elif batch_dev >= tol / 10:
-        findings.append(
-            Finding(
-                "batch-invariance",
-                "WARN",
-                msg + ": within tolerance but close to it",
-                "Set optim.train_batch_size equal to sample.batch_size.",
-            )
-        )
-    else:
-        findings.append(Finding("batch-invariance", "OK", msg))
+    )
     return findings
 
 

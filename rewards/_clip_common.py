@@ -44,7 +44,6 @@ __all__ = [
     "TOKENIZER_OPTIONAL_FILES",
     "CLIPImageTransform",
     "TOY_CLIP_SPEC",
-    "toy_clip_dir",
     "builtin_dir",
     "is_local",
     "check_spec",
@@ -76,17 +75,13 @@ TOKENIZER_OPTIONAL_FILES = ("special_tokens_map.json",)
 TOY_CLIP_SPEC = "toy:clip"
 
 
-def toy_clip_dir() -> Path:
-    """The shipped toy CLIP directory, ``diffrl/toy/assets/clip`` (:func:`diffrl.toy.assets.toy_clip_dir`); a
-    FileNotFoundError saying how to re-create it when it is not in this checkout."""
-    from diffrl.toy.assets import toy_clip_dir as shipped
-
-    return shipped()
-
-
 def builtin_dir(spec: Any) -> Path | None:
-    """The shipped directory a built-in spec (``"toy:clip"``) names, or ``None`` for any other spec."""
+    """The shipped directory a built-in spec (``"toy:clip"``) names, or ``None`` for any other spec; a
+    FileNotFoundError saying how to re-create it when it is not in this checkout
+    (:func:`diffrl.toy.assets.toy_clip_dir`)."""
     if isinstance(spec, str) and spec == TOY_CLIP_SPEC:
+        from diffrl.toy.assets import toy_clip_dir
+
         return toy_clip_dir()
     return None
 

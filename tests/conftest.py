@@ -48,3 +48,12 @@ class GaussianFlow:
 @pytest.fixture
 def gaussian_flow():
     return GaussianFlow(1.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster, and much faster on a shared, busy machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -128,16 +128,7 @@ def test_config_reference_is_what_the_generator_writes_now(rendered):
 
 
 def test_config_reference_carries_every_field_docstring(gen, rendered):
-    for cls in (
-        c.TrainConfig,
-        c.ModelConfig,
-        c.DataConfig,
-        c.SampleConfig,
-        c.OptimConfig,
-        c.FlowGRPOConfig,
-        c.DiffusionNFTConfig,
-        c.ReFLConfig,
-    ):
+    for cls in c.config_classes():
         for name, doc in c.field_docs(cls).items():
             assert gen._cell(doc) in rendered, f"{cls.__name__}.{name}: docstring missing from docs/config.md"
 

@@ -29,11 +29,8 @@ MIN_PAIRWISE = 0.85
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_thread(one_thread):
+    """One torch thread for the whole module (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +63,7 @@ def test_toy_spec_loads_shipped_dir(reward):
     assert reward.transform.crop_size == (64, 64) and reward.transform.shortest_edge == 64
     assert reward.max_length == TOY_CLIP_MAX_TOKENS
     assert reward.hub_files(model="toy:clip") == []  # nothing to download
-    directory = _clip_common.toy_clip_dir()
+    directory = _clip_common.builtin_dir("toy:clip")
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     assert size < 3e6, f"the shipped toy CLIP should stay small, it is {size / 1e6:.2f} MB"
     info = json.loads((directory / "toy_clip.json").read_text())
@@ -120,7 +117,7 @@ def test_gradients_reach_images(reward, held_out):
 def test_plain_transformers_loading(reward, held_out):
     from transformers import CLIPModel, CLIPProcessor
 
-    directory = _clip_common.toy_clip_dir()
+    directory = _clip_common.builtin_dir("toy:clip")
     model = CLIPModel.from_pretrained(directory).eval()
     processor = CLIPProcessor.from_pretrained(directory)
     assert model.config.text_config.max_position_embeddings == TOY_CLIP_MAX_TOKENS

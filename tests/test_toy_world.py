@@ -31,12 +31,8 @@ from diffrl.toy.scenes import _canonical_key
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a shared, busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_thread(one_thread):
+    """One torch thread for the whole module (see conftest.one_thread)."""
 
 
 def _scenes(n, seed, **kwargs):
