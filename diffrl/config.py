@@ -33,6 +33,8 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "config_to_dict",
+    "RESUME_FREE_KEYS",
+    "resume_mismatch",
     "field_docs",
     "config_classes",
     "ALGORITHMS",
@@ -369,6 +371,58 @@ def _merge(base: dict, path: list[str], value: Any) -> None:
 
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Fields a resumed run may change: bookkeeping (length, logging, checkpoints, the NaN guard), evaluation-only
+# settings, and the memory knobs documented as not changing results. Everything else must match the checkpoint.
+RESUME_FREE_KEYS = frozenset(
+    {
+        "max_steps",
+        "output_dir",
+        "resume_from_checkpoint",
+        "eval_every",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "log_every",
+        "report_to",
+        "max_bad_steps",
+        "sample.eval_num_steps",
+        "sample.eval_guidance_scale",
+        "sample.batch_size",
+        "optim.train_batch_size",
+        "model.gradient_checkpointing",
+    }
+)
+
+_ABSENT = object()
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and (data or not prefix):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def resume_mismatch(saved: dict, current: TrainConfig) -> tuple[str, str, str] | None:
+    """The first field where a checkpoint's config (the ``config`` of its ``state.json``) differs from ``current``,
+    ignoring :data:`RESUME_FREE_KEYS`: ``(dotted key, checkpoint value, current value)``, the values as JSON text
+    (``(not set)`` for a key one side lacks); ``None`` when they agree. A field the checkpoint does not hold (written
+    by an older version) counts as its default."""
+    now = _flatten(json.loads(json.dumps(config_to_dict(current))))
+    then = _flatten(json.loads(json.dumps(saved)))
+    defaults = _flatten(json.loads(json.dumps(config_to_dict(TrainConfig()))))
+    for key in [*now, *(k for k in then if k not in now)]:
+        if key in RESUME_FREE_KEYS:
+            continue
+        a = then.get(key, defaults.get(key, _ABSENT))
+        b = now.get(key, _ABSENT)
+        if a != b:
+            a, b = ("(not set)" if v is _ABSENT else json.dumps(v) for v in (a, b))
+            return key, a, b
+    return None
 
 
 def load_config(

@@ -128,6 +128,14 @@ class Reward:
         """The options that change scores (part of the cache fingerprint); extend in subclasses."""
         return {}
 
+    def training_state(self) -> dict[str, Any]:
+        """State that changes between calls and belongs in a training checkpoint (JSON-serialisable); most rewards
+        have none (:class:`diffrl.rewards.CombinedReward` keeps its running statistics here)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+
     @classmethod
     def hub_files(cls, **kwargs) -> list:
         """The exact hub files (:class:`diffrl.rewards.weights.HubFile`) this reward needs when built with

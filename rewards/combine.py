@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +30,10 @@ class CombinedReward(Reward):
         name: the metric name of the total.
 
     :meth:`evaluate` returns the total and each component's raw (un-normalised) score. The combination is
-    differentiable when every component with a non-zero weight is.
+    differentiable when every component with a non-zero weight is. The running statistics are saved and restored
+    with :meth:`training_state` / :meth:`load_training_state` (the trainers keep them in checkpoints). A caller that scores
+    a batch in parts (ReFL's micro-batches) computes the whole batch's statistics with :meth:`batch_statistics`
+    and applies them to each part under :meth:`fixed_statistics`.
     """
 
     def __init__(
@@ -63,6 +68,8 @@ class CombinedReward(Reward):
         # batch or running normalisation makes a score depend on the rest of the batch
         self.per_sample = normalize is None and all(r.per_sample for r, _ in self.parts)
         self._running: dict[str, tuple[float, float]] = {}
+        self._fixed: dict[str, tuple[float, float]] | None = None  # per part (mean, std), from fixed_statistics
+        self._frozen = False  # running statistics not updated (frozen_statistics)
         self._loaded = True  # components load themselves lazily
 
     def settings(self) -> dict[str, Any]:
@@ -75,18 +82,78 @@ class CombinedReward(Reward):
     def weight_modules(self) -> list[torch.nn.Module]:
         return []
 
+    def training_state(self) -> dict[str, Any]:
+        """The running statistics (``{"running": {part: [mean, var]}}``, JSON-serialisable; empty before the first
+        call or without running normalisation)."""
+        return {"running": {name: [mean, var] for name, (mean, var) in self._running.items()}}
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+        running = state.get("running", {})
+        names = {r.name for r, _ in self.parts}
+        unknown = sorted(set(running) - names)
+        if unknown:
+            raise ValueError(
+                f"saved running statistics for {unknown} do not match this reward's parts {sorted(names)}; "
+                "load them into a CombinedReward with the same parts."
+            )
+        self._running = {name: (float(mean), float(var)) for name, (mean, var) in running.items()}
+
+    def batch_statistics(self, components: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+        """``{part: (mean, std)}`` of raw component scores (e.g. a whole step's, gathered over processes), for
+        :meth:`fixed_statistics`; the population std, as ``normalize="batch"`` uses."""
+        stats = {}
+        for reward, weight in self.parts:
+            if weight == 0:
+                continue
+            scores = components[reward.name].detach().float()
+            std = float(scores.std(unbiased=False)) if scores.numel() > 1 else 0.0
+            stats[reward.name] = (float(scores.mean()), std)
+        return stats
+
+    @contextlib.contextmanager
+    def fixed_statistics(self, stats: Mapping[str, tuple[float, float]]) -> Iterator[None]:
+        """With ``normalize="batch"``, z-score each part with the given ``(mean, std)`` instead of the statistics of
+        the batch being scored (no gradient flows through them), so a batch scored in parts is normalised as a
+        whole."""
+        if self.normalize != "batch":
+            raise ValueError(
+                f"fixed_statistics applies to normalize='batch', not normalize={self.normalize!r}; score without it."
+            )
+        self._fixed = dict(stats)
+        try:
+            yield
+        finally:
+            self._fixed = None
+
     def _normalise(self, name: str, scores: torch.Tensor) -> torch.Tensor:
         if self.normalize is None:
             return scores
+        if self.normalize == "batch" and self._fixed is not None:
+            mean, std = self._fixed[name]
+            return (scores - mean) / (std + 1e-6)
         if self.normalize == "batch":
             std = scores.std(unbiased=False) if scores.numel() > 1 else scores.new_tensor(0.0)
             return (scores - scores.mean()) / (std.detach() + 1e-6)
-        mean, var = self._running.get(name, (scores.mean().item(), scores.var(unbiased=False).item()))
-        m = self.momentum
-        mean = (1 - m) * mean + m * scores.mean().item()
-        var = (1 - m) * var + m * scores.var(unbiased=False).item()
-        self._running[name] = (mean, var)
+        batch_mean, batch_var = scores.mean().item(), scores.var(unbiased=False).item()
+        mean, var = self._running.get(name, (batch_mean, batch_var))
+        if not self._frozen and math.isfinite(batch_mean) and math.isfinite(batch_var):
+            # a batch with a non-finite score is skipped by the trainers; it must not poison the statistics
+            m = self.momentum
+            mean = (1 - m) * mean + m * batch_mean
+            var = (1 - m) * var + m * batch_var
+            self._running[name] = (mean, var)
         return (scores - mean) / (var**0.5 + 1e-6)
+
+    @contextlib.contextmanager
+    def frozen_statistics(self) -> Iterator[None]:
+        """Score without updating the running statistics (evaluation must not change training); a part without
+        statistics yet is normalised by its own batch."""
+        before, self._frozen = self._frozen, True
+        try:
+            yield
+        finally:
+            self._frozen = before
 
     def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
         prompts = _check_inputs(images, prompts, self.name)

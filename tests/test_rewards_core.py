@@ -189,6 +189,71 @@ def test_running_normalisation_updates_statistics():
     assert mean == pytest.approx(0.5 * (0.5 * b1 + 0.5 * b1) + 0.5 * b2, rel=1e-5)
 
 
+def test_running_statistics_round_trip_through_training_state():
+    import json
+
+    parts = [(as_reward(brightness), 1.0), (as_reward(redness_list), 0.5)]
+    combo = CombinedReward(parts, normalize="running", momentum=0.5)
+    images = make_images(4)
+    combo(images, PROMPTS)
+    combo(images * 0.5, PROMPTS)
+    state = json.loads(json.dumps(combo.training_state()))  # what a checkpoint's state.json holds
+    assert set(state["running"]) == {"brightness", "redness_list"}
+    restored = CombinedReward(parts, normalize="running", momentum=0.5)
+    restored.load_training_state(state)
+    assert restored._running == combo._running
+    torch.testing.assert_close(restored(images, PROMPTS), combo(images, PROMPTS), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not match this reward's parts"):
+        CombinedReward([(as_reward(brightness), 1.0)], normalize="running").load_training_state(state)
+    assert as_reward(brightness).training_state() == {}  # a plain reward has no state
+
+
+def test_running_statistics_frozen_for_evaluation_and_safe_from_non_finite_scores():
+    combo = CombinedReward([(as_reward(brightness), 1.0)], normalize="running", momentum=0.5)
+    images = make_images(4)
+    combo(images, PROMPTS)
+    stats = dict(combo._running)
+    with combo.frozen_statistics():
+        frozen = combo(images * 0.5, PROMPTS)
+    assert combo._running == stats  # evaluation did not move them
+    mean, var = stats["brightness"]
+    expected = (brightness(images * 0.5, PROMPTS) - mean) / (var**0.5 + 1e-6)
+    torch.testing.assert_close(frozen, expected)
+    bad = images.clone()
+    bad[0] = float("nan")
+    out = combo(bad, PROMPTS)
+    assert not torch.isfinite(out[0])  # the trainers see the bad score and skip the step ...
+    assert combo._running == stats  # ... and the statistics stay finite and unchanged
+    combo(images * 0.5, PROMPTS)
+    b = brightness(images * 0.5, PROMPTS)
+    assert combo._running["brightness"] == pytest.approx(
+        (0.5 * mean + 0.5 * float(b.mean()), 0.5 * var + 0.5 * float(b.var(unbiased=False)))
+    )
+
+
+def test_fixed_batch_statistics_normalise_parts_as_the_whole_batch():
+    # ReFL scores a step in micro-batches: statistics of the whole batch, applied to each part, give the totals of
+    # the whole batch, and no gradient flows through the statistics
+    bright = as_reward(brightness, differentiable=True)
+    combo = CombinedReward([(bright, 1.0), (as_reward(redness_list), 0.0)], normalize="batch")
+    images = make_images(4).requires_grad_(True)
+    stats = combo.batch_statistics(combo.evaluate(images, PROMPTS).components)
+    assert set(stats) == {"brightness"}  # weight-0 parts are not normalised
+    with combo.fixed_statistics(stats):
+        parts = [combo(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(4)]
+    b = brightness(images, PROMPTS).detach()
+    expected = (b - b.mean()) / (b.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(torch.cat(parts).detach(), expected)
+    (grad,) = torch.autograd.grad(parts[0].sum(), images)
+    std = stats["brightness"][1]
+    (direct,) = torch.autograd.grad(brightness(images[:1], PROMPTS[:1]).sum() / (std + 1e-6), images)
+    torch.testing.assert_close(grad, direct)
+    assert combo._fixed is None  # only inside the context
+    with pytest.raises(ValueError, match="normalize='batch'"):
+        with CombinedReward([(bright, 1.0)], normalize="running").fixed_statistics(stats):
+            pass
+
+
 def test_score_cache_hits_and_never_serves_stale_scores(tmp_path):
     images = make_images(4)
     cache = ScoreCache(tmp_path / "scores.sqlite")

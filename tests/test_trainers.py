@@ -1,5 +1,6 @@
-"""Trainers end to end on the tiny SD3/FLUX pipelines: CLI runs, every weight moves, metrics, LoRA output, resume,
-invariance, non-finite rewards and early one-sentence errors."""
+"""Trainers end to end on the tiny SD3/FLUX pipelines: CLI runs, every weight moves, metrics, LoRA output, resume
+(config check, metrics rows, reward statistics), invariance, non-finite rewards, fp16 loss scaling and early
+one-sentence errors."""
 
 import json
 import os
@@ -402,3 +403,167 @@ def test_nonfinite_gradients_count_as_bad_steps(tmp_path):
     assert [r.get("train/nonfinite_grad") for r in rows] == [1.0, 1.0]
     assert trainer.step == 2  # stopped after two bad steps in a row, nothing updated
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- fp16 loss scaling
+
+
+def _with_cpu_scaler(trainer, **kwargs):
+    # accelerate makes a GradScaler only for fp16 on CUDA; a CPU one exercises the same code path in the engine
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", **kwargs)
+    return trainer.accelerator.scaler
+
+
+def test_fp16_loss_scaling_is_undone_before_the_update(tmp_path):
+    results = []
+    for scaled in (False, True):
+        trainer = build_trainer(PRESET["refl"], _overrides(tmp_path / str(scaled), "max_steps=1", "data.eval_size=0"))
+        scaler = _with_cpu_scaler(trainer, init_scale=1024.0, growth_interval=1) if scaled else None
+        metrics = trainer.train_step(0)
+        state = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.params]
+        results.append((metrics, [p.detach().clone() for p in trainer.params], state, scaler))
+    (plain, plain_params, plain_state, _), (amp, amp_params, amp_state, scaler) = results
+    # the clipped norm and Adam's moments see the true gradient, not 1024 times it
+    assert amp["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-6)
+    for a, b in zip(plain_state, amp_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    for a, b in zip(plain_params, amp_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert scaler.get_scale() == 2048.0 and amp["train/loss_scale"] == 2048.0  # a good step grows the scale
+    assert "train/fp16_overflow" not in amp and "train/loss_scale" not in plain
+
+
+def test_fp16_overflow_skips_the_update_backs_off_and_is_not_a_bad_step(tmp_path):
+    from diffrl.rewards import as_reward
+
+    def nan_grad(images, prompts, **metadata):  # value 0, gradient of sqrt at 0: non-finite
+        return (images - images.detach()).abs().sqrt().mean(dim=(1, 2, 3))
+
+    reward = as_reward(nan_grad, differentiable=True)
+    overrides = _overrides(tmp_path, "max_steps=3", "max_bad_steps=1", "data.eval_size=0")
+    trainer = build_trainer(PRESET["refl"], overrides, reward=reward)
+    scaler = _with_cpu_scaler(trainer, init_scale=1024.0)
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    rows = [r for r in _metrics(tmp_path) if "train/bad_steps_in_a_row" in r]
+    assert trainer.step == 3  # max_bad_steps=1 would have stopped the run after its first step
+    assert [r["train/fp16_overflow"] for r in rows] == [1.0, 1.0, 1.0]
+    assert [r["train/loss_scale"] for r in rows] == [512.0, 256.0, 128.0]
+    assert all(r["train/bad_steps_in_a_row"] == 0.0 and "train/nonfinite_grad" not in r for r in rows)
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+    # the scale is checkpointed with the optimiser
+    resumed = build_trainer(PRESET["refl"], [*overrides, "resume_from_checkpoint=latest"], reward=reward)
+    _with_cpu_scaler(resumed, init_scale=1024.0)
+    resumed.load_checkpoint("latest")
+    assert resumed.accelerator.scaler.get_scale() == scaler.get_scale() == 128.0
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_restores_running_reward_statistics(tmp_path):
+    two_rewards = ["reward={brightness: 1.0, saturation: 0.5}", "reward_normalize=running", "data.eval_size=0"]
+    full = build_trainer(PRESET["refl"], _overrides(tmp_path / "full", "max_steps=4", *two_rewards))
+    full.train()
+    half = build_trainer(PRESET["refl"], _overrides(tmp_path / "half", "max_steps=2", *two_rewards))
+    half.train()
+    saved = json.loads((tmp_path / "half" / "checkpoint-000002" / "state.json").read_text())["reward_state"]
+    assert saved["reward"] == half.reward.training_state() and set(saved["reward"]["running"]) == {
+        "brightness",
+        "saturation",
+    }
+    resumed = build_trainer(
+        PRESET["refl"],
+        _overrides(tmp_path / "half", "max_steps=4", "resume_from_checkpoint=latest", *two_rewards),
+    )
+    resumed.load_checkpoint("latest")
+    assert resumed.reward.training_state() == saved["reward"]
+    resumed.train()
+    assert resumed.reward.training_state() == full.reward.training_state()
+    a, b = _trained(tmp_path / "full"), _trained(tmp_path / "half")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_evaluation_does_not_move_running_reward_statistics(tmp_path):
+    # with an empty eval_reward the training reward object is also the evaluation reward
+    run = ["reward={brightness: 1.0, saturation: 0.5}", "reward_normalize=running", "data.eval_size=2"]
+    trainer = build_trainer(PRESET["refl"], _overrides(tmp_path, "max_steps=1", "eval_reward={}", *run))
+    assert trainer.eval_reward is trainer.reward
+    trainer.train()
+    stats = trainer.reward.training_state()
+    assert set(stats["running"]) == {"brightness", "saturation"}
+    trainer.evaluate()
+    assert trainer.reward.training_state() == stats
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path, capsys):
+    run = ["max_steps=4", "checkpointing_steps=2", "checkpoints_total_limit=0", "data.eval_size=0"]
+    build_trainer(PRESET["refl"], _overrides(tmp_path, *run)).train()
+    # as if killed after logging step 4 (half way through a fifth row) but before its checkpoint was written
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-000004")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')
+    capsys.readouterr()
+    build_trainer(PRESET["refl"], _overrides(tmp_path, *run, "resume_from_checkpoint=latest")).train()
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+    assert "dropped 3 rows logged after step 2" in capsys.readouterr().out
+
+
+def test_resume_refuses_another_config_before_loading_anything(tmp_path, monkeypatch):
+    base = _overrides(tmp_path / "run", "max_steps=2", "data.eval_size=0")
+    build_trainer(PRESET["refl"], base).train()
+    import diffrl.models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the resumed config was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(diffrl.models, "load_model", no_load)
+        with pytest.raises(ConfigError, match=r"optim\.lr=0\.001 but the current config has optim\.lr=0\.002"):
+            build_trainer(PRESET["refl"], [*base, "resume_from_checkpoint=latest", "optim.lr=2e-3"])
+        with pytest.raises(ConfigError, match=r"reward\.saturation=\(not set\) .* reward\.saturation=1\.0"):
+            build_trainer(
+                PRESET["refl"],
+                [*base, "resume_from_checkpoint=latest", "reward={brightness: 1.0, saturation: 1.0}"],
+            )
+    # bookkeeping may change; so may everything when a new output_dir starts from the checkpoint's weights
+    free = ["max_steps=5", "log_every=2", "checkpointing_steps=1", "report_to=none", "eval_every=1"]
+    build_trainer(PRESET["refl"], [*base, "resume_from_checkpoint=latest", *free])
+    ckpt = tmp_path / "run" / "checkpoint-000002"
+    trainer = build_trainer(
+        PRESET["refl"],
+        [*base, f"output_dir={tmp_path / 'new'}", f"resume_from_checkpoint={ckpt}", "optim.lr=2e-3"],
+    )
+    trainer.load_checkpoint(str(ckpt))
+    assert trainer.step == 2
+
+
+# ---------------------------------------------------------------------------------------------- ReFL batch norm
+
+
+def test_refl_batch_normalisation_takes_the_whole_step_whatever_the_micro_batch(tmp_path):
+    results = []
+    for mb in (1, 4):
+        trainer = build_trainer(
+            PRESET["refl"],
+            _overrides(
+                tmp_path / f"mb{mb}",
+                "max_steps=1",
+                f"optim.train_batch_size={mb}",
+                "data.eval_size=0",
+                "optim.max_grad_norm=0",
+                "reward={brightness: 1.0, saturation: 0.5}",
+                "reward_normalize=batch",
+            ),
+        )
+        before = [p.detach().clone() for p in trainer.params]
+        trainer.train()
+        results.append([p.detach().clone() for p in trainer.params])
+    # per micro-batch statistics would give a micro-batch of one image a total of 0 and no gradient
+    moved = max(float((a - b).abs().max()) for a, b in zip(before, results[0], strict=True))
+    assert moved > 1e-4
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)

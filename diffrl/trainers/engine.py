@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TrainConfig, config_to_dict, load_config, validate
+from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
 from ..utils import resolve_dtype
 
@@ -134,6 +134,10 @@ class Trainer:
         validate(cfg, acc.num_processes, given=given)
         self.output_dir = Path(cfg.output_dir)
         self._check_output_dir()
+        if cfg.resume_from_checkpoint:  # before anything is loaded: a mismatching config fails at once
+            resume_path = self._find_checkpoint(cfg.resume_from_checkpoint)
+            if resume_path is not None:
+                self._check_resume_config(resume_path)
         self.reward = self._build_reward(reward, cfg.reward)
         self.eval_reward = (
             self._build_reward(eval_reward, cfg.eval_reward)
@@ -191,6 +195,27 @@ class Trainer:
             raise PermissionError(
                 f"output_dir={self.cfg.output_dir} is not writable ({err.strerror}); choose another directory."
             ) from None
+
+    def _check_resume_config(self, path: Path) -> None:
+        """Refuse to continue a run under another config: its replay would no longer be what the checkpoint's run
+        did. Fields in :data:`diffrl.config.RESUME_FREE_KEYS` may change. A checkpoint from another directory
+        starts a new run from its weights, so there a difference is only reported."""
+        saved = json.loads((path / "state.json").read_text()).get("config")
+        diff = resume_mismatch(saved, self.cfg) if saved is not None else None
+        if diff is None:
+            return
+        key, then, now = diff
+        if path.resolve().parent != self.output_dir.resolve():
+            self.accelerator.print(
+                f"[diffrl] starting a new run in {self.output_dir} from {path}, whose config differs "
+                f"(first: {key}={then}, now {now})"
+            )
+            return
+        raise ConfigError(
+            f"cannot resume from {path}: it was written with {key}={then} but the current config has {key}={now}; "
+            f"resume with the same config, or start a new output_dir (resume_from_checkpoint={path} there starts "
+            "from these weights with the new config)."
+        )
 
     def _build_reward(self, given, spec: dict[str, float]):
         from diffrl.rewards import CombinedReward, load_reward
@@ -388,23 +413,44 @@ class Trainer:
             )
 
     def finish_update(self) -> dict[str, float]:
-        """Average gradients over processes, clip, step the optimiser and scheduler, update the EMA."""
-        grads_ok = True
+        """Average gradients over processes, unscale them (fp16 loss scaling), clip, step the optimiser and
+        scheduler, update the EMA.
+
+        With fp16 on CUDA, ``accelerator.backward`` multiplies the loss by the gradient scaler's scale. The gradients
+        are unscaled here before the finite check and the clipping. A non-finite gradient is then an overflow of
+        the scaled loss: the update is skipped, the scale backs off (``train/fp16_overflow``) and the step does not
+        count as bad, unless the scale is already 1 or less (nothing left to blame on scaling).
+        """
+        scaler = self.accelerator.scaler
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if self.world > 1:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-            if not torch.isfinite(p.grad).all():
-                grads_ok = False
+        scale = 1.0
+        if scaler is not None:
+            scale = float(scaler.get_scale())
+            scaler.unscale_(self.optimizer)
+        grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in self.params)
         metrics = {}
         if not grads_ok:
             self.optimizer.zero_grad(set_to_none=True)
-            return {"train/nonfinite_grad": 1.0}
+            if scaler is None:
+                return {"train/nonfinite_grad": 1.0}
+            scaler.update()  # the unscale recorded the overflow: the scale backs off
+            metrics = {"train/fp16_overflow": 1.0, "train/loss_scale": float(scaler.get_scale())}
+            if scale <= 1.0:
+                metrics["train/nonfinite_grad"] = 1.0
+            return metrics
         if self.cfg.optim.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
             metrics["train/grad_norm"] = float(norm)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # gradients already unscaled and finite: a plain optimiser step
+            scaler.update()
+            metrics["train/loss_scale"] = float(scaler.get_scale())
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -443,6 +489,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume_from_checkpoint:
             self.load_checkpoint(cfg.resume_from_checkpoint)
+            # from step N the rows after N are logged again; from no checkpoint everything is, step 0 included
+            self._drop_replayed_metrics(self.step if self.step > 0 else -1)
         self._announce()
         shown: dict[str, str] = {}  # progress-bar postfix: last reward and last evaluation
 
@@ -497,6 +545,30 @@ class Trainer:
         self.save_final()
         self.logger.close()
         return metrics
+
+    def _drop_replayed_metrics(self, last_kept: int) -> None:
+        """Rewrite metrics.jsonl without its rows after step ``last_kept`` (and any line a kill cut short): a run
+        resumed from checkpoint-N logs steps N+1... again. Atomic (temporary file, then rename), main process only."""
+        path = self.logger.path
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_kept:
+                kept.append(line)
+        dropped = len(lines) - len(kept)
+        if not dropped:
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        since = f"after step {last_kept}" if last_kept >= 0 else "before the first checkpoint"
+        print(f"[diffrl] metrics.jsonl: dropped {dropped} rows logged {since}, which this run logs again")
 
     def _announce(self) -> None:
         if not self.accelerator.is_main_process:
@@ -553,7 +625,9 @@ class Trainer:
                     )
                 images.append(self.model.decode(out.final))
         images = torch.cat(images)
-        result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
+        freeze = getattr(self.eval_reward, "frozen_statistics", None)  # evaluation must not move running stats
+        with freeze() if freeze is not None else contextlib.nullcontext():
+            result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
         comps = dict(result.components)
         comps.setdefault(self.eval_reward.name, result.total)
         metrics = self._eval_means(
@@ -615,17 +689,23 @@ class Trainer:
         extra = self.extra_state()
         if extra:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            tmp / "optim.pt",
-        )
+        optim_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.accelerator.scaler is not None:
+            optim_state["scaler"] = self.accelerator.scaler.state_dict()
+        torch.save(optim_state, tmp / "optim.pt")
         (tmp / "state.json").write_text(
             json.dumps(
-                {"step": self.step, "bad_steps": self.bad_steps, "config": config_to_dict(self.cfg)}, indent=2
+                {
+                    "step": self.step,
+                    "bad_steps": self.bad_steps,
+                    "config": config_to_dict(self.cfg),
+                    "reward_state": self._reward_state(),
+                },
+                indent=2,
             )
         )
         if final.exists():
@@ -638,22 +718,35 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, which: str) -> None:
-        """Restore a checkpoint (``latest`` or a path): weights, optimiser, scheduler, EMA, step."""
-        from safetensors.torch import load_file
+    def _reward_state(self) -> dict[str, dict]:
+        """The rewards' checkpointed state (e.g. running normalisation statistics), JSON-serialisable."""
+        state = {"reward": self.reward.training_state()}
+        if self.eval_reward is not self.reward:
+            state["eval_reward"] = self.eval_reward.training_state()
+        return state
 
+    def _find_checkpoint(self, which: str) -> Path | None:
+        """The checkpoint ``resume_from_checkpoint`` names: the newest in ``output_dir`` for ``latest`` (``None``
+        if there is none), else the given directory."""
         if which == "latest":
             ckpts = sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-            if not ckpts:
-                self.accelerator.print(f"[diffrl] no checkpoint in {self.output_dir}; starting fresh")
-                return
-            path = ckpts[-1]
-        else:
-            path = Path(which)
-            if not (path / "state.json").is_file():
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint={which} is not a checkpoint directory; pass latest or a checkpoint-N path."
-                )
+            return ckpts[-1] if ckpts else None
+        path = Path(which)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={which} is not a checkpoint directory; pass latest or a checkpoint-N path."
+            )
+        return path
+
+    def load_checkpoint(self, which: str) -> None:
+        """Restore a checkpoint (``latest`` or a path): weights, optimiser, scheduler, gradient scaler, EMA,
+        reward state (running normalisation statistics), step."""
+        from safetensors.torch import load_file
+
+        path = self._find_checkpoint(which)
+        if path is None:
+            self.accelerator.print(f"[diffrl] no checkpoint in {self.output_dir}; starting fresh")
+            return
         weights = load_file(str(path / "trainable.safetensors"))
         missing = [n for n in self.param_names if n not in weights]
         if missing:
@@ -675,7 +768,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         info = json.loads((path / "state.json").read_text())
+        rewards = info.get("reward_state", {})
+        if "reward" in rewards:
+            self.reward.load_training_state(rewards["reward"])
+        if "eval_reward" in rewards and self.eval_reward is not self.reward:
+            self.eval_reward.load_training_state(rewards["eval_reward"])
         self.step = int(info["step"])
         self.bad_steps = int(info.get("bad_steps", 0))
         self.accelerator.print(f"[diffrl] resumed from {path} at step {self.step}")

@@ -12,15 +12,24 @@ differentiable reward and minimise
 
 with ``v_base`` the network with its adapter disabled.
 
+A combined reward with ``reward_normalize: batch`` is z-scored with the statistics of the whole step (all
+micro-batches, all processes), not of each micro-batch: every micro-batch is first sampled and scored without grad
+(one extra pass over the grad window, the decode and the reward), then again with grad and normalised with those
+fixed statistics (no gradient flows through them). ``running`` statistics update on every reward call, i.e. per
+micro-batch and per process.
+
 Deviations: the reference (SD1.4, 40 steps) stops at steps 30-39; here the stop range is a fraction of the
 configured steps. The paper's optional pre-training (denoising) loss is not included.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
+from diffrl.rewards import CombinedReward
 from diffrl.samplers import rollout
 
 from .engine import Trainer
@@ -49,6 +58,53 @@ class ReFLTrainer(Trainer):
         hi = max(hi, lo + 1)
         return int(np.random.default_rng([self.cfg.seed, self.step, 32452843]).integers(lo, hi))
 
+    def _start(self, mb: list[int], n: int, cond, levels: torch.Tensor, K: int) -> torch.Tensor:
+        """The latents of micro-batch ``mb`` where the grad window begins: seeded noise run through the ODE steps
+        before the window, without grad."""
+        s = self.cfg.sample
+        noise = self.model.sample_noise(len(mb), s.height, s.width, self.row_generators(1, mb, self.rank * n))
+        if K >= levels.numel() - 1:
+            return noise
+        with self.autocast():
+            head = rollout(
+                self.model, cond, levels[: levels.numel() - K], noise, guidance_scale=s.guidance_scale
+            )
+        return head.final
+
+    def _window(self, x: torch.Tensor, cond, levels: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last K steps (with grad unless called under ``torch.no_grad()``): ``(x0_hat, KL-style term)``."""
+        c, s, model = self.cfg.refl, self.cfg.sample, self.model
+        kl = torch.zeros((), device=self.device)
+        for k in range(levels.numel() - 1 - K, levels.numel() - 1):
+            sig = levels[k].expand(x.shape[0])
+            with self.autocast():
+                v = model.velocity(x, sig, cond, s.guidance_scale).float()
+            if c.kl_weight > 0 and torch.is_grad_enabled():
+                with torch.no_grad(), model.disable_adapter(), self.autocast():
+                    v_ref = model.velocity(x.detach(), sig, cond, s.guidance_scale).float()
+                kl = kl + ((v - v_ref) ** 2).mean() / K
+            x = x.float() + (levels[k + 1] - levels[k]) * v
+        return x, kl
+
+    def _step_statistics(self, batch, micro_batches, cond_all, levels, K) -> tuple[dict, dict]:
+        """``reward_normalize: batch`` over the whole step: each micro-batch is first sampled and scored without
+        grad, the raw component scores are gathered over processes and their ``(mean, std)`` computed once. Returns
+        the statistics and each micro-batch's starting latents (reused by the grad pass)."""
+        n = len(batch.prompts)
+        starts, components = {}, {}
+        for i, mb in enumerate(micro_batches):
+            cond = cond_all.select(mb)
+            starts[i] = self._start(mb, n, cond, levels, K)
+            with torch.no_grad():
+                x0, _ = self._window(starts[i], cond, levels, K)
+                images = self.model.decode(x0)
+                meta_mb = {key: [vals[m] for m in mb] for key, vals in batch.metadata.items()}
+                scored = self.reward.evaluate(images, [batch.prompts[m] for m in mb], **meta_mb)
+            for name, v in scored.components.items():
+                components.setdefault(name, []).append(v.float())
+        gathered = {name: self.gather(torch.cat(v).to(self.device)) for name, v in components.items()}
+        return self.reward.batch_statistics(gathered), starts
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg, c, s = self.cfg, self.cfg.refl, self.cfg.sample
         model = self.model
@@ -60,35 +116,26 @@ class ReFLTrainer(Trainer):
         # levels s_0 .. s_j, then a last jump to 0: the grad window is the last K steps of this schedule
         levels = torch.cat([sigmas[: j + 1], sigmas.new_zeros(1)])
         cond_all = model.encode(batch.prompts)
+        bs = cfg.optim.train_batch_size
+        micro_batches = [list(range(i, min(n, i + bs))) for i in range(0, n, bs)]
+        # the reward is called per micro-batch; a batch-normalised sum takes its statistics from the whole step
+        whole_batch = isinstance(self.reward, CombinedReward) and self.reward.normalize == "batch"
+        stats, starts = (
+            self._step_statistics(batch, micro_batches, cond_all, levels, K) if whole_batch else ({}, {})
+        )
         sums = {"loss": 0.0, "kl": 0.0}
         rewards_all = []
         components: dict[str, list] = {}
         bad = False
-        for i in range(0, n, cfg.optim.train_batch_size):
-            mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
+        for i, mb in enumerate(micro_batches):
             cond = cond_all.select(mb)
-            noise = model.sample_noise(len(mb), s.height, s.width, self.row_generators(1, mb, self.rank * n))
-            with self.autocast():
-                head = (
-                    rollout(model, cond, levels[: levels.numel() - K], noise, guidance_scale=s.guidance_scale)
-                    if K < levels.numel() - 1
-                    else None
-                )
-            x = head.final if head is not None else noise
-            kl = torch.zeros((), device=self.device)
-            for k in range(levels.numel() - 1 - K, levels.numel() - 1):
-                sig = levels[k].expand(len(mb))
-                with self.autocast():
-                    v = model.velocity(x, sig, cond, s.guidance_scale).float()
-                if c.kl_weight > 0:
-                    with torch.no_grad(), model.disable_adapter(), self.autocast():
-                        v_ref = model.velocity(x.detach(), sig, cond, s.guidance_scale).float()
-                    kl = kl + ((v - v_ref) ** 2).mean() / K
-                x = x.float() + (levels[k + 1] - levels[k]) * v
+            x = starts[i] if whole_batch else self._start(mb, n, cond, levels, K)
+            x, kl = self._window(x, cond, levels, K)
             images = model.decode(x)
             prompts_mb = [batch.prompts[m] for m in mb]
             meta_mb = {key: [vals[m] for m in mb] for key, vals in batch.metadata.items()}
-            scored = self.reward.evaluate(images, prompts_mb, **meta_mb)
+            with self.reward.fixed_statistics(stats) if whole_batch else contextlib.nullcontext():
+                scored = self.reward.evaluate(images, prompts_mb, **meta_mb)
             r = scored.total.float()
             loss = refl_loss(r, kind=c.loss, target=c.target, scale=c.scale) + c.kl_weight * kl
             if not torch.isfinite(loss):
