@@ -197,6 +197,8 @@ class ReFLConfig:
     """Loss scale (ReFL: 1e-3)."""
     kl_weight: float = 0.0
     """Weight of mean((v_theta - v_base)^2) on the grad steps (DRaFT+ style regulariser)."""
+    denoise_weight: float = 0.0
+    """Weight of the flow-matching loss on the model's own ODE samples (ReFL's denoising regulariser); 0: off."""
 
 
 @dataclass
@@ -582,3 +584,7 @@ def validate(cfg: TrainConfig, num_processes: int = 1, given: frozenset[str] | s
         )
         need(r.grad_steps >= 1, f"refl.grad_steps={r.grad_steps} must be at least 1.")
         need(r.loss in ("hinge", "linear"), f"refl.loss={r.loss!r} must be hinge or linear.")
+        need(
+            r.denoise_weight >= 0,
+            f"refl.denoise_weight={r.denoise_weight} must be at least 0 (0 turns the denoising regulariser off).",
+        )

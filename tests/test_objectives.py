@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffrl.trainers.objectives import (
+    denoising_loss,
     gaussian_kl,
     group_advantages,
     nft_loss,
@@ -144,3 +145,26 @@ def test_refl_loss():
     assert refl_loss(torch.tensor([1.0, 3.0]), kind="linear", scale=1.0).item() == pytest.approx(-2.0)
     with pytest.raises(ValueError, match="kind"):
         refl_loss(r, kind="square")
+
+
+def test_denoising_loss_by_hand():
+    # two samples of two "pixels": target eps - x0 = [[-1, -1], [2, -1]]
+    x0 = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+    eps = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    v = torch.tensor([[0.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    loss = denoising_loss(v, x0, eps)
+    # squared errors [[1, 1], [1, 4]], mean over the batch and the dimensions
+    assert loss.item() == pytest.approx(7 / 4)
+    loss.backward()
+    # d/dv mean((v - t)^2) = 2 (v - t) / 4
+    torch.testing.assert_close(v.grad, torch.tensor([[0.5, 0.5], [-0.5, 1.0]]))
+    # the exact velocity of the straight path x_s = (1 - s) x0 + s eps, whatever s, costs nothing
+    s = 0.3
+    x_s = (1 - s) * x0 + s * eps
+    exact = (x_s - x0) / s
+    assert denoising_loss(exact, x0, eps).item() == pytest.approx(0.0, abs=1e-10)
+    # no gradient flows into the targets
+    x0g = x0.clone().requires_grad_(True)
+    assert not denoising_loss(v.detach(), x0g, eps).requires_grad
+    with pytest.raises(ValueError, match="same shape"):
+        denoising_loss(v, x0[:1], eps)

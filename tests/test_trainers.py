@@ -79,6 +79,7 @@ def test_every_config_field_is_documented():
         (["reward={}"], "reward is empty"),
         (["max_bad_steps=0"], "max_bad_steps=0 must be at least 1"),
         (["model.lora_rank=0"], "lora_rank=0 .* has no base model"),
+        (["algorithm=refl", "refl.denoise_weight=-1"], "refl.denoise_weight=-1.0 must be at least 0"),
     ],
 )
 def test_bad_config_values_raise_one_sentence(overrides, message):
@@ -196,6 +197,29 @@ def test_flow_grpo_first_inner_step_is_on_policy(tmp_path):
     )
 
 
+def test_flow_grpo_trajectory_ratio_logs_the_kl_it_trains_with(tmp_path):
+    # The first step is on-policy and the KL to the base is 0 (a fresh LoRA is a no-op); both modes then take the
+    # same update (one ratio per trajectory or one per step have the same gradient at ratio 1), so at the second
+    # step both log the same positive KL. Before the fix the trajectory mode logged 0.
+    kl = {}
+    for mode in ("false", "true"):
+        out = tmp_path / mode
+        build_trainer(
+            PRESET["flow_grpo"],
+            _overrides(
+                out,
+                "max_steps=2",
+                "data.eval_size=0",
+                "flow_grpo.kl_beta=0.1",
+                f"flow_grpo.trajectory_ratio={mode}",
+            ),
+        ).train()
+        kl[mode] = [r["train/kl"] for r in _metrics(out) if "train/kl" in r]
+    assert kl["true"][0] == pytest.approx(0.0, abs=1e-12) and kl["false"][0] == pytest.approx(0.0, abs=1e-12)
+    assert kl["true"][1] > 0
+    assert kl["true"][1] == pytest.approx(kl["false"][1], rel=1e-3)
+
+
 def test_lr_schedule_counts_inner_epochs(tmp_path):
     # linear decay over max_steps=2 steps of 2 updates each: the lr after the first step is half the peak, not 0
     trainer = build_trainer(
@@ -220,16 +244,21 @@ def test_flux_trainer_runs(tmp_path):
     pipe.load_lora_weights(tmp_path / "lora")
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_resume_is_bitwise_identical(algo, tmp_path):
+# ReFL's denoising regulariser draws its own levels and noise: resume and micro-batching must not change them
+VARIANTS = [(a, ()) for a in ALGOS] + [("refl", ("refl.denoise_weight=1.0",))]
+VARIANT_IDS = [*ALGOS, "refl-denoise"]
+
+
+@pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
+def test_resume_is_bitwise_identical(algo, extra, tmp_path):
     full = build_trainer(
         PRESET[algo],
-        _overrides(tmp_path / "full", "max_steps=4", "checkpointing_steps=2", "data.eval_size=0"),
+        _overrides(tmp_path / "full", "max_steps=4", "checkpointing_steps=2", "data.eval_size=0", *extra),
     )
     full.train()
     half = build_trainer(
         PRESET[algo],
-        _overrides(tmp_path / "half", "max_steps=2", "checkpointing_steps=2", "data.eval_size=0"),
+        _overrides(tmp_path / "half", "max_steps=2", "checkpointing_steps=2", "data.eval_size=0", *extra),
     )
     half.train()
     resumed = build_trainer(
@@ -240,6 +269,7 @@ def test_resume_is_bitwise_identical(algo, tmp_path):
             "checkpointing_steps=2",
             "data.eval_size=0",
             "resume_from_checkpoint=latest",
+            *extra,
         ),
     )
     resumed.train()
@@ -249,8 +279,8 @@ def test_resume_is_bitwise_identical(algo, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_micro_batch_size_does_not_change_the_update(algo, tmp_path):
+@pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
+def test_micro_batch_size_does_not_change_the_update(algo, extra, tmp_path):
     results = []
     for mb in (1, 4):
         trainer = build_trainer(
@@ -261,6 +291,7 @@ def test_micro_batch_size_does_not_change_the_update(algo, tmp_path):
                 f"optim.train_batch_size={mb}",
                 "data.eval_size=0",
                 "optim.max_grad_norm=0",
+                *extra,
             ),
         )
         trainer.train()
@@ -567,3 +598,81 @@ def test_refl_batch_normalisation_takes_the_whole_step_whatever_the_micro_batch(
     assert moved > 1e-4
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------- ReFL denoising
+
+
+def test_refl_denoising_regulariser_logs_its_loss_and_changes_the_update(tmp_path):
+    rows, weights = {}, {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / str(weight)
+        trainer = build_trainer(
+            PRESET["refl"],
+            _overrides(out, "max_steps=2", "data.eval_size=0", f"refl.denoise_weight={weight}"),
+        )
+        trainer.train()
+        rows[weight] = [r for r in _metrics(out) if "train/loss" in r]
+        weights[weight] = [p.detach().clone() for p in trainer.params]
+    assert all("train/denoise_loss" not in r for r in rows[0.0])
+    assert all(r["train/denoise_loss"] > 0 for r in rows[1.0])
+    # the first step starts from the same weights: the losses differ by exactly the weighted regulariser
+    first_off, first_on = rows[0.0][0], rows[1.0][0]
+    assert first_on["train/loss"] - first_off["train/loss"] == pytest.approx(
+        first_on["train/denoise_loss"], rel=1e-5
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0.0], weights[1.0], strict=True))
+
+
+@pytest.mark.parametrize(
+    "stop, last", [(("0.5", "0.75"), False), (("0.75", "1.0"), True)], ids=["j<T-1", "j=T-1"]
+)
+def test_refl_denoising_regulariser_trains_on_the_full_ode_sample(stop, last, tmp_path, monkeypatch):
+    # x0 is the full ODE sample from the step's noise whether the stop index is the last step (x0_hat, reused) or
+    # not (the ODE continued from s_j without grad); x_s = (1 - s) x0 + s eps with s in (0, 1) and eps per row
+    import diffrl.trainers.refl as refl
+    from diffrl.samplers import rollout
+
+    trainer = build_trainer(
+        PRESET["refl"],
+        _overrides(
+            tmp_path,
+            "max_steps=1",
+            "data.eval_size=0",
+            "refl.denoise_weight=1.0",
+            f"refl.stop_min={stop[0]}",
+            f"refl.stop_max={stop[1]}",
+        ),
+    )
+    model, s = trainer.model, trainer.cfg.sample
+    T = s.num_steps
+    assert (trainer._stop_index(T) == T - 1) == last
+    batch = trainer.step_batch(trainer.cfg.refl.prompts_per_step)
+    n = len(batch.prompts)
+    with torch.no_grad():
+        noise = model.sample_noise(n, s.height, s.width, trainer.row_generators(1, range(n), 0))
+        sigmas = model.schedule(T, s.height, s.width)
+        expected = rollout(
+            model, model.encode(batch.prompts), sigmas, noise, guidance_scale=s.guidance_scale
+        ).final
+    seen = {}
+    velocity, loss = model.velocity, refl.denoising_loss
+
+    def spy_velocity(x, sigma, cond, guidance_scale=1.0):
+        if guidance_scale == 1.0:  # only the regulariser calls the velocity without CFG
+            seen["x_s"], seen["s"] = x.detach().clone(), torch.as_tensor(sigma).detach().clone()
+        return velocity(x, sigma, cond, guidance_scale)
+
+    def spy_loss(v, x0, eps):
+        seen["x0"], seen["eps"] = x0.detach().clone(), eps.detach().clone()
+        return loss(v, x0, eps)
+
+    monkeypatch.setattr(model, "velocity", spy_velocity)
+    monkeypatch.setattr(refl, "denoising_loss", spy_loss)
+    metrics = trainer.train_step(0)
+    assert metrics["train/denoise_loss"] > 0
+    torch.testing.assert_close(seen["x0"], expected.float(), rtol=1e-4, atol=1e-5)
+    level = seen["s"].view(-1, 1, 1, 1)
+    assert seen["s"].shape == (n,) and bool(((seen["s"] > 0) & (seen["s"] < 1)).all())
+    assert len(set(seen["s"].tolist())) == n  # one level per sample
+    torch.testing.assert_close(seen["x_s"], (1 - level) * seen["x0"] + level * seen["eps"])

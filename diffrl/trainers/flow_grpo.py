@@ -139,6 +139,7 @@ class FlowGRPOTrainer(Trainer):
                 weight = len(mb) / (n_keep / self.world) / len(train_steps)
                 step_logps, step_old = [], []
                 total = 0.0
+                kl_sum = torch.zeros((), device=self.device)  # trajectory_ratio: the KL of every trained step
                 for k in train_steps:
                     x, x_next = latents[mb, k], latents[mb, k + 1]
                     sig = sigmas[k].expand(len(mb))
@@ -157,6 +158,7 @@ class FlowGRPOTrainer(Trainer):
                         step_logps.append(out.log_prob)
                         step_old.append(old_logp[mb, k])
                         total = total + loss_k * weight
+                        kl_sum = kl_sum + kl.detach()
                     else:
                         ppo = ppo_clip_loss(
                             out.log_prob,
@@ -180,7 +182,8 @@ class FlowGRPOTrainer(Trainer):
                         trajectory_ratio=True,
                     )
                     total = total + ppo.loss * len(mb) / (n_keep / self.world)
-                    self._accumulate(stats, ppo, torch.zeros(()), len(mb))
+                    # the micro-batch's mean KL over its trained steps, as the per-step branch logs it
+                    self._accumulate(stats, ppo, kl_sum / len(train_steps), len(mb))
                     if not torch.isfinite(total):
                         bad = True
                     self.accelerator.backward(total)

@@ -7,6 +7,7 @@
   convention (mean over dimensions).
 * :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
 * :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
+* :func:`denoising_loss`: the rectified-flow (pre-training) loss, ReFL's optional regulariser.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "nft_loss",
     "nft_old_policy_decay",
     "refl_loss",
+    "denoising_loss",
 ]
 
 
@@ -190,3 +192,15 @@ def refl_loss(
     if kind == "linear":
         return -r.mean() * scale
     raise ValueError(f"kind={kind!r} is not known; use 'hinge' or 'linear'.")
+
+
+def denoising_loss(v_theta: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow (pre-training) loss ``mean((v_theta - (eps - x0))^2)`` over the batch and every dimension,
+    with ``v_theta`` the velocity at ``x_s = (1 - s) x0 + s eps``, whose target ``eps - x0`` does not depend on
+    ``s``. ``x0`` and ``eps`` are targets (no gradient flows into them)."""
+    if not (v_theta.shape == x0.shape == eps.shape):
+        raise ValueError(
+            f"v_theta {tuple(v_theta.shape)}, x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} must have the same shape."
+        )
+    target = eps.detach().float() - x0.detach().float()
+    return ((v_theta.float() - target) ** 2).mean()

@@ -3,14 +3,21 @@ backpropagation through the last sampling steps.
 
 Per step and prompt: draw a stop index ``j`` in ``[stop_min * T, stop_max * T)``; run the ODE steps before it
 without grad; then ``grad_steps`` (K) Euler steps with grad, the last of which jumps from level ``s_j`` straight
-to ``0`` (``x0_hat = x - s_j v_theta(x, s_j)``, ReFL's one-step prediction; K = 1 is ReFL, K > 1 is DRaFT-K with
-per-step gradient checkpointing when ``model.gradient_checkpointing`` is on). Decode with grad, score with a
+to ``0`` (``x0_hat = x - s_j v_theta(x, s_j)``, ReFL's one-step prediction; K = 1 is ReFL, K > 1 is DRaFT-K;
+``model.gradient_checkpointing`` turns on the transformer's own checkpointing). Decode with grad, score with a
 differentiable reward and minimise
 
     L = scale * mean(relu(target - r))   (hinge, the reference with ImageReward)   or   -scale * mean(r)  (linear)
-        + kl_weight * mean((v_theta - v_base)^2) over the grad steps   (DRaFT+/KL-style regulariser, optional),
+        + kl_weight * mean((v_theta - v_base)^2) over the grad steps   (DRaFT+/KL-style regulariser, optional)
+        + denoise_weight * mean((v_theta(x_s, s, c) - (eps - x0))^2)   (denoising regulariser, optional),
 
-with ``v_base`` the network with its adapter disabled.
+with ``v_base`` the network with its adapter disabled. The denoising term is ReFL's pre-training loss with the
+model's own samples as data (there is no pre-training set here): ``x0`` is the final latent of the full ODE sample
+from the step's noise (``x0_hat`` itself, detached, when ``j`` is the last step; otherwise the ODE runs on without
+grad from the window's latent at ``s_j`` to 0: ``T - j`` extra sampling steps), ``s = sigmoid(n)`` with
+``n ~ N(0, 1)`` (logit-normal, the level distribution of SD3's and the toy model's pre-training), fresh noise
+``eps``, ``x_s = (1 - s) x0 + s eps``, both per sample from the step's row generators; ``v_theta`` is the plain
+conditional velocity (no CFG; FLUX keeps its distilled guidance embedding at ``sample.guidance_scale``).
 
 A combined reward with ``reward_normalize: batch`` is z-scored with the statistics of the whole step (all
 micro-batches, all processes), not of each micro-batch: every micro-batch is first sampled and scored without grad
@@ -19,7 +26,8 @@ fixed statistics (no gradient flows through them). ``running`` statistics update
 micro-batch and per process.
 
 Deviations: the reference (SD1.4, 40 steps) stops at steps 30-39; here the stop range is a fraction of the
-configured steps. The paper's optional pre-training (denoising) loss is not included.
+configured steps. The paper alternates the reward loss with a pre-training loss on pre-training data; here the
+denoising term is added to every step's loss and its data are the model's own samples.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from diffrl.rewards import CombinedReward
 from diffrl.samplers import rollout
 
 from .engine import Trainer
-from .objectives import refl_loss
+from .objectives import denoising_loss, refl_loss
 
 __all__ = ["ReFLTrainer"]
+
+_DENOISE_ROWS = 5  # row-generator purpose of the denoising regulariser's levels and noise (1: initial noise)
 
 
 class ReFLTrainer(Trainer):
@@ -71,11 +81,16 @@ class ReFLTrainer(Trainer):
             )
         return head.final
 
-    def _window(self, x: torch.Tensor, cond, levels: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last K steps (with grad unless called under ``torch.no_grad()``): ``(x0_hat, KL-style term)``."""
+    def _window(
+        self, x: torch.Tensor, cond, levels: torch.Tensor, K: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last K steps (with grad unless called under ``torch.no_grad()``): ``(x0_hat, KL-style term, the
+        latents at s_j before the last jump, detached)``."""
         c, s, model = self.cfg.refl, self.cfg.sample, self.model
         kl = torch.zeros((), device=self.device)
+        x_j = x
         for k in range(levels.numel() - 1 - K, levels.numel() - 1):
+            x_j = x
             sig = levels[k].expand(x.shape[0])
             with self.autocast():
                 v = model.velocity(x, sig, cond, s.guidance_scale).float()
@@ -84,7 +99,40 @@ class ReFLTrainer(Trainer):
                     v_ref = model.velocity(x.detach(), sig, cond, s.guidance_scale).float()
                 kl = kl + ((v - v_ref) ** 2).mean() / K
             x = x.float() + (levels[k + 1] - levels[k]) * v
-        return x, kl
+        return x, kl, x_j.detach()
+
+    def _denoise(
+        self,
+        x0_hat: torch.Tensor,
+        x_j: torch.Tensor,
+        cond,
+        sigmas: torch.Tensor,
+        j: int,
+        mb: list[int],
+        n: int,
+    ) -> torch.Tensor:
+        """The denoising regulariser of micro-batch ``mb`` (with grad): flow matching on the model's own samples.
+
+        ``x0`` is the final latent of the full ODE sample: ``x0_hat`` (detached) when ``j`` is the last step, else
+        the ODE from ``x_j`` (at ``s_j``) through the rest of the schedule ``sigmas``, without grad. Each sample's
+        level ``s = sigmoid(N(0, 1))`` and noise come from its row generator, so neither the micro-batch nor the
+        number of processes changes them."""
+        s, model = self.cfg.sample, self.model
+        if j == sigmas.numel() - 2:
+            x0 = x0_hat.detach().float()
+        else:
+            with torch.no_grad(), self.autocast():
+                x0 = rollout(model, cond, sigmas[j:], x_j, guidance_scale=s.guidance_scale).final.float()
+        gens = self.row_generators(_DENOISE_ROWS, mb, self.rank * n)
+        level = torch.stack([torch.sigmoid(torch.randn((), generator=g)) for g in gens]).to(self.device)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
+        level_b = level.view(-1, *([1] * (x0.ndim - 1)))
+        x_s = (1 - level_b) * x0 + level_b * eps
+        # no CFG: SD3's conditional velocity; FLUX.1-dev's distilled guidance embedding is not CFG and stays on
+        guidance = 1.0 if model.family == "sd3" else s.guidance_scale
+        with self.autocast():
+            v = model.velocity(x_s, level, cond, guidance).float()
+        return denoising_loss(v, x0, eps)
 
     def _step_statistics(self, batch, micro_batches, cond_all, levels, K) -> tuple[dict, dict]:
         """``reward_normalize: batch`` over the whole step: each micro-batch is first sampled and scored without
@@ -96,7 +144,7 @@ class ReFLTrainer(Trainer):
             cond = cond_all.select(mb)
             starts[i] = self._start(mb, n, cond, levels, K)
             with torch.no_grad():
-                x0, _ = self._window(starts[i], cond, levels, K)
+                x0, _, _ = self._window(starts[i], cond, levels, K)
                 images = self.model.decode(x0)
                 meta_mb = {key: [vals[m] for m in mb] for key, vals in batch.metadata.items()}
                 scored = self.reward.evaluate(images, [batch.prompts[m] for m in mb], **meta_mb)
@@ -123,14 +171,14 @@ class ReFLTrainer(Trainer):
         stats, starts = (
             self._step_statistics(batch, micro_batches, cond_all, levels, K) if whole_batch else ({}, {})
         )
-        sums = {"loss": 0.0, "kl": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "denoise_loss": 0.0}
         rewards_all = []
         components: dict[str, list] = {}
         bad = False
         for i, mb in enumerate(micro_batches):
             cond = cond_all.select(mb)
             x = starts[i] if whole_batch else self._start(mb, n, cond, levels, K)
-            x, kl = self._window(x, cond, levels, K)
+            x, kl, x_j = self._window(x, cond, levels, K)
             images = model.decode(x)
             prompts_mb = [batch.prompts[m] for m in mb]
             meta_mb = {key: [vals[m] for m in mb] for key, vals in batch.metadata.items()}
@@ -142,6 +190,14 @@ class ReFLTrainer(Trainer):
                 bad = True
             w = len(mb) / n
             self.accelerator.backward(loss * w)
+            if c.denoise_weight > 0:  # its own backward: the reward's graph is freed first
+                denoise = self._denoise(x, x_j, cond, sigmas, j, mb, n)
+                term = c.denoise_weight * denoise
+                if not torch.isfinite(term):
+                    bad = True
+                self.accelerator.backward(term * w)
+                loss = loss.detach() + term.detach()
+                sums["denoise_loss"] += float(denoise.detach()) * w
             sums["loss"] += float(loss.detach()) * w
             sums["kl"] += float(kl.detach()) * w
             rewards_all.append(r.detach())
@@ -155,6 +211,8 @@ class ReFLTrainer(Trainer):
         metrics.update(self.finish_update())
         metrics["train/loss"] = self.mean_over_processes(sums["loss"])
         metrics["train/kl"] = self.mean_over_processes(sums["kl"])
+        if c.denoise_weight > 0:
+            metrics["train/denoise_loss"] = self.mean_over_processes(sums["denoise_loss"])
         metrics["train/stop_index"] = float(j)
         metrics["train/skipped"] = 0.0
         return metrics
