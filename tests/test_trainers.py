@@ -516,6 +516,35 @@ def test_resume_restores_running_reward_statistics(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_eval_images_per_prompt_adds_seeds_and_keeps_the_first_image(tmp_path):
+    from diffrl.rewards import as_reward
+
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def record(images, prompts, **metadata):  # scores each image by its mean; keeps what evaluation sampled
+        seen.setdefault(len(seen), []).append(images.detach().clone())
+        return images.mean(dim=(1, 2, 3))
+
+    def evaluate(per: int, out: Path) -> tuple[torch.Tensor, dict]:
+        seen.clear()
+        trainer = build_trainer(
+            PRESET["flow_grpo"],
+            _overrides(out, "data.eval_size=3", f"sample.eval_images_per_prompt={per}", "sample.batch_size=4"),
+            reward=as_reward(record),
+        )
+        metrics = trainer.evaluate()
+        return torch.cat([t for chunks in seen.values() for t in chunks]), metrics
+
+    one, m1 = evaluate(1, tmp_path / "one")
+    two, m2 = evaluate(2, tmp_path / "two")
+    assert one.shape[0] == 3 and two.shape[0] == 6
+    torch.testing.assert_close(two[:3], one, rtol=0, atol=0)  # image 0 of each prompt: the one-image seeds
+    assert all(not torch.equal(two[3 + i], two[i]) for i in range(3))  # image 1: new seeds
+    key = next(k for k in m2 if k.startswith("eval/reward/"))
+    assert m2[key] == pytest.approx(float(two.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
+    assert m1[key] == pytest.approx(float(one.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
+
+
 def test_evaluation_does_not_move_running_reward_statistics(tmp_path):
     # with an empty eval_reward the training reward object is also the evaluation reward
     run = ["reward={brightness: 1.0, saturation: 0.5}", "reward_normalize=running", "data.eval_size=2"]

@@ -590,17 +590,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Sample the held-out prompts (ODE, fixed seed, EMA weights) and score them with the evaluation reward."""
+        """Sample the held-out prompts (ODE, ``sample.eval_images_per_prompt`` fixed seeds each, EMA weights) and
+        score them with the evaluation reward."""
         from diffrl.samplers import rollout
 
         cfg = self.cfg
         s = cfg.sample
         prompts = self.eval_set
+        per = s.eval_images_per_prompt
+        # evaluation row = (prompt, image): row r * n + p is image r of prompt p, spread over the processes
         n = len(prompts)
-        mine = list(range(self.rank, n, self.world))
+        mine = list(range(self.rank, n * per, self.world))
         if not mine:
             return self._eval_means({})  # still takes part in the reduction the other processes wait for
-        local = prompts.take(mine)
+        local = prompts.take([row % n for row in mine])
+
+        def eval_seed(row: int) -> torch.Generator:
+            p, r = row % n, row // n  # image 0 keeps the seed of a one-image evaluation
+            keys = (cfg.seed, 10**6 + p) if r == 0 else (cfg.seed, 10**6 + p, r)
+            return seeded_generator(*keys)
+
         guidance = s.eval_guidance_scale
         images = []
         with self.ema_weights():
@@ -609,9 +618,7 @@ class Trainer:
                 cond = self.model.encode(chunk)
                 noise = torch.cat(
                     [
-                        self.model.sample_noise(
-                            1, s.height, s.width, seeded_generator(cfg.seed, 10**6 + mine[i + j])
-                        )
+                        self.model.sample_noise(1, s.height, s.width, eval_seed(mine[i + j]))
                         for j in range(len(chunk))
                     ]
                 )
