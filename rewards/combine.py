@@ -111,6 +111,25 @@ class CombinedReward(Reward):
             stats[reward.name] = (float(scores.mean()), std)
         return stats
 
+    def total_from(
+        self, components: Mapping[str, torch.Tensor], stats: Mapping[str, tuple[float, float]]
+    ) -> torch.Tensor:
+        """The ``normalize="batch"`` total of already scored raw ``components`` (no gradient), z-scored with the
+        given :meth:`batch_statistics` instead of their own: how a batch split over processes is normalised as
+        a whole without scoring it again."""
+        if self.normalize != "batch":
+            raise ValueError(
+                f"total_from applies to normalize='batch', not normalize={self.normalize!r}; use evaluate()."
+            )
+        total = None
+        for reward, weight in self.parts:
+            if weight == 0:
+                continue
+            mean, std = stats[reward.name]
+            term = weight * (components[reward.name].detach().float() - mean) / (std + 1e-6)
+            total = term if total is None else total + term
+        return total
+
     @contextlib.contextmanager
     def fixed_statistics(self, stats: Mapping[str, tuple[float, float]]) -> Iterator[None]:
         """With ``normalize="batch"``, z-score each part with the given ``(mean, std)`` instead of the statistics of

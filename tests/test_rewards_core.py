@@ -254,6 +254,26 @@ def test_fixed_batch_statistics_normalise_parts_as_the_whole_batch():
             pass
 
 
+def test_total_from_split_batches_equals_the_whole_batch_total():
+    # Flow-GRPO / DiffusionNFT over processes: each process scores its share, the raw components are gathered and
+    # every share's total is z-scored with the whole batch's statistics
+    combo = CombinedReward(
+        [(as_reward(brightness), 1.0), (as_reward(redness_list), 0.5), (as_reward(brightness, name="b0"), 0.0)],
+        normalize="batch",
+    )
+    images = make_images(6)
+    prompts = PROMPTS + PROMPTS[:2]
+    whole = combo.evaluate(images, prompts)
+    shares = [combo.evaluate(images[i : i + 3], prompts[i : i + 3]) for i in (0, 3)]
+    gathered = {k: torch.cat([sh.components[k] for sh in shares]) for k in whole.components}
+    stats = combo.batch_statistics(gathered)
+    totals = torch.cat([combo.total_from(sh.components, stats) for sh in shares])
+    torch.testing.assert_close(totals, whole.total, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shares[0].total, totals[:3])  # each share alone is normalised differently
+    with pytest.raises(ValueError, match="normalize='batch'"):
+        CombinedReward([(as_reward(brightness), 1.0)], normalize="running").total_from(gathered, stats)
+
+
 def test_score_cache_hits_and_never_serves_stale_scores(tmp_path):
     images = make_images(4)
     cache = ScoreCache(tmp_path / "scores.sqlite")

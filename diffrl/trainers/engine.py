@@ -401,7 +401,13 @@ class Trainer:
             results = [r.result() for r in results]
         latents = torch.cat(finals)
         if not overlap:
-            return latents, decode_and_score(latents, list(range(n)))
+            scored = decode_and_score(latents, list(range(n)))
+            if getattr(self.reward, "normalize", None) == "batch" and self.world > 1:
+                # z-score with the statistics of the whole batch over all processes, as one process would
+                gathered = {k: self.gather(v.float()) for k, v in scored.components.items()}
+                total = self.reward.total_from(scored.components, self.reward.batch_statistics(gathered))
+                scored = RewardOutput(total=total, components=scored.components)
+            return latents, scored
         total = torch.cat([r.total for r in results])
         components = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
         return latents, RewardOutput(total=total, components=components)
