@@ -2,8 +2,11 @@
 
 ``diffrl demo [key=value ...]`` (``./scripts/demo.sh`` wraps it) trains the toy text-to-image model
 (:func:`diffrl.toy.assets.toy_model_dir`, a real diffusers SD3 pipeline) with the preset
-``configs/toy/diffusion_nft.yaml`` on the toy prompts, rewarded by the shapes verifier, and evaluates the held-out
-prompts before, during and after training. It writes to the run directory (``output_dir``, default ``runs/demo``):
+``configs/toy/diffusion_nft.yaml`` on the toy prompts and evaluates the held-out prompts before, during and after
+training. The demo rewards the shapes verifier's partial credit plus its strict 0/1 correctness
+(:data:`DEMO_OVERRIDES`; the preset alone, which the learning benchmark uses for every trainer, rewards the partial
+credit only): on 96 held-out prompts the strict accuracy after 120-240 steps measured 0.25-0.34 with it against
+0.22-0.27 without. It writes to the run directory (``output_dir``, default ``runs/demo``):
 
 * ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: every evaluation's images;
 * ``curves.png``: training reward and held-out partial credit and strict accuracy against steps;
@@ -24,10 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_CONFIG", "run_demo", "plot_curves", "before_after_grid", "read_metrics", "main"]
+__all__ = ["DEFAULT_CONFIG", "DEMO_OVERRIDES", "run_demo", "plot_curves", "before_after_grid", "read_metrics", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "toy" / "diffusion_nft.yaml"
+# applied before the user's overrides: partial credit plus strict correctness as the training reward
+DEMO_OVERRIDES = ["output_dir=runs/demo", "reward={shapes_verifier: 1.0, shapes_accuracy: 1.0}"]
 ACCURACY_KEY = "eval/reward/shapes_accuracy/mean"
 PARTIAL_KEY = "eval/reward/shapes_verifier/mean"
 
@@ -173,7 +178,7 @@ def run_demo(
         raise FileNotFoundError(
             f"demo config {config} does not exist; run from a clone of the repository or pass --config PATH."
         )
-    cfg = load_config(str(config), ["output_dir=runs/demo", *(overrides or [])])
+    cfg = load_config(str(config), [*DEMO_OVERRIDES, *(overrides or [])])
     out = Path(cfg.output_dir)
     log(
         f"diffrl demo: {cfg.algorithm} on the toy-world model, {cfg.max_steps} steps, evaluation of "
