@@ -121,14 +121,12 @@ class CombinedReward(Reward):
             raise ValueError(
                 f"total_from applies to normalize='batch', not normalize={self.normalize!r}; use evaluate()."
             )
-        total = None
-        for reward, weight in self.parts:
-            if weight == 0:
-                continue
-            mean, std = stats[reward.name]
-            term = weight * (components[reward.name].detach().float() - mean) / (std + 1e-6)
-            total = term if total is None else total + term
-        return total
+        with self.fixed_statistics(stats):
+            return sum(
+                weight * self._normalise(reward.name, components[reward.name].detach().float())
+                for reward, weight in self.parts
+                if weight != 0
+            )
 
     @contextlib.contextmanager
     def fixed_statistics(self, stats: Mapping[str, tuple[float, float]]) -> Iterator[None]:

@@ -279,8 +279,8 @@ def test_resume_is_bitwise_identical(algo, extra, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
-def test_micro_batch_size_does_not_change_the_update(algo, extra, tmp_path):
+def _one_step_per_micro_batch(algo: str, tmp_path: Path, *extra: str):
+    """One unclipped step with micro-batches of 1 and of 4: ``(initial weights, [weights after each])``."""
     results = []
     for mb in (1, 4):
         trainer = build_trainer(
@@ -294,8 +294,15 @@ def test_micro_batch_size_does_not_change_the_update(algo, extra, tmp_path):
                 *extra,
             ),
         )
+        before = [p.detach().clone() for p in trainer.params]
         trainer.train()
         results.append([p.detach().clone() for p in trainer.params])
+    return before, results
+
+
+@pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
+def test_micro_batch_size_does_not_change_the_update(algo, extra, tmp_path):
+    _, results = _one_step_per_micro_batch(algo, tmp_path, *extra)
     # forward batches of 1 vs 4 rows differ in the last bits, which Adam can turn into a few percent of one step
     # (lr 1e-3) for a near-zero gradient: the weights agree to 2e-5
     for a, b in zip(*results, strict=True):
@@ -605,23 +612,9 @@ def test_resume_refuses_another_config_before_loading_anything(tmp_path, monkeyp
 
 
 def test_refl_batch_normalisation_takes_the_whole_step_whatever_the_micro_batch(tmp_path):
-    results = []
-    for mb in (1, 4):
-        trainer = build_trainer(
-            PRESET["refl"],
-            _overrides(
-                tmp_path / f"mb{mb}",
-                "max_steps=1",
-                f"optim.train_batch_size={mb}",
-                "data.eval_size=0",
-                "optim.max_grad_norm=0",
-                "reward={brightness: 1.0, saturation: 0.5}",
-                "reward_normalize=batch",
-            ),
-        )
-        before = [p.detach().clone() for p in trainer.params]
-        trainer.train()
-        results.append([p.detach().clone() for p in trainer.params])
+    before, results = _one_step_per_micro_batch(
+        "refl", tmp_path, "reward={brightness: 1.0, saturation: 0.5}", "reward_normalize=batch"
+    )
     # per micro-batch statistics would give a micro-batch of one image a total of 0 and no gradient
     moved = max(float((a - b).abs().max()) for a, b in zip(before, results[0], strict=True))
     assert moved > 1e-4
