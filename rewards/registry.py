@@ -20,6 +20,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "vlm_yes_prob": "diffrl.rewards.vlm:VLMYesProb",
     "shapes_verifier": "diffrl.rewards.shapes:ShapesVerifier",
     "shapes_accuracy": "diffrl.rewards.shapes:ShapesAccuracy",
+    "shapes_soft": "diffrl.rewards.shapes:ShapesSoft",
     "brightness": "diffrl.rewards.simple:Brightness",
     "saturation": "diffrl.rewards.simple:Saturation",
     "jpeg_compressibility": "diffrl.rewards.jpeg:JpegCompressibility",

@@ -10,7 +10,7 @@ import torch
 from reward_contract import check_reward_contract
 
 from diffrl.data import load_prompts, train_eval_prompts
-from diffrl.rewards.shapes import ShapesVerifier, detect_objects, verify
+from diffrl.rewards.shapes import ShapesSoft, ShapesVerifier, detect_objects, soft_verify, verify
 from diffrl.toy import (
     CATEGORIES,
     HELD_OUT_COMBOS,
@@ -200,6 +200,11 @@ def _obj(shape, color, cx, cy, size=16.0):
 def _partials(verifier, desc, layouts):
     images = torch.stack([render(objs) for objs in layouts])
     partial, strict = verifier.verify(images, [desc] * len(layouts))
+    # the soft verifier (shapes_soft) keeps the verifier's order on every layout of these tests
+    soft = soft_verify(images, [desc] * len(layouts)).tolist()
+    assert [soft[i] < soft[i + 1] for i in range(len(soft) - 1)] == [
+        partial[i] < partial[i + 1] for i in range(len(soft) - 1)
+    ], (soft, partial.tolist())
     return partial.tolist(), strict.tolist()
 
 
@@ -254,6 +259,8 @@ def test_removing_an_object_lowers_partial_credit(verifier):
     p_full, _ = verifier.verify(torch.stack(full), descs)
     p_fewer, s_fewer = verifier.verify(torch.stack(fewer), descs)
     assert torch.all(p_fewer < p_full) and s_fewer.sum() == 0
+    soft_full, soft_fewer = soft_verify(torch.stack(full), descs), soft_verify(torch.stack(fewer), descs)
+    assert torch.all(soft_fewer < soft_full - 0.05), (soft_full - soft_fewer).min()
 
 
 def test_exact_scene_option():
@@ -303,11 +310,58 @@ def test_missing_scene_metadata_is_a_clear_error(world):
         ShapesVerifier()(images[:2], ["a", "b"], scene=[{"relation": None}, {"relation": None}])
 
 
+# ------------------------------------------------------------------------------------------ the soft verifier
+def test_soft_verifier_scores_clean_renders_high(world):
+    items, images, scenes = world
+    soft = soft_verify(images, scenes)
+    # the verifier gives 1 to these; the soft score is 1 up to its sigmoids
+    assert soft.min().item() > 0.85 and soft.max().item() <= 1.0, (soft.min(), soft.max())
+    blank = soft_verify(torch.full((1, 3, 64, 64), 0.96), scenes[:1])
+    assert blank.item() < 0.01
+
+
+def test_soft_verifier_gradient_draws_the_missing_object():
+    """Gradient ascent on the pixels of a scene that lacks its blue square: the verifier ends up accepting it."""
+    desc = {
+        "category": "position",
+        "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}],
+        "relation": {"type": "left of", "a": 0, "b": 1},
+    }
+    x0 = render([_obj("circle", "red", 16, 32)])[None]
+    z = torch.logit(x0.clamp(1e-3, 1 - 1e-3)).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.1)
+    before = soft_verify(x0, [desc]).item()
+    for _ in range(30):
+        loss = -soft_verify(torch.sigmoid(z), [desc]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = torch.sigmoid(z).detach()
+    partial, strict = verify(x, [desc])
+    assert verify(x0, [desc])[1].item() == 0 and strict.item() == 1, partial
+    assert soft_verify(x, [desc]).item() > before + 0.4
+
+
+def test_soft_reward_contract(world):
+    items, images, scenes = world
+    reward = ShapesSoft()
+    assert reward.name == "shapes_soft" and reward.differentiable
+    prompts = [it["prompt"] for it in items[:5]]
+    scores = check_reward_contract(reward, images[:5].clone(), prompts, scene=scenes[:5])
+    assert scores.min() > 0.85
+    assert ShapesSoft().fingerprint != ShapesSoft(blob_size=16).fingerprint
+    with pytest.raises(ValueError, match="blob_size=0"):
+        ShapesSoft(blob_size=0)
+    with pytest.raises(ValueError, match="'scene'"):
+        reward(images[:2], ["a", "b"])
+
+
 def test_registry_entry_loads():
     from diffrl.rewards import load_reward
 
     reward = load_reward("diffrl.rewards.shapes:ShapesVerifier", strict=True)
     assert isinstance(reward, ShapesVerifier) and reward.strict
+    assert isinstance(load_reward("shapes_soft"), ShapesSoft)
 
 
 # ------------------------------------------------------------------------------------------ prompt sets
