@@ -3,6 +3,7 @@ clean, noisy and blurred renders, rejects mismatched prompts, gives monotone par
 contract; prompt sets are disjoint, deterministic and load through diffrl.data."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,10 +405,11 @@ def test_jsonl_round_trip_through_the_prompt_loader(tmp_path, verifier):
 
 def test_shipped_toy_prompt_files_are_reproducible(tmp_path):
     import importlib.util
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("make_toy_prompts", root / "scripts" / "make_toy_prompts.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_toy_prompts", root / "scripts" / "make_toy_prompts.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(["--out", str(tmp_path)])
@@ -417,5 +419,36 @@ def test_shipped_toy_prompt_files_are_reproducible(tmp_path):
     from diffrl.toy.scenes import split_of
 
     rows = [json.loads(line) for line in (root / "configs" / "toy" / "eval.jsonl").read_text().splitlines()]
-    train = {json.loads(line)["prompt"] for line in (root / "configs" / "toy" / "train.jsonl").read_text().splitlines()}
+    train = {
+        json.loads(line)["prompt"]
+        for line in (root / "configs" / "toy" / "train.jsonl").read_text().splitlines()
+    }
     assert all(split_of(r["scene"]) == "eval" for r in rows) and not {r["prompt"] for r in rows} & train
+
+
+def test_soft_verifier_ranks_the_toy_models_samples_like_the_verifier():
+    """On the shipped toy model's own samples (4 seeds of 48 training prompts), shapes_soft orders two images of
+    one prompt as the verifier's partial credit does (measured 98% on 96 prompts; the toy CLIP manages 68%)."""
+    from diffrl.generate import sample_images
+    from diffrl.models import load_model
+
+    train = Path(__file__).resolve().parent.parent / "configs" / "toy" / "train.jsonl"
+    items = [json.loads(line) for line in train.read_text().splitlines()[:48]]
+    prompts, scenes = [it["prompt"] for it in items], [it["scene"] for it in items]
+    model = load_model("toy")
+    partial, soft = [], []
+    for seed in range(4):
+        images = sample_images(
+            model, prompts, num_steps=8, guidance_scale=1.0, height=64, width=64, seed=seed, batch_size=48
+        )
+        partial.append(verify(images, scenes)[0])
+        soft.append(soft_verify(images, scenes))
+    partial, soft = torch.stack(partial), torch.stack(soft)  # (seeds, prompts)
+    agree = total = 0
+    for a in range(4):
+        for b in range(a + 1, 4):
+            differ = partial[a] != partial[b]
+            total += int(differ.sum())
+            agree += int((((partial[a] - partial[b]) * (soft[a] - soft[b])) > 0)[differ].sum())
+    assert total >= 50, total  # enough pairs that differ to measure
+    assert agree / total >= 0.9, (agree, total)
