@@ -16,6 +16,8 @@ trainer's own base, which stays meaningful when an override gives one trainer ot
     python benchmarks/bench_learning.py --algorithms flow_grpo diffusion_nft refl --samples 12800 --evals 20 \
         --threads 1 --out runs/bench-learning          # about an hour on one CPU core (Flow-GRPO alone ~25 min)
     python benchmarks/bench_learning.py --algorithms diffusion_nft flow_grpo --samples 640 optim.lr=5e-4
+    python benchmarks/bench_learning.py --algorithms refl --samples 12800 --evals 20 --threads 1 \
+        --keep runs/bench-learning/learning.json --out runs/bench-refl   # re-run one trainer, keep the others
 """
 
 from __future__ import annotations
@@ -143,7 +145,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in results:
         c = r["curve"]
-        label = f"{r['algorithm']} (eval CFG {r['eval_guidance_scale']:g})"
+        label = f"{r['algorithm']} (eval CFG {r['eval_guidance_scale']:g})" + (
+            " (kept)" if "kept_from" in r else ""
+        )
         axes[0].plot([p["images"] for p in c], [p["accuracy"] for p in c], marker="o", label=label)
         axes[1].plot([p["train_seconds"] for p in c], [p["accuracy"] for p in c], marker="o", label=label)
     axes[0].set_xlabel("training images sampled")
@@ -166,6 +170,13 @@ def main(argv=None) -> dict:
     p.add_argument("--gain", type=float, default=0.1, help="accuracy gain over the base to count samples to")
     p.add_argument("--out", type=Path, default=Path("runs/bench-learning"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="an earlier learning.json: its curves of trainers not run now join the table and the plot, marked "
+        "'(kept)' (images are comparable across runs; seconds only on the same machine under the same load)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every preset")
     a = p.parse_args(argv)
     import torch
@@ -178,6 +189,14 @@ def main(argv=None) -> dict:
         print(f"== {algo}: {a.samples} training images", flush=True)
         results.append(run_one(algo, a.samples, a.evals, a.out, a.overrides))
         (a.out / "learning.json").write_text(json.dumps({"runs": results}, indent=2))
+    if a.keep is not None:
+        if not a.keep.is_file():
+            raise SystemExit(
+                f"error: --keep {a.keep} is not a file; pass the learning.json of an earlier run."
+            )
+        for r in json.loads(a.keep.read_text())["runs"]:
+            if r["algorithm"] not in a.algorithms:
+                results.append({**r, "kept_from": str(a.keep)})
     summary = summarise(results, a.gain)
     (a.out / "learning.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
     plot(results, a.out / "learning.png")
@@ -191,9 +210,11 @@ def main(argv=None) -> dict:
     print(
         f"{'trainer':15s} {'base':>6s} {'final':>6s} {'best':>6s} {'images':>8s} {'ratio':>6s} {'seconds':>8s} {'ratio':>6s}"
     )
+    kept = {r["algorithm"] for r in results if "kept_from" in r}
     for name, v in summary["per_algorithm"].items():
+        label = f"{name} (kept)" if name in kept else name
         print(
-            f"{name:15s} {v['base']:6.3f} {v['final']:6.3f} {v['best']:6.3f} {fmt(v['images_to_gain'], '8.0f')} "
+            f"{label:15s} {v['base']:6.3f} {v['final']:6.3f} {v['best']:6.3f} {fmt(v['images_to_gain'], '8.0f')} "
             f"{fmt(v['images_ratio'], '6.2f')} {fmt(v['seconds_to_gain'], '8.0f')} {fmt(v['seconds_ratio'], '6.2f')}"
         )
     print(f"wrote {a.out / 'learning.json'} and {a.out / 'learning.png'}")
