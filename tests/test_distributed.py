@@ -280,17 +280,19 @@ def _fsdp_overrides(out: Path, algo: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(shared_cache, tmp_path_factory):
-    """The 2-process FSDP run of a trainer, launched once per module: ``(output_dir, seconds)``."""
-    runs: dict[str, tuple[Path, float]] = {}
+    """The 2-process FSDP run of a trainer (with extra overrides), launched once per module: ``(output_dir,
+    seconds)``."""
+    runs: dict[tuple, tuple[Path, float]] = {}
 
-    def run(algo: str) -> tuple[Path, float]:
-        if algo not in runs:
+    def run(algo: str, extra: tuple[str, ...] = ()) -> tuple[Path, float]:
+        key = (algo, extra)
+        if key not in runs:
             out = tmp_path_factory.mktemp(f"fsdp-{algo}") / "two"
             t0 = time.perf_counter()
-            proc = _launch_two_processes(algo, out, shared_cache, _fsdp_overrides(out, algo))
+            proc = _launch_two_processes(algo, out, shared_cache, _fsdp_overrides(out, algo) + list(extra))
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-            runs[algo] = (out, time.perf_counter() - t0)
-        return runs[algo]
+            runs[key] = (out, time.perf_counter() - t0)
+        return runs[key]
 
     return run
 
@@ -354,6 +356,49 @@ def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(algo, t
     for name, (a, b) in {**{k: (got[k], ref[k]) for k in ref}, **{k: (lora[k], ref_lora[k]) for k in lora}}.items():
         assert a.dtype == b.dtype == torch.float32, name
         torch.testing.assert_close(a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow  # ~30 s (a 2-process launch plus a 1-process reference run)
+def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_run):
+    """FLUX has ``single_transformer_blocks`` next to ``transformer_blocks``: both are sharded."""
+    from diffrl.models.loading import tiny_model_dir
+
+    tiny_model_dir("tiny:flux")  # built here before the launch: two processes building it would race
+    extra = ("model.path=tiny:flux",)
+    ref_out = tmp_path / "one"
+    build_trainer(PRESET["diffusion_nft"], _fsdp_overrides(ref_out, "diffusion_nft") + list(extra), reward=gated_saturation).train()
+    out, seconds = fsdp_run("diffusion_nft", extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    ref, got = _lora_file(ref_out), _lora_file(out)
+    assert ref.keys() == got.keys() and any("single_transformer_blocks" in k for k in ref)
+    assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 20 * WEIGHT_ATOL  # B starts at 0
+    print(f"\n[flux diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}")
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow  # ~40 s (two 2-process launches)
+def test_fsdp_with_bf16_and_gradient_checkpointing_equals_ddp_bitwise(tmp_path, shared_cache, fsdp_run):
+    """Sharding changes nothing but where the weights live: with 2 processes FSDP's reduce-scatter average and
+    DDP's all-reduce mean are the same float sum ``(a + b) / 2``, so the runs agree bitwise, also under bf16
+    autocast with the transformer's gradient checkpointing (one process differs from both by bf16 rounding of
+    differently sized batches)."""
+    extra = ("model.gradient_checkpointing=true", "mixed_precision=bf16")
+    sharded, _ = fsdp_run("refl", extra)
+    ddp = tmp_path / "ddp"
+    proc = _launch_two_processes("refl", ddp, shared_cache, _fsdp_overrides(ddp, "refl") + [*extra, "fsdp=false"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((ddp / "config.json").read_text())["derived"]["fsdp"] is False
+    assert json.loads((sharded / "config.json").read_text())["derived"]["fsdp"] is True
+    a, b = _checkpoint_tensors(ddp / "checkpoint-000002"), _checkpoint_tensors(sharded / "checkpoint-000002")
+    la, lb = _lora_file(ddp), _lora_file(sharded)
+    assert a.keys() == b.keys() and la.keys() == lb.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), (key, float((a[key] - b[key]).abs().max()))
+    for key in la:
+        assert torch.equal(la[key], lb[key]), key
+    rows = [r for r in _metrics(sharded) if "train/lr" in r]
+    assert [r["train/skipped"] for r in rows] == [0.0, 0.0]
 
 
 @pytest.mark.slow  # ~20 s (one more 2-process launch; the uninterrupted run is shared with the test above)
