@@ -478,6 +478,15 @@ def test_fsdp_refuses_what_it_does_not_support(algo, overrides, match):
         validate(cfg, 2, sharded=True)
 
 
+def test_fsdp_with_one_process_trains_unsharded_and_says_so(tmp_path, shared_cache, capsys):
+    trainer = build_trainer(
+        PRESET["diffusion_nft"], [f"output_dir={tmp_path}", f"data.train={PROMPTS}", "fsdp=true"]
+    )
+    assert trainer.world == 1 and trainer.sharded is False
+    assert "fsdp=true with one process: nothing to shard" in capsys.readouterr().out
+    assert not any(hasattr(p, "placements") for p in trainer.params)  # plain tensors, not DTensors
+
+
 @pytest.mark.parametrize(
     "kind, version, match", [("DEEPSPEED", 2, "DeepSpeed is not supported"), ("FSDP", 1, "fsdp_version: 2")]
 )
