@@ -233,8 +233,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Consecutive steps with a non-finite reward or loss before the run stops with a checkpoint."""
     fsdp: bool = False
-    """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo); an accelerate config with
-    distributed_type FSDP turns it on whatever this says. LoRA only, no fp16, no flow_grpo.dynamic_sampling."""
+    """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
+    accelerate config with distributed_type FSDP turns it on whatever this says. LoRA training only; refuses fp16,
+    optim.use_8bit_adam and flow_grpo.dynamic_sampling."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to train."""
     data: DataConfig = field(default_factory=DataConfig)
