@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,12 @@ __all__ = ["Trainer", "StepBatch", "seeded_generator"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an FSDP2 shard (a DTensor); an unsharded run never imports the DTensor module."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -757,18 +764,16 @@ class Trainer:
     def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
         """The whole tensor of a sharded one (FSDP's DTensor), else the tensor itself. Gathering is a collective:
         every process must call it, in the same order."""
-        from torch.distributed.tensor import DTensor
-
-        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
     @staticmethod
     def assign_(dst: torch.Tensor, full: torch.Tensor) -> None:
         """``dst.copy_(full)`` where ``dst`` may be sharded: every process passes the whole tensor and keeps its
         shard (a collective under FSDP)."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
         full = full.to(dst.device, dst.dtype)
-        if isinstance(dst, DTensor):
+        if _is_dtensor(dst):
+            from torch.distributed.tensor import distribute_tensor
+
             full = distribute_tensor(full, dst.device_mesh, dst.placements)
         dst.copy_(full)
 
