@@ -435,6 +435,27 @@ def test_fsdp_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, share
     }
 
 
+@pytest.mark.slow  # ~20 s (a 1-process run and one 2-process launch)
+def test_fsdp_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
+    """Checkpoints are the same files sharded or not (``fsdp`` may change on resume): a 2-process FSDP run resumed
+    from a 1-process checkpoint ends where the 1-process run does, within the DDP tolerance."""
+    algo = "diffusion_nft"
+    one = tmp_path / "one"
+    build_trainer(PRESET[algo], [*_fsdp_overrides(one, algo), "fsdp=false"], reward=gated_saturation).train()
+    resumed = tmp_path / "resumed"
+    proc = _launch_two_processes(
+        algo, resumed, shared_cache, _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={one / 'checkpoint-000001'}"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((resumed / "config.json").read_text())["derived"]["fsdp"] is True
+    ref, got = _checkpoint_tensors(one / "checkpoint-000002"), _checkpoint_tensors(resumed / "checkpoint-000002")
+    assert ref.keys() == got.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}")
+    opt = torch.load(resumed / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
+    assert {float(st["step"]) for st in opt["optimizer"]["state"].values()} == {2.0}  # the Adam state was restored
+
+
 @pytest.mark.slow  # shares the DiffusionNFT FSDP launch; ~5 s on its own after it
 def test_fsdp_final_lora_loads_like_an_unsharded_one(fsdp_run):
     from diffusers import StableDiffusion3Pipeline
