@@ -232,6 +232,10 @@ class TrainConfig:
     """EMA of the trained weights for evaluation (reference 0.9); 0 disables it."""
     max_bad_steps: int = 5
     """Consecutive steps with a non-finite reward or loss before the run stops with a checkpoint."""
+    fsdp: bool = False
+    """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
+    accelerate config with distributed_type FSDP turns it on whatever this says. LoRA training only; refuses fp16,
+    optim.use_8bit_adam and flow_grpo.dynamic_sampling."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to train."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -391,6 +395,7 @@ RESUME_FREE_KEYS = frozenset(
         "log_every",
         "report_to",
         "max_bad_steps",
+        "fsdp",  # checkpoints are the same files sharded or not; only rounding differs
         "sample.eval_num_steps",
         "sample.eval_guidance_scale",
         "sample.eval_images_per_prompt",
@@ -466,13 +471,38 @@ def load_config(
     return cfg
 
 
-def validate(cfg: TrainConfig, num_processes: int = 1, given: frozenset[str] | set[str] = frozenset()) -> None:
+def validate(
+    cfg: TrainConfig,
+    num_processes: int = 1,
+    given: frozenset[str] | set[str] = frozenset(),
+    sharded: bool | None = None,
+) -> None:
     """Checks that need no model: choices, positive sizes, divisibility by the number of processes. Parts named in
-    ``given`` (``model``, ``reward``, ``train_prompts``) come as objects, so their config fields may be empty."""
+    ``given`` (``model``, ``reward``, ``train_prompts``) come as objects, so their config fields may be empty.
+    ``sharded`` (default: ``cfg.fsdp``) also refuses what FSDP does not support."""
 
     def need(cond: bool, message: str) -> None:
         if not cond:
             raise ConfigError(message)
+
+    if cfg.fsdp if sharded is None else sharded:
+        need(
+            cfg.model.lora_rank != 0,
+            "FSDP shards LoRA training only, but model.lora_rank=0 (full fine-tuning); train a LoRA or launch with DDP.",
+        )
+        need(
+            cfg.mixed_precision != "fp16",
+            "mixed_precision=fp16 is not supported with FSDP (its loss scaler sees only local shards); use bf16 or no.",
+        )
+        need(
+            not cfg.optim.use_8bit_adam,
+            "optim.use_8bit_adam is not supported with FSDP (bitsandbytes on sharded tensors is untested); set it to false.",
+        )
+        need(
+            not (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.dynamic_sampling),
+            "flow_grpo.dynamic_sampling=true gives the processes different numbers of forwards, which deadlocks FSDP; "
+            "set it to false or launch with DDP.",
+        )
 
     need(
         cfg.algorithm in ALGORITHMS,

@@ -1,5 +1,6 @@
 """Distributed training on CPU: ``accelerate launch`` with 2 processes (gloo) against 1 process with the same global
-batch, for every trainer; bf16 autocast on CPU; the example accelerate configs.
+batch, for every trainer, with DDP and with FSDP2 sharding (``fsdp=true``; resume and the final LoRA too); what
+FSDP refuses; bf16 autocast on CPU; the example accelerate configs.
 
 How the 2-process runs are launched: ``accelerate launch --cpu --num_processes 2`` starts ONE process in accelerate
 1.15 (``--cpu`` takes the simple launcher, which only fans out through ``mpirun --mpirun_hostfile``). The local
@@ -120,7 +121,9 @@ def _overrides(out: Path, case: str) -> list[str]:
     ]
 
 
-def _launch_two_processes(case: str, out: Path, cache: Path) -> subprocess.CompletedProcess:
+def _launch_two_processes(
+    case: str, out: Path, cache: Path, overrides: list[str] | None = None
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "DIFFRL_CACHE": str(cache),
@@ -147,7 +150,7 @@ def _launch_two_processes(case: str, out: Path, cache: Path) -> subprocess.Compl
         "-m",
         "diffrl.train",
         str(PRESET[_algo(case)]),
-        *_overrides(out, case),
+        *(overrides if overrides is not None else _overrides(out, case)),
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
 
@@ -249,6 +252,279 @@ def test_two_processes_match_one_process_with_the_same_global_batch(case, tmp_pa
         )
 
 
+# ---------------------------------------------------------------------------------------------- FSDP2 on CPU
+# fsdp=true shards the transformer with fully_shard over the gloo processes (accelerate never reports FSDP on the
+# CPU). Same tolerances as DDP: the sharded runs differ from one process by the summation order of the gradients.
+
+# reward and options of each trainer's FSDP run (dynamic_sampling is refused under FSDP; EMA is on for DiffusionNFT)
+FSDP_EXTRA = {
+    "flow_grpo": [f"reward={{{GATED}: 1.0}}"],
+    "diffusion_nft": [f"reward={{{GATED}: 1.0}}", "ema_decay=0.5"],
+    "refl": EXTRA["refl"],
+}
+
+
+def _fsdp_overrides(out: Path, algo: str) -> list[str]:
+    # 2 steps, a checkpoint after each (both kept: the resume test starts from the first)
+    return [
+        f"output_dir={out}",
+        f"data.train={PROMPTS}",
+        "max_steps=2",
+        "checkpointing_steps=1",
+        "checkpoints_total_limit=2",
+        "data.eval_size=3",
+        "fsdp=true",
+        *FSDP_EXTRA[algo],
+    ]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(shared_cache, tmp_path_factory):
+    """The 2-process FSDP run of a trainer (with extra overrides), launched once per module: ``(output_dir,
+    seconds)``."""
+    runs: dict[tuple, tuple[Path, float]] = {}
+
+    def run(algo: str, extra: tuple[str, ...] = ()) -> tuple[Path, float]:
+        key = (algo, extra)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"fsdp-{algo}") / "two"
+            t0 = time.perf_counter()
+            proc = _launch_two_processes(algo, out, shared_cache, _fsdp_overrides(out, algo) + list(extra))
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            runs[key] = (out, time.perf_counter() - t0)
+        return runs[key]
+
+    return run
+
+
+def _lora_file(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow  # 35-45 s per trainer on a 2-core CPU (a 2-process launch plus a 1-process reference run)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(algo, tmp_path, fsdp_run):
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(
+        PRESET[algo],
+        _fsdp_overrides(ref_out, algo),
+        **({"reward": gated_saturation} if GATED in " ".join(FSDP_EXTRA[algo]) else {}),
+    )
+    assert trainer.world == 1 and not trainer.sharded  # fsdp=true with one process trains unsharded
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+
+    out, seconds = fsdp_run(algo)
+    derived = json.loads((out / "config.json").read_text())["derived"]
+    assert derived["num_processes"] == 2 and derived["fsdp"] is True, derived
+
+    ref_rows, rows = _metrics(ref_out), _metrics(out)
+    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in ref_rows]
+    for ref_row, row in zip(ref_rows, rows, strict=True):
+        for key in [k for k in ref_row if k.startswith(("reward/", "eval/reward/"))]:
+            atol = ZSCORE_ATOL if key == "reward/combined/mean" else STAT_ATOL
+            assert row[key] == pytest.approx(ref_row[key], rel=STAT_RTOL, abs=atol), (row["step"], key)
+        assert row.get("train/skipped", 0.0) == 0.0, row
+
+    # checkpoints: the same files as an unsharded run (full tensors, optimiser state in the unsharded layout)
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert ckpts == sorted(p.name for p in ref_out.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    ref, got = _checkpoint_tensors(ref_out / ckpts[-1]), _checkpoint_tensors(out / ckpts[-1])
+    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
+    ref_opt = torch.load(ref_out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
+    opt = torch.load(out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
+    assert opt["scheduler"] == ref_opt["scheduler"]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt["optimizer"]["param_groups"]] == [
+        {k: v for k, v in g.items() if k != "params"} for g in ref_opt["optimizer"]["param_groups"]
+    ]
+    assert opt["optimizer"]["param_groups"][0]["params"] == ref_opt["optimizer"]["param_groups"][0]["params"]
+    assert opt["optimizer"]["state"].keys() == ref_opt["optimizer"]["state"].keys()
+    for i, st in opt["optimizer"]["state"].items():
+        ref_st = ref_opt["optimizer"]["state"][i]
+        assert float(st["step"]) == float(ref_st["step"]) == 2.0
+        assert st["exp_avg"].shape == ref_st["exp_avg"].shape and not hasattr(st["exp_avg"], "placements")
+
+    # the final LoRA (diffusers format; the EMA weights where EMA is on) and the checkpointed weights
+    ref_lora, lora = _lora_file(ref_out), _lora_file(out)
+    assert ref_lora.keys() == lora.keys() and ref_lora
+    diff = max(_max_abs_diff(ref, got), _max_abs_diff(ref_lora, lora))
+    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
+    print(f"\n[{algo}] FSDP 2 processes: {seconds:.1f} s; max |w_fsdp - w_1proc| = {diff:.3g}; max update = {update:.3g}")
+    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
+    for name, (a, b) in {**{k: (got[k], ref[k]) for k in ref}, **{k: (lora[k], ref_lora[k]) for k in lora}}.items():
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow  # ~30 s (a 2-process launch plus a 1-process reference run)
+def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_run):
+    """FLUX has ``single_transformer_blocks`` next to ``transformer_blocks``: both are sharded."""
+    from diffrl.models.loading import tiny_model_dir
+
+    tiny_model_dir("tiny:flux")  # built here before the launch: two processes building it would race
+    extra = ("model.path=tiny:flux",)
+    ref_out = tmp_path / "one"
+    build_trainer(PRESET["diffusion_nft"], _fsdp_overrides(ref_out, "diffusion_nft") + list(extra), reward=gated_saturation).train()
+    out, seconds = fsdp_run("diffusion_nft", extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    ref, got = _lora_file(ref_out), _lora_file(out)
+    assert ref.keys() == got.keys() and any("single_transformer_blocks" in k for k in ref)
+    assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 20 * WEIGHT_ATOL  # B starts at 0
+    print(f"\n[flux diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}")
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow  # ~40 s (two 2-process launches)
+def test_fsdp_with_bf16_and_gradient_checkpointing_equals_ddp_bitwise(tmp_path, shared_cache, fsdp_run):
+    """Sharding changes nothing but where the weights live: with 2 processes FSDP's reduce-scatter average and
+    DDP's all-reduce mean are the same float sum ``(a + b) / 2``, so the runs agree bitwise, also under bf16
+    autocast with the transformer's gradient checkpointing (one process differs from both by bf16 rounding of
+    differently sized batches)."""
+    extra = ("model.gradient_checkpointing=true", "mixed_precision=bf16")
+    sharded, _ = fsdp_run("refl", extra)
+    ddp = tmp_path / "ddp"
+    proc = _launch_two_processes("refl", ddp, shared_cache, _fsdp_overrides(ddp, "refl") + [*extra, "fsdp=false"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((ddp / "config.json").read_text())["derived"]["fsdp"] is False
+    assert json.loads((sharded / "config.json").read_text())["derived"]["fsdp"] is True
+    a, b = _checkpoint_tensors(ddp / "checkpoint-000002"), _checkpoint_tensors(sharded / "checkpoint-000002")
+    la, lb = _lora_file(ddp), _lora_file(sharded)
+    assert a.keys() == b.keys() and la.keys() == lb.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), (key, float((a[key] - b[key]).abs().max()))
+    for key in la:
+        assert torch.equal(la[key], lb[key]), key
+    rows = [r for r in _metrics(sharded) if "train/lr" in r]
+    assert [r["train/skipped"] for r in rows] == [0.0, 0.0]
+
+
+@pytest.mark.slow  # ~20 s (one more 2-process launch; the uninterrupted run is shared with the test above)
+@pytest.mark.parametrize("algo", ["diffusion_nft", "flow_grpo"])
+def test_fsdp_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shared_cache, fsdp_run):
+    whole, _ = fsdp_run(algo)  # steps 1 and 2 without a stop
+    resumed = tmp_path / "resumed"
+    proc = _launch_two_processes(
+        algo,
+        resumed,
+        shared_cache,
+        _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={whole / 'checkpoint-000001'}"],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-000002"]
+    a = _checkpoint_tensors(whole / "checkpoint-000002")
+    b = _checkpoint_tensors(resumed / "checkpoint-000002")
+    assert a.keys() == b.keys()
+    for key in a:  # weights, EMA, DiffusionNFT's old policy: bitwise
+        assert torch.equal(a[key], b[key]), (key, float((a[key] - b[key]).abs().max()))
+    opt_a = torch.load(whole / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
+    opt_b = torch.load(resumed / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
+    for i, st in opt_a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt_b["optimizer"]["state"][i][k])), (i, k)
+    la, lb = _lora_file(whole), _lora_file(resumed)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    # the resumed run logs step 2 only, with the uninterrupted run's training metrics
+    row_a = next(r for r in _metrics(whole) if r["step"] == 2 and "train/lr" in r)
+    (row_b,) = [r for r in _metrics(resumed) if "train/lr" in r]
+    assert row_b["step"] == 2
+    assert {k: v for k, v in row_a.items() if k != "time/step_seconds"} == {
+        k: v for k, v in row_b.items() if k != "time/step_seconds"
+    }
+
+
+@pytest.mark.slow  # ~20 s (a 1-process run and one 2-process launch)
+def test_fsdp_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
+    """Checkpoints are the same files sharded or not (``fsdp`` may change on resume): a 2-process FSDP run resumed
+    from a 1-process checkpoint ends where the 1-process run does, within the DDP tolerance."""
+    algo = "diffusion_nft"
+    one = tmp_path / "one"
+    build_trainer(PRESET[algo], [*_fsdp_overrides(one, algo), "fsdp=false"], reward=gated_saturation).train()
+    resumed = tmp_path / "resumed"
+    proc = _launch_two_processes(
+        algo, resumed, shared_cache, _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={one / 'checkpoint-000001'}"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.loads((resumed / "config.json").read_text())["derived"]["fsdp"] is True
+    ref, got = _checkpoint_tensors(one / "checkpoint-000002"), _checkpoint_tensors(resumed / "checkpoint-000002")
+    assert ref.keys() == got.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}")
+    opt = torch.load(resumed / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
+    assert {float(st["step"]) for st in opt["optimizer"]["state"].values()} == {2.0}  # the Adam state was restored
+
+
+@pytest.mark.slow  # shares the DiffusionNFT FSDP launch; ~5 s on its own after it
+def test_fsdp_final_lora_loads_like_an_unsharded_one(fsdp_run):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.generate import load_lora, sample_images
+    from diffrl.models import load_model
+
+    out, _ = fsdp_run("diffusion_nft")
+    from_lora, from_checkpoint = load_model("tiny:sd3"), load_model("tiny:sd3")
+    assert "diffusers LoRA" in load_lora(from_lora, out / "lora")
+    # the final LoRA holds the EMA weights, which the checkpoint's ema.safetensors holds too
+    assert "training checkpoint" in load_lora(from_checkpoint, out / "checkpoint-000002")
+    opts = dict(num_steps=3, guidance_scale=4.5, height=32, width=32, seed=0)
+    a = sample_images(from_lora, ["a red circle", "a blue square"], batch_size=2, **opts)
+    b = sample_images(from_checkpoint, ["a red circle", "a blue square"], batch_size=2, **opts)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    base = sample_images(load_model("tiny:sd3"), ["a red circle", "a blue square"], batch_size=2, **opts)
+    assert (a - base).abs().max() > 1e-4  # the LoRA changes the images: the comparison is not vacuous
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.environ["DIFFRL_CACHE"] + "/tiny/sd3-v1")
+    pipe.load_lora_weights(out / "lora")
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "algo, overrides, match",
+    [
+        ("flow_grpo", ["model.lora_rank=0", "flow_grpo.kl_beta=0"], "lora_rank=0"),
+        ("diffusion_nft", ["mixed_precision=fp16"], "mixed_precision=fp16"),
+        ("refl", ["optim.use_8bit_adam=true"], "use_8bit_adam"),
+        ("flow_grpo", ["flow_grpo.dynamic_sampling=true"], "dynamic_sampling"),
+    ],
+)
+def test_fsdp_refuses_what_it_does_not_support(algo, overrides, match):
+    from diffrl.config import ConfigError, load_config, validate
+
+    base = [f"data.train={PROMPTS}", *overrides]
+    cfg = load_config(PRESET[algo], base)  # fine without FSDP
+    with pytest.raises(ConfigError, match=match):
+        load_config(PRESET[algo], [*base, "fsdp=true"])
+    with pytest.raises(ConfigError, match=match):  # an accelerate FSDP launch, whatever fsdp says
+        validate(cfg, 2, sharded=True)
+
+
+def test_fsdp_with_one_process_trains_unsharded_and_says_so(tmp_path, shared_cache, capsys):
+    trainer = build_trainer(
+        PRESET["diffusion_nft"], [f"output_dir={tmp_path}", f"data.train={PROMPTS}", "fsdp=true"]
+    )
+    assert trainer.world == 1 and trainer.sharded is False
+    assert "fsdp=true with one process: nothing to shard" in capsys.readouterr().out
+    assert not any(hasattr(p, "placements") for p in trainer.params)  # plain tensors, not DTensors
+
+
+@pytest.mark.parametrize(
+    "kind, version, match", [("DEEPSPEED", 2, "DeepSpeed is not supported"), ("FSDP", 1, "fsdp_version: 2")]
+)
+def test_deepspeed_and_fsdp1_are_refused(kind, version, match, tmp_path, monkeypatch):
+    import types
+
+    import accelerate
+
+    fake = types.SimpleNamespace(
+        distributed_type=types.SimpleNamespace(name=kind),
+        state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=version)),
+    )
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: fake)
+    with pytest.raises(NotImplementedError, match=match):
+        build_trainer(PRESET["flow_grpo"], [f"output_dir={tmp_path}", f"data.train={PROMPTS}"])
+
+
 # ---------------------------------------------------------------------------------------------- bf16 on CPU
 
 
@@ -327,20 +603,23 @@ def test_bf16_autocast_on_cpu(algo, tmp_path, shared_cache, fresh_accelerate_sta
 # ---------------------------------------------------------------------------------------------- accelerate configs
 
 
-def test_example_accelerate_configs_parse_and_use_ddp_only():
+def test_example_accelerate_configs_parse_and_use_ddp_or_fsdp2():
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils import ComputeEnvironment, DistributedType
+    from accelerate.utils import ComputeEnvironment, DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
 
     files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-    assert {f.name for f in files} >= {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml"}
+    assert {f.name for f in files} >= {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "fsdp.yaml"}
     for path in files:
         # what `accelerate launch --config_file` reads; unknown keys fail
         cfg = load_config_from_file(str(path))
         assert isinstance(cfg, ClusterConfig), path.name
         assert cfg.compute_environment == ComputeEnvironment.LOCAL_MACHINE, path.name
-        assert cfg.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU), path.name
-        assert not cfg.fsdp_config and not cfg.deepspeed_config, path.name
+        fsdp = cfg.distributed_type == DistributedType.FSDP
+        assert cfg.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) or fsdp, path.name
+        assert not cfg.deepspeed_config, path.name
+        assert bool(cfg.fsdp_config) == fsdp, path.name
         assert cfg.mixed_precision == "no", path.name  # diffrl's own mixed_precision key decides
         assert cfg.num_processes >= 1 and cfg.num_processes % cfg.num_machines == 0, path.name
         if cfg.distributed_type == DistributedType.NO:
@@ -356,4 +635,18 @@ def test_example_accelerate_configs_parse_and_use_ddp_only():
         args, _, _ = _validate_launch_command(args)
         assert args.multi_gpu == (cfg.distributed_type == DistributedType.MULTI_GPU), path.name
         assert (args.num_processes, args.num_machines) == (cfg.num_processes, cfg.num_machines), path.name
-        assert not args.use_fsdp and not args.use_deepspeed, path.name
+        assert args.use_fsdp == fsdp and not args.use_deepspeed, path.name
+        if fsdp:
+            # the environment the launcher gives each process, and the plugin accelerate builds from it: FSDP2,
+            # which the trainer checks (acc.state.fsdp_plugin.fsdp_version), and no rank-0-only weight loading
+            env = prepare_multi_gpu_env(args)
+            assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2", path.name
+            assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false", path.name
+            saved = dict(os.environ)
+            try:
+                os.environ.update({k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))})
+                plugin = FullyShardedDataParallelPlugin()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            assert plugin.fsdp_version == 2 and not plugin.cpu_ram_efficient_loading, path.name

@@ -331,11 +331,15 @@ class FlowModel:
             raise ValueError("this model has no LoRA adapter; call add_lora() first.")
         return get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
 
-    def save_lora(self, save_directory: str | Path, adapter_name: str = "default") -> Path:
+    def save_lora(
+        self, save_directory: str | Path, adapter_name: str = "default", state: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Save the LoRA in the diffusers format (``pytorch_lora_weights.safetensors`` with the adapter config
-        as metadata), so ``pipe.load_lora_weights(save_directory)`` loads it into a plain diffusers pipeline."""
+        as metadata), so ``pipe.load_lora_weights(save_directory)`` loads it into a plain diffusers pipeline.
+        ``state`` is the adapter's :meth:`lora_state_dict` when already at hand (e.g. gathered from FSDP shards)."""
         save_directory = Path(save_directory)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.lora_state_dict(adapter_name).items()}
+        state = state if state is not None else self.lora_state_dict(adapter_name)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         metadata = self.transformer.peft_config[adapter_name].to_dict()
         type(self.pipe).save_lora_weights(
             save_directory,

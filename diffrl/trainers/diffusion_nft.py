@@ -52,6 +52,9 @@ class DiffusionNFTTrainer(Trainer):
         for o in self.old_params:
             o.requires_grad_(False)
 
+    def after_sharding(self) -> None:
+        self.old_params = self._adapter_params(OLD)
+
     def _adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
         named = dict(self.model.transformer.named_parameters())
         out = []
@@ -152,7 +155,7 @@ class DiffusionNFTTrainer(Trainer):
                 sums["policy_loss"] += float(policy.detach().mean()) * w
                 sums["kl"] += float(kl.detach()) * w
                 sums["old_deviate"] += float(((v.detach() - v_old) ** 2).mean()) * w
-        if bad:
+        if self.any_over_processes(bad):
             self.optimizer.zero_grad(set_to_none=True)
             return {**metrics, "train/skipped": 1.0}
         metrics.update(self.finish_update())
@@ -175,4 +178,4 @@ class DiffusionNFTTrainer(Trainer):
     def load_extra_state(self, tensors):
         with torch.no_grad():
             for n, o in zip(self.param_names, self.old_params, strict=True):
-                o.copy_(tensors[f"old.{n}"].to(o.device, o.dtype))
+                self.assign_(o, tensors[f"old.{n}"])

@@ -6,7 +6,18 @@ lives here so each algorithm file reads like its paper's algorithm box.
 Distribution (``accelerate launch``): every process draws the same prompts for a step (from ``seed`` and the step)
 and takes its share; it samples whole groups, so group statistics are computed on rewards gathered from all
 processes. Gradients of the trained weights are averaged over processes before each update (DDP semantics on the
-LoRA or full weights). FSDP and DeepSpeed are not supported yet and are refused with a clear error.
+LoRA or full weights).
+
+FSDP2 (``fsdp: true``, or an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``): the engine
+does not hand the model to ``accelerator.prepare``; it calls ``torch.distributed.fsdp.fully_shard`` itself on every
+transformer block and then on the transformer, after the trained weights are cast to float32 and every adapter
+(DiffusionNFT's old policy too) exists, and builds the optimiser, scheduler and EMA on the sharded parameters.
+FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is skipped. FSDP communicates in
+every forward and backward, so every process runs the same number of them: evaluation pads the shorter shares,
+a local non-finite loss skips the step on every process, and options that make the processes differ
+(``flow_grpo.dynamic_sampling``) are refused. Checkpoints and the final LoRA gather the full tensors on every
+process (a collective) and the main process writes them in the same files as an unsharded run. DeepSpeed is
+refused with a clear error.
 
 Determinism: every random draw (prompts, noise, windows, levels) comes from a generator seeded by ``(seed, step,
 ...)``, so a resumed run replays exactly what an uninterrupted one does. A sample's noise is keyed by its global row
@@ -21,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +49,12 @@ __all__ = ["Trainer", "StepBatch", "seeded_generator"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an FSDP2 shard (a DTensor); an unsharded run never imports the DTensor module."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -127,11 +145,23 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        kind = acc.distributed_type.name
+        if kind == "DEEPSPEED":
             raise NotImplementedError(
-                f"{acc.distributed_type.name} is not supported yet; launch with DDP (the default accelerate config)."
+                "DeepSpeed is not supported; shard the transformer with FSDP2 (configs/accelerate/fsdp.yaml, or "
+                "fsdp=true) or launch with DDP (the default accelerate config)."
             )
-        validate(cfg, acc.num_processes, given=given)
+        if kind == "FSDP":
+            version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
+            if version != 2:
+                raise NotImplementedError(
+                    f"the accelerate config asks for FSDP version {version}; set fsdp_config.fsdp_version: 2 "
+                    "(see configs/accelerate/fsdp.yaml)."
+                )
+        validate(cfg, acc.num_processes, given=given, sharded=cfg.fsdp or kind == "FSDP")
+        self.sharded = (cfg.fsdp or kind == "FSDP") and acc.num_processes > 1
+        if cfg.fsdp and not self.sharded:
+            acc.print("[diffrl] fsdp=true with one process: nothing to shard, training unsharded")
         self.output_dir = Path(cfg.output_dir)
         self._check_output_dir()
         if cfg.resume_from_checkpoint:  # before anything is loaded: a mismatching config fails at once
@@ -154,12 +184,20 @@ class Trainer:
         self._setup_training_mode()
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
-        self.optimizer = self._build_optimizer()
-        self.scheduler = self._build_scheduler()
-        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.step = 0
         self.bad_steps = 0
-        self.setup()
+        if self.sharded:
+            # every adapter exists before sharding, and the optimiser, scheduler and EMA hold the sharded parameters
+            self.setup()
+            self._shard_transformer()
+            self.optimizer = self._build_optimizer()
+            self.scheduler = self._build_scheduler()
+            self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+        else:
+            self.optimizer = self._build_optimizer()
+            self.scheduler = self._build_scheduler()
+            self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+            self.setup()
         self.logger = _JsonlLogger(
             self.output_dir / "metrics.jsonl", cfg.report_to, acc.is_main_process, config_to_dict(cfg)
         )
@@ -178,7 +216,36 @@ class Trainer:
         return self.accelerator.num_processes
 
     def setup(self) -> None:
-        """Algorithm-specific set-up (after model and optimiser)."""
+        """Algorithm-specific set-up (after model and optimiser; under FSDP after the model, before sharding)."""
+
+    def after_sharding(self) -> None:
+        """Collect again the parameters a trainer holds besides ``self.params``: ``fully_shard`` replaces them."""
+
+    def _shard_transformer(self) -> None:
+        """FSDP2: ``fully_shard`` every transformer block, then the transformer; ``self.params`` is collected again."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        transformer = self.model.transformer
+        blocks = [
+            block
+            for name in ("transformer_blocks", "single_transformer_blocks")
+            for block in (getattr(transformer, name, None) or [])
+        ]
+        if not blocks:
+            raise NotImplementedError(
+                f"{type(transformer).__name__} has no transformer_blocks to shard; FSDP supports the SD3 and FLUX "
+                "transformers, launch this model with DDP."
+            )
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(transformer, mesh=mesh)
+        self.params = [p for p in self.model.trainable_parameters()]
+        names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+        if names != self.param_names:
+            raise RuntimeError("fully_shard changed the trained parameters' names; this torch version is not supported.")
+        self.after_sharding()
 
     def _check_output_dir(self) -> None:
         if not self.cfg.resume_from_checkpoint and (self.output_dir / "metrics.jsonl").exists():
@@ -357,6 +424,14 @@ class Trainer:
         """Concatenate a per-process tensor over processes (in process order)."""
         return self.accelerator.gather(tensor.contiguous().to(self.device)) if self.world > 1 else tensor
 
+    def any_over_processes(self, flag: bool) -> bool:
+        """True on every process if it is true on any: a step skipped for a local non-finite loss is skipped by all
+        (one process stepping alone would desynchronise the weights and the collectives)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
     def mean_over_processes(self, value: float) -> float:
         if self.world == 1:
             return float(value)
@@ -431,7 +506,7 @@ class Trainer:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if self.world > 1:
+            if self.world > 1 and not self.sharded:  # FSDP's reduce-scatter has averaged them already
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         scale = 1.0
         if scaler is not None:
@@ -579,7 +654,7 @@ class Trainer:
     def _announce(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        info = self.derived_sizes()
+        info = {**self.derived_sizes(), "fsdp": self.sharded}
         resolved = {"config": config_to_dict(self.cfg), "derived": info}
         (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
         import yaml
@@ -607,6 +682,9 @@ class Trainer:
         # evaluation row = (prompt, image): row r * n + p is image r of prompt p, spread over the processes
         n = len(prompts)
         mine = list(range(self.rank, n * per, self.world))
+        real = len(mine)
+        if self.sharded:  # FSDP gathers weights in every forward: the shorter shares run a repeated row, dropped
+            mine += [mine[-1] if mine else 0] * (-(-n * per // self.world) - real)
         if not mine:
             return self._eval_means({})  # still takes part in the reduction the other processes wait for
         local = prompts.take([row % n for row in mine])
@@ -638,6 +716,10 @@ class Trainer:
                     )
                 images.append(self.model.decode(out.final))
         images = torch.cat(images)
+        if real < len(mine):
+            if not real:
+                return self._eval_means({})
+            images, local = images[:real], prompts.take([row % n for row in mine[:real]])
         freeze = getattr(self.eval_reward, "frozen_statistics", None)  # evaluation must not move running stats
         with freeze() if freeze is not None else contextlib.nullcontext():
             result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
@@ -678,32 +760,98 @@ class Trainer:
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    @staticmethod
+    def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of a sharded one (FSDP's DTensor), else the tensor itself. Gathering is a collective:
+        every process must call it, in the same order."""
+        return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+    @staticmethod
+    def assign_(dst: torch.Tensor, full: torch.Tensor) -> None:
+        """``dst.copy_(full)`` where ``dst`` may be sharded: every process passes the whole tensor and keeps its
+        shard (a collective under FSDP)."""
+        full = full.to(dst.device, dst.dtype)
+        if _is_dtensor(dst):
+            from torch.distributed.tensor import distribute_tensor
+
+            full = distribute_tensor(full, dst.device_mesh, dst.placements)
+        dst.copy_(full)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds, as whole tensors on the CPU. Under FSDP the tensors are gathered (a collective
+        every process runs) and the optimiser state is written in the unsharded layout (parameters numbered in
+        ``self.params`` order), so DDP and FSDP checkpoints are the same files."""
+        full = self.full_tensor
+        state: dict[str, Any] = {
+            "trainable": {
+                n: full(p.detach()).cpu().contiguous() for n, p in zip(self.param_names, self.params, strict=True)
+            }
+        }
+        if self.ema is not None:
+            state["ema"] = {n: full(e).cpu().contiguous() for n, e in zip(self.param_names, self.ema, strict=True)}
+        extra = self.extra_state()
+        if extra:
+            state["extra"] = {k: full(v.detach()).cpu().contiguous() for k, v in extra.items()}
+        if not self.sharded:
+            state["optimizer"] = self.optimizer.state_dict()
+            return state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(
+            self.model.transformer,
+            self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+        if self.accelerator.is_main_process:  # the others get an empty state
+            index = {n: i for i, n in enumerate(self.param_names)}
+            state["optimizer"] = {
+                "state": {index[n]: v for n, v in by_name["state"].items()},
+                "param_groups": [
+                    {**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
+                ],
+            }
+        return state
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        if not self.sharded:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = self.param_names
+        by_name = {  # a new dict: set_optimizer_state_dict changes the one it is given
+            "state": {names[i]: dict(v) for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
+        }
+        set_optimizer_state_dict(
+            self.model.transformer,
+            self.optimizer,
+            optim_state_dict=by_name,
+            options=StateDictOptions(full_state_dict=True),
+        )
+
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint-<step>`` atomically (temporary directory, then rename) and keep the last N."""
         self.accelerator.wait_for_everyone()
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        state = self._checkpoint_state() if self.sharded else None  # gathering: every process takes part
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return final
         from safetensors.torch import save_file
 
+        if state is None:
+            state = self._checkpoint_state()
         tmp = self.output_dir / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in zip(self.param_names, self.params, strict=True)},
-            tmp / "trainable.safetensors",
-        )
-        if self.ema is not None:
-            save_file(
-                {n: e.cpu().contiguous() for n, e in zip(self.param_names, self.ema, strict=True)},
-                tmp / "ema.safetensors",
-            )
-        extra = self.extra_state()
-        if extra:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
+        save_file(state["trainable"], tmp / "trainable.safetensors")
+        if "ema" in state:
+            save_file(state["ema"], tmp / "ema.safetensors")
+        if "extra" in state:
+            save_file(state["extra"], tmp / "extra.safetensors")
         optim_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": state["optimizer"],
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -768,17 +916,19 @@ class Trainer:
             )
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params, strict=True):
-                p.copy_(weights[n].to(p.device, p.dtype))
+                self.assign_(p, weights[n])
             if self.ema is not None and (path / "ema.safetensors").is_file():
                 ema = load_file(str(path / "ema.safetensors"))
                 for n, e in zip(self.param_names, self.ema, strict=True):
-                    e.copy_(ema[n].to(e.device))
+                    self.assign_(e, ema[n])
         if (path / "extra.safetensors").is_file():
             self.load_extra_state(
                 {k: v.to(self.device) for k, v in load_file(str(path / "extra.safetensors")).items()}
             )
-        state = torch.load(path / "optim.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # torch.load knows "cpu" but not "cpu:0", the device accelerate gives CPU processes of a gloo launch
+        where = "cpu" if self.device.type == "cpu" else self.device
+        state = torch.load(path / "optim.pt", map_location=where, weights_only=False)
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if self.accelerator.scaler is not None and "scaler" in state:
@@ -796,6 +946,12 @@ class Trainer:
     def save_final(self) -> Path | None:
         """The trained LoRA in the diffusers format (``output_dir/lora``), or the full pipeline."""
         self.accelerator.wait_for_everyone()
+        if self.sharded:  # the LoRA is gathered by every process (FSDP supports LoRA training only)
+            with self.ema_weights():
+                state = {k: self.full_tensor(v.detach()) for k, v in self.model.lora_state_dict().items()}
+            path = self.model.save_lora(self.output_dir / "lora", state=state) if self.accelerator.is_main_process else None
+            self.accelerator.wait_for_everyone()
+            return path
         if not self.accelerator.is_main_process:
             return None
         with self.ema_weights():

@@ -187,7 +187,7 @@ class FlowGRPOTrainer(Trainer):
                     if not torch.isfinite(total):
                         bad = True
                     self.accelerator.backward(total)
-            if bad:
+            if self.any_over_processes(bad):
                 self.optimizer.zero_grad(set_to_none=True)
                 return {**metrics, "train/skipped": 1.0}
             metrics.update(self.finish_update())

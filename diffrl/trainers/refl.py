@@ -205,7 +205,7 @@ class ReFLTrainer(Trainer):
                 components.setdefault(name, []).append(v.detach().float())
         rewards = self.gather(torch.cat(rewards_all).to(self.device))
         metrics = self.reward_metrics({name: torch.cat(v) for name, v in components.items()}, rewards)
-        if bad or not torch.isfinite(rewards).all():
+        if self.any_over_processes(bad) or not torch.isfinite(rewards).all():
             self.optimizer.zero_grad(set_to_none=True)
             return {**metrics, "train/skipped": 1.0}
         metrics.update(self.finish_update())
