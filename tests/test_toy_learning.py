@@ -10,7 +10,7 @@ on 96 images (one per prompt): at most 0.072, and its margin 0.15 is more than t
 more slowly per sample, so it is evaluated on 288 images (``sample.eval_images_per_prompt=3``): at most 0.042,
 and its margin 0.09 is more than two of those. ReFL (DRaFT through the whole chain on ``shapes_soft``, the
 differentiable relaxation of the verifier) gains least, so it is evaluated on 384 images (4 per prompt): at most
-0.036, and at the accuracies it moves between (0.14 -> 0.25) about 0.028, so its margin 0.06 is more than two
+0.036, and at the accuracies it moves between (0.13 -> 0.23) about 0.028, so its margin 0.06 is more than two
 standard errors at those accuracies (1.7 of the worst case). The before and after images share prompts and noise,
 which makes the real error of the difference smaller still. The partial credit must rise as well.
 """
@@ -32,7 +32,9 @@ BUDGET = {
     # 20 480 training images, about 30 minutes; measured: 0.142 -> 0.247 strict, 0.569 -> 0.703 partial (after
     # 100 steps it had gained only 0.142 -> 0.215 strict, 0.569 -> 0.666 partial)
     "flow_grpo": (["max_steps=160", "sample.eval_images_per_prompt=3"], 0.09, 288),
-    # 12 800 training images (400 steps of 32), about 20 minutes; measured: MEASURED
+    # 12 800 training images (400 steps of 32), about 18 minutes; measured: 0.133 -> 0.195 strict (+0.0625, just
+    # above the margin, which was set from the noise estimate before the run), 0.564 -> 0.618 partial; the same
+    # run peaked at 0.227 at step 380 (benchmarks/bench_learning.py)
     "refl": (["max_steps=400", "sample.eval_images_per_prompt=4"], 0.06, 384),
 }
 
