@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from diffrl.toy.scenes import BASE_SIZE, PALETTE, RELATION_MARGIN, normalize_description, score_objects
+from diffrl.toy.scenes import (
+    BASE_SIZE,
+    PALETTE,
+    RELATION_MARGIN,
+    along_across,
+    normalize_description,
+    score_objects,
+)
 
 from .base import Reward
 
@@ -237,6 +244,19 @@ def detect_objects(
     return out
 
 
+def _perception(
+    min_area: float, min_chroma: float, min_coverage: float, max_hue_dev: float, max_elongation: float
+) -> dict[str, float]:
+    """The perception thresholds of :func:`detect_objects` as keyword arguments (shared by the rewards)."""
+    return {
+        "min_area": float(min_area),
+        "min_chroma": float(min_chroma),
+        "min_coverage": float(min_coverage),
+        "max_hue_dev": float(max_hue_dev),
+        "max_elongation": float(max_elongation),
+    }
+
+
 def _scenes_from(metadata: dict[str, Any], batch: int, name: str) -> list[dict]:
     if "scene" not in metadata or metadata["scene"] is None:
         raise ValueError(
@@ -287,13 +307,7 @@ class ShapesVerifier(Reward):
         super().__init__(batch_size=batch_size, device=device, dtype=dtype)
         self.strict = bool(strict)
         self.exact_scene = bool(exact_scene)
-        self.detect_kwargs = {
-            "min_area": float(min_area),
-            "min_chroma": float(min_chroma),
-            "min_coverage": float(min_coverage),
-            "max_hue_dev": float(max_hue_dev),
-            "max_elongation": float(max_elongation),
-        }
+        self.detect_kwargs = _perception(min_area, min_chroma, min_coverage, max_hue_dev, max_elongation)
         self.relation_margin = float(relation_margin)
 
     def settings(self) -> dict[str, Any]:
@@ -525,12 +539,7 @@ def soft_verify(
                         lift = (2 * hard_area[j]).sqrt() / 6 if c == 2 else 0.0
                         pos.append((f["cx"][j], f["cy"][j] - lift))
                     dx, dy = pos[1][0] - pos[0][0], pos[1][1] - pos[0][1]
-                    along, across = {
-                        "left of": (dx, dy),
-                        "right of": (-dx, dy),
-                        "above": (dy, dx),
-                        "below": (-dy, dx),
-                    }[rel["type"]]
+                    along, across = along_across(dx, dy, rel["type"])
                     width = _SOFT_POSITION * scale
                     holds = sig((along - relation_margin * scale) / width) * sig(
                         (along - across.abs()) / width
@@ -569,11 +578,7 @@ class ShapesSoft(Reward):
             raise ValueError(f"blob_size={blob_size!r} must be at least 1 pixel (at 64x64).")
         self.kwargs = {
             "blob_size": float(blob_size),
-            "min_area": float(min_area),
-            "min_chroma": float(min_chroma),
-            "min_coverage": float(min_coverage),
-            "max_hue_dev": float(max_hue_dev),
-            "max_elongation": float(max_elongation),
+            **_perception(min_area, min_chroma, min_coverage, max_hue_dev, max_elongation),
             "relation_margin": float(relation_margin),
         }
 

@@ -331,19 +331,25 @@ def _separated(a: SceneObject, b: SceneObject, gap: float) -> bool:
     return ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0
 
 
+def along_across(dx, dy, kind: str):
+    """The offset of ``b`` from ``a`` (``dx``, ``dy``; y grows downwards) along the axis of relation ``kind`` (positive
+    when it holds) and across it; floats or tensors."""
+    return {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[kind]
+
+
 def relation_holds(a: dict | SceneObject, b: dict | SceneObject, kind: str, margin: float) -> bool:
     """Whether ``a`` is ``kind`` (``"left of"``, ...) ``b``: the offset of the centres along the relation's axis
     exceeds ``margin`` pixels and the offset across it (y grows downwards)."""
     a = a if isinstance(a, dict) else a.to_dict()
     b = b if isinstance(b, dict) else b.to_dict()
     dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]  # where b is, seen from a
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[kind]
+    along, across = along_across(dx, dy, kind)
     return along > margin and along > abs(across)
 
 
 def _relation_clear(a: SceneObject, b: SceneObject, kind: str, scale: float) -> bool:
     dx, dy = b.cx - a.cx, b.cy - a.cy
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[kind]
+    along, across = along_across(dx, dy, kind)
     return along >= GEN_RELATION_MIN * scale and abs(across) <= GEN_RELATION_ORTHO * along
 
 
