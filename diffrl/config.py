@@ -236,6 +236,10 @@ class TrainConfig:
     """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
     accelerate config with distributed_type FSDP turns it on whatever this says. LoRA training only; refuses fp16,
     optim.use_8bit_adam and flow_grpo.dynamic_sampling."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 1 (AdamW states partitioned over the processes) or 2 (gradients too) under any
+    multi-process launch (also on CPU/gloo; ignored with one process); 0: off. An accelerate config with
+    distributed_type DEEPSPEED sets it from its file. Needs deepspeed (pip install 'diffrl[deepspeed]')."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to train."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -396,6 +400,7 @@ RESUME_FREE_KEYS = frozenset(
         "report_to",
         "max_bad_steps",
         "fsdp",  # checkpoints are the same files sharded or not; only rounding differs
+        "zero_stage",
         "sample.eval_num_steps",
         "sample.eval_guidance_scale",
         "sample.eval_images_per_prompt",
@@ -476,14 +481,35 @@ def validate(
     num_processes: int = 1,
     given: frozenset[str] | set[str] = frozenset(),
     sharded: bool | None = None,
+    zero_stage: int = 0,
 ) -> None:
     """Checks that need no model: choices, positive sizes, divisibility by the number of processes. Parts named in
     ``given`` (``model``, ``reward``, ``train_prompts``) come as objects, so their config fields may be empty.
-    ``sharded`` (default: ``cfg.fsdp``) also refuses what FSDP does not support."""
+    ``sharded`` (default: ``cfg.fsdp``) also refuses what FSDP does not support; ``zero_stage`` (a DeepSpeed
+    launch's ZeRO stage, else 0) what DeepSpeed does not."""
 
     def need(cond: bool, message: str) -> None:
         if not cond:
             raise ConfigError(message)
+
+    need(
+        cfg.zero_stage in (0, 1, 2),
+        f"zero_stage={cfg.zero_stage} is not supported; use 1 or 2 (0: off), or shard parameters with fsdp=true.",
+    )
+    if zero_stage:
+        need(
+            not cfg.fsdp,
+            "fsdp=true under a DeepSpeed launch: pick one; set fsdp=false or launch with configs/accelerate/fsdp.yaml.",
+        )
+        need(
+            not cfg.optim.use_8bit_adam,
+            "optim.use_8bit_adam is not supported with DeepSpeed (ZeRO partitions a torch AdamW); set it to false.",
+        )
+        need(
+            zero_stage == 1 or not (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.dynamic_sampling),
+            "flow_grpo.dynamic_sampling=true gives the processes different numbers of backward passes, which "
+            "deadlocks ZeRO-2's gradient reduction; set it to false or use ZeRO stage 1.",
+        )
 
     if cfg.fsdp if sharded is None else sharded:
         need(

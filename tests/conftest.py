@@ -57,3 +57,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One tiny-model cache for the test process and every launched process, built before any launch (two
+    processes building it at once would race)."""
+    from diffrl.models.loading import tiny_model_dir
+
+    old = os.environ.get("DIFFRL_CACHE")
+    cache = tmp_path_factory.mktemp("diffrl-cache-dist")
+    os.environ["DIFFRL_CACHE"] = str(cache)
+    tiny_model_dir("tiny:sd3")
+    yield cache
+    if old is None:
+        os.environ.pop("DIFFRL_CACHE", None)
+    else:
+        os.environ["DIFFRL_CACHE"] = old

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_rewards import gated_saturation
 from safetensors.torch import load_file
 
 from diffrl.train import build_trainer
@@ -43,19 +44,7 @@ WEIGHT_ATOL = 0.02 * LR
 WEIGHT_RTOL = 1e-4
 STAT_RTOL, STAT_ATOL = 1e-4, 1e-6  # reward means/stds, eval means (measured: <= 1e-5 relative)
 ZSCORE_ATOL = 1e-4  # the mean of z-scores, 0 in exact arithmetic (measured: <= 1e-5)
-GATED = "tests.test_distributed:gated_saturation"
-
-
-def gated_saturation(images, prompts, **metadata):
-    """Saturation for prompts of odd length, a constant for the others: those groups have zero reward std.
-
-    Used by the Flow-GRPO and DiffusionNFT runs so that ``sample/zero_std_frac`` is neither 0 nor 1 (the first
-    two steps of the tiny presets draw one prompt of each kind) and the process holding the constant group
-    drops all its samples under ``flow_grpo.dynamic_sampling``.
-    """
-    sat = (images.amax(dim=1) - images.amin(dim=1)).mean(dim=(1, 2)).float()
-    odd = torch.tensor([len(p) % 2 == 1 for p in prompts], device=sat.device)
-    return torch.where(odd, sat, torch.full_like(sat, 0.5))
+GATED = "tests.launch_rewards:gated_saturation"
 
 
 # reward and options of each trainer's comparison run (on top of the tiny preset)
@@ -82,23 +71,6 @@ CASES = list(EXTRA)
 
 def _algo(case: str) -> str:
     return case.split("-")[0]
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    """One tiny-model cache for the test process and every launched process, built before any launch (two
-    processes building it at once would race)."""
-    from diffrl.models.loading import tiny_model_dir
-
-    old = os.environ.get("DIFFRL_CACHE")
-    cache = tmp_path_factory.mktemp("diffrl-cache-dist")
-    os.environ["DIFFRL_CACHE"] = str(cache)
-    tiny_model_dir("tiny:sd3")
-    yield cache
-    if old is None:
-        os.environ.pop("DIFFRL_CACHE", None)
-    else:
-        os.environ["DIFFRL_CACHE"] = old
 
 
 def _free_port() -> int:
@@ -508,20 +480,17 @@ def test_fsdp_with_one_process_trains_unsharded_and_says_so(tmp_path, shared_cac
     assert not any(hasattr(p, "placements") for p in trainer.params)  # plain tensors, not DTensors
 
 
-@pytest.mark.parametrize(
-    "kind, version, match", [("DEEPSPEED", 2, "DeepSpeed is not supported"), ("FSDP", 1, "fsdp_version: 2")]
-)
-def test_deepspeed_and_fsdp1_are_refused(kind, version, match, tmp_path, monkeypatch):
+def test_fsdp1_is_refused(tmp_path, monkeypatch):  # DeepSpeed's checks: test_deepspeed.py
     import types
 
     import accelerate
 
     fake = types.SimpleNamespace(
-        distributed_type=types.SimpleNamespace(name=kind),
-        state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=version)),
+        distributed_type=types.SimpleNamespace(name="FSDP"),
+        state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=1)),
     )
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: fake)
-    with pytest.raises(NotImplementedError, match=match):
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         build_trainer(PRESET["flow_grpo"], [f"output_dir={tmp_path}", f"data.train={PROMPTS}"])
 
 
@@ -603,7 +572,7 @@ def test_bf16_autocast_on_cpu(algo, tmp_path, shared_cache, fresh_accelerate_sta
 # ---------------------------------------------------------------------------------------------- accelerate configs
 
 
-def test_example_accelerate_configs_parse_and_use_ddp_or_fsdp2():
+def test_example_accelerate_configs_parse_and_use_ddp_fsdp2_or_deepspeed():
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import ComputeEnvironment, DistributedType, FullyShardedDataParallelPlugin
@@ -617,8 +586,9 @@ def test_example_accelerate_configs_parse_and_use_ddp_or_fsdp2():
         assert isinstance(cfg, ClusterConfig), path.name
         assert cfg.compute_environment == ComputeEnvironment.LOCAL_MACHINE, path.name
         fsdp = cfg.distributed_type == DistributedType.FSDP
-        assert cfg.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) or fsdp, path.name
-        assert not cfg.deepspeed_config, path.name
+        ds = cfg.distributed_type == DistributedType.DEEPSPEED  # checked further in test_deepspeed.py
+        assert cfg.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) or fsdp or ds, path.name
+        assert bool(cfg.deepspeed_config) == ds, path.name
         assert bool(cfg.fsdp_config) == fsdp, path.name
         assert cfg.mixed_precision == "no", path.name  # diffrl's own mixed_precision key decides
         assert cfg.num_processes >= 1 and cfg.num_processes % cfg.num_machines == 0, path.name
@@ -633,9 +603,9 @@ def test_example_accelerate_configs_parse_and_use_ddp_or_fsdp2():
             ["--config_file", str(path), "-m", "diffrl.train", "configs/tiny/flow_grpo.yaml"]
         )
         args, _, _ = _validate_launch_command(args)
-        assert args.multi_gpu == (cfg.distributed_type == DistributedType.MULTI_GPU), path.name
+        assert args.multi_gpu == (cfg.distributed_type == DistributedType.MULTI_GPU) or ds, path.name
         assert (args.num_processes, args.num_machines) == (cfg.num_processes, cfg.num_machines), path.name
-        assert args.use_fsdp == fsdp and not args.use_deepspeed, path.name
+        assert args.use_fsdp == fsdp and args.use_deepspeed == ds, path.name
         if fsdp:
             # the environment the launcher gives each process, and the plugin accelerate builds from it: FSDP2,
             # which the trainer checks (acc.state.fsdp_plugin.fsdp_version), and no rank-0-only weight loading

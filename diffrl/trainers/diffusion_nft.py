@@ -151,12 +151,12 @@ class DiffusionNFTTrainer(Trainer):
                 if not torch.isfinite(loss):
                     bad = True
                 w = len(mb) / per_process / len(pick)
-                self.accelerator.backward(loss * w)
+                self.backward(loss * w)
                 sums["policy_loss"] += float(policy.detach().mean()) * w
                 sums["kl"] += float(kl.detach()) * w
                 sums["old_deviate"] += float(((v.detach() - v_old) ** 2).mean()) * w
         if self.any_over_processes(bad):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}
         metrics.update(self.finish_update())
 

@@ -16,8 +16,12 @@ FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is 
 every forward and backward, so every process runs the same number of them: evaluation pads the shorter shares,
 a local non-finite loss skips the step on every process, and options that make the processes differ
 (``flow_grpo.dynamic_sampling``) are refused. Checkpoints and the final LoRA gather the full tensors on every
-process (a collective) and the main process writes them in the same files as an unsharded run. DeepSpeed is
-refused with a clear error.
+process (a collective) and the main process writes them in the same files as an unsharded run.
+
+DeepSpeed (an accelerate config with ``distributed_type: DEEPSPEED``): ZeRO stage 1 or 2 partitions the AdamW states
+(and at stage 2 the gradients) of the trained weights; see :mod:`diffrl.trainers.zero`. Trainers call
+``self.backward`` and ``self.discard_gradients`` rather than the accelerator's or optimiser's own, so the same code
+runs under DDP, FSDP and DeepSpeed.
 
 Determinism: every random draw (prompts, noise, windows, levels) comes from a generator seeded by ``(seed, step,
 ...)``, so a resumed run replays exactly what an uninterrupted one does. A sample's noise is keyed by its global row
@@ -44,6 +48,7 @@ import torch
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
 from ..utils import resolve_dtype
+from .zero import check_deepspeed_config
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator"]
 
@@ -146,11 +151,20 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
         kind = acc.distributed_type.name
+        self._ds_config = None  # DeepSpeed: accelerate's config, or the run's zero_stage
         if kind == "DEEPSPEED":
-            raise NotImplementedError(
-                "DeepSpeed is not supported; shard the transformer with FSDP2 (configs/accelerate/fsdp.yaml, or "
-                "fsdp=true) or launch with DDP (the default accelerate config)."
-            )
+            self._ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            stage = (self._ds_config.get("zero_optimization") or {}).get("stage", 0)
+            if cfg.zero_stage and cfg.zero_stage != stage:
+                raise ConfigError(
+                    f"zero_stage={cfg.zero_stage} but the accelerate DeepSpeed config says stage {stage}; "
+                    "make them agree or drop zero_stage."
+                )
+        elif cfg.zero_stage and acc.num_processes > 1:
+            self._ds_config = {"zero_optimization": {"stage": cfg.zero_stage}}
+        elif cfg.zero_stage:
+            acc.print(f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed")
+        self.zero_stage = 0 if self._ds_config is None else check_deepspeed_config(self._ds_config, cfg)
         if kind == "FSDP":
             version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
             if version != 2:
@@ -158,7 +172,9 @@ class Trainer:
                     f"the accelerate config asks for FSDP version {version}; set fsdp_config.fsdp_version: 2 "
                     "(see configs/accelerate/fsdp.yaml)."
                 )
-        validate(cfg, acc.num_processes, given=given, sharded=cfg.fsdp or kind == "FSDP")
+        validate(
+            cfg, acc.num_processes, given=given, sharded=cfg.fsdp or kind == "FSDP", zero_stage=self.zero_stage
+        )
         self.sharded = (cfg.fsdp or kind == "FSDP") and acc.num_processes > 1
         if cfg.fsdp and not self.sharded:
             acc.print("[diffrl] fsdp=true with one process: nothing to shard, training unsharded")
@@ -198,6 +214,16 @@ class Trainer:
             self.scheduler = self._build_scheduler()
             self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
             self.setup()
+        self.ds_engine = None
+        if self.zero_stage:
+            from . import zero
+
+            self.ds_engine = zero.initialize(
+                self.model.transformer,
+                self.optimizer,
+                self.params,
+                zero.deepspeed_init_config(self._ds_config, cfg, acc.num_processes),
+            )
         self.logger = _JsonlLogger(
             self.output_dir / "metrics.jsonl", cfg.report_to, acc.is_main_process, config_to_dict(cfg)
         )
@@ -439,7 +465,31 @@ class Trainer:
         return float(self.accelerator.reduce(t, reduction="mean").item())
 
     def autocast(self):
-        return self.accelerator.autocast() if self.cfg.mixed_precision != "no" else contextlib.nullcontext()
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        if self.ds_engine is not None:  # accelerate leaves precision to DeepSpeed's config; the engine autocasts
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes)."""
+        if self.ds_engine is not None:
+            self.ds_engine.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def discard_gradients(self) -> None:
+        """Drop the gradients accumulated since the last update (a skipped step). Every process calls it. Under
+        DeepSpeed the partitioned gradients are cleared by DeepSpeed's own overflow path: one backward of a NaN
+        through the trained weights, then a step, which finds the overflow and skips the update."""
+        if self.ds_engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        poison = sum(p.sum() for p in self.params) * float("nan")
+        self.ds_engine.backward(poison)
+        self.ds_engine.step()
+        if self.ds_engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied an update with NaN gradients; its overflow check is off.")
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, list], reward=None):
         """Reward of decoded images, with components; non-finite rewards are reported, not hidden."""
@@ -502,6 +552,8 @@ class Trainer:
         the scaled loss: the update is skipped, the scale backs off (``train/fp16_overflow``) and the step does not
         count as bad, unless the scale is already 1 or less (nothing left to blame on scaling).
         """
+        if self.ds_engine is not None:
+            return self._finish_deepspeed_update()
         scaler = self.accelerator.scaler
         for p in self.params:
             if p.grad is None:
@@ -534,13 +586,30 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._update_ema()
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _finish_deepspeed_update(self) -> dict[str, float]:
+        """DeepSpeed's step is the update: it reduces what is left, checks for non-finite gradients (then skips and
+        clears them), clips to ``optim.max_grad_norm`` and steps the AdamW on each partition."""
+        self.ds_engine.step()
+        if not self.ds_engine.was_step_applied():
+            return {"train/nonfinite_grad": 1.0}
+        metrics = {}
+        if self.cfg.optim.max_grad_norm > 0:
+            metrics["train/grad_norm"] = float(self.ds_engine.get_global_grad_norm())
+        self.scheduler.step()
+        self._update_ema()
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _update_ema(self) -> None:
         if self.ema is not None:
             d = self.cfg.ema_decay
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params, strict=True):
                     e.mul_(d).add_(p.detach(), alpha=1 - d)
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        return metrics
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -654,7 +723,7 @@ class Trainer:
     def _announce(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        info = {**self.derived_sizes(), "fsdp": self.sharded}
+        info = {**self.derived_sizes(), "fsdp": self.sharded, "deepspeed_zero_stage": self.zero_stage}
         resolved = {"config": config_to_dict(self.cfg), "derived": info}
         (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
         import yaml
@@ -792,6 +861,11 @@ class Trainer:
         extra = self.extra_state()
         if extra:
             state["extra"] = {k: full(v.detach()).cpu().contiguous() for k, v in extra.items()}
+        if self.ds_engine is not None:
+            from . import zero
+
+            state["optimizer"] = zero.gather_optimizer_state(self.ds_engine, self.params)
+            return state
         if not self.sharded:
             state["optimizer"] = self.optimizer.state_dict()
             return state
@@ -813,6 +887,12 @@ class Trainer:
         return state
 
     def _load_optimizer_state(self, saved: dict) -> None:
+        if self.ds_engine is not None:
+            from . import zero
+
+            zero.set_master_weights(self.params)  # the weights were just assigned: DeepSpeed's float32 copy too
+            zero.scatter_optimizer_state(self.ds_engine, self.params, saved)
+            return
         if not self.sharded:
             self.optimizer.load_state_dict(saved)
             return
@@ -834,7 +914,8 @@ class Trainer:
         """Write ``checkpoint-<step>`` atomically (temporary directory, then rename) and keep the last N."""
         self.accelerator.wait_for_everyone()
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        state = self._checkpoint_state() if self.sharded else None  # gathering: every process takes part
+        collective = self.sharded or self.ds_engine is not None
+        state = self._checkpoint_state() if collective else None  # gathering: every process takes part
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return final

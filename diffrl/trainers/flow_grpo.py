@@ -119,7 +119,7 @@ class FlowGRPOTrainer(Trainer):
         metrics = self.reward_metrics(scored.components, all_rewards)
         metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
         if not torch.isfinite(all_rewards).all():
-            self.optimizer.zero_grad(set_to_none=True)
+            self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}
 
         # 3. trained steps
@@ -171,7 +171,7 @@ class FlowGRPOTrainer(Trainer):
                         self._accumulate(stats, ppo, kl, len(mb))
                         if not torch.isfinite(loss_k):
                             bad = True
-                        self.accelerator.backward(loss_k * weight)
+                        self.backward(loss_k * weight)
                 if g.trajectory_ratio:
                     ppo = ppo_clip_loss(
                         torch.stack(step_logps, 1),
@@ -186,9 +186,9 @@ class FlowGRPOTrainer(Trainer):
                     self._accumulate(stats, ppo, kl_sum / len(train_steps), len(mb))
                     if not torch.isfinite(total):
                         bad = True
-                    self.accelerator.backward(total)
+                    self.backward(total)
             if self.any_over_processes(bad):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.discard_gradients()
                 return {**metrics, "train/skipped": 1.0}
             metrics.update(self.finish_update())
         # sums and counts over processes (with dynamic_sampling a process may keep fewer samples, or none)

@@ -189,13 +189,13 @@ class ReFLTrainer(Trainer):
             if not torch.isfinite(loss):
                 bad = True
             w = len(mb) / n
-            self.accelerator.backward(loss * w)
+            self.backward(loss * w)
             if c.denoise_weight > 0:  # its own backward: the reward's graph is freed first
                 denoise = self._denoise(x, x_j, cond, sigmas, j, mb, n)
                 term = c.denoise_weight * denoise
                 if not torch.isfinite(term):
                     bad = True
-                self.accelerator.backward(term * w)
+                self.backward(term * w)
                 loss = loss.detach() + term.detach()
                 sums["denoise_loss"] += float(denoise.detach()) * w
             sums["loss"] += float(loss.detach()) * w
@@ -206,7 +206,7 @@ class ReFLTrainer(Trainer):
         rewards = self.gather(torch.cat(rewards_all).to(self.device))
         metrics = self.reward_metrics({name: torch.cat(v) for name, v in components.items()}, rewards)
         if self.any_over_processes(bad) or not torch.isfinite(rewards).all():
-            self.optimizer.zero_grad(set_to_none=True)
+            self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}
         metrics.update(self.finish_update())
         metrics["train/loss"] = self.mean_over_processes(sums["loss"])
