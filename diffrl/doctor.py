@@ -787,6 +787,8 @@ def estimate_memory(
                                                 keeps the transformer in float32: + P_transformer * (4 - b_w))
         trained     = P_train * (4 [LoRA weights, float32; 0 for full fine-tuning] + 4 [grads] + 8 [AdamW m, v;
                       2 for 8-bit Adam] + 4 [EMA, when ema_decay > 0] + 4 [DiffusionNFT's old-policy adapter])
+        sharding    (several processes) ``zero_stage: 1`` divides the AdamW term by their number, ``2`` the grads
+                    too; ``fsdp: true`` divides the transformer's weights and the whole trained term
         buffers     = n_local * (L_txt * D_txt * b_w * g + stored latents * 4)   (the step's text embeddings,
                       g = 2 with CFG negatives, and Flow-GRPO's (T + 1) trajectory latents / the final latents)
         activations = max(train, sample)
@@ -813,11 +815,17 @@ def estimate_memory(
     full = m.lora_rank == 0
     p_train = facts["transformer"] if full else facts["lora"]
 
-    weights = facts["params"] * b_w + (facts["transformer"] * (4 - b_w) if full else 0)
-    per_param = (0 if full else 4) + 4 + (2 if o.use_8bit_adam else 8)
+    world = max(1, int(num_processes))
+    fsdp = world if cfg.fsdp and world > 1 else 1
+    zero = cfg.zero_stage if world > 1 else 0
+    transformer = facts["transformer"] * (4 if full else b_w)
+    weights = facts["params"] * b_w - facts["transformer"] * b_w + transformer / fsdp
+    adam = (2 if o.use_8bit_adam else 8) / (world if zero >= 1 else 1)
+    grads = 4 / (world if zero >= 2 else 1)
+    per_param = (0 if full else 4) + grads + adam
     per_param += 4 if cfg.ema_decay > 0 else 0
     per_param += 4 if cfg.algorithm == "diffusion_nft" else 0
-    trained = p_train * per_param
+    trained = p_train * per_param / fsdp
 
     f, p = facts["vae_factor"], facts["patch"]
     n_img = (s.height // (f * p)) * (s.width // (f * p))
@@ -836,7 +844,6 @@ def estimate_memory(
     sample_act += s.batch_size * s.height * s.width * facts["vae_channels"] * a * _VAE_PER_PIXEL
 
     latent = facts["latent_channels"] * (s.height // f) * (s.width // f) * 4
-    world = max(1, int(num_processes))
     if cfg.algorithm == "flow_grpo":
         g = cfg.flow_grpo
         n_local, stored = g.prompts_per_step // world * g.group_size, (s.num_steps + 1) * latent
@@ -848,6 +855,10 @@ def estimate_memory(
     buffers = n_local * (l_txt * facts["text_width"] * b_w * (2 if cfg_sd3 else 1) + stored)
 
     notes = [f"{n_local} samples a step on each of {world} process(es)"]
+    if fsdp > 1:
+        notes.append(f"FSDP: transformer and trained tensors / {world}")
+    elif zero:
+        notes.append(f"ZeRO-{zero}: AdamW states{' and grads' if zero == 2 else ''} / {world}")
     return MemoryEstimate(
         weights=int(weights),
         trained=int(trained),
@@ -883,6 +894,8 @@ def _memory_fix(cfg) -> str:
         steps.append("use model.dtype=bfloat16")
     if m.lora_rank == 0:
         steps.append("train a LoRA (model.lora_rank=32)")
+        if cfg.zero_stage < 2:
+            steps.append("partition the gradients and AdamW states over several GPUs (zero_stage=2)")
     if o.train_batch_size > 1 or cfg.sample.batch_size > 1:
         steps.append("lower optim.train_batch_size and sample.batch_size")
     steps.append("or use a GPU with more memory")

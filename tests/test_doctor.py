@@ -253,6 +253,32 @@ def test_memory_estimate_counts_parameters_from_headers():
         estimate_memory(load_config(TINY, ["model.path=someorg/unknown-model"]))
 
 
+def test_memory_estimate_divides_what_zero_and_fsdp_partition():
+    full = load_config(TINY, ["model.lora_rank=0", "flow_grpo.kl_beta=0"])
+    base = estimate_memory(load_config(TINY), tiny_dir(), num_processes=4)
+    zero1 = estimate_memory(load_config(TINY, ["zero_stage=1"]), tiny_dir(), num_processes=4)
+    zero2 = estimate_memory(load_config(TINY, ["zero_stage=2"]), tiny_dir(), num_processes=4)
+    p = base.trainable_params
+    assert base.trained == p * (4 + 4 + 8)
+    assert zero1.trained == int(p * (4 + 4 + 8 / 4)) and zero2.trained == int(p * (4 + 4 / 4 + 8 / 4))
+    assert zero2.weights == base.weights and "ZeRO-2: AdamW states and grads / 4" in zero2.notes
+    one = estimate_memory(load_config(TINY, ["zero_stage=2"]), tiny_dir(), num_processes=1)
+    assert one.trained == base.trained  # nothing to partition with one process
+    # full fine-tuning: the transformer in float32 (here every weight is float32 anyway), its grads and AdamW states
+    f1 = estimate_memory(full, tiny_dir(), num_processes=1)
+    t = f1.trainable_params  # the transformer's parameters
+    assert f1.trained == t * (4 + 8) and f1.weights == base.weights
+    f2 = estimate_memory(
+        load_config(TINY, ["model.lora_rank=0", "flow_grpo.kl_beta=0", "zero_stage=2"]),
+        tiny_dir(),
+        num_processes=4,
+    )
+    assert f2.trained == int(t * (4 / 4 + 8 / 4))
+    # FSDP: the transformer's (float32) weights and everything trained, divided by the processes
+    fsdp = estimate_memory(load_config(TINY, ["fsdp=true"]), tiny_dir(), num_processes=4)
+    assert fsdp.trained == int(p * 16 / 4) and fsdp.weights == int(base.weights - t * 4 * 3 / 4)
+
+
 def test_memory_fails_when_the_estimate_exceeds_the_gpu(monkeypatch):
     monkeypatch.setattr(doctor, "_device_capacity", lambda device: (1024**2, "a 1 MiB GPU"))
     memory = by_name(run_doctor(TINY, checks=["memory"]), "memory")

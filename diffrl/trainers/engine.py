@@ -165,6 +165,7 @@ class Trainer:
         elif cfg.zero_stage:
             acc.print(f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed")
         self.zero_stage = 0 if self._ds_config is None else check_deepspeed_config(self._ds_config, cfg)
+        self.ds_engine = None  # the DeepSpeed engine, made once the optimiser exists
         if kind == "FSDP":
             version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
             if version != 2:
@@ -214,7 +215,6 @@ class Trainer:
             self.scheduler = self._build_scheduler()
             self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
             self.setup()
-        self.ds_engine = None
         if self.zero_stage:
             from . import zero
 

@@ -18,6 +18,7 @@ clipping in the file are replaced by the run's own values.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -118,6 +119,10 @@ def initialize(transformer: torch.nn.Module, optimizer: torch.optim.Optimizer, p
             f"deepspeed {deepspeed.__version__} has no unmanaged gradient accumulation; "
             f"install deepspeed>={TESTED_VERSION}."
         )
+    # deepspeed 0.19 gathers partitions with a torch function that torch 2.14 marks deprecated, on every update
+    warnings.filterwarnings(
+        "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
     quiet = logging.getLogger("DeepSpeed")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its INFO lines print the whole config on every process
