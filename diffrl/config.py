@@ -234,7 +234,7 @@ class TrainConfig:
     """Consecutive steps with a non-finite reward or loss before the run stops with a checkpoint."""
     fsdp: bool = False
     """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
-    accelerate config with distributed_type FSDP turns it on whatever this says. LoRA training only; refuses fp16,
+    accelerate config with distributed_type FSDP turns it on whatever this says. LoRA or full fine-tuning; refuses fp16,
     optim.use_8bit_adam and flow_grpo.dynamic_sampling."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 1 (AdamW states partitioned over the processes) or 2 (gradients too) under any
@@ -512,10 +512,6 @@ def validate(
         )
 
     if cfg.fsdp if sharded is None else sharded:
-        need(
-            cfg.model.lora_rank != 0,
-            "FSDP shards LoRA training only, but model.lora_rank=0 (full fine-tuning); train a LoRA or launch with DDP.",
-        )
         need(
             cfg.mixed_precision != "fp16",
             "mixed_precision=fp16 is not supported with FSDP (its loss scaler sees only local shards); use bf16 or no.",

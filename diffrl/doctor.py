@@ -894,8 +894,8 @@ def _memory_fix(cfg) -> str:
         steps.append("use model.dtype=bfloat16")
     if m.lora_rank == 0:
         steps.append("train a LoRA (model.lora_rank=32)")
-        if cfg.zero_stage < 2:
-            steps.append("partition the gradients and AdamW states over several GPUs (zero_stage=2)")
+        if cfg.zero_stage < 2 and not cfg.fsdp:
+            steps.append("shard it over several GPUs (fsdp=true, or zero_stage=2 for the gradients and AdamW states)")
     if o.train_batch_size > 1 or cfg.sample.batch_size > 1:
         steps.append("lower optim.train_batch_size and sample.batch_size")
     steps.append("or use a GPU with more memory")

@@ -190,7 +190,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(case, tmp_pa
             stat_keys if "train/lr" in ref_row else []
         ):
             # the mean of a batch-normalised sum is 0 up to rounding divided by the parts' (small) stds
-            atol = ZSCORE_ATOL if key == "reward/combined/mean" and "reward_normalize=batch" in EXTRA[case] else STAT_ATOL
+            atol = (
+                ZSCORE_ATOL
+                if key == "reward/combined/mean" and "reward_normalize=batch" in EXTRA[case]
+                else STAT_ATOL
+            )
             assert row[key] == pytest.approx(ref_row[key], rel=STAT_RTOL, abs=atol), (row["step"], key)
     if GATED in " ".join(EXTRA[case]):
         fracs = [r["sample/zero_std_frac"] for r in ref_rows if "sample/zero_std_frac" in r]
@@ -302,7 +306,11 @@ def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(algo, t
 
     # checkpoints: the same files as an unsharded run (full tensors, optimiser state in the unsharded layout)
     ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert ckpts == sorted(p.name for p in ref_out.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    assert (
+        ckpts
+        == sorted(p.name for p in ref_out.glob("checkpoint-*"))
+        == ["checkpoint-000001", "checkpoint-000002"]
+    )
     ref, got = _checkpoint_tensors(ref_out / ckpts[-1]), _checkpoint_tensors(out / ckpts[-1])
     assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
     ref_opt = torch.load(ref_out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
@@ -323,11 +331,60 @@ def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(algo, t
     assert ref_lora.keys() == lora.keys() and ref_lora
     diff = max(_max_abs_diff(ref, got), _max_abs_diff(ref_lora, lora))
     update = _max_abs_diff({k: ref[k] for k in initial}, initial)
-    print(f"\n[{algo}] FSDP 2 processes: {seconds:.1f} s; max |w_fsdp - w_1proc| = {diff:.3g}; max update = {update:.3g}")
+    print(
+        f"\n[{algo}] FSDP 2 processes: {seconds:.1f} s; max |w_fsdp - w_1proc| = {diff:.3g}; max update = {update:.3g}"
+    )
     assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
-    for name, (a, b) in {**{k: (got[k], ref[k]) for k in ref}, **{k: (lora[k], ref_lora[k]) for k in lora}}.items():
+    for name, (a, b) in {
+        **{k: (got[k], ref[k]) for k in ref},
+        **{k: (lora[k], ref_lora[k]) for k in lora},
+    }.items():
         assert a.dtype == b.dtype == torch.float32, name
-        torch.testing.assert_close(a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+@pytest.mark.slow  # ~40 s (a 2-process launch plus a 1-process reference run)
+def test_fsdp_full_fine_tuning_matches_one_process_and_saves_the_whole_pipeline(tmp_path, fsdp_run):
+    """Every transformer weight trained and sharded: the checkpoint gathers them all, and the final pipeline is
+    written from an unsharded copy that diffusers loads as the original transformer class."""
+    from diffrl.models import load_model
+
+    extra = ("model.lora_rank=0", "flow_grpo.kl_beta=0")
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(
+        PRESET["flow_grpo"], _fsdp_overrides(ref_out, "flow_grpo") + list(extra), reward=gated_saturation
+    )
+    assert not trainer.model.has_lora and len(trainer.params) == len(
+        list(trainer.model.transformer.parameters())
+    )
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+    out, _ = fsdp_run("flow_grpo", extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    ref, got = (
+        _checkpoint_tensors(ref_out / "checkpoint-000002"),
+        _checkpoint_tensors(out / "checkpoint-000002"),
+    )
+    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
+    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
+    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    opt = torch.load(out / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)[
+        "optimizer"
+    ]
+    assert len(opt["state"]) == len(initial) and not hasattr(opt["state"][0]["exp_avg"], "placements")
+    # the final pipeline: the original class in its config, the trained weights, loadable by diffrl and diffusers
+    config = json.loads((out / "pipeline" / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == type(trainer.model.transformer).__name__ == "SD3Transformer2DModel"
+    loaded = load_model(str(out / "pipeline"))
+    weights = dict(loaded.transformer.named_parameters())
+    for name, p in zip(trainer.param_names, trainer.params, strict=True):
+        torch.testing.assert_close(weights[name].float(), p.detach(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
 
 
 @pytest.mark.slow  # ~30 s (a 2-process launch plus a 1-process reference run)
@@ -338,7 +395,11 @@ def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_r
     tiny_model_dir("tiny:flux")  # built here before the launch: two processes building it would race
     extra = ("model.path=tiny:flux",)
     ref_out = tmp_path / "one"
-    build_trainer(PRESET["diffusion_nft"], _fsdp_overrides(ref_out, "diffusion_nft") + list(extra), reward=gated_saturation).train()
+    build_trainer(
+        PRESET["diffusion_nft"],
+        _fsdp_overrides(ref_out, "diffusion_nft") + list(extra),
+        reward=gated_saturation,
+    ).train()
     out, seconds = fsdp_run("diffusion_nft", extra)
     assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
     ref, got = _lora_file(ref_out), _lora_file(out)
@@ -346,7 +407,9 @@ def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_r
     assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 20 * WEIGHT_ATOL  # B starts at 0
     print(f"\n[flux diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}")
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 @pytest.mark.slow  # ~40 s (two 2-process launches)
@@ -358,7 +421,9 @@ def test_fsdp_with_bf16_and_gradient_checkpointing_equals_ddp_bitwise(tmp_path, 
     extra = ("model.gradient_checkpointing=true", "mixed_precision=bf16")
     sharded, _ = fsdp_run("refl", extra)
     ddp = tmp_path / "ddp"
-    proc = _launch_two_processes("refl", ddp, shared_cache, _fsdp_overrides(ddp, "refl") + [*extra, "fsdp=false"])
+    proc = _launch_two_processes(
+        "refl", ddp, shared_cache, _fsdp_overrides(ddp, "refl") + [*extra, "fsdp=false"]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((ddp / "config.json").read_text())["derived"]["fsdp"] is False
     assert json.loads((sharded / "config.json").read_text())["derived"]["fsdp"] is True
@@ -416,16 +481,26 @@ def test_fsdp_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
     build_trainer(PRESET[algo], [*_fsdp_overrides(one, algo), "fsdp=false"], reward=gated_saturation).train()
     resumed = tmp_path / "resumed"
     proc = _launch_two_processes(
-        algo, resumed, shared_cache, _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={one / 'checkpoint-000001'}"]
+        algo,
+        resumed,
+        shared_cache,
+        _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={one / 'checkpoint-000001'}"],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((resumed / "config.json").read_text())["derived"]["fsdp"] is True
-    ref, got = _checkpoint_tensors(one / "checkpoint-000002"), _checkpoint_tensors(resumed / "checkpoint-000002")
+    ref, got = (
+        _checkpoint_tensors(one / "checkpoint-000002"),
+        _checkpoint_tensors(resumed / "checkpoint-000002"),
+    )
     assert ref.keys() == got.keys()
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"
+        )
     opt = torch.load(resumed / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
-    assert {float(st["step"]) for st in opt["optimizer"]["state"].values()} == {2.0}  # the Adam state was restored
+    assert {float(st["step"]) for st in opt["optimizer"]["state"].values()} == {
+        2.0
+    }  # the Adam state was restored
 
 
 @pytest.mark.slow  # shares the DiffusionNFT FSDP launch; ~5 s on its own after it
@@ -454,7 +529,6 @@ def test_fsdp_final_lora_loads_like_an_unsharded_one(fsdp_run):
 @pytest.mark.parametrize(
     "algo, overrides, match",
     [
-        ("flow_grpo", ["model.lora_rank=0", "flow_grpo.kl_beta=0"], "lora_rank=0"),
         ("diffusion_nft", ["mixed_precision=fp16"], "mixed_precision=fp16"),
         ("refl", ["optim.use_8bit_adam=true"], "use_8bit_adam"),
         ("flow_grpo", ["flow_grpo.dynamic_sampling=true"], "dynamic_sampling"),
@@ -587,7 +661,9 @@ def test_example_accelerate_configs_parse_and_use_ddp_fsdp2_or_deepspeed():
         assert cfg.compute_environment == ComputeEnvironment.LOCAL_MACHINE, path.name
         fsdp = cfg.distributed_type == DistributedType.FSDP
         ds = cfg.distributed_type == DistributedType.DEEPSPEED  # checked further in test_deepspeed.py
-        assert cfg.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) or fsdp or ds, path.name
+        assert cfg.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) or fsdp or ds, (
+            path.name
+        )
         assert bool(cfg.deepspeed_config) == ds, path.name
         assert bool(cfg.fsdp_config) == fsdp, path.name
         assert cfg.mixed_precision == "no", path.name  # diffrl's own mixed_precision key decides
@@ -614,7 +690,9 @@ def test_example_accelerate_configs_parse_and_use_ddp_fsdp2_or_deepspeed():
             assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false", path.name
             saved = dict(os.environ)
             try:
-                os.environ.update({k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))})
+                os.environ.update(
+                    {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+                )
                 plugin = FullyShardedDataParallelPlugin()
             finally:
                 os.environ.clear()

@@ -15,8 +15,9 @@ transformer block and then on the transformer, after the trained weights are cas
 FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is skipped. FSDP communicates in
 every forward and backward, so every process runs the same number of them: evaluation pads the shorter shares,
 a local non-finite loss skips the step on every process, and options that make the processes differ
-(``flow_grpo.dynamic_sampling``) are refused. Checkpoints and the final LoRA gather the full tensors on every
-process (a collective) and the main process writes them in the same files as an unsharded run.
+(``flow_grpo.dynamic_sampling``) are refused. Checkpoints and the final LoRA or pipeline gather the full tensors
+one at a time (a collective; only the main process keeps them) and the main process writes them in the same files
+as an unsharded run.
 
 DeepSpeed (an accelerate config with ``distributed_type: DEEPSPEED``): ZeRO stage 1 or 2 partitions the AdamW states
 (and at stage 2 the gradients) of the trained weights; see :mod:`diffrl.trainers.zero`. Trainers call
@@ -254,6 +255,7 @@ class Trainer:
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         transformer = self.model.transformer
+        self._transformer_cls = type(transformer)  # fully_shard swaps in a subclass; the final save rebuilds this one
         blocks = [
             block
             for name in ("transformer_blocks", "single_transformer_blocks")
@@ -850,17 +852,13 @@ class Trainer:
         """What a checkpoint holds, as whole tensors on the CPU. Under FSDP the tensors are gathered (a collective
         every process runs) and the optimiser state is written in the unsharded layout (parameters numbered in
         ``self.params`` order), so DDP and FSDP checkpoints are the same files."""
-        full = self.full_tensor
-        state: dict[str, Any] = {
-            "trainable": {
-                n: full(p.detach()).cpu().contiguous() for n, p in zip(self.param_names, self.params, strict=True)
-            }
-        }
+        gather = self._gather_to_main
+        state: dict[str, Any] = {"trainable": gather(dict(zip(self.param_names, self.params, strict=True)))}
         if self.ema is not None:
-            state["ema"] = {n: full(e).cpu().contiguous() for n, e in zip(self.param_names, self.ema, strict=True)}
+            state["ema"] = gather(dict(zip(self.param_names, self.ema, strict=True)))
         extra = self.extra_state()
         if extra:
-            state["extra"] = {k: full(v.detach()).cpu().contiguous() for k, v in extra.items()}
+            state["extra"] = gather(extra)
         if self.ds_engine is not None:
             from . import zero
 
@@ -1024,13 +1022,46 @@ class Trainer:
         self.bad_steps = int(info.get("bad_steps", 0))
         self.accelerator.print(f"[diffrl] resumed from {path} at step {self.step}")
 
+    def _gather_to_main(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors of (possibly sharded) ``tensors``, on the CPU of the main process only (others get an empty
+        dict). A collective: every process gathers each tensor in turn, so at most one whole tensor at a time is on
+        a GPU, and only the main process keeps a copy."""
+        main = self.accelerator.is_main_process
+        out = {}
+        for name, tensor in tensors.items():
+            whole = self.full_tensor(tensor.detach())
+            if main:
+                out[name] = whole.cpu().contiguous()
+            del whole
+        return out
+
+    def _save_sharded_pipeline(self, path: Path) -> Path | None:
+        """FSDP full fine-tuning: gather the transformer on the main process, put an unsharded copy (built on the meta
+        device, so no second allocation) into the pipeline for the save, then put the sharded one back."""
+        state = self._gather_to_main(self.model.transformer.state_dict())
+        if not self.accelerator.is_main_process:
+            return None
+        sharded = self.model.pipe.transformer
+        with torch.device("meta"):
+            plain = self._transformer_cls.from_config(sharded.config)
+        plain.load_state_dict(state, strict=True, assign=True)
+        self.model.pipe.transformer = plain
+        try:
+            return self.model.save_pretrained(path)
+        finally:
+            self.model.pipe.transformer = sharded
+
     def save_final(self) -> Path | None:
         """The trained LoRA in the diffusers format (``output_dir/lora``), or the full pipeline."""
         self.accelerator.wait_for_everyone()
-        if self.sharded:  # the LoRA is gathered by every process (FSDP supports LoRA training only)
+        if self.sharded:  # gathered by every process, written by the main process
             with self.ema_weights():
-                state = {k: self.full_tensor(v.detach()) for k, v in self.model.lora_state_dict().items()}
-            path = self.model.save_lora(self.output_dir / "lora", state=state) if self.accelerator.is_main_process else None
+                if self.model.has_lora:
+                    state = self._gather_to_main(self.model.lora_state_dict())
+                    main = self.accelerator.is_main_process
+                    path = self.model.save_lora(self.output_dir / "lora", state=state) if main else None
+                else:
+                    path = self._save_sharded_pipeline(self.output_dir / "pipeline")
             self.accelerator.wait_for_everyone()
             return path
         if not self.accelerator.is_main_process:
