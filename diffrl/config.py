@@ -369,7 +369,14 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse the value ({err.__class__.__name__}).") from None
+        hint = (
+            "; quote the whole override for the shell, e.g. 'reward={hpsv2: 1.0}'"
+            if raw.count("{") != raw.count("}") or raw.count("[") != raw.count("]")
+            else ""
+        )
+        raise ConfigError(
+            f"override {text!r}: cannot parse the value as YAML ({err.__class__.__name__}){hint}."
+        ) from None
     return key.strip().split("."), value
 
 
@@ -492,6 +499,11 @@ def validate(
         if not cond:
             raise ConfigError(message)
 
+    need(
+        not (cfg.fsdp and cfg.zero_stage),
+        f"fsdp=true and zero_stage={cfg.zero_stage} both partition the training state; set one of them "
+        "(fsdp shards the weights too, ZeRO only gradients and AdamW states).",
+    )
     need(
         cfg.zero_stage in (0, 1, 2),
         f"zero_stage={cfg.zero_stage} is not supported; use 1 or 2 (0: off), or shard parameters with fsdp=true.",

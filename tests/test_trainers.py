@@ -80,6 +80,9 @@ def test_every_config_field_is_documented():
         (["max_bad_steps=0"], "max_bad_steps=0 must be at least 1"),
         (["model.lora_rank=0"], "lora_rank=0 .* has no base model"),
         (["algorithm=refl", "refl.denoise_weight=-1"], "refl.denoise_weight=-1.0 must be at least 0"),
+        # the shell split 'reward={hpsv2: 1.0}' at the space: the error says to quote it
+        (["reward={hpsv2:", "1.0}"], "cannot parse the value as YAML.*quote the whole override"),
+        (["fsdp=true", "zero_stage=2"], "fsdp=true and zero_stage=2 both partition"),
     ],
 )
 def test_bad_config_values_raise_one_sentence(overrides, message):
