@@ -74,3 +74,14 @@ def shared_cache(tmp_path_factory):
         os.environ.pop("DIFFRL_CACHE", None)
     else:
         os.environ["DIFFRL_CACHE"] = old
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set: start from a clean one
+    and leave a clean one for the next test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -571,17 +571,6 @@ def test_fsdp1_is_refused(tmp_path, monkeypatch):  # DeepSpeed's checks: test_de
 # ---------------------------------------------------------------------------------------------- bf16 on CPU
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state whose mixed precision cannot change once set: start from a clean one
-    and leave a clean one for the next test."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("algo", ALGOS)
 def test_bf16_autocast_on_cpu(algo, tmp_path, shared_cache, fresh_accelerate_state, monkeypatch):
     import diffrl.trainers.flow_grpo as fg
