@@ -548,8 +548,10 @@ def test_eval_images_per_prompt_adds_seeds_and_keeps_the_first_image(tmp_path):
     one, m1 = evaluate(1, tmp_path / "one")
     two, m2 = evaluate(2, tmp_path / "two")
     assert one.shape[0] == 3 and two.shape[0] == 6
-    torch.testing.assert_close(two[:3], one, rtol=0, atol=0)  # image 0 of each prompt: the one-image seeds
-    assert all(not torch.equal(two[3 + i], two[i]) for i in range(3))  # image 1: new seeds
+    # image 0 of each prompt: the one-image seeds. Equal up to float rounding, not bitwise: the two runs sample in
+    # batches of different sizes, and with more than one thread the kernels then sum in different orders
+    torch.testing.assert_close(two[:3], one, rtol=0, atol=1e-5)
+    assert all(float((two[3 + i] - two[i]).abs().max()) > 1e-2 for i in range(3))  # image 1: new seeds
     key = next(k for k in m2 if k.startswith("eval/reward/"))
     assert m2[key] == pytest.approx(float(two.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
     assert m1[key] == pytest.approx(float(one.mean(dim=(1, 2, 3)).mean()), rel=1e-5)

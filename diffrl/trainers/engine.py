@@ -590,7 +590,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._update_ema()
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        return metrics
+        return self._with_state_size(metrics)
 
     def _finish_deepspeed_update(self) -> dict[str, float]:
         """DeepSpeed's step is the update: it reduces what is left, checks for non-finite gradients (then skips and
@@ -604,6 +604,20 @@ class Trainer:
         self.scheduler.step()
         self._update_ema()
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        return self._with_state_size(metrics)
+
+    def _with_state_size(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Add ``memory/optimizer_state_mib`` after the first update (when AdamW's states exist): what this process
+        holds, so the partitioning of FSDP or ZeRO shows (about 1/N of an unsharded run's)."""
+        if not getattr(self, "_state_size_logged", False):
+            self._state_size_logged = True
+            local = 0
+            for state in self.optimizer.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t) and t.dim() > 0:
+                        t = t.to_local() if _is_dtensor(t) else t
+                        local += t.numel() * t.element_size()
+            metrics["memory/optimizer_state_mib"] = local / 2**20
         return metrics
 
     def _update_ema(self) -> None:
@@ -1020,6 +1034,7 @@ class Trainer:
             self.eval_reward.load_training_state(rewards["eval_reward"])
         self.step = int(info["step"])
         self.bad_steps = int(info.get("bad_steps", 0))
+        self._state_size_logged = True  # the run logged it at its first update, before the checkpoint
         self.accelerator.print(f"[diffrl] resumed from {path} at step {self.step}")
 
     def _gather_to_main(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
