@@ -23,16 +23,15 @@ from test_distributed import (
     GATED,
     PRESET,
     PROMPTS,
-    STAT_ATOL,
-    STAT_RTOL,
     WEIGHT_ATOL,
     WEIGHT_RTOL,
-    ZSCORE_ATOL,
     _checkpoint_tensors,
     _launch_two_processes,
-    _lora_file,
     _max_abs_diff,
     _metrics,
+    _resume_two_processes,
+    assert_matches_one_process,
+    two_step_overrides,
 )
 
 from diffrl.config import ConfigError, load_config, validate
@@ -186,22 +185,9 @@ def test_shipped_deepspeed_accelerate_config_is_zero2_and_launches_deepspeed():
 
 # ---------------------------------------------------------------------------------------------- slow: 2 processes
 
-DS_EXTRA = {**FSDP_EXTRA}
-
 
 def _ds_overrides(out: Path, algo: str, stage: int, *extra: str) -> list[str]:
-    # 2 steps, a checkpoint after each (both kept: the resume test starts from the first)
-    return [
-        f"output_dir={out}",
-        f"data.train={PROMPTS}",
-        "max_steps=2",
-        "checkpointing_steps=1",
-        "checkpoints_total_limit=2",
-        "data.eval_size=3",
-        f"zero_stage={stage}",
-        *DS_EXTRA[algo],
-        *extra,
-    ]
+    return two_step_overrides(out, algo, f"zero_stage={stage}", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +213,7 @@ def _reference(algo: str, out: Path, *extra: str):
     trainer = build_trainer(
         PRESET[algo],
         _ds_overrides(out, algo, 0, *extra),
-        **({"reward": gated_saturation} if GATED in " ".join(DS_EXTRA[algo]) else {}),
+        **({"reward": gated_saturation} if GATED in " ".join(FSDP_EXTRA[algo]) else {}),
     )
     initial = {
         f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
@@ -236,63 +222,14 @@ def _reference(algo: str, out: Path, *extra: str):
     return initial
 
 
-def _assert_matches_reference(out: Path, ref_out: Path, initial: dict, *, lora: bool = True) -> None:
-    ref_rows, rows = _metrics(ref_out), _metrics(out)
-    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in ref_rows]
-    for ref_row, row in zip(ref_rows, rows, strict=True):
-        for key in [k for k in ref_row if k.startswith(("reward/", "eval/reward/"))]:
-            atol = ZSCORE_ATOL if key == "reward/combined/mean" else STAT_ATOL
-            assert row[key] == pytest.approx(ref_row[key], rel=STAT_RTOL, abs=atol), (row["step"], key)
-        assert row.get("train/skipped", 0.0) == 0.0, row
-        if "memory/optimizer_state_mib" in ref_row:  # this process's AdamW states: about half of one process's
-            ratio = row["memory/optimizer_state_mib"] / ref_row["memory/optimizer_state_mib"]
-            assert 0.45 < ratio < 0.6, ratio
-        if "train/grad_norm" in ref_row:  # DeepSpeed's global norm of the averaged gradient, before clipping
-            assert row["train/grad_norm"] == pytest.approx(ref_row["train/grad_norm"], rel=1e-4, abs=1e-6)
-    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert (
-        ckpts
-        == sorted(p.name for p in ref_out.glob("checkpoint-*"))
-        == ["checkpoint-000001", "checkpoint-000002"]
-    )
-    ref, got = _checkpoint_tensors(ref_out / ckpts[-1]), _checkpoint_tensors(out / ckpts[-1])
-    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
-    # the optimiser state: gathered from the partitions into the unsharded AdamW layout, with the same values
-    ref_opt = torch.load(ref_out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
-    opt = torch.load(out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
-    assert opt["scheduler"] == ref_opt["scheduler"]
-    strip = [{k: v for k, v in g.items() if k != "params"} for g in ref_opt["optimizer"]["param_groups"]]
-    assert [{k: v for k, v in g.items() if k != "params"} for g in opt["optimizer"]["param_groups"]] == strip
-    assert opt["optimizer"]["param_groups"][0]["params"] == ref_opt["optimizer"]["param_groups"][0]["params"]
-    assert opt["optimizer"]["state"].keys() == ref_opt["optimizer"]["state"].keys()
-    for i, st in opt["optimizer"]["state"].items():
-        ref_st = ref_opt["optimizer"]["state"][i]
-        assert float(st["step"]) == float(ref_st["step"]) == 2.0
-        torch.testing.assert_close(st["exp_avg"], ref_st["exp_avg"], rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(st["exp_avg_sq"], ref_st["exp_avg_sq"], rtol=1e-3, atol=1e-10)
-    pairs = {k: (got[k], ref[k]) for k in ref}
-    if lora:
-        ref_lora, lora_w = _lora_file(ref_out), _lora_file(out)
-        assert ref_lora.keys() == lora_w.keys() and ref_lora
-        pairs.update({f"lora/{k}": (lora_w[k], ref_lora[k]) for k in lora_w})
-    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
-    diff = max(float((a - b).abs().max()) for a, b in pairs.values())
-    print(f"\nmax |w_zero - w_1proc| = {diff:.3g}; max update = {update:.3g}")
-    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
-    for name, (a, b) in pairs.items():
-        assert a.dtype == b.dtype == torch.float32, name
-        torch.testing.assert_close(
-            a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}"
-        )
-
-
 @needs_deepspeed
 @pytest.mark.slow  # ~60 s per case on a 2-core CPU (a 2-process launch, deepspeed's import, a 1-process run)
 @pytest.mark.parametrize("algo, stage", [(a, 2) for a in ALGOS] + [("diffusion_nft", 1)])
 def test_zero_two_processes_match_one_process_with_the_same_global_batch(algo, stage, tmp_path, ds_run):
     ref_out = tmp_path / "one"
     initial = _reference(algo, ref_out)
-    _assert_matches_reference(ds_run(algo, stage), ref_out, initial)
+    diff, update = assert_matches_one_process(ds_run(algo, stage), ref_out, initial, state_ratio=(0.45, 0.6))
+    print(f"\n[{algo} ZeRO-{stage}] max |w_zero - w_1proc| = {diff:.3g}; max update = {update:.3g}")
 
 
 @needs_deepspeed
@@ -302,7 +239,7 @@ def test_zero2_full_fine_tuning_matches_one_process(tmp_path, ds_run):
     ref_out = tmp_path / "one"
     initial = _reference("flow_grpo", ref_out, *extra)
     out = ds_run("flow_grpo", 2, extra)
-    _assert_matches_reference(out, ref_out, initial, lora=False)
+    assert_matches_one_process(out, ref_out, initial, state_ratio=(0.45, 0.6), lora=False)
     assert (
         out / "pipeline" / "model_index.json"
     ).is_file()  # the final full pipeline, written by the main process
@@ -320,17 +257,9 @@ def test_zero2_full_fine_tuning_matches_one_process(tmp_path, ds_run):
 @pytest.mark.slow  # ~45 s (one more launch; the uninterrupted run is shared)
 @pytest.mark.parametrize("algo", ["diffusion_nft", "flow_grpo"])
 def test_zero2_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shared_cache, ds_run):
-    import shutil
-
     full = ds_run(algo, 2)
     out = tmp_path / "resumed"
-    out.mkdir()
-    shutil.copytree(full / "checkpoint-000001", out / "checkpoint-000001")
-    proc = _launch_two_processes(
-        algo, out, shared_cache, _ds_overrides(out, algo, 2, "resume_from_checkpoint=latest")
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "resumed from" in proc.stdout + proc.stderr
+    _resume_two_processes(algo, full / "checkpoint-000001", out, shared_cache, _ds_overrides(out, algo, 2))
     a = _checkpoint_tensors(full / "checkpoint-000002")
     b = _checkpoint_tensors(out / "checkpoint-000002")
     assert a.keys() == b.keys()
@@ -350,18 +279,11 @@ def test_zero2_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shar
 @needs_deepspeed
 @pytest.mark.slow  # ~60 s (a 1-process run and one 2-process launch)
 def test_zero2_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
-    import shutil
-
     algo = "diffusion_nft"
     ref_out = tmp_path / "one"
     _reference(algo, ref_out)
     out = tmp_path / "two"
-    out.mkdir()
-    shutil.copytree(ref_out / "checkpoint-000001", out / "checkpoint-000001")
-    proc = _launch_two_processes(
-        algo, out, shared_cache, _ds_overrides(out, algo, 2, "resume_from_checkpoint=latest")
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _resume_two_processes(algo, ref_out / "checkpoint-000001", out, shared_cache, _ds_overrides(out, algo, 2))
     a, b = _checkpoint_tensors(ref_out / "checkpoint-000002"), _checkpoint_tensors(out / "checkpoint-000002")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)

@@ -240,8 +240,8 @@ FSDP_EXTRA = {
 }
 
 
-def _fsdp_overrides(out: Path, algo: str) -> list[str]:
-    # 2 steps, a checkpoint after each (both kept: the resume test starts from the first)
+def two_step_overrides(out: Path, algo: str, *extra: str) -> list[str]:
+    """2 steps, a checkpoint after each (both kept: the resume tests start from the first), for the sharded runs."""
     return [
         f"output_dir={out}",
         f"data.train={PROMPTS}",
@@ -249,9 +249,13 @@ def _fsdp_overrides(out: Path, algo: str) -> list[str]:
         "checkpointing_steps=1",
         "checkpoints_total_limit=2",
         "data.eval_size=3",
-        "fsdp=true",
         *FSDP_EXTRA[algo],
+        *extra,
     ]
+
+
+def _fsdp_overrides(out: Path, algo: str) -> list[str]:
+    return two_step_overrides(out, algo, "fsdp=true")
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +281,73 @@ def _lora_file(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
 
 
+def assert_matches_one_process(
+    out: Path, ref_out: Path, initial: dict, *, state_ratio: tuple[float, float], lora: bool = True
+) -> tuple[float, float]:
+    """A 2-process sharded run (``out``) against the 1-process run with the same global batch (``ref_out``): the same
+    metric rows with the same reward statistics and ``train/grad_norm``, a local AdamW state ``state_ratio`` of the
+    1-process one, the same checkpoint files (whole tensors; the AdamW state in the unsharded layout, with the same
+    values), and the same trained weights and final LoRA within the DDP tolerance. Returns ``(max weight difference,
+    max update)``; the update must be far above the tolerance, so that the comparison proves something."""
+    ref_rows, rows = _metrics(ref_out), _metrics(out)
+    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in ref_rows]
+    for ref_row, row in zip(ref_rows, rows, strict=True):
+        for key in [k for k in ref_row if k.startswith(("reward/", "eval/reward/"))]:
+            atol = ZSCORE_ATOL if key == "reward/combined/mean" else STAT_ATOL
+            assert row[key] == pytest.approx(ref_row[key], rel=STAT_RTOL, abs=atol), (row["step"], key)
+        assert row.get("train/skipped", 0.0) == 0.0, row
+        if "memory/optimizer_state_mib" in ref_row:  # this process's AdamW states, against one process's
+            ratio = row["memory/optimizer_state_mib"] / ref_row["memory/optimizer_state_mib"]
+            assert state_ratio[0] < ratio < state_ratio[1], ratio
+        if "train/grad_norm" in ref_row:  # the global norm of the averaged gradient, before clipping
+            assert row["train/grad_norm"] == pytest.approx(ref_row["train/grad_norm"], rel=1e-4, abs=1e-6)
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert ckpts == sorted(p.name for p in ref_out.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-000001", "checkpoint-000002"]
+    ref, got = _checkpoint_tensors(ref_out / ckpts[-1]), _checkpoint_tensors(out / ckpts[-1])
+    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
+    ref_opt = torch.load(ref_out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
+    opt = torch.load(out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
+    assert opt["scheduler"] == ref_opt["scheduler"]
+    groups = [
+        [{k: v for k, v in g.items() if k != "params"} for g in o["optimizer"]["param_groups"]]
+        for o in (opt, ref_opt)
+    ]
+    assert groups[0] == groups[1]
+    assert opt["optimizer"]["param_groups"][0]["params"] == ref_opt["optimizer"]["param_groups"][0]["params"]
+    assert opt["optimizer"]["state"].keys() == ref_opt["optimizer"]["state"].keys()
+    for i, st in opt["optimizer"]["state"].items():
+        ref_st = ref_opt["optimizer"]["state"][i]
+        assert float(st["step"]) == float(ref_st["step"]) == 2.0
+        assert not hasattr(st["exp_avg"], "placements")  # whole tensors, not shards
+        torch.testing.assert_close(st["exp_avg"], ref_st["exp_avg"], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(st["exp_avg_sq"], ref_st["exp_avg_sq"], rtol=1e-3, atol=1e-10)
+    pairs = {k: (got[k], ref[k]) for k in ref}
+    if lora:  # the final LoRA (diffusers format; the EMA weights where EMA is on)
+        ref_lora, lora_w = _lora_file(ref_out), _lora_file(out)
+        assert ref_lora.keys() == lora_w.keys() and ref_lora
+        pairs.update({f"lora/{k}": (lora_w[k], ref_lora[k]) for k in lora_w})
+    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
+    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
+    for name, (a, b) in pairs.items():
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(
+            a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    return max(float((a - b).abs().max()) for a, b in pairs.values()), update
+
+
+def _resume_two_processes(algo: str, checkpoint: Path, out: Path, cache: Path, overrides: list[str]) -> None:
+    """Copy ``checkpoint`` into a new ``out`` and continue from it with a 2-process launch."""
+    import shutil
+
+    out.mkdir()
+    shutil.copytree(checkpoint, out / checkpoint.name)
+    proc = _launch_two_processes(algo, out, cache, [*overrides, "resume_from_checkpoint=latest"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow  # 35-45 s per trainer on a 2-core CPU (a 2-process launch plus a 1-process reference run)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(algo, tmp_path, fsdp_run):
@@ -296,56 +367,10 @@ def test_fsdp_two_processes_match_one_process_with_the_same_global_batch(algo, t
     derived = json.loads((out / "config.json").read_text())["derived"]
     assert derived["num_processes"] == 2 and derived["fsdp"] is True, derived
 
-    ref_rows, rows = _metrics(ref_out), _metrics(out)
-    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in ref_rows]
-    for ref_row, row in zip(ref_rows, rows, strict=True):
-        for key in [k for k in ref_row if k.startswith(("reward/", "eval/reward/"))]:
-            atol = ZSCORE_ATOL if key == "reward/combined/mean" else STAT_ATOL
-            assert row[key] == pytest.approx(ref_row[key], rel=STAT_RTOL, abs=atol), (row["step"], key)
-        if "memory/optimizer_state_mib" in ref_row:  # the AdamW states of this process's shards: about half
-            ratio = row["memory/optimizer_state_mib"] / ref_row["memory/optimizer_state_mib"]
-            assert 0.4 < ratio < 0.65, ratio
-        assert row.get("train/skipped", 0.0) == 0.0, row
-
-    # checkpoints: the same files as an unsharded run (full tensors, optimiser state in the unsharded layout)
-    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert (
-        ckpts
-        == sorted(p.name for p in ref_out.glob("checkpoint-*"))
-        == ["checkpoint-000001", "checkpoint-000002"]
-    )
-    ref, got = _checkpoint_tensors(ref_out / ckpts[-1]), _checkpoint_tensors(out / ckpts[-1])
-    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
-    ref_opt = torch.load(ref_out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
-    opt = torch.load(out / ckpts[-1] / "optim.pt", map_location="cpu", weights_only=False)
-    assert opt["scheduler"] == ref_opt["scheduler"]
-    assert [{k: v for k, v in g.items() if k != "params"} for g in opt["optimizer"]["param_groups"]] == [
-        {k: v for k, v in g.items() if k != "params"} for g in ref_opt["optimizer"]["param_groups"]
-    ]
-    assert opt["optimizer"]["param_groups"][0]["params"] == ref_opt["optimizer"]["param_groups"][0]["params"]
-    assert opt["optimizer"]["state"].keys() == ref_opt["optimizer"]["state"].keys()
-    for i, st in opt["optimizer"]["state"].items():
-        ref_st = ref_opt["optimizer"]["state"][i]
-        assert float(st["step"]) == float(ref_st["step"]) == 2.0
-        assert st["exp_avg"].shape == ref_st["exp_avg"].shape and not hasattr(st["exp_avg"], "placements")
-
-    # the final LoRA (diffusers format; the EMA weights where EMA is on) and the checkpointed weights
-    ref_lora, lora = _lora_file(ref_out), _lora_file(out)
-    assert ref_lora.keys() == lora.keys() and ref_lora
-    diff = max(_max_abs_diff(ref, got), _max_abs_diff(ref_lora, lora))
-    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
+    diff, update = assert_matches_one_process(out, ref_out, initial, state_ratio=(0.4, 0.65))
     print(
         f"\n[{algo}] FSDP 2 processes: {seconds:.1f} s; max |w_fsdp - w_1proc| = {diff:.3g}; max update = {update:.3g}"
     )
-    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
-    for name, (a, b) in {
-        **{k: (got[k], ref[k]) for k in ref},
-        **{k: (lora[k], ref_lora[k]) for k in lora},
-    }.items():
-        assert a.dtype == b.dtype == torch.float32, name
-        torch.testing.assert_close(
-            a, b, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, name=name: f"{name}: {m}"
-        )
 
 
 @pytest.mark.slow  # ~40 s (a 2-process launch plus a 1-process reference run)
