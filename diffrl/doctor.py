@@ -297,6 +297,21 @@ def _check_data(cfg) -> Finding:
     return Finding("data", "OK", f"{len(train)} training and {len(evals)} evaluation prompts from {d.train}")
 
 
+def _check_deepspeed(cfg) -> Finding:
+    """``zero_stage`` needs deepspeed with unmanaged gradient accumulation (read from the package metadata)."""
+    from .trainers.zero import TESTED_VERSION
+
+    installed = _installed_version("deepspeed")
+    finding = _version_finding("deepspeed", installed, f">={TESTED_VERSION}")
+    if finding.status != "OK":
+        finding.status = "FAIL"
+        finding.message = f"zero_stage={cfg.zero_stage} needs deepspeed>={TESTED_VERSION}; found {installed or 'none'}"
+        finding.fix = "Run `pip install 'diffrl[deepspeed]'` in this environment."
+    else:
+        finding.message = f"zero_stage={cfg.zero_stage}: deepspeed {installed}"
+    return finding
+
+
 def _check_precision(cfg, device: str) -> Finding:
     import torch
 
@@ -1262,6 +1277,8 @@ def run_doctor(
         )
         add(_check_data(cfg))
         add(_check_precision(cfg, dev))
+        if cfg.zero_stage:
+            add(_check_deepspeed(cfg))
     location = None
     if any(c in wanted for c in ("model", "memory", "onpolicy")):
         location = _locate_model(cfg, label)

@@ -163,6 +163,15 @@ def test_an_accelerate_deepspeed_launch_is_checked_before_the_model_loads(tmp_pa
     with pytest.raises(ConfigError, match="dynamic_sampling"):
         build_trainer(PRESET["flow_grpo"], [*base, "flow_grpo.dynamic_sampling=true"])
 
+    def missing():
+        raise ImportError(
+            "ZeRO needs deepspeed (pip install 'diffrl[deepspeed]'), which failed to import: none."
+        )
+
+    monkeypatch.setattr(engine, "require_deepspeed", missing)  # deepspeed absent: said before the model loads
+    with pytest.raises(ImportError, match="pip install 'diffrl\\[deepspeed\\]'"):
+        build_trainer(PRESET["flow_grpo"], base)
+
 
 def test_shipped_deepspeed_accelerate_config_is_zero2_and_launches_deepspeed():
     from accelerate.commands.config.config_args import load_config_from_file
@@ -375,3 +384,11 @@ def test_zero2_with_bf16_and_gradient_checkpointing_matches_ddp(tmp_path, shared
     fp32 = ds_run("refl", 2)
     c = _checkpoint_tensors(fp32 / "checkpoint-000002")
     assert _max_abs_diff(b, c) > 10 * _max_abs_diff(a, b)
+
+
+@pytest.mark.skipif(HAS_DEEPSPEED, reason="checks the message shown when deepspeed is not installed")
+def test_without_deepspeed_zero_says_how_to_install_it():
+    from diffrl.trainers.zero import require_deepspeed
+
+    with pytest.raises(ImportError, match=r"pip install 'diffrl\[deepspeed\]'"):
+        require_deepspeed()

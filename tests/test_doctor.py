@@ -375,3 +375,13 @@ def test_toy_model_is_found_offline():
     )
     model = [f for f in findings if f.name == "model"]
     assert model and model[0].status == "OK" and "assets/sd3" in model[0].message
+
+
+@pytest.mark.parametrize("installed, status", [(None, "FAIL"), ("0.18.0", "FAIL"), ("0.19.8", "OK")])
+def test_zero_stage_checks_the_deepspeed_install(installed, status, monkeypatch):
+    monkeypatch.setattr(doctor, "_installed_version", lambda name: installed if name == "deepspeed" else "99")
+    found = by_name(run_doctor(TINY, ["zero_stage=2"], checks=["config"]), "deepspeed")
+    assert found.status == status, found
+    if status == "FAIL":
+        assert "zero_stage=2 needs deepspeed>=0.19.8" in found.message and "diffrl[deepspeed]" in found.fix
+    assert all(f.name != "deepspeed" for f in run_doctor(TINY, checks=["config"]))  # only asked for with ZeRO

@@ -49,7 +49,7 @@ import torch
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
 from ..utils import resolve_dtype
-from .zero import check_deepspeed_config
+from .zero import check_deepspeed_config, require_deepspeed
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator"]
 
@@ -166,6 +166,8 @@ class Trainer:
         elif cfg.zero_stage:
             acc.print(f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed")
         self.zero_stage = 0 if self._ds_config is None else check_deepspeed_config(self._ds_config, cfg)
+        if self.zero_stage:
+            require_deepspeed()  # before any model is loaded
         self.ds_engine = None  # the DeepSpeed engine, made once the optimiser exists
         if kind == "FSDP":
             version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)

@@ -26,6 +26,7 @@ import torch
 from ..config import ConfigError
 
 __all__ = [
+    "require_deepspeed",
     "check_deepspeed_config",
     "deepspeed_init_config",
     "initialize",
@@ -107,18 +108,26 @@ def deepspeed_init_config(ds_config: dict, cfg, num_processes: int) -> dict:
     }
 
 
-def initialize(transformer: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, config: dict):
-    """Wrap the transformer and the AdamW optimiser in a DeepSpeed engine; returns the engine."""
+def require_deepspeed():
+    """Import DeepSpeed, or fail with the install command (called before any model is loaded)."""
     try:
         import deepspeed
         from deepspeed.runtime import constants
-    except ImportError as err:  # accelerate checks this too; kept for the Python API
-        raise ImportError("DeepSpeed launches need deepspeed: pip install 'diffrl[deepspeed]'.") from err
+    except ImportError as err:
+        raise ImportError(
+            f"ZeRO needs deepspeed (pip install 'diffrl[deepspeed]'), which failed to import: {err}."
+        ) from err
     if not hasattr(constants, "MANAGED_GRADIENT_ACCUMULATION"):
         raise ImportError(
             f"deepspeed {deepspeed.__version__} has no unmanaged gradient accumulation; "
             f"install deepspeed>={TESTED_VERSION}."
         )
+    return deepspeed
+
+
+def initialize(transformer: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, config: dict):
+    """Wrap the transformer and the AdamW optimiser in a DeepSpeed engine; returns the engine."""
+    deepspeed = require_deepspeed()
     # deepspeed 0.19 gathers partitions with a torch function that torch 2.14 marks deprecated, on every update
     warnings.filterwarnings(
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
