@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         from diffrl.demo import main as demo_main
 
         return demo_main(words[1:])
+    if words[:1] == ["train"]:  # likewise: `diffrl train --help` is the train parser's
+        from diffrl.train import main as train_main
+
+        return train_main(words[1:])
     parser = argparse.ArgumentParser(
         prog="diffrl", description="RL fine-tuning of flow-matching text-to-image models."
     )

@@ -554,6 +554,17 @@ def validate(
         bool(cfg.reward) or "reward" in given,
         "reward is empty; set it to {name: weight}, e.g. reward={pickscore: 1.0}.",
     )
+    named = set(cfg.reward) | set(cfg.eval_reward)
+    for name, options in cfg.reward_kwargs.items():
+        need(
+            isinstance(options, dict),
+            f"reward_kwargs.{name}={options!r} must be a map of options, e.g. reward_kwargs={{{name}: {{batch_size: 8}}}}.",
+        )
+        need(
+            name in named or "reward" in given,
+            f"reward_kwargs names {name!r}, which is not in reward or eval_reward ({', '.join(sorted(named))}); "
+            "fix the name or drop its options.",
+        )
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1.")
     need(
         cfg.max_bad_steps >= 1,

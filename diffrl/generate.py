@@ -735,7 +735,10 @@ def _prepare_out_dir(out: str | Path) -> Path:
 
 def _add_common(p) -> None:
     p.add_argument(
-        "model", metavar="MODEL", help="hub id, local diffusers pipeline dir, or tiny:sd3 / tiny:flux"
+        "model",
+        metavar="MODEL",
+        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64, e.g. --num-steps 8), "
+        "or tiny:sd3 / tiny:flux",
     )
     p.add_argument(
         "--lora",
@@ -747,8 +750,12 @@ def _add_common(p) -> None:
     p.add_argument(
         "--guidance-scale", type=float, default=4.5, help="CFG (SD3) or guidance-embedding (FLUX) scale"
     )
-    p.add_argument("--height", type=int, default=512, help="image height in pixels (default 512)")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels (default 512)")
+    p.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: the model's native size)"
+    )
+    p.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: the model's native size)"
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -837,7 +844,7 @@ def _run(args) -> int:
 
     # everything that needs no model first: options, prompts, LoRA files, rewards, the output directory
     options = _options(args)
-    check_sampling_options(**options)
+    check_sampling_options(**{**options, "height": options["height"] or 8, "width": options["width"] or 8})
     dtype = resolve_dtype(args.dtype)
     device = resolve_device(args.device)
     prompt_set = resolve_prompts(
@@ -857,9 +864,13 @@ def _run(args) -> int:
 
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=dtype, device=device)
+    args.height = args.height or model.native_size
+    args.width = args.width or model.native_size
+    options = _options(args)
     model.latent_shape(args.height, args.width)  # the model's own size check
     _log(
-        f"loaded {args.model} ({model.family}, {str(dtype).removeprefix('torch.')}, {device}) in {time.perf_counter() - t0:.1f}s"
+        f"loaded {args.model} ({model.family}, {str(dtype).removeprefix('torch.')}, {device}) in "
+        f"{time.perf_counter() - t0:.1f}s; images {args.width}x{args.height}"
     )
     if source is not None:
         _log(f"LoRA: {load_lora(model, source)}")

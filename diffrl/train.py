@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         PermissionError,
+        OSError,  # e.g. a model path that is neither a local pipeline nor a cached hub id
         ValueError,
         ImportError,
         NotImplementedError,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
-__all__ = ["resolve_dtype", "DTYPES"]
+__all__ = ["resolve_dtype", "DTYPES", "apply_umask"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -23,3 +26,14 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)} or a torch dtype.")
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give the files under ``path`` (a file or a directory) the permissions the umask allows, as ``open`` would:
+    safetensors writes its files owner-only (0600), which colleagues on a shared cluster cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)

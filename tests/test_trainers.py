@@ -83,6 +83,8 @@ def test_every_config_field_is_documented():
         # the shell split 'reward={hpsv2: 1.0}' at the space: the error says to quote it
         (["reward={hpsv2:", "1.0}"], "cannot parse the value as YAML.*quote the whole override"),
         (["fsdp=true", "zero_stage=2"], "fsdp=true and zero_stage=2 both partition"),
+        (["reward_kwargs={saturation: 3}"], r"reward_kwargs.saturation=3 must be a map of options"),
+        (["reward_kwargs={saturaton: {batch_size: 2}}"], "reward_kwargs names 'saturaton', which is not in reward"),
     ],
 )
 def test_bad_config_values_raise_one_sentence(overrides, message):
@@ -188,6 +190,12 @@ def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo
     pipe = pipe_cls.from_pretrained(os.environ["DIFFRL_CACHE"] + f"/tiny/{family}-v1")
     pipe.load_lora_weights(out / "lora")
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    # written readable as the umask allows (safetensors alone writes owner-only files), and the path is printed
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [*(out / "lora").iterdir(), *out.glob("checkpoint-*/*.safetensors")]:
+        assert os.stat(f).st_mode & 0o777 == 0o666 & ~mask, f
+    assert f"final LoRA written to {out / 'lora'}" in proc.stdout
 
 
 def test_flow_grpo_first_inner_step_is_on_policy(tmp_path):

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..utils import apply_umask
+
 __all__ = ["Conditioning", "FlowModel"]
 
 
@@ -346,6 +348,7 @@ class FlowModel:
             transformer_lora_layers=state,
             transformer_lora_adapter_metadata=metadata,
         )
+        apply_umask(save_directory)  # safetensors writes owner-only files
         return save_directory
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
@@ -353,4 +356,5 @@ class FlowModel:
         if self.has_lora:
             raise ValueError("this model trains a LoRA; save it with save_lora() (or fuse it first).")
         self.pipe.save_pretrained(save_directory)
+        apply_umask(save_directory)
         return Path(save_directory)

@@ -73,6 +73,11 @@ class FluxModel(FlowModel):
     def guidance_embeds(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
+    @property
+    def native_size(self) -> int:
+        """The pipeline's default image size in pixels (``default_sample_size`` latents)."""
+        return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         self._check_size(height, width, f * 2)

@@ -155,9 +155,23 @@ class SD3Model(FlowModel):
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
 
+    @property
+    def native_size(self) -> int:
+        """The image size (pixels) the transformer was configured for (``sample_size`` latents)."""
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        self._check_size(height, width, self.vae_scale_factor * self.patch_size)
-        f = self.vae_scale_factor
+        f, p = self.vae_scale_factor, self.patch_size
+        self._check_size(height, width, f * p)
+        limit = self.transformer.config.get("pos_embed_max_size")
+        if limit:  # the positional embedding is cropped from a (limit x limit)-patch grid
+            most = int(limit) * p * f
+            for name, value in (("height", height), ("width", width)):
+                if value > most:
+                    raise ValueError(
+                        f"{name}={value} is larger than this SD3 model can make (at most {most} pixels, its native "
+                        f"size is {self.native_size}); ask for a smaller image, e.g. {self.native_size}."
+                    )
         return (self.transformer.config.in_channels, height // f, width // f)
 
     def schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
-from ..utils import resolve_dtype
+from ..utils import apply_umask, resolve_dtype
 from .zero import check_deepspeed_config, require_deepspeed
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator"]
@@ -201,6 +201,7 @@ class Trainer:
             )
         self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
         self.model = model if model is not None else self._load_model()
+        self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         self._setup_training_mode()
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
@@ -964,6 +965,7 @@ class Trainer:
                 indent=2,
             )
         )
+        apply_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -1070,6 +1072,12 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """The trained LoRA in the diffusers format (``output_dir/lora``), or the full pipeline."""
+        path = self._save_final()
+        if path is not None:
+            self.accelerator.print(f"[diffrl] final {'LoRA' if self.model.has_lora else 'pipeline'} written to {path}")
+        return path
+
+    def _save_final(self) -> Path | None:
         self.accelerator.wait_for_everyone()
         if self.sharded:  # gathered by every process, written by the main process
             with self.ema_weights():
