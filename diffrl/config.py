@@ -352,7 +352,12 @@ def _build(cls, data: dict, where: str = ""):
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=3)
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            if close:
+                hint = f" (did you mean {', '.join(sorted(close))}?)"
+            elif len(names) <= 12:
+                hint = f" ({cls.__name__} has {', '.join(f.name for f in dataclasses.fields(cls))})"
+            else:
+                hint = ""
             raise ConfigError(
                 f"unknown config key {where + '.' if where else ''}{key}{hint}; see docs for the fields of {cls.__name__}."
             )

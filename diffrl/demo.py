@@ -179,10 +179,15 @@ def run_demo(
             f"demo config {config} does not exist; run from a clone of the repository or pass --config PATH."
         )
     cfg = load_config(str(config), [*DEMO_OVERRIDES, *(overrides or [])])
+    for key in ("train", "eval"):  # the presets name the prompt files from the repository root: run from anywhere
+        value = getattr(cfg.data, key)
+        if value and not value.startswith("hf:") and not Path(value).exists() and (REPO / value).exists():
+            setattr(cfg.data, key, str(REPO / value))
     out = Path(cfg.output_dir)
+    every = min(cfg.eval_every or cfg.max_steps, cfg.max_steps)
     log(
-        f"diffrl demo: {cfg.algorithm} on the toy-world model, {cfg.max_steps} steps, evaluation of "
-        f"held-out prompts every {cfg.eval_every or cfg.max_steps} steps; run directory {out}"
+        f"diffrl demo: {cfg.algorithm} on the toy-world model, {cfg.max_steps} step{'s' * (cfg.max_steps != 1)}, "
+        f"evaluation of held-out prompts every {every} step{'s' * (every != 1)}; run directory {out}"
     )
     t0 = time.time()
     trainer = build_trainer(cfg)

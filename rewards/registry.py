@@ -64,8 +64,12 @@ def _import_attr(spec: str) -> Any:
 def reward_class(name: str):
     """The class (or factory) registered under ``name``."""
     if name not in REWARDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, available_rewards(), n=1)
         raise ValueError(
-            f"unknown reward {name!r}; available: {', '.join(available_rewards())}, "
+            f"unknown reward {name!r}{f' (did you mean {close[0]}?)' if close else ''}; "
+            f"available: {', '.join(available_rewards())}, "
             "or a 'package.module:attr' pointing at your own reward or function."
         )
     entry = REWARDS[name]

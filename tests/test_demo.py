@@ -15,9 +15,10 @@ def small_eval(tmp_path_factory):
     return path
 
 
-def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval):
+def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
     out = tmp_path / "demo"
     lines = []
+    monkeypatch.chdir(tmp_path)  # not the repository root: the preset's training prompt file is still found
     summary = run_demo(
         [
             f"output_dir={out}",
@@ -42,6 +43,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval):
     assert 0.0 <= summary["final_strict_accuracy"] <= 1.0 and summary["eval_prompts"] == 6
     assert json.loads((out / "demo_summary.json").read_text())["max_steps"] == 2
     assert any("held-out strict accuracy: base" in line for line in lines)
+    assert any("2 steps, evaluation of held-out prompts every 2 steps" in line for line in lines)
     assert any(r.get("reward/shapes_verifier/mean") is not None for r in records)
 
 

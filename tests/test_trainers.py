@@ -72,6 +72,7 @@ def test_every_config_field_is_documented():
     "overrides, message",
     [
         (["optim.lrr=1e-4"], "unknown config key optim.lrr.*did you mean lr"),
+        (["optim.learning_rate=1e-4"], r"optim.learning_rate \(OptimConfig has lr, .*weight_decay"),
         (["max_steps=abc"], "max_steps='abc' must be an integer"),
         (["flow_grpo.group_size=1"], "group_size=1 must be at least 2"),
         (["algorithm=ppo"], "algorithm='ppo' is not known"),
@@ -105,12 +106,19 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
     cases = [
         (["data.train=/nonexistent/prompts.txt"], FileNotFoundError, "does not exist"),
         (["reward={no_such_reward: 1.0}"], ValueError, "unknown reward 'no_such_reward'"),
+        (["reward={pickscor: 1.0}"], ValueError, r"unknown reward 'pickscor' \(did you mean pickscore\?\)"),
         (
             ["algorithm=refl", "reward={saturation: 1.0}", "reward={jpeg_compressibility: 1.0}"],
             ValueError,
             "score-only",
         ),
+        (  # a function named module:attr is score-only unless marked; the error says how
+            ["algorithm=refl", "reward={tests.launch_rewards:gated_saturation: 1.0}"],
+            ValueError,
+            r"reward_kwargs=\{'tests.launch_rewards:gated_saturation': \{differentiable: true\}\}",
+        ),
     ]
+    monkeypatch.syspath_prepend(str(ROOT))  # tests.launch_rewards, however pytest was started
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     cases.append(([f"data.train={empty}"], ValueError, "holds no prompts"))

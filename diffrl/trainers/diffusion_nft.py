@@ -24,6 +24,8 @@ Deviations from the reference code (NVlabs/DiffusionNFT):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -43,7 +45,9 @@ class DiffusionNFTTrainer(Trainer):
     def setup(self) -> None:
         model = self.model
         config = model.transformer.peft_config["default"]
-        model.transformer.add_adapter(config, adapter_name=OLD)
+        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model.transformer.add_adapter(config, adapter_name=OLD)
         model.transformer.set_adapter("default")
         self.old_params = self._adapter_params(OLD)
         with torch.no_grad():

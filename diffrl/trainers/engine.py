@@ -195,9 +195,16 @@ class Trainer:
             else self.reward
         )
         if self.needs_differentiable_reward and not self.reward.differentiable:
+            custom = [n for n in cfg.reward if ":" in n]
+            hint = (
+                f"; a function written in torch is marked with reward_kwargs={{'{custom[0]}': {{differentiable: true}}}}"
+                if custom and reward is None
+                else ""
+            )
             raise ValueError(
                 f"the {self.algorithm} trainer backpropagates through the reward, but {self.reward.name!r} is score-only; "
-                "use a differentiable reward (hpsv2, pickscore, imagereward, aesthetic, clipscore or a torch function)."
+                "use a differentiable reward (hpsv2, pickscore, imagereward, aesthetic, clipscore or a torch function)"
+                f"{hint}."
             )
         self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
         self.model = model if model is not None else self._load_model()
