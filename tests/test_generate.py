@@ -254,6 +254,24 @@ def test_bad_size_is_refused_by_the_model_before_sampling(fresh, monkeypatch, tm
     )
     assert "height=36 must be a positive multiple of 8" in err
     assert not any(out.iterdir())
+    # larger than the positional embedding covers: the limit and the native size, in pixels
+    tiny = fresh()
+    most = tiny.transformer.config.pos_embed_max_size * tiny.patch_size * tiny.vae_scale_factor
+    err = _error(
+        ["sample", "tiny:sd3", "--prompts", "a cat", "--out", str(out), "--height", str(2 * most)], capsys
+    )
+    assert f"height={2 * most} is larger than this SD3 model can make (at most {most} pixels" in err
+    assert f"its native size is {tiny.native_size}" in err
+
+
+def test_sample_size_defaults_to_the_models_native_size(fresh, monkeypatch, tmp_path):
+    model = fresh()
+    monkeypatch.setattr(diffrl.models, "load_model", lambda *a, **k: model)
+    out = tmp_path / "o"
+    assert main(["sample", "tiny:sd3", "--prompts", "a cat", "--out", str(out), "--num-steps", "2"]) == 0
+    n = model.native_size
+    assert n == model.transformer.config.sample_size * model.vae_scale_factor
+    assert _png(out / "00000.png").shape == (n, n, 3)
 
 
 def test_checkpoint_of_another_model_is_refused(fresh, tmp_path):

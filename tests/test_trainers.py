@@ -85,7 +85,10 @@ def test_every_config_field_is_documented():
         (["reward={hpsv2:", "1.0}"], "cannot parse the value as YAML.*quote the whole override"),
         (["fsdp=true", "zero_stage=2"], "fsdp=true and zero_stage=2 both partition"),
         (["reward_kwargs={saturation: 3}"], r"reward_kwargs.saturation=3 must be a map of options"),
-        (["reward_kwargs={saturaton: {batch_size: 2}}"], "reward_kwargs names 'saturaton', which is not in reward"),
+        (
+            ["reward_kwargs={saturaton: {batch_size: 2}}"],
+            "reward_kwargs names 'saturaton', which is not in reward",
+        ),
     ],
 )
 def test_bad_config_values_raise_one_sentence(overrides, message):
@@ -244,7 +247,11 @@ def test_lr_schedule_counts_inner_epochs(tmp_path):
     trainer = build_trainer(
         PRESET["flow_grpo"],
         _overrides(
-            tmp_path, "max_steps=2", "flow_grpo.num_inner_epochs=2", "optim.lr_scheduler=linear", "optim.lr=1e-3"
+            tmp_path,
+            "max_steps=2",
+            "flow_grpo.num_inner_epochs=2",
+            "optim.lr_scheduler=linear",
+            "optim.lr=1e-3",
         ),
     )
     metrics = trainer.train_step(0)
@@ -421,7 +428,9 @@ def test_parts_given_as_objects_need_no_config_fields(tmp_path):
         "diffusion_nft": {"group_size": 2, "prompts_per_step": 1},
     }
     rows = [{"prompt": "a red circle", "scene": "s0"}, {"prompt": "a blue square", "scene": "s1"}]
-    trainer = build_trainer(cfg, model=load_model("tiny:sd3"), reward=reward, train_prompts=rows, eval_prompts=[])
+    trainer = build_trainer(
+        cfg, model=load_model("tiny:sd3"), reward=reward, train_prompts=rows, eval_prompts=[]
+    )
     assert trainer.train_set.prompts == ["a red circle", "a blue square"]
     assert trainer.train_set.metadata == [{"scene": "s0"}, {"scene": "s1"}]
     trainer.train()
@@ -474,7 +483,9 @@ def _with_cpu_scaler(trainer, **kwargs):
 def test_fp16_loss_scaling_is_undone_before_the_update(tmp_path):
     results = []
     for scaled in (False, True):
-        trainer = build_trainer(PRESET["refl"], _overrides(tmp_path / str(scaled), "max_steps=1", "data.eval_size=0"))
+        trainer = build_trainer(
+            PRESET["refl"], _overrides(tmp_path / str(scaled), "max_steps=1", "data.eval_size=0")
+        )
         scaler = _with_cpu_scaler(trainer, init_scale=1024.0, growth_interval=1) if scaled else None
         metrics = trainer.train_step(0)
         state = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.params]
@@ -519,7 +530,11 @@ def test_fp16_overflow_skips_the_update_backs_off_and_is_not_a_bad_step(tmp_path
 
 
 def test_resume_restores_running_reward_statistics(tmp_path):
-    two_rewards = ["reward={brightness: 1.0, saturation: 0.5}", "reward_normalize=running", "data.eval_size=0"]
+    two_rewards = [
+        "reward={brightness: 1.0, saturation: 0.5}",
+        "reward_normalize=running",
+        "data.eval_size=0",
+    ]
     full = build_trainer(PRESET["refl"], _overrides(tmp_path / "full", "max_steps=4", *two_rewards))
     full.train()
     half = build_trainer(PRESET["refl"], _overrides(tmp_path / "half", "max_steps=2", *two_rewards))
@@ -555,7 +570,9 @@ def test_eval_images_per_prompt_adds_seeds_and_keeps_the_first_image(tmp_path):
         seen.clear()
         trainer = build_trainer(
             PRESET["flow_grpo"],
-            _overrides(out, "data.eval_size=3", f"sample.eval_images_per_prompt={per}", "sample.batch_size=4"),
+            _overrides(
+                out, "data.eval_size=3", f"sample.eval_images_per_prompt={per}", "sample.batch_size=4"
+            ),
             reward=as_reward(record),
         )
         metrics = trainer.evaluate()
@@ -610,7 +627,9 @@ def test_resume_refuses_another_config_before_loading_anything(tmp_path, monkeyp
 
     with monkeypatch.context() as m:
         m.setattr(diffrl.models, "load_model", no_load)
-        with pytest.raises(ConfigError, match=r"optim\.lr=0\.001 but the current config has optim\.lr=0\.002"):
+        with pytest.raises(
+            ConfigError, match=r"optim\.lr=0\.001 but the current config has optim\.lr=0\.002"
+        ):
             build_trainer(PRESET["refl"], [*base, "resume_from_checkpoint=latest", "optim.lr=2e-3"])
         with pytest.raises(ConfigError, match=r"reward\.saturation=\(not set\) .* reward\.saturation=1\.0"):
             build_trainer(
@@ -719,3 +738,12 @@ def test_refl_denoising_regulariser_trains_on_the_full_ode_sample(stop, last, tm
     assert seen["s"].shape == (n,) and bool(((seen["s"] > 0) & (seen["s"] < 1)).all())
     assert len(set(seen["s"].tolist())) == n  # one level per sample
     torch.testing.assert_close(seen["x_s"], (1 - level) * seen["x0"] + level * seen["eps"])
+
+
+def test_an_image_size_the_model_cannot_make_fails_before_training(tmp_path):
+    # the tiny SD3 model makes at most 256 x 256 (32 x 32 patches of 2 x 2 latents of 4 x 4 pixels)
+    with pytest.raises(
+        ValueError, match=r"height=1024 is larger than this SD3 model can make \(at most 256 pixels"
+    ):
+        build_trainer(PRESET["flow_grpo"], _overrides(tmp_path, "sample.height=1024", "sample.width=1024"))
+    assert not (tmp_path / "metrics.jsonl").exists()
