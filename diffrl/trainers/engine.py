@@ -166,8 +166,6 @@ class Trainer:
         elif cfg.zero_stage:
             acc.print(f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed")
         self.zero_stage = 0 if self._ds_config is None else check_deepspeed_config(self._ds_config, cfg)
-        if self.zero_stage:
-            require_deepspeed()  # before any model is loaded
         self.ds_engine = None  # the DeepSpeed engine, made once the optimiser exists
         if kind == "FSDP":
             version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
@@ -179,6 +177,8 @@ class Trainer:
         validate(
             cfg, acc.num_processes, given=given, sharded=cfg.fsdp or kind == "FSDP", zero_stage=self.zero_stage
         )
+        if self.zero_stage:
+            require_deepspeed()  # after the config checks, before any model is loaded
         self.sharded = (cfg.fsdp or kind == "FSDP") and acc.num_processes > 1
         if cfg.fsdp and not self.sharded:
             acc.print("[diffrl] fsdp=true with one process: nothing to shard, training unsharded")
