@@ -218,3 +218,33 @@ def test_a_stale_config_reference_is_detected(gen, rendered, tmp_path, monkeypat
     assert missing_mentions(target.read_text(), ["`optim.lr`"]) == ["`optim.lr`"]
     assert gen.main([]) == 0 and target.read_text() == rendered  # regenerating fixes it
     assert gen.main(["--check"]) == 0
+
+
+def _train_commands() -> list[tuple[str, str, list[str]]]:
+    """``(page, config, overrides)`` of every training command in a shell block of the README and docs pages:
+    ``-m diffrl.train`` or ``diffrl train`` with a shipped YAML preset (continuation lines joined)."""
+    import shlex
+
+    found = []
+    for page in [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted((ROOT / "configs").rglob("*.md"))]:
+        text = page.read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line.split("#", 1)[0]) if line.strip() else []
+                for i, word in enumerate(words[:-1]):
+                    if word in ("diffrl.train", "train") and words[i + 1].endswith(".yaml"):
+                        config = words[i + 1]
+                        overrides = [w for w in words[i + 2 :] if "=" in w and not w.startswith("-")]
+                        if (ROOT / config).is_file() and "..." not in " ".join(overrides):
+                            found.append((page.name, config, overrides))
+    return found
+
+
+def test_training_commands_in_the_docs_pass_the_config_checks():
+    commands = _train_commands()
+    assert len(commands) >= 5  # the parser found the documented launches
+    for page, config, overrides in commands:
+        try:
+            c.load_config(ROOT / config, overrides)
+        except c.ConfigError as err:
+            pytest.fail(f"{page}: {config} {' '.join(overrides)}: {err}")
