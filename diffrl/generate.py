@@ -860,6 +860,17 @@ def _run(args) -> int:
                 f"--reward-kwargs is not valid JSON ({err.msg}); pass e.g. '{{\"hpsv2\": {{}}}}'."
             ) from None
         reward = build_reward(args.reward, kwargs)
+        if os.environ.get("HF_HUB_OFFLINE") == "1":  # weights missing from the cache: say so before the model loads
+            from .doctor import _reward_status
+
+            for spec, _ in _parse_reward_specs(args.reward):
+                if isinstance(spec, str):
+                    finding = _reward_status(spec, dict(kwargs.get(spec, {})), spec).finding
+                    if finding.status == "FAIL":
+                        raise ValueError(
+                            f"reward {spec}: {finding.message}; run `diffrl download {spec}` where there is network "
+                            "(into the same cache), or pass a local path with --reward-kwargs."
+                        )
     out = _prepare_out_dir(args.out) if args.out else None
 
     t0 = time.perf_counter()

@@ -233,6 +233,10 @@ def test_errors_before_loading_the_model(no_model_load, prompt_file, tmp_path, c
     assert "not among the rewards" in _error(
         [*evaluate, "--reward", "saturation", "--reward-kwargs", '{"hpsv2": {}}'], capsys
     )
+    if not any(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).rglob("*hpsv2*")):
+        # offline, without the reward's weights in the cache: said before the model loads, with the download command
+        err = _error([*evaluate, "--reward", "hpsv2"], capsys)
+        assert "weights not present offline" in err and "diffrl download hpsv2" in err
     empty = tmp_path / "empty_lora"
     empty.mkdir()
     assert "holds no LoRA weights" in _error([*sample, "--prompts", "a cat", "--lora", str(empty)], capsys)
