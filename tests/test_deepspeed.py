@@ -168,7 +168,7 @@ def test_an_accelerate_deepspeed_launch_is_checked_before_the_model_loads(tmp_pa
             "ZeRO needs deepspeed (pip install 'diffrl[deepspeed]'), which failed to import: none."
         )
 
-    monkeypatch.setattr(engine, "require_deepspeed", missing)  # deepspeed absent: said before the model loads
+    monkeypatch.setattr(engine.zero, "require_deepspeed", missing)  # deepspeed absent: said before the model loads
     with pytest.raises(ImportError, match="pip install 'diffrl\\[deepspeed\\]'"):
         build_trainer(PRESET["flow_grpo"], base)
 
@@ -268,7 +268,10 @@ def test_zero2_full_fine_tuning_matches_one_process(tmp_path, ds_run):
 def test_zero2_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shared_cache, ds_run):
     full = ds_run(algo, 2)
     out = tmp_path / "resumed"
-    _resume_two_processes(algo, full / "checkpoint-000001", out, shared_cache, _ds_overrides(out, algo, 2))
+    proc = _resume_two_processes(
+        algo, full / "checkpoint-000001", out, shared_cache, _ds_overrides(out, algo, 2)
+    )
+    assert "resumed from" in proc.stdout + proc.stderr
     a = _checkpoint_tensors(full / "checkpoint-000002")
     b = _checkpoint_tensors(out / "checkpoint-000002")
     assert a.keys() == b.keys()
@@ -292,7 +295,10 @@ def test_zero2_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
     ref_out = tmp_path / "one"
     _reference(algo, ref_out)
     out = tmp_path / "two"
-    _resume_two_processes(algo, ref_out / "checkpoint-000001", out, shared_cache, _ds_overrides(out, algo, 2))
+    proc = _resume_two_processes(
+        algo, ref_out / "checkpoint-000001", out, shared_cache, _ds_overrides(out, algo, 2)
+    )
+    assert "resumed from" in proc.stdout + proc.stderr
     a, b = _checkpoint_tensors(ref_out / "checkpoint-000002"), _checkpoint_tensors(out / "checkpoint-000002")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)

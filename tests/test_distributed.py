@@ -337,15 +337,13 @@ def assert_matches_one_process(
     return max(float((a - b).abs().max()) for a, b in pairs.values()), update
 
 
-def _resume_two_processes(algo: str, checkpoint: Path, out: Path, cache: Path, overrides: list[str]) -> None:
-    """Copy ``checkpoint`` into a new ``out`` and continue from it with a 2-process launch."""
-    import shutil
-
-    out.mkdir()
-    shutil.copytree(checkpoint, out / checkpoint.name)
-    proc = _launch_two_processes(algo, out, cache, [*overrides, "resume_from_checkpoint=latest"])
+def _resume_two_processes(
+    algo: str, checkpoint: Path, out: Path, cache: Path, overrides: list[str]
+) -> subprocess.CompletedProcess:
+    """Continue from ``checkpoint`` (of another run) into ``out`` with a 2-process launch, which must succeed."""
+    proc = _launch_two_processes(algo, out, cache, [*overrides, f"resume_from_checkpoint={checkpoint}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "resumed from" in proc.stdout + proc.stderr
+    return proc
 
 
 @pytest.mark.slow  # 35-45 s per trainer on a 2-core CPU (a 2-process launch plus a 1-process reference run)
@@ -471,13 +469,9 @@ def test_fsdp_with_bf16_and_gradient_checkpointing_equals_ddp_bitwise(tmp_path, 
 def test_fsdp_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shared_cache, fsdp_run):
     whole, _ = fsdp_run(algo)  # steps 1 and 2 without a stop
     resumed = tmp_path / "resumed"
-    proc = _launch_two_processes(
-        algo,
-        resumed,
-        shared_cache,
-        _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={whole / 'checkpoint-000001'}"],
+    _resume_two_processes(
+        algo, whole / "checkpoint-000001", resumed, shared_cache, _fsdp_overrides(resumed, algo)
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-000002"]
     a = _checkpoint_tensors(whole / "checkpoint-000002")
     b = _checkpoint_tensors(resumed / "checkpoint-000002")
@@ -508,13 +502,9 @@ def test_fsdp_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
     one = tmp_path / "one"
     build_trainer(PRESET[algo], [*_fsdp_overrides(one, algo), "fsdp=false"], reward=gated_saturation).train()
     resumed = tmp_path / "resumed"
-    proc = _launch_two_processes(
-        algo,
-        resumed,
-        shared_cache,
-        _fsdp_overrides(resumed, algo) + [f"resume_from_checkpoint={one / 'checkpoint-000001'}"],
+    _resume_two_processes(
+        algo, one / "checkpoint-000001", resumed, shared_cache, _fsdp_overrides(resumed, algo)
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((resumed / "config.json").read_text())["derived"]["fsdp"] is True
     ref, got = (
         _checkpoint_tensors(one / "checkpoint-000002"),

@@ -49,7 +49,7 @@ import torch
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
 from ..utils import apply_umask, resolve_dtype
-from .zero import check_deepspeed_config, require_deepspeed
+from . import zero
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator"]
 
@@ -165,7 +165,7 @@ class Trainer:
             self._ds_config = {"zero_optimization": {"stage": cfg.zero_stage}}
         elif cfg.zero_stage:
             acc.print(f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed")
-        self.zero_stage = 0 if self._ds_config is None else check_deepspeed_config(self._ds_config, cfg)
+        self.zero_stage = 0 if self._ds_config is None else zero.check_deepspeed_config(self._ds_config, cfg)
         self.ds_engine = None  # the DeepSpeed engine, made once the optimiser exists
         if kind == "FSDP":
             version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
@@ -178,7 +178,7 @@ class Trainer:
             cfg, acc.num_processes, given=given, sharded=cfg.fsdp or kind == "FSDP", zero_stage=self.zero_stage
         )
         if self.zero_stage:
-            require_deepspeed()  # after the config checks, before any model is loaded
+            zero.require_deepspeed()  # after the config checks, before any model is loaded
         self.sharded = (cfg.fsdp or kind == "FSDP") and acc.num_processes > 1
         if cfg.fsdp and not self.sharded:
             acc.print("[diffrl] fsdp=true with one process: nothing to shard, training unsharded")
@@ -214,6 +214,7 @@ class Trainer:
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
         self.step = 0
         self.bad_steps = 0
+        self._state_size_logged = False  # memory/optimizer_state_mib: logged once, after the first update
         if self.sharded:
             # every adapter exists before sharding, and the optimiser, scheduler and EMA hold the sharded parameters
             self.setup()
@@ -227,8 +228,6 @@ class Trainer:
             self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
             self.setup()
         if self.zero_stage:
-            from . import zero
-
             self.ds_engine = zero.initialize(
                 self.model.transformer,
                 self.optimizer,
@@ -619,7 +618,7 @@ class Trainer:
     def _with_state_size(self, metrics: dict[str, float]) -> dict[str, float]:
         """Add ``memory/optimizer_state_mib`` after the first update (when AdamW's states exist): what this process
         holds, so the partitioning of FSDP or ZeRO shows (about 1/N of an unsharded run's)."""
-        if not getattr(self, "_state_size_logged", False):
+        if not self._state_size_logged:
             self._state_size_logged = True
             local = 0
             for state in self.optimizer.state.values():
@@ -873,9 +872,10 @@ class Trainer:
         dst.copy_(full)
 
     def _checkpoint_state(self) -> dict[str, Any]:
-        """What a checkpoint holds, as whole tensors on the CPU. Under FSDP the tensors are gathered (a collective
-        every process runs) and the optimiser state is written in the unsharded layout (parameters numbered in
-        ``self.params`` order), so DDP and FSDP checkpoints are the same files."""
+        """What a checkpoint holds, as whole tensors on the CPU of the main process. Under FSDP and DeepSpeed the
+        tensors and AdamW states are gathered (a collective every process runs) and the optimiser state is written
+        in the unsharded layout (parameters numbered in ``self.params`` order), so DDP, FSDP and ZeRO checkpoints
+        are the same files."""
         gather = self._gather_to_main
         state: dict[str, Any] = {"trainable": gather(dict(zip(self.param_names, self.params, strict=True)))}
         if self.ema is not None:
@@ -884,8 +884,6 @@ class Trainer:
         if extra:
             state["extra"] = gather(extra)
         if self.ds_engine is not None:
-            from . import zero
-
             state["optimizer"] = zero.gather_optimizer_state(self.ds_engine, self.params)
             return state
         if not self.sharded:
@@ -910,8 +908,6 @@ class Trainer:
 
     def _load_optimizer_state(self, saved: dict) -> None:
         if self.ds_engine is not None:
-            from . import zero
-
             zero.set_master_weights(self.params)  # the weights were just assigned: DeepSpeed's float32 copy too
             zero.scatter_optimizer_state(self.ds_engine, self.params, saved)
             return
