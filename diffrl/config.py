@@ -61,6 +61,12 @@ class ModelConfig:
     """Module names to adapt; empty uses the family default (attention projections; FLUX also feed-forward)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass (less memory, about 30% more time)."""
+    vae_dtype: str = "float32"
+    """Dtype the VAE decodes in: float32 (as both reference codes do, so rewards see the same images) or model (the
+    frozen weights' dtype, less memory)."""
+    max_sequence_length: int = 0
+    """T5 tokens per prompt (SD3/FLUX); 0 uses the adapter's default (SD3: 256, as the diffusers pipeline; FLUX: 512).
+    The Flow-GRPO and DiffusionNFT reference codes encode 128 tokens for SD3.5."""
 
 
 @dataclass
@@ -143,7 +149,8 @@ class FlowGRPOConfig:
     clip_range_high: float = 0.0
     """Upper clip range (DAPO clip-higher); 0 uses clip_range."""
     kl_beta: float = 0.04
-    """Weight of the KL to the base model (adapter disabled); 0 skips the reference pass."""
+    """Weight of the KL to the base model (adapter disabled), in kl_scale units (the reference's: 0.04 for GenEval and
+    OCR, 0.01 for PickScore); 0 skips the reference pass."""
     adv_std: str = "global"
     """Advantage normalisation: global (std over the whole gathered batch, the reference) or group."""
     adv_clip: float = 5.0
@@ -154,6 +161,22 @@ class FlowGRPOConfig:
     """One ratio per trajectory from the mean step log-ratio (GSPO-style) instead of one per step."""
     num_inner_epochs: int = 1
     """Passes over each batch of rollouts."""
+    num_minibatches: int = 1
+    """Optimiser updates per inner epoch: the shuffled samples are split into this many equal parts, one update after
+    each, so every update after the first is off-policy and the PPO clip acts (the reference's SD3.5 configs: 2)."""
+    kl_scale: str = "reference"
+    """Units of the KL term: reference (||mu - mu_ref||^2 / (2 sigma_t^2), the reference code's, in which the papers'
+    kl_beta values are given) or exact (the Gaussian KL of the step, divided by 2 sigma_t^2 |dt|: larger by 1/|dt|,
+    25x at the first of 10 SD3.5 steps, about 13x on average)."""
+    cfg_grad: str = "cond"
+    """Gradient through classifier-free guidance when training log-probs: cond (the unconditional prediction is
+    detached, the reference code's) or full (both branches, the exact gradient of the guided policy)."""
+    drop_zero_advantage: bool = False
+    """Leave samples whose advantage is exactly 0 out of the loss (policy and KL terms), as the reference code
+    does; with 0/1 rewards those are the groups with equal rewards. Their fraction is logged either way."""
+    old_logp: str = "rollout"
+    """Old log-probs of the PPO ratio: rollout (stored while sampling, the reference's) or recompute (a no-grad pass
+    with the training micro-batches just before the first update, so the first ratio is exactly 1 in bf16 too)."""
 
 
 @dataclass
@@ -180,6 +203,12 @@ class DiffusionNFTConfig:
     num_train_levels: int = 0
     """Noise levels trained per sample per step, drawn at random from the rollout's levels without repeats; 0 uses all
     but one (a randomly chosen one is left out); values above the number of levels use them all."""
+    per_sample_levels: bool = False
+    """Each sample draws its own random order of the levels (the reference code's); false shares one draw by the
+    whole step."""
+    num_minibatches: int = 1
+    """Optimiser updates per step: the samples are split into this many equal parts, one update after each (the
+    reference's gradient_step_per_epoch; its OCR config uses 2). The old-policy decay counts optimiser updates."""
 
 
 @dataclass
@@ -202,6 +231,9 @@ class ReFLConfig:
     """Weight of mean((v_theta - v_base)^2) on the grad steps (DRaFT+ style regulariser)."""
     denoise_weight: float = 0.0
     """Weight of the flow-matching loss on the model's own ODE samples (ReFL's denoising regulariser); 0: off."""
+    grad_guidance_scale: float = -1.0
+    """CFG scale of the steps with grad (SD3); -1 uses sample.guidance_scale, 1 makes them CFG-free as ImageReward's
+    ReFL script is."""
 
 
 @dataclass
@@ -230,6 +262,10 @@ class TrainConfig:
     """Autocast: no, bf16 or fp16."""
     ema_decay: float = 0.0
     """EMA of the trained weights for evaluation (reference 0.9); 0 disables it."""
+    ema_warmup: bool = False
+    """Ramp the EMA decay up as min(ema_decay, (1 + u) / (10 + u)) over optimiser updates u (both reference codes)."""
+    ema_every: int = 1
+    """Update the EMA every this many optimiser updates (Flow-GRPO's reference: 8)."""
     max_bad_steps: int = 5
     """Consecutive steps with a non-finite reward or loss before the run stops with a checkpoint."""
     fsdp: bool = False
@@ -424,6 +460,10 @@ RESUME_FREE_KEYS = frozenset(
 
 _ABSENT = object()
 
+# Fields added after runs were already being checkpointed whose default is not what those runs did: a checkpoint
+# without the field ran with this value, so resuming it under the new default is refused rather than silently changed.
+LEGACY_VALUES = {"flow_grpo.kl_scale": "exact", "flow_grpo.cfg_grad": "full"}
+
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict) and (data or not prefix):
@@ -445,7 +485,7 @@ def resume_mismatch(saved: dict, current: TrainConfig) -> tuple[str, str, str] |
     for key in [*now, *(k for k in then if k not in now)]:
         if key in RESUME_FREE_KEYS:
             continue
-        a = then.get(key, defaults.get(key, _ABSENT))
+        a = then.get(key, LEGACY_VALUES.get(key, defaults.get(key, _ABSENT)))
         b = now.get(key, _ABSENT)
         if a != b:
             a, b = ("(not set)" if v is _ABSENT else json.dumps(v) for v in (a, b))
@@ -513,6 +553,12 @@ def validate(
         cfg.zero_stage in (0, 1, 2),
         f"zero_stage={cfg.zero_stage} is not supported; use 1 or 2 (0: off), or shard parameters with fsdp=true.",
     )
+    # options that drop samples, so that processes run different numbers of forward and backward passes
+    uneven = ""
+    if cfg.algorithm == "flow_grpo":
+        uneven = next(
+            (k for k in ("dynamic_sampling", "drop_zero_advantage") if getattr(cfg.flow_grpo, k)), ""
+        )
     if zero_stage:
         need(
             not cfg.fsdp,
@@ -523,8 +569,8 @@ def validate(
             "optim.use_8bit_adam is not supported with DeepSpeed (ZeRO partitions a torch AdamW); set it to false.",
         )
         need(
-            zero_stage == 1 or not (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.dynamic_sampling),
-            "flow_grpo.dynamic_sampling=true gives the processes different numbers of backward passes, which "
+            zero_stage == 1 or not uneven,
+            f"flow_grpo.{uneven}=true gives the processes different numbers of backward passes, which "
             "deadlocks ZeRO-2's gradient reduction; set it to false or use ZeRO stage 1.",
         )
 
@@ -538,8 +584,8 @@ def validate(
             "optim.use_8bit_adam is not supported with FSDP (bitsandbytes on sharded tensors is untested); set it to false.",
         )
         need(
-            not (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.dynamic_sampling),
-            "flow_grpo.dynamic_sampling=true gives the processes different numbers of forwards, which deadlocks FSDP; "
+            not uneven,
+            f"flow_grpo.{uneven}=true gives the processes different numbers of forwards, which deadlocks FSDP; "
             "set it to false or launch with DDP.",
         )
 
@@ -609,6 +655,17 @@ def validate(
         value = getattr(cfg.sample, name)
         need(value >= 1, f"sample.{name}={value} must be positive.")
     need(
+        cfg.model.vae_dtype in ("float32", "model"),
+        f"model.vae_dtype={cfg.model.vae_dtype!r} must be float32 or model.",
+    )
+    need(
+        cfg.model.max_sequence_length >= 0,
+        f"model.max_sequence_length={cfg.model.max_sequence_length} must be 0 (the model's default) or positive.",
+    )
+    need(
+        cfg.ema_every >= 1, f"ema_every={cfg.ema_every} must be at least 1 (1: after every optimiser update)."
+    )
+    need(
         cfg.optim.train_batch_size >= 1,
         f"optim.train_batch_size={cfg.optim.train_batch_size} must be positive.",
     )
@@ -635,6 +692,21 @@ def validate(
         need(g.adv_std in ("global", "group"), f"flow_grpo.adv_std={g.adv_std!r} must be global or group.")
         need(g.clip_range > 0, f"flow_grpo.clip_range={g.clip_range} must be positive.")
         need(g.num_inner_epochs >= 1, f"flow_grpo.num_inner_epochs={g.num_inner_epochs} must be at least 1.")
+        need(
+            g.kl_scale in ("reference", "exact"),
+            f"flow_grpo.kl_scale={g.kl_scale!r} must be reference or exact.",
+        )
+        need(g.cfg_grad in ("cond", "full"), f"flow_grpo.cfg_grad={g.cfg_grad!r} must be cond or full.")
+        need(
+            g.old_logp in ("rollout", "recompute"),
+            f"flow_grpo.old_logp={g.old_logp!r} must be rollout or recompute.",
+        )
+        images = g.prompts_per_step // num_processes * g.group_size
+        need(
+            1 <= g.num_minibatches <= images,
+            f"flow_grpo.num_minibatches={g.num_minibatches} must be between 1 and the {images} images each process "
+            "trains on per step.",
+        )
         if g.sde_window_range:
             need(
                 len(g.sde_window_range) == 2 and 0 <= g.sde_window_range[0] < g.sde_window_range[1],
@@ -655,6 +727,12 @@ def validate(
         need(
             cfg.model.lora_rank != 0,
             "diffusion_nft needs a LoRA (model.lora_rank != 0): the old and base policies are adapters.",
+        )
+        images = n.prompts_per_step // num_processes * n.group_size
+        need(
+            1 <= n.num_minibatches <= images,
+            f"diffusion_nft.num_minibatches={n.num_minibatches} must be between 1 and the {images} images each process "
+            "trains on per step.",
         )
     else:
         r = cfg.refl

@@ -978,15 +978,15 @@ def _load_policy(cfg, path: str, device: str):
     """The model as the trainer builds it: loaded at the configured dtype on ``device``, with its LoRA (or full
     fine-tuning) set up by the trainer's own code; the LoRA's B matrices get small random values so the adapter
     path contributes to the velocity as it does after a few updates."""
+    import dataclasses
     import types
 
     import torch
 
-    from .models import load_model
+    from .models import load_model_from_config
     from .trainers.engine import Trainer
-    from .utils import resolve_dtype
 
-    model = load_model(path, dtype=resolve_dtype(cfg.model.dtype), device=device)
+    model = load_model_from_config(dataclasses.replace(cfg.model, path=path), device=device)
     Trainer._setup_training_mode(types.SimpleNamespace(cfg=cfg, model=model))
     if model.has_lora:
         gen = torch.Generator().manual_seed(cfg.seed)

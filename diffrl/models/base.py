@@ -165,7 +165,13 @@ class FlowModel:
         raise NotImplementedError
 
     def velocity(
-        self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0
+        self,
+        x: torch.Tensor,
+        sigma,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        *,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -95,9 +95,16 @@ class FluxModel(FlowModel):
         )
 
     def velocity(
-        self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 3.5
+        self,
+        x: torch.Tensor,
+        sigma,
+        cond: Conditioning,
+        guidance_scale: float = 3.5,
+        *,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
-        """Velocity ``(B, C, h, w)`` in the model's dtype."""
+        """Velocity ``(B, C, h, w)`` in the model's dtype (FLUX.1's guidance is an embedding, not CFG, so
+        ``detach_uncond`` has nothing to detach)."""
         batch, _, h, w = x.shape
         if len(cond) != batch:
             raise ValueError(

@@ -11,7 +11,7 @@ from .base import FlowModel
 from .flux import FluxModel
 from .sd3 import SD3Model
 
-__all__ = ["load_model", "detect_family", "resolve_dtype", "ADAPTERS"]
+__all__ = ["load_model", "load_model_from_config", "detect_family", "resolve_dtype", "ADAPTERS"]
 
 # pipeline class name in model_index.json -> adapter class
 ADAPTERS: dict[str, type[FlowModel]] = {
@@ -120,3 +120,19 @@ def load_model(
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return adapter_cls(pipe, **adapter_kwargs)
+
+
+def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> FlowModel:
+    """The model a run's ``model`` config section describes: ``path`` at ``dtype``, ``max_sequence_length`` T5 tokens
+    (0: the adapter's default) and the VAE in ``vae_dtype`` (see :func:`set_vae_dtype`)."""
+    kwargs = {"max_sequence_length": model_cfg.max_sequence_length} if model_cfg.max_sequence_length else {}
+    model = load_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype), device=device, **kwargs)
+    set_vae_dtype(model, model_cfg.vae_dtype)
+    return model
+
+
+def set_vae_dtype(model: FlowModel, vae_dtype: str) -> None:
+    """Put the frozen VAE in float32 (``"float32"``, as the Flow-GRPO and DiffusionNFT reference codes decode) or
+    leave it in the model's dtype (``"model"``)."""
+    if vae_dtype == "float32" and model.vae.dtype != torch.float32:
+        model.vae.to(torch.float32)

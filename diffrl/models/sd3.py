@@ -184,9 +184,18 @@ class SD3Model(FlowModel):
         )
 
     def velocity(
-        self, x: torch.Tensor, sigma, cond: Conditioning, guidance_scale: float = 1.0
+        self,
+        x: torch.Tensor,
+        sigma,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        *,
+        detach_uncond: bool = False,
     ) -> torch.Tensor:
-        """Velocity ``(B, C, h, w)`` in the model's dtype; CFG when ``guidance_scale > 1`` (as the pipeline does)."""
+        """Velocity ``(B, C, h, w)`` in the model's dtype; CFG when ``guidance_scale > 1`` (as the pipeline does).
+
+        ``detach_uncond=True`` stops the gradient through the unconditional prediction of CFG (the Flow-GRPO
+        reference's training log-probs): the value is unchanged, only the conditional branch is trained."""
         batch = x.shape[0]
         if len(cond) != batch:
             raise ValueError(
@@ -214,5 +223,7 @@ class SD3Model(FlowModel):
         )[0]
         if cfg:
             uncond, text = out.chunk(2)
+            if detach_uncond:
+                uncond = uncond.detach()
             out = uncond + guidance_scale * (text - uncond)
         return out

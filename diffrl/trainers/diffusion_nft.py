@@ -52,6 +52,9 @@ class DiffusionNFTTrainer(Trainer):
         self.old_params = self._adapter_params(OLD)
         with torch.no_grad():
             for o, p in zip(self.old_params, self.params, strict=True):
+                o.data = (
+                    o.data.float()
+                )  # PEFT made it in the base layer's dtype; the soft update needs float32
                 o.copy_(p)
         for o in self.old_params:
             o.requires_grad_(False)
@@ -78,6 +81,9 @@ class DiffusionNFTTrainer(Trainer):
             "images_per_process": per * c.group_size,
             "images_per_step": c.prompts_per_step * c.group_size,
         }
+
+    def updates_per_step(self) -> int:
+        return self.cfg.diffusion_nft.num_minibatches
 
     def _guidance(self) -> float:
         # CFG-free: SD3 samples without CFG; FLUX.1-dev's distilled guidance embedding is not CFG and stays on.
@@ -116,28 +122,81 @@ class DiffusionNFTTrainer(Trainer):
 
         # 2. training levels and the NFT loss
         levels = sigmas[:-1]
-        k = c.num_train_levels or max(1, levels.numel() - 1)
-        pick = np.random.default_rng([cfg.seed, self.step, 15485863]).permutation(levels.numel())[:k]
+        k = min(c.num_train_levels or max(1, levels.numel() - 1), levels.numel())
+        if c.per_sample_levels:  # each sample its own order of the levels, keyed by its global row
+            pick = np.stack(
+                [
+                    np.random.default_rng([cfg.seed, self.step, 15485863, self.rank * n + i]).permutation(
+                        levels.numel()
+                    )[:k]
+                    for i in range(n)
+                ]
+            )
+        else:
+            pick = np.tile(
+                np.random.default_rng([cfg.seed, self.step, 15485863]).permutation(levels.numel())[:k], (n, 1)
+            )
+        pick = torch.as_tensor(
+            pick, device=levels.device
+        )  # (n, k) level index of sample i's li-th training level
         # the noise of every (level, sample) drawn up front and per global row, so neither micro-batching nor the
         # number of processes changes which noise a sample gets
         eps_all = torch.stack(
             [
-                torch.randn((len(pick), *x0.shape[1:]), generator=g)
+                torch.randn((k, *x0.shape[1:]), generator=g)
                 for g in self.row_generators(4, range(n), self.rank * n)
             ],
             dim=1,
         ).to(self.device)
+        # the samples in num_minibatches parts, one optimiser update after each (one part: in row order)
+        order = torch.arange(n)
+        if c.num_minibatches > 1:
+            order = torch.randperm(n, generator=self.generator(5))
+        parts = list(torch.tensor_split(order, c.num_minibatches))
+        sizes = torch.tensor([p.numel() for p in parts], device=self.device, dtype=torch.float64)
+        if self.world > 1:
+            sizes = self.accelerator.reduce(sizes, reduction="sum")
         sums = {"policy_loss": 0.0, "kl": 0.0, "old_deviate": 0.0}
+        for part, size in zip(parts, sizes.tolist(), strict=True):
+            bad = self._accumulate_part(
+                part, size / self.world, x0, r, levels, pick, eps_all, cond_all, guidance, sums
+            )
+            if self.any_over_processes(bad):
+                self.discard_gradients()
+                return {**metrics, "train/skipped": 1.0}
+            metrics.update(self.finish_update())
+
+        # 3. old policy soft update, its decay counted in optimiser updates (the reference's global step)
+        d = nft_old_policy_decay(
+            (self.step + 1) * c.num_minibatches, flat=c.decay_flat, rate=c.decay_rate, cap=c.decay_cap
+        )
+        with torch.no_grad():
+            for o, p in zip(self.old_params, self.params, strict=True):
+                o.mul_(d).add_(p.detach(), alpha=1 - d)
+        for key, value in sums.items():  # each part added its mean: the mean over the parts
+            metrics[f"train/{key}"] = self.mean_over_processes(value / len(parts))
+        metrics["train/loss"] = metrics["train/policy_loss"] + c.kl_weight * metrics["train/kl"]
+        metrics["train/old_decay"] = d
+        metrics["train/skipped"] = 0.0
+        return metrics
+
+    def _accumulate_part(
+        self, part, per_process, x0, r, levels, pick, eps_all, cond_all, guidance, sums
+    ) -> bool:
+        """Backward passes of one part's micro-batches at every training level: the gradient of the part's mean loss
+        over all processes' samples and levels (``per_process``: the part's global size over the process count).
+        Returns True when a loss was not finite."""
+        cfg, c, model = self.cfg, self.cfg.diffusion_nft, self.model
         bad = False
-        per_process = n
-        for i in range(0, n, cfg.optim.train_batch_size):
-            mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
+        k = pick.shape[1]
+        for i in range(0, part.numel(), cfg.optim.train_batch_size):
+            mb = part[i : i + cfg.optim.train_batch_size].tolist()
             cond = cond_all.select(mb)
-            for li, j in enumerate(pick.tolist()):
-                sig = levels[j]
+            for li in range(k):
+                sig_b = levels[pick[mb, li]]  # (B,) each sample's level
                 eps = eps_all[li, mb]
-                x_s = (1 - sig) * x0[mb] + sig * eps
-                sig_b = sig.expand(len(mb))
+                s_b = sig_b.view(-1, *([1] * (x0.ndim - 1)))
+                x_s = (1 - s_b) * x0[mb] + s_b * eps
                 with self.autocast():
                     v = model.velocity(x_s, sig_b, cond, guidance).float()
                 with torch.no_grad(), self.autocast():
@@ -154,27 +213,12 @@ class DiffusionNFTTrainer(Trainer):
                 loss = loss + c.kl_weight * kl
                 if not torch.isfinite(loss):
                     bad = True
-                w = len(mb) / per_process / len(pick)
+                w = len(mb) / per_process / k
                 self.backward(loss * w)
                 sums["policy_loss"] += float(policy.detach().mean()) * w
                 sums["kl"] += float(kl.detach()) * w
                 sums["old_deviate"] += float(((v.detach() - v_old) ** 2).mean()) * w
-        if self.any_over_processes(bad):
-            self.discard_gradients()
-            return {**metrics, "train/skipped": 1.0}
-        metrics.update(self.finish_update())
-
-        # 3. old policy soft update
-        d = nft_old_policy_decay(self.step, flat=c.decay_flat, rate=c.decay_rate, cap=c.decay_cap)
-        with torch.no_grad():
-            for o, p in zip(self.old_params, self.params, strict=True):
-                o.mul_(d).add_(p.detach(), alpha=1 - d)
-        for key, value in sums.items():
-            metrics[f"train/{key}"] = self.mean_over_processes(value)
-        metrics["train/loss"] = metrics["train/policy_loss"] + c.kl_weight * metrics["train/kl"]
-        metrics["train/old_decay"] = d
-        metrics["train/skipped"] = 0.0
-        return metrics
+        return bad
 
     def extra_state(self):
         return {f"old.{n}": o.detach() for n, o in zip(self.param_names, self.old_params, strict=True)}

@@ -48,7 +48,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
-from ..utils import apply_umask, resolve_dtype
+from ..utils import apply_umask
 from . import zero
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator"]
@@ -364,12 +364,15 @@ class Trainer:
         return train, eval_ if eval_ is not None else PromptSet([])
 
     def _load_model(self):
-        from diffrl.models import load_model
+        from diffrl.models import load_model_from_config
 
-        return load_model(self.cfg.model.path, dtype=resolve_dtype(self.cfg.model.dtype), device=self.device)
+        return load_model_from_config(self.cfg.model, device=self.device)
 
     def _setup_training_mode(self) -> None:
+        from diffrl.models.loading import set_vae_dtype
+
         m = self.cfg.model
+        set_vae_dtype(self.model, m.vae_dtype)  # also for a model passed in
         if m.lora_rank == 0:
             self.model.set_full_finetuning()
         elif not self.model.has_lora:
@@ -630,8 +633,16 @@ class Trainer:
         return metrics
 
     def _update_ema(self) -> None:
+        """After an optimiser update: ``ema <- d ema + (1 - d) theta`` when ``(u + 1) % ema_every == 0``, with ``d =
+        min(ema_decay, (1 + u) / (10 + u))`` under ``ema_warmup``; ``u`` counts the optimiser updates so far, this one
+        included (the ``optimization_step`` both reference codes pass to their EMA)."""
         if self.ema is not None:
+            u = self.scheduler.last_epoch  # the scheduler steps once per update and is checkpointed
+            if (u + 1) % self.cfg.ema_every:
+                return
             d = self.cfg.ema_decay
+            if self.cfg.ema_warmup:
+                d = min(d, (1 + u) / (10 + u))
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params, strict=True):
                     e.mul_(d).add_(p.detach(), alpha=1 - d)

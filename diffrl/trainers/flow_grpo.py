@@ -30,10 +30,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffrl.samplers import cps_step, rollout, sde_step
+from diffrl.samplers import cps_step, rollout, sde_std, sde_step
 
 from .engine import Trainer
-from .objectives import gaussian_kl, group_advantages, ppo_clip_loss
+from .objectives import flow_grpo_reference_kl, gaussian_kl, group_advantages, ppo_clip_loss
 
 __all__ = ["FlowGRPOTrainer"]
 
@@ -66,10 +66,10 @@ class FlowGRPOTrainer(Trainer):
         return start, start + g.sde_window
 
     def updates_per_step(self) -> int:
-        return self.cfg.flow_grpo.num_inner_epochs
+        return self.cfg.flow_grpo.num_inner_epochs * self.cfg.flow_grpo.num_minibatches
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, g, s = self.cfg, self.cfg.flow_grpo, self.cfg.sample
+        g, s = self.cfg.flow_grpo, self.cfg.sample
         model = self.model
         batch = self.step_batch(g.prompts_per_step)
         G = g.group_size
@@ -116,8 +116,11 @@ class FlowGRPOTrainer(Trainer):
         keep = torch.arange(n, device=self.device)
         if g.dynamic_sampling:
             keep = keep[~adv_all.zero_std[local]]
+        if g.drop_zero_advantage:
+            keep = keep[adv[keep] != 0]
         metrics = self.reward_metrics(scored.components, all_rewards)
         metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
+        metrics["sample/zero_adv_frac"] = float((adv_all.values == 0).float().mean())
         if not torch.isfinite(all_rewards).all():
             self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}
@@ -127,70 +130,35 @@ class FlowGRPOTrainer(Trainer):
         train_steps = (
             stochastic if g.sde_window else stochastic[: max(1, int(len(stochastic) * g.timestep_fraction))]
         )
-        step_fn = sde_step if g.sampler == "sde" else cps_step
-        n_keep = max(1, int(self.gather(torch.tensor([keep.numel()], device=self.device)).sum()))
-        stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "count": 0}
+        # each inner epoch: a shuffled order split into num_minibatches parts, one optimiser update after each part
+        parts = []
         for epoch in range(g.num_inner_epochs):
             order = keep[torch.randperm(keep.numel(), generator=self.generator(3, epoch)).to(keep.device)]
-            bad = False
-            for i in range(0, order.numel(), cfg.optim.train_batch_size):
-                mb = order[i : i + cfg.optim.train_batch_size].tolist()
-                cond = cond_all.select(mb)
-                weight = len(mb) / (n_keep / self.world) / len(train_steps)
-                step_logps, step_old = [], []
-                total = 0.0
-                kl_sum = torch.zeros((), device=self.device)  # trajectory_ratio: the KL of every trained step
-                for k in train_steps:
-                    x, x_next = latents[mb, k], latents[mb, k + 1]
-                    sig = sigmas[k].expand(len(mb))
-                    with self.autocast():
-                        v = model.velocity(x, sig, cond, s.guidance_scale)
-                    out = step_fn(x, v, sigmas[k], sigmas[k + 1], g.noise_level, prev_sample=x_next)
-                    loss_k = torch.zeros((), device=self.device)
-                    kl = torch.zeros((), device=self.device)
-                    if g.kl_beta > 0:
-                        with torch.no_grad(), model.disable_adapter(), self.autocast():
-                            v_ref = model.velocity(x, sig, cond, s.guidance_scale)
-                        ref = step_fn(x, v_ref, sigmas[k], sigmas[k + 1], g.noise_level, prev_sample=x_next)
-                        kl = gaussian_kl(out.mean, ref.mean, out.std).mean()
-                        loss_k = loss_k + g.kl_beta * kl
-                    if g.trajectory_ratio:
-                        step_logps.append(out.log_prob)
-                        step_old.append(old_logp[mb, k])
-                        total = total + loss_k * weight
-                        kl_sum = kl_sum + kl.detach()
-                    else:
-                        ppo = ppo_clip_loss(
-                            out.log_prob,
-                            old_logp[mb, k],
-                            adv[mb],
-                            clip_range=g.clip_range,
-                            clip_range_high=g.clip_range_high or None,
-                        )
-                        loss_k = loss_k + ppo.loss
-                        self._accumulate(stats, ppo, kl, len(mb))
-                        if not torch.isfinite(loss_k):
-                            bad = True
-                        self.backward(loss_k * weight)
-                if g.trajectory_ratio:
-                    ppo = ppo_clip_loss(
-                        torch.stack(step_logps, 1),
-                        torch.stack(step_old, 1),
-                        adv[mb],
-                        clip_range=g.clip_range,
-                        clip_range_high=g.clip_range_high or None,
-                        trajectory_ratio=True,
-                    )
-                    total = total + ppo.loss * len(mb) / (n_keep / self.world)
-                    # the micro-batch's mean KL over its trained steps, as the per-step branch logs it
-                    self._accumulate(stats, ppo, kl_sum / len(train_steps), len(mb))
-                    if not torch.isfinite(total):
-                        bad = True
-                    self.backward(total)
-            if self.any_over_processes(bad):
-                self.discard_gradients()
-                return {**metrics, "train/skipped": 1.0}
-            metrics.update(self.finish_update())
+            parts.append(list(torch.tensor_split(order, g.num_minibatches)))
+        # global sample count of every part (the loss is a mean over all processes' samples of the part)
+        sizes = torch.tensor(
+            [[p.numel() for p in ep] for ep in parts], device=self.device, dtype=torch.float64
+        )
+        if self.world > 1:
+            sizes = self.accelerator.reduce(sizes, reduction="sum")
+        if g.old_logp == "recompute":
+            old_logp, metrics["train/old_logp_max_diff"] = self._recompute_old_logp(
+                latents, old_logp, cond_all, sigmas, train_steps, parts[0]
+            )
+        stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "count": 0}
+        updates = 0
+        for epoch, epoch_parts in enumerate(parts):
+            for part, size in zip(epoch_parts, sizes[epoch].tolist(), strict=True):
+                if size == 0:  # no process kept a sample for this part: no update
+                    continue
+                bad = self._accumulate_part(
+                    part, size / self.world, latents, old_logp, adv, cond_all, sigmas, train_steps, stats
+                )
+                if self.any_over_processes(bad):
+                    self.discard_gradients()
+                    return {**metrics, "train/skipped": 1.0}
+                metrics.update(self.finish_update())
+                updates += 1
         # sums and counts over processes (with dynamic_sampling a process may keep fewer samples, or none)
         keys = ("loss", "kl", "clipfrac", "ratio_mean", "approx_kl")
         totals = torch.tensor([stats[k] for k in keys] + [stats["count"]], dtype=torch.float64)
@@ -201,7 +169,107 @@ class FlowGRPOTrainer(Trainer):
             metrics[f"train/{key}"] = value / c
         metrics["train/skipped"] = 0.0
         metrics["train/trained_steps"] = float(len(train_steps))
+        metrics["train/updates"] = float(updates)
         return metrics
+
+    def _step_outputs(self, x, x_next, k, sigmas, cond, *, reference: bool = False):
+        """The trained step k's transition under the current policy (or the base model, ``reference=True``)."""
+        g, s, model = self.cfg.flow_grpo, self.cfg.sample, self.model
+        step_fn = sde_step if g.sampler == "sde" else cps_step
+        sig = sigmas[k].expand(x.shape[0])
+        with self.autocast():
+            v = model.velocity(x, sig, cond, s.guidance_scale, detach_uncond=g.cfg_grad == "cond")
+        return step_fn(x, v, sigmas[k], sigmas[k + 1], g.noise_level, prev_sample=x_next)
+
+    def _kl(self, out, ref, sigmas, k: int) -> torch.Tensor:
+        """Per-sample KL term of step k in ``kl_scale`` units (CPS: both units agree, its std has no ``dt``)."""
+        g = self.cfg.flow_grpo
+        if g.kl_scale == "reference" and g.sampler == "sde":
+            sigma_t, _ = sde_std(sigmas[k].float(), sigmas[k + 1].float(), g.noise_level)
+            return flow_grpo_reference_kl(out.mean, ref.mean, sigma_t)
+        return gaussian_kl(out.mean, ref.mean, out.std)
+
+    @torch.no_grad()
+    def _recompute_old_logp(self, latents, old_logp, cond_all, sigmas, train_steps, first_parts):
+        """``old_logp="recompute"``: the log-probs of the trained steps under the rollout policy, computed before the
+        first update with the micro-batches (rows, order, batch shape) the first inner epoch trains with, so the first
+        ratio is exactly 1 whatever the dtype. Returns them and their largest difference from the rollout's."""
+        fresh = old_logp.clone()
+        bs = self.cfg.optim.train_batch_size
+        for part in first_parts:
+            for i in range(0, part.numel(), bs):
+                mb = part[i : i + bs].tolist()
+                cond = cond_all.select(mb)
+                for k in train_steps:
+                    out = self._step_outputs(latents[mb, k], latents[mb, k + 1], k, sigmas, cond)
+                    fresh[mb, k] = out.log_prob
+        cols = list(train_steps)
+        diff = (fresh[:, cols] - old_logp[:, cols]).abs()
+        local = float(diff.max()) if diff.numel() else 0.0
+        if self.world > 1:
+            t = torch.tensor([local], device=self.device)
+            local = float(self.accelerator.reduce(t, reduction="max").item())
+        return fresh, local
+
+    def _accumulate_part(
+        self, part, per_process, latents, old_logp, adv, cond_all, sigmas, train_steps, stats
+    ):
+        """Backward passes of one part's micro-batches: the gradient of the part's mean loss over all processes'
+        samples and trained steps (``per_process``: the part's global size over the process count, the mean the
+        gradient all-reduce takes). Returns True when a loss was not finite."""
+        cfg, g, model = self.cfg, self.cfg.flow_grpo, self.model
+        bad = False
+        for i in range(0, part.numel(), cfg.optim.train_batch_size):
+            mb = part[i : i + cfg.optim.train_batch_size].tolist()
+            cond = cond_all.select(mb)
+            weight = len(mb) / per_process / len(train_steps)
+            step_logps, step_old = [], []
+            total = 0.0
+            kl_sum = torch.zeros((), device=self.device)  # trajectory_ratio: the KL of every trained step
+            for k in train_steps:
+                x, x_next = latents[mb, k], latents[mb, k + 1]
+                out = self._step_outputs(x, x_next, k, sigmas, cond)
+                loss_k = torch.zeros((), device=self.device)
+                kl = torch.zeros((), device=self.device)
+                if g.kl_beta > 0:
+                    with torch.no_grad(), model.disable_adapter():
+                        ref = self._step_outputs(x, x_next, k, sigmas, cond)
+                    kl = self._kl(out, ref, sigmas, k).mean()
+                    loss_k = loss_k + g.kl_beta * kl
+                if g.trajectory_ratio:
+                    step_logps.append(out.log_prob)
+                    step_old.append(old_logp[mb, k])
+                    total = total + loss_k * weight
+                    kl_sum = kl_sum + kl.detach()
+                else:
+                    ppo = ppo_clip_loss(
+                        out.log_prob,
+                        old_logp[mb, k],
+                        adv[mb],
+                        clip_range=g.clip_range,
+                        clip_range_high=g.clip_range_high or None,
+                    )
+                    loss_k = loss_k + ppo.loss
+                    self._accumulate(stats, ppo, kl, len(mb))
+                    if not torch.isfinite(loss_k):
+                        bad = True
+                    self.backward(loss_k * weight)
+            if g.trajectory_ratio:
+                ppo = ppo_clip_loss(
+                    torch.stack(step_logps, 1),
+                    torch.stack(step_old, 1),
+                    adv[mb],
+                    clip_range=g.clip_range,
+                    clip_range_high=g.clip_range_high or None,
+                    trajectory_ratio=True,
+                )
+                total = total + ppo.loss * len(mb) / per_process
+                # the micro-batch's mean KL over its trained steps, as the per-step branch logs it
+                self._accumulate(stats, ppo, kl_sum / len(train_steps), len(mb))
+                if not torch.isfinite(total):
+                    bad = True
+                self.backward(total)
+        return bad
 
     @staticmethod
     def _accumulate(stats, ppo, kl, weight: int) -> None:

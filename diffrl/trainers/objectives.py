@@ -4,7 +4,7 @@
 * :func:`ppo_clip_loss`: the PPO clipped surrogate with asymmetric clip ("clip-higher") and a trajectory-level
   ratio (GSPO-style) option.
 * :func:`gaussian_kl`: the per-step KL between two Gaussians with the same std, in the samplers' log-prob
-  convention (mean over dimensions).
+  convention (mean over dimensions); :func:`flow_grpo_reference_kl`: the Flow-GRPO reference code's scaling of it.
 * :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
 * :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
 * :func:`denoising_loss`: the rectified-flow (pre-training) loss, ReFL's optional regulariser.
@@ -22,6 +22,7 @@ __all__ = [
     "group_advantages",
     "ppo_clip_loss",
     "gaussian_kl",
+    "flow_grpo_reference_kl",
     "nft_optimality",
     "nft_loss",
     "nft_old_policy_decay",
@@ -123,6 +124,14 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
     ``mean_d((mean - ref_mean)^2 / (2 std^2))`` (same std; the samplers' mean-over-dims convention)."""
     d = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return d.mean(dim=tuple(range(1, d.ndim)))
+
+
+def flow_grpo_reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(B,)`` KL term of the Flow-GRPO reference code: ``mean_d((mean - ref_mean)^2) / (2 sigma_t^2)``
+    with ``sigma_t = a sqrt(s / (1 - s))`` the SDE's diffusion coefficient, not the step's std ``sigma_t sqrt(|dt|)``.
+    It is :func:`gaussian_kl` times ``|dt|``; the papers' KL weights are given in these units."""
+    d = ((mean.float() - ref_mean.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    return d / (2 * sigma_t.float().reshape(-1) ** 2)
 
 
 def nft_optimality(advantages: torch.Tensor, clip: float = 5.0) -> torch.Tensor:

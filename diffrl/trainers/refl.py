@@ -25,6 +25,11 @@ micro-batches, all processes), not of each micro-batch: every micro-batch is fir
 fixed statistics (no gradient flows through them). ``running`` statistics update on every reward call, i.e. per
 micro-batch and per process.
 
+Guidance: the steps before the window use ``sample.guidance_scale``, the grad steps ``refl.grad_guidance_scale``
+(default -1: the same). ImageReward's ReFL script samples CFG-free throughout (one conditional pass per step), which
+``sample.guidance_scale: 1`` reproduces; the default keeps CFG in the grad steps so the trained model is the one
+sampled with CFG at inference.
+
 Deviations: the reference (SD1.4, 40 steps) stops at steps 30-39; here the stop range is a fraction of the
 configured steps. The paper alternates the reward loss with a pre-training loss on pre-training data; here the
 denoising term is added to every step's loss and its data are the model's own samples.
@@ -87,16 +92,17 @@ class ReFLTrainer(Trainer):
         """The last K steps (with grad unless called under ``torch.no_grad()``): ``(x0_hat, KL-style term, the
         latents at s_j before the last jump, detached)``."""
         c, s, model = self.cfg.refl, self.cfg.sample, self.model
+        guidance = c.grad_guidance_scale if c.grad_guidance_scale >= 0 else s.guidance_scale
         kl = torch.zeros((), device=self.device)
         x_j = x
         for k in range(levels.numel() - 1 - K, levels.numel() - 1):
             x_j = x
             sig = levels[k].expand(x.shape[0])
             with self.autocast():
-                v = model.velocity(x, sig, cond, s.guidance_scale).float()
+                v = model.velocity(x, sig, cond, guidance).float()
             if c.kl_weight > 0 and torch.is_grad_enabled():
                 with torch.no_grad(), model.disable_adapter(), self.autocast():
-                    v_ref = model.velocity(x.detach(), sig, cond, s.guidance_scale).float()
+                    v_ref = model.velocity(x.detach(), sig, cond, guidance).float()
                 kl = kl + ((v - v_ref) ** 2).mean() / K
             x = x.float() + (levels[k + 1] - levels[k]) * v
         return x, kl, x_j.detach()
