@@ -271,8 +271,26 @@ def test_flux_trainer_runs(tmp_path):
 
 
 # ReFL's denoising regulariser draws its own levels and noise: resume and micro-batching must not change them
-VARIANTS = [(a, ()) for a in ALGOS] + [("refl", ("refl.denoise_weight=1.0",))]
-VARIANT_IDS = [*ALGOS, "refl-denoise"]
+# ... and so must the reference options: minibatch updates, dropped samples, recomputed old log-probs, per-sample
+# levels, the EMA schedule
+VARIANTS = [(a, ()) for a in ALGOS] + [
+    ("refl", ("refl.denoise_weight=1.0",)),
+    (
+        "flow_grpo",
+        (
+            "flow_grpo.num_minibatches=2",
+            "flow_grpo.drop_zero_advantage=true",
+            "flow_grpo.old_logp=recompute",
+            "flow_grpo.kl_scale=exact",
+            "flow_grpo.cfg_grad=full",
+            "ema_decay=0.9",
+            "ema_warmup=true",
+            "ema_every=2",
+        ),
+    ),
+    ("diffusion_nft", ("diffusion_nft.per_sample_levels=true", "diffusion_nft.num_minibatches=2")),
+]
+VARIANT_IDS = [*ALGOS, "refl-denoise", "flow_grpo-reference-options", "diffusion_nft-reference-options"]
 
 
 @pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
