@@ -57,6 +57,9 @@ class ModelConfig:
     """LoRA rank; -1 uses the family default (SD3: 32, FLUX: 64); 0 trains every transformer weight instead."""
     lora_alpha: float = -1.0
     """LoRA alpha; -1 uses the family default (twice the default rank)."""
+    lora_init: str = "default"
+    """Initial LoRA A matrices (B starts at 0 either way, so the adapted model starts as the base): default (PEFT's
+    Kaiming-uniform) or gaussian (N(0, 1/rank), the Flow-GRPO and DiffusionNFT reference codes')."""
     lora_targets: list[str] = field(default_factory=list)
     """Module names to adapt; empty uses the family default (attention projections; FLUX also feed-forward)."""
     gradient_checkpointing: bool = False
@@ -654,6 +657,10 @@ def validate(
     for name in ("height", "width", "num_steps", "eval_num_steps", "batch_size", "eval_images_per_prompt"):
         value = getattr(cfg.sample, name)
         need(value >= 1, f"sample.{name}={value} must be positive.")
+    need(
+        cfg.model.lora_init in ("default", "gaussian"),
+        f"model.lora_init={cfg.model.lora_init!r} must be default or gaussian.",
+    )
     need(
         cfg.model.vae_dtype in ("float32", "model"),
         f"model.vae_dtype={cfg.model.vae_dtype!r} must be float32 or model.",

@@ -334,3 +334,19 @@ def test_resolved_config_records_the_new_fields(tmp_path):
     trainer.train()
     saved = json.loads((tmp_path / "config.json").read_text())["config"]
     assert saved["flow_grpo"]["kl_scale"] == "reference" and saved["model"]["vae_dtype"] == "float32"
+
+
+def test_gaussian_lora_init_draws_a_from_the_reference_normal(tmp_path):
+    trainer = _trainer(
+        "flow_grpo", tmp_path, "model.lora_init=gaussian", "model.lora_rank=8", "model.lora_alpha=16"
+    )
+    a = torch.cat(
+        [
+            p.detach().flatten()
+            for n, p in zip(trainer.param_names, trainer.params, strict=True)
+            if "lora_A" in n
+        ]
+    )
+    b = [p for n, p in zip(trainer.param_names, trainer.params, strict=True) if "lora_B" in n]
+    assert all(bool((p == 0).all()) for p in b)  # the adapted model starts as the base model
+    assert a.std().item() == pytest.approx(1 / 8, rel=0.05)  # PEFT's "gaussian": N(0, 1/r)

@@ -382,6 +382,7 @@ class Trainer:
                     rank=None if m.lora_rank < 0 else m.lora_rank,
                     alpha=None if m.lora_alpha < 0 else m.lora_alpha,
                     target_modules=m.lora_targets or None,
+                    init_lora_weights=True if m.lora_init == "default" else m.lora_init,
                 )
         for p in self.model.trainable_parameters():
             p.data = p.data.float()  # trained weights in float32 whatever the frozen dtype
