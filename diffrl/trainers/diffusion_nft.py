@@ -9,17 +9,24 @@ training levels ``s`` drawn from the rollout's levels, with fresh noise ``x_s = 
     L  = (5 / beta) * [ r * l(v+) + (1 - r) * l(v-) ]  +  kl_weight * mean((v_theta - v_base)^2),
 
 with ``l`` the reference code's adaptive x0-space loss (default) or the paper's velocity loss, and ``v_base`` the
-network with its adapter disabled. After each update the old policy moves towards the current one:
-``theta_old <- d theta_old + (1 - d) theta`` with ``d = min(rate * (step - flat), cap)``.
+network with its adapter disabled. After the step's updates the old policy moves towards the current one:
+``theta_old <- d theta_old + (1 - d) theta`` with ``d = min(rate * (u - flat), cap)``, ``u`` the optimiser updates so
+far.
 
-The old policy is a second LoRA adapter (``"old"``) on the same transformer, so no second model copy is kept.
+The old policy is a second LoRA adapter (``"old"``) on the same transformer, so no second model copy is kept. Both
+adapters are float32 whatever the model's dtype (PEFT makes a new adapter in the base layer's dtype; in bf16 the soft
+update could not move it at d = 0.999).
 
-Deviations from the reference code (NVlabs/DiffusionNFT):
+The reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py), and where diffrl lets a run differ from it:
+
+* ``num_minibatches``: optimiser updates per step (the reference's ``gradient_step_per_epoch``, 2 for OCR); the decay
+  ``d`` counts optimiser updates made so far, this step's included, as the reference's global step does.
+* ``per_sample_levels``: the reference draws a level order per sample; diffrl's default shares one draw by the step
+  (unchanged from earlier versions, so their runs resume and reproduce).
 * Rollouts use the Euler ODE (the reference uses a 2nd-order DPM-Solver); any deterministic solver is allowed by
   the method.
-* One optimiser update per step over all samples and levels.
 * The training levels are ``num_train_levels`` of the rollout's non-zero levels in random order (default: all
-  but one).
+  but one, the reference's ``int(0.99 T)``).
 """
 
 from __future__ import annotations

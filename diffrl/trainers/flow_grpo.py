@@ -6,23 +6,33 @@ score them; compute group-relative advantages ``A = (R - mean_group R) / (std + 
 gathered batch by default), clipped to +-5. Then, for every trained step k of every trajectory,
 
     ratio = exp(logp_theta(x_{k+1} | x_k) - logp_old),   L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))
-                                                           + beta * KL(N(mu_theta, std) || N(mu_base, std)),
+                                                           + beta * KL(mu_theta, mu_base),
 
-with mu_base from the same network with its LoRA adapter disabled, and one optimiser update per pass.
+with mu_base from the same network with its LoRA adapter disabled. Each inner epoch shuffles the samples and splits
+them into ``num_minibatches`` parts, one optimiser update after each (the first part is on-policy, later parts are
+not, so the clip acts).
 
 Options: a window of ``sde_window`` stochastic (and trained) steps placed at random in ``sde_window_range``
 (Flow-GRPO-Fast / MixGRPO), asymmetric clipping (``clip_range_high``, DAPO), dropping groups with identical
 rewards (``dynamic_sampling``), one ratio per trajectory (``trajectory_ratio``, GSPO-style).
 
-Deviations from the reference code (yifan123/flow_grpo):
-* The KL uses the exact Gaussian KL with the step's std (``||mu - mu_ref||^2 / (2 std^2)``, mean over dims); the
-  reference drops the ``dt`` inside the std (divides by ``2 sigma_t^2``), so its beta is not comparable across
-  step counts. The same beta therefore weighs the KL differently here.
-* The CPS log-prob is the full Gaussian log-density (the reference keeps only ``-(x - mu)^2``).
-* ``timestep_fraction`` keeps the first ``int(fraction * K)`` of the K stochastic steps (at least one) when every
-  step is stochastic; with a window every window step is trained.
-* One optimiser update per inner epoch over all of the step's samples (the reference updates every few
-  micro-batches); ``optim.train_batch_size`` only changes memory, not the result.
+The reference code (yifan123/flow_grpo, scripts/train_sd3.py), and where diffrl lets a run differ from it (each a
+named option; the defaults and why are in docs/trainers/flow_grpo.md):
+
+* ``kl_scale``: the KL's units. ``reference`` (default) divides ``mean_d ||mu - mu_ref||^2`` by ``2 sigma_t^2``, the
+  diffusion coefficient, as the reference does and as the published betas assume; ``exact`` is the Gaussian KL of
+  the step, divided by its variance ``2 sigma_t^2 |dt|`` (1/|dt| larger: about 13x on the 10-step SD3.5 schedule).
+* ``cfg_grad``: ``cond`` (default, the reference's) detaches the unconditional prediction of CFG in the training
+  forward; ``full`` back-propagates through both branches (the exact gradient of the guided policy).
+* ``num_minibatches``: 1 by default (one on-policy update per step); the reference's SD3.5 configs make 2.
+* ``drop_zero_advantage``: false by default; the reference drops samples whose advantage is exactly 0 (and pads
+  its mask with random ones to a multiple of its micro-batch count; diffrl does not pad).
+* ``old_logp``: ``rollout`` (default, the reference's) or ``recompute`` with the training micro-batches, which makes
+  the first ratio exactly 1 in bf16 too.
+
+Other deviations: the CPS log-prob is the full Gaussian log-density (the reference keeps only ``-(x - mu)^2``);
+``timestep_fraction`` keeps the first ``int(fraction * K)`` of the K stochastic steps (at least one) when every step
+is stochastic, and with a window every window step is trained; each process samples whole groups.
 """
 
 from __future__ import annotations
