@@ -17,8 +17,11 @@ sentence. The checks, by group (``--check GROUP`` runs only some):
   device and LoRA; the LoRA's B matrices are made non-zero so the adapter path counts), a short SDE rollout is
   sampled with the configured sampler settings, and the log-probs of its stored transitions are recomputed with
   the same model as the Flow-GRPO trainer does for its ratio: ``max |exp(new - old) - 1|`` FAILs at
-  ``flow_grpo.clip_range`` (fresh samples would already be clipped) and WARNs at a tenth of it. The recomputed
-  log-probs with batch size 1 and with the configured ``optim.train_batch_size`` must agree the same way.
+  ``flow_grpo.clip_range`` (fresh samples would already be clipped) and WARNs at a tenth of it, unless
+  ``flow_grpo.old_logp=recompute`` (then the drift is reported, OK). The recomputed log-probs with batch size 1 and
+  with the configured ``optim.train_batch_size`` must agree the same way. With a Flow-GRPO KL term, ``kl-scale``
+  reports ``kl_beta`` in the reference code's units and in the exact ones over the schedule's trained steps (WARN
+  with ``kl_scale=exact``, whose beta is about 13x a paper's on 10 SD3.5 steps).
 
 Exit code: 0 when no check FAILs, 1 otherwise, 2 for bad input (a config path that does not exist, an override
 that is not ``key=value``), which is reported as one sentence naming the value and the fix.
@@ -305,7 +308,9 @@ def _check_deepspeed(cfg) -> Finding:
     finding = _version_finding("deepspeed", installed, f">={TESTED_VERSION}")
     if finding.status != "OK":
         finding.status = "FAIL"
-        finding.message = f"zero_stage={cfg.zero_stage} needs deepspeed>={TESTED_VERSION}; found {installed or 'none'}"
+        finding.message = (
+            f"zero_stage={cfg.zero_stage} needs deepspeed>={TESTED_VERSION}; found {installed or 'none'}"
+        )
         finding.fix = "Run `pip install 'diffrl[deepspeed]'` in this environment."
     else:
         finding.message = f"zero_stage={cfg.zero_stage}: deepspeed {installed}"
@@ -910,7 +915,9 @@ def _memory_fix(cfg) -> str:
     if m.lora_rank == 0:
         steps.append("train a LoRA (model.lora_rank=32)")
         if cfg.zero_stage < 2 and not cfg.fsdp:
-            steps.append("shard it over several GPUs (fsdp=true, or zero_stage=2 for the gradients and AdamW states)")
+            steps.append(
+                "shard it over several GPUs (fsdp=true, or zero_stage=2 for the gradients and AdamW states)"
+            )
     if o.train_batch_size > 1 or cfg.sample.batch_size > 1:
         steps.append("lower optim.train_batch_size and sample.batch_size")
     steps.append("or use a GPU with more memory")
@@ -1060,6 +1067,49 @@ def _graded(
     return Finding(name, "OK", msg)
 
 
+def _trained_steps(cfg, num_steps: int) -> list[int]:
+    """The steps Flow-GRPO trains with this config (every step a window may cover when there is a window)."""
+    g = cfg.flow_grpo
+    last = num_steps - 1 if g.sampler == "cps" else num_steps
+    if g.sde_window:
+        lo, hi = g.sde_window_range or [0, max(1, num_steps // 2)]
+        return list(range(lo, min(last, hi + g.sde_window - 1)))
+    return list(range(last))[: max(1, int(last * g.timestep_fraction))]
+
+
+def _kl_scale_finding(cfg, sigmas) -> Finding:
+    """``kl-scale``: the KL weight in the reference code's units (the papers' betas) and in the exact ones, over the
+    trained steps of the configured schedule; the two differ by the step size ``|dt|``."""
+    g = cfg.flow_grpo
+    steps = _trained_steps(cfg, len(sigmas) - 1)
+    if g.sampler == "cps":
+        return Finding(
+            "kl-scale", "OK", f"kl_beta={g.kl_beta:g}: with the CPS sampler the reference and exact KL agree"
+        )
+    dts = [float(sigmas[k] - sigmas[k + 1]) for k in steps]
+    where = f"over the {len(steps)} trained step(s) of the {len(sigmas) - 1}-step schedule"
+    if g.kl_scale == "reference":
+        exact = [g.kl_beta * dt for dt in dts]
+        return Finding(
+            "kl-scale",
+            "OK",
+            f"kl_beta={g.kl_beta:g} in reference units (the papers': 0.04 GenEval/OCR, 0.01 PickScore); in exact units "
+            f"(kl_scale=exact) the same weight is kl_beta x |dt| = {sum(exact) / len(exact):.3g} on average "
+            f"({min(exact):.3g}..{max(exact):.3g}) {where}",
+        )
+    ref = [g.kl_beta / dt for dt in dts]
+    mean = sum(ref) / len(ref)
+    return Finding(
+        "kl-scale",
+        "WARN",
+        f"kl_scale=exact: kl_beta={g.kl_beta:g} weighs the KL like a reference-units beta of {mean:.3g} on average "
+        f"({min(ref):.3g}..{max(ref):.3g}, kl_beta / |dt|) {where}, {mean / g.kl_beta:.1f}x the same number in the "
+        "papers' units",
+        "Set flow_grpo.kl_scale=reference to use a paper's beta as given (the default), or keep exact on purpose "
+        "with a beta about that factor smaller.",
+    )
+
+
 def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]:
     import torch
 
@@ -1128,6 +1178,7 @@ def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]
         new_logp = _recompute(model, *args, batch=train_bs, **kw)
         single_logp = _recompute(model, *args, batch=1, **kw) if train_bs > 1 else new_logp
         dtype = str(next(model.transformer.parameters()).dtype).removeprefix("torch.")
+        full_sigmas = model.schedule(s.num_steps, s.height, s.width).float().cpu()
     except Exception as err:  # noqa: BLE001 - report any failure of the probe as a finding
         first_line = (str(err).splitlines() or [""])[0]
         if device.startswith("cuda") and torch.cuda.is_available():
@@ -1163,20 +1214,36 @@ def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]
         f"max |exp(logp_new - logp_old) - 1| = {ratio_dev:.2e} ({tol_text}) over "
         f"{setting}; rollout batch {chunk}, recompute batch {train_bs}{note}"
     )
-    findings.append(
-        _graded(
-            "ratio",
-            ratio_dev,
-            tol,
-            worst,
-            msg,
-            ": fresh samples are off-policy",
-            "Make the recompute match the rollout: deterministic kernels (torch.use_deterministic_algorithms, "
-            "CUBLAS_WORKSPACE_CONFIG=:4096:8), no dropout, the same dtype and mixed_precision in sampling and "
-            "training, and sample.batch_size equal to optim.train_batch_size.",
-            "Prefer float32 sampler maths and equal sample.batch_size and optim.train_batch_size.",
+    if flow_grpo and cfg.flow_grpo.old_logp == "recompute":
+        findings.append(
+            Finding(
+                "ratio",
+                "OK",
+                msg
+                + "; flow_grpo.old_logp=recompute takes the old log-probs from the training shapes, so the "
+                "first ratio is exactly 1 whatever this drift",
+            )
         )
-    )
+    else:
+        findings.append(
+            _graded(
+                "ratio",
+                ratio_dev,
+                tol,
+                worst,
+                msg,
+                ": fresh samples are off-policy",
+                "Set flow_grpo.old_logp=recompute (one no-grad forward per trained step recomputes the old log-probs "
+                "in the training shapes), or make the recompute match the rollout: deterministic kernels "
+                "(torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8), no dropout, the same dtype "
+                "and mixed_precision in sampling and training, and sample.batch_size equal to "
+                "optim.train_batch_size.",
+                "Prefer float32 sampler maths and equal sample.batch_size and optim.train_batch_size, or set "
+                "flow_grpo.old_logp=recompute.",
+            )
+        )
+    if flow_grpo and cfg.flow_grpo.kl_beta > 0:
+        findings.append(_kl_scale_finding(cfg, full_sigmas))
 
     if train_bs == 1:
         findings.append(

@@ -385,3 +385,32 @@ def test_zero_stage_checks_the_deepspeed_install(installed, status, monkeypatch)
     if status == "FAIL":
         assert "zero_stage=2 needs deepspeed>=0.19.8" in found.message and "diffrl[deepspeed]" in found.fix
     assert all(f.name != "deepspeed" for f in run_doctor(TINY, checks=["config"]))  # only asked for with ZeRO
+
+
+def test_recomputed_old_logprobs_make_an_off_policy_drift_harmless(monkeypatch):
+    _patch_velocity(monkeypatch, lambda v, x: v + 0.5 if torch.is_grad_enabled() else v)
+    findings = run_doctor(TINY, ["flow_grpo.old_logp=recompute"], checks=["onpolicy"], device="cpu")
+    ratio = by_name(findings, "ratio")
+    assert ratio.status == "OK" and "old_logp=recompute" in ratio.message
+    findings = run_doctor(TINY, checks=["onpolicy"], device="cpu")
+    assert "flow_grpo.old_logp=recompute" in by_name(findings, "ratio").fix
+
+
+def test_kl_scale_is_reported_in_reference_and_exact_units():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = by_name(run_doctor(TINY, checks=["onpolicy"], device="cpu"), "kl-scale")
+    assert ref.status == "OK" and "kl_beta=0.04 in reference units" in ref.message
+    exact = by_name(
+        run_doctor(TINY, ["flow_grpo.kl_scale=exact"], checks=["onpolicy"], device="cpu"), "kl-scale"
+    )
+    assert exact.status == "WARN" and "flow_grpo.kl_scale=reference" in exact.fix
+    # the factor on the SD3.5 schedule (static shift 3, 10 steps, the first 9 trained): mean 1/|dt| = 13.0
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    cfg = load_config(TINY, ["flow_grpo.kl_scale=exact", "flow_grpo.kl_beta=0.01", "sample.num_steps=10"])
+    finding = doctor._kl_scale_finding(cfg, sched.sigmas)
+    assert "13.0x the same number" in finding.message and "over the 9 trained step(s)" in finding.message
+    assert "0.251" in finding.message  # 0.01 / |dt| at the first step: 25x
+    no_kl = run_doctor(TINY, ["flow_grpo.kl_beta=0"], checks=["onpolicy"], device="cpu")
+    assert not [f for f in no_kl if f.name == "kl-scale"]
