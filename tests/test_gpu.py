@@ -10,6 +10,7 @@ on the CPU measured 0.991 (Flow-GRPO), 0.999 (DiffusionNFT) and 0.993 (ReFL); th
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,95 @@ def test_cuda_mixed_precision_trains_like_float32(
     cos = _cosine(update, ref_update)
     print(f"\n[{algo} {precision}] cos(update, float32 update) = {cos:.4f}")
     assert cos > 0.9
+
+
+# SD3.5 Medium's transformer (stabilityai/stable-diffusion-3.5-medium, transformer/config.json): 24 MMDiT blocks of
+# 24 heads x 64, the first 13 with a second image-only attention, RMS q/k norms. Only the text and latent widths at
+# the edges are the tiny pipeline's, so its tiny text encoders and VAE can feed it.
+SD35M_BLOCKS = {
+    "num_layers": 24,
+    "num_attention_heads": 24,
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+    "patch_size": 2,
+    "pos_embed_max_size": 384,
+    "sample_size": 128,
+}
+
+
+def sd35m_block_stack_model(dtype=torch.bfloat16, device="cuda", **override):
+    """The tiny SD3 pipeline with a full-size random-weight SD3.5-M block stack as its transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffrl.models import load_model
+
+    model = load_model("tiny:sd3", dtype=torch.float32, device="cpu")
+    tiny = model.transformer.config
+    torch.manual_seed(0)
+    config = {**SD35M_BLOCKS, **override}
+    transformer = SD3Transformer2DModel(
+        in_channels=tiny.in_channels,
+        out_channels=tiny.out_channels,
+        joint_attention_dim=tiny.joint_attention_dim,
+        pooled_projection_dim=tiny.pooled_projection_dim,
+        **config,
+    ).eval()
+    transformer.requires_grad_(False)
+    model.pipe.transformer = transformer
+    model.transformer = transformer
+    model.pipe.to(device=device, dtype=dtype)
+    model.clear_prompt_cache()
+    return model
+
+
+@pytest.mark.gpu
+def test_reference_preset_step_on_a_full_size_sd35m_block_stack_is_on_policy_in_bf16(
+    tmp_path, shared_cache, fresh_accelerate_state
+):
+    # The reference preset's Flow-GRPO settings (CFG 4.5 with the unconditional branch detached, KL 0.01 in reference
+    # units, 10 steps, two minibatch updates) in bf16, with rollout chunks of 8 and training micro-batches of 3: the
+    # old log-probs recomputed in the training shapes make the first update exactly on-policy. The drift of the
+    # rollout's own log-probs (what old_logp=rollout would train with) is printed for the record.
+    model = sd35m_block_stack_model()
+    overrides = [
+        f"output_dir={tmp_path}",
+        f"data.train={PROMPTS}",
+        "data.eval_size=0",
+        "max_steps=1",
+        "model.dtype=bfloat16",
+        "mixed_precision=bf16",
+        "model.gradient_checkpointing=true",
+        "sample.height=256",  # 64x64 latents with the tiny VAE: 1,024 image tokens, SD3.5-M's count at 512 px
+        "sample.width=256",
+        "sample.num_steps=10",
+        "sample.guidance_scale=4.5",
+        "sample.batch_size=8",
+        "optim.train_batch_size=3",
+        "flow_grpo.group_size=4",
+        "flow_grpo.prompts_per_step=2",
+        "flow_grpo.kl_beta=0.01",
+        "flow_grpo.kl_scale=reference",
+        "flow_grpo.cfg_grad=cond",
+        "flow_grpo.clip_range=1e-4",
+        "flow_grpo.old_logp=recompute",
+        "flow_grpo.num_minibatches=1",
+    ]
+    trainer = build_trainer(PRESET["flow_grpo"], overrides, model=model)
+    assert trainer.device.type == "cuda"
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a LoRA that is not a no-op, as after a few updates
+        for name, p in zip(trainer.param_names, trainer.params, strict=True):
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 1e-3).to(p.device))
+    metrics = trainer.train_step(0)
+    print(
+        f"\n[SD3.5-M blocks, bf16] rollout vs training-shape old log-probs: max diff "
+        f"{metrics['train/old_logp_max_diff']:.3e}; clipfrac {metrics['train/clipfrac']}, "
+        f"approx_kl {metrics['train/approx_kl']:.3e}, kl {metrics['train/kl']:.3e}"
+    )
+    assert metrics["train/skipped"] == 0.0
+    assert metrics["train/clipfrac"] == 0.0 and metrics["train/ratio_mean"] == 1.0
+    assert metrics["train/approx_kl"] == 0.0  # max |logp_train - logp_old| = 0 at the first inner epoch
+    assert math.isfinite(metrics["train/old_logp_max_diff"]) and math.isfinite(metrics["train/kl"])

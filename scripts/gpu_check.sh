@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one run that fits in 10 minutes on one GPU (H100/H200 class): the gpu-marked
+# tests (mixed precision on every trainer, the reference preset's Flow-GRPO step on a full-size SD3.5-M block stack in
+# bf16) and the full-size rollout and trainer benchmarks. Output goes to stdout and to $OUT (or runs/gpu-check).
+# Usage: bash scripts/gpu_check.sh        (sets up .venv on the first run, as scripts/test.sh does)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu-check}
+mkdir -p "$out"
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+py=.venv/bin/python
+"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
+status=0
+timeout 300 "$py" -m pytest -q -s -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
+timeout 120 "$py" benchmarks/bench_rollout.py --arch full --family sd3 --device cuda --dtype bfloat16 \
+    --height 512 --width 512 --steps 10 --batch 8 2>&1 | tee "$out/bench_rollout_sd3.txt" || status=1
+timeout 180 "$py" benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
+    --group-size 8 --prompts 2 --json "$out/bench_trainers_full.json" 2>&1 | tee "$out/bench_trainers_full.txt" || status=1
+exit $status
