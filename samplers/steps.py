@@ -152,7 +152,9 @@ def sde_step(
     s, s_next = _level(sigma, xf, "sigma"), _level(sigma_next, xf, "sigma_next")
     sigma_t, std = sde_std(s, s_next, _level(noise_level, xf, "noise_level"))
     dt = s_next - s
-    mean = xf + dt * (vf + sigma_t**2 / (2 * s) * (xf + (1 - s) * vf))
+    # x + dt (v + sigma_t^2 / (2 s) (x + (1 - s) v)), grouped as the Flow-GRPO reference groups it, so that its
+    # float32 rounding (and so a stored trajectory's log-probs) agree with the reference code's to the last bits
+    mean = xf * (1 + sigma_t**2 / (2 * s) * dt) + vf * (1 + sigma_t**2 * (1 - s) / (2 * s)) * dt
     std = std.expand(xf.shape[:1] + std.shape[1:])
     return _finish(mean, std, noise, prev_sample, generator, xf)
 

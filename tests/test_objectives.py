@@ -55,6 +55,21 @@ def test_group_advantages_hand_computed_clip_and_zero_std():
         group_advantages(rewards, groups, std="batch")
 
 
+@pytest.mark.parametrize("group_size", [4, 8, 24])
+def test_a_group_of_equal_rewards_has_advantage_exactly_zero(group_size):
+    # a float32 mean of G equal values is off by one ulp for many values from G = 8 on; the statistics are float64
+    # (as the reference's numpy), so every such group is exactly 0 and counted as zero-std
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(200, generator=g)
+    for v in values:
+        rewards = torch.cat([v.repeat(group_size), torch.rand(group_size, generator=g)])
+        groups = torch.arange(2).repeat_interleave(group_size)
+        out = group_advantages(rewards, groups)
+        assert bool((out.values[:group_size] == 0).all()) and bool(out.zero_std[:group_size].all())
+        assert not bool((out.values[group_size:] == 0).any())
+        assert out.values.dtype == torch.float32
+
+
 def test_ppo_loss_on_policy_and_clipping():
     adv = torch.tensor([1.0, -2.0])
     lp = torch.tensor([-1.0, -1.0], requires_grad=True)

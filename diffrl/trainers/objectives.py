@@ -57,23 +57,25 @@ def group_advantages(
     """
     if std not in ("global", "group"):
         raise ValueError(f"std={std!r} is not known; use 'global' or 'group'.")
-    r = rewards.detach().float()
+    # float64 statistics, as the reference's numpy: a float32 mean of G equal rewards can be off by one ulp (from
+    # G = 8 on), which left a group of equal rewards with advantages of 1e-8 instead of exactly 0
+    r = rewards.detach().double()
     if r.ndim != 1 or group_ids.shape != r.shape:
         raise ValueError(
             f"rewards {tuple(r.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)."
         )
     ids, inverse = torch.unique(group_ids, return_inverse=True)
     n = ids.numel()
-    count = torch.zeros(n, device=r.device).index_add_(0, inverse, torch.ones_like(r))
-    mean = torch.zeros(n, device=r.device).index_add_(0, inverse, r) / count
+    count = torch.zeros(n, device=r.device, dtype=r.dtype).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros(n, device=r.device, dtype=r.dtype).index_add_(0, inverse, r) / count
     centred = r - mean[inverse]
-    group_var = torch.zeros(n, device=r.device).index_add_(0, inverse, centred**2) / count
+    group_var = torch.zeros(n, device=r.device, dtype=r.dtype).index_add_(0, inverse, centred**2) / count
     zero_std = group_var[inverse] == 0
     denom = r.std(unbiased=False) if std == "global" else group_var[inverse].sqrt()
     adv = centred / (denom + eps)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return Advantages(values=adv, zero_std=zero_std)
+    return Advantages(values=adv.float(), zero_std=zero_std)
 
 
 @dataclass

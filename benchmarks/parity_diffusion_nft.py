@@ -1,0 +1,1004 @@
+"""Parity of diffrl's DiffusionNFT update with the reference code (NVlabs/DiffusionNFT) on a tiny SD3.
+
+The reference trains inside one long ``main()`` (``scripts/train_nft_sd3.py``) that needs CUDA, NCCL, wandb
+and a prompt dataset, so it cannot be imported and run as is. This script (run by hand, not part of the test
+suite) executes the reference's own functions where they exist as functions and re-writes only what is inline
+in ``main()``:
+
+* executed from the clone at run time: ``return_decay`` and ``compute_text_embeddings`` (taken out of
+  ``scripts/train_nft_sd3.py`` with ``ast`` and executed in a namespace, since the module imports absl, wandb
+  and ml_collections at the top), ``encode_prompt``
+  (``flow_grpo/diffusers_patch/train_dreambooth_lora_sd3.py``), ``PerPromptStatTracker``
+  (``flow_grpo/stat_tracking.py``), ``run_sampling`` (``flow_grpo/diffusers_patch/solver.py``),
+  ``pipeline_with_logprob`` (``flow_grpo/diffusers_patch/pipeline_with_logprob.py``), the run configurations
+  ``sd3_pickscore()`` and ``sd3_ocr()`` of ``config/nft.py`` on ``config/base.py`` (with a small attribute
+  dict standing in for ``ml_collections.ConfigDict``), and the LoRA target list and ``LoraConfig`` arguments
+  (read out of ``main()`` with ``ast``);
+* re-written here following ``scripts/train_nft_sd3.py`` (line numbers of the NVlabs clone):
+
+  - model set-up, lines ~393-428: ``get_peft_model`` with the reference ``LoraConfig``, a second adapter
+    ``"old"`` (``add_adapter``), both float32; the trained and old parameter lists taken with each adapter
+    active; AdamW with the config's learning rate, betas, weight decay and epsilon;
+  - after sampling, lines ~646-660 and ~742-770: the clean latents and the scheduler's timesteps kept per
+    sample; ``PerPromptStatTracker(global_std=True).update`` on the rewards repeated over the
+    ``num_train_timesteps`` columns;
+  - the training epoch, lines ~786-1037: the shuffled samples (``perm``), a random order of the levels per
+    sample (``perms_time``), ``num_batches`` micro-batches, and per micro-batch and level position ``j``:
+    ``t = timesteps / 1000``, ``noise = randn_like(x0)``, ``xt = (1 - t) x0 + t noise``, the old prediction
+    (``set_adapter("old")``, no grad), the trained prediction (``"default"``), the base prediction
+    (``disable_adapter()``), ``r = clamp(clamp(A, +-adv_clip_max) / adv_clip_max / 2 + 0.5, 0, 1)``, the
+    implicit positive and negative predictions, the adaptive x0-space weights (detached, in float64), the
+    policy loss ``mean((r * pos / beta + (1 - r) * neg / beta) * adv_clip_max)``, ``loss += train.beta * kl``,
+    backward of ``loss / (gradient_accumulation_steps * num_train_timesteps)``, and after every
+    ``gradient_accumulation_steps * num_train_timesteps`` backward passes ``clip_grad_norm_`` over the
+    transformer's parameters, an AdamW step and ``global_step += 1``;
+  - the old-policy soft update after the epoch, lines ~1039-1044: ``old <- decay * old + (1 - decay) * new``
+    with ``decay = return_decay(global_step, config.decay_type)``.
+
+  One process without DDP (DDP averages gradients over processes; with one there is nothing to average), no
+  mixed precision (the reference's default is fp16 autocast; the comparison is in float32) and no EMA (the
+  reference's EMA only serves evaluation and checkpoints). The reference's random draws (``torch.randperm``
+  for ``perm`` and ``perms_time``, ``torch.randn_like`` for the noise) are fed in, equal to the ones diffrl
+  makes for the same step (recomputed with the trainer's own generators: the sample order of the
+  ``num_minibatches`` parts, each sample's level order, the noise of each (level position, sample)); check 1
+  confirms that both sides' trained forward passes get bitwise the same ``x_t`` and timesteps.
+
+diffrl runs its own ``DiffusionNFTTrainer.train_step`` with the reference-equivalent options
+(``per_sample_levels=true``, ``num_minibatches``, ``decay_flat/decay_rate/decay_cap`` of the decay type,
+``kl_weight`` = ``train.beta``, ``beta``, ``weighting=adaptive``, ``num_train_levels`` =
+``int(0.99 * num_steps)``, ``model.max_sequence_length=128``, the AdamW and clipping values of the reference config). The
+script patches, on the trainer object only: ``trainer.sample_and_score`` (check 1: returns the stored latents
+and rewards; check 2: wrapped to record prompts and rewards), ``diffrl.trainers.diffusion_nft.rollout`` (check
+2: wrapped to record the initial noise and the clean latents), ``trainer.model.velocity`` (check 1: wrapped to
+record the trained passes' inputs) and ``trainer.step`` (set to a later step, as a resumed run has, so that
+the old policy's decay is not 0).
+
+Both sides load the same pipeline: ``diffrl.models.tiny.build_tiny_sd3`` with two MMDiT blocks (T5 included),
+so that one block is not the last, "context pre-only" one, and the same random LoRA (non-zero A and B; the old
+adapter differs from the trained one). diffrl leaves the last block's context-query projection out of the LoRA
+(its output is unused); the reference's 4 tensors there get zero gradients and are not compared. Checks:
+
+1. one update on stored clean latents and rewards, for ``sd3_pickscore`` (beta 1.0, decay type 1) and
+   ``sd3_ocr`` (beta 0.1, decay type 2), each with 1 and 2 optimiser updates per step
+   (``gradient_step_per_epoch``), plus one run with the KL weight raised to 0.1 so that the KL term shows in
+   the gradients. Printed: max abs and max rel (``max|a - b| / max|b|`` per tensor, the largest over the
+   tensors) of the LoRA tensors of both adapters after the update and the soft update, and of AdamW's moments
+   of the trained tensors (they hold the gradients: AdamW's first update is about ``lr * sign(g)`` whatever
+   the gradient's scale); one line per tensor for the OCR-shaped run (``--per-tensor``: every run);
+2. ``--steps`` (3) consecutive steps with ``sd3_ocr`` and 2 updates per step, sampling included from the same
+   initial noise: diffrl samples with its Euler ODE, the reference with its own ``run_sampling(solver="flow",
+   deterministic=True)``, the Euler step at noise level 0, with its transformer at float timesteps
+   ``1000 sigma``. Printed for information, not checked: the reference configs sample with ``solver="dpm2"``, which
+   diffrl does not have, and ``pipeline_with_logprob`` rounds the timestep down to an integer; the gaps of
+   both to diffrl's Euler ODE;
+3. bf16: a diffrl trainer with ``model.dtype=bfloat16``: the dtype of its old adapter, and one soft update at
+   decay 0.999 against ``(1 - d) (new - old)`` in float64 (for information, what the same update does to a
+   bf16 copy).
+
+Tolerance: 1e-5 relative per tensor for the LoRA tensors everywhere and for the AdamW moments in check 1 (same
+computations, float32 rounding in another order; AdamW's first update turns that into a small part of a step
+for a near-zero gradient). Check 2's moments: 1e-4, because the reference encodes a batch of prompts together
+and diffrl one prompt at a time, so the pooled text embeddings differ in the last bits and, through the
+sampled images, the rewards and advantages by ~1e-5 relative. Check 3: 1e-2 (float32 rounding of an update of
+1e-3 of the difference). The script exits with status 1 when a check fails.
+
+Usage: ``python benchmarks/parity_diffusion_nft.py --reference /path/to/DiffusionNFT_clone [--steps 3]
+[--per-tensor]`` (CPU, offline, about half a minute; set ``OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "tiny" / "diffusion_nft.yaml"
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+SIZE = 32  # pixels; 8x8 latents on the tiny pipeline
+GROUP = 4
+PROMPTS_PER_STEP = 2
+MICRO_BATCH = 2
+SEED = 42
+TOLERANCE = 1e-5
+# check 2's AdamW moments: the reference encodes a sampling batch's prompts together and diffrl one prompt at a time,
+# so the pooled text embeddings differ in the last bits (~5e-7), and through the sampled latents the rewards (~5e-7
+# for a spread of ~0.06), the advantages and the gradients by ~1e-5 relative
+SAMPLED_MOMENT_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- the reference code
+
+
+class _AttrDict(dict):
+    """Stands in for ``ml_collections.ConfigDict`` (attribute access to a dict) to read the reference's config."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def load_reference(root: Path) -> types.SimpleNamespace:
+    """The reference's functions and configuration, executed from the clone at ``root``."""
+    root = root.resolve()
+    script = root / "scripts" / "train_nft_sd3.py"
+    if not script.is_file():
+        raise SystemExit(f"{root} is not a DiffusionNFT clone (no scripts/train_nft_sd3.py)")
+    sys.path.insert(0, str(root))
+    from flow_grpo.diffusers_patch.pipeline_with_logprob import pipeline_with_logprob
+    from flow_grpo.diffusers_patch.solver import run_sampling
+    from flow_grpo.diffusers_patch.train_dreambooth_lora_sd3 import encode_prompt
+    from flow_grpo.stat_tracking import PerPromptStatTracker
+
+    # functions of the training script: the module imports absl, wandb, ml_collections... at the top, so its
+    # function definitions are taken out of the source and executed with what they use
+    tree = ast.parse(script.read_text())
+    wanted = {"return_decay", "compute_text_embeddings"}
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    namespace = {"torch": torch, "np": np, "encode_prompt": encode_prompt}
+    exec(compile(ast.Module(body=defs, type_ignores=[]), str(script), "exec"), namespace)
+
+    # the LoRA set-up inside main(): the target list and the LoraConfig keywords, as written there
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    targets, lora_kwargs = None, None
+    for node in ast.walk(main):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", "") == "target_modules" for t in node.targets
+        ):
+            targets = ast.literal_eval(node.value)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "LoraConfig":
+            lora_kwargs = {
+                k.arg: ast.literal_eval(k.value) for k in node.keywords if isinstance(k.value, ast.Constant)
+            }
+    if targets is None or lora_kwargs is None:
+        raise SystemExit(f"could not find the LoRA set-up in {script}")
+
+    # the run configuration: config/nft.py on config/base.py, with a stand-in for ml_collections
+    sys.modules.setdefault("ml_collections", types.SimpleNamespace(ConfigDict=_AttrDict))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # config/nft.py imports the deprecated imp module
+        spec = importlib.util.spec_from_file_location("reference_nft_config", root / "config" / "nft.py")
+        config_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(config_module)
+
+    return types.SimpleNamespace(
+        root=root,
+        pipeline_with_logprob=pipeline_with_logprob,
+        run_sampling=run_sampling,
+        PerPromptStatTracker=PerPromptStatTracker,
+        return_decay=namespace["return_decay"],
+        compute_text_embeddings=namespace["compute_text_embeddings"],
+        lora_targets=targets,
+        lora_kwargs=lora_kwargs,
+        config_module=config_module,
+    )
+
+
+def reference_config(ref, name: str, num_minibatches: int, n_samples: int):
+    """A reference run configuration (``sd3_ocr`` or the base ``_get_config``) shrunk to the tiny sizes: one
+    sampling batch of all samples, micro-batches of ``MICRO_BATCH`` and ``num_minibatches`` updates per epoch
+    (what ``_get_config(gradient_step_per_epoch=...)`` arranges with its batch-size search)."""
+    if name == "ocr":
+        cfg = ref.config_module.sd3_ocr()  # beta 0.1, decay type 2, KL weight 1e-4
+    else:
+        cfg = ref.config_module.sd3_pickscore()  # beta 1.0, decay type 1
+    cfg.mixed_precision = "no"
+    cfg.resolution = SIZE
+    cfg.sample.num_image_per_prompt = GROUP
+    cfg.sample.train_batch_size = n_samples
+    cfg.sample.num_batches_per_epoch = 1
+    cfg.train.batch_size = MICRO_BATCH
+    num_batches = cfg.sample.num_batches_per_epoch * cfg.sample.train_batch_size // cfg.train.batch_size
+    cfg.train.gradient_accumulation_steps = num_batches // num_minibatches
+    return cfg
+
+
+def decay_options(decay_type: int) -> list[str]:
+    """diffrl's decay options equal to the reference's ``decay_type`` (read back from ``return_decay``)."""
+    table = {1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+    flat, rate, cap = table[decay_type]
+    return [
+        f"diffusion_nft.decay_flat={flat}",
+        f"diffusion_nft.decay_rate={rate}",
+        f"diffusion_nft.decay_cap={cap}",
+    ]
+
+
+def build_reference_model(ref, model_dir: Path):
+    """The reference's model set-up (``main()`` lines ~393-428): float32 pipeline, PEFT LoRA ``"default"`` plus
+    ``"old"``, the two parameter lists, AdamW. Returns ``(pipeline, peft_transformer)``."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        part.requires_grad_(False)
+    pipe.transformer.requires_grad_(False)  # use_lora
+    lora = LoraConfig(target_modules=ref.lora_targets, **ref.lora_kwargs)
+    peft_model = get_peft_model(pipe.transformer, lora)
+    peft_model.add_adapter("old", lora)
+    peft_model.set_adapter("default")
+    return pipe, peft_model
+
+
+def reference_param_lists(peft_model):
+    peft_model.set_adapter("default")
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_model.set_adapter("old")
+    old = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_model.set_adapter("default")
+    return trained, old
+
+
+def reference_optimizer(cfg, params):
+    t = cfg.train
+    return torch.optim.AdamW(
+        params,
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+    )
+
+
+def reference_sample(ref, pipe, peft_model, embeds, pooled, noise, num_steps, integer_timesteps=False):
+    """Reference rollout with the old adapter: ``run_sampling(solver="flow", deterministic=True)`` (Euler at noise
+    level 0) from ``noise``, the velocity as in ``pipeline_with_logprob``'s ``v_pred_fn`` but at the float
+    timestep ``1000 * sigma``. Returns the clean latents and the decoded images as the pipeline decodes them."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+    retrieve_timesteps(pipe.scheduler, num_steps, noise.device)
+    sigmas = pipe.scheduler.sigmas.float()
+
+    def velocity(z, sigma):
+        if integer_timesteps:  # what pipeline_with_logprob passes: 1000 sigma rounded down
+            timesteps = torch.full([z.shape[0]], sigma * 1000, device=z.device, dtype=torch.long)
+        else:
+            timesteps = torch.full([z.shape[0]], float(sigma * 1000), device=z.device, dtype=torch.float32)
+        out = pipe.transformer(
+            hidden_states=z,
+            timestep=timesteps,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+        return out.to(embeds.dtype)
+
+    peft_model.set_adapter("old")
+    with torch.no_grad():
+        x0, _, _ = ref.run_sampling(velocity, noise, sigmas, "flow", True, 0.0)
+    peft_model.set_adapter("default")
+    return x0, reference_decode(pipe, x0)
+
+
+def reference_decode(pipe, latents):
+    with torch.no_grad():
+        z = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+def reference_advantages(ref, prompts, rewards, num_train_timesteps):
+    """``main()`` lines ~742-770: the rewards repeated per trained timestep, per-prompt means, global std."""
+    tracker = ref.PerPromptStatTracker(global_std=True)
+    table = rewards.float().unsqueeze(1).repeat(1, num_train_timesteps).numpy()
+    return torch.from_numpy(tracker.update(list(prompts), table))
+
+
+def adaptive_error(prediction, xt, t, x0):
+    """The reference's adaptive weighting: the x0-space squared error over its detached mean absolute error
+    (computed in float64, as the reference does, so the loss is float64)."""
+    dims = tuple(range(1, x0.ndim))
+    x0_hat = xt - t * prediction
+    with torch.no_grad():
+        w = torch.abs(x0_hat.double() - x0.double()).mean(dim=dims, keepdim=True).clip(min=0.00001)
+    return ((x0_hat - x0) ** 2 / w).mean(dim=dims)
+
+
+def reference_epoch(ref, cfg, peft_model, optimizer, trained, old, samples, draws, global_step, seen=None):
+    """One epoch of the reference training loop (``main()`` lines ~786-1044), in its order of operations, with
+    the random draws fed in: ``draws.perm`` (sample order), ``draws.perms_time`` (per shuffled sample, its order
+    of the levels) and ``draws.noise(b, j)`` (the noise of micro-batch ``b`` at level position ``j``). Returns the
+    new ``global_step``, the gradient norms and the decay used for the old policy."""
+    num_train_timesteps = int(cfg.sample.num_steps * cfg.train.timestep_fraction)
+    batch, _ = samples["timesteps"].shape
+    num_batches = cfg.sample.num_batches_per_epoch * cfg.sample.train_batch_size // cfg.train.batch_size
+    accumulate = cfg.train.gradient_accumulation_steps * num_train_timesteps
+    clip, beta = cfg.train.adv_clip_max, cfg.beta
+    peft_model.train()
+
+    shuffled = {k: v[draws.perm] for k, v in samples.items()}
+    rows = torch.arange(batch)[:, None]
+    for key in ("timesteps", "next_timesteps"):
+        shuffled[key] = shuffled[key][rows, draws.perms_time]
+    size = batch // num_batches
+    backwards, norms = 0, []
+
+    def predict(xt, timesteps, embeds, pooled):
+        return peft_model(
+            hidden_states=xt,
+            timestep=timesteps,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    for b in range(num_batches):
+        part = {k: v[b * size : (b + 1) * size] for k, v in shuffled.items()}
+        embeds, pooled = part["prompt_embeds"], part["pooled_prompt_embeds"]  # guidance 1: no negative half
+        x0 = part["latents_clean"]
+        dims = tuple(range(1, x0.ndim))
+        for j in range(num_train_timesteps):
+            timesteps = part["timesteps"][:, j]
+            t = (timesteps / 1000.0).view(-1, *([1] * (x0.ndim - 1)))
+            noise = draws.noise(b, j)
+            xt = (1 - t) * x0 + t * noise
+            if seen is not None:
+                seen.append((xt.detach().clone(), timesteps.clone()))
+
+            peft_model.set_adapter("old")
+            with torch.no_grad():
+                v_old = predict(xt, timesteps, embeds, pooled).detach()
+            peft_model.set_adapter("default")
+            v = predict(xt, timesteps, embeds, pooled)
+            with torch.no_grad():
+                with peft_model.disable_adapter():
+                    v_ref = predict(xt, timesteps, embeds, pooled)
+                peft_model.set_adapter("default")
+
+            adv = torch.clamp(part["advantages"][:, j], -clip, clip)
+            r = torch.clamp((adv / clip) / 2.0 + 0.5, 0, 1)
+            positive = beta * v + (1 - beta) * v_old.detach()
+            negative = (1.0 + beta) * v_old.detach() - beta * v
+
+            positive_loss = adaptive_error(positive, xt, t, x0)
+            negative_loss = adaptive_error(negative, xt, t, x0)
+            per_sample = r * positive_loss / beta + (1.0 - r) * negative_loss / beta
+            loss = (per_sample * clip).mean()
+            loss = loss + cfg.train.beta * torch.mean(((v - v_ref) ** 2).mean(dim=dims))
+            (loss / accumulate).backward()
+            backwards += 1
+            if backwards % accumulate == 0:
+                norms.append(
+                    float(torch.nn.utils.clip_grad_norm_(peft_model.parameters(), cfg.train.max_grad_norm))
+                )
+                optimizer.step()
+                optimizer.zero_grad()
+                global_step += 1
+
+    decay = ref.return_decay(global_step, cfg.decay_type)
+    with torch.no_grad():
+        for src, tgt in zip(trained, old, strict=True):
+            tgt.data.copy_(tgt.detach().data * decay + src.detach().clone().data * (1.0 - decay))
+    return global_step, norms, decay
+
+
+# ---------------------------------------------------------------------------------------------- diffrl
+
+
+def build_diffrl(out: Path, extra: list[str], reward):
+    from diffrl.train import build_trainer
+
+    overrides = [
+        f"output_dir={out}",
+        f"model.path={model_dir()}",
+        "model.max_sequence_length=128",
+        f"sample.height={SIZE}",
+        f"sample.width={SIZE}",
+        "sample.num_steps=10",
+        "sample.batch_size=8",
+        f"optim.train_batch_size={MICRO_BATCH}",
+        f"diffusion_nft.group_size={GROUP}",
+        f"diffusion_nft.prompts_per_step={PROMPTS_PER_STEP}",
+        "diffusion_nft.per_sample_levels=true",
+        "diffusion_nft.weighting=adaptive",
+        "data.eval_size=0",
+        "mixed_precision=no",
+        "ema_decay=0",
+        "max_steps=100000",
+        f"seed={SEED}",
+        *extra,
+    ]
+    return build_trainer(str(PRESET), overrides, reward=reward, train_prompts=PROMPTS, eval_prompts=[])
+
+
+def diffrl_options(cfg, num_minibatches: int) -> list[str]:
+    """diffrl's options for a reference configuration."""
+    t = cfg.train
+    return [
+        f"optim.lr={t.learning_rate}",
+        f"optim.beta1={t.adam_beta1}",
+        f"optim.beta2={t.adam_beta2}",
+        f"optim.weight_decay={t.adam_weight_decay}",
+        f"optim.eps={t.adam_epsilon}",
+        f"optim.max_grad_norm={t.max_grad_norm}",
+        f"diffusion_nft.beta={cfg.beta}",
+        f"diffusion_nft.kl_weight={t.beta}",
+        f"diffusion_nft.adv_clip={float(t.adv_clip_max)}",
+        f"diffusion_nft.num_train_levels={int(cfg.sample.num_steps * t.timestep_fraction)}",
+        f"diffusion_nft.num_minibatches={num_minibatches}",
+        *decay_options(cfg.decay_type),
+    ]
+
+
+def diffrl_draws(trainer, n: int, num_levels: int, k: int, latent_shape) -> types.SimpleNamespace:
+    """The random draws diffrl's ``train_step`` makes at ``trainer.step`` (recomputed with its own generators):
+    the sample order of the parts, each sample's level order, the noise of each (level position, sample)."""
+    c = trainer.cfg.diffusion_nft
+    order = torch.arange(n)
+    if c.num_minibatches > 1:
+        order = torch.randperm(n, generator=trainer.generator(5))
+    levels = np.stack(
+        [
+            np.random.default_rng([trainer.cfg.seed, trainer.step, 15485863, i]).permutation(num_levels)
+            for i in range(n)
+        ]
+    )
+    eps = torch.stack(
+        [torch.randn((k, *latent_shape), generator=g) for g in trainer.row_generators(4, range(n), 0)], dim=1
+    )
+    return types.SimpleNamespace(order=order, levels=torch.as_tensor(levels), eps=eps)
+
+
+def feed_reference(draws, micro_batch: int) -> types.SimpleNamespace:
+    """The reference's ``perm``, ``perms_time`` and ``randn_like`` results that reproduce diffrl's draws."""
+    perm = draws.order
+
+    def noise(b: int, j: int) -> torch.Tensor:
+        rows = perm[b * micro_batch : (b + 1) * micro_batch]
+        return draws.eps[j, rows]
+
+    return types.SimpleNamespace(perm=perm, perms_time=draws.levels[perm], noise=noise)
+
+
+# ---------------------------------------------------------------------------------------------- shared set-up
+
+
+def lora_pairs(trainer, peft_model):
+    """``[(name, diffrl tensor, reference tensor)]`` for both adapters; and the reference-only tensors."""
+    ref_named = dict(peft_model.named_parameters())
+    d_named = dict(trainer.model.transformer.named_parameters())
+    pairs, used = [], set()
+    for name in trainer.param_names:
+        for adapter in ("default", "old"):
+            d_name = name.replace(".default.", f".{adapter}.")
+            r_name = "base_model.model." + d_name
+            pairs.append((d_name, d_named[d_name], ref_named[r_name]))
+            used.add(r_name)
+    extra = [n for n in ref_named if "lora_" in n and n not in used]
+    return pairs, extra
+
+
+def initialise_lora(trainer, peft_model, seed: int = 1234) -> list[str]:
+    """The same random LoRA on both sides: A ~ N(0, 1/in), B ~ N(0, 0.05^2), the old adapter the trained one plus
+    N(0, 0.02^2) (the reference-only tensors of the last block's unused context query get values too)."""
+    pairs, extra = lora_pairs(trainer, peft_model)
+    ref_named = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        values = {}
+        for name in sorted(n.replace("base_model.model.", "") for n in ref_named if "lora_" in n):
+            if ".old." in name:
+                continue
+            g = torch.Generator().manual_seed(seed + sum(map(ord, name)) * 7919 + len(name))
+            shape = ref_named["base_model.model." + name].shape
+            scale = 1 / math.sqrt(shape[1]) if ".lora_A." in name else 0.05
+            values[name] = torch.randn(shape, generator=g) * scale
+            other = name.replace(".default.", ".old.")
+            values[other] = values[name] + 0.02 * torch.randn(shape, generator=g)
+        for name, value in values.items():
+            ref_named["base_model.model." + name].copy_(value)
+        for d_name, d_tensor, _ in pairs:
+            d_tensor.copy_(values[d_name])
+    return extra
+
+
+def compare(pairs) -> tuple[float, float, str]:
+    worst_abs, worst_rel, where = 0.0, 0.0, ""
+    for name, a, b in pairs:
+        diff = float((a.detach().double() - b.detach().double()).abs().max())
+        rel = diff / max(float(b.detach().double().abs().max()), 1e-30)
+        worst_abs = max(worst_abs, diff)
+        if rel >= worst_rel:
+            worst_rel, where = rel, name
+    return worst_abs, worst_rel, where
+
+
+def per_tensor_table(pairs) -> None:
+    """One line per trained LoRA tensor: its and its old copy's max abs and max rel difference."""
+    named = {n: (a, b) for n, a, b in pairs}
+    for name in [n for n in named if ".default." in n]:
+        cells = []
+        for adapter in ("default", "old"):
+            a, b = named[name.replace(".default.", f".{adapter}.")]
+            diff = float((a.detach().double() - b.detach().double()).abs().max())
+            cells.append(f"{adapter} {diff:.2e} / {diff / max(float(b.detach().abs().max()), 1e-30):.2e}")
+        short = name.replace("transformer_blocks.", "block ").replace(".default.weight", "")
+        print(f"      {short:<32} {'   '.join(cells)}")
+
+
+def report(
+    label: str,
+    trainer,
+    peft_model,
+    optimizer,
+    before,
+    extra_lines=(),
+    moment_tolerance=TOLERANCE,
+    per_tensor=False,
+) -> bool:
+    """Print and check the LoRA tensors of both adapters and the trained tensors' AdamW moments (which hold the
+    gradients: AdamW's first update is about ``lr * sign(g)``, whatever the gradient's scale)."""
+    pairs, _ = lora_pairs(trainer, peft_model)
+    rows = [(f"{a} adapter", [p for p in pairs if f".{a}." in p[0]]) for a in ("default", "old")]
+    trained = [p for p in pairs if ".default." in p[0]]
+    for moment in ("exp_avg", "exp_avg_sq"):
+        rows.append(
+            (
+                f"AdamW {moment}",
+                [(n, trainer.optimizer.state[d][moment], optimizer.state[r][moment]) for n, d, r in trained],
+            )
+        )
+    ok = True
+    print(f"  {label}")
+    for what, group in rows:
+        a, r, where = compare(group)
+        tolerance = moment_tolerance if what.startswith("AdamW") else TOLERANCE
+        good = r <= tolerance
+        ok &= good
+        print(
+            f"    {what:<17} ({len(group)} tensors): max abs {a:.2e}  max rel {r:.2e}  {'ok' if good else 'FAIL'} "
+            f"(tolerance {tolerance:.0e}; worst: block {where.split('transformer_blocks.')[-1]})"
+        )
+    moved = max(
+        float((d.detach() - before[n]).abs().max() / before[n].abs().max())
+        for n, d, _ in pairs
+        if ".default." in n
+    )
+    print(f"    the update moved the trained LoRA tensors by up to {moved:.2e} of their largest value")
+    if per_tensor:
+        print("    per tensor (max abs / max rel, after the update and the soft update):")
+        per_tensor_table(pairs)
+    for line in extra_lines:
+        print(f"    {line}")
+    return ok
+
+
+def prompt_rows(trainer) -> list[str]:
+    batch = trainer.step_batch(trainer.cfg.diffusion_nft.prompts_per_step)
+    prompts, _, _ = trainer.expand_groups(batch, trainer.cfg.diffusion_nft.group_size)
+    return prompts
+
+
+def reference_samples(ref, pipe, prompts, x0, advantages, num_steps):
+    """The per-sample tensors the reference keeps after sampling (``main()`` lines ~646-660)."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+    embeds, pooled = ref.compute_text_embeddings(
+        prompts,
+        [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+        [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+        max_sequence_length=128,
+        device=x0.device,
+    )
+    retrieve_timesteps(pipe.scheduler, num_steps, x0.device)
+    timesteps = pipe.scheduler.timesteps.repeat(len(prompts), 1)
+    return {
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "timesteps": timesteps,
+        "next_timesteps": torch.cat([timesteps[:, 1:], torch.zeros_like(timesteps[:, :1])], dim=1),
+        "latents_clean": x0,
+        "advantages": advantages,
+    }
+
+
+@contextlib.contextmanager
+def record_trained_inputs(trainer, seen: list):
+    """Record what diffrl's trained forward passes receive (the grad-enabled ``velocity`` calls)."""
+    model = trainer.model
+    original = model.velocity
+
+    def spy(x, sigma, cond, guidance_scale=1.0):
+        if torch.is_grad_enabled():
+            seen.append((x.detach().clone(), (torch.as_tensor(sigma).float() * 1000).detach().clone()))
+        return original(x, sigma, cond, guidance_scale)
+
+    model.velocity = spy
+    try:
+        yield
+    finally:
+        del model.velocity
+
+
+def inputs_gap(seen_ref, seen_diffrl) -> tuple[float, float]:
+    if len(seen_ref) != len(seen_diffrl):
+        return float("inf"), float("inf")
+    dx = max(float((a[0] - b[0]).abs().max()) for a, b in zip(seen_ref, seen_diffrl, strict=True))
+    dt = max(float((a[1] - b[1]).abs().max()) for a, b in zip(seen_ref, seen_diffrl, strict=True))
+    return dx, dt
+
+
+MODEL_DIR: Path | None = None
+
+
+def model_dir() -> Path:
+    return MODEL_DIR
+
+
+def stored_reward(images, prompts, **metadata):  # never called: sampling and scoring are replaced in check 1
+    raise AssertionError("check 1 uses stored rewards")
+
+
+def colour_reward(images, prompts, **metadata):
+    """A smooth per-image score with spread within each group (the tiny model's images are noise)."""
+    red_minus_blue = (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
+    return 10 * red_minus_blue + images.std(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+
+
+# (reference preset, step index, updates per step, KL weight or None for the preset's 1e-4)
+ONE_UPDATE_RUNS = [
+    ("pickscore", 199, 1, None),
+    ("pickscore", 199, 2, None),
+    ("ocr", 99, 1, None),
+    ("ocr", 99, 2, None),
+    ("pickscore", 199, 2, 0.1),  # the KL term large enough to show in the gradients
+]
+
+
+def stored_rollouts(x0, scored, given):
+    """Stands in for ``Trainer.sample_and_score``: the stored latents and rewards; records the prompts."""
+
+    def sample_and_score(count, sample_chunk, prompts, metadata):
+        given["prompts"] = list(prompts)
+        return x0.clone(), scored
+
+    return sample_and_score
+
+
+def spies(trainer, nft_module, captured):
+    """Wrappers of ``diffrl.trainers.diffusion_nft.rollout`` (records the initial noise, the clean latents and the
+    levels) and of ``trainer.sample_and_score`` (records the prompts and rewards); both return what they wrap."""
+    original_rollout, original_score = nft_module.rollout, trainer.sample_and_score
+
+    def rollout(model, cond, sigmas, latents, **kwargs):
+        out = original_rollout(model, cond, sigmas, latents, **kwargs)
+        captured.setdefault("noise", []).append(latents.detach().clone())
+        captured.setdefault("x0", []).append(out.final.detach().clone())
+        captured["sigmas"] = sigmas.detach().clone()
+        return out
+
+    def sample_and_score(count, sample_chunk, prompts, metadata):
+        x, scored = original_score(count, sample_chunk, prompts, metadata)
+        captured["prompts"], captured["rewards"] = list(prompts), scored.total.detach().clone()
+        return x, scored
+
+    return rollout, sample_and_score
+
+
+def check_one_update(ref, tmp: Path, per_tensor: bool = False) -> bool:
+    from diffrl.rewards import RewardOutput
+
+    print("1. one update on stored latents and rewards (reference loop vs diffrl train_step)")
+    ok = True
+    n = GROUP * PROMPTS_PER_STEP
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(n, 4, SIZE // 4, SIZE // 4, generator=g)
+    rewards = torch.randn(n, generator=g)
+    extra = []
+    for index, (name, step, num_minibatches, kl_weight) in enumerate(ONE_UPDATE_RUNS):
+        cfg = reference_config(ref, name, num_minibatches, n)
+        if kl_weight is not None:
+            cfg.train.beta = kl_weight
+        label = (
+            f"sd3_{name}: beta {cfg.beta}, KL {cfg.train.beta:g}, decay type {cfg.decay_type}, "
+            f"{num_minibatches} update{'s' if num_minibatches > 1 else ''}"
+        )
+        trainer = build_diffrl(tmp / f"one-{index}", diffrl_options(cfg, num_minibatches), stored_reward)
+        trainer.step = step  # as in a resumed run, so that the old policy's decay is not 0
+        pipe, peft_model = build_reference_model(ref, model_dir())
+        extra = initialise_lora(trainer, peft_model)
+        trained, old = reference_param_lists(peft_model)
+        optimizer = reference_optimizer(cfg, trained)
+        before = {n_: t.detach().clone() for n_, t, _ in lora_pairs(trainer, peft_model)[0]}
+
+        prompts = prompt_rows(trainer)
+        given = {}
+        trainer.sample_and_score = stored_rollouts(
+            x0, RewardOutput(total=rewards, components={"stored": rewards}), given
+        )
+        num_levels = cfg.sample.num_steps
+        k = int(num_levels * cfg.train.timestep_fraction)
+        draws = diffrl_draws(trainer, n, num_levels, k, x0.shape[1:])
+        seen_d, seen_r = [], []
+        with record_trained_inputs(trainer, seen_d):
+            metrics = trainer.train_step(trainer.step)
+        assert given["prompts"] == prompts
+
+        advantages = reference_advantages(ref, prompts, rewards, k)
+        samples = reference_samples(ref, pipe, prompts, x0.clone(), advantages, cfg.sample.num_steps)
+        global_step = step * num_minibatches
+        global_step, norms, decay = reference_epoch(
+            ref,
+            cfg,
+            peft_model,
+            optimizer,
+            trained,
+            old,
+            samples,
+            feed_reference(draws, MICRO_BATCH),
+            global_step,
+            seen_r,
+        )
+        dx, dt = inputs_gap(seen_r, seen_d)
+        lines = [
+            f"old-policy decay: reference return_decay({global_step}, {cfg.decay_type}) = {decay:.6g}, diffrl "
+            f"{metrics['train/old_decay']:.6g}; grad norm of the last update: reference {norms[-1]:.7g}, diffrl "
+            f"{metrics.get('train/grad_norm', float('nan')):.7g}",
+            f"trained forward passes: {len(seen_r)} reference, {len(seen_d)} diffrl; inputs max |xt_ref - x_s_diffrl| "
+            f"{dx:.1e}, max |timestep_ref - 1000 sigma_diffrl| {dt:.1e}",
+        ]
+        show = per_tensor or (name, num_minibatches, kl_weight) == ("ocr", 2, None)  # the OCR config's shape
+        good = report(label, trainer, peft_model, optimizer, before, lines, per_tensor=show)
+        good &= abs(decay - metrics["train/old_decay"]) < 1e-12 and dx < 1e-5 and dt < 1e-3
+        ok &= good
+        del trainer, pipe, peft_model
+    print(
+        f"  reference-only LoRA tensors (the last block's context query, whose output is unused): {len(extra)}"
+    )
+    return ok
+
+
+def check_consecutive_steps(ref, tmp: Path, steps: int, per_tensor: bool = False) -> bool:
+    print(
+        f"\n2. {steps} consecutive steps with sampling (beta 0.1, decay type 2 started at step 99, 2 updates/step)"
+    )
+    print(
+        "   diffrl: Euler ODE; reference: run_sampling(solver='flow', deterministic=True) = Euler, float timesteps"
+    )
+    n = GROUP * PROMPTS_PER_STEP
+    num_minibatches = 2
+    cfg = reference_config(ref, "ocr", num_minibatches, n)
+    trainer = build_diffrl(tmp / "steps", diffrl_options(cfg, num_minibatches), colour_reward)
+    trainer.step = 99
+    pipe, peft_model = build_reference_model(ref, model_dir())
+    initialise_lora(trainer, peft_model)
+    trained, old = reference_param_lists(peft_model)
+    optimizer = reference_optimizer(cfg, trained)
+    global_step = trainer.step * num_minibatches
+    k = int(cfg.sample.num_steps * cfg.train.timestep_fraction)
+
+    import diffrl.trainers.diffusion_nft as nft_module
+
+    ok = True
+    info_printed = False
+    for _ in range(steps):
+        captured = {}
+        original_rollout = nft_module.rollout
+        nft_module.rollout, trainer.sample_and_score = spies(trainer, nft_module, captured)
+        names = [n_ for n_, _, _ in lora_pairs(trainer, peft_model)[0]]
+        state_before = [t.detach().clone() for _, t, _ in lora_pairs(trainer, peft_model)[0]]
+        draws = diffrl_draws(trainer, n, cfg.sample.num_steps, k, (4, SIZE // 4, SIZE // 4))
+        try:
+            metrics = trainer.train_step(trainer.step)
+        finally:
+            nft_module.rollout = original_rollout
+            del trainer.sample_and_score
+        step = trainer.step
+        trainer.step += 1
+        before = {n_: t.detach().clone() for n_, t in zip(names, state_before, strict=True)}
+
+        prompts = captured["prompts"]
+        noise = torch.cat(captured["noise"])
+        x0_diffrl = torch.cat(captured["x0"])
+        embeds, pooled = ref.compute_text_embeddings(
+            prompts,
+            [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+            [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+            max_sequence_length=128,
+            device=noise.device,
+        )
+        if not info_printed:
+            info_printed = True
+            cond = trainer.model.encode(prompts)
+            print(
+                f"   text embeddings (reference compute_text_embeddings vs diffrl encode): max abs "
+                f"{float((cond.prompt_embeds - embeds).abs().max()):.2e} / pooled "
+                f"{float((cond.pooled - pooled).abs().max()):.2e}"
+            )
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+
+            retrieve_timesteps(pipe.scheduler, cfg.sample.num_steps, noise.device)
+            retrieved = pipe.scheduler.sigmas
+            print(
+                f"   levels: reference scheduler vs diffrl schedule max abs "
+                f"{float((captured['sigmas'] - retrieved.float()).abs().max()):.2e}"
+            )
+            print_solver_gaps(ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, cfg.sample.num_steps)
+        x0_ref, images = reference_sample(ref, pipe, peft_model, embeds, pooled, noise, cfg.sample.num_steps)
+        rewards_ref = colour_reward(images, prompts)
+        advantages = reference_advantages(ref, prompts, rewards_ref, k)
+        samples = reference_samples(ref, pipe, prompts, x0_ref, advantages, cfg.sample.num_steps)
+        global_step, norms, decay = reference_epoch(
+            ref,
+            cfg,
+            peft_model,
+            optimizer,
+            trained,
+            old,
+            samples,
+            feed_reference(draws, MICRO_BATCH),
+            global_step,
+        )
+        x_gap = float((x0_ref - x0_diffrl).abs().max()) / float(x0_diffrl.abs().max())
+        r_gap = float((rewards_ref - captured["rewards"]).abs().max())
+        lines = [
+            f"clean latents max rel {x_gap:.2e}, rewards max abs {r_gap:.2e}, decay reference {decay:.6g} "
+            f"diffrl {metrics['train/old_decay']:.6g}, grad norm reference {norms[-1]:.6g} diffrl "
+            f"{metrics.get('train/grad_norm', float('nan')):.6g}"
+        ]
+        good = report(
+            f"step {step}",
+            trainer,
+            peft_model,
+            optimizer,
+            before,
+            lines,
+            SAMPLED_MOMENT_TOLERANCE,
+            per_tensor,
+        )
+        good &= abs(decay - metrics["train/old_decay"]) < 1e-12
+        ok &= good
+    return ok
+
+
+def print_solver_gaps(ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, num_steps):
+    """For information: the reference's own pipeline (integer timesteps) with the Euler and the DPM2 solver."""
+    scale = float(x0_diffrl.abs().max())
+    finals = {}
+    for solver in ("flow", "dpm2"):
+        peft_model.set_adapter("old")
+        with torch.no_grad():
+            _, latents, _ = ref.pipeline_with_logprob(
+                pipe,
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                negative_prompt_embeds=embeds,
+                negative_pooled_prompt_embeds=pooled,
+                num_inference_steps=num_steps,
+                guidance_scale=1.0,
+                output_type="pt",
+                height=SIZE,
+                width=SIZE,
+                noise_level=0.7,
+                deterministic=True,
+                solver=solver,
+                model_type="sd3",
+                latents=noise.clone(),
+            )
+        peft_model.set_adapter("default")
+        finals[solver] = latents[-1].float()
+        gap = float((finals[solver] - x0_diffrl).abs().max()) / scale
+        print(
+            f"   (info) pipeline_with_logprob(solver={solver!r}) vs diffrl's Euler ODE: clean latents max rel {gap:.2e}"
+        )
+    x0_int, _ = reference_sample(
+        ref, pipe, peft_model, embeds, pooled, noise, num_steps, integer_timesteps=True
+    )
+    gap = float((finals["flow"] - x0_int).abs().max()) / scale
+    print(
+        f"   (info) pipeline_with_logprob(solver='flow') vs run_sampling with integer timesteps: max rel {gap:.2e} "
+        "(the Euler gap above is the pipeline's integer timesteps)"
+    )
+
+
+def check_bf16_old_adapter(tmp: Path) -> bool:
+    print("\n3. bf16 model: the old adapter's dtype and one soft update at decay 0.999")
+    trainer = build_diffrl(
+        tmp / "bf16",
+        [
+            "model.dtype=bfloat16",
+            "diffusion_nft.decay_flat=0",
+            "diffusion_nft.decay_rate=1.0",
+            "diffusion_nft.decay_cap=0.999",
+            "sample.num_steps=4",
+        ],
+        colour_reward,
+    )
+    dtypes = sorted({str(o.dtype) for o in trainer.old_params})
+    trained_dtypes = sorted({str(p.dtype) for p in trainer.params})
+    with torch.no_grad():  # make the old adapter differ from the trained one
+        for o in trainer.old_params:
+            o.add_(0.1 * torch.randn(o.shape, generator=torch.Generator().manual_seed(o.numel())).to(o.dtype))
+    before = [o.detach().double().clone() for o in trainer.old_params]
+    metrics = trainer.train_step(trainer.step)
+    d = metrics["train/old_decay"]
+    worst = 0.0
+    for o, b, p in zip(trainer.old_params, before, trainer.params, strict=True):
+        expected = (1 - d) * (p.detach().double() - b)
+        moved = o.detach().double() - b
+        worst = max(worst, float((moved - expected).abs().max() / expected.abs().max().clamp_min(1e-30)))
+    as_bf16 = 0.0  # for comparison: the same soft update on a bf16 copy of the old adapter (the bug)
+    for b, p in zip(before, trainer.params, strict=True):
+        o16 = b.to(torch.bfloat16)
+        start = o16.double()
+        o16.mul_(d).add_(p.detach().to(torch.bfloat16), alpha=1 - d)
+        expected = (1 - d) * (p.detach().double() - start)
+        as_bf16 = max(as_bf16, float((o16.double() - start - expected).abs().max() / expected.abs().max()))
+    ok = dtypes == ["torch.float32"] and worst < 1e-2
+    print(
+        f"  old adapter dtype {dtypes}, trained adapter dtype {trained_dtypes}, frozen weights "
+        f"{trainer.model.dtype}; decay {d}; soft update max |moved - (1-d)(new-old)| / max|(1-d)(new-old)| "
+        f"{worst:.3e}  {'ok' if ok else 'FAIL'} (tolerance 1e-2)"
+    )
+    print(f"    (info) the same soft update on a bfloat16 old adapter: {as_bf16:.3e}")
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", required=True, type=Path, help="a clone of NVlabs/DiffusionNFT")
+    parser.add_argument("--steps", type=int, default=3, help="consecutive steps of check 2")
+    parser.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="print every LoRA tensor's differences in every run (default: one run)",
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    ref = load_reference(args.reference)
+    import peft
+
+    commit = subprocess.run(
+        ["git", "-C", str(ref.root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"reference: {ref.root} (commit {commit or 'unknown'}); its LoRA {ref.lora_kwargs} on "
+        f"{len(ref.lora_targets)} module names; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"peft {peft.__version__}"
+    )
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="parity-nft-") as tmp:
+        tmp = Path(tmp)
+        global MODEL_DIR
+        from diffrl.models.tiny import build_tiny_sd3
+
+        # the tiny SD3 pipeline of diffrl.models.tiny with two blocks, so that one is not the last, "context
+        # pre-only" block (whose context query and output projection are unused or absent)
+        MODEL_DIR = build_tiny_sd3(tmp / "tiny-sd3-2-blocks", num_layers=2)
+        results["one update"] = check_one_update(ref, tmp, args.per_tensor)
+        results["consecutive steps"] = check_consecutive_steps(ref, tmp, args.steps, args.per_tensor)
+        results["bf16 old adapter"] = check_bf16_old_adapter(tmp)
+    print("\n" + "; ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in results.items()))
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
