@@ -220,9 +220,10 @@ def test_a_stale_config_reference_is_detected(gen, rendered, tmp_path, monkeypat
     assert gen.main(["--check"]) == 0
 
 
-def _train_commands() -> list[tuple[str, str, list[str]]]:
-    """``(page, config, overrides)`` of every training command in a shell block of the README and docs pages:
-    ``-m diffrl.train`` or ``diffrl train`` with a shipped YAML preset (continuation lines joined)."""
+def _train_commands() -> list[tuple[str, str, list[str], str]]:
+    """``(page, config, overrides, accelerate config)`` of every training command in a shell block of the README and
+    docs pages: ``-m diffrl.train`` or ``diffrl train`` with a shipped YAML preset (continuation lines joined), with
+    the ``--config_file`` of an ``accelerate launch`` ("" without one)."""
     import shlex
 
     found = []
@@ -231,20 +232,30 @@ def _train_commands() -> list[tuple[str, str, list[str]]]:
         for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line.split("#", 1)[0]) if line.strip() else []
+                launch = words[words.index("--config_file") + 1] if "--config_file" in words[:-1] else ""
                 for i, word in enumerate(words[:-1]):
                     if word in ("diffrl.train", "train") and words[i + 1].endswith(".yaml"):
                         config = words[i + 1]
                         overrides = [w for w in words[i + 2 :] if "=" in w and not w.startswith("-")]
                         if (ROOT / config).is_file() and "..." not in " ".join(overrides):
-                            found.append((page.name, config, overrides))
+                            found.append((page.name, config, overrides, launch))
     return found
 
 
 def test_training_commands_in_the_docs_pass_the_config_checks():
+    # the checks of the launch too: an FSDP or DeepSpeed accelerate config refuses what they cannot run
     commands = _train_commands()
     assert len(commands) >= 5  # the parser found the documented launches
-    for page, config, overrides in commands:
+    assert any("fsdp" in launch for *_, launch in commands) and any(
+        "deepspeed" in launch for *_, launch in commands
+    )
+    for page, config, overrides, launch in commands:
         try:
-            c.load_config(ROOT / config, overrides)
+            cfg = c.load_config(ROOT / config, overrides)
+            c.validate(
+                cfg,
+                sharded="fsdp" in launch or cfg.fsdp,
+                zero_stage=2 if "zero2" in launch else cfg.zero_stage,
+            )
         except c.ConfigError as err:
-            pytest.fail(f"{page}: {config} {' '.join(overrides)}: {err}")
+            pytest.fail(f"{page}: {config} {' '.join(overrides)} (launch {launch or 'none'}): {err}")
