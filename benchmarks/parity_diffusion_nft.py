@@ -66,20 +66,21 @@ adapter differs from the trained one). diffrl leaves the last block's context-qu
    of the trained tensors (they hold the gradients: AdamW's first update is about ``lr * sign(g)`` whatever
    the gradient's scale); one line per tensor for the OCR-shaped run (``--per-tensor``: every run);
 2. ``--steps`` (3) consecutive steps with ``sd3_ocr`` and 2 updates per step, sampling included from the same
-   initial noise: diffrl samples with its Euler ODE, the reference with its own ``run_sampling(solver="flow",
-   deterministic=True)``, the Euler step at noise level 0, with its transformer at float timesteps
-   ``1000 sigma``. Printed for information, not checked: the reference configs sample with ``solver="dpm2"``, which
-   diffrl does not have, and ``pipeline_with_logprob`` rounds the timestep down to an integer; the gaps of
-   both to diffrl's Euler ODE;
+   initial noise: diffrl samples with ``diffusion_nft.solver=dpm2``, the reference with its own
+   ``run_sampling(solver="dpm2", deterministic=True)`` (its configs' solver; ``--solver flow``: diffrl's Euler
+   against its Euler step at noise level 0), with its transformer at float timesteps ``1000 sigma``. Printed for
+   information, not checked: ``pipeline_with_logprob`` rounds the timestep down to an integer; its gap to diffrl's
+   rollout with both of its solvers, and how much of it the integer timesteps make;
 3. bf16: a diffrl trainer with ``model.dtype=bfloat16``: the dtype of its old adapter, and one soft update at
    decay 0.999 against ``(1 - d) (new - old)`` in float64 (for information, what the same update does to a
    bf16 copy).
 
 Tolerance: 1e-5 relative per tensor for the LoRA tensors everywhere and for the AdamW moments in check 1 (same
 computations, float32 rounding in another order; AdamW's first update turns that into a small part of a step
-for a near-zero gradient). Check 2's moments: 1e-4, because the reference encodes a batch of prompts together
-and diffrl one prompt at a time, so the pooled text embeddings differ in the last bits and, through the
-sampled images, the rewards and advantages by ~1e-5 relative. Check 3: 1e-2 (float32 rounding of an update of
+for a near-zero gradient). Check 2's moments: 1e-4: the first step's rollouts and rewards are bitwise equal (both
+sides encode each prompt on its own and solve with the same DPM-2 arithmetic), but from the second step on the two
+sides sample with weights that differ in the last bits, so the rollouts and rewards differ by ~5e-7 and the moments
+by ~1e-5 relative. Check 3: 1e-2 (float32 rounding of an update of
 1e-3 of the difference). The script exits with status 1 when a check fails.
 
 Usage: ``python benchmarks/parity_diffusion_nft.py --reference /path/to/DiffusionNFT_clone [--steps 3]
@@ -259,10 +260,13 @@ def reference_optimizer(cfg, params):
     )
 
 
-def reference_sample(ref, pipe, peft_model, embeds, pooled, noise, num_steps, integer_timesteps=False):
-    """Reference rollout with the old adapter: ``run_sampling(solver="flow", deterministic=True)`` (Euler at noise
-    level 0) from ``noise``, the velocity as in ``pipeline_with_logprob``'s ``v_pred_fn`` but at the float
-    timestep ``1000 * sigma``. Returns the clean latents and the decoded images as the pipeline decodes them."""
+def reference_sample(
+    ref, pipe, peft_model, embeds, pooled, noise, num_steps, solver="dpm2", integer_timesteps=False
+):
+    """Reference rollout with the old adapter: ``run_sampling(solver=solver, deterministic=True)`` (``"dpm2"``: its
+    second-order DPM-Solver, what its configs use; ``"flow"``: the Euler step at noise level 0) from ``noise``, the
+    velocity as in ``pipeline_with_logprob``'s ``v_pred_fn`` but at the float timestep ``1000 * sigma``. Returns the
+    clean latents and the decoded images as the pipeline decodes them."""
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
     retrieve_timesteps(pipe.scheduler, num_steps, noise.device)
@@ -284,7 +288,7 @@ def reference_sample(ref, pipe, peft_model, embeds, pooled, noise, num_steps, in
 
     peft_model.set_adapter("old")
     with torch.no_grad():
-        x0, _, _ = ref.run_sampling(velocity, noise, sigmas, "flow", True, 0.0)
+        x0, _, _ = ref.run_sampling(velocity, noise, sigmas, solver, True, 0.0)
     peft_model.set_adapter("default")
     return x0, reference_decode(pipe, x0)
 
@@ -587,17 +591,28 @@ def prompt_rows(trainer) -> list[str]:
     return prompts
 
 
+def reference_embeddings(ref, pipe, prompts, device):
+    """The reference's ``compute_text_embeddings`` (T5 length 128), called once per prompt and concatenated: diffrl
+    encodes each prompt on its own (so a prompt's encoding never depends on its batch), and a batched call differs
+    in the last bits (4.8e-7 in the pooled embedding here), which would reach the rewards and the gradients."""
+    parts = [
+        ref.compute_text_embeddings(
+            [p],
+            [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
+            [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+            max_sequence_length=128,
+            device=device,
+        )
+        for p in prompts
+    ]
+    return torch.cat([e for e, _ in parts]), torch.cat([p for _, p in parts])
+
+
 def reference_samples(ref, pipe, prompts, x0, advantages, num_steps):
     """The per-sample tensors the reference keeps after sampling (``main()`` lines ~646-660)."""
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
-    embeds, pooled = ref.compute_text_embeddings(
-        prompts,
-        [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
-        [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-        max_sequence_length=128,
-        device=x0.device,
-    )
+    embeds, pooled = reference_embeddings(ref, pipe, prompts, x0.device)
     retrieve_timesteps(pipe.scheduler, num_steps, x0.device)
     timesteps = pipe.scheduler.timesteps.repeat(len(prompts), 1)
     return {
@@ -769,17 +784,22 @@ def check_one_update(ref, tmp: Path, per_tensor: bool = False) -> bool:
     return ok
 
 
-def check_consecutive_steps(ref, tmp: Path, steps: int, per_tensor: bool = False) -> bool:
+def check_consecutive_steps(
+    ref, tmp: Path, steps: int, per_tensor: bool = False, solver: str = "dpm2"
+) -> bool:
+    ours = {"dpm2": "dpm2", "flow": "euler"}[solver]
     print(
         f"\n2. {steps} consecutive steps with sampling (beta 0.1, decay type 2 started at step 99, 2 updates/step)"
     )
     print(
-        "   diffrl: Euler ODE; reference: run_sampling(solver='flow', deterministic=True) = Euler, float timesteps"
+        f"   diffrl: diffusion_nft.solver={ours}; reference: run_sampling(solver={solver!r}, deterministic=True), "
+        "float timesteps"
     )
     n = GROUP * PROMPTS_PER_STEP
     num_minibatches = 2
     cfg = reference_config(ref, "ocr", num_minibatches, n)
-    trainer = build_diffrl(tmp / "steps", diffrl_options(cfg, num_minibatches), colour_reward)
+    options = [*diffrl_options(cfg, num_minibatches), f"diffusion_nft.solver={ours}"]
+    trainer = build_diffrl(tmp / "steps", options, colour_reward)
     trainer.step = 99
     pipe, peft_model = build_reference_model(ref, model_dir())
     initialise_lora(trainer, peft_model)
@@ -811,13 +831,7 @@ def check_consecutive_steps(ref, tmp: Path, steps: int, per_tensor: bool = False
         prompts = captured["prompts"]
         noise = torch.cat(captured["noise"])
         x0_diffrl = torch.cat(captured["x0"])
-        embeds, pooled = ref.compute_text_embeddings(
-            prompts,
-            [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
-            [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
-            max_sequence_length=128,
-            device=noise.device,
-        )
+        embeds, pooled = reference_embeddings(ref, pipe, prompts, noise.device)
         if not info_printed:
             info_printed = True
             cond = trainer.model.encode(prompts)
@@ -834,8 +848,12 @@ def check_consecutive_steps(ref, tmp: Path, steps: int, per_tensor: bool = False
                 f"   levels: reference scheduler vs diffrl schedule max abs "
                 f"{float((captured['sigmas'] - retrieved.float()).abs().max()):.2e}"
             )
-            print_solver_gaps(ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, cfg.sample.num_steps)
-        x0_ref, images = reference_sample(ref, pipe, peft_model, embeds, pooled, noise, cfg.sample.num_steps)
+            print_solver_gaps(
+                ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, cfg.sample.num_steps, solver
+            )
+        x0_ref, images = reference_sample(
+            ref, pipe, peft_model, embeds, pooled, noise, cfg.sample.num_steps, solver
+        )
         rewards_ref = colour_reward(images, prompts)
         advantages = reference_advantages(ref, prompts, rewards_ref, k)
         samples = reference_samples(ref, pipe, prompts, x0_ref, advantages, cfg.sample.num_steps)
@@ -872,11 +890,12 @@ def check_consecutive_steps(ref, tmp: Path, steps: int, per_tensor: bool = False
     return ok
 
 
-def print_solver_gaps(ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, num_steps):
-    """For information: the reference's own pipeline (integer timesteps) with the Euler and the DPM2 solver."""
+def print_solver_gaps(ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, num_steps, solver):
+    """For information: the reference's own pipeline (integer timesteps) with the Euler and the DPM2 solver against
+    diffrl's rollout, and the part of that gap that the pipeline's integer timesteps make."""
     scale = float(x0_diffrl.abs().max())
     finals = {}
-    for solver in ("flow", "dpm2"):
+    for name in ("flow", "dpm2"):
         peft_model.set_adapter("old")
         with torch.no_grad():
             _, latents, _ = ref.pipeline_with_logprob(
@@ -892,23 +911,24 @@ def print_solver_gaps(ref, pipe, peft_model, embeds, pooled, noise, x0_diffrl, n
                 width=SIZE,
                 noise_level=0.7,
                 deterministic=True,
-                solver=solver,
+                solver=name,
                 model_type="sd3",
                 latents=noise.clone(),
             )
         peft_model.set_adapter("default")
-        finals[solver] = latents[-1].float()
-        gap = float((finals[solver] - x0_diffrl).abs().max()) / scale
+        finals[name] = latents[-1].float()
+        gap = float((finals[name] - x0_diffrl).abs().max()) / scale
         print(
-            f"   (info) pipeline_with_logprob(solver={solver!r}) vs diffrl's Euler ODE: clean latents max rel {gap:.2e}"
+            f"   (info) pipeline_with_logprob(solver={name!r}) vs diffrl's rollout (solver {solver!r}): clean latents "
+            f"max rel {gap:.2e}"
         )
     x0_int, _ = reference_sample(
-        ref, pipe, peft_model, embeds, pooled, noise, num_steps, integer_timesteps=True
+        ref, pipe, peft_model, embeds, pooled, noise, num_steps, solver, integer_timesteps=True
     )
-    gap = float((finals["flow"] - x0_int).abs().max()) / scale
+    gap = float((finals[solver] - x0_int).abs().max()) / scale
     print(
-        f"   (info) pipeline_with_logprob(solver='flow') vs run_sampling with integer timesteps: max rel {gap:.2e} "
-        "(the Euler gap above is the pipeline's integer timesteps)"
+        f"   (info) pipeline_with_logprob(solver={solver!r}) vs run_sampling with integer timesteps: max rel {gap:.2e} "
+        "(the pipeline's gap to diffrl above is its integer timesteps)"
     )
 
 
@@ -960,6 +980,12 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", required=True, type=Path, help="a clone of NVlabs/DiffusionNFT")
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps of check 2")
     parser.add_argument(
+        "--solver",
+        choices=("dpm2", "flow"),
+        default="dpm2",
+        help="check 2's rollout solver: the reference configs' dpm2 (diffrl: diffusion_nft.solver=dpm2) or its Euler",
+    )
+    parser.add_argument(
         "--per-tensor",
         action="store_true",
         help="print every LoRA tensor's differences in every run (default: one run)",
@@ -994,7 +1020,9 @@ def main(argv=None) -> int:
         # pre-only" block (whose context query and output projection are unused or absent)
         MODEL_DIR = build_tiny_sd3(tmp / "tiny-sd3-2-blocks", num_layers=2)
         results["one update"] = check_one_update(ref, tmp, args.per_tensor)
-        results["consecutive steps"] = check_consecutive_steps(ref, tmp, args.steps, args.per_tensor)
+        results["consecutive steps"] = check_consecutive_steps(
+            ref, tmp, args.steps, args.per_tensor, args.solver
+        )
         results["bf16 old adapter"] = check_bf16_old_adapter(tmp)
     print("\n" + "; ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in results.items()))
     return 0 if all(results.values()) else 1

@@ -206,6 +206,9 @@ class DiffusionNFTConfig:
     num_train_levels: int = 0
     """Noise levels trained per sample per step, drawn at random from the rollout's levels without repeats; 0 uses all
     but one (a randomly chosen one is left out); values above the number of levels use them all."""
+    solver: str = "euler"
+    """Deterministic solver of the old policy's rollouts: euler or dpm2 (second-order multistep DPM-Solver++, the
+    reference code's); the training levels are the schedule's levels either way."""
     per_sample_levels: bool = False
     """Each sample draws its own random order of the levels (the reference code's); false shares one draw by the
     whole step."""
@@ -735,6 +738,7 @@ def validate(
             cfg.model.lora_rank != 0,
             "diffusion_nft needs a LoRA (model.lora_rank != 0): the old and base policies are adapters.",
         )
+        need(n.solver in ("euler", "dpm2"), f"diffusion_nft.solver={n.solver!r} must be euler or dpm2.")
         images = n.prompts_per_step // num_processes * n.group_size
         need(
             1 <= n.num_minibatches <= images,

@@ -27,7 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_CONFIG", "DEMO_OVERRIDES", "run_demo", "plot_curves", "before_after_grid", "read_metrics", "main"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEMO_OVERRIDES",
+    "run_demo",
+    "plot_curves",
+    "before_after_grid",
+    "read_metrics",
+    "main",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "toy" / "diffusion_nft.yaml"
@@ -179,7 +187,10 @@ def run_demo(
             f"demo config {config} does not exist; run from a clone of the repository or pass --config PATH."
         )
     cfg = load_config(str(config), [*DEMO_OVERRIDES, *(overrides or [])])
-    for key in ("train", "eval"):  # the presets name the prompt files from the repository root: run from anywhere
+    for key in (
+        "train",
+        "eval",
+    ):  # the presets name the prompt files from the repository root: run from anywhere
         value = getattr(cfg.data, key)
         if value and not value.startswith("hf:") and not Path(value).exists() and (REPO / value).exists():
             setattr(cfg.data, key, str(REPO / value))

@@ -860,7 +860,9 @@ def _run(args) -> int:
                 f"--reward-kwargs is not valid JSON ({err.msg}); pass e.g. '{{\"hpsv2\": {{}}}}'."
             ) from None
         reward = build_reward(args.reward, kwargs)
-        if os.environ.get("HF_HUB_OFFLINE") == "1":  # weights missing from the cache: say so before the model loads
+        if (
+            os.environ.get("HF_HUB_OFFLINE") == "1"
+        ):  # weights missing from the cache: say so before the model loads
             from .doctor import _reward_status
 
             for spec, _ in _parse_reward_specs(args.reward):

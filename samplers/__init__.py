@@ -1,6 +1,6 @@
 """diffrl.samplers: schedules, ODE/SDE/CPS steps with log-probabilities, and rollouts (pure functions, float32)."""
 
-from .rollout import SAMPLERS, RolloutOutput, VelocityModel, resolve_window, rollout
+from .rollout import SAMPLERS, SOLVERS, RolloutOutput, VelocityModel, resolve_window, rollout
 from .schedules import (
     calculate_shift,
     flow_match_sigmas,
@@ -8,15 +8,17 @@ from .schedules import (
     static_shift,
     time_shift,
 )
-from .steps import StepOutput, cps_step, gaussian_log_prob, ode_step, sde_std, sde_step
+from .steps import StepOutput, cps_step, dpm2_step, gaussian_log_prob, ode_step, sde_std, sde_step
 
 __all__ = [
     "SAMPLERS",
+    "SOLVERS",
     "RolloutOutput",
     "StepOutput",
     "VelocityModel",
     "calculate_shift",
     "cps_step",
+    "dpm2_step",
     "flow_match_sigmas",
     "gaussian_log_prob",
     "ode_step",

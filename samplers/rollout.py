@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .steps import StepOutput, cps_step, ode_step, sde_step
+from .steps import StepOutput, cps_step, dpm2_step, ode_step, sde_step
 
-__all__ = ["VelocityModel", "RolloutOutput", "rollout", "resolve_window", "SAMPLERS"]
+__all__ = ["VelocityModel", "RolloutOutput", "rollout", "resolve_window", "SAMPLERS", "SOLVERS"]
 
 SAMPLERS = ("ode", "sde", "cps")
+SOLVERS = ("euler", "dpm2")
 
 
 class VelocityModel(Protocol):
@@ -88,6 +89,7 @@ def rollout(
     *,
     guidance_scale: float = 1.0,
     sampler: str = "ode",
+    solver: str = "euler",
     noise_level: float = 0.7,
     sde_window="all",
     grad_window=None,
@@ -102,7 +104,10 @@ def rollout(
         sigmas: ``(T+1,)`` decreasing levels ending at 0 (``model.schedule(...)``).
         latents: ``(B, C, h, w)`` initial noise.
         guidance_scale: classifier-free guidance (SD3) or guidance embedding (FLUX.1-dev) scale.
-        sampler: ``"ode"`` (Euler everywhere), ``"sde"`` (Flow-GRPO ODE-to-SDE) or ``"cps"`` in the SDE window.
+        sampler: ``"ode"`` (deterministic everywhere), ``"sde"`` (Flow-GRPO ODE-to-SDE) or ``"cps"`` in the SDE window.
+        solver: the deterministic steps: ``"euler"`` or ``"dpm2"`` (second-order multistep DPM-Solver++, the
+            DiffusionNFT reference's: Euler for the first step and the step to 0, :func:`~diffrl.samplers.dpm2_step`
+            in between; only with ``sampler="ode"``).
         noise_level: the SDE/CPS noise scale ``a``.
         sde_window: which steps are stochastic when ``sampler != "ode"``: ``"all"``, ``None`` or ``(start, end)``.
         grad_window: which steps keep the autograd graph (``None``: none, ``"all"`` or ``(start, end)``,
@@ -117,6 +122,10 @@ def rollout(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not known; choose one of {SAMPLERS}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; choose one of {SOLVERS}.")
+    if solver != "euler" and sampler != "ode":
+        raise ValueError(f"solver={solver!r} is deterministic and multistep; use it with sampler='ode'.")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas has shape {tuple(sigmas.shape)}; pass the (T+1,) levels of a schedule.")
@@ -138,6 +147,7 @@ def rollout(
     stochastic = torch.zeros(num_steps, dtype=torch.bool)
     stochastic[sde_lo:sde_hi] = True
     step_fn = sde_step if sampler == "sde" else cps_step
+    x0_prev = None  # dpm2: the previous step's data prediction
 
     for k in range(num_steps):
         s, s_next = sigmas[k], sigmas[k + 1]
@@ -155,6 +165,13 @@ def rollout(
                     stochastic[k] = False
                 else:
                     log_probs[:, k] = out.log_prob if keeps_grad else out.log_prob.detach()
+            elif solver == "dpm2":
+                x0_hat = x.float() - s * v.float()
+                if 0 < k < num_steps - 1:
+                    out = dpm2_step(x, x0_hat, x0_prev, sigmas[k - 1], s, s_next)
+                else:  # the first-order step, in the data-prediction form the multistep solver uses
+                    out = dpm2_step(x, x0_hat, x0_hat, s, s, s_next)
+                x0_prev = x0_hat
             else:
                 out = ode_step(x, v, s, s_next)
         x = out.sample

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepOutput", "ode_step", "sde_step", "cps_step", "gaussian_log_prob", "sde_std"]
+__all__ = ["StepOutput", "ode_step", "dpm2_step", "sde_step", "cps_step", "gaussian_log_prob", "sde_std"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -105,6 +105,47 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> StepOutput:
     s, s_next = _level(sigma, xf, "sigma"), _level(sigma_next, xf, "sigma_next")
     mean = xf + (s_next - s) * vf
     std = torch.zeros_like(s.expand(xf.shape[:1] + s.shape[1:]))
+    return StepOutput(sample=mean, mean=mean, std=std, log_prob=None)
+
+
+def dpm2_step(
+    x: torch.Tensor, x0_hat: torch.Tensor, x0_hat_prev: torch.Tensor, sigma_prev, sigma, sigma_next
+) -> StepOutput:
+    """One second-order multistep DPM-Solver++ (2M) step for flow matching, deterministic.
+
+    With ``alpha = 1 - s`` and ``lambda(s) = log((1 - s) / s)``, the data predictions ``D0 = x0_hat`` (at ``s``) and
+    ``x0_hat_prev`` (at the previous level ``s_prev``), ``h = lambda(s_next) - lambda(s)``, ``r = (lambda(s) -
+    lambda(s_prev)) / h`` and ``D1 = (D0 - x0_hat_prev) / r``:
+
+        x_next = (s_next / s) x - (1 - s_next) (exp(-h) - 1) (D0 + D1 / 2).
+
+    The coefficients are computed in float64 from the levels (as diffusers' scheduler and the DiffusionNFT reference
+    do), the result in float32. ``s`` lies in (0, 1] and ``s_next`` in [0, s); ``s_prev = 1`` gives ``lambda = -inf``,
+    ``D1 = 0``: a first-order step. ``s_prev == s`` (no previous prediction) takes the first-order step in its DDIM
+    form, ``x_next = (1 - s_next) x0_hat + s_next eps_hat`` with ``eps_hat = (x - (1 - s) x0_hat) / s`` (the Euler step,
+    rounded as the reference's solver rounds it); at ``s_next = 0`` it returns ``x0_hat``. ``std`` is 0, ``log_prob``
+    None.
+    """
+    xf = x.float()
+    lv = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in (sigma_prev, sigma, sigma_next)]
+    sp, s0, st = lv
+    if float(st) == 0.0:
+        mean = x0_hat.float()
+    elif float(sp) == float(s0):  # first order (DDIM): x_next = (1 - s_next) x0_hat + s_next eps_hat
+        d0 = x0_hat.float()
+        eps_hat = (xf - (1 - s0).to(xf.device) * d0) / s0.to(xf.device)
+        mean = ((1 - st).to(xf.device) * d0 + st.to(xf.device) * eps_hat).float()
+    else:
+        lam = [torch.log(1 - v) - torch.log(v) for v in lv]
+        h = lam[2] - lam[1]
+        r = (lam[1] - lam[0]) / h
+        c_x = (st / s0).to(device=xf.device)
+        c_d = ((1 - st) * (torch.exp(-h) - 1.0)).to(device=xf.device)
+        d0 = x0_hat.float()
+        d1 = (1.0 / r).to(device=xf.device) * (d0 - x0_hat_prev.float())
+        mean = c_x * xf - c_d * d0 - 0.5 * c_d * d1
+        mean = mean.float()
+    std = torch.zeros((xf.shape[0],) + (1,) * (xf.ndim - 1), dtype=torch.float32, device=xf.device)
     return StepOutput(sample=mean, mean=mean, std=std, log_prob=None)
 
 

@@ -288,7 +288,14 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "ema_every=2",
         ),
     ),
-    ("diffusion_nft", ("diffusion_nft.per_sample_levels=true", "diffusion_nft.num_minibatches=2")),
+    (
+        "diffusion_nft",
+        (
+            "diffusion_nft.per_sample_levels=true",
+            "diffusion_nft.num_minibatches=2",
+            "diffusion_nft.solver=dpm2",
+        ),
+    ),
 ]
 VARIANT_IDS = [*ALGOS, "refl-denoise", "flow_grpo-reference-options", "diffusion_nft-reference-options"]
 

@@ -5,4 +5,13 @@ from .flux import FluxModel
 from .loading import ADAPTERS, detect_family, load_model, load_model_from_config
 from .sd3 import SD3Model
 
-__all__ = ["ADAPTERS", "Conditioning", "FlowModel", "FluxModel", "SD3Model", "detect_family", "load_model", "load_model_from_config"]
+__all__ = [
+    "ADAPTERS",
+    "Conditioning",
+    "FlowModel",
+    "FluxModel",
+    "SD3Model",
+    "detect_family",
+    "load_model",
+    "load_model_from_config",
+]

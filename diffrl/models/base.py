@@ -340,7 +340,10 @@ class FlowModel:
         return get_peft_model_state_dict(self.transformer, adapter_name=adapter_name)
 
     def save_lora(
-        self, save_directory: str | Path, adapter_name: str = "default", state: dict[str, torch.Tensor] | None = None
+        self,
+        save_directory: str | Path,
+        adapter_name: str = "default",
+        state: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Save the LoRA in the diffusers format (``pytorch_lora_weights.safetensors`` with the adapter config
         as metadata), so ``pipe.load_lora_weights(save_directory)`` loads it into a plain diffusers pipeline.

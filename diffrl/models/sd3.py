@@ -56,7 +56,11 @@ class CollapsedContextAttnProcessor:
         def split(x):
             return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k, v = (
+            split(attn.to_q(hidden_states)),
+            split(attn.to_k(hidden_states)),
+            split(attn.to_v(hidden_states)),
+        )
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:

@@ -1,7 +1,7 @@
 """DiffusionNFT: online RL on the forward process (Zheng et al., arXiv 2509.16117).
 
-Per step: sample G images per prompt from the *old* policy with a deterministic solver (Euler ODE here) and no
-CFG, keeping only the clean latents ``x0``; score them; turn rewards into optimality probabilities
+Per step: sample G images per prompt from the *old* policy with a deterministic solver (Euler or DPM-Solver++ 2M)
+and no CFG, keeping only the clean latents ``x0``; score them; turn rewards into optimality probabilities
 ``r = clamp(0.5 + clip(A, +-5) / 10, 0, 1)`` with ``A = (R - mean_prompt R) / (global std + 1e-4)``. Then, at
 training levels ``s`` drawn from the rollout's levels, with fresh noise ``x_s = (1 - s) x0 + s eps``:
 
@@ -23,8 +23,10 @@ The reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py), and where di
   ``d`` counts optimiser updates made so far, this step's included, as the reference's global step does.
 * ``per_sample_levels``: the reference draws a level order per sample; diffrl's default shares one draw by the step
   (unchanged from earlier versions, so their runs resume and reproduce).
-* Rollouts use the Euler ODE (the reference uses a 2nd-order DPM-Solver); any deterministic solver is allowed by
-  the method.
+* ``solver``: the rollouts' deterministic solver, the Euler ODE by default (unchanged from earlier versions) or the
+  reference's second-order multistep DPM-Solver++ (``dpm2``); any deterministic solver is allowed by the method.
+  The reference's sampling pipeline passes the timestep to the transformer as an integer (``sigma * 1000`` floored),
+  diffrl as the exact float, as both do when training.
 * The training levels are ``num_train_levels`` of the rollout's non-zero levels in random order (default: all
   but one, the reference's ``int(0.99 T)``).
 """
@@ -114,7 +116,9 @@ class DiffusionNFTTrainer(Trainer):
                 noise = model.sample_noise(
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
                 )
-                return rollout(model, cond_all.select(rows), sigmas, noise, guidance_scale=guidance).final
+                return rollout(
+                    model, cond_all.select(rows), sigmas, noise, guidance_scale=guidance, solver=c.solver
+                ).final
 
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         rewards = scored.total.float().to(self.device)

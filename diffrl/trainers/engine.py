@@ -164,7 +164,9 @@ class Trainer:
         elif cfg.zero_stage and acc.num_processes > 1:
             self._ds_config = {"zero_optimization": {"stage": cfg.zero_stage}}
         elif cfg.zero_stage:
-            acc.print(f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed")
+            acc.print(
+                f"[diffrl] zero_stage={cfg.zero_stage} with one process: nothing to partition, training without DeepSpeed"
+            )
         self.zero_stage = 0 if self._ds_config is None else zero.check_deepspeed_config(self._ds_config, cfg)
         self.ds_engine = None  # the DeepSpeed engine, made once the optimiser exists
         if kind == "FSDP":
@@ -175,7 +177,11 @@ class Trainer:
                     "(see configs/accelerate/fsdp.yaml)."
                 )
         validate(
-            cfg, acc.num_processes, given=given, sharded=cfg.fsdp or kind == "FSDP", zero_stage=self.zero_stage
+            cfg,
+            acc.num_processes,
+            given=given,
+            sharded=cfg.fsdp or kind == "FSDP",
+            zero_stage=self.zero_stage,
         )
         if self.zero_stage:
             zero.require_deepspeed()  # after the config checks, before any model is loaded
@@ -264,7 +270,9 @@ class Trainer:
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         transformer = self.model.transformer
-        self._transformer_cls = type(transformer)  # fully_shard swaps in a subclass; the final save rebuilds this one
+        self._transformer_cls = type(
+            transformer
+        )  # fully_shard swaps in a subclass; the final save rebuilds this one
         blocks = [
             block
             for name in ("transformer_blocks", "single_transformer_blocks")
@@ -281,7 +289,9 @@ class Trainer:
         self.params = [p for p in self.model.trainable_parameters()]
         names = [n for n, p in transformer.named_parameters() if p.requires_grad]
         if names != self.param_names:
-            raise RuntimeError("fully_shard changed the trained parameters' names; this torch version is not supported.")
+            raise RuntimeError(
+                "fully_shard changed the trained parameters' names; this torch version is not supported."
+            )
         self.after_sharding()
 
     def _check_output_dir(self) -> None:
@@ -482,7 +492,9 @@ class Trainer:
     def autocast(self):
         if self.cfg.mixed_precision == "no":
             return contextlib.nullcontext()
-        if self.ds_engine is not None:  # accelerate leaves precision to DeepSpeed's config; the engine autocasts
+        if (
+            self.ds_engine is not None
+        ):  # accelerate leaves precision to DeepSpeed's config; the engine autocasts
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
@@ -789,7 +801,9 @@ class Trainer:
         n = len(prompts)
         mine = list(range(self.rank, n * per, self.world))
         real = len(mine)
-        if self.sharded:  # FSDP gathers weights in every forward: the shorter shares run a repeated row, dropped
+        if (
+            self.sharded
+        ):  # FSDP gathers weights in every forward: the shorter shares run a repeated row, dropped
             mine += [mine[-1] if mine else 0] * (-(-n * per // self.world) - real)
         if not mine:
             return self._eval_means({})  # still takes part in the reduction the other processes wait for
@@ -826,7 +840,9 @@ class Trainer:
             if not real:
                 return self._eval_means({})
             images, local = images[:real], prompts.take([row % n for row in mine[:real]])
-        freeze = getattr(self.eval_reward, "frozen_statistics", None)  # evaluation must not move running stats
+        freeze = getattr(
+            self.eval_reward, "frozen_statistics", None
+        )  # evaluation must not move running stats
         with freeze() if freeze is not None else contextlib.nullcontext():
             result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
         comps = dict(result.components)
@@ -920,7 +936,9 @@ class Trainer:
 
     def _load_optimizer_state(self, saved: dict) -> None:
         if self.ds_engine is not None:
-            zero.set_master_weights(self.params)  # the weights were just assigned: DeepSpeed's float32 copy too
+            zero.set_master_weights(
+                self.params
+            )  # the weights were just assigned: DeepSpeed's float32 copy too
             zero.scatter_optimizer_state(self.ds_engine, self.params, saved)
             return
         if not self.sharded:
@@ -1089,7 +1107,9 @@ class Trainer:
         """The trained LoRA in the diffusers format (``output_dir/lora``), or the full pipeline."""
         path = self._save_final()
         if path is not None:
-            self.accelerator.print(f"[diffrl] final {'LoRA' if self.model.has_lora else 'pipeline'} written to {path}")
+            self.accelerator.print(
+                f"[diffrl] final {'LoRA' if self.model.has_lora else 'pipeline'} written to {path}"
+            )
         return path
 
     def _save_final(self) -> Path | None:
