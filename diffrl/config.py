@@ -166,7 +166,9 @@ class FlowGRPOConfig:
     """Passes over each batch of rollouts."""
     num_minibatches: int = 1
     """Optimiser updates per inner epoch: the shuffled samples are split into this many equal parts, one update after
-    each, so every update after the first is off-policy and the PPO clip acts (the reference's SD3.5 configs: 2)."""
+    each, so every update after the first is off-policy and the PPO clip acts (the reference's SD3.5 configs: 2).
+    Each process shuffles and splits its own samples, as the reference does, so with more than one part the updates
+    depend on the number of processes."""
     kl_scale: str = "reference"
     """Units of the KL term: reference (||mu - mu_ref||^2 / (2 sigma_t^2), the reference code's, in which the papers'
     kl_beta values are given) or exact (the Gaussian KL of the step, divided by 2 sigma_t^2 |dt|: larger by 1/|dt|,
@@ -214,7 +216,8 @@ class DiffusionNFTConfig:
     whole step."""
     num_minibatches: int = 1
     """Optimiser updates per step: the samples are split into this many equal parts, one update after each (the
-    reference's gradient_step_per_epoch; its OCR config uses 2). The old-policy decay counts optimiser updates."""
+    reference's gradient_step_per_epoch; its OCR config uses 2). The old-policy decay counts optimiser updates. Each
+    process shuffles and splits its own samples, as the reference does."""
 
 
 @dataclass

@@ -58,6 +58,21 @@ EXTRA = {
         "reward_normalize=batch",
         "eval_reward={brightness: 0.0, saturation: 0.0}",
     ],
+    # the reference options that keep the update independent of the process count: dropped zero-advantage samples
+    # (each process drops its own), old log-probs recomputed in the training shapes, the EMA warm-up; DiffusionNFT's
+    # per-sample levels and DPM-2 rollouts (both keyed by global rows)
+    "flow_grpo-reference": [
+        f"reward={{{GATED}: 1.0}}",
+        "flow_grpo.drop_zero_advantage=true",
+        "flow_grpo.old_logp=recompute",
+        "ema_decay=0.9",
+        "ema_warmup=true",
+    ],
+    "diffusion_nft-reference": [
+        f"reward={{{GATED}: 1.0}}",
+        "diffusion_nft.per_sample_levels=true",
+        "diffusion_nft.solver=dpm2",
+    ],
     # Flow-GRPO with a batch-normalised sum: each process scores its share, the parts are gathered and every share
     # is z-scored with the statistics of the whole batch
     "flow_grpo-batch": [

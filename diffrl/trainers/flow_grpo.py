@@ -215,11 +215,8 @@ class FlowGRPOTrainer(Trainer):
                     fresh[mb, k] = out.log_prob
         cols = list(train_steps)
         diff = (fresh[:, cols] - old_logp[:, cols]).abs()
-        local = float(diff.max()) if diff.numel() else 0.0
-        if self.world > 1:
-            t = torch.tensor([local], device=self.device)
-            local = float(self.accelerator.reduce(t, reduction="max").item())
-        return fresh, local
+        local = torch.tensor([float(diff.max()) if diff.numel() else 0.0], device=self.device)
+        return fresh, float(self.gather(local).max())
 
     def _accumulate_part(
         self, part, per_process, latents, old_logp, adv, cond_all, sigmas, train_steps, stats
