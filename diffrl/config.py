@@ -276,7 +276,8 @@ class TrainConfig:
     ema_every: int = 1
     """Update the EMA every this many optimiser updates (Flow-GRPO's reference: 8)."""
     max_bad_steps: int = 5
-    """Consecutive steps with a non-finite reward or loss before the run stops with a checkpoint."""
+    """Consecutive steps with a non-finite reward, loss or gradient before the run stops: it writes a checkpoint,
+    marks status.json aborted, writes no final LoRA and exits with code 1 (train() raises TrainingAborted)."""
     fsdp: bool = False
     """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
     accelerate config with distributed_type FSDP turns it on whatever this says. LoRA or full fine-tuning; refuses fp16,

@@ -262,6 +262,8 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .trainers.engine import TrainingAborted
+
     parser = argparse.ArgumentParser(
         prog="diffrl demo",
         description="Fine-tune the toy-world model on a CPU (a few minutes) and draw before/after pictures.",
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"diffrl demo: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:
+        print(f"diffrl demo: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

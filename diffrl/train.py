@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 max_steps=20"
     )
     args = parser.parse_args(argv)
+    from .trainers.engine import TrainingAborted
+
     try:
         trainer = build_trainer(args.config, args.overrides)
     except (
@@ -58,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingAborted as err:
+        print(f"error: {err}", file=sys.stderr)
+        trainer.accelerator.end_training()
+        return 1
     # destroy the process group before the interpreter exits: gloo's worker threads torn down at exit can abort a
     # process that finished ("terminate called without an active exception", seen once in the 2-process CPU tests)
     trainer.accelerator.end_training()

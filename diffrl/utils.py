@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_dtype", "DTYPES", "apply_umask"]
+__all__ = ["resolve_dtype", "DTYPES", "apply_umask", "canonical_safetensors_header"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -37,3 +37,23 @@ def apply_umask(path: str | Path) -> None:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
         os.chmod(f, 0o666 & ~mask)
+
+
+def canonical_safetensors_header(path: str | Path) -> None:
+    """Rewrite a ``.safetensors`` file's JSON header with its keys sorted, in place, so the same tensors and metadata
+    always give the same bytes (safetensors writes its ``__metadata__`` entries in a hash-map order that changes from
+    process to process). The header keeps its length (padded with spaces, which the format allows), so the tensor
+    data are not touched; a header that would grow is left as it is."""
+    import json
+    import struct
+
+    path = Path(path)
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+

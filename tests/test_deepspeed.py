@@ -204,12 +204,12 @@ def ds_run(shared_cache, tmp_path_factory):
     """A 2-process ZeRO run, launched once per module and key: its output directory."""
     runs: dict[tuple, Path] = {}
 
-    def run(algo: str, stage: int, extra: tuple[str, ...] = ()) -> Path:
+    def run(algo: str, stage: int, extra: tuple[str, ...] = (), returncode: int = 0) -> Path:
         key = (algo, stage, extra)
         if key not in runs:
             out = tmp_path_factory.mktemp(f"zero{stage}-{algo}") / "two"
             proc = _launch_two_processes(algo, out, shared_cache, _ds_overrides(out, algo, stage, *extra))
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-5000:]
             derived = json.loads((out / "config.json").read_text())["derived"]
             assert derived["num_processes"] == 2 and derived["deepspeed_zero_stage"] == stage, derived
             runs[key] = out
@@ -356,6 +356,7 @@ def test_zero2_nonfinite_gradients_skip_the_update(tmp_path, ds_run):
         "refl",
         2,
         ("reward={tests.launch_rewards:nan_grad_reward: 1.0}", "max_bad_steps=2", "data.eval_size=0"),
+        returncode=1,  # stopped by max_bad_steps: a non-zero exit
     )
     rows = [r for r in _metrics(out) if "train/bad_steps_in_a_row" in r]
     assert [r.get("train/nonfinite_grad") for r in rows] == [1.0, 1.0]

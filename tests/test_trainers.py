@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from diffrl.config import ConfigError, TrainConfig, field_docs, load_config
 from diffrl.train import build_trainer
+from diffrl.trainers.engine import TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ["flow_grpo", "diffusion_nft", "refl"]
@@ -374,13 +375,18 @@ def test_nonfinite_rewards_skip_updates_and_stop_cleanly(tmp_path):
         reward=flaky,
     )
     before = [p.detach().clone() for p in trainer.params]
-    trainer.train()
+    with pytest.raises(TrainingAborted, match=r"3 steps in a row had a non-finite .* stopped at step 5 of 10"):
+        trainer.train()
     rows = _metrics(tmp_path)
     skipped = [r["train/skipped"] for r in rows if "train/skipped" in r]
     assert skipped[:2] == [1.0, 0.0]  # the first step is skipped, the second trains
     assert trainer.step == 5  # steps 3, 4 and 5 are bad in a row: the run stops after the third
     assert (tmp_path / "checkpoint-000005").is_dir()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+    # the output says it is not a finished run: no final LoRA, status.json aborted with the reason
+    assert not (tmp_path / "lora").exists()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "aborted" and status["step"] == 5 and "max_bad_steps=3" in status["reason"]
 
 
 def test_python_api_with_a_plain_function_reward(tmp_path):
@@ -489,7 +495,8 @@ def test_nonfinite_gradients_count_as_bad_steps(tmp_path):
         reward=as_reward(nan_grad, differentiable=True),
     )
     before = [p.detach().clone() for p in trainer.params]
-    trainer.train()
+    with pytest.raises(TrainingAborted):
+        trainer.train()
     rows = [r for r in _metrics(tmp_path) if "train/bad_steps_in_a_row" in r]
     assert [r.get("train/nonfinite_grad") for r in rows] == [1.0, 1.0]
     assert trainer.step == 2  # stopped after two bad steps in a row, nothing updated

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..utils import apply_umask
+from ..utils import apply_umask, canonical_safetensors_header
 
 __all__ = ["Conditioning", "FlowModel"]
 
@@ -352,11 +352,16 @@ class FlowModel:
         state = state if state is not None else self.lora_state_dict(adapter_name)
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         metadata = self.transformer.peft_config[adapter_name].to_dict()
+        # PEFT keeps target_modules (and exclude_modules) as sets, whose order changes with the hash seed: sorted,
+        # the same run writes the same bytes
+        metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
         type(self.pipe).save_lora_weights(
             save_directory,
             transformer_lora_layers=state,
             transformer_lora_adapter_metadata=metadata,
         )
+        for path in save_directory.glob("*.safetensors"):
+            canonical_safetensors_header(path)
         apply_umask(save_directory)  # safetensors writes owner-only files
         return save_directory
 

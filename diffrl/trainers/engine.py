@@ -49,12 +49,18 @@ import torch
 from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resume_mismatch, validate
 from ..data import PromptSet, train_eval_prompts
 from ..utils import apply_umask
+from . import checkpoints as ckpt_files
 from . import zero
 
-__all__ = ["Trainer", "StepBatch", "seeded_generator"]
+__all__ = ["Trainer", "StepBatch", "seeded_generator", "TrainingAborted"]
 
-CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_PREFIX = ckpt_files.CHECKPOINT_PREFIX
 _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped before ``max_steps`` (``max_bad_steps`` non-finite steps in a row); its last checkpoint is
+    written and ``status.json`` says ``aborted``, but no final LoRA or pipeline is."""
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -189,6 +195,7 @@ class Trainer:
         if cfg.fsdp and not self.sharded:
             acc.print("[diffrl] fsdp=true with one process: nothing to shard, training unsharded")
         self.output_dir = Path(cfg.output_dir)
+        self._found: dict[str, Path | None] = {}  # resume_from_checkpoint -> the verified checkpoint it names
         self._check_output_dir()
         if cfg.resume_from_checkpoint:  # before anything is loaded: a mismatching config fails at once
             resume_path = self._find_checkpoint(cfg.resume_from_checkpoint)
@@ -220,6 +227,7 @@ class Trainer:
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
         self.step = 0
         self.bad_steps = 0
+        self._saved_step = -1  # the step of the last checkpoint written or loaded (not written again)
         self._state_size_logged = False  # memory/optimizer_state_mib: logged once, after the first update
         if self.sharded:
             # every adapter exists before sharding, and the optimiser, scheduler and EMA hold the sharded parameters
@@ -732,18 +740,60 @@ class Trainer:
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if self.bad_steps >= cfg.max_bad_steps:
-                self.accelerator.print(
-                    f"stopping: {self.bad_steps} steps in a row had a non-finite reward or loss"
-                )
                 stopped = True
                 break
         bar.close()
         self.save_checkpoint()
-        if not stopped and len(self.eval_set) and not (cfg.eval_every and self.step % cfg.eval_every == 0):
+        if stopped:
+            reason = (
+                f"{self.bad_steps} steps in a row had a non-finite reward, loss or gradient (max_bad_steps="
+                f"{cfg.max_bad_steps}); stopped at step {self.step} of {cfg.max_steps}"
+            )
+            self._write_status("aborted", reason)
+            self.logger.close()
+            raise TrainingAborted(
+                f"{reason}. The last checkpoint is {self.output_dir / f'{CHECKPOINT_PREFIX}{self.step:06d}'} and no "
+                "final LoRA was written; see docs/troubleshooting.md#nans-and-skipped-steps."
+            )
+        # the final evaluation, unless this step's is logged already (every eval_every steps, or by the run this one
+        # resumed when it had finished)
+        if len(self.eval_set) and not self._eval_logged_at(self.step):
             self.logger.log(self.step, self.evaluate())
         self.save_final()
+        self._write_status("finished")
         self.logger.close()
         return metrics
+
+    def _eval_logged_at(self, step: int) -> bool:
+        """Whether metrics.jsonl holds an evaluation row for ``step`` (read by the main process, agreed by all)."""
+        found = False
+        path = self.logger.path
+        if self.accelerator.is_main_process and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (
+                    isinstance(row, dict)
+                    and row.get("step") == step
+                    and any(str(k).startswith("eval/") for k in row)
+                ):
+                    found = True
+                    break
+        return self.any_over_processes(found)
+
+    def _write_status(self, status: str, reason: str = "") -> None:
+        """``status.json`` in the run directory (main process, atomic): ``running``, ``finished`` or ``aborted``, with
+        the step and the reason, so a stopped run cannot pass for a finished one."""
+        if not self.accelerator.is_main_process:
+            return
+        info = {"status": status, "step": self.step, "max_steps": self.cfg.max_steps}
+        if reason:
+            info["reason"] = reason
+        tmp = self.output_dir / f".status.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, self.output_dir / "status.json")
 
     def _drop_replayed_metrics(self, last_kept: int) -> None:
         """Rewrite metrics.jsonl without its rows after step ``last_kept`` (and any line a kill cut short): a run
@@ -775,6 +825,7 @@ class Trainer:
         info = {**self.derived_sizes(), "fsdp": self.sharded, "deepspeed_zero_stage": self.zero_stage}
         resolved = {"config": config_to_dict(self.cfg), "derived": info}
         (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        self._write_status("running")
         import yaml
 
         print(
@@ -959,11 +1010,17 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint-<step>`` atomically (temporary directory, then rename) and keep the last N."""
+        """Write ``checkpoint-<step>``: every file into a hidden temporary directory, ``checksums.json`` last (the
+        completion marker), then a rename into place (see :mod:`diffrl.trainers.checkpoints`); then keep the newest
+        ``checkpoints_total_limit``. A step already saved (the end of a run whose last step was a checkpointing step,
+        or a resumed finished run) is not written again."""
         self.accelerator.wait_for_everyone()
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self._saved_step == self.step:
+            return final
         collective = self.sharded or self.ds_engine is not None
         state = self._checkpoint_state() if collective else None  # gathering: every process takes part
+        self._saved_step = self.step
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return final
@@ -998,14 +1055,10 @@ class Trainer:
                 indent=2,
             )
         )
+        ckpt_files.write_checksums(tmp)
         apply_umask(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpts = sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-        limit = self.cfg.checkpoints_total_limit
-        for old in ckpts[: max(0, len(ckpts) - limit)] if limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        ckpt_files.swap_into_place(tmp, final)
+        ckpt_files.prune(self.output_dir, self.cfg.checkpoints_total_limit, known_good=final)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -1017,16 +1070,36 @@ class Trainer:
         return state
 
     def _find_checkpoint(self, which: str) -> Path | None:
-        """The checkpoint ``resume_from_checkpoint`` names: the newest in ``output_dir`` for ``latest`` (``None``
-        if there is none), else the given directory."""
+        """The checkpoint ``resume_from_checkpoint`` names, verified against its checksums: for ``latest`` the newest
+        complete one in ``output_dir`` that verifies (``None`` if there is none; each newer one skipped is reported
+        in one line), else the given directory, which must verify."""
+        if which in self._found:
+            return self._found[which]
         if which == "latest":
-            ckpts = sorted(self.output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-            return ckpts[-1] if ckpts else None
-        path = Path(which)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(
-                f"resume_from_checkpoint={which} is not a checkpoint directory; pass latest or a checkpoint-N path."
-            )
+            path, skipped = ckpt_files.find_latest(self.output_dir)
+            for bad, reason in skipped:
+                self.accelerator.print(
+                    f"[diffrl] warning: skipping {bad.name}: {reason}; "
+                    + (f"resuming from {path.name}" if path is not None else "no older checkpoint verifies")
+                )
+            if path is None and skipped:
+                raise ValueError(
+                    f"no checkpoint in {self.output_dir} verifies (the newest, {skipped[0][0].name}: {skipped[0][1]}); "
+                    "start a new output_dir, or set resume_from_checkpoint to a good copy."
+                )
+        else:
+            path = Path(which)
+            if not (path / "state.json").is_file():
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint={which} is not a checkpoint directory; pass latest or a checkpoint-N path."
+                )
+            reason = ckpt_files.verify(path)
+            if reason is not None:
+                raise ValueError(
+                    f"checkpoint {which} is damaged ({reason}); resume from another one (resume_from_checkpoint=latest "
+                    "takes the newest that verifies)."
+                )
+        self._found[which] = path
         return path
 
     def load_checkpoint(self, which: str) -> None:
@@ -1038,7 +1111,25 @@ class Trainer:
         if path is None:
             self.accelerator.print(f"[diffrl] no checkpoint in {self.output_dir}; starting fresh")
             return
-        weights = load_file(str(path / "trainable.safetensors"))
+        # every file is read before anything is changed: a checkpoint that cannot be read leaves the trainer as it was
+        where = (
+            "cpu" if self.device.type == "cpu" else self.device
+        )  # torch.load knows "cpu", not gloo's "cpu:0"
+        try:
+            weights = load_file(str(path / "trainable.safetensors"))
+            ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+            extra = (
+                load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").is_file() else None
+            )
+            state = torch.load(path / "optim.pt", map_location=where, weights_only=False)
+            info = json.loads((path / "state.json").read_text())
+            step = int(info["step"])
+        except Exception as err:  # noqa: BLE001 - any unreadable file: one line naming the checkpoint
+            first = (str(err).splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"checkpoint {path} cannot be read ({err.__class__.__name__}: {first}); resume from another one "
+                "(resume_from_checkpoint=latest skips checkpoints that fail their checksums)."
+            ) from None
         missing = [n for n in self.param_names if n not in weights]
         if missing:
             raise ValueError(
@@ -1047,29 +1138,23 @@ class Trainer:
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params, strict=True):
                 self.assign_(p, weights[n])
-            if self.ema is not None and (path / "ema.safetensors").is_file():
-                ema = load_file(str(path / "ema.safetensors"))
+            if self.ema is not None and ema is not None:
                 for n, e in zip(self.param_names, self.ema, strict=True):
                     self.assign_(e, ema[n])
-        if (path / "extra.safetensors").is_file():
-            self.load_extra_state(
-                {k: v.to(self.device) for k, v in load_file(str(path / "extra.safetensors")).items()}
-            )
-        # torch.load knows "cpu" but not "cpu:0", the device accelerate gives CPU processes of a gloo launch
-        where = "cpu" if self.device.type == "cpu" else self.device
-        state = torch.load(path / "optim.pt", map_location=where, weights_only=False)
+        if extra is not None:
+            self.load_extra_state({k: v.to(self.device) for k, v in extra.items()})
         self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if self.accelerator.scaler is not None and "scaler" in state:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        info = json.loads((path / "state.json").read_text())
         rewards = info.get("reward_state", {})
         if "reward" in rewards:
             self.reward.load_training_state(rewards["reward"])
         if "eval_reward" in rewards and self.eval_reward is not self.reward:
             self.eval_reward.load_training_state(rewards["eval_reward"])
-        self.step = int(info["step"])
+        self.step = step
+        self._saved_step = step
         self.bad_steps = int(info.get("bad_steps", 0))
         self._state_size_logged = True  # the run logged it at its first update, before the checkpoint
         self.accelerator.print(f"[diffrl] resumed from {path} at step {self.step}")
