@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -258,7 +259,7 @@ class TrainConfig:
     checkpointing_steps: int = 50
     """Save a checkpoint every this many steps (0: only at the end)."""
     checkpoints_total_limit: int = 3
-    """Checkpoints to keep (the oldest are deleted)."""
+    """Checkpoints to keep (the oldest are deleted, never the newest that verifies); 0 keeps them all."""
     resume_from_checkpoint: str = ""
     """latest, a checkpoint directory, or empty to start fresh."""
     eval_every: int = 0
@@ -538,6 +539,61 @@ def load_config(
     return cfg
 
 
+def _at_least(lo):
+    return lambda v: v >= lo
+
+
+def _default_or_at_least(lo):
+    return lambda v: v == -1 or v >= lo
+
+
+def _in_unit(v):  # [0, 1)
+    return 0 <= v < 1
+
+
+# The range of every numeric field not checked with a message of its own in validate(): (dotted key, test, the
+# allowed range in words). NaN fails every test. tests/test_trainers.py walks every numeric field with bad values.
+_RANGES = [
+    ("seed", _at_least(0), "at least 0"),
+    ("checkpointing_steps", _at_least(0), "at least 0 (0: a checkpoint only at the end)"),
+    ("checkpoints_total_limit", _at_least(0), "at least 0 (0 keeps every checkpoint)"),
+    ("eval_every", _at_least(0), "at least 0 (0: evaluate only at the start and the end)"),
+    ("log_every", _at_least(1), "at least 1"),
+    ("ema_decay", _in_unit, "in [0, 1) (0 turns the EMA off)"),
+    ("model.lora_rank", _default_or_at_least(0), "-1 (the family default), 0 (full fine-tuning) or a positive rank"),
+    ("model.lora_alpha", lambda v: v == -1 or v > 0, "-1 (twice the default rank) or positive"),
+    ("data.eval_size", _at_least(0), "at least 0"),
+    ("sample.guidance_scale", _at_least(0), "at least 0 (1: no CFG)"),
+    ("sample.eval_guidance_scale", _at_least(0), "at least 0 (1: no CFG)"),
+    ("optim.weight_decay", _at_least(0), "at least 0"),
+    ("optim.beta1", _in_unit, "in [0, 1)"),
+    ("optim.beta2", _in_unit, "in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "positive"),
+    ("optim.max_grad_norm", _at_least(0), "at least 0 (0 turns clipping off)"),
+    ("optim.warmup_steps", _at_least(0), "at least 0"),
+    ("flow_grpo.noise_level", _at_least(0), "at least 0 (0 is the ODE)"),
+    ("flow_grpo.clip_range_high", _at_least(0), "at least 0 (0 uses clip_range)"),
+    ("flow_grpo.kl_beta", _at_least(0), "at least 0 (0 turns the KL off)"),
+    ("flow_grpo.adv_clip", lambda v: v > 0, "positive"),
+    ("diffusion_nft.kl_weight", _at_least(0), "at least 0 (0 turns the KL off)"),
+    ("diffusion_nft.adv_clip", lambda v: v > 0, "positive"),
+    ("diffusion_nft.decay_flat", _at_least(0), "at least 0"),
+    ("diffusion_nft.decay_rate", _at_least(0), "at least 0"),
+    ("diffusion_nft.decay_cap", _in_unit, "in [0, 1)"),
+    ("diffusion_nft.num_train_levels", _at_least(0), "at least 0 (0: all levels but one)"),
+    ("refl.target", math.isfinite, "a finite number"),
+    ("refl.scale", lambda v: v > 0, "positive"),
+    ("refl.kl_weight", _at_least(0), "at least 0 (0 turns the KL-style term off)"),
+    ("refl.grad_guidance_scale", lambda v: v == -1 or v >= 0, "-1 (sample.guidance_scale) or at least 0"),
+]
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def validate(
     cfg: TrainConfig,
     num_processes: int = 1,
@@ -627,6 +683,9 @@ def validate(
             "fix the name or drop its options.",
         )
     need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1.")
+    for key, ok, what in _RANGES:  # every numeric field's range, whatever the algorithm (a typo is a typo)
+        value = _get(cfg, key)
+        need(ok(value), f"{key}={value} must be {what}.")
     need(
         cfg.max_bad_steps >= 1,
         f"max_bad_steps={cfg.max_bad_steps} must be at least 1 (5: stop after five bad steps in a row).",
@@ -757,7 +816,7 @@ def validate(
         )
         need(
             0 <= r.stop_min < r.stop_max <= 1,
-            f"refl.stop_min={r.stop_min} and stop_max={r.stop_max} must satisfy 0 <= min < max <= 1.",
+            f"refl.stop_min={r.stop_min} and refl.stop_max={r.stop_max} must satisfy 0 <= min < max <= 1.",
         )
         need(r.grad_steps >= 1, f"refl.grad_steps={r.grad_steps} must be at least 1.")
         need(r.loss in ("hinge", "linear"), f"refl.loss={r.loss!r} must be hinge or linear.")

@@ -62,9 +62,17 @@ def load_prompts(spec: str, prompt_key: str = "prompt") -> PromptSet:
             raise FileNotFoundError(
                 f"prompt file {spec} does not exist; pass a .txt or .jsonl file or hf:<dataset>."
             )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise ValueError(
+                f"prompt file {spec} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); save it "
+                "as UTF-8."
+            ) from None
         if path.suffix == ".jsonl":
             prompts, meta = [], []
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -81,7 +89,7 @@ def load_prompts(spec: str, prompt_key: str = "prompt") -> PromptSet:
                 meta.append(row)
             out = PromptSet(prompts, meta)
         else:
-            out = PromptSet([line.strip() for line in path.read_text().splitlines() if line.strip()])
+            out = PromptSet([line.strip() for line in text.splitlines() if line.strip()])
     if not len(out):
         raise ValueError(f"prompt source {spec} holds no prompts; add some.")
     return out

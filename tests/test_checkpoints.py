@@ -208,3 +208,23 @@ def test_the_same_run_writes_the_same_bytes(tmp_path):
     _train_in_a_fresh_process(tmp_path / "b", "2")
     for rel in ("lora/pytorch_lora_weights.safetensors", "checkpoint-000001/trainable.safetensors"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_a_state_json_that_is_not_json_is_one_line(tmp_path):
+    build_trainer(PRESET, _overrides(tmp_path, "max_steps=1")).train()
+    ckpt = tmp_path / "checkpoint-000001"
+    (ckpt / "checksums.json").unlink()  # an older checkpoint: nothing to verify against
+    (ckpt / "state.json").write_text("{not json")
+    with pytest.raises(
+        ValueError, match=r"checkpoint .*checkpoint-000001 cannot be read \(state.json: JSONDecodeError"
+    ):
+        build_trainer(PRESET, _overrides(tmp_path, "max_steps=2", "resume_from_checkpoint=latest"))
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_the_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\na blue \xff square\n")
+    with pytest.raises(
+        ValueError, match=r"prompt file .*prompts.txt is not UTF-8 text \(byte 0xff on line 2\)"
+    ):
+        build_trainer(PRESET, [f"output_dir={tmp_path / 'run'}", f"data.train={prompts}", "data.eval_size=0"])

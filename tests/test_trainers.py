@@ -4,6 +4,7 @@ one-sentence errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,46 @@ def test_every_config_field_is_documented():
 def test_bad_config_values_raise_one_sentence(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PRESET["flow_grpo"], [f"data.train={PROMPTS}", *overrides])
+
+
+def _numeric_fields():
+    import dataclasses
+    import typing
+
+    from diffrl import config as c
+
+    sections = {
+        f.name: f.default_factory
+        for f in dataclasses.fields(TrainConfig)
+        if f.default_factory is not dataclasses.MISSING
+    }
+    out = []
+    for prefix, cls in [
+        ("", TrainConfig),
+        *[(f"{name}.", cls) for name, cls in sections.items() if cls in c.config_classes()],
+    ]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float):
+                out.append((prefix + f.name, hints[f.name]))
+    return out
+
+
+NUMERIC_FIELDS = _numeric_fields()
+
+
+@pytest.mark.parametrize("key, kind", NUMERIC_FIELDS, ids=[k for k, _ in NUMERIC_FIELDS])
+def test_every_numeric_field_refuses_values_out_of_its_range(key, kind):
+    # each section's fields are checked with its algorithm's preset (and whatever the algorithm)
+    section = key.split(".")[0] if "." in key else ""
+    preset = PRESET[section] if section in PRESET else PRESET["flow_grpo"]
+    bad = ["-5"] + (["nan", "-inf"] if kind is float else [])
+    if key == "refl.target":  # any finite hinge target is allowed, negative ones too
+        bad = ["nan", "inf"]
+    for value in bad:
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}="):
+            load_config(preset, [f"data.train={PROMPTS}", f"{key}={value}"])
+    assert len(NUMERIC_FIELDS) > 50
 
 
 def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
@@ -375,7 +416,9 @@ def test_nonfinite_rewards_skip_updates_and_stop_cleanly(tmp_path):
         reward=flaky,
     )
     before = [p.detach().clone() for p in trainer.params]
-    with pytest.raises(TrainingAborted, match=r"3 steps in a row had a non-finite .* stopped at step 5 of 10"):
+    with pytest.raises(
+        TrainingAborted, match=r"3 steps in a row had a non-finite .* stopped at step 5 of 10"
+    ):
         trainer.train()
     rows = _metrics(tmp_path)
     skipped = [r["train/skipped"] for r in rows if "train/skipped" in r]

@@ -355,6 +355,12 @@ class FlowModel:
         # PEFT keeps target_modules (and exclude_modules) as sets, whose order changes with the hash seed: sorted,
         # the same run writes the same bytes
         metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
+        if metadata.get("exclude_modules"):
+            # the adapter's patterns minus the excluded modules, as the list of modules that hold LoRA weights: a
+            # pipeline loading it then adapts exactly those (with the exclusion it warns that nothing was excluded,
+            # since the saved weights already leave those modules out)
+            metadata["target_modules"] = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
+            metadata["exclude_modules"] = None
         type(self.pipe).save_lora_weights(
             save_directory,
             transformer_lora_layers=state,

@@ -322,7 +322,12 @@ class Trainer:
         """Refuse to continue a run under another config: its replay would no longer be what the checkpoint's run
         did. Fields in :data:`diffrl.config.RESUME_FREE_KEYS` may change. A checkpoint from another directory
         starts a new run from its weights, so there a difference is only reported."""
-        saved = json.loads((path / "state.json").read_text()).get("config")
+        try:
+            saved = json.loads((path / "state.json").read_text()).get("config")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"checkpoint {path} cannot be read (state.json: {err.__class__.__name__}); resume from another one."
+            ) from None
         diff = resume_mismatch(saved, self.cfg) if saved is not None else None
         if diff is None:
             return
