@@ -214,7 +214,8 @@ def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo
     cmd = [sys.executable, "-m", "diffrl", "train", str(PRESET[algo]), *_overrides(out, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[diffrl] resolved config:" in proc.stdout
+    assert "[diffrl] resolved config saved to" in proc.stdout and "resolved config:" not in proc.stdout  # quiet
+    assert "Loading pipeline components" not in proc.stderr
     trainer = build_trainer(
         PRESET[algo], _overrides(tmp_path / "fresh", "max_steps=2", f"model.path=tiny:{family}")
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -76,6 +78,28 @@ def tiny_model_dir(spec: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-component "Loading ..." progress bars of diffusers and transformers while a pipeline loads (a dozen
+    nested bars for seconds of work); ``DIFFRL_VERBOSE=1`` keeps them."""
+    if os.environ.get("DIFFRL_VERBOSE") == "1":
+        yield
+        return
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    shown = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            dlog.enable_progress_bar()
+        if shown[1]:
+            tlog.enable_progress_bar()
+
+
 def load_model(
     path: str | Path,
     *,
@@ -116,7 +140,8 @@ def load_model(
     absent = {
         k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
     }
-    pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype, revision=revision, **absent)
+    with _quiet_loading():
+        pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype, revision=revision, **absent)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return adapter_cls(pipe, **adapter_kwargs)

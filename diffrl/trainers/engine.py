@@ -831,13 +831,17 @@ class Trainer:
         resolved = {"config": config_to_dict(self.cfg), "derived": info}
         (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
         self._write_status("running")
-        import yaml
+        if os.environ.get("DIFFRL_VERBOSE") == "1":
+            import yaml
 
-        print(
-            f"[diffrl] resolved config:\n{yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False).rstrip()}"
-        )
+            print(
+                f"[diffrl] resolved config:\n{yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False).rstrip()}"
+            )
         print(f"[diffrl] {self.algorithm}: {json.dumps(info)}")
-        print(f"[diffrl] resolved config saved to {self.output_dir / 'config.json'}")
+        print(
+            f"[diffrl] resolved config saved to {self.output_dir / 'config.json'}"
+            + ("" if os.environ.get("DIFFRL_VERBOSE") == "1" else " (DIFFRL_VERBOSE=1 prints it)")
+        )
 
     def derived_sizes(self) -> dict[str, Any]:
         return {"num_processes": self.world}
