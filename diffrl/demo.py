@@ -6,7 +6,8 @@
 training. The demo rewards the shapes verifier's partial credit plus its strict 0/1 correctness
 (:data:`DEMO_OVERRIDES`; the preset alone, which the learning benchmark uses for every trainer, rewards the partial
 credit only), so the reward pays directly for the metric the demo reports. On 96 held-out prompts the strict
-accuracy after 120-240 steps measured 0.25-0.34 with it and 0.22-0.35 without: the same within evaluation noise. It writes to the run directory (``output_dir``, default ``runs/demo``):
+accuracy after 120-240 steps measured 0.25-0.34 with it and 0.22-0.35 without: the same within evaluation noise. It writes to the run directory (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that
+holds an earlier demo):
 
 * ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: every evaluation's images;
 * ``curves.png``: training reward and held-out partial credit and strict accuracy against steps;
@@ -157,6 +158,22 @@ def _pick_prompts(eval_set, k: int) -> list[int]:
     return out
 
 
+def fresh_output_dir(cfg, overrides: list[str] | None) -> str:
+    """The demo's run directory: ``cfg.output_dir``, unless it is the default one, it already holds a run and the run
+    is not being resumed; then a new one beside it, ``runs/demo-<date>-<time>``, so running the demo again works and
+    keeps the earlier results (an ``output_dir`` given explicitly is never changed: it then fails as ``diffrl
+    train`` does)."""
+    given = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides or [])
+    if given or cfg.resume_from_checkpoint or not (Path(cfg.output_dir) / "metrics.jsonl").exists():
+        return cfg.output_dir
+    base, n = f"{cfg.output_dir}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    candidate = base
+    while Path(candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
 def run_demo(
     overrides: list[str] | None = None,
     *,
@@ -194,6 +211,10 @@ def run_demo(
         value = getattr(cfg.data, key)
         if value and not value.startswith("hf:") and not Path(value).exists() and (REPO / value).exists():
             setattr(cfg.data, key, str(REPO / value))
+    fresh = fresh_output_dir(cfg, overrides)
+    if fresh != cfg.output_dir:
+        log(f"diffrl demo: {cfg.output_dir} holds an earlier demo, kept as it is; this one writes to {fresh}")
+        cfg.output_dir = fresh
     out = Path(cfg.output_dir)
     every = min(cfg.eval_every or cfg.max_steps, cfg.max_steps)
     log(

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from diffrl.demo import DEFAULT_CONFIG, main, read_metrics, run_demo
+from diffrl.config import load_config
+from diffrl.demo import DEFAULT_CONFIG, DEMO_OVERRIDES, fresh_output_dir, main, read_metrics, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +60,20 @@ def test_demo_refuses_to_overwrite_a_run(tmp_path, capsys):
 def test_demo_names_a_missing_config(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_running_the_demo_again_writes_beside_the_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("diffrl.demo.time.strftime", lambda fmt: "20261203-101500")
+    cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)
+    assert fresh_output_dir(cfg, []) == "runs/demo"  # nothing there yet
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "metrics.jsonl").write_text("{}\n")
+    fresh = fresh_output_dir(cfg, [])
+    assert fresh == "runs/demo-20261203-101500" and not (tmp_path / fresh).exists()
+    (tmp_path / fresh).mkdir()
+    assert fresh_output_dir(cfg, []) == f"{fresh}-2"  # within the same second: another name still
+    # an output_dir given explicitly, or a resumed run, stays where it was asked to be
+    assert fresh_output_dir(cfg, ["output_dir=runs/demo"]) == "runs/demo"
+    cfg.resume_from_checkpoint = "latest"
+    assert fresh_output_dir(cfg, []) == "runs/demo"
