@@ -104,6 +104,8 @@ class Reward:
     # Each score depends only on its own image, prompt and metadata (the contract), so images may be scored in any
     # chunks, e.g. chunk by chunk in a background thread while sampling goes on. False for batch-normalised sums.
     per_sample: bool = True
+    # metadata fields every prompt must carry for this reward (checked before a run loads its model)
+    required_metadata: tuple[str, ...] = ()
 
     def __init__(
         self, *, batch_size: int | None = None, device: torch.device | str | None = None, dtype=torch.float32

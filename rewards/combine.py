@@ -65,6 +65,9 @@ class CombinedReward(Reward):
         self.normalize = normalize
         self.momentum = momentum
         self.differentiable = all(r.differentiable for r, w in self.parts if w != 0)
+        self.required_metadata = tuple(
+            dict.fromkeys(k for r, _ in self.parts for k in getattr(r, "required_metadata", ()))
+        )
         # batch or running normalisation makes a score depend on the rest of the batch
         self.per_sample = normalize is None and all(r.per_sample for r, _ in self.parts)
         self._running: dict[str, tuple[float, float]] = {}

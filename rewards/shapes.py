@@ -288,6 +288,7 @@ class ShapesVerifier(Reward):
 
     name = "shapes_verifier"
     differentiable = False
+    required_metadata = ("scene",)
 
     def __init__(
         self,
@@ -558,6 +559,7 @@ class ShapesSoft(Reward):
 
     name = "shapes_soft"
     differentiable = True
+    required_metadata = ("scene",)
 
     def __init__(
         self,

@@ -167,6 +167,20 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     cases.append(([f"data.train={empty}"], ValueError, "holds no prompts"))
+    # the toy verifier needs each prompt's scene, which the tiny .txt prompts do not have
+    cases.append(
+        (
+            ["reward={shapes_verifier: 1.0}"],
+            ValueError,
+            r"reward 'shapes_verifier' needs the metadata field 'scene'",
+        )
+    )
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        cases.append(
+            (["report_to=wandb"], ImportError, "report_to=wandb needs the wandb package: pip install wandb")
+        )
     for extra, exc, message in cases:
         overrides = (
             _overrides(tmp_path / "out", *extra)
@@ -214,7 +228,9 @@ def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo
     cmd = [sys.executable, "-m", "diffrl", "train", str(PRESET[algo]), *_overrides(out, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[diffrl] resolved config saved to" in proc.stdout and "resolved config:" not in proc.stdout  # quiet
+    assert (
+        "[diffrl] resolved config saved to" in proc.stdout and "resolved config:" not in proc.stdout
+    )  # quiet
     assert "Loading pipeline components" not in proc.stderr
     trainer = build_trainer(
         PRESET[algo], _overrides(tmp_path / "fresh", "max_steps=2", f"model.path=tiny:{family}")

@@ -220,6 +220,8 @@ class Trainer:
                 f"{hint}."
             )
         self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
+        self._check_metadata()
+        self._check_report_to()
         self.model = model if model is not None else self._load_model()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         self._setup_training_mode()
@@ -343,6 +345,35 @@ class Trainer:
             f"resume with the same config, or start a new output_dir (resume_from_checkpoint={path} there starts "
             "from these weights with the new config)."
         )
+
+    def _check_metadata(self) -> None:
+        """Every prompt carries the metadata fields the rewards need (e.g. ``scene`` for ``shapes_verifier``), checked
+        before the model loads: a missing field would otherwise fail at the first scoring, minutes later."""
+        for reward, prompts, source in (
+            (self.reward, self.train_set, self.cfg.data.train or "the training prompts"),
+            (self.eval_reward, self.eval_set, self.cfg.data.eval or self.cfg.data.train or "the evaluation prompts"),
+        ):
+            for key in getattr(reward, "required_metadata", ()):
+                rows = [i for i, row in enumerate(prompts.metadata) if key not in row]
+                if rows:
+                    raise ValueError(
+                        f"reward {reward.name!r} needs the metadata field {key!r} on every prompt, and {source} has "
+                        f"none on {len(rows)} of {len(prompts)} prompts (e.g. row {rows[0] + 1}); use a .jsonl prompt "
+                        f"file with a {key!r} field per line (such as configs/toy/train.jsonl) or another reward."
+                    )
+
+    def _check_report_to(self) -> None:
+        """The metric sink's package is there (before the model loads, not at the first log line)."""
+        package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.report_to)
+        if package is None or not self.accelerator.is_main_process:
+            return
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(
+                f"report_to={self.cfg.report_to} needs the {package} package: pip install {package} (or set "
+                "report_to=none; metrics.jsonl is written either way)."
+            )
 
     def _build_reward(self, given, spec: dict[str, float]):
         from diffrl.rewards import CombinedReward, load_reward
