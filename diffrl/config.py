@@ -560,7 +560,11 @@ _RANGES = [
     ("eval_every", _at_least(0), "at least 0 (0: evaluate only at the start and the end)"),
     ("log_every", _at_least(1), "at least 1"),
     ("ema_decay", _in_unit, "in [0, 1) (0 turns the EMA off)"),
-    ("model.lora_rank", _default_or_at_least(0), "-1 (the family default), 0 (full fine-tuning) or a positive rank"),
+    (
+        "model.lora_rank",
+        _default_or_at_least(0),
+        "-1 (the family default), 0 (full fine-tuning) or a positive rank",
+    ),
     ("model.lora_alpha", lambda v: v == -1 or v > 0, "-1 (twice the default rank) or positive"),
     ("data.eval_size", _at_least(0), "at least 0"),
     ("sample.guidance_scale", _at_least(0), "at least 0 (1: no CFG)"),

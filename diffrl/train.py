@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 max_steps=20"
     )
     args = parser.parse_args(argv)
-    from .trainers.engine import TrainingAborted
+    from .trainers.engine import RewardError, TrainingAborted
 
     try:
         trainer = build_trainer(args.config, args.overrides)
@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         OSError,  # e.g. a model path that is neither a local pipeline nor a cached hub id
         ValueError,
         ImportError,
+        AttributeError,  # a reward named module:attr whose module has no such attribute
         NotImplementedError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         trainer.train()
-    except TrainingAborted as err:
+    except (TrainingAborted, RewardError, OSError) as err:  # one line; the run's checkpoints are on disk
         print(f"error: {err}", file=sys.stderr)
         trainer.accelerator.end_training()
         return 1

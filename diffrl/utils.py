@@ -56,4 +56,3 @@ def canonical_safetensors_header(path: str | Path) -> None:
             return
         f.seek(8)
         f.write(text + b" " * (size - len(text)))
-

@@ -99,9 +99,36 @@ def load_reward(spec: str | Reward | Callable[..., Any], **kwargs) -> Reward:
             )
         return obj
     if isinstance(obj, type) and issubclass(obj, Reward):
+        _check_options(spec, obj.__init__, kwargs)
         return obj(**kwargs)
     if callable(obj):
+        _check_options(spec, as_reward, kwargs, skip=("fn",))
         return as_reward(obj, **kwargs)
-    raise TypeError(
-        f"reward {spec!r} is a {type(obj).__name__}; point at a Reward class, a Reward or a function."
+    raise ValueError(
+        f"reward {spec!r} is a {type(obj).__name__}, not a reward; point at a Reward class, a Reward or a function "
+        "(images, prompts, **metadata) -> scores."
     )
+
+
+def _check_options(spec, fn, kwargs: dict, skip: tuple[str, ...] = ()) -> None:
+    """One sentence for an option the reward does not take (instead of the constructor's TypeError)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [
+        n
+        for n, p in params.items()
+        if n != "self" and n not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL
+    ]
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+        raise ValueError(
+            f"reward {name!r} has no option {unknown[0]!r}{hint}; its options are {', '.join(known) or 'none'}."
+        )

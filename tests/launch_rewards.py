@@ -39,3 +39,8 @@ def _nan_grad(images, prompts, **metadata):  # value 0, gradient of sqrt at 0: n
 
 nan_on_rank1_first_call = as_reward(_nan_on_rank1_first_call, name="nan_once", differentiable=True)
 nan_grad_reward = as_reward(_nan_grad, name="nan_grad", differentiable=True)
+
+
+def raises_reward(images, prompts, **metadata):
+    """A reward with a bug: it raises (tests/test_checkpoints.py checks the one-line error)."""
+    return {"missing": 1}["key"]

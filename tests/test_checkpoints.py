@@ -228,3 +228,58 @@ def test_a_prompt_file_that_is_not_utf8_names_the_file_and_the_line(tmp_path):
         ValueError, match=r"prompt file .*prompts.txt is not UTF-8 text \(byte 0xff on line 2\)"
     ):
         build_trainer(PRESET, [f"output_dir={tmp_path / 'run'}", f"data.train={prompts}", "data.eval_size=0"])
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_what_was_written(tmp_path, monkeypatch):
+    trainer = build_trainer(PRESET, _overrides(tmp_path, "max_steps=3"))
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint's optimiser state
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(
+        OSError,
+        match=r"checkpoint-000002 failed \(OSError: No space left on device\); the "
+        r"checkpoints already on disk are intact \(checkpoint-000001\)",
+    ):
+        trainer.train()
+    monkeypatch.undo()
+    assert [p.name for p in ckpt_files.checkpoints(tmp_path)] == ["checkpoint-000001"]
+    assert ckpt_files.verify(tmp_path / "checkpoint-000001") is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_reward_that_raises_is_named_with_the_step_and_the_cli_says_it_in_one_line(tmp_path):
+    from diffrl.trainers.engine import RewardError
+
+    calls = {"n": 0}
+
+    def fragile(images, prompts, **metadata):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise ZeroDivisionError("division by zero")
+        return images.mean(dim=(1, 2, 3))
+
+    trainer = build_trainer(PRESET, _overrides(tmp_path, "max_steps=3"), reward=fragile)
+    with pytest.raises(
+        RewardError, match=r"reward 'fragile' failed at step 1: ZeroDivisionError: division by zero"
+    ):
+        trainer.train()
+    # through the command line: exit 1 and one line, no traceback
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffrl.train",
+        str(PRESET),
+        *_overrides(tmp_path / "cli", "max_steps=1", "reward={tests.launch_rewards:raises_reward: 1.0}"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: reward 'raises_reward' failed at step 0: KeyError" in proc.stderr

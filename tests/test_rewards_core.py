@@ -125,6 +125,15 @@ def test_registry_names_specs_and_errors():
         load_reward("test_rewards_core:missing")
     with pytest.raises(ImportError, match="cannot import module"):
         load_reward("no_such_module_xyz:fn")
+    # an option the reward does not take, or an attribute that is not a reward: one sentence, not a TypeError
+    with pytest.raises(
+        ValueError, match=r"reward 'saturation' has no option 'batchsize' \(did you mean batch_size\?\)"
+    ):
+        load_reward("saturation", batchsize=4)
+    with pytest.raises(ValueError, match=r"has no option 'colour'; its options are name, differentiable"):
+        load_reward("test_rewards_core:brightness", colour=1)
+    with pytest.raises(ValueError, match=r"reward 'test_rewards_core:PROMPTS' is a list, not a reward"):
+        load_reward("test_rewards_core:PROMPTS")
     built = Weighted()
     assert load_reward(built) is built
     with pytest.raises(ValueError, match="already built"):
@@ -258,7 +267,11 @@ def test_total_from_split_batches_equals_the_whole_batch_total():
     # Flow-GRPO / DiffusionNFT over processes: each process scores its share, the raw components are gathered and
     # every share's total is z-scored with the whole batch's statistics
     combo = CombinedReward(
-        [(as_reward(brightness), 1.0), (as_reward(redness_list), 0.5), (as_reward(brightness, name="b0"), 0.0)],
+        [
+            (as_reward(brightness), 1.0),
+            (as_reward(redness_list), 0.5),
+            (as_reward(brightness, name="b0"), 0.0),
+        ],
         normalize="batch",
     )
     images = make_images(6)

@@ -52,7 +52,7 @@ from ..utils import apply_umask
 from . import checkpoints as ckpt_files
 from . import zero
 
-__all__ = ["Trainer", "StepBatch", "seeded_generator", "TrainingAborted"]
+__all__ = ["Trainer", "StepBatch", "seeded_generator", "TrainingAborted", "RewardError"]
 
 CHECKPOINT_PREFIX = ckpt_files.CHECKPOINT_PREFIX
 _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
@@ -61,6 +61,11 @@ _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones
 class TrainingAborted(RuntimeError):
     """The run stopped before ``max_steps`` (``max_bad_steps`` non-finite steps in a row); its last checkpoint is
     written and ``status.json`` says ``aborted``, but no final LoRA or pipeline is."""
+
+
+class RewardError(RuntimeError):
+    """A reward raised (or returned what is not one score per image) during training; the message names the reward
+    and the step, and the original exception is its ``__cause__``."""
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -351,7 +356,11 @@ class Trainer:
         before the model loads: a missing field would otherwise fail at the first scoring, minutes later."""
         for reward, prompts, source in (
             (self.reward, self.train_set, self.cfg.data.train or "the training prompts"),
-            (self.eval_reward, self.eval_set, self.cfg.data.eval or self.cfg.data.train or "the evaluation prompts"),
+            (
+                self.eval_reward,
+                self.eval_set,
+                self.cfg.data.eval or self.cfg.data.train or "the evaluation prompts",
+            ),
         ):
             for key in getattr(reward, "required_metadata", ()):
                 rows = [i for i, row in enumerate(prompts.metadata) if key not in row]
@@ -564,8 +573,18 @@ class Trainer:
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: dict[str, list], reward=None):
         """Reward of decoded images, with components; non-finite rewards are reported, not hidden."""
-        reward = reward or self.reward
-        return reward.evaluate(images, prompts, **metadata)
+        return self.evaluate_reward(reward or self.reward, images, prompts, **metadata)
+
+    def evaluate_reward(self, reward, images: torch.Tensor, prompts: list[str], **metadata):
+        """``reward.evaluate(...)``, any exception it raises turned into a :class:`RewardError` that names the reward
+        and the step (a user's reward is code the engine cannot vouch for)."""
+        try:
+            return reward.evaluate(images, prompts, **metadata)
+        except Exception as err:  # noqa: BLE001 - re-raised with the reward and the step
+            first = (str(err).splitlines() or [""])[0][:300]
+            raise RewardError(
+                f"reward {reward.name!r} failed at step {self.step}: {err.__class__.__name__}: {first}"
+            ) from err
 
     def sample_and_score(self, n: int, sample_chunk, prompts: list[str], metadata: dict[str, list]):
         """Sample ``n`` images chunk by chunk (``sample_chunk(rows) -> final latents``) and score them.
@@ -584,7 +603,7 @@ class Trainer:
             with torch.no_grad():
                 images = self.model.decode(latents)
                 meta = {k: [v[r] for r in rows] for k, v in metadata.items()}
-                return self.reward.evaluate(images, [prompts[r] for r in rows], **meta)
+                return self.evaluate_reward(self.reward, images, [prompts[r] for r in rows], **meta)
 
         finals, results = [], []
         overlap = getattr(self.reward, "per_sample", True) and len(chunks) > 1
@@ -935,7 +954,7 @@ class Trainer:
             self.eval_reward, "frozen_statistics", None
         )  # evaluation must not move running stats
         with freeze() if freeze is not None else contextlib.nullcontext():
-            result = self.eval_reward.evaluate(images, local.prompts, **local.batch_metadata())
+            result = self.evaluate_reward(self.eval_reward, images, local.prompts, **local.batch_metadata())
         comps = dict(result.components)
         comps.setdefault(self.eval_reward.name, result.total)
         metrics = self._eval_means(
@@ -1060,8 +1079,8 @@ class Trainer:
             return final
         collective = self.sharded or self.ds_engine is not None
         state = self._checkpoint_state() if collective else None  # gathering: every process takes part
-        self._saved_step = self.step
         if not self.accelerator.is_main_process:
+            self._saved_step = self.step
             self.accelerator.wait_for_everyone()
             return final
         from safetensors.torch import save_file
@@ -1069,6 +1088,27 @@ class Trainer:
         if state is None:
             state = self._checkpoint_state()
         tmp = self.output_dir / f".tmp-{final.name}"
+        try:
+            self._write_checkpoint(state, tmp, final, save_file)
+        except Exception as err:  # noqa: BLE001 - e.g. the disk filled up (torch.save reports it as a RuntimeError)
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = [p.name for p in ckpt_files.checkpoints(self.output_dir)]
+            what = (
+                err.strerror
+                if isinstance(err, OSError) and err.strerror
+                else (str(err).splitlines() or [""])[0]
+            )
+            raise OSError(
+                getattr(err, "errno", None) or 5,
+                f"writing {final} failed ({err.__class__.__name__}: {what}); the checkpoints already on disk are intact "
+                f"({', '.join(kept) if kept else 'none yet'}): free some space and resume with "
+                "resume_from_checkpoint=latest",
+            ) from err
+        self._saved_step = self.step
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _write_checkpoint(self, state, tmp: Path, final: Path, save_file) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(state["trainable"], tmp / "trainable.safetensors")
@@ -1099,8 +1139,6 @@ class Trainer:
         apply_umask(tmp)
         ckpt_files.swap_into_place(tmp, final)
         ckpt_files.prune(self.output_dir, self.cfg.checkpoints_total_limit, known_good=final)
-        self.accelerator.wait_for_everyone()
-        return final
 
     def _reward_state(self) -> dict[str, dict]:
         """The rewards' checkpointed state (e.g. running normalisation statistics), JSON-serialisable."""

@@ -153,7 +153,7 @@ class ReFLTrainer(Trainer):
                 x0, _, _ = self._window(starts[i], cond, levels, K)
                 images = self.model.decode(x0)
                 meta_mb = {key: [vals[m] for m in mb] for key, vals in batch.metadata.items()}
-                scored = self.reward.evaluate(images, [batch.prompts[m] for m in mb], **meta_mb)
+                scored = self.evaluate_reward(self.reward, images, [batch.prompts[m] for m in mb], **meta_mb)
             for name, v in scored.components.items():
                 components.setdefault(name, []).append(v.float())
         gathered = {name: self.gather(torch.cat(v).to(self.device)) for name, v in components.items()}
@@ -189,7 +189,7 @@ class ReFLTrainer(Trainer):
             prompts_mb = [batch.prompts[m] for m in mb]
             meta_mb = {key: [vals[m] for m in mb] for key, vals in batch.metadata.items()}
             with self.reward.fixed_statistics(stats) if whole_batch else contextlib.nullcontext():
-                scored = self.reward.evaluate(images, prompts_mb, **meta_mb)
+                scored = self.evaluate_reward(self.reward, images, prompts_mb, **meta_mb)
             r = scored.total.float()
             loss = refl_loss(r, kind=c.loss, target=c.target, scale=c.scale) + c.kl_weight * kl
             if not torch.isfinite(loss):
