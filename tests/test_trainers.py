@@ -832,10 +832,21 @@ def test_refl_denoising_regulariser_trains_on_the_full_ode_sample(stop, last, tm
     torch.testing.assert_close(seen["x_s"], (1 - level) * seen["x0"] + level * seen["eps"])
 
 
-def test_an_image_size_the_model_cannot_make_fails_before_training(tmp_path):
+def test_an_image_size_the_model_cannot_make_fails_before_training(tmp_path, monkeypatch):
+    import diffrl.models.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the image size was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)  # the check reads the config files only
     # the tiny SD3 model makes at most 256 x 256 (32 x 32 patches of 2 x 2 latents of 4 x 4 pixels)
     with pytest.raises(
         ValueError, match=r"height=1024 is larger than this SD3 model can make \(at most 256 pixels"
     ):
         build_trainer(PRESET["flow_grpo"], _overrides(tmp_path, "sample.height=1024", "sample.width=1024"))
+    with pytest.raises(ValueError, match=r"width=36 must be a positive multiple of 8 for this flux model"):
+        build_trainer(
+            PRESET["flow_grpo"],
+            _overrides(tmp_path, "model.path=tiny:flux", "sample.height=32", "sample.width=36"),
+        )
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -13,7 +13,14 @@ from .base import FlowModel
 from .flux import FluxModel
 from .sd3 import SD3Model
 
-__all__ = ["load_model", "load_model_from_config", "detect_family", "resolve_dtype", "ADAPTERS"]
+__all__ = [
+    "load_model",
+    "load_model_from_config",
+    "check_image_size",
+    "detect_family",
+    "resolve_dtype",
+    "ADAPTERS",
+]
 
 # pipeline class name in model_index.json -> adapter class
 ADAPTERS: dict[str, type[FlowModel]] = {
@@ -161,3 +168,37 @@ def set_vae_dtype(model: FlowModel, vae_dtype: str) -> None:
     leave it in the model's dtype (``"model"``)."""
     if vae_dtype == "float32" and model.vae.dtype != torch.float32:
         model.vae.to(torch.float32)
+
+
+def check_image_size(path: str | Path, height: int, width: int, revision: str | None = None) -> bool:
+    """Check that the model at ``path`` can make ``height`` x ``width`` images from its configuration files alone
+    (``model_index.json``, ``transformer/config.json``, ``vae/config.json``: no weights are read), with the adapter's
+    own ``latent_shape`` rules, so a size it cannot make fails before minutes of loading. Raises the adapter's
+    ``ValueError``; returns False (nothing checked) when the configuration files cannot be read here, e.g. an uncached
+    hub id offline, which loading then reports itself."""
+    import types
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.configuration_utils import FrozenDict
+
+    path = str(path)
+    try:
+        if path.startswith("tiny:"):
+            path = str(tiny_model_dir(path))
+        elif path == "toy":
+            from ..toy.assets import toy_model_dir
+
+            path = str(toy_model_dir())
+        adapter_cls = detect_family(path, revision)
+        transformer_cls = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[adapter_cls.family]
+        configs = {
+            name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))
+            for name, cls in (("transformer", transformer_cls), ("vae", AutoencoderKL))
+        }
+    except (OSError, ValueError):
+        return False
+    view = object.__new__(adapter_cls)  # the adapter's size rules on its configuration, no pipeline
+    view.transformer = types.SimpleNamespace(config=configs["transformer"])
+    view.vae = types.SimpleNamespace(config=configs["vae"])
+    view.latent_shape(height, width)
+    return True

@@ -227,6 +227,10 @@ class Trainer:
         self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
         self._check_metadata()
         self._check_report_to()
+        if model is None:  # a size the model cannot make fails now, from its config files, before the weights load
+            from diffrl.models.loading import check_image_size
+
+            check_image_size(cfg.model.path, cfg.sample.height, cfg.sample.width)
         self.model = model if model is not None else self._load_model()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         self._setup_training_mode()
