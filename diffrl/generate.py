@@ -169,6 +169,18 @@ def _prompt_set(prompts) -> PromptSet:
     return out
 
 
+def sampling_defaults(spec: str, model) -> tuple[int, float]:
+    """``(num_steps, guidance_scale)`` a model samples with unless told otherwise: the toy model's presets (8 steps,
+    no CFG: ``configs/toy``), FLUX.1's pipeline defaults (28 steps, guidance embedding 3.5) and, for SD3/SD3.5,
+    40 steps with CFG 4.5 (the Flow-GRPO evaluation setting the SD3.5 presets use)."""
+    directory = Path(getattr(model.pipe, "name_or_path", "") or "")
+    if str(spec) == "toy" or (directory / "toy_model.json").is_file():
+        return 8, 1.0
+    if model.family == "flux":
+        return 28, 3.5
+    return 40, 4.5
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto``: the first CUDA device when there is one, else the CPU."""
     if str(device) == "auto":
@@ -737,7 +749,7 @@ def _add_common(p) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64, e.g. --num-steps 8), "
+        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64), "
         "or tiny:sd3 / tiny:flux",
     )
     p.add_argument(
@@ -746,9 +758,18 @@ def _add_common(p) -> None:
         help="trained weights: a diffusers LoRA dir (<run>/lora) or .safetensors file, a run dir, or a training "
         "checkpoint <run>/checkpoint-N (its adapter is rebuilt from its state.json; EMA weights when kept)",
     )
-    p.add_argument("--num-steps", type=int, default=40, help="ODE (Euler) steps (default 40)")
     p.add_argument(
-        "--guidance-scale", type=float, default=4.5, help="CFG (SD3) or guidance-embedding (FLUX) scale"
+        "--num-steps",
+        type=int,
+        default=None,
+        help="ODE (Euler) steps (default: the model's, see sampling_defaults: toy 8, SD3 40, FLUX 28)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="CFG (SD3) or guidance-embedding (FLUX) scale (default: the model's: toy 1.0, no CFG as its presets; "
+        "SD3 4.5; FLUX 3.5)",
     )
     p.add_argument(
         "--height", type=int, default=None, help="image height in pixels (default: the model's native size)"
@@ -802,8 +823,9 @@ def add_parsers(sub) -> None:
         "--prompts",
         nargs="+",
         required=True,
-        metavar="FILE",
-        help="prompt files (.txt, .jsonl) or hf:<dataset>",
+        metavar="FILE_OR_TEXT",
+        help="prompt files (.txt one a line, .jsonl with a prompt field and the rewards' metadata, hf:<dataset>) or "
+        "prompt texts, as diffrl sample takes them",
     )
     ev.add_argument(
         "--reward",
@@ -844,12 +866,18 @@ def _run(args) -> int:
 
     # everything that needs no model first: options, prompts, LoRA files, rewards, the output directory
     options = _options(args)
-    check_sampling_options(**{**options, "height": options["height"] or 8, "width": options["width"] or 8})
+    check_sampling_options(
+        **{
+            **options,
+            "height": options["height"] or 8,
+            "width": options["width"] or 8,
+            "num_steps": 1 if options["num_steps"] is None else options["num_steps"],
+            "guidance_scale": 1.0 if options["guidance_scale"] is None else options["guidance_scale"],
+        }
+    )
     dtype = resolve_dtype(args.dtype)
     device = resolve_device(args.device)
-    prompt_set = resolve_prompts(
-        args.prompts, allow_text=args.command == "sample", prompt_key=args.prompt_key
-    )
+    prompt_set = resolve_prompts(args.prompts, allow_text=True, prompt_key=args.prompt_key)
     source = resolve_lora(args.lora) if args.lora else None
     reward = None
     if args.command == "eval":
@@ -879,11 +907,15 @@ def _run(args) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     args.height = args.height or model.native_size
     args.width = args.width or model.native_size
+    steps, guidance = sampling_defaults(args.model, model)
+    args.num_steps = steps if args.num_steps is None else args.num_steps
+    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
     options = _options(args)
     model.latent_shape(args.height, args.width)  # the model's own size check
     _log(
         f"loaded {args.model} ({model.family}, {str(dtype).removeprefix('torch.')}, {device}) in "
-        f"{time.perf_counter() - t0:.1f}s; images {args.width}x{args.height}"
+        f"{time.perf_counter() - t0:.1f}s; images {args.width}x{args.height}, {args.num_steps} steps, guidance "
+        f"{args.guidance_scale:g}"
     )
     if source is not None:
         _log(f"LoRA: {load_lora(model, source)}")

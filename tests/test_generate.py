@@ -223,7 +223,7 @@ def test_errors_before_loading_the_model(no_model_load, prompt_file, tmp_path, c
     evaluate = ["eval", "tiny:sd3", *CLI_OPTS, "--prompts", str(prompt_file)]
     missing = str(tmp_path / "missing.txt")
     assert "prompt file" in _error([*sample, "--prompts", missing], capsys) and "does not exist" in _error(
-        ["eval", "tiny:sd3", "--prompts", "nowhere", "--reward", "saturation"], capsys
+        ["eval", "tiny:sd3", "--prompts", "nowhere.txt", "--reward", "saturation"], capsys
     )
     assert "unknown reward 'no_such_reward'" in _error([*evaluate, "--reward", "no_such_reward"], capsys)
     assert "cannot import module" in _error([*evaluate, "--reward", "no_such_module:fn"], capsys)
@@ -290,3 +290,31 @@ def test_checkpoint_of_another_model_is_refused(fresh, tmp_path):
     (ckpt / "state.json").write_text(json.dumps({"step": 2, "config": {"model": {"lora_rank": 4}}}))
     with pytest.raises(ValueError, match="does not match this sd3 model"):
         load_lora(fresh(), ckpt)
+
+
+def test_eval_takes_prompt_text_as_sample_does(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = [
+        "eval",
+        "tiny:sd3",
+        *CLI_OPTS,
+        "--prompts",
+        "a red circle",
+        "--reward",
+        "saturation",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert [row["prompt"] for row in result["images"]] == ["a red circle"]
+
+
+@pytest.mark.parametrize(
+    "spec, expected", [("toy", (8, 1.0)), ("tiny:sd3", (40, 4.5)), ("tiny:flux", (28, 3.5))]
+)
+def test_sampling_defaults_are_the_models(spec, expected):
+    from diffrl.generate import sampling_defaults
+    from diffrl.models import load_model
+
+    assert sampling_defaults(spec, load_model(spec)) == expected
