@@ -185,14 +185,11 @@ def run_demo(
     """Train, evaluate and draw (see the module docstring); returns the summary dict. ``threads``: torch CPU
     threads (default: 1 on a machine without CUDA unless ``OMP_NUM_THREADS`` is set; on a 2-core machine shared
     with any other process, two threads were measured 20x slower than one)."""
-    import os
-
     import torch
 
-    if threads is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
+    from diffrl.utils import set_cpu_threads
+
+    set_cpu_threads(threads)
 
     from diffrl.config import load_config
     from diffrl.generate import sample_images

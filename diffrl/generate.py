@@ -793,6 +793,12 @@ def _add_common(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--prompt-key", default="prompt", help="the prompt field of .jsonl prompt files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 without a GPU unless OMP_NUM_THREADS is set)",
+    )
 
 
 def add_parsers(sub) -> None:
@@ -864,7 +870,10 @@ def _log(message: str) -> None:
 def _run(args) -> int:
     from .models import load_model
 
-    # everything that needs no model first: options, prompts, LoRA files, rewards, the output directory
+    # everything that needs no model first: threads, options, prompts, LoRA files, rewards, the output directory
+    from .utils import set_cpu_threads
+
+    set_cpu_threads(args.threads)
     options = _options(args)
     check_sampling_options(
         **{

@@ -43,10 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 max_steps=20"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 without a GPU unless OMP_NUM_THREADS is set; see diffrl.utils.set_cpu_threads)",
+    )
     args = parser.parse_args(argv)
     from .trainers.engine import RewardError, TrainingAborted
+    from .utils import set_cpu_threads
 
     try:
+        set_cpu_threads(args.threads)
         trainer = build_trainer(args.config, args.overrides)
     except (
         ConfigError,

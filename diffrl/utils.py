@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_dtype", "DTYPES", "apply_umask", "canonical_safetensors_header"]
+__all__ = ["resolve_dtype", "DTYPES", "apply_umask", "canonical_safetensors_header", "set_cpu_threads"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -56,3 +56,25 @@ def canonical_safetensors_header(path: str | Path) -> None:
             return
         f.seek(8)
         f.write(text + b" " * (size - len(text)))
+
+
+def set_cpu_threads(threads: int | None = None) -> int | None:
+    """The torch CPU thread count of a command-line entry point (``diffrl train``, ``sample``, ``eval``, ``demo``):
+    ``threads`` when given; else 1 on a machine without CUDA unless ``OMP_NUM_THREADS`` says otherwise; else torch's
+    own choice. Why one: a fixed count makes a CPU run's numbers independent of the machine's cores and load (float
+    reductions split over threads round differently), and torch's default of one thread per core collapses when
+    another process wants a core, its threads waiting for each other at every operation. Measured side by side on 2
+    cores (``benchmarks/bench_threads.py``, toy DiffusionNFT steps): idle, the default took 0.56x the time of one
+    thread; with one busy process, 2.41x (20x was seen with a heavier neighbour). ``--threads`` / ``OMP_NUM_THREADS``
+    choose otherwise. GPU runs keep torch's default (the CPU only feeds the GPU). Returns the count set, or None when
+    left to torch."""
+    import os
+
+    if threads is None:
+        if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+            return None
+        threads = 1
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} must be a positive integer.")
+    torch.set_num_threads(threads)
+    return threads

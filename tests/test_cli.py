@@ -63,3 +63,26 @@ def test_download_reads_a_training_preset(capsys):
     assert (
         "xswu/HPSv2 HPS_v2.1_compressed.pt" in out and "model stabilityai/stable-diffusion-3.5-medium" in out
     )
+
+
+def test_cpu_threads_policy(monkeypatch):
+    import torch
+
+    from diffrl.utils import set_cpu_threads
+
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert set_cpu_threads() == 1 and torch.get_num_threads() == 1  # CPU only: one thread by default
+        assert set_cpu_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert set_cpu_threads() is None and torch.get_num_threads() == 2  # the user's OMP_NUM_THREADS is kept
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_cpu_threads() is None  # with a GPU torch's default stays
+        with pytest.raises(ValueError, match="threads=0 must be a positive integer"):
+            set_cpu_threads(0)
+    finally:
+        torch.set_num_threads(saved)
