@@ -350,3 +350,22 @@ def test_gaussian_lora_init_draws_a_from_the_reference_normal(tmp_path):
     b = [p for n, p in zip(trainer.param_names, trainer.params, strict=True) if "lora_B" in n]
     assert all(bool((p == 0).all()) for p in b)  # the adapted model starts as the base model
     assert a.std().item() == pytest.approx(1 / 8, rel=0.05)  # PEFT's "gaussian": N(0, 1/r)
+
+
+def test_the_evaluation_picture_captions_every_image_and_marks_pass_fail(tmp_path):
+    from PIL import Image
+
+    from diffrl.trainers.eval_grid import _pass_fail, save_eval_grid
+
+    images = torch.rand(5, 3, 16, 16)
+    comps = {
+        "verifier": torch.tensor([0.5, 1.0, 0.2, 0.7, 0.0]),
+        "accuracy": torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]),
+    }
+    assert _pass_fail(comps)[0] == "accuracy"  # the first 0/1 component decides the frames
+    assert _pass_fail({"verifier": comps["verifier"]}) is None
+    path = save_eval_grid(
+        images, [f"prompt {i}" for i in range(5)], comps, tmp_path / "eval" / "step.png", "title"
+    )
+    with Image.open(path) as picture:
+        assert picture.size[0] > 300 and picture.size[1] > 200

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -227,7 +226,9 @@ class Trainer:
         self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
         self._check_metadata()
         self._check_report_to()
-        if model is None:  # a size the model cannot make fails now, from its config files, before the weights load
+        if (
+            model is None
+        ):  # a size the model cannot make fails now, from its config files, before the weights load
             from diffrl.models.loading import check_image_size
 
             check_image_size(cfg.model.path, cfg.sample.height, cfg.sample.width)
@@ -965,11 +966,16 @@ class Trainer:
             {name: (float(v.detach().float().sum()), int(v.numel())) for name, v in comps.items()}
         )
         if self.accelerator.is_main_process:
-            from torchvision.utils import save_image
+            from .eval_grid import save_eval_grid
 
-            path = self.output_dir / "eval" / f"step_{self.step:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(images.float().cpu(), str(path), nrow=max(1, int(math.sqrt(len(images)))))
+            means = "  ".join(f"{k.split('/')[-2]} {v:.3g}" for k, v in metrics.items())
+            save_eval_grid(
+                images,
+                local.prompts,
+                comps,
+                self.output_dir / "eval" / f"step_{self.step:06d}.png",
+                title=f"step {self.step}, {len(images)} held-out images (this process's share); means: {means}",
+            )
         return metrics
 
     def _eval_means(self, local: dict[str, tuple[float, int]]) -> dict[str, float]:
