@@ -90,20 +90,18 @@ Usage: ``python benchmarks/parity_diffusion_nft.py --reference /path/to/Diffusio
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 import tempfile
 import types
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "tiny" / "diffusion_nft.yaml"
@@ -123,19 +121,6 @@ SAMPLED_MOMENT_TOLERANCE = 1e-4
 # ---------------------------------------------------------------------------------------------- the reference code
 
 
-class _AttrDict(dict):
-    """Stands in for ``ml_collections.ConfigDict`` (attribute access to a dict) to read the reference's config."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __setattr__(self, key, value):
-        self[key] = value
-
-
 def load_reference(root: Path) -> types.SimpleNamespace:
     """The reference's functions and configuration, executed from the clone at ``root``."""
     root = root.resolve()
@@ -148,36 +133,16 @@ def load_reference(root: Path) -> types.SimpleNamespace:
     from flow_grpo.diffusers_patch.train_dreambooth_lora_sd3 import encode_prompt
     from flow_grpo.stat_tracking import PerPromptStatTracker
 
-    # functions of the training script: the module imports absl, wandb, ml_collections... at the top, so its
-    # function definitions are taken out of the source and executed with what they use
-    tree = ast.parse(script.read_text())
-    wanted = {"return_decay", "compute_text_embeddings"}
-    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
-    namespace = {"torch": torch, "np": np, "encode_prompt": encode_prompt}
-    exec(compile(ast.Module(body=defs, type_ignores=[]), str(script), "exec"), namespace)
-
-    # the LoRA set-up inside main(): the target list and the LoraConfig keywords, as written there
-    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
-    targets, lora_kwargs = None, None
-    for node in ast.walk(main):
-        if isinstance(node, ast.Assign) and any(
-            getattr(t, "id", "") == "target_modules" for t in node.targets
-        ):
-            targets = ast.literal_eval(node.value)
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "LoraConfig":
-            lora_kwargs = {
-                k.arg: ast.literal_eval(k.value) for k in node.keywords if isinstance(k.value, ast.Constant)
-            }
-    if targets is None or lora_kwargs is None:
-        raise SystemExit(f"could not find the LoRA set-up in {script}")
-
-    # the run configuration: config/nft.py on config/base.py, with a stand-in for ml_collections
-    sys.modules.setdefault("ml_collections", types.SimpleNamespace(ConfigDict=_AttrDict))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # config/nft.py imports the deprecated imp module
-        spec = importlib.util.spec_from_file_location("reference_nft_config", root / "config" / "nft.py")
-        config_module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(config_module)
+    # functions of the training script (its module imports absl, wandb, ml_collections... at the top), the LoRA
+    # set-up inside main(), and the run configuration: config/nft.py on config/base.py
+    namespace = script_functions(
+        script,
+        {"return_decay", "compute_text_embeddings"},
+        {"torch": torch, "np": np, "encode_prompt": encode_prompt},
+    )
+    targets, lora_kwargs, _ = main_lora_setup(script)
+    stub_missing_modules()
+    config_module = load_module(root / "config" / "nft.py", "reference_nft_config")
 
     return types.SimpleNamespace(
         root=root,

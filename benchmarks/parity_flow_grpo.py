@@ -102,14 +102,12 @@ Usage: ``python benchmarks/parity_flow_grpo.py --reference /path/to/flow_grpo_cl
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import importlib
 import importlib.util
 import math
 import sys
 import tempfile
-import types
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -117,6 +115,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRESET = ROOT / "configs" / "tiny" / "flow_grpo.yaml"
@@ -134,89 +133,28 @@ REF_PREFIX = "base_model.model."  # PeftModel's prefix of the wrapped transforme
 # ---------------------------------------------------------------------------------------------- the reference
 
 
-def _stub_missing_modules() -> None:
-    """``config/*.py`` imports ``ml_collections`` (attribute dicts only) and ``imp`` (gone in Python 3.12)."""
-    try:
-        import ml_collections  # noqa: F401
-    except ImportError:
-
-        class ConfigDict(dict):
-            def __getattr__(self, key):
-                try:
-                    return self[key]
-                except KeyError:
-                    raise AttributeError(key) from None
-
-            def __setattr__(self, key, value):
-                self[key] = value
-
-        module = types.ModuleType("ml_collections")
-        module.ConfigDict = ConfigDict
-        sys.modules["ml_collections"] = module
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import imp  # noqa: F401
-    except ImportError:
-
-        def load_source(name, path):
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-            return module
-
-        module = types.ModuleType("imp")
-        module.load_source = load_source
-        sys.modules["imp"] = module
-
-
 def load_reference(root: Path) -> SimpleNamespace:
     """The reference's config, modules and the functions of ``scripts/train_sd3.py`` this script executes."""
     script = root / "scripts" / "train_sd3.py"
     if not script.is_file():
         raise SystemExit(f"--reference {root} is not a flow_grpo clone (no scripts/train_sd3.py)")
     sys.path.insert(0, str(root))
-    _stub_missing_modules()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        spec = importlib.util.spec_from_file_location(
-            "flow_grpo_reference_config", root / "config" / "grpo.py"
-        )
-        grpo_config = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(grpo_config)
+    stub_missing_modules()
+    grpo_config = load_module(root / "config" / "grpo.py", "flow_grpo_reference_config")
     from flow_grpo.diffusers_patch import sd3_pipeline_with_logprob, sd3_sde_with_logprob
     from flow_grpo.diffusers_patch.train_dreambooth_lora_sd3 import encode_prompt
     from flow_grpo.stat_tracking import PerPromptStatTracker
 
-    tree = ast.parse(script.read_text())
-    namespace = {
-        "torch": torch,
-        "sde_step_with_logprob": sd3_sde_with_logprob.sde_step_with_logprob,
-        "encode_prompt": encode_prompt,
-    }
-    wanted = {"compute_log_prob", "compute_text_embeddings"}
-    found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
-    if {n.name for n in found} != wanted:
-        raise SystemExit(
-            f"{script} does not define {sorted(wanted)}; this script knows commit ac4c86e's layout"
-        )
-    exec(compile(ast.Module(body=found, type_ignores=[]), str(script), "exec"), namespace)
-    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
-    lora_targets, lora_kwargs, max_sequence_length = None, None, None
-    for node in ast.walk(main):
-        if isinstance(node, ast.Assign) and any(
-            getattr(t, "id", "") == "target_modules" for t in node.targets
-        ):
-            lora_targets = ast.literal_eval(node.value)
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "LoraConfig":
-            lora_kwargs = {
-                k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg != "target_modules"
-            }
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "compute_text_embeddings":
-            for k in node.keywords:
-                if k.arg == "max_sequence_length":
-                    max_sequence_length = ast.literal_eval(k.value)
+    namespace = script_functions(
+        script,
+        {"compute_log_prob", "compute_text_embeddings"},
+        {
+            "torch": torch,
+            "sde_step_with_logprob": sd3_sde_with_logprob.sde_step_with_logprob,
+            "encode_prompt": encode_prompt,
+        },
+    )
+    lora_targets, lora_kwargs, max_sequence_length = main_lora_setup(script)
     return SimpleNamespace(
         config=grpo_config.pickscore_sd3(),
         pipeline_with_logprob=sd3_pipeline_with_logprob.pipeline_with_logprob,
