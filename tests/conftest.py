@@ -60,6 +60,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def private_tiny_cache(tmp_path_factory):
+    """A tiny-model cache (``DIFFRL_CACHE``) of the test module's own, the previous one restored afterwards; use it
+    with ``pytestmark = pytest.mark.usefixtures("private_tiny_cache")``."""
+    old = os.environ.get("DIFFRL_CACHE")
+    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFRL_CACHE", None)
+    else:
+        os.environ["DIFFRL_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     """One tiny-model cache for the test process and every launched process, built before any launch (two
     processes building it at once would race)."""

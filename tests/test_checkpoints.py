@@ -20,15 +20,7 @@ PRESET = ROOT / "configs" / "tiny" / "diffusion_nft.yaml"
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory, one_thread):
-    old = os.environ.get("DIFFRL_CACHE")
-    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DIFFRL_CACHE", None)
-    else:
-        os.environ["DIFFRL_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_tiny_cache", "one_thread")
 
 
 def _overrides(out: Path, *extra: str) -> list[str]:

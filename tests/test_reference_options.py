@@ -4,7 +4,6 @@ by hand: benchmarks/parity_flow_grpo.py and benchmarks/parity_diffusion_nft.py."
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,7 @@ PRESET = {a: ROOT / "configs" / "tiny" / f"{a}.yaml" for a in ("flow_grpo", "dif
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory, one_thread):
-    old = os.environ.get("DIFFRL_CACHE")
-    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DIFFRL_CACHE", None)
-    else:
-        os.environ["DIFFRL_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_tiny_cache", "one_thread")
 
 
 def _trainer(algo: str, out: Path, *extra: str, **parts):
