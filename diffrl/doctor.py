@@ -1129,20 +1129,8 @@ def _check_onpolicy(cfg, location: _ModelLocation, device: str) -> list[Finding]
             )
         ]
     try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-        try:
-            path = location.spec if location.kind == "tiny" else str(location.directory())
-            model = _load_policy(cfg, path, device)
-        finally:
-            if bars[0]:
-                dlog.enable_progress_bar()
-            if bars[1]:
-                tlog.enable_progress_bar()
+        path = location.spec if location.kind == "tiny" else str(location.directory())
+        model = _load_policy(cfg, path, device)  # loads without progress bars, as every load_model does
         sampler, noise_level, lo, hi = _probe_window(cfg, s.num_steps)
         step_fn = sde_step if sampler == "sde" else cps_step
         n = max(1, min(max(s.batch_size, o.train_batch_size), ONPOLICY_ROWS))

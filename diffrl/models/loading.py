@@ -85,6 +85,18 @@ def tiny_model_dir(spec: str) -> Path:
     return target
 
 
+def _pipeline_path(path: str | Path) -> str:
+    """A hub id or directory as given; ``tiny:sd3`` / ``tiny:flux`` and ``toy`` as their local directories."""
+    path = str(path)
+    if path.startswith("tiny:"):
+        return str(tiny_model_dir(path))
+    if path == "toy":
+        from ..toy.assets import toy_model_dir
+
+        return str(toy_model_dir())
+    return path
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """No per-component "Loading ..." progress bars of diffusers and transformers while a pipeline loads (a dozen
@@ -130,13 +142,7 @@ def load_model(
         adapter_kwargs: passed to the adapter (``max_sequence_length``, ``prompt_cache_size``; SD3:
             ``collapse_t5_padding``, see :class:`~diffrl.models.sd3.SD3Model`).
     """
-    path = str(path)
-    if path.startswith("tiny:"):
-        path = str(tiny_model_dir(path))
-    elif path == "toy":
-        from ..toy.assets import toy_model_dir
-
-        path = str(toy_model_dir())
+    path = _pipeline_path(path)
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)
@@ -181,14 +187,8 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from diffusers.configuration_utils import FrozenDict
 
-    path = str(path)
     try:
-        if path.startswith("tiny:"):
-            path = str(tiny_model_dir(path))
-        elif path == "toy":
-            from ..toy.assets import toy_model_dir
-
-            path = str(toy_model_dir())
+        path = _pipeline_path(path)
         adapter_cls = detect_family(path, revision)
         transformer_cls = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[adapter_cls.family]
         configs = {

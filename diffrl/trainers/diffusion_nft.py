@@ -61,9 +61,8 @@ class DiffusionNFTTrainer(Trainer):
         self.old_params = self._adapter_params(OLD)
         with torch.no_grad():
             for o, p in zip(self.old_params, self.params, strict=True):
-                o.data = (
-                    o.data.float()
-                )  # PEFT made it in the base layer's dtype; the soft update needs float32
+                # PEFT made it in the base layer's dtype; the soft update needs float32
+                o.data = o.data.float()
                 o.copy_(p)
         for o in self.old_params:
             o.requires_grad_(False)
@@ -147,9 +146,8 @@ class DiffusionNFTTrainer(Trainer):
             pick = np.tile(
                 np.random.default_rng([cfg.seed, self.step, 15485863]).permutation(levels.numel())[:k], (n, 1)
             )
-        pick = torch.as_tensor(
-            pick, device=levels.device
-        )  # (n, k) level index of sample i's li-th training level
+        # (n, k): the level index of sample i's li-th training level
+        pick = torch.as_tensor(pick, device=levels.device)
         # the noise of every (level, sample) drawn up front and per global row, so neither micro-batching nor the
         # number of processes changes which noise a sample gets
         eps_all = torch.stack(
@@ -164,9 +162,7 @@ class DiffusionNFTTrainer(Trainer):
         if c.num_minibatches > 1:
             order = torch.randperm(n, generator=self.generator(5))
         parts = list(torch.tensor_split(order, c.num_minibatches))
-        sizes = torch.tensor([p.numel() for p in parts], device=self.device, dtype=torch.float64)
-        if self.world > 1:
-            sizes = self.accelerator.reduce(sizes, reduction="sum")
+        sizes = self.sum_over_processes(torch.tensor([p.numel() for p in parts], dtype=torch.float64))
         sums = {"policy_loss": 0.0, "kl": 0.0, "old_deviate": 0.0}
         for part, size in zip(parts, sizes.tolist(), strict=True):
             bad = self._accumulate_part(

@@ -290,9 +290,8 @@ class Trainer:
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         transformer = self.model.transformer
-        self._transformer_cls = type(
-            transformer
-        )  # fully_shard swaps in a subclass; the final save rebuilds this one
+        # fully_shard swaps in a subclass; the final save rebuilds this one
+        self._transformer_cls = type(transformer)
         blocks = [
             block
             for name in ("transformer_blocks", "single_transformer_blocks")
@@ -540,6 +539,11 @@ class Trainer:
             return bool(flag)
         t = torch.tensor([float(flag)], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of a per-process tensor over all processes, on this process's device."""
+        tensor = tensor.to(self.device)
+        return self.accelerator.reduce(tensor, reduction="sum") if self.world > 1 else tensor
 
     def mean_over_processes(self, value: float) -> float:
         if self.world == 1:
@@ -955,9 +959,8 @@ class Trainer:
             if not real:
                 return self._eval_means({})
             images, local = images[:real], prompts.take([row % n for row in mine[:real]])
-        freeze = getattr(
-            self.eval_reward, "frozen_statistics", None
-        )  # evaluation must not move running stats
+        # evaluation must not move running stats
+        freeze = getattr(self.eval_reward, "frozen_statistics", None)
         with freeze() if freeze is not None else contextlib.nullcontext():
             result = self.evaluate_reward(self.eval_reward, images, local.prompts, **local.batch_metadata())
         comps = dict(result.components)
@@ -1056,9 +1059,8 @@ class Trainer:
 
     def _load_optimizer_state(self, saved: dict) -> None:
         if self.ds_engine is not None:
-            zero.set_master_weights(
-                self.params
-            )  # the weights were just assigned: DeepSpeed's float32 copy too
+            # the weights were just assigned: DeepSpeed's float32 copy too
+            zero.set_master_weights(self.params)
             zero.scatter_optimizer_state(self.ds_engine, self.params, saved)
             return
         if not self.sharded:
@@ -1200,9 +1202,8 @@ class Trainer:
             self.accelerator.print(f"[diffrl] no checkpoint in {self.output_dir}; starting fresh")
             return
         # every file is read before anything is changed: a checkpoint that cannot be read leaves the trainer as it was
-        where = (
-            "cpu" if self.device.type == "cpu" else self.device
-        )  # torch.load knows "cpu", not gloo's "cpu:0"
+        # torch.load knows "cpu", not gloo's "cpu:0"
+        where = "cpu" if self.device.type == "cpu" else self.device
         try:
             weights = load_file(str(path / "trainable.safetensors"))
             ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None

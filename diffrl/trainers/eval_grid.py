@@ -53,7 +53,9 @@ def save_eval_grid(
             continue
         ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).float().cpu().numpy(), interpolation="nearest")
         caption = "\n".join(textwrap.wrap(prompts[i], 26)[:3])
-        values = "\n".join(f"{k[:18]} {float(v[i]):.3g}" for k, v in list(scores.items())[:3] if v.numel() > i)
+        values = "\n".join(
+            f"{k[:18]} {float(v[i]):.3g}" for k, v in list(scores.items())[:3] if v.numel() > i
+        )
         ax.set_title(f"{caption}\n{values}", fontsize=6)
         if verdict is not None:
             ok = bool(verdict[1][i] >= 0.5)

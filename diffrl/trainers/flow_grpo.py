@@ -146,11 +146,9 @@ class FlowGRPOTrainer(Trainer):
             order = keep[torch.randperm(keep.numel(), generator=self.generator(3, epoch)).to(keep.device)]
             parts.append(list(torch.tensor_split(order, g.num_minibatches)))
         # global sample count of every part (the loss is a mean over all processes' samples of the part)
-        sizes = torch.tensor(
-            [[p.numel() for p in ep] for ep in parts], device=self.device, dtype=torch.float64
+        sizes = self.sum_over_processes(
+            torch.tensor([[p.numel() for p in ep] for ep in parts], dtype=torch.float64)
         )
-        if self.world > 1:
-            sizes = self.accelerator.reduce(sizes, reduction="sum")
         if g.old_logp == "recompute":
             old_logp, metrics["train/old_logp_max_diff"] = self._recompute_old_logp(
                 latents, old_logp, cond_all, sigmas, train_steps, parts[0]
@@ -172,8 +170,7 @@ class FlowGRPOTrainer(Trainer):
         # sums and counts over processes (with dynamic_sampling a process may keep fewer samples, or none)
         keys = ("loss", "kl", "clipfrac", "ratio_mean", "approx_kl")
         totals = torch.tensor([stats[k] for k in keys] + [stats["count"]], dtype=torch.float64)
-        if self.world > 1:
-            totals = self.accelerator.reduce(totals.to(self.device), reduction="sum").cpu()
+        totals = self.sum_over_processes(totals).cpu()
         c = max(1.0, float(totals[-1]))
         for key, value in zip(keys, totals[:-1].tolist(), strict=True):
             metrics[f"train/{key}"] = value / c
