@@ -249,7 +249,7 @@ def run_demo(
     scores = None
     scenes = [m.get("scene") for m in sub.metadata]
     if all(scenes):  # toy prompts: mark each picture correct (green) or not (red) by the verifier
-        from diffrl.rewards.shapes import verify
+        from diffrl.toy.rewards import verify
 
         scores = (verify(before, scenes)[1].tolist(), verify(after, scenes)[1].tolist())
     before_after_grid(before, after, sub.prompts, out / "before_after.png", scores)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_dtype", "DTYPES", "apply_umask", "canonical_safetensors_header", "set_cpu_threads"]
+__all__ = [
+    "resolve_dtype",
+    "DTYPES",
+    "apply_umask",
+    "canonical_safetensors_header",
+    "set_cpu_threads",
+    "SHIPPED_CHECKPOINTS",
+    "shipped_checkpoint",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -78,3 +86,36 @@ def set_cpu_threads(threads: int | None = None) -> int | None:
         raise ValueError(f"threads={threads!r} must be a positive integer.")
     torch.set_num_threads(threads)
     return threads
+
+
+#: Checkpoints shipped inside the package (``diffrl/toy/assets/``), by spec: (folder, a file that must be there,
+#: what it is, how to re-create it). Kept here, below every layer, so that a reward can load ``"toy:clip"`` without
+#: importing the toy world; :mod:`diffrl.toy.assets` is the toy world's view of the same folders.
+SHIPPED_CHECKPOINTS = {
+    "toy": (
+        "sd3",
+        "model_index.json",
+        "toy text-to-image model",
+        "python scripts/train_toy_model.py --out runs/toy-model && cp -r runs/toy-model/ckpt-7000 diffrl/toy/assets/sd3",
+    ),
+    "toy:clip": (
+        "clip",
+        "config.json",
+        "toy CLIP",
+        "python scripts/train_toy_clip.py --out diffrl/toy/assets/clip",
+    ),
+}
+
+
+def shipped_checkpoint(spec: str) -> Path:
+    """The directory of a checkpoint shipped with diffrl (a key of :data:`SHIPPED_CHECKPOINTS`); a FileNotFoundError
+    that says how to re-create it when this checkout lacks it."""
+    if spec not in SHIPPED_CHECKPOINTS:
+        raise KeyError(f"{spec!r} is not a shipped checkpoint; shipped: {', '.join(SHIPPED_CHECKPOINTS)}.")
+    folder, marker, what, command = SHIPPED_CHECKPOINTS[spec]
+    path = Path(__file__).resolve().parent / "toy" / "assets" / folder
+    if not (path / marker).is_file():
+        raise FileNotFoundError(
+            f"the {what} is not in this checkout ({path} has no {marker}); re-create it with: {command}"
+        )
+    return path

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffrl.utils import shipped_checkpoint
+
 from .base import Reward
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_bicubic_pil_order
 from .weights import HubFile, WeightsNotFoundError, fetch_hint, resolve_snapshot
@@ -78,11 +80,9 @@ TOY_CLIP_SPEC = "toy:clip"
 def builtin_dir(spec: Any) -> Path | None:
     """The shipped directory a built-in spec (``"toy:clip"``) names, or ``None`` for any other spec; a
     FileNotFoundError saying how to re-create it when it is not in this checkout
-    (:func:`diffrl.toy.assets.toy_clip_dir`)."""
+    (:func:`diffrl.utils.shipped_checkpoint`)."""
     if isinstance(spec, str) and spec == TOY_CLIP_SPEC:
-        from diffrl.toy.assets import toy_clip_dir
-
-        return toy_clip_dir()
+        return shipped_checkpoint(spec)
     return None
 
 

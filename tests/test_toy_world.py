@@ -11,7 +11,6 @@ import torch
 from reward_contract import check_reward_contract
 
 from diffrl.data import load_prompts, train_eval_prompts
-from diffrl.rewards.shapes import ShapesSoft, ShapesVerifier, detect_objects, soft_verify, verify
 from diffrl.toy import (
     CATEGORIES,
     HELD_OUT_COMBOS,
@@ -28,6 +27,7 @@ from diffrl.toy import (
     split_of,
     write_prompt_sets,
 )
+from diffrl.toy.rewards import ShapesSoft, ShapesVerifier, detect_objects, soft_verify, verify
 from diffrl.toy.scenes import _canonical_key
 
 
@@ -360,7 +360,7 @@ def test_soft_reward_contract(world):
 def test_registry_entry_loads():
     from diffrl.rewards import load_reward
 
-    reward = load_reward("diffrl.rewards.shapes:ShapesVerifier", strict=True)
+    reward = load_reward("diffrl.toy.rewards:ShapesVerifier", strict=True)
     assert isinstance(reward, ShapesVerifier) and reward.strict
     assert isinstance(load_reward("shapes_soft"), ShapesSoft)
 

@@ -1,7 +1,7 @@
 """diffrl.toy: an embedded toy world (coloured shapes, GenEval-style prompts) so the whole RL loop runs offline.
 
 :mod:`diffrl.toy.scenes` defines the world (palette, shapes, prompt categories, the train / held-out split, the
-renderer and the meaning of a description); the matching verifier reward is ``diffrl.rewards.shapes``.
+renderer and the meaning of a description); the matching verifier reward is ``diffrl.toy.rewards``.
 """
 
 from .scenes import (

@@ -24,7 +24,7 @@ tower's pre-LayerNorm makes the exact choice unimportant).
 Training (:func:`train_toy_clip`, :class:`ToyCLIPTrainConfig`): CLIP's symmetric InfoNCE with a learnable logit
 scale (initialised at ``log(1 / 0.07)``, clamped to at most 100) on scenes rendered on the fly from the *train*
 split only (:func:`diffrl.toy.scenes.sample_scene`); no held-out description is ever shown, as image or as text.
-Two kinds of hard negatives teach what the verifier (``diffrl.rewards.shapes``) checks, built with the scenes
+Two kinds of hard negatives teach what the verifier (``diffrl.toy.rewards``) checks, built with the scenes
 module's own functions (:func:`~diffrl.toy.scenes.prompt_for` on a modified description, :func:`corruptions`):
 
 * *Minimal pairs* (image-side and text-side): each scene comes with a partner scene, the same objects with one
@@ -957,7 +957,7 @@ def evaluate_toy_clip(
     }
 
     # --- agreement with the verifier: correct renders vs near misses, scored against the held-out prompt
-    from diffrl.rewards.shapes import ShapesVerifier
+    from diffrl.toy.rewards import ShapesVerifier
 
     verifier = ShapesVerifier()
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ that loads with ``StableDiffusion3Pipeline.from_pretrained(dir, text_encoder_3=N
    guidance works; AdamW, an EMA of the weights (the EMA is what is saved).
 
 :func:`evaluate` samples held-out prompts with diffrl's own sampler (:func:`diffrl.generate.sample_images`, ODE
-Euler steps with CFG) and scores them with :class:`diffrl.rewards.shapes.ShapesVerifier`.
+Euler steps with CFG) and scores them with :class:`diffrl.toy.rewards.ShapesVerifier`.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def set_latent_stats(vae, mean: torch.Tensor, std: torch.Tensor) -> tuple[float,
 @torch.no_grad()
 def reconstruction_check(vae, images: torch.Tensor, scenes: list[dict]) -> dict:
     """How well the verifier reads the VAE's reconstructions (an upper bound on what the generator can reach)."""
-    from diffrl.rewards.shapes import ShapesVerifier
+    from diffrl.toy.rewards import ShapesVerifier
 
     post = vae.encode(images * 2 - 1).latent_dist
     rec = (vae.decode(post.mean).sample / 2 + 0.5).clamp(0, 1)
@@ -431,7 +431,7 @@ def evaluate(
     (``split="eval"``: the held-out set; ``"train"``: train prompts), overall and per category."""
     from diffrl.generate import sample_images
     from diffrl.models import load_model
-    from diffrl.rewards.shapes import ShapesVerifier
+    from diffrl.toy.rewards import ShapesVerifier
     from diffrl.toy.scenes import make_prompt_sets
 
     model = load_model(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir

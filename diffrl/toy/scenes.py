@@ -6,7 +6,7 @@ at 64x64, scaled with the image size). Images are anti-aliased (4x4 supersamplin
 [0, 1].
 
 A *description* is the JSON-serialisable dict a prompt is checked against (the verifier reward
-``diffrl.rewards.shapes.ShapesVerifier`` reads it from ``metadata["scene"]``)::
+``diffrl.toy.rewards.ShapesVerifier`` reads it from ``metadata["scene"]``)::
 
     {"category": "position",
      "objects": [{"shape": "circle", "color": "red", "count": 1, "exact": False},

@@ -1,6 +1,8 @@
-"""``shapes_verifier``: a programmatic verifier of the toy world (:mod:`diffrl.toy`), score-only and weight-free.
+"""The toy world's rewards: ``shapes_verifier``, a programmatic verifier of the toy world (:mod:`diffrl.toy`), score-only
+and weight-free, ``shapes_accuracy`` (its strict 0/1 form) and ``shapes_soft`` (its differentiable relaxation). They
+live with the world they check and are registered by name in :mod:`diffrl.rewards.registry`.
 
-It finds the objects in an image and checks them against the prompt's structured description, which it reads
+The verifier finds the objects in an image and checks them against the prompt's structured description, which it reads
 from ``metadata["scene"]`` (one dict, or its JSON string, per image). Perception, batched in torch (any device):
 
 1. *Colour segmentation*. Every pixel is projected on the chroma plane (``a = r - (g + b) / 2``,
@@ -37,7 +39,9 @@ from typing import Any
 
 import torch
 
-from diffrl.toy.scenes import (
+from diffrl.rewards.base import Reward
+
+from .scenes import (
     BASE_SIZE,
     PALETTE,
     RELATION_MARGIN,
@@ -45,8 +49,6 @@ from diffrl.toy.scenes import (
     normalize_description,
     score_objects,
 )
-
-from .base import Reward
 
 __all__ = ["ShapesVerifier", "ShapesAccuracy", "ShapesSoft", "verify", "soft_verify", "detect_objects"]
 
