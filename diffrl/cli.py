@@ -107,9 +107,9 @@ def _reward_files(name: str, kwargs: dict):
 
     cls = reward_class(name) if ":" not in name else None
     if cls is None:
-        from diffrl.rewards.registry import _import_attr
+        from diffrl.rewards.registry import import_attr
 
-        cls = _import_attr(name)
+        cls = import_attr(name)
     hub_files = getattr(cls, "hub_files", None)
     return hub_files(**kwargs) if hub_files is not None else []
 

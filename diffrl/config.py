@@ -39,6 +39,7 @@ __all__ = [
     "field_docs",
     "config_classes",
     "ALGORITHMS",
+    "parse_override",
 ]
 
 ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl")
@@ -412,7 +413,7 @@ def _build(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     import yaml
 
     if "=" not in text:
@@ -532,7 +533,7 @@ def load_config(
                 f"config file {source} must hold a mapping of fields, not {type(data).__name__}."
             )
     for text in overrides or []:
-        keys, value = _parse_override(text)
+        keys, value = parse_override(text)
         _merge(data, keys, value)
     cfg = _build(TrainConfig, data)
     validate(cfg, given=given)

@@ -257,7 +257,7 @@ def _read_config(config, overrides: list[str]):
     """The validated config, or ``(None, Finding)`` when it does not validate; bad input raises ConfigError."""
     import yaml
 
-    from .config import ConfigError, _parse_override, load_config
+    from .config import ConfigError, load_config, parse_override
 
     if isinstance(config, (str, Path)):
         path = Path(config)
@@ -274,7 +274,7 @@ def _read_config(config, overrides: list[str]):
                 f"config file {config} is not valid YAML{where}; fix its syntax (key: value, one per line)."
             ) from None
     for text in overrides:
-        _parse_override(text)  # raises ConfigError naming the override when it is not key=value
+        parse_override(text)  # raises ConfigError naming the override when it is not key=value
     try:
         return load_config(config, overrides), None
     except ConfigError as err:

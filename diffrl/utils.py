@@ -13,6 +13,7 @@ __all__ = [
     "apply_umask",
     "canonical_safetensors_header",
     "set_cpu_threads",
+    "SHIPPED_ROOT",
     "SHIPPED_CHECKPOINTS",
     "shipped_checkpoint",
 ]
@@ -88,7 +89,10 @@ def set_cpu_threads(threads: int | None = None) -> int | None:
     return threads
 
 
-#: Checkpoints shipped inside the package (``diffrl/toy/assets/``), by spec: (folder, a file that must be there,
+#: The folder of the checkpoints shipped inside the package.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "toy" / "assets"
+
+#: Checkpoints shipped inside the package (:data:`SHIPPED_ROOT`), by spec: (folder, a file that must be there,
 #: what it is, how to re-create it). Kept here, below every layer, so that a reward can load ``"toy:clip"`` without
 #: importing the toy world; :mod:`diffrl.toy.assets` is the toy world's view of the same folders.
 SHIPPED_CHECKPOINTS = {
@@ -113,7 +117,7 @@ def shipped_checkpoint(spec: str) -> Path:
     if spec not in SHIPPED_CHECKPOINTS:
         raise KeyError(f"{spec!r} is not a shipped checkpoint; shipped: {', '.join(SHIPPED_CHECKPOINTS)}.")
     folder, marker, what, command = SHIPPED_CHECKPOINTS[spec]
-    path = Path(__file__).resolve().parent / "toy" / "assets" / folder
+    path = SHIPPED_ROOT / folder
     if not (path / marker).is_file():
         raise FileNotFoundError(
             f"the {what} is not in this checkout ({path} has no {marker}); re-create it with: {command}"

@@ -15,7 +15,7 @@ with ``map_location="cpu"``), and the CLIP ``openai/clip-vit-large-patch14`` (``
 ``head_filename``) and a local CLIP directory are accepted as well.
 
 Preprocessing (torch, differentiable): the CLIP processor's settings (shorter side to 224, bicubic, centre crop
-224, OpenAI CLIP mean/std), see :class:`~diffrl.rewards._clip_common.CLIPImageTransform`.
+224, OpenAI CLIP mean/std), see :class:`~diffrl.rewards.clip_common.CLIPImageTransform`.
 
 Deviations from the reference (OpenAI's ``clip`` package preprocessing PIL images, then ``encode_image``; TRL's
 DDPO scorer uses transformers' ``CLIPProcessor`` + ``CLIPModel`` the same way): images are float tensors and the
@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._clip_common import (
+from .base import Reward
+from .clip_common import (
     CLIPImageTransform,
     at_least_float32,
     check_spec,
@@ -45,7 +46,6 @@ from ._clip_common import (
     load_clip_model,
     missing_files_named,
 )
-from .base import Reward
 from .weights import HubFile, resolve_file, resolve_snapshot
 
 __all__ = ["AestheticScore", "AestheticMLP", "AESTHETIC_HEAD_REPO", "AESTHETIC_HEAD_FILE", "AESTHETIC_CLIP"]

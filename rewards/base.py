@@ -28,7 +28,7 @@ import torch
 
 from diffrl.utils import resolve_dtype
 
-__all__ = ["Reward", "RewardOutput", "FunctionReward", "as_reward", "split_metadata", "to_score_tensor"]
+__all__ = ["Reward", "RewardOutput", "FunctionReward", "as_reward", "split_metadata", "to_score_tensor", "check_inputs"]
 
 
 @dataclass
@@ -71,7 +71,7 @@ def split_metadata(metadata: dict[str, Any], batch: int, start: int, stop: int) 
     return out
 
 
-def _check_inputs(images: torch.Tensor, prompts: Sequence[str], name: str) -> list[str]:
+def check_inputs(images: torch.Tensor, prompts: Sequence[str], name: str) -> list[str]:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"reward {name!r} got images {shape}; pass a float tensor (B, 3, H, W) in [0, 1].")
@@ -161,7 +161,7 @@ class Reward:
         return self
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
-        prompts = _check_inputs(images, prompts, self.name)
+        prompts = check_inputs(images, prompts, self.name)
         if not self._loaded:
             self.load(self.device if self.device is not None else images.device)
         batch = images.shape[0]

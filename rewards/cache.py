@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Reward, RewardOutput, _check_inputs, split_metadata
+from .base import Reward, RewardOutput, check_inputs, split_metadata
 
 __all__ = ["ScoreCache", "CachedReward"]
 
@@ -109,7 +109,7 @@ class CachedReward(Reward):
         return keys
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
-        prompts = _check_inputs(images, prompts, self.name)
+        prompts = check_inputs(images, prompts, self.name)
         if self.differentiable and images.requires_grad and torch.is_grad_enabled():
             return self.reward(images, prompts, **metadata)
         keys = self._keys(images, prompts, metadata)

@@ -14,7 +14,7 @@ too): ``config.json``, ``model.safetensors`` and, from the same repository unles
 
 Preprocessing (torch, differentiable): the processor's ``CLIPImageProcessor`` settings (for ViT-L/14: shorter
 side to 224, bicubic, centre crop 224, OpenAI CLIP mean/std), see
-:class:`~diffrl.rewards._clip_common.CLIPImageTransform`; prompts are padded / truncated to 77 tokens (torchmetrics
+:class:`~diffrl.rewards.clip_common.CLIPImageTransform`; prompts are padded / truncated to 77 tokens (torchmetrics
 truncates too, with a warning).
 
 Deviations from torchmetrics: scores are per image (torchmetrics averages over the batch), images are float tensors
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._clip_common import CLIPImageTextReward, pair_hub_files
+from .clip_common import CLIPImageTextReward, pair_hub_files
 from .weights import HubFile
 
 __all__ = ["CLIPScore", "CLIPSCORE_MODEL"]

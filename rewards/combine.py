@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import Reward, RewardOutput, _check_inputs
+from .base import Reward, RewardOutput, check_inputs
 from .registry import load_reward
 
 __all__ = ["CombinedReward"]
@@ -176,7 +176,7 @@ class CombinedReward(Reward):
             self._frozen = before
 
     def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
-        prompts = _check_inputs(images, prompts, self.name)
+        prompts = check_inputs(images, prompts, self.name)
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
         components = {}
         for reward, weight in self.parts:

@@ -13,7 +13,7 @@ the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (``preprocessor_confi
 hub; the base model (LAION's ViT-H-14) is MIT. Check the model card before commercial use.
 
 Preprocessing (torch, differentiable): the processor's ``CLIPImageProcessor`` settings (shorter side to 224,
-bicubic, centre crop 224, OpenAI CLIP mean/std) in :class:`~diffrl.rewards._clip_common.CLIPImageTransform`; prompts
+bicubic, centre crop 224, OpenAI CLIP mean/std) in :class:`~diffrl.rewards.clip_common.CLIPImageTransform`; prompts
 are padded / truncated to 77 tokens.
 
 Deviations from the reference (``AutoProcessor`` + ``AutoModel`` on PIL images): images are float tensors, not
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ._clip_common import CLIPImageTextReward, at_least_float32, pair_hub_files
+from .clip_common import CLIPImageTextReward, at_least_float32, pair_hub_files
 from .weights import HubFile
 
 __all__ = ["PickScore", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR"]

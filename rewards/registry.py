@@ -8,7 +8,7 @@ from typing import Any
 
 from .base import Reward, as_reward
 
-__all__ = ["REWARDS", "register_reward", "load_reward", "available_rewards", "reward_class"]
+__all__ = ["REWARDS", "register_reward", "load_reward", "available_rewards", "reward_class", "import_attr"]
 
 # name -> "module:Class" (imported on first use, so `import diffrl.rewards` stays light) or a class.
 REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
@@ -42,7 +42,7 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS)
 
 
-def _import_attr(spec: str) -> Any:
+def import_attr(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"reward {spec!r} is not of the form 'package.module:attr'.")
@@ -74,7 +74,7 @@ def reward_class(name: str):
         )
     entry = REWARDS[name]
     if isinstance(entry, str):
-        entry = _import_attr(entry)
+        entry = import_attr(entry)
         REWARDS[name] = entry
     return entry
 
@@ -89,7 +89,7 @@ def load_reward(spec: str | Reward | Callable[..., Any], **kwargs) -> Reward:
             )
         return spec
     if isinstance(spec, str):
-        obj = _import_attr(spec) if ":" in spec else reward_class(spec)
+        obj = import_attr(spec) if ":" in spec else reward_class(spec)
     else:
         obj = spec
     if isinstance(obj, Reward):

@@ -19,8 +19,8 @@ from PIL import Image
 from reward_contract import check_reward_contract, finite_difference_check, make_images
 
 from diffrl.rewards import WeightsNotFoundError, load_reward
-from diffrl.rewards._clip_common import CLIPImageTransform, image_embeddings, load_clip_model
 from diffrl.rewards.aesthetic import AestheticMLP, AestheticScore
+from diffrl.rewards.clip_common import CLIPImageTransform, image_embeddings, load_clip_model
 from diffrl.rewards.clipscore import CLIPScore
 from diffrl.rewards.pickscore import PickScore
 from diffrl.rewards.preprocess import OPENAI_CLIP_STD

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffrl.rewards import _clip_common, load_reward
+from diffrl.rewards import clip_common, load_reward
 from diffrl.toy import generate_dataset, layout, prompt_for, render, sample_scene, score_objects, split_of
 from diffrl.toy.clip import (
     CORRUPTION_KINDS,
@@ -63,7 +63,7 @@ def test_toy_spec_loads_shipped_dir(reward):
     assert reward.transform.crop_size == (64, 64) and reward.transform.shortest_edge == 64
     assert reward.max_length == TOY_CLIP_MAX_TOKENS
     assert reward.hub_files(model="toy:clip") == []  # nothing to download
-    directory = _clip_common.builtin_dir("toy:clip")
+    directory = clip_common.builtin_dir("toy:clip")
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     assert size < 3e6, f"the shipped toy CLIP should stay small, it is {size / 1e6:.2f} MB"
     info = json.loads((directory / "toy_clip.json").read_text())
@@ -117,7 +117,7 @@ def test_gradients_reach_images(reward, held_out):
 def test_plain_transformers_loading(reward, held_out):
     from transformers import CLIPModel, CLIPProcessor
 
-    directory = _clip_common.builtin_dir("toy:clip")
+    directory = clip_common.builtin_dir("toy:clip")
     model = CLIPModel.from_pretrained(directory).eval()
     processor = CLIPProcessor.from_pretrained(directory)
     assert model.config.text_config.max_position_embeddings == TOY_CLIP_MAX_TOKENS
@@ -139,9 +139,9 @@ def test_plain_transformers_loading(reward, held_out):
 
 
 def test_missing_toy_dir_error(monkeypatch, tmp_path):
-    import diffrl.toy.assets
+    import diffrl.utils
 
-    monkeypatch.setattr(diffrl.toy.assets, "ASSETS", tmp_path / "missing")
+    monkeypatch.setattr(diffrl.utils, "SHIPPED_ROOT", tmp_path / "missing")
     with pytest.raises(
         FileNotFoundError, match="python scripts/train_toy_clip.py --out diffrl/toy/assets/clip"
     ):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffrl.utils import shipped_checkpoint
+from diffrl.utils import SHIPPED_ROOT, shipped_checkpoint
 
 __all__ = ["ASSETS", "toy_model_dir", "toy_clip_dir"]
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = SHIPPED_ROOT
 
 
 def toy_model_dir() -> Path:

@@ -574,13 +574,13 @@ def _augment(images: torch.Tensor, gen: torch.Generator, blur_max: float, noise_
 
 
 def _encode_texts(model, tokenizer, prompts: list[str], max_tokens: int) -> torch.Tensor:
-    from diffrl.rewards._clip_common import text_embeddings
+    from diffrl.rewards.clip_common import text_embeddings
 
     return F.normalize(text_embeddings(model, tokenizer, prompts, max_tokens), dim=-1)
 
 
 def _encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
-    from diffrl.rewards._clip_common import image_embeddings
+    from diffrl.rewards.clip_common import image_embeddings
 
     return F.normalize(image_embeddings(model.vision_model, model.visual_projection, pixels), dim=-1)
 
@@ -824,7 +824,7 @@ def train_toy_clip(
 # ----------------------------------------------------------------------------------------------- evaluation
 def _embedder(reward):
     """Normalised image / text embeddings under a loaded ``clipscore`` reward (the same math as its cosine)."""
-    from diffrl.rewards._clip_common import image_embeddings, text_embeddings
+    from diffrl.rewards.clip_common import image_embeddings, text_embeddings
 
     @torch.no_grad()
     def images(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
