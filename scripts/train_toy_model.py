@@ -8,7 +8,8 @@ Re-create the shipped weights (CPU; writes ``OUT/ckpt-{step}`` pipelines every 1
 
 All flags at their defaults (:class:`diffrl.toy.pretrain.ToyModelConfig`): VAE channels (16, 32, 32) -> 16x16x4
 latents, 500 VAE steps at batch 16; SD3 transformer 4 layers x 4 heads x 32 (width 128, 2.28 M params), two frozen
-random tiny CLIP text encoders (tokenizer length 16, every toy word one token), no T5; 20 000 train-split scenes;
+random tiny CLIP text encoders (tokenizer length 16, every toy word one token), no T5 (saved with a null T5 of zero
+output, so that plain diffusers loads the directory as is); 20 000 train-split scenes;
 flow matching, 12 000 steps planned at batch 32, lr 1e-3 cosine, 10 % empty-prompt dropout, EMA 0.999; scheduler
 shift 1. ``--threads 1`` (the default) matters: on a shared 2-core CPU two torch threads were several times slower.
 

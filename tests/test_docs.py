@@ -94,14 +94,14 @@ def broken_links(path: Path) -> list[str]:
 
 
 def builtin_reward_names() -> list[str]:
-    """The registry's built-in rewards: entries living in diffrl.rewards (rewards that other tests register at
-    run time with register_reward are left out)."""
+    """The registry's built-in rewards: entries living in diffrl.rewards or diffrl.toy.rewards (rewards that other
+    tests register at run time with register_reward are left out)."""
     from diffrl.rewards.registry import REWARDS
 
     names = []
     for name, entry in REWARDS.items():
         where = entry if isinstance(entry, str) else getattr(entry, "__module__", "")
-        if where.startswith("diffrl.rewards."):
+        if where.startswith(("diffrl.rewards.", "diffrl.toy.rewards:")):
             names.append(name)
     return names
 

@@ -476,3 +476,60 @@ def test_real_sd35_medium_checkpoint_matches_pipeline():
     ).images
     out = rollout(model, model.encode(PROMPTS[:1]), model.schedule(2, 256, 256), noise, guidance_scale=4.5)
     torch.testing.assert_close(out.final, ref.float(), rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- the shipped toy model as a plain pipeline
+
+_PLAIN_TOY = """
+import sys
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained(sys.argv[1])  # as is: no component passed by hand
+pipe.set_progress_bar_config(disable=True)
+kwargs = dict(prompt=sys.argv[3:], height=64, width=64, num_inference_steps=4, guidance_scale=3.0)
+latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
+images = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
+assert not [m for m in sys.modules if m == "diffrl" or m.startswith("diffrl.")], "diffrl was imported"
+torch.save({"latents": latents, "images": images, "t5": type(pipe.text_encoder_3).__name__}, sys.argv[2])
+"""
+
+
+def test_toy_model_loads_in_plain_diffusers_and_makes_diffrls_images(tmp_path, sd3_dir):
+    """The shipped toy directory loads with a bare ``StableDiffusion3Pipeline.from_pretrained(dir)`` in a process
+    that never imports diffrl (its null T5 outputs the zeros the pipeline uses without T5), and that pipeline's
+    latents and images equal diffrl's noise-free rollout of ``load_model("toy")``, which drops the null T5 again
+    and attends to the collapsed context."""
+    import subprocess
+    import sys
+
+    from diffrl.models.sd3 import is_null_t5
+    from diffrl.toy.assets import toy_model_dir
+
+    toy_dir = str(toy_model_dir())
+    out = tmp_path / "plain.pt"
+    prompts = ["a red circle", "two blue squares"]
+    subprocess.run(
+        [sys.executable, "-c", _PLAIN_TOY, toy_dir, str(out), *prompts], check=True, capture_output=True, text=True
+    )
+    plain = torch.load(out)
+    assert plain["t5"] == "T5EncoderModel"
+
+    shipped = StableDiffusion3Pipeline.from_pretrained(toy_dir).text_encoder_3
+    assert is_null_t5(shipped)
+    assert not is_null_t5(StableDiffusion3Pipeline.from_pretrained(sd3_dir).text_encoder_3)  # a real, random T5
+
+    # the null T5 changes nothing: the same pipeline told to run without T5 makes the same bits
+    without = StableDiffusion3Pipeline.from_pretrained(toy_dir, text_encoder_3=None, tokenizer_3=None)
+    without.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=prompts, height=64, width=64, num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    assert torch.equal(without(**kwargs, generator=_gen(0)).images, plain["latents"])
+
+    model = load_model("toy")
+    assert model.pipe.text_encoder_3 is None and model.collapse_t5_padding
+    noise = model.sample_noise(2, 64, 64, generator=_gen(0))
+    got = rollout(model, model.encode(prompts), model.schedule(4, 64, 64), noise, guidance_scale=3.0)
+    # the toy's latents reach |6.5|: float32 rounding of a different operation order, relative 1e-5
+    torch.testing.assert_close(got.final, plain["latents"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model.decode(got.final), plain["images"], rtol=1e-5, atol=5e-5)
+

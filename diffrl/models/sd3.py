@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..samplers import sigmas_from_scheduler_config
 from .base import Conditioning, FlowModel
 
-__all__ = ["SD3Model", "CollapsedContextAttnProcessor", "collapse_empty_t5"]
+__all__ = ["SD3Model", "CollapsedContextAttnProcessor", "collapse_empty_t5", "null_t5_encoder", "is_null_t5"]
 
 # Joint-attention projections of every MMDiT block (the Flow-GRPO / DiffusionNFT reference targets).
 SD3_LORA_TARGETS = [
@@ -84,6 +84,40 @@ class CollapsedContextAttnProcessor:
         return img, ctx
 
 
+def null_t5_encoder(d_model: int, vocab_size: int):
+    """A one-layer ``T5EncoderModel`` whose weights are all zero, so its output is exactly zero for every prompt: the
+    context an SD3 pipeline uses when it has no T5. A checkpoint trained without T5 (the toy model) ships it as
+    ``text_encoder_3`` so that a plain ``StableDiffusion3Pipeline.from_pretrained(dir)`` loads it (T5 is not an
+    optional component of that pipeline) and makes the same images; :class:`SD3Model` drops it again on load
+    (:func:`is_null_t5`), which keeps the collapsed-context speed-up."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=8,
+        num_layers=1,
+        num_heads=1,
+        feed_forward_proj="relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    encoder = T5EncoderModel(config).eval()
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.zero_()
+    return encoder
+
+
+def is_null_t5(encoder) -> bool:
+    """Whether ``encoder`` is a T5 encoder whose final RMS norm has an all-zero weight, so that it outputs zeros for
+    every finite input (:func:`null_t5_encoder`); a real T5 never is."""
+    norm = getattr(getattr(encoder, "encoder", None), "final_layer_norm", None)
+    weight = getattr(norm, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.device.type != "meta" and not bool(weight.any())
+
+
 def collapse_empty_t5(transformer, clip_len: int, max_sequence_length: int) -> None:
     """Wrap every attention processor of ``transformer`` in :class:`CollapsedContextAttnProcessor` (idempotent)."""
     procs = {}
@@ -111,6 +145,9 @@ class SD3Model(FlowModel):
         prompt_cache_size: int = 4096,
         collapse_t5_padding: bool = True,
     ):
+        if is_null_t5(getattr(pipe, "text_encoder_3", None)):
+            # its output is the zeros the pipeline uses without T5 (null_t5_encoder): run without it
+            pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
         self.max_sequence_length = max_sequence_length
         # Without T5 the pipeline's context ends in max_sequence_length zero tokens; keep one of them and let the

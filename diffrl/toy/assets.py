@@ -1,7 +1,8 @@
 """Where the toy world's shipped weights live: ``diffrl/toy/assets/`` inside the package.
 
 * ``toy_model_dir()``: the pretrained toy text-to-image model, a diffusers ``StableDiffusion3Pipeline`` directory
-  (no T5); ``load_model("toy")`` loads it. Re-create with ``python scripts/train_toy_model.py`` (see its docstring).
+  (trained without T5; its ``text_encoder_3`` is a null T5 of zero output, so that a plain
+  ``StableDiffusion3Pipeline.from_pretrained(dir)`` loads it); ``load_model("toy")`` loads it. Re-create with ``python scripts/train_toy_model.py`` (see its docstring).
 * ``toy_clip_dir()``: the small CLIP trained on the toy world, a transformers ``CLIPModel`` directory; the
   ``clipscore`` reward loads it with ``model="toy:clip"``. Re-create with ``python scripts/train_toy_clip.py``.
 

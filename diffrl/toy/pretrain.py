@@ -1,8 +1,9 @@
 """Pre-train a tiny text-to-image model on the toy shapes world, saved in the real diffusers SD3 format.
 
 The result is a genuine :class:`~diffusers.StableDiffusion3Pipeline` directory (``save_pretrained``, safetensors)
-that loads with ``StableDiffusion3Pipeline.from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)`` and with
-:func:`diffrl.models.load_model`. Three stages (:func:`pretrain` runs them all):
+that loads as is with ``StableDiffusion3Pipeline.from_pretrained(dir)`` and with :func:`diffrl.models.load_model`
+(trained without T5, it is saved with a null T5 whose output is the zeros the pipeline uses without one; diffrl
+drops it on load). Three stages (:func:`pretrain` runs them all):
 
 1. :func:`train_vae`: an :class:`~diffusers.AutoencoderKL` (spatial factor 4: 64x64 images -> 16x16 latents, 4
    channels) trained as an autoencoder (L1 + MSE reconstruction, a small KL) on rendered train scenes; then
@@ -483,19 +484,23 @@ def dir_size_mb(path: str | Path) -> float:
 def save_pipeline(
     pipe, path: str | Path, cfg: ToyModelConfig | None = None, extra: dict | None = None
 ) -> Path:
-    """``pipe.save_pretrained(path)`` (safetensors) plus a ``toy_model.json`` with the configuration."""
-    import logging
+    """``pipe.save_pretrained(path)`` (safetensors) plus a ``toy_model.json`` with the configuration. A pipeline
+    without T5 is saved with a null one (:func:`~diffrl.models.sd3.null_t5_encoder`, exactly zero output, as the
+    pipeline without T5 uses), so that a plain ``StableDiffusion3Pipeline.from_pretrained(path)`` loads it."""
+    from diffusers import StableDiffusion3Pipeline
 
-    from diffusers.utils import logging as dlogging
+    from diffrl.models.sd3 import null_t5_encoder
+    from diffrl.tiny_tokenizers import tiny_t5_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity(logging.ERROR)  # "text_encoder_3=None ... cannot be saved" is expected
-    try:
-        pipe.save_pretrained(path, safe_serialization=True)
-    finally:
-        dlogging.set_verbosity(level)
+    if getattr(pipe, "text_encoder_3", None) is None:
+        tokenizer_3 = tiny_t5_tokenizer()
+        components = dict(pipe.components)
+        components["tokenizer_3"] = tokenizer_3
+        components["text_encoder_3"] = null_t5_encoder(pipe.transformer.config.joint_attention_dim, len(tokenizer_3))
+        pipe = StableDiffusion3Pipeline(**components)
+    pipe.save_pretrained(path, safe_serialization=True)
     if cfg is not None or extra:
         meta = {"config": asdict(cfg) if cfg is not None else None, **(extra or {})}
         (path / "toy_model.json").write_text(json.dumps(meta, indent=2, default=str))
