@@ -11,7 +11,9 @@ holds an earlier demo):
 
 * ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: every evaluation's images;
 * ``curves.png``: training reward and held-out partial credit and strict accuracy against steps;
-* ``before_after.png``: the same held-out prompts and seeds from the base model and from the fine-tuned one;
+* ``before_after.png``: the same held-out prompts and seeds from the base model and from the fine-tuned one (from a
+  pool of distinct prompts over all categories, those fixed without extra shapes first; the title counts the pool's
+  fixed and broken prompts);
 * ``lora/``: the trained LoRA (loads into ``StableDiffusion3Pipeline`` with ``load_lora_weights``);
 * ``demo_summary.json``: base and final accuracy, steps, wall time;
 
@@ -44,6 +46,8 @@ DEFAULT_CONFIG = REPO / "configs" / "toy" / "diffusion_nft.yaml"
 DEMO_OVERRIDES = ["output_dir=runs/demo", "reward={shapes_verifier: 1.0, shapes_accuracy: 1.0}"]
 ACCURACY_KEY = "eval/reward/shapes_accuracy/mean"
 PARTIAL_KEY = "eval/reward/shapes_verifier/mean"
+#: distinct held-out prompts the before/after picture chooses its columns from
+PICTURE_POOL = 48
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -95,10 +99,15 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 def before_after_grid(
-    before, after, prompts: list[str], path: str | Path, scores: tuple[list, list] | None = None
+    before,
+    after,
+    prompts: list[str],
+    path: str | Path,
+    scores: tuple[list, list] | None = None,
+    title: str = "",
 ) -> Path:
     """A two-row picture: ``before`` (top) and ``after`` (bottom) images ``(N, 3, H, W)`` in [0, 1] with their
-    prompts (and optional per-image marks: 1 correct, 0 wrong)."""
+    prompts (and optional per-image marks: 1 correct, 0 wrong, and a title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,6 +130,8 @@ def before_after_grid(
                 ax.set_title(_wrap(prompts[j], 22), fontsize=7)
             if j == 0:
                 ax.set_ylabel(name, fontsize=9)
+    if title:
+        fig.suptitle(_wrap(title, int(18 * n)), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -156,6 +167,24 @@ def _pick_prompts(eval_set, k: int) -> list[int]:
             if by_cat[cat] and len(out) < k:
                 out.append(by_cat[cat].pop(0))
     return out
+
+
+def showcase_order(before_ok, after_ok, after_exact) -> list[int]:
+    """Candidate positions in the order the before/after picture shows them: first the prompts the fine-tuning fixed
+    without extra shapes (wrong before; right after, with nothing the prompt does not ask for), then those right
+    both times without extras, then those fixed with extra shapes (the reward hacking the verifier lets through),
+    then the rest; the candidates' own order within each group."""
+
+    def group(i: int) -> int:
+        if after_exact[i] and not before_ok[i]:
+            return 0
+        if after_exact[i]:
+            return 1
+        if after_ok[i] and not before_ok[i]:
+            return 2
+        return 3
+
+    return sorted(range(len(before_ok)), key=lambda i: (group(i), i))
 
 
 def fresh_output_dir(cfg, overrides: list[str] | None) -> str:
@@ -228,10 +257,10 @@ def run_demo(
     _, partial = _series(records, PARTIAL_KEY)
     plot_curves(records, out / "curves.png", f"{cfg.algorithm} on the toy world ({Path(config).name})")
 
-    # the same held-out prompts and seeds, base model (adapter off) vs fine-tuned (EMA weights when kept)
+    # the same held-out prompts and seeds, base model (adapter off) vs fine-tuned (EMA weights when kept): sample a
+    # pool of distinct prompts over all categories, and show first those the fine-tuning fixed without extra shapes
     s = cfg.sample
-    idx = _pick_prompts(trainer.eval_set, n_pictures)
-    sub = trainer.eval_set.take(idx)
+    pool = trainer.eval_set.take(_pick_prompts(trainer.eval_set, max(n_pictures, PICTURE_POOL)))
     kw = dict(
         num_steps=s.eval_num_steps,
         guidance_scale=s.eval_guidance_scale,
@@ -243,16 +272,32 @@ def run_demo(
     model = trainer.model
     with torch.no_grad():
         with model.disable_adapter():
-            before = sample_images(model, sub.prompts, **kw)
+            before = sample_images(model, pool.prompts, **kw)
         with trainer.ema_weights():
-            after = sample_images(model, sub.prompts, **kw)
-    scores = None
-    scenes = [m.get("scene") for m in sub.metadata]
+            after = sample_images(model, pool.prompts, **kw)
+    scenes = [m.get("scene") for m in pool.metadata]
+    shown, scores, title, counts = list(range(min(n_pictures, len(pool)))), None, "", {}
     if all(scenes):  # toy prompts: mark each picture correct (green) or not (red) by the verifier
         from diffrl.toy.rewards import verify
 
-        scores = (verify(before, scenes)[1].tolist(), verify(after, scenes)[1].tolist())
-    before_after_grid(before, after, sub.prompts, out / "before_after.png", scores)
+        before_ok, after_ok = verify(before, scenes)[1].bool().tolist(), verify(after, scenes)[1].bool().tolist()
+        after_exact = verify(after, scenes, exact_scene=True)[1].bool().tolist()
+        shown = showcase_order(before_ok, after_ok, after_exact)[:n_pictures]
+        scores = ([float(before_ok[i]) for i in shown], [float(after_ok[i]) for i in shown])
+        counts = {
+            "prompts": len(pool),
+            "fixed": sum(a and not b for a, b in zip(after_ok, before_ok, strict=True)),
+            "fixed_without_extra_shapes": sum(e and not b for e, b in zip(after_exact, before_ok, strict=True)),
+            "broken": sum(b and not a for a, b in zip(after_ok, before_ok, strict=True)),
+        }
+        title = (
+            f"{counts['prompts']} held-out prompts: {counts['fixed']} fixed "
+            f"({counts['fixed_without_extra_shapes']} without extra shapes), {counts['broken']} broken; "
+            "shown: fixed without extra shapes first"
+        )
+    before_after_grid(
+        before[shown], after[shown], [pool.prompts[i] for i in shown], out / "before_after.png", scores, title
+    )
 
     summary = {
         "algorithm": cfg.algorithm,
@@ -267,6 +312,7 @@ def run_demo(
         "train_seconds": train_s,
         "total_seconds": time.time() - t0,
         "run_dir": str(out),
+        "before_after": counts,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     if acc:

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from diffrl.config import load_config
-from diffrl.demo import DEFAULT_CONFIG, DEMO_OVERRIDES, fresh_output_dir, main, read_metrics, run_demo
+from diffrl.demo import (
+    DEFAULT_CONFIG,
+    DEMO_OVERRIDES,
+    fresh_output_dir,
+    main,
+    read_metrics,
+    run_demo,
+    showcase_order,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +54,16 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
     assert any("held-out strict accuracy: base" in line for line in lines)
     assert any("2 steps, evaluation of held-out prompts every 2 steps" in line for line in lines)
     assert any(r.get("reward/shapes_verifier/mean") is not None for r in records)
+    counts = summary["before_after"]  # the picture's pool: the 6 distinct held-out prompts
+    assert counts["prompts"] == 6
+    assert 0 <= counts["fixed_without_extra_shapes"] <= counts["fixed"] <= 6 and 0 <= counts["broken"] <= 6
+
+
+def test_showcase_order_shows_fixes_without_extra_shapes_first():
+    before_ok = [True, False, False, False, True]
+    after_ok = [True, True, True, False, False]
+    after_exact = [True, False, True, False, False]  # 1 was fixed with extra shapes, 2 without
+    assert showcase_order(before_ok, after_ok, after_exact) == [2, 0, 1, 3, 4]
 
 
 def test_demo_refuses_to_overwrite_a_run(tmp_path, capsys):
