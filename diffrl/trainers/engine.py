@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from ..data import PromptSet, train_eval_prompts
 from ..utils import apply_umask
 from . import checkpoints as ckpt_files
 from . import zero
+from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator", "TrainingAborted", "RewardError"]
 
@@ -57,35 +57,10 @@ CHECKPOINT_PREFIX = ckpt_files.CHECKPOINT_PREFIX
 _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
 
 
-class TrainingAborted(RuntimeError):
-    """The run stopped before ``max_steps`` (``max_bad_steps`` non-finite steps in a row); its last checkpoint is
-    written and ``status.json`` says ``aborted``, but no final LoRA or pipeline is."""
-
-
-class RewardError(RuntimeError):
-    """A reward raised (or returned what is not one score per image) during training; the message names the reward
-    and the step, and the original exception is its ``__cause__``."""
-
-
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is an FSDP2 shard (a DTensor); an unsharded run never imports the DTensor module."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
-
-
-def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded from integer keys (e.g. seed, step, process, purpose)."""
-    seq = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
-    return torch.Generator(device=device).manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
-
-
-@dataclass
-class StepBatch:
-    """This process's prompts of one step."""
-
-    prompts: list[str]  # (k,) local prompts
-    metadata: dict[str, list]  # per-prompt metadata lists
-    group_ids: torch.Tensor  # (k,) global index of each prompt within the step's prompt list
 
 
 class _JsonlLogger:
