@@ -48,7 +48,7 @@ from ..config import ConfigError, TrainConfig, config_to_dict, load_config, resu
 from ..data import PromptSet, train_eval_prompts
 from ..utils import apply_umask
 from . import checkpoints as ckpt_files
-from . import zero
+from . import tracking, zero
 from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
 
 __all__ = ["Trainer", "StepBatch", "seeded_generator", "TrainingAborted", "RewardError"]
@@ -61,47 +61,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is an FSDP2 shard (a DTensor); an unsharded run never imports the DTensor module."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
-
-
-class _JsonlLogger:
-    def __init__(self, path: Path, report_to: str, enabled: bool, config: dict):
-        self.enabled = enabled
-        self.path = path
-        self.tb = None
-        self.wandb = None
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError(
-                    "report_to=tensorboard needs the tensorboard package: pip install tensorboard (or set report_to=none)."
-                ) from err
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-        elif report_to == "wandb":
-            import wandb
-
-            self.wandb = wandb.init(project="diffrl", dir=str(path.parent), config=config)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 class Trainer:
@@ -200,7 +159,8 @@ class Trainer:
             )
         self.train_set, self.eval_set = self._build_prompts(train_prompts, eval_prompts)
         self._check_metadata()
-        self._check_report_to()
+        if acc.is_main_process:
+            tracking.check_report_to(cfg.report_to)  # before the model loads, not at the first log line
         if (
             model is None
         ):  # a size the model cannot make fails now, from its config files, before the weights load
@@ -235,9 +195,7 @@ class Trainer:
                 self.params,
                 zero.deepspeed_init_config(self._ds_config, cfg, acc.num_processes),
             )
-        self.logger = _JsonlLogger(
-            self.output_dir / "metrics.jsonl", cfg.report_to, acc.is_main_process, config_to_dict(cfg)
-        )
+        self.tracker = tracking.Tracker(self.output_dir, cfg, acc.is_main_process)
 
     # ------------------------------------------------------------------------------------------ set-up
     @property
@@ -349,19 +307,6 @@ class Trainer:
                         f"none on {len(rows)} of {len(prompts)} prompts (e.g. row {rows[0] + 1}); use a .jsonl prompt "
                         f"file with a {key!r} field per line (such as configs/toy/train.jsonl) or another reward."
                     )
-
-    def _check_report_to(self) -> None:
-        """The metric sink's package is there (before the model loads, not at the first log line)."""
-        package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.cfg.report_to)
-        if package is None or not self.accelerator.is_main_process:
-            return
-        import importlib.util
-
-        if importlib.util.find_spec(package) is None:
-            raise ImportError(
-                f"report_to={self.cfg.report_to} needs the {package} package: pip install {package} (or set "
-                "report_to=none; metrics.jsonl is written either way)."
-            )
 
     def _build_reward(self, given, spec: dict[str, float]):
         from diffrl.rewards import CombinedReward, load_reward
@@ -736,7 +681,7 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             self.load_checkpoint(cfg.resume_from_checkpoint)
             # from step N the rows after N are logged again; from no checkpoint everything is, step 0 included
-            self._drop_replayed_metrics(self.step if self.step > 0 else -1)
+            self.tracker.drop_replayed_metrics(self.step if self.step > 0 else -1)
         self._announce()
         shown: dict[str, str] = {}  # progress-bar postfix: last reward and last evaluation
 
@@ -747,7 +692,7 @@ class Trainer:
 
         if self.step == 0 and len(self.eval_set):
             first = self.evaluate()
-            self.logger.log(0, first)
+            self.tracker.log(0, first)
             show_eval(first)
         bar = tqdm(
             total=cfg.max_steps,
@@ -766,13 +711,13 @@ class Trainer:
             metrics["train/bad_steps_in_a_row"] = float(self.bad_steps)
             self.step += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                self.logger.log(self.step, metrics)
+                self.tracker.log(self.step, metrics)
             reward_key = next((k for k in metrics if k.startswith("reward/") and k.endswith("/mean")), None)
             if reward_key:
                 shown["reward"] = f"{metrics[reward_key]:.4g}"
             if cfg.eval_every and self.step % cfg.eval_every == 0 and len(self.eval_set):
                 evaluated = self.evaluate()
-                self.logger.log(self.step, evaluated)
+                self.tracker.log(self.step, evaluated)
                 show_eval(evaluated)
             bar.set_postfix(shown)
             bar.update(1)
@@ -788,8 +733,8 @@ class Trainer:
                 f"{self.bad_steps} steps in a row had a non-finite reward, loss or gradient (max_bad_steps="
                 f"{cfg.max_bad_steps}); stopped at step {self.step} of {cfg.max_steps}"
             )
-            self._write_status("aborted", reason)
-            self.logger.close()
+            self.tracker.write_status("aborted", self.step, reason)
+            self.tracker.close()
             raise TrainingAborted(
                 f"{reason}. The last checkpoint is {self.output_dir / f'{CHECKPOINT_PREFIX}{self.step:06d}'} and no "
                 "final LoRA was written; see docs/troubleshooting.md#nans-and-skipped-steps."
@@ -797,16 +742,16 @@ class Trainer:
         # the final evaluation, unless this step's is logged already (every eval_every steps, or by the run this one
         # resumed when it had finished)
         if len(self.eval_set) and not self._eval_logged_at(self.step):
-            self.logger.log(self.step, self.evaluate())
+            self.tracker.log(self.step, self.evaluate())
         self.save_final()
-        self._write_status("finished")
-        self.logger.close()
+        self.tracker.write_status("finished", self.step)
+        self.tracker.close()
         return metrics
 
     def _eval_logged_at(self, step: int) -> bool:
         """Whether metrics.jsonl holds an evaluation row for ``step`` (read by the main process, agreed by all)."""
         found = False
-        path = self.logger.path
+        path = self.tracker.path
         if self.accelerator.is_main_process and path.is_file():
             for line in path.read_text().splitlines():
                 try:
@@ -822,60 +767,10 @@ class Trainer:
                     break
         return self.any_over_processes(found)
 
-    def _write_status(self, status: str, reason: str = "") -> None:
-        """``status.json`` in the run directory (main process, atomic): ``running``, ``finished`` or ``aborted``, with
-        the step and the reason, so a stopped run cannot pass for a finished one."""
-        if not self.accelerator.is_main_process:
-            return
-        info = {"status": status, "step": self.step, "max_steps": self.cfg.max_steps}
-        if reason:
-            info["reason"] = reason
-        tmp = self.output_dir / f".status.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, self.output_dir / "status.json")
-
-    def _drop_replayed_metrics(self, last_kept: int) -> None:
-        """Rewrite metrics.jsonl without its rows after step ``last_kept`` (and any line a kill cut short): a run
-        resumed from checkpoint-N logs steps N+1... again. Atomic (temporary file, then rename), main process only."""
-        path = self.logger.path
-        if not self.accelerator.is_main_process or not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_kept:
-                kept.append(line)
-        dropped = len(lines) - len(kept)
-        if not dropped:
-            return
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-        since = f"after step {last_kept}" if last_kept >= 0 else "before the first checkpoint"
-        print(f"[diffrl] metrics.jsonl: dropped {dropped} rows logged {since}, which this run logs again")
-
     def _announce(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        info = {**self.derived_sizes(), "fsdp": self.sharded, "deepspeed_zero_stage": self.zero_stage}
-        resolved = {"config": config_to_dict(self.cfg), "derived": info}
-        (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-        self._write_status("running")
-        if os.environ.get("DIFFRL_VERBOSE") == "1":
-            import yaml
-
-            print(
-                f"[diffrl] resolved config:\n{yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False).rstrip()}"
-            )
-        print(f"[diffrl] {self.algorithm}: {json.dumps(info)}")
-        print(
-            f"[diffrl] resolved config saved to {self.output_dir / 'config.json'}"
-            + ("" if os.environ.get("DIFFRL_VERBOSE") == "1" else " (DIFFRL_VERBOSE=1 prints it)")
-        )
+        if self.accelerator.is_main_process:
+            info = {**self.derived_sizes(), "fsdp": self.sharded, "deepspeed_zero_stage": self.zero_stage}
+            self.tracker.announce(self.cfg, self.algorithm, info, self.step)
 
     def derived_sizes(self) -> dict[str, Any]:
         return {"num_processes": self.world}
