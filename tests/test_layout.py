@@ -53,3 +53,53 @@ def test_the_import_check_sees_relative_imports(tmp_path):
     probe.parent.mkdir()
     probe.write_text("from ..models import load_model\nfrom .steps import ode_step\n")
     assert _imports(probe) == {"diffrl.models", "diffrl.samplers.steps"}
+
+
+# the engine's collaborators below it, the trainers above it; a module imports only from lower layers
+TRAINERS_LAYERS = {
+    "common": 0,
+    "objectives": 0,
+    "eval_grid": 0,
+    "zero": 0,
+    "tracking": 0,
+    "distributed": 1,
+    "evaluation": 1,
+    "checkpoints": 2,
+    "engine": 3,
+    "flow_grpo": 4,
+    "diffusion_nft": 4,
+    "refl": 4,
+}
+
+
+def _trainers_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module in diffrl.trainers, names imported from it)`` for each import of a sibling module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.append((node.module.split(".")[0], [a.name for a in node.names]))
+            else:  # from . import a, b
+                found.extend((a.name, []) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffrl.trainers."):
+            found.append((node.module.split(".")[2], [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend(
+                (a.name.split(".")[2], []) for a in node.names if a.name.startswith("diffrl.trainers.")
+            )
+    return found
+
+
+def test_trainers_modules_import_only_downward_and_no_private_names():
+    files = sorted((ROOT / "diffrl" / "trainers").glob("*.py"))
+    modules = {f.stem for f in files} - {"__init__"}
+    assert modules == set(TRAINERS_LAYERS), "place a new module of diffrl/trainers in TRAINERS_LAYERS"
+    for f in files:
+        if f.stem == "__init__":
+            continue
+        for module, names in _trainers_imports(f):
+            assert TRAINERS_LAYERS[module] < TRAINERS_LAYERS[f.stem], (
+                f"diffrl/trainers/{f.name} imports {module}, which is not below it"
+            )
+            private = [n for n in names if n.startswith("_")]
+            assert not private, f"diffrl/trainers/{f.name} imports private names {private} from {module}"
