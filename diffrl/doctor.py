@@ -986,15 +986,14 @@ def _load_policy(cfg, path: str, device: str):
     fine-tuning) set up by the trainer's own code; the LoRA's B matrices get small random values so the adapter
     path contributes to the velocity as it does after a few updates."""
     import dataclasses
-    import types
 
     import torch
 
     from .models import load_model_from_config
-    from .trainers.engine import Trainer
+    from .trainers.engine import setup_training_mode
 
     model = load_model_from_config(dataclasses.replace(cfg.model, path=path), device=device)
-    Trainer._setup_training_mode(types.SimpleNamespace(cfg=cfg, model=model))
+    setup_training_mode(model, cfg)
     if model.has_lora:
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():

@@ -81,7 +81,8 @@ def test_a_kill_at_any_point_of_a_checkpoint_write_leaves_a_resumable_run(
 ):
     trainer = build_trainer(PRESET, _overrides(tmp_path, "max_steps=2"))
     trainer.train()  # checkpoint-000001 and checkpoint-000002 on disk
-    trainer._saved_step = -1  # write step 2 again, as a run ending on a checkpointing step did before
+    # write step 2 again, as a run ending on a checkpointing step did before
+    trainer.checkpoints.saved_step = -1
 
     real_replace, real_rmtree = os.replace, ckpt_files.shutil.rmtree
     calls = {"replace": 0}

@@ -143,6 +143,7 @@ def test_an_accelerate_deepspeed_launch_is_checked_before_the_model_loads(tmp_pa
     import accelerate
 
     import diffrl.trainers.engine as engine
+    import diffrl.trainers.zero as zero
 
     def fake(stage):
         plugin = types.SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
@@ -168,7 +169,7 @@ def test_an_accelerate_deepspeed_launch_is_checked_before_the_model_loads(tmp_pa
             "ZeRO needs deepspeed (pip install 'diffrl[deepspeed]'), which failed to import: none."
         )
 
-    monkeypatch.setattr(engine.zero, "require_deepspeed", missing)  # deepspeed absent: said before the model loads
+    monkeypatch.setattr(zero, "require_deepspeed", missing)  # deepspeed absent: said before the model loads
     with pytest.raises(ImportError, match="pip install 'diffrl\\[deepspeed\\]'"):
         build_trainer(PRESET["flow_grpo"], base)
 

@@ -225,3 +225,36 @@ def test_no_import_circles_between_modules():
 
 def _graph_keys() -> set[str]:
     return set(_module_files())
+
+
+#: diffrl.trainers in layers: the engine's collaborators below it, the algorithm files above it; a module imports only
+#: from lower layers
+TRAINERS_LAYERS = {
+    "common": 0,
+    "objectives": 0,
+    "eval_grid": 0,
+    "zero": 0,
+    "tracking": 0,
+    "distributed": 1,
+    "evaluation": 1,
+    "checkpoints": 2,
+    "engine": 3,
+    "flow_grpo": 4,
+    "diffusion_nft": 4,
+    "refl": 4,
+}
+
+
+def test_trainers_modules_import_only_downward():
+    graph = _graph()
+    modules = {m.rsplit(".", 1)[1] for m in graph if m.startswith("diffrl.trainers.")}
+    assert modules == set(TRAINERS_LAYERS), "place a new module of diffrl/trainers in TRAINERS_LAYERS"
+    bad = [
+        f"{m} imports {target} (line {line}), which is not below it"
+        for m, imports in graph.items()
+        if m.startswith("diffrl.trainers.")
+        for target, _, line in imports
+        if target.startswith("diffrl.trainers.")
+        and TRAINERS_LAYERS[target.rsplit(".", 1)[1]] >= TRAINERS_LAYERS[m.rsplit(".", 1)[1]]
+    ]
+    assert not bad, "; ".join(bad)
