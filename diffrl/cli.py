@@ -17,139 +17,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
 
-__all__ = ["main", "collect_targets"]
-
-_REWARD_KEYS = ("reward", "rewards", "eval_reward", "eval_rewards")
-_MODEL_KEYS = ("model", "pretrained_model")
-
-
-def _parse_value(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
-
-
-def _rewards_from_value(value: Any) -> list[tuple[str, dict]]:
-    """Reward specs from a config value: a name, a list of names/dicts, or a {name: weight | options} map."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [(value, {})]
-    if isinstance(value, list):
-        out = []
-        for item in value:
-            out.extend(_rewards_from_value(item))
-        return out
-    if isinstance(value, dict):
-        if "name" in value:
-            kwargs = dict(value.get("kwargs", value.get("options", {})) or {})
-            return [(value["name"], kwargs)]
-        out = []
-        for name, spec in value.items():
-            kwargs = {}
-            if isinstance(spec, dict):
-                kwargs = dict(spec.get("kwargs", spec.get("options", {})) or {})
-            out.append((str(name), kwargs))
-        return out
-    raise ValueError(
-        f"cannot read reward specs from {value!r}; use a name, a list or a {{name: weight}} map."
-    )
-
-
-def _scan_config(node: Any, rewards: list, models: list) -> None:
-    if isinstance(node, dict):
-        options = node.get("reward_kwargs") if isinstance(node.get("reward_kwargs"), dict) else {}
-        for key, value in node.items():
-            if key in _REWARD_KEYS:
-                rewards.extend(
-                    (name, kw or dict(options.get(name) or {})) for name, kw in _rewards_from_value(value)
-                )
-            elif key in _MODEL_KEYS and isinstance(value, str):
-                models.append(value)
-            elif key in _MODEL_KEYS and isinstance(value, dict) and isinstance(value.get("path"), str):
-                models.append(value["path"])  # a diffrl train config: model: {path: ...}
-            elif key != "reward_kwargs":
-                _scan_config(value, rewards, models)
-    elif isinstance(node, list):
-        for item in node:
-            _scan_config(item, rewards, models)
-
-
-def collect_targets(words: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
-    """``(rewards, models)`` named by command-line words: reward names with ``key=value`` options, YAML configs."""
-    rewards: list[tuple[str, dict]] = []
-    models: list[str] = []
-    for word in words:
-        if "=" in word and not word.endswith((".yaml", ".yml")):
-            if not rewards:
-                raise ValueError(f"option {word!r} comes before any reward; write it after the reward name.")
-            key, _, value = word.partition("=")
-            rewards[-1][1][key] = _parse_value(value)
-        elif word.endswith((".yaml", ".yml")):
-            import yaml
-
-            path = Path(word)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"config {word} does not exist; pass a YAML config path or a reward name."
-                )
-            _scan_config(yaml.safe_load(path.read_text()) or {}, rewards, models)
-        else:
-            rewards.append((word, {}))
-    return rewards, models
-
-
-def _reward_files(name: str, kwargs: dict):
-    from diffrl.rewards.registry import reward_class
-
-    cls = reward_class(name) if ":" not in name else None
-    if cls is None:
-        from diffrl.rewards.registry import _import_attr
-
-        cls = _import_attr(name)
-    hub_files = getattr(cls, "hub_files", None)
-    return hub_files(**kwargs) if hub_files is not None else []
+__all__ = ["main"]
 
 
 def _download(args) -> int:
+    from diffrl.hub import DownloadError, collect_targets, fetch, list_hub_files
+
     rewards, models = collect_targets(args.targets)
     if not rewards and not models:
         print("nothing to download: name a reward or a config.", file=sys.stderr)
         return 2
-    files = []
-    for name, kwargs in rewards:
-        found = _reward_files(name, kwargs)
-        print(f"reward {name}{' ' + str(kwargs) if kwargs else ''}: {len(found)} hub file(s)")
-        for f in found:
-            print(f"  {f.repo_id} {f.filename}{' (optional)' if f.optional else ''}")
-        files.extend(found)
-    for model in models:
-        print(f"model {model}: the diffusers pipeline files (model_index.json and every component it names)")
+    files = list_hub_files(rewards, models)
     if args.dry_run:
         return 0
-    from huggingface_hub import hf_hub_download
-
-    for f in dict.fromkeys(files):
-        try:
-            path = hf_hub_download(f.repo_id, f.filename, revision=f.revision)
-        except Exception as err:  # noqa: BLE001 - report and go on with the other files
-            if f.optional:
-                print(f"  skipped optional {f}: {err.__class__.__name__}")
-                continue
-            print(f"error: could not fetch {f}: {err}", file=sys.stderr)
-            return 1
-        print(f"  fetched {f} -> {path}")
-    for model in models:
-        if Path(model).is_dir():
-            print(f"  model {model} is a local directory; nothing to fetch")
-            continue
-        from diffusers import DiffusionPipeline
-
-        path = DiffusionPipeline.download(model)
-        print(f"  fetched model {model} -> {path}")
+    try:
+        fetch(files, models)
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,7 @@ sentence. The checks, by group (``--check GROUP`` runs only some):
 * ``model``: the model's files are present offline: a local diffusers directory with ``model_index.json`` and every
   component it names, or a hub id whose files are in the Hugging Face cache (``tiny:*`` models always are).
 * ``rewards``: every reward's weights are present offline: the exact hub files that ``diffrl download --dry-run``
-  lists (the same functions of :mod:`diffrl.cli`) are looked up in the cache without any network call.
+  lists (the same functions of :mod:`diffrl.hub`) are looked up in the cache without any network call.
 * ``memory``: an estimate (not a measurement) of the peak memory of one process, from the safetensors headers when
   the weights are present (:func:`estimate_memory`), compared with the GPU's total memory when CUDA is there.
 * ``onpolicy``: when the model is available offline, it is loaded as the trainer loads it (configured dtype,
@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .hub import cached_file, config_targets, hf_cache_dir, reward_hub_files
 
 __all__ = ["CHECKS", "Finding", "MemoryEstimate", "UnknownModelSize", "estimate_memory", "run_doctor", "main"]
 
@@ -351,25 +353,6 @@ def _check_precision(cfg, device: str) -> Finding:
 # ---------------------------------------------------------------------------------------------- model files
 
 
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-
-
-def _cached_file(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
-    """The file's path in the Hugging Face cache, or None; never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=_hf_cache_dir(), revision=revision)
-    except Exception:  # noqa: BLE001 - e.g. a repo id that is not valid: not in the cache either
-        return None
-    if isinstance(found, str) and Path(found).is_file():
-        return Path(found)
-    return None
-
-
 def _looks_local(spec: str) -> bool:
     path = Path(spec).expanduser()
     return path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
@@ -515,7 +498,7 @@ def _locate_model(cfg, label: str) -> _ModelLocation:
             )
         where, fix = f"model.path={spec}", "Save the complete pipeline there again with save_pretrained."
     else:
-        index = _cached_file(spec, "model_index.json")
+        index = cached_file(spec, "model_index.json")
         if index is None:
             return _ModelLocation(
                 spec,
@@ -524,7 +507,7 @@ def _locate_model(cfg, label: str) -> _ModelLocation:
                 Finding(
                     "model",
                     "FAIL",
-                    f"model.path={spec}: its model_index.json is not in the Hugging Face cache ({_hf_cache_dir()})",
+                    f"model.path={spec}: its model_index.json is not in the Hugging Face cache ({hf_cache_dir()})",
                     download,
                 ),
             )
@@ -574,11 +557,9 @@ class _RewardStatus:
 
 def _config_rewards(cfg) -> list[tuple[str, dict]]:
     """The rewards of a validated config with their options, read as ``diffrl download`` reads a config."""
-    from .cli import _scan_config
     from .config import config_to_dict
 
-    rewards: list[tuple[str, dict]] = []
-    _scan_config(config_to_dict(cfg), rewards, [])
+    rewards, _ = config_targets(config_to_dict(cfg))
     unique: dict[str, tuple[str, dict]] = {}
     for name, kwargs in rewards:
         unique.setdefault(f"{name} {json.dumps(kwargs, sort_keys=True, default=str)}", (name, kwargs))
@@ -586,11 +567,9 @@ def _config_rewards(cfg) -> list[tuple[str, dict]]:
 
 
 def _reward_status(name: str, kwargs: dict, label: str) -> _RewardStatus:
-    from .cli import _reward_files
-
     options = "".join(f" {k}={v}" for k, v in kwargs.items())
     try:
-        files = _reward_files(name, dict(kwargs))
+        files = reward_hub_files(name, dict(kwargs))
     except Exception as err:  # noqa: BLE001 - unknown name, bad module path, bad options
         what, fix = _split_fix(str(err), "Fix the reward's name or options in the config.")
         return _RewardStatus(name, kwargs, Finding(f"reward {name}", "FAIL", what, fix), cached=False)
@@ -612,7 +591,7 @@ def _reward_status(name: str, kwargs: dict, label: str) -> _RewardStatus:
             cached=False,
         )
     required = [f for f in files if not f.optional]
-    present = {f: _cached_file(f.repo_id, f.filename, f.revision) for f in files}
+    present = {f: cached_file(f.repo_id, f.filename, f.revision) for f in files}
     absent = [f for f in required if present[f] is None]
     nbytes = sum(p.stat().st_size for p in present.values() if p is not None)
     if absent:
@@ -625,7 +604,7 @@ def _reward_status(name: str, kwargs: dict, label: str) -> _RewardStatus:
             Finding(
                 f"reward {name}",
                 "FAIL",
-                f"weights not present offline: {listed} (not in the HF cache {_hf_cache_dir()})",
+                f"weights not present offline: {listed} (not in the HF cache {hf_cache_dir()})",
                 f"Run `diffrl download {name}{options}` (or `diffrl download {label}`) where there is network, "
                 "into the same HF cache, or pass a local path in reward_kwargs.",
             ),

@@ -1,6 +1,7 @@
 import pytest
 
-from diffrl.cli import collect_targets, main
+from diffrl.cli import main
+from diffrl.hub import collect_targets
 from diffrl.rewards import HubFile, Reward
 
 
