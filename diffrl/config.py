@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "config_to_dict",
+    "parse_override",
     "RESUME_FREE_KEYS",
     "resume_mismatch",
     "field_docs",
@@ -412,7 +413,8 @@ def _build(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``(key path, value)`` of one dotted ``key=value`` override; ConfigError naming it when it is not one."""
     import yaml
 
     if "=" not in text:
@@ -532,7 +534,7 @@ def load_config(
                 f"config file {source} must hold a mapping of fields, not {type(data).__name__}."
             )
     for text in overrides or []:
-        keys, value = _parse_override(text)
+        keys, value = parse_override(text)
         _merge(data, keys, value)
     cfg = _build(TrainConfig, data)
     validate(cfg, given=given)

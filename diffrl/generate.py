@@ -900,11 +900,11 @@ def _run(args) -> int:
         if (
             os.environ.get("HF_HUB_OFFLINE") == "1"
         ):  # weights missing from the cache: say so before the model loads
-            from .doctor import _reward_status
+            from .doctor.rewards import reward_status
 
             for spec, _ in _parse_reward_specs(args.reward):
                 if isinstance(spec, str):
-                    finding = _reward_status(spec, dict(kwargs.get(spec, {})), spec).finding
+                    finding = reward_status(spec, dict(kwargs.get(spec, {})), spec).finding
                     if finding.status == "FAIL":
                         raise ValueError(
                             f"reward {spec}: {finding.message}; run `diffrl download {spec}` where there is network "
