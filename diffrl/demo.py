@@ -192,7 +192,7 @@ def run_demo(
     set_cpu_threads(threads)
 
     from diffrl.config import load_config
-    from diffrl.generate import sample_images
+    from diffrl.sampling import sample_images
     from diffrl.train import build_trainer
 
     config = Path(config)

@@ -19,7 +19,7 @@ that loads with ``StableDiffusion3Pipeline.from_pretrained(dir, text_encoder_3=N
    (mean 0, std 1); the prompt is replaced by the empty prompt with probability ``cfg_dropout`` so classifier-free
    guidance works; AdamW, an EMA of the weights (the EMA is what is saved).
 
-:func:`evaluate` samples held-out prompts with diffrl's own sampler (:func:`diffrl.generate.sample_images`, ODE
+:func:`evaluate` samples held-out prompts with diffrl's own sampler (:func:`diffrl.sampling.sample_images`, ODE
 Euler steps with CFG) and scores them with :class:`diffrl.rewards.shapes.ShapesVerifier`.
 """
 
@@ -429,9 +429,9 @@ def evaluate(
 ) -> dict:
     """Strict / partial accuracy of samples of ``n_eval`` prompts from ``make_prompt_sets(…, seed=prompt_seed)``
     (``split="eval"``: the held-out set; ``"train"``: train prompts), overall and per category."""
-    from diffrl.generate import sample_images
     from diffrl.models import load_model
     from diffrl.rewards.shapes import ShapesVerifier
+    from diffrl.sampling import sample_images
     from diffrl.toy.scenes import make_prompt_sets
 
     model = load_model(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
