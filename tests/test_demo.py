@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from diffrl.cli.demo import main
 from diffrl.config import load_config
-from diffrl.demo import DEFAULT_CONFIG, DEMO_OVERRIDES, fresh_output_dir, main, read_metrics, run_demo
+from diffrl.demo import DEFAULT_CONFIG, DEMO_OVERRIDES, fresh_output_dir, read_metrics, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ module per group: :mod:`~diffrl.doctor.findings` (the :class:`Finding` type), :m
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 
 from .config_checks import check_data, config_label, read_config
@@ -55,7 +54,6 @@ __all__ = [
     "check_env",
     "estimate_memory",
     "run_doctor",
-    "main",
 ]
 
 CHECKS = ("env", "config", "model", "rewards", "memory", "onpolicy")
@@ -160,46 +158,3 @@ def run_doctor(
                 )
             )
     return findings
-
-
-def _parse_words(words: list[str]) -> tuple[str | None, list[str]]:
-    if words and "=" not in words[0]:
-        return words[0], words[1:]
-    return None, words
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``diffrl doctor [CONFIG.yaml] [key=value ...] [--check GROUP] [--device DEV]``; exit 0, 1 (a FAIL) or 2."""
-    import argparse
-
-    from ..config import ConfigError
-
-    parser = argparse.ArgumentParser(
-        prog="diffrl doctor",
-        description="Check the environment (and a config) before a long run: one line per check with the fix.",
-    )
-    parser.add_argument(
-        "words", nargs="*", help="a YAML config, then dotted key=value overrides (e.g. sample.batch_size=4)"
-    )
-    parser.add_argument(
-        "--check", action="append", choices=CHECKS, help="run only this group of checks (repeatable)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="device of the on-policy probe (default: cuda if available)"
-    )
-    args = parser.parse_args(argv)
-    config, overrides = _parse_words(args.words)
-    try:
-        findings = run_doctor(
-            config,
-            overrides,
-            checks=args.check,
-            device=args.device,
-            on_finding=lambda f: print(f.line(), flush=True),
-        )
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    counts = {s: sum(f.status == s for f in findings) for s in STATUSES}
-    print(f"doctor: {counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL")
-    return 1 if counts["FAIL"] else 0

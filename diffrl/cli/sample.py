@@ -1,13 +1,16 @@
-"""``diffrl sample`` and ``diffrl eval``: their parsers, which call :func:`diffrl.sampling.run_sample` and
+"""``diffrl sample`` and ``diffrl eval``: one module for both, as their parsers share most options (the model,
+``--lora``, the sampling options, ``--dtype``, ``--device``, ...). They call :func:`diffrl.sampling.run_sample` and
 :func:`diffrl.sampling.run_eval`."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from typing import Any
 
-__all__ = ["add_parsers", "run_command"]
+from .errors import CommandErrors
+
+__all__ = ["sample_parser", "eval_parser", "main", "eval_main"]
 
 
 def _add_common(p) -> None:
@@ -66,11 +69,9 @@ def _add_common(p) -> None:
     )
 
 
-def add_parsers(sub) -> None:
-    """Add the ``sample`` and ``eval`` subcommands to the ``diffrl`` command's subparsers."""
-    sp = sub.add_parser(
-        "sample",
-        help="generate images from a model plus an optional trained LoRA",
+def sample_parser() -> argparse.ArgumentParser:
+    sp = argparse.ArgumentParser(
+        prog="diffrl sample",
         description="Generate images with diffrl's ODE sampler, one fixed seed per (prompt, image): PNGs named by "
         "index, samples.jsonl (file, prompt, seed) and grid.png in --out.",
     )
@@ -83,9 +84,12 @@ def add_parsers(sub) -> None:
         help="prompt files (.txt one a line, .jsonl with a prompt field, hf:<dataset>) or prompt texts",
     )
     sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    ev = sub.add_parser(
-        "eval",
-        help="sample a prompt set and score it with rewards",
+    return sp
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    ev = argparse.ArgumentParser(
+        prog="diffrl eval",
         description="Sample the prompt set as diffrl sample does and score it with one or more rewards; prints each "
         "reward's mean and, with --out, writes the images and eval.json (per-image scores and means).",
     )
@@ -114,6 +118,7 @@ def add_parsers(sub) -> None:
     ev.add_argument(
         "--out", metavar="DIR", help="write the images, samples.jsonl, grid.png and eval.json here"
     )
+    return ev
 
 
 def _options(args) -> dict[str, Any]:
@@ -143,21 +148,26 @@ def _reward_kwargs(text: str) -> dict:
         ) from None
 
 
-def run_command(args) -> int:
-    """Run ``diffrl sample`` / ``diffrl eval`` from parsed arguments; usage errors print ``error: ...`` and return 2."""
-    from .sampling import run_eval, run_sample
-    from .utils import set_cpu_threads
+def main(argv: list[str] | None = None) -> int:
+    """``diffrl sample``."""
+    args = sample_parser().parse_args(argv)
+    from diffrl.sampling import run_sample
+    from diffrl.utils import set_cpu_threads
 
-    try:
+    with CommandErrors() as errors:
         set_cpu_threads(args.threads)
-        if args.command == "sample":
-            run_sample(args.model, args.prompts, args.out, **_options(args))
-        else:
-            kwargs = _reward_kwargs(args.reward_kwargs)
-            run_eval(
-                args.model, args.prompts, args.reward, reward_kwargs=kwargs, out=args.out, **_options(args)
-            )
-    except (ValueError, OSError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        run_sample(args.model, args.prompts, args.out, **_options(args))
+    return errors.code
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``diffrl eval``."""
+    args = eval_parser().parse_args(argv)
+    from diffrl.sampling import run_eval
+    from diffrl.utils import set_cpu_threads
+
+    with CommandErrors() as errors:
+        set_cpu_threads(args.threads)
+        kwargs = _reward_kwargs(args.reward_kwargs)
+        run_eval(args.model, args.prompts, args.reward, reward_kwargs=kwargs, out=args.out, **_options(args))
+    return errors.code
