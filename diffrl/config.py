@@ -34,12 +34,12 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "config_to_dict",
+    "parse_override",
     "RESUME_FREE_KEYS",
     "resume_mismatch",
     "field_docs",
     "config_classes",
     "ALGORITHMS",
-    "parse_override",
 ]
 
 ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl")
@@ -414,6 +414,7 @@ def _build(cls, data: dict, where: str = ""):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """``(key path, value)`` of one dotted ``key=value`` override; ConfigError naming it when it is not one."""
     import yaml
 
     if "=" not in text:

@@ -19,14 +19,13 @@ holds an earlier demo):
 
 and prints the base and final strict accuracy. Overrides are the ``diffrl train`` ones (``max_steps=20``,
 ``output_dir=...``, ``optim.lr=...``); ``--config`` picks another preset (``configs/toy/flow_grpo.yaml``).
+:func:`run_demo` does it all; the command's arguments are read in :mod:`diffrl.cli.demo`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,6 @@ __all__ = [
     "plot_curves",
     "before_after_grid",
     "read_metrics",
-    "main",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,7 +219,7 @@ def run_demo(
     set_cpu_threads(threads)
 
     from diffrl.config import load_config
-    from diffrl.generate import sample_images
+    from diffrl.sampling import sample_images
     from diffrl.train import build_trainer
 
     config = Path(config)
@@ -323,34 +321,3 @@ def run_demo(
         )
     log(f"wrote {out / 'curves.png'}, {out / 'before_after.png'}, {out / 'lora'} and {out / 'metrics.jsonl'}")
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .trainers.engine import TrainingAborted
-
-    parser = argparse.ArgumentParser(
-        prog="diffrl demo",
-        description="Fine-tune the toy-world model on a CPU (a few minutes) and draw before/after pictures.",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=10 output_dir=runs/x"
-    )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="toy preset (default: %(default)s)")
-    parser.add_argument("--pictures", type=int, default=8, help="held-out prompts in before_after.png")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: 1 without a GPU, see run_demo)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        run_demo(args.overrides, config=args.config, n_pictures=args.pictures, threads=args.threads)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"diffrl demo: {err}", file=sys.stderr)
-        return 2
-    except TrainingAborted as err:
-        print(f"diffrl demo: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -62,7 +62,9 @@ def import_attr(spec: str) -> Any:
 
 
 def reward_class(name: str):
-    """The class (or factory) registered under ``name``."""
+    """The class (or factory) registered under ``name``, or the object a ``"package.module:attr"`` name points at."""
+    if ":" in name:
+        return import_attr(name)
     if name not in REWARDS:
         import difflib
 
@@ -89,7 +91,7 @@ def load_reward(spec: str | Reward | Callable[..., Any], **kwargs) -> Reward:
             )
         return spec
     if isinstance(spec, str):
-        obj = import_attr(spec) if ":" in spec else reward_class(spec)
+        obj = reward_class(spec)
     else:
         obj = spec
     if isinstance(obj, Reward):

@@ -1,6 +1,7 @@
 import pytest
 
-from diffrl.cli import collect_targets, main
+from diffrl.cli import main
+from diffrl.hub import collect_targets
 from diffrl.rewards import HubFile, Reward
 
 
@@ -78,7 +79,8 @@ def test_cpu_threads_policy(monkeypatch):
         assert set_cpu_threads(2) == 2 and torch.get_num_threads() == 2  # --threads wins
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        assert set_cpu_threads() is None and torch.get_num_threads() == 2  # the user's OMP_NUM_THREADS is kept
+        # the user's OMP_NUM_THREADS is kept
+        assert set_cpu_threads() is None and torch.get_num_threads() == 2
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert set_cpu_threads() is None  # with a GPU torch's default stays
@@ -86,3 +88,90 @@ def test_cpu_threads_policy(monkeypatch):
             set_cpu_threads(0)
     finally:
         torch.set_num_threads(saved)
+
+
+# ---------------------------------------------------------------------------------------------- shared error report
+
+
+def test_known_errors_map_to_the_same_exit_codes_for_every_command():
+    import errno
+
+    from diffrl.cli.errors import exit_code
+    from diffrl.config import ConfigError
+    from diffrl.hub import DownloadError
+    from diffrl.trainers.engine import RewardError, TrainingAborted
+
+    for err in (
+        ConfigError("x"),
+        ValueError("x"),
+        FileNotFoundError("x"),
+        PermissionError("x"),
+        ImportError("x"),
+    ):
+        assert exit_code(err) == 2, err  # bad input, before the work starts
+        assert exit_code(err, started=True) == (1 if isinstance(err, OSError) else None), err
+    for err in (TrainingAborted("x"), RewardError("x"), DownloadError("x")):
+        assert exit_code(err) == exit_code(err, started=True) == 1, err
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    assert exit_code(disk_full) == exit_code(disk_full, started=True) == 1
+    assert exit_code(KeyboardInterrupt()) == 130
+    assert exit_code(RuntimeError("a bug")) is None  # keeps its traceback
+
+
+def test_command_errors_print_one_line_and_clean_up_after_a_failure(capsys):
+    from diffrl.cli.errors import CommandErrors
+    from diffrl.trainers.engine import TrainingAborted
+
+    ended = []
+    with CommandErrors() as errors:
+        errors.started(cleanup=lambda: ended.append(True))
+        raise TrainingAborted("3 steps in a row had a non-finite loss")
+    assert errors.code == 1 and ended == [True]
+    assert capsys.readouterr().err == "error: 3 steps in a row had a non-finite loss\n"
+    with CommandErrors(prefix="diffrl demo") as errors:
+        raise KeyboardInterrupt
+    assert errors.code == 130 and capsys.readouterr().err == "diffrl demo: interrupted\n"
+    with pytest.raises(RuntimeError), CommandErrors():
+        raise RuntimeError("a bug")
+
+
+def test_a_disk_full_while_fetching_is_a_failure(capsys, monkeypatch):
+    import errno
+
+    import diffrl.hub
+
+    def full(files, models, log=print):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diffrl.hub, "fetch", full)
+    assert main(["download", "jpeg_compressibility"]) == 1
+    assert capsys.readouterr().err.strip() == "error: [Errno 28] No space left on device"
+
+
+def test_only_the_cli_parses_arguments():
+    """The library modules import neither argparse nor diffrl.cli (``python -m diffrl`` and ``python -m
+    diffrl.train`` start the command line, from their ``__main__`` code only)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "diffrl").rglob("*.py")):
+        if "cli" in path.relative_to(root / "diffrl").parts or path.name == "__main__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        main_blocks = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        inside_main = {id(n) for block in main_blocks for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in inside_main:
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif node.level:  # relative: ``from ..cli import x`` inside diffrl
+                    names = [f"diffrl.{node.module or ''}"]
+                else:
+                    names = [node.module or ""]
+                bad = [
+                    n for n in names if n == "argparse" or n == "diffrl.cli" or n.startswith("diffrl.cli.")
+                ]
+                assert not bad, (
+                    f"{path.relative_to(root)} imports {bad}; argument parsing lives in diffrl.cli"
+                )

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
+from diffrl.cli.demo import main
 from diffrl.config import load_config
 from diffrl.demo import (
     DEFAULT_CONFIG,
     DEMO_OVERRIDES,
     fresh_output_dir,
-    main,
     read_metrics,
     run_demo,
     showcase_order,

@@ -540,8 +540,9 @@ def test_fsdp_resumes_an_unsharded_checkpoint(tmp_path, shared_cache):
 def test_fsdp_final_lora_loads_like_an_unsharded_one(fsdp_run):
     from diffusers import StableDiffusion3Pipeline
 
-    from diffrl.generate import load_lora, sample_images
     from diffrl.models import load_model
+    from diffrl.models.lora_files import load_lora
+    from diffrl.sampling import sample_images
 
     out, _ = fsdp_run("diffusion_nft")
     from_lora, from_checkpoint = load_model("tiny:sd3"), load_model("tiny:sd3")

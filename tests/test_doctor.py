@@ -6,10 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrl import doctor
 from diffrl.cli import main
 from diffrl.config import ConfigError, load_config
-from diffrl.doctor import Finding, estimate_memory, run_doctor
+from diffrl.doctor import (
+    Finding,
+    UnknownModelSize,
+    environment,
+    estimate_memory,
+    memory,
+    onpolicy,
+    run_doctor,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "flow_grpo.yaml")
@@ -88,9 +95,11 @@ def test_line_format_and_statuses():
 
 
 def test_env_fails_on_old_or_missing_packages(monkeypatch):
-    real = doctor._installed_version
+    real = environment._installed_version
     versions = {"peft": "0.1.0", "accelerate": None}
-    monkeypatch.setattr(doctor, "_installed_version", lambda p: versions[p] if p in versions else real(p))
+    monkeypatch.setattr(
+        environment, "_installed_version", lambda p: versions[p] if p in versions else real(p)
+    )
     findings = run_doctor(checks=["env"])
     peft = by_name(findings, "peft")
     assert peft.status == "FAIL" and "0.1.0 does not satisfy >=0.15" in peft.message
@@ -232,7 +241,7 @@ def test_unknown_reward_and_missing_local_weights_fail(tmp_path):
 def test_memory_estimate_counts_parameters_from_headers():
     cfg = load_config(TINY)
     est = estimate_memory(cfg, tiny_dir())
-    model = doctor._load_policy(cfg, "tiny:sd3", "cpu")
+    model = onpolicy._load_policy(cfg, "tiny:sd3", "cpu")
     assert est.trainable_params == sum(p.numel() for p in model.trainable_parameters())
     modules = [m for m in model.pipe.components.values() if isinstance(m, torch.nn.Module)]
     actual = sum(p.numel() for m in modules for p in m.parameters())
@@ -249,7 +258,7 @@ def test_memory_estimate_counts_parameters_from_headers():
     # published sizes when the weights are not present offline
     sd35 = estimate_memory(load_config(ROOT / "configs" / "sd35m_flow_grpo_pickscore.yaml"))
     assert "published" in sd35.source and 7e9 < sd35.params < 9e9
-    with pytest.raises(doctor.UnknownModelSize):
+    with pytest.raises(UnknownModelSize):
         estimate_memory(load_config(TINY, ["model.path=someorg/unknown-model"]))
 
 
@@ -280,10 +289,10 @@ def test_memory_estimate_divides_what_zero_and_fsdp_partition():
 
 
 def test_memory_fails_when_the_estimate_exceeds_the_gpu(monkeypatch):
-    monkeypatch.setattr(doctor, "_device_capacity", lambda device: (1024**2, "a 1 MiB GPU"))
-    memory = by_name(run_doctor(TINY, checks=["memory"]), "memory")
-    assert memory.status == "FAIL" and "of 1.0 MiB on a 1 MiB GPU" in memory.message
-    assert "model.gradient_checkpointing=true" in memory.fix
+    monkeypatch.setattr(memory, "_device_capacity", lambda device: (1024**2, "a 1 MiB GPU"))
+    found = by_name(run_doctor(TINY, checks=["memory"]), "memory")
+    assert found.status == "FAIL" and "of 1.0 MiB on a 1 MiB GPU" in found.message
+    assert "model.gradient_checkpointing=true" in found.fix
 
 
 # ---------------------------------------------------------------------------------------------- on-policy
@@ -291,7 +300,7 @@ def test_memory_fails_when_the_estimate_exceeds_the_gpu(monkeypatch):
 
 def _patch_velocity(monkeypatch, change):
     """Make the probe's model compute ``change(v, x)`` instead of its velocity ``v``."""
-    real = doctor._load_policy
+    real = onpolicy._load_policy
 
     def load(cfg, path, device):
         model = real(cfg, path, device)
@@ -303,7 +312,7 @@ def _patch_velocity(monkeypatch, change):
         model.velocity = patched
         return model
 
-    monkeypatch.setattr(doctor, "_load_policy", load)
+    monkeypatch.setattr(onpolicy, "_load_policy", load)
 
 
 def test_ratio_check_fails_when_the_recompute_differs(monkeypatch):
@@ -332,7 +341,7 @@ def test_probe_errors_are_reported(monkeypatch):
     def broken(cfg, path, device):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(doctor, "_load_policy", broken)
+    monkeypatch.setattr(onpolicy, "_load_policy", broken)
     ratio = by_name(run_doctor(TINY, checks=["onpolicy"]), "ratio")
     assert ratio.status == "FAIL" and "RuntimeError: CUDA out of memory" in ratio.message
 
@@ -379,7 +388,9 @@ def test_toy_model_is_found_offline():
 
 @pytest.mark.parametrize("installed, status", [(None, "FAIL"), ("0.18.0", "FAIL"), ("0.19.8", "OK")])
 def test_zero_stage_checks_the_deepspeed_install(installed, status, monkeypatch):
-    monkeypatch.setattr(doctor, "_installed_version", lambda name: installed if name == "deepspeed" else "99")
+    monkeypatch.setattr(
+        environment, "_installed_version", lambda name: installed if name == "deepspeed" else "99"
+    )
     found = by_name(run_doctor(TINY, ["zero_stage=2"], checks=["config"]), "deepspeed")
     assert found.status == status, found
     if status == "FAIL":
@@ -409,7 +420,7 @@ def test_kl_scale_is_reported_in_reference_and_exact_units():
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(10)
     cfg = load_config(TINY, ["flow_grpo.kl_scale=exact", "flow_grpo.kl_beta=0.01", "sample.num_steps=10"])
-    finding = doctor._kl_scale_finding(cfg, sched.sigmas)
+    finding = onpolicy._kl_scale_finding(cfg, sched.sigmas)
     assert "13.0x the same number" in finding.message and "over the 9 trained step(s)" in finding.message
     assert "0.251" in finding.message  # 0.01 / |dt| at the first step: 25x
     no_kl = run_doctor(TINY, ["flow_grpo.kl_beta=0"], checks=["onpolicy"], device="cpu")

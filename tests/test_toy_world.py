@@ -429,8 +429,8 @@ def test_shipped_toy_prompt_files_are_reproducible(tmp_path):
 def test_soft_verifier_ranks_the_toy_models_samples_like_the_verifier():
     """On the shipped toy model's own samples (4 seeds of 48 training prompts), shapes_soft orders two images of
     one prompt as the verifier's partial credit does (measured 98% on 96 prompts; the toy CLIP manages 68%)."""
-    from diffrl.generate import sample_images
     from diffrl.models import load_model
+    from diffrl.sampling import sample_images
 
     train = Path(__file__).resolve().parent.parent / "configs" / "toy" / "train.jsonl"
     items = [json.loads(line) for line in train.read_text().splitlines()[:48]]

@@ -20,7 +20,7 @@ drops it on load). Three stages (:func:`pretrain` runs them all):
    (mean 0, std 1); the prompt is replaced by the empty prompt with probability ``cfg_dropout`` so classifier-free
    guidance works; AdamW, an EMA of the weights (the EMA is what is saved).
 
-:func:`evaluate` samples held-out prompts with diffrl's own sampler (:func:`diffrl.generate.sample_images`, ODE
+:func:`evaluate` samples held-out prompts with diffrl's own sampler (:func:`diffrl.sampling.sample_images`, ODE
 Euler steps with CFG) and scores them with :class:`diffrl.toy.rewards.ShapesVerifier`.
 """
 
@@ -430,8 +430,8 @@ def evaluate(
 ) -> dict:
     """Strict / partial accuracy of samples of ``n_eval`` prompts from ``make_prompt_sets(…, seed=prompt_seed)``
     (``split="eval"``: the held-out set; ``"train"``: train prompts), overall and per category."""
-    from diffrl.generate import sample_images
     from diffrl.models import load_model
+    from diffrl.sampling import sample_images
     from diffrl.toy.rewards import ShapesVerifier
     from diffrl.toy.scenes import make_prompt_sets
 

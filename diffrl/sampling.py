@@ -1,8 +1,9 @@
-"""Sampling and evaluation of a base model plus an optional trained LoRA: ``diffrl sample`` and ``diffrl eval``.
+"""Sampling and evaluation of a base model plus optional trained weights: the library behind ``diffrl sample`` and
+``diffrl eval`` (:mod:`diffrl.cli.sample`), which call :func:`run_sample` and :func:`run_eval`.
 
-Python API (the commands are thin wrappers)::
+Python API::
 
-    from diffrl.generate import load_for_sampling, sample_images, evaluate_model
+    from diffrl.sampling import load_for_sampling, sample_images, evaluate_model
 
     model = load_for_sampling("stabilityai/stable-diffusion-3.5-medium", lora="runs/pickscore/lora", dtype="bf16")
     images = sample_images(model, ["a red circle", "a cat"], num_steps=40, height=512, width=512)  # (2, 3, H, W)
@@ -14,12 +15,8 @@ noise, drawn from a seed derived from ``(seed, prompt index, image index)`` alon
 therefore never depends on the batch it is sampled in, nor on how many prompts or images come after it; batched
 matrix products of different batch sizes only change the last bits of the floats.
 
-``--lora`` takes a diffusers LoRA (a directory holding ``pytorch_lora_weights.safetensors``, e.g. a run's
-``<run>/lora``, or the ``.safetensors`` file itself), loaded with the pipeline's own ``load_lora_weights``; a run
-directory (its ``lora`` folder is used); or a training checkpoint ``<run>/checkpoint-N``: the adapter is rebuilt
-from the rank, alpha and targets in the checkpoint's ``state.json`` and filled with the checkpoint's weights (the
-EMA weights when the run kept them, as the run's own evaluation and final LoRA use). A checkpoint of a full
-fine-tuning run loads its transformer weights the same way.
+``lora`` takes a diffusers LoRA, a run directory or a training checkpoint ``<run>/checkpoint-N``; see
+:mod:`diffrl.models.lora_files`.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,18 +35,17 @@ import numpy as np
 import torch
 
 from .data import PromptSet, load_prompts
+from .models.lora_files import LoraSource, load_lora, resolve_lora
 from .utils import resolve_dtype
 
 __all__ = [
     "SampleInfo",
-    "LoraSource",
     "image_seed",
     "sample_plan",
     "check_sampling_options",
     "resolve_prompts",
+    "sampling_defaults",
     "resolve_device",
-    "resolve_lora",
-    "load_lora",
     "load_for_sampling",
     "iter_samples",
     "sample_images",
@@ -59,11 +54,11 @@ __all__ = [
     "evaluate_model",
     "SampleWriter",
     "to_uint8",
-    "add_parsers",
-    "run_command",
+    "prepare_out_dir",
+    "run_sample",
+    "run_eval",
 ]
 
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 _PROMPT_FILE_SUFFIXES = (".txt", ".jsonl")
 GRID_MAX = 64
 
@@ -192,176 +187,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if out.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use --device cpu or auto.")
     return out
-
-
-# ---------------------------------------------------------------------------------------------- LoRA
-
-
-@dataclass
-class LoraSource:
-    """Where trained weights come from: a diffusers LoRA file or a diffrl training checkpoint."""
-
-    kind: str  # "diffusers" or "checkpoint"
-    path: Path  # the weights file
-    given: str  # what the user passed
-    state: dict | None = None  # a checkpoint's state.json
-
-    def describe(self) -> str:
-        if self.kind == "diffusers":
-            return f"diffusers LoRA {self.path}"
-        step = (self.state or {}).get("step", "?")
-        return f"training checkpoint {self.path.parent} (step {step}, weights {self.path.name})"
-
-
-def _lora_file_in(directory: Path) -> Path | None:
-    for name in LORA_WEIGHT_NAMES:
-        if (directory / name).is_file():
-            return directory / name
-    found = sorted(directory.glob("*.safetensors"))
-    if len(found) > 1:
-        raise ValueError(
-            f"LoRA dir {directory} holds several .safetensors files ({', '.join(f.name for f in found[:3])}); "
-            "pass the one to load as a file path."
-        )
-    return found[0] if found else None
-
-
-def resolve_lora(path: str | Path, *, use_ema: bool = True) -> LoraSource:
-    """Find the weights behind ``--lora`` (file checks only, no model): see the module docstring for the forms."""
-    given = str(path)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"LoRA {given} does not exist; pass a LoRA dir such as <run>/lora.")
-    if path.is_file():
-        if path.suffix not in (".safetensors", ".bin"):
-            raise ValueError(
-                f"LoRA file {given} is not a .safetensors or .bin file; pass the LoRA's weights."
-            )
-        return LoraSource("diffusers", path, given)
-    if (path / "trainable.safetensors").is_file():
-        state_file = path / "state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(
-                f"checkpoint {given} has no state.json, so its adapter cannot be rebuilt; pass <run>/lora instead."
-            )
-        state = json.loads(state_file.read_text())
-        weights = path / "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else None
-        return LoraSource("checkpoint", weights or path / "trainable.safetensors", given, state)
-    found = _lora_file_in(path)
-    if found is not None:
-        return LoraSource("diffusers", found, given)
-    if (path / "lora").is_dir() and _lora_file_in(path / "lora") is not None:
-        return resolve_lora(path / "lora", use_ema=use_ema)
-    if (path / "pipeline" / "model_index.json").is_file():
-        raise ValueError(
-            f"{given} is a full fine-tuning run; pass {path / 'pipeline'} as the model instead of a LoRA."
-        )
-    checkpoints = sorted(path.glob("checkpoint-*"))
-    hint = f" or a checkpoint such as {checkpoints[-1]}" if checkpoints else ""
-    raise FileNotFoundError(
-        f"LoRA dir {given} holds no LoRA weights (pytorch_lora_weights.safetensors); pass a diffusers LoRA dir "
-        f"such as <run>/lora{hint}."
-    )
-
-
-def _load_diffusers_lora(model, source: LoraSource) -> str:
-    from diffusers.utils import logging as diffusers_logging
-    from safetensors import safe_open
-
-    transformer = model.transformer
-    existing = set(getattr(transformer, "peft_config", {}) or {})
-    adapter = next(f"lora_{k}" for k in range(len(existing) + 1) if f"lora_{k}" not in existing)
-    before = {n for n, _ in transformer.named_parameters()}
-    verbosity = diffusers_logging.get_verbosity()
-    # diffusers logs "no LoRA keys for the text encoders" (expected) and, on failure, the error we raise below
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            # diffrl's LoRAs carry exclude_modules in their metadata; PEFT warns when nothing matched it on loading
-            warnings.filterwarnings("ignore", message=".*exclude_modules.*", category=UserWarning)
-            model.pipe.load_lora_weights(
-                str(source.path.parent), weight_name=source.path.name, adapter_name=adapter
-            )
-    except (RuntimeError, ValueError, KeyError) as err:
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [
-            type(err).__name__
-        ]
-        detail = (
-            lines[1] if len(lines) > 1 else lines[0]
-        )  # torch's first line only says "Error(s) in loading"
-        raise ValueError(
-            f"LoRA {source.given} does not fit this {model.family} model ({detail.rstrip('.:')}); "
-            "pass the base model it was trained from."
-        ) from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    added = [n for n, _ in transformer.named_parameters() if n not in before and f".{adapter}." in n]
-    if not added:
-        raise ValueError(f"LoRA {source.given} holds no weights for this {model.family} model's transformer.")
-    if source.path.suffix == ".safetensors":
-        with safe_open(str(source.path), "pt") as f:
-            keys = [k for k in f.keys() if k.startswith("transformer.") and ".lora_" in k]
-        if keys and len(added) < len(keys):
-            raise ValueError(
-                f"LoRA {source.given} has {len(keys) - len(added)} of {len(keys)} transformer weights that match no "
-                f"module of this {model.family} model; it was trained for another model."
-            )
-    return f"{source.describe()} as adapter {adapter!r} ({len(added)} tensors)"
-
-
-def _load_checkpoint(model, source: LoraSource) -> str:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(source.path))
-    mcfg = ((source.state or {}).get("config") or {}).get("model") or {}
-    rank = int(mcfg.get("lora_rank", -1))
-    if rank != 0:
-        alpha = float(mcfg.get("lora_alpha", -1))
-        try:
-            # the adapter's random init is overwritten below; leave the global RNG alone
-            with torch.random.fork_rng(devices=[]):
-                model.add_lora(
-                    rank=None if rank < 0 else rank,
-                    alpha=None if alpha < 0 else alpha,
-                    target_modules=mcfg.get("lora_targets") or None,
-                )
-        except ValueError as err:
-            raise ValueError(f"cannot rebuild the adapter of checkpoint {source.given}: {err}") from None
-        params = {n: p for n, p in model.transformer.named_parameters() if p.requires_grad}
-    else:
-        params = dict(model.transformer.named_parameters())
-    missing = [n for n in params if n not in weights]
-    unknown = [n for n in weights if n not in params]
-    if (rank != 0 and missing) or unknown:
-        example = (missing or unknown)[0]
-        raise ValueError(
-            f"checkpoint {source.given} does not match this {model.family} model ({len(missing)} tensors missing, "
-            f"{len(unknown)} unknown, e.g. {example}); pass the model it was trained from."
-        )
-    for n, w in weights.items():
-        if tuple(w.shape) != tuple(params[n].shape):
-            raise ValueError(
-                f"checkpoint {source.given} does not match this {model.family} model ({n} has shape "
-                f"{tuple(w.shape)}, the model {tuple(params[n].shape)}); pass the model it was trained from."
-            )
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w.to(device=params[n].device, dtype=params[n].dtype))
-    for p in params.values():
-        p.requires_grad_(False)
-    trained_from = mcfg.get("path")
-    what = "LoRA" if rank != 0 else "fully fine-tuned transformer"
-    return f"{source.describe()}: {what}, {len(weights)} tensors" + (
-        f", trained from {trained_from}" if trained_from else ""
-    )
-
-
-def load_lora(model, lora: str | Path | LoraSource) -> str:
-    """Load trained weights into ``model`` (a :class:`diffrl.models.FlowModel`); returns a one-line description."""
-    source = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
-    if source.kind == "checkpoint":
-        return _load_checkpoint(model, source)
-    return _load_diffusers_lora(model, source)
 
 
 def load_for_sampling(
@@ -726,7 +551,8 @@ class SampleWriter:
             Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(self.out_dir / "grid.png")
 
 
-def _prepare_out_dir(out: str | Path) -> Path:
+def prepare_out_dir(out: str | Path) -> Path:
+    """Create the output directory ``out`` and check that it is writable (messages name ``--out``)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a directory for the images.")
@@ -742,140 +568,17 @@ def _prepare_out_dir(out: str | Path) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------------------------- the commands
 
 
-def _add_common(p) -> None:
-    p.add_argument(
-        "model",
-        metavar="MODEL",
-        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64), "
-        "or tiny:sd3 / tiny:flux",
-    )
-    p.add_argument(
-        "--lora",
-        metavar="DIR",
-        help="trained weights: a diffusers LoRA dir (<run>/lora) or .safetensors file, a run dir, or a training "
-        "checkpoint <run>/checkpoint-N (its adapter is rebuilt from its state.json; EMA weights when kept)",
-    )
-    p.add_argument(
-        "--num-steps",
-        type=int,
-        default=None,
-        help="ODE (Euler) steps (default: the model's, see sampling_defaults: toy 8, SD3 40, FLUX 28)",
-    )
-    p.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="CFG (SD3) or guidance-embedding (FLUX) scale (default: the model's: toy 1.0, no CFG as its presets; "
-        "SD3 4.5; FLUX 3.5)",
-    )
-    p.add_argument(
-        "--height", type=int, default=None, help="image height in pixels (default: the model's native size)"
-    )
-    p.add_argument(
-        "--width", type=int, default=None, help="image width in pixels (default: the model's native size)"
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="run seed; image j of prompt i uses a seed from (seed, i, j) (default 0)",
-    )
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument(
-        "--batch-size", type=int, default=4, help="images sampled at once (never changes an image)"
-    )
-    p.add_argument(
-        "--dtype", default="float32", help="weights' dtype: float32, bf16 or fp16 (default float32)"
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--prompt-key", default="prompt", help="the prompt field of .jsonl prompt files")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 without a GPU unless OMP_NUM_THREADS is set)",
-    )
-
-
-def add_parsers(sub) -> None:
-    """Add the ``sample`` and ``eval`` subcommands to the ``diffrl`` command's subparsers."""
-    sp = sub.add_parser(
-        "sample",
-        help="generate images from a model plus an optional trained LoRA",
-        description="Generate images with diffrl's ODE sampler, one fixed seed per (prompt, image): PNGs named by "
-        "index, samples.jsonl (file, prompt, seed) and grid.png in --out.",
-    )
-    _add_common(sp)
-    sp.add_argument(
-        "--prompts",
-        nargs="+",
-        required=True,
-        metavar="FILE_OR_TEXT",
-        help="prompt files (.txt one a line, .jsonl with a prompt field, hf:<dataset>) or prompt texts",
-    )
-    sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    ev = sub.add_parser(
-        "eval",
-        help="sample a prompt set and score it with rewards",
-        description="Sample the prompt set as diffrl sample does and score it with one or more rewards; prints each "
-        "reward's mean and, with --out, writes the images and eval.json (per-image scores and means).",
-    )
-    _add_common(ev)
-    ev.add_argument(
-        "--prompts",
-        nargs="+",
-        required=True,
-        metavar="FILE_OR_TEXT",
-        help="prompt files (.txt one a line, .jsonl with a prompt field and the rewards' metadata, hf:<dataset>) or "
-        "prompt texts, as diffrl sample takes them",
-    )
-    ev.add_argument(
-        "--reward",
-        action="append",
-        required=True,
-        metavar="NAME[=WEIGHT]",
-        help="a reward by registry name or package.module:attr, with an optional weight for the total; repeat it",
-    )
-    ev.add_argument(
-        "--reward-kwargs",
-        default="",
-        metavar="JSON",
-        help='options per reward, e.g. \'{"hpsv2": {"version": "v2.1"}}\'',
-    )
-    ev.add_argument(
-        "--out", metavar="DIR", help="write the images, samples.jsonl, grid.png and eval.json here"
-    )
-
-
-def _options(args) -> dict[str, Any]:
-    return {
-        "num_steps": args.num_steps,
-        "guidance_scale": args.guidance_scale,
-        "height": args.height,
-        "width": args.width,
-        "seed": args.seed,
-        "images_per_prompt": args.images_per_prompt,
-        "batch_size": args.batch_size,
-    }
-
-
-def _log(message: str) -> None:
+def log_line(message: str) -> None:
+    """``[diffrl] message`` on stderr: the progress lines of :func:`run_sample` and :func:`run_eval`."""
     print(f"[diffrl] {message}", file=sys.stderr, flush=True)
 
 
-def _run(args) -> int:
-    from .models import load_model
-
-    # everything that needs no model first: threads, options, prompts, LoRA files, rewards, the output directory
-    from .utils import set_cpu_threads
-
-    set_cpu_threads(args.threads)
-    options = _options(args)
-    check_sampling_options(
+def _prepare(options: dict[str, Any], dtype, device, prompts, prompt_key: str, lora):
+    """Everything that needs no model, checked before it loads: ``(dtype, device, prompts, LoRA source)``."""
+    check_sampling_options(  # the model's defaults are not known yet: placeholders that pass
         **{
             **options,
             "height": options["height"] or 8,
@@ -884,94 +587,186 @@ def _run(args) -> int:
             "guidance_scale": 1.0 if options["guidance_scale"] is None else options["guidance_scale"],
         }
     )
-    dtype = resolve_dtype(args.dtype)
-    device = resolve_device(args.device)
-    prompt_set = resolve_prompts(args.prompts, allow_text=True, prompt_key=args.prompt_key)
-    source = resolve_lora(args.lora) if args.lora else None
-    reward = None
-    if args.command == "eval":
-        try:
-            kwargs = json.loads(args.reward_kwargs) if args.reward_kwargs.strip() else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"--reward-kwargs is not valid JSON ({err.msg}); pass e.g. '{{\"hpsv2\": {{}}}}'."
-            ) from None
-        reward = build_reward(args.reward, kwargs)
-        if (
-            os.environ.get("HF_HUB_OFFLINE") == "1"
-        ):  # weights missing from the cache: say so before the model loads
-            from .doctor import _reward_status
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    prompt_set = resolve_prompts(prompts, allow_text=True, prompt_key=prompt_key)
+    source = resolve_lora(lora) if lora else None
+    return dtype, device, prompt_set, source
 
-            for spec, _ in _parse_reward_specs(args.reward):
-                if isinstance(spec, str):
-                    finding = _reward_status(spec, dict(kwargs.get(spec, {})), spec).finding
-                    if finding.status == "FAIL":
-                        raise ValueError(
-                            f"reward {spec}: {finding.message}; run `diffrl download {spec}` where there is network "
-                            "(into the same cache), or pass a local path with --reward-kwargs."
-                        )
-    out = _prepare_out_dir(args.out) if args.out else None
+
+def _load(spec: str, dtype, device, source: LoraSource | None, options: dict[str, Any], log):
+    """The model with its LoRA, and the options with the model's defaults filled in (size, steps, guidance)."""
+    from .models import load_model
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=dtype, device=device)
-    args.height = args.height or model.native_size
-    args.width = args.width or model.native_size
-    steps, guidance = sampling_defaults(args.model, model)
-    args.num_steps = steps if args.num_steps is None else args.num_steps
-    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
-    options = _options(args)
-    model.latent_shape(args.height, args.width)  # the model's own size check
-    _log(
-        f"loaded {args.model} ({model.family}, {str(dtype).removeprefix('torch.')}, {device}) in "
-        f"{time.perf_counter() - t0:.1f}s; images {args.width}x{args.height}, {args.num_steps} steps, guidance "
-        f"{args.guidance_scale:g}"
+    model = load_model(spec, dtype=dtype, device=device)
+    steps, guidance = sampling_defaults(spec, model)
+    options = {
+        **options,
+        "num_steps": steps if options["num_steps"] is None else options["num_steps"],
+        "guidance_scale": guidance if options["guidance_scale"] is None else options["guidance_scale"],
+        "height": options["height"] or model.native_size,
+        "width": options["width"] or model.native_size,
+    }
+    model.latent_shape(options["height"], options["width"])  # the model's own size check
+    log(
+        f"loaded {spec} ({model.family}, {str(dtype).removeprefix('torch.')}, {device}) in "
+        f"{time.perf_counter() - t0:.1f}s; images {options['width']}x{options['height']}, {options['num_steps']} "
+        f"steps, guidance {options['guidance_scale']:g}"
     )
     if source is not None:
-        _log(f"LoRA: {load_lora(model, source)}")
-    n = len(prompt_set) * args.images_per_prompt
-    writer = SampleWriter(out, n, args.images_per_prompt) if out is not None else None
+        log(f"LoRA: {load_lora(model, source)}")
+    return model, options
+
+
+def run_sample(
+    model: str,
+    prompts: str | Sequence[str] | PromptSet,
+    out: str | Path,
+    *,
+    lora: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    images_per_prompt: int = 1,
+    batch_size: int = 4,
+    prompt_key: str = "prompt",
+    progress: bool = True,
+    log: Callable[[str], None] = log_line,
+) -> Path:
+    """``diffrl sample``: load ``model`` (and ``lora``), sample ``prompts`` (files, ``hf:`` sources or texts) and
+    write each image, ``samples.jsonl`` and ``grid.png`` into ``out`` (:class:`SampleWriter`); returns ``out``.
+
+    Options left None take the model's defaults (:func:`sampling_defaults`, its native size). Every input is
+    checked before the model loads.
+    """
+    options = {
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+        "seed": seed,
+        "images_per_prompt": images_per_prompt,
+        "batch_size": batch_size,
+    }
+    dtype, device, prompt_set, source = _prepare(options, dtype, device, prompts, prompt_key, lora)
+    out = prepare_out_dir(out)
+    loaded, options = _load(model, dtype, device, source, options, log)
+    n = len(prompt_set) * images_per_prompt
+    writer = SampleWriter(out, n, images_per_prompt)
     t0 = time.perf_counter()
-    if reward is None:
-        for infos, images in iter_samples(model, prompt_set, progress=not args.no_progress, **options):
-            writer(infos, images)
-        writer.close()
-        _log(f"{n} image{'s' * (n != 1)} in {time.perf_counter() - t0:.1f}s -> {out}")
-        return 0
-    result = evaluate_model(
-        model, prompt_set, reward, progress=not args.no_progress, on_batch=writer, **options
-    )
-    _log(f"{n} image{'s' * (n != 1)} sampled and scored in {time.perf_counter() - t0:.1f}s")
+    for infos, images in iter_samples(loaded, prompt_set, progress=progress, **options):
+        writer(infos, images)
+    writer.close()
+    log(f"{n} image{'s' * (n != 1)} in {time.perf_counter() - t0:.1f}s -> {out}")
+    return out
+
+
+def _check_offline_weights(rewards, reward_kwargs: Mapping[str, Mapping]) -> None:
+    """With ``HF_HUB_OFFLINE=1``, a reward whose weights are not in the cache fails here, before the model loads."""
+    from .doctor.rewards import reward_status
+
+    for spec, _ in _parse_reward_specs(rewards):
+        if isinstance(spec, str):
+            finding = reward_status(spec, dict(reward_kwargs.get(spec, {})), spec).finding
+            if finding.status == "FAIL":
+                raise ValueError(
+                    f"reward {spec}: {finding.message}; run `diffrl download {spec}` where there is network "
+                    "(into the same cache), or pass a local path with --reward-kwargs."
+                )
+
+
+def _given(prompts) -> list[str]:
+    """The prompts as given (files, sources or texts) for ``eval.json``."""
+    if isinstance(prompts, str):
+        return [prompts]
+    return list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+
+
+def _result_lines(result: dict[str, Any]) -> list[str]:
+    """Each reward's mean and std (and the weighted total when there is one), one line each."""
     width = max(len(k) for k in [*result["means"], "total"])
-    for name, mean in result["means"].items():
-        print(f"{name:<{width}}  mean {mean:.6g}  std {result['stds'][name]:.6g}  (n={result['num_images']})")
+    lines = [
+        f"{name:<{width}}  mean {mean:.6g}  std {result['stds'][name]:.6g}  (n={result['num_images']})"
+        for name, mean in result["means"].items()
+    ]
     weights = result["weights"]
     if len(weights) > 1 or any(w != 1.0 for w in weights.values()):
         parts = " + ".join(f"{w:g}*{k}" for k, w in weights.items())
-        print(
+        lines.append(
             f"{'total':<{width}}  mean {result['total_mean']:.6g}  std {result['total_std']:.6g}  ({parts})"
         )
+    return lines
+
+
+def run_eval(
+    model: str,
+    prompts: str | Sequence[str] | PromptSet,
+    rewards,
+    *,
+    reward_kwargs: Mapping[str, Mapping] | None = None,
+    out: str | Path | None = None,
+    lora: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    images_per_prompt: int = 1,
+    batch_size: int = 4,
+    prompt_key: str = "prompt",
+    progress: bool = True,
+    log: Callable[[str], None] = log_line,
+    report: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """``diffrl eval``: sample ``prompts`` as :func:`run_sample` does and score the images with ``rewards`` (see
+    :func:`build_reward`); ``report`` gets each reward's mean, one line each. With ``out``, the images,
+    ``samples.jsonl``, ``grid.png`` and ``eval.json`` (the settings, the means and every image's scores) are
+    written there. Returns what :func:`evaluate_model` returns."""
+    options = {
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+        "seed": seed,
+        "images_per_prompt": images_per_prompt,
+        "batch_size": batch_size,
+    }
+    dtype, device, prompt_set, source = _prepare(options, dtype, device, prompts, prompt_key, lora)
+    reward_kwargs = dict(reward_kwargs or {})
+    reward = build_reward(rewards, reward_kwargs)
+    if (
+        os.environ.get("HF_HUB_OFFLINE") == "1"
+    ):  # weights missing from the cache: say so before the model loads
+        _check_offline_weights(rewards, reward_kwargs)
+    out = prepare_out_dir(out) if out else None
+    loaded, options = _load(model, dtype, device, source, options, log)
+    n = len(prompt_set) * images_per_prompt
+    writer = SampleWriter(out, n, images_per_prompt) if out is not None else None
+    t0 = time.perf_counter()
+    result = evaluate_model(loaded, prompt_set, reward, progress=progress, on_batch=writer, **options)
+    log(f"{n} image{'s' * (n != 1)} sampled and scored in {time.perf_counter() - t0:.1f}s")
+    for line in _result_lines(result):
+        report(line)
     if writer is not None:
         writer.close()
         for rec in result["images"]:
             rec["file"] = writer.file_name(rec["index"])
         settings = {
-            "model": args.model,
-            "lora": args.lora,
-            "prompts": args.prompts,
+            "model": model,
+            "lora": lora if lora is None else str(lora),
+            "prompts": _given(prompts),
             "dtype": str(dtype).removeprefix("torch."),
-            "rewards": args.reward,
-            "reward_kwargs": json.loads(args.reward_kwargs) if args.reward_kwargs.strip() else {},
+            "rewards": rewards,
+            "reward_kwargs": reward_kwargs,
             **options,
         }
-        (out / "eval.json").write_text(json.dumps({"settings": settings, **result}, indent=2))
-        _log(f"wrote {out / 'eval.json'}")
-    return 0
-
-
-def run_command(args) -> int:
-    """Run ``diffrl sample`` / ``diffrl eval`` from parsed arguments; usage errors print ``error: ...`` and return 2."""
-    try:
-        return _run(args)
-    except (ValueError, OSError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        (out / "eval.json").write_text(json.dumps({"settings": settings, **result}, indent=2, default=str))
+        log(f"wrote {out / 'eval.json'}")
+    return result

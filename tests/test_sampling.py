@@ -1,4 +1,4 @@
-"""``diffrl sample`` / ``diffrl eval`` and the diffrl.generate API on the tiny SD3 pipeline: files written, images
+"""``diffrl sample`` / ``diffrl eval`` and the diffrl.sampling API on the tiny SD3 pipeline: files written, images
 independent of the batch size, LoRA dirs and training checkpoints, reward means, early one-sentence errors."""
 
 import copy
@@ -16,16 +16,9 @@ from PIL import Image
 
 import diffrl.models
 from diffrl.cli import main
-from diffrl.generate import (
-    evaluate_images,
-    evaluate_model,
-    image_seed,
-    load_lora,
-    resolve_lora,
-    sample_images,
-    to_uint8,
-)
+from diffrl.models.lora_files import load_lora, resolve_lora
 from diffrl.rewards import load_reward
+from diffrl.sampling import evaluate_images, evaluate_model, image_seed, sample_images, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = dict(num_steps=3, guidance_scale=4.5, height=32, width=32, seed=0)
@@ -314,7 +307,7 @@ def test_eval_takes_prompt_text_as_sample_does(tmp_path, capsys):
     "spec, expected", [("toy", (8, 1.0)), ("tiny:sd3", (40, 4.5)), ("tiny:flux", (28, 3.5))]
 )
 def test_sampling_defaults_are_the_models(spec, expected):
-    from diffrl.generate import sampling_defaults
     from diffrl.models import load_model
+    from diffrl.sampling import sampling_defaults
 
     assert sampling_defaults(spec, load_model(spec)) == expected

@@ -1,0 +1,190 @@
+"""Trained weights for a loaded model: a diffusers LoRA or a diffrl training checkpoint (``diffrl sample --lora``).
+
+:func:`resolve_lora` finds the weights behind a path with file checks only (no model): a diffusers LoRA (a directory
+holding ``pytorch_lora_weights.safetensors``, e.g. a run's ``<run>/lora``, or the ``.safetensors`` file itself),
+loaded with the pipeline's own ``load_lora_weights``; a run directory (its ``lora`` folder is used); or a training
+checkpoint ``<run>/checkpoint-N``: the adapter is rebuilt from the rank, alpha and targets in the checkpoint's
+``state.json`` and filled with the checkpoint's weights (the EMA weights when the run kept them, as the run's own
+evaluation and final LoRA use). A checkpoint of a full fine-tuning run loads its transformer weights the same way.
+:func:`load_lora` loads them into a :class:`~diffrl.models.FlowModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["LORA_WEIGHT_NAMES", "LoraSource", "resolve_lora", "load_lora"]
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+
+
+@dataclass
+class LoraSource:
+    """Where trained weights come from: a diffusers LoRA file or a diffrl training checkpoint."""
+
+    kind: str  # "diffusers" or "checkpoint"
+    path: Path  # the weights file
+    given: str  # what the user passed
+    state: dict | None = None  # a checkpoint's state.json
+
+    def describe(self) -> str:
+        if self.kind == "diffusers":
+            return f"diffusers LoRA {self.path}"
+        step = (self.state or {}).get("step", "?")
+        return f"training checkpoint {self.path.parent} (step {step}, weights {self.path.name})"
+
+
+def _lora_file_in(directory: Path) -> Path | None:
+    for name in LORA_WEIGHT_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(directory.glob("*.safetensors"))
+    if len(found) > 1:
+        raise ValueError(
+            f"LoRA dir {directory} holds several .safetensors files ({', '.join(f.name for f in found[:3])}); "
+            "pass the one to load as a file path."
+        )
+    return found[0] if found else None
+
+
+def resolve_lora(path: str | Path, *, use_ema: bool = True) -> LoraSource:
+    """Find the weights behind ``path`` (file checks only, no model): see the module docstring for the forms."""
+    given = str(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA {given} does not exist; pass a LoRA dir such as <run>/lora.")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin"):
+            raise ValueError(
+                f"LoRA file {given} is not a .safetensors or .bin file; pass the LoRA's weights."
+            )
+        return LoraSource("diffusers", path, given)
+    if (path / "trainable.safetensors").is_file():
+        state_file = path / "state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {given} has no state.json, so its adapter cannot be rebuilt; pass <run>/lora instead."
+            )
+        state = json.loads(state_file.read_text())
+        weights = path / "ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else None
+        return LoraSource("checkpoint", weights or path / "trainable.safetensors", given, state)
+    found = _lora_file_in(path)
+    if found is not None:
+        return LoraSource("diffusers", found, given)
+    if (path / "lora").is_dir() and _lora_file_in(path / "lora") is not None:
+        return resolve_lora(path / "lora", use_ema=use_ema)
+    if (path / "pipeline" / "model_index.json").is_file():
+        raise ValueError(
+            f"{given} is a full fine-tuning run; pass {path / 'pipeline'} as the model instead of a LoRA."
+        )
+    checkpoints = sorted(path.glob("checkpoint-*"))
+    hint = f" or a checkpoint such as {checkpoints[-1]}" if checkpoints else ""
+    raise FileNotFoundError(
+        f"LoRA dir {given} holds no LoRA weights (pytorch_lora_weights.safetensors); pass a diffusers LoRA dir "
+        f"such as <run>/lora{hint}."
+    )
+
+
+def _load_diffusers_lora(model, source: LoraSource) -> str:
+    from diffusers.utils import logging as diffusers_logging
+    from safetensors import safe_open
+
+    transformer = model.transformer
+    existing = set(getattr(transformer, "peft_config", {}) or {})
+    adapter = next(f"lora_{k}" for k in range(len(existing) + 1) if f"lora_{k}" not in existing)
+    before = {n for n, _ in transformer.named_parameters()}
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers logs "no LoRA keys for the text encoders" (expected) and, on failure, the error we raise below
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            # diffrl's LoRAs carry exclude_modules in their metadata; PEFT warns when nothing matched it on loading
+            warnings.filterwarnings("ignore", message=".*exclude_modules.*", category=UserWarning)
+            model.pipe.load_lora_weights(
+                str(source.path.parent), weight_name=source.path.name, adapter_name=adapter
+            )
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [
+            type(err).__name__
+        ]
+        detail = (
+            lines[1] if len(lines) > 1 else lines[0]
+        )  # torch's first line only says "Error(s) in loading"
+        raise ValueError(
+            f"LoRA {source.given} does not fit this {model.family} model ({detail.rstrip('.:')}); "
+            "pass the base model it was trained from."
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    added = [n for n, _ in transformer.named_parameters() if n not in before and f".{adapter}." in n]
+    if not added:
+        raise ValueError(f"LoRA {source.given} holds no weights for this {model.family} model's transformer.")
+    if source.path.suffix == ".safetensors":
+        with safe_open(str(source.path), "pt") as f:
+            keys = [k for k in f.keys() if k.startswith("transformer.") and ".lora_" in k]
+        if keys and len(added) < len(keys):
+            raise ValueError(
+                f"LoRA {source.given} has {len(keys) - len(added)} of {len(keys)} transformer weights that match no "
+                f"module of this {model.family} model; it was trained for another model."
+            )
+    return f"{source.describe()} as adapter {adapter!r} ({len(added)} tensors)"
+
+
+def _load_checkpoint(model, source: LoraSource) -> str:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(source.path))
+    mcfg = ((source.state or {}).get("config") or {}).get("model") or {}
+    rank = int(mcfg.get("lora_rank", -1))
+    if rank != 0:
+        alpha = float(mcfg.get("lora_alpha", -1))
+        try:
+            # the adapter's random init is overwritten below; leave the global RNG alone
+            with torch.random.fork_rng(devices=[]):
+                model.add_lora(
+                    rank=None if rank < 0 else rank,
+                    alpha=None if alpha < 0 else alpha,
+                    target_modules=mcfg.get("lora_targets") or None,
+                )
+        except ValueError as err:
+            raise ValueError(f"cannot rebuild the adapter of checkpoint {source.given}: {err}") from None
+        params = {n: p for n, p in model.transformer.named_parameters() if p.requires_grad}
+    else:
+        params = dict(model.transformer.named_parameters())
+    missing = [n for n in params if n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if (rank != 0 and missing) or unknown:
+        example = (missing or unknown)[0]
+        raise ValueError(
+            f"checkpoint {source.given} does not match this {model.family} model ({len(missing)} tensors missing, "
+            f"{len(unknown)} unknown, e.g. {example}); pass the model it was trained from."
+        )
+    for n, w in weights.items():
+        if tuple(w.shape) != tuple(params[n].shape):
+            raise ValueError(
+                f"checkpoint {source.given} does not match this {model.family} model ({n} has shape "
+                f"{tuple(w.shape)}, the model {tuple(params[n].shape)}); pass the model it was trained from."
+            )
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w.to(device=params[n].device, dtype=params[n].dtype))
+    for p in params.values():
+        p.requires_grad_(False)
+    trained_from = mcfg.get("path")
+    what = "LoRA" if rank != 0 else "fully fine-tuned transformer"
+    return f"{source.describe()}: {what}, {len(weights)} tensors" + (
+        f", trained from {trained_from}" if trained_from else ""
+    )
+
+
+def load_lora(model, lora: str | Path | LoraSource) -> str:
+    """Load trained weights into ``model`` (a :class:`diffrl.models.FlowModel`); returns a one-line description."""
+    source = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
+    if source.kind == "checkpoint":
+        return _load_checkpoint(model, source)
+    return _load_diffusers_lora(model, source)
