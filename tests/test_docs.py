@@ -101,7 +101,7 @@ def builtin_reward_names() -> list[str]:
     names = []
     for name, entry in REWARDS.items():
         where = entry if isinstance(entry, str) else getattr(entry, "__module__", "")
-        if where.startswith(("diffrl.rewards.", "diffrl.toy.rewards:")):
+        if where.startswith(("diffrl.rewards.", "diffrl.toy.rewards")):
             names.append(name)
     return names
 
@@ -259,3 +259,27 @@ def test_training_commands_in_the_docs_pass_the_config_checks():
             )
         except c.ConfigError as err:
             pytest.fail(f"{page}: {config} {' '.join(overrides)} (launch {launch or 'none'}): {err}")
+
+
+def test_architecture_page_names_every_module():
+    """docs/architecture.md describes the house: every module of the package is named there (as ``diffrl.x.y``, or
+    as its file name in the row of a package that holds it)."""
+    text = (DOCS / "architecture.md").read_text()
+    folders = {"diffrl": ROOT / "diffrl", "diffrl.rewards": ROOT / "rewards", "diffrl.samplers": ROOT / "samplers"}
+    missing = []
+    for package, folder in folders.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("")
+            if rel.name in ("__init__", "__main__") or "assets" in rel.parts:
+                continue
+            dotted = ".".join([package, *rel.parts])
+            if dotted.startswith(("diffrl.rewards.", "diffrl.samplers.")) and package == "diffrl":
+                continue
+            if f"`{dotted}`" in text:
+                continue
+            parts = dotted.split(".")
+            ancestors = tuple(f"| `{'.'.join(parts[:i])}`" for i in range(2, len(parts)))
+            rows = [line for line in text.splitlines() if line.startswith(ancestors)]
+            if not any(f"`{rel.name}`" in row for row in rows):
+                missing.append(dotted)
+    assert not missing, f"docs/architecture.md does not name {missing}"

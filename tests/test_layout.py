@@ -258,3 +258,19 @@ def test_trainers_modules_import_only_downward():
         and TRAINERS_LAYERS[target.rsplit(".", 1)[1]] >= TRAINERS_LAYERS[m.rsplit(".", 1)[1]]
     ]
     assert not bad, "; ".join(bad)
+
+
+def test_the_library_does_not_depend_on_the_toy_world():
+    """The toy world sits on top of the library (its verifier, CLIP and pre-training use rewards, models and
+    sampling); below it, only the table of shipped checkpoints in diffrl.utils knows where its weights are."""
+    below = ("diffrl.samplers", "diffrl.rewards", "diffrl.models", "diffrl.trainers", "diffrl.config", "diffrl.data")
+    below += ("diffrl.sampling", "diffrl.hub", "diffrl.doctor")
+    graph = _graph()
+    bad = [
+        f"{m} imports {target} (line {line})"
+        for m, imports in graph.items()
+        if any(_inside(m, b) for b in below)
+        for target, _, line in imports
+        if _inside(target, "diffrl.toy")
+    ]
+    assert not bad, "; ".join(bad)

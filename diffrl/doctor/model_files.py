@@ -108,10 +108,10 @@ def locate_model(cfg, label: str) -> ModelLocation:
         else "Run `diffrl download <your config.yaml>` where there is network (into the same HF cache)."
     )
     if spec == "toy":  # the toy-world model shipped in the package
-        from diffrl.toy.assets import toy_model_dir
+        from diffrl.utils import shipped_checkpoint
 
         try:
-            spec = str(toy_model_dir())
+            spec = str(shipped_checkpoint("toy"))
         except FileNotFoundError as err:
             return ModelLocation(
                 "toy", "local", None, Finding("model", "FAIL", str(err), "Re-create it with that command.")

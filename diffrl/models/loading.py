@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import resolve_dtype
+from ..utils import resolve_dtype, shipped_checkpoint
 from .base import FlowModel
 from .flux import FluxModel
 from .sd3 import SD3Model
@@ -91,9 +91,7 @@ def _pipeline_path(path: str | Path) -> str:
     if path.startswith("tiny:"):
         return str(tiny_model_dir(path))
     if path == "toy":
-        from ..toy.assets import toy_model_dir
-
-        return str(toy_model_dir())
+        return str(shipped_checkpoint("toy"))
     return path
 
 
