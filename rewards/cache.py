@@ -4,6 +4,15 @@ Re-scoring the same images (evaluation reruns, comparing checkpoints on fixed se
 key includes :attr:`Reward.fingerprint` (class, settings and a digest of the loaded weights), so a reward with
 other weights or options never gets another one's scores. Stored in SQLite (one file, safe to share between
 runs; writes are committed per call, so a killed run loses at most the batch in flight).
+
+:class:`CachedPairwiseReward` does the same for a pairwise judge (:mod:`diffrl.rewards.pairwise`): its key is one
+*ordered* pair, ``(judge fingerprint, prompt, metadata, image a, image b)``, so comparing the same two images again
+costs nothing, while ``(b, a)`` is another key (a judge's answer may depend on the order, and P(b better) is
+``1 - P(a better)`` only for judges that average both orders). Both kinds of keys can share one :class:`ScoreCache`.
+
+A reward whose score depends on the rest of its batch (``per_sample = False``: win rates within a group,
+batch-normalised sums) cannot be cached per image: :class:`CachedReward` refuses it; cache a group scorer's
+comparisons instead.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import numpy as np
 import torch
 
 from .base import Reward, RewardOutput, check_inputs, split_metadata
+from .pairwise import PairwiseReward
 
-__all__ = ["ScoreCache", "CachedReward"]
+__all__ = ["ScoreCache", "CachedReward", "CachedPairwiseReward"]
 
 
 def _image_digest(image: torch.Tensor) -> bytes:
@@ -85,6 +95,12 @@ class CachedReward(Reward):
 
     def __init__(self, reward: Reward, cache: ScoreCache | str | Path | None = None):
         super().__init__()
+        if not getattr(reward, "per_sample", True):
+            raise ValueError(
+                f"reward {reward.name!r} scores each image against the rest of its batch (per_sample=False), so its "
+                "scores cannot be cached per image; cache its parts instead (a pairwise judge with "
+                "CachedPairwiseReward, a combination's rewards each with CachedReward)."
+            )
         self.reward = reward
         self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
         self.name = reward.name
@@ -132,6 +148,73 @@ class CachedReward(Reward):
     def evaluate(self, images, prompts, **metadata) -> RewardOutput:
         total = self(images, prompts, **metadata)
         return RewardOutput(total=total, components={self.name: total})
+
+
+class CachedPairwiseReward(PairwiseReward):
+    """``judge`` with a :class:`ScoreCache` in front, keyed per ordered pair: only pairs not compared before (for
+    this judge, prompt and metadata, in this order) reach the judge."""
+
+    def __init__(self, judge: PairwiseReward, cache: ScoreCache | str | Path | None = None):
+        super().__init__()
+        if not isinstance(judge, PairwiseReward):
+            raise TypeError(
+                f"CachedPairwiseReward needs a PairwiseReward, got {type(judge).__name__}; cache a pointwise reward "
+                "with CachedReward."
+            )
+        self.judge = judge
+        self.cache = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
+        self.name = judge.name
+        self.required_metadata = tuple(judge.required_metadata)
+        self._loaded = True  # the judge loads itself on its first comparison
+
+    def load(self, device: torch.device | str | None = None) -> CachedPairwiseReward:
+        self.judge.load(device)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        return self.judge.fingerprint
+
+    def pair_keys(
+        self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str], metadata
+    ) -> list[str]:
+        """The cache key of each ordered pair ``(images_a[i], images_b[i])``."""
+        fp = self.judge.fingerprint
+        batch = images_a.shape[0]
+        keys = []
+        for i in range(batch):
+            meta = _meta_repr(split_metadata(metadata, batch, i, i + 1))
+            h = hashlib.sha256(b"pair\0" + fp.encode())
+            h.update(prompts[i].encode())
+            h.update(meta.encode())
+            h.update(_image_digest(images_a[i]))  # a, then b: the order is part of the key
+            h.update(_image_digest(images_b[i]))
+            keys.append(h.hexdigest())
+        return keys
+
+    def compare(
+        self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: Sequence[str], **metadata
+    ) -> torch.Tensor:
+        prompts = self.check_pair_inputs(images_a, images_b, prompts)
+        keys = self.pair_keys(images_a, images_b, prompts, metadata)
+        found = self.cache.get_many(keys)
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        self.cache.hits += len(keys) - len(missing)
+        self.cache.misses += len(missing)
+        if missing:
+            batch = images_a.shape[0]
+            idx = torch.tensor(missing, device=images_a.device)
+            meta = {k: (_take(v, missing) if _per_sample(v, batch) else v) for k, v in metadata.items()}
+            fresh = self.judge.compare(
+                images_a[idx], images_b[idx.to(images_b.device)], [prompts[i] for i in missing], **meta
+            )
+            new = {keys[i]: float(p) for i, p in zip(missing, fresh.tolist(), strict=True)}
+            self.cache.put_many(new)
+            found.update(new)
+        return torch.tensor([found[k] for k in keys], dtype=torch.float32, device=images_a.device)
+
+    def __repr__(self) -> str:
+        return f"CachedPairwiseReward({self.judge!r})"
 
 
 def _per_sample(value, batch: int) -> bool:

@@ -1,19 +1,17 @@
 """VLM yes-probability reward: a tiny random Qwen2.5-VL through the real loading path, and an OpenAI-compatible
-server (standard-library HTTP server in a thread) answering with the same tiny VLM's logprobs."""
+server (standard-library HTTP server in a thread, ``fake_vlm_server``) answering with the same tiny VLM's logprobs."""
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
+from fake_vlm_server import FakeVLMServer, pil, reference_logprobs
 from PIL import Image
 from reward_contract import check_reward_contract, make_images
 
@@ -46,17 +44,10 @@ def tiny_model(tiny_path):
 
 def _reference_logprobs(processor, model, image: Image.Image, question: str) -> torch.Tensor:
     """log softmax over the vocabulary of the first answer token, one image, no padding."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    batch = processor(text=[text], images=[image], return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**batch).logits[0, -1].double()
-    return torch.log_softmax(logits, dim=-1)
+    return reference_logprobs(processor, model, [image], question)
 
 
-def _pil(image: torch.Tensor) -> Image.Image:
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
+_pil = pil
 
 
 # ---------------------------------------------------------------------------------------------- local backend
@@ -200,88 +191,9 @@ def test_real_qwen25vl_answers():
 
 
 # ---------------------------------------------------------------------------------------------- server backend
-class _Server:
-    """An OpenAI-compatible /v1/chat/completions answering with the tiny VLM's top logprobs."""
-
-    def __init__(self, processor, model):
-        self.processor, self.model = processor, model
-        self.mode = "ok"
-        self.requests: list[tuple[dict, dict]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((body, dict(self.headers)))
-                if outer.mode == "500":
-                    self.send_response(500)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "busy"}')
-                    return
-                if self.path != "/v1/chat/completions" or outer.mode == "404":
-                    self.send_response(404)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "model not found"}')
-                    return
-                reply = outer.answer(body)
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def answer(self, body: dict) -> dict:
-        parts = body["messages"][0]["content"]
-        image_url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-        question = next(p["text"] for p in parts if p["type"] == "text")
-        head, b64 = image_url.split(",", 1)
-        assert head == "data:image/png;base64"
-        image = Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
-        tok = self.processor.tokenizer
-        with self.lock:
-            logp = _reference_logprobs(self.processor, self.model, image, question)
-        if self.mode == "no_answer":  # drop the yes/no tokens: a model that starts with something else
-            answer_ids = [tok.convert_tokens_to_ids(t) for t in ("Yes", "yes", "ĠYes", "Ġyes", "No", "no")]
-            answer_ids += [tok.convert_tokens_to_ids(t) for t in ("ĠNo", "Ġno")]
-            logp[answer_ids] = -float("inf")
-        values, ids = logp.topk(body["top_logprobs"])
-        top = [
-            {"token": tok.decode([i]), "logprob": float(v), "bytes": list(tok.decode([i]).encode())}
-            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
-        ]
-        first = dict(top[0], top_logprobs=top)
-        return {
-            "id": "chatcmpl-test",
-            "object": "chat.completion",
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": first["token"]},
-                    "logprobs": {"content": [first]},
-                    "finish_reason": "length",
-                }
-            ],
-        }
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    s = _Server(*tiny_model)
+    s = FakeVLMServer(*tiny_model)
     yield s
     s.close()
 
