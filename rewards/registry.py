@@ -18,6 +18,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "aesthetic": "diffrl.rewards.aesthetic:AestheticScore",
     "imagereward": "diffrl.rewards.imagereward:ImageReward",
     "vlm_yes_prob": "diffrl.rewards.vlm:VLMYesProb",
+    "geneval": "diffrl.rewards.geneval:GenEval",
     "shapes_verifier": "diffrl.toy.rewards:ShapesVerifier",
     "shapes_accuracy": "diffrl.toy.rewards:ShapesAccuracy",
     "shapes_soft": "diffrl.toy.rewards:ShapesSoft",
