@@ -94,7 +94,7 @@ without ``exclude`` therefore raises an error. Give every row an ``exclude`` lis
 e.g. with :func:`prompt_rows` on GenEval's ``evaluation_metadata.jsonl``.
 
 Checkpoints and licences: detector ``facebook/mask2former-swin-small-coco-instance`` (``config.json``,
-``model.safetensors``, ``preprocessor_config.json``; about 280 MB; the hub card says "other", the Mask2Former
+``model.safetensors``, ``preprocessor_config.json``; about 270 MB; the hub card says "other", the Mask2Former
 release is MIT); CLIP ``timm/vit_large_patch14_clip_224.openai`` (``open_clip_model.safetensors``, about 1.7 GB;
 OpenAI CLIP weights, MIT; the repository is tagged Apache-2.0). GenEval's code is MIT. transformers'
 Mask2Former needs ``scipy`` to be built (the ``geneval`` extra).
@@ -136,6 +136,8 @@ __all__ = [
     "CLIP_FILE",
     "DETECTOR_FILES",
     "parse_metadata",
+    "metadata_rows",
+    "detector_labels",
     "prompt_rows",
     "box_iou",
     "relative_position",

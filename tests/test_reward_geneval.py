@@ -95,18 +95,11 @@ def test_class_and_colour_lists_are_genevals():
     # GenEval's own spellings where COCO / the detectors say mouse, remote, keyboard
     assert GENEVAL_CLASSES[64:67] == ("computer mouse", "tv remote", "computer keyboard")
     assert {"tv", "hair drier", "dining table", "potted plant", "sports ball"} <= set(GENEVAL_CLASSES)
-    assert GENEVAL_COLORS == (
-        "red",
-        "orange",
-        "yellow",
-        "green",
-        "blue",
-        "purple",
-        "pink",
-        "brown",
-        "black",
-        "white",
-    )
+    assert GENEVAL_COLORS == tuple("red orange yellow green blue purple pink brown black white".split())
+    # the hub detectors' COCO names (mouse, remote, keyboard) map onto GenEval's, index by index
+    from diffrl.rewards.tiny.mask2former import COCO_ID2LABEL
+
+    assert detector_labels(COCO_ID2LABEL, "the tiny detector") == GENEVAL_CLASSES
 
 
 def test_genevals_own_rows_parse():
