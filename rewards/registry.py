@@ -23,6 +23,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "vlm_pairwise_winrate": "diffrl.rewards.vlm_judge:VLMPairwiseWinRate",
     "unifiedreward_pairwise_winrate": "diffrl.rewards.vlm_judge:UnifiedRewardPairwiseWinRate",
     "hpsv3": "diffrl.rewards.hpsv3:HPSv3",
+    "geneval": "diffrl.rewards.geneval:GenEval",
     "shapes_verifier": "diffrl.toy.rewards:ShapesVerifier",
     "shapes_accuracy": "diffrl.toy.rewards:ShapesAccuracy",
     "shapes_soft": "diffrl.toy.rewards:ShapesSoft",
