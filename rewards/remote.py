@@ -357,7 +357,7 @@ class RemoteReward(Reward):
         self._count("requests")
         result, attempts, cause = self._attempts(
             lambda client: client.post(
-                f"{self.url}/score", content=body, headers={"content-type": "application/json"}
+                f"{self.url}/score", content=body, headers={"content-type": "application/octet-stream"}
             ),
             lambda response: self._read_scores(response, batch),
         )

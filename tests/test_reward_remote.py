@@ -35,7 +35,7 @@ from reward_contract import check_reward_contract, make_images
 from diffrl.cli import main
 from diffrl.rewards import load_reward
 from diffrl.rewards.remote import RemoteReward, RemoteRewardError
-from diffrl.rewards.server import encode_request, parse_request, quantize_images
+from diffrl.rewards.server import WIRE, encode_request, parse_request, quantize_images
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_S = 60  # a cold start imports torch and fastapi: seconds on a busy 2-core machine
@@ -203,6 +203,37 @@ def test_concurrent_clients_get_their_own_scores_and_requests_merge(shapes, serv
     assert after["batches"] - before["batches"] < n_threads
 
 
+def test_with_no_merging_window_requests_that_queue_behind_a_busy_batch_merge(scripted, servers):
+    """``--batch-wait-ms 0`` (the default): nothing waits for stragglers, but the requests that arrive while a batch
+    is scored are merged into the next one."""
+    server = servers["scripted"]
+    from remote_rewards import Scripted
+
+    before = server.stats()
+    busy = threading.Thread(target=scripted, args=(make_images(1, size=16), ["slow:0.6"]))
+    busy.start()
+    while server.stats()["requests"] == before["requests"]:
+        time.sleep(0.01)
+    batches = [make_images(2, size=16, seed=20 + k) for k in range(3)]
+    results = {}
+
+    def client(k):
+        results[k] = scripted(batches[k], ["a", "b"])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in [busy, *threads]:
+        t.join(30)
+    for k, images in enumerate(batches):
+        assert torch.equal(results[k], Scripted()(quantize_images(images).float() / 255, ["a", "b"]))
+    after = server.stats()
+    merged = {int(k): v - before["batch_requests"].get(k, 0) for k, v in after["batch_requests"].items()}
+    assert merged.get(3) == 1 and after["batch_images"].get("6", 0) > before["batch_images"].get("6", 0), (
+        after
+    )
+
+
 def test_the_engine_scores_remote_chunks_in_its_background_thread(scripted, servers):
     """``Trainer.sample_and_score`` itself, on a stand-in for the model: each sampled chunk is scored in the engine's
     worker thread while the next one samples, one request per chunk."""
@@ -305,7 +336,7 @@ class _Garbage(http.server.BaseHTTPRequestHandler):
                 "components": ["garbage"],
                 "loaded": True,
                 "fingerprint": "x",
-                "wire": {"version": 1, "images": "uint8-base64"},
+                "wire": WIRE,
             }
         ).encode()
         self._send(200, body)
@@ -415,22 +446,30 @@ def test_bad_options_fail_at_construction(options, message):
         load_reward("remote", **options)
 
 
-def test_requests_the_server_cannot_read_are_refused_with_a_sentence():
-    body = json.loads(
-        encode_request(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ["a", "b"], {"k": [1, 2], "s": 3})
-    )
-    assert body["metadata"] == {"k": [1, 2]} and body["shared"] == {"s": 3}
-    job = parse_request(json.dumps(body).encode())
-    assert job.images.shape == (2, 3, 4, 4) and job.images.dtype == torch.float32
+def test_the_wire_format_round_trips_and_bad_bodies_are_refused_with_a_sentence():
+    pixels = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
+    body = encode_request(pixels, ["a", "b"], {"k": torch.tensor([1, 2]), "s": 3, "t": ("x", "y")})
+    line, _, raw = body.partition(b"\n")
+    header = json.loads(line)
+    assert header["metadata"] == {"k": [1, 2], "t": ["x", "y"]} and header["shared"] == {"s": 3}
+    assert raw == pixels.numpy().tobytes()  # raw bytes after one JSON line
+    job = parse_request(body)
+    assert torch.equal(job.images, pixels.float() / 255) and job.prompts == ["a", "b"]
+
+    def with_header(**change):
+        return json.dumps({**header, **change}).encode() + b"\n" + raw
+
     for broken, message in (
-        (b"nope", "not JSON"),
-        ({**body, "prompts": ["a"]}, "list of 2 strings"),
-        ({**body, "images": {**body["images"], "shape": [2, 4, 4, 3]}}, "send [B, 3, H, W]"),
-        ({**body, "images": {**body["images"], "data": "AAAA"}}, "holds 3 bytes"),
-        ({**body, "metadata": {"k": [1]}}, "metadata field 'k' must be a list of 2 values"),
+        (b"no newline", "no header line"),
+        (b"nope\n" + raw, "not JSON"),
+        (with_header(prompts=["a"]), "list of 2 strings"),
+        (with_header(shape=[2, 4, 5, 3]), "send [B, 3, H, W]"),
+        (with_header(dtype="float32"), 'reads "uint8" only'),
+        (body[:-3], "holds 117 image bytes; shape [2, 3, 4, 5] needs 120"),
+        (with_header(metadata={"k": [1]}), "metadata field 'k' must be a list of 2 values"),
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
-            parse_request(broken if isinstance(broken, bytes) else json.dumps(broken).encode())
+            parse_request(broken)
     with pytest.raises(ValueError, match="metadata field 'obj' cannot be sent"):
         encode_request(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), ["a"], {"obj": [object()]})
 

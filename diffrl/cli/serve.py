@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=10.0,
-        help="how long to wait for more requests to merge after the first one (default 10)",
+        default=0.0,
+        help="how long to wait for more requests to merge after the first one (default 0: merge the requests "
+        "that queued while the previous batch was scored; a lone client then waits for nothing)",
     )
     parser.add_argument(
         "--threads",
