@@ -218,8 +218,8 @@ class RemoteReward(Reward):
     def _load(self) -> None:
         deadline = time.monotonic() + self.load_timeout
         while True:
-            self._health = None
-            doc = self.health
+            doc = self._fetch_health()  # fresh each time; the cached answer keeps name etc. if this one fails
+            self._health = doc
             if doc.get("error"):
                 raise RemoteRewardError(f"reward server {self.url}: {doc['error']}")
             if doc["loaded"]:
@@ -314,7 +314,7 @@ class RemoteReward(Reward):
         )
         return (
             f"reward server {self.url} could not {what}: {cause}{tries}; check that diffrl serve-reward runs there "
-            f"(and the SSH tunnel, if any), or {fix}."
+            f"(and any SSH tunnel), or {fix}."
         )
 
     @staticmethod
@@ -448,7 +448,7 @@ def _transport_cause(err: Exception) -> str:
     if isinstance(err, httpx.ConnectError):
         return f"cannot connect ({_clip(str(err), 120) or 'connection refused'})"
     if isinstance(err, (httpx.RemoteProtocolError, httpx.ReadError)):
-        return f"the server closed the connection without answering ({_clip(str(err), 120)})"
+        return "the server closed the connection without answering"
     return f"{type(err).__name__}: {_clip(str(err), 120)}"
 
 

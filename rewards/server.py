@@ -19,13 +19,15 @@ Endpoints:
   ``required_metadata``, ``differentiable`` (for information: scores come back as numbers, without gradients),
   ``components`` (the component names of ``evaluate``), ``fingerprint`` (the reward's
   :attr:`~diffrl.rewards.Reward.fingerprint` once loaded), ``max_batch``, ``batch_wait_ms`` and ``wire``.
-* ``GET /stats``: requests, images, batches, errors, and histograms of the merged batches (``batch_images``: images
-  per scored batch; ``batch_requests``: requests per scored batch).
+* ``GET /stats``: requests, images, batches, errors, ``scoring_seconds`` (the time spent in the reward), and
+  histograms of the merged batches (``batch_images``: images per scored batch; ``batch_requests``: requests per
+  scored batch).
 * ``POST /score``: a binary body (``application/octet-stream``): one line of JSON, ``{"shape": [B, 3, H, W],
   "dtype": "uint8", "prompts": [B strings], "metadata": {field: [B values]}, "shared": {field: value}}``
   (``metadata``: per-sample fields; ``shared``: fields passed to every chunk unchanged), a newline, then the
   ``B * 3 * H * W`` image bytes; the answer (JSON) ``{"name", "scores": [B], "components": {name: [B]},
-  "batch_images", "batch_requests"}``. Errors answer ``{"error": "one sentence"}`` with 400 (a request the server
+  "batch_images", "batch_requests", "seconds"}`` (the merged batch this request was scored in, and how long the
+  reward took for it). Errors answer ``{"error": "one sentence"}`` with 400 (a request the server
   cannot read), 503 (the reward failed to load) or 500 (the reward raised).
 
 The wire format. Images travel as raw uint8 ``(B, 3, H, W)`` bytes in C order after a one-line JSON header (compact
@@ -293,7 +295,7 @@ class BatchingScorer:
         self._pending: list[ScoreJob] = []  # taken from the queue, not yet scored (could not merge)
         self._lock = threading.Lock()
         self._loaded = threading.Event()
-        self._stats = {"requests": 0, "images": 0, "batches": 0, "errors": 0}
+        self._stats = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "scoring_seconds": 0.0}
         self._batch_images: Counter[int] = Counter()
         self._batch_requests: Counter[int] = Counter()
         self._thread: threading.Thread | None = None
@@ -355,12 +357,13 @@ class BatchingScorer:
 
     # ------------------------------------------------------------------ scoring
     def submit(self, job: ScoreJob) -> concurrent.futures.Future:
-        """Queue a job; its future's result is ``(scores list, {component: list}, batch images, batch requests)``."""
+        """Queue a job; its future's result is ``(scores list, {component: list}, batch images, batch requests,
+        seconds the batch took to score)``."""
         with self._lock:
             self._stats["requests"] += 1
             self._stats["images"] += job.size
         if job.size == 0:
-            job.future.set_result(([], {c: [] for c in self.components}, 0, 1))
+            job.future.set_result(([], {c: [] for c in self.components}, 0, 1, 0.0))
         elif self.error is not None:
             job.future.set_exception(RuntimeError(self.error))
         else:
@@ -432,7 +435,7 @@ class BatchingScorer:
         return [self._pending.pop(0)]
 
     def _evaluate(self, jobs: list[ScoreJob]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = torch.cat([j.images for j in jobs]).to(self.device)
+        images = (jobs[0].images if len(jobs) == 1 else torch.cat([j.images for j in jobs])).to(self.device)
         prompts = [p for j in jobs for p in j.prompts]
         metadata = {k: [v for j in jobs for v in j.metadata[k]] for k in jobs[0].metadata}
         with torch.no_grad():
@@ -443,6 +446,7 @@ class BatchingScorer:
 
     def _score(self, jobs: list[ScoreJob]) -> None:
         n = sum(j.size for j in jobs)
+        t0 = time.perf_counter()
         try:
             total, components = self._evaluate(jobs)
         except Exception as err:  # noqa: BLE001 - sent back to the client that asked
@@ -455,8 +459,10 @@ class BatchingScorer:
             first = (str(err).splitlines() or [""])[0][:500]
             jobs[0].future.set_exception(RuntimeError(f"{type(err).__name__}: {first}"))
             return
+        seconds = time.perf_counter() - t0
         with self._lock:
             self._stats["batches"] += 1
+            self._stats["scoring_seconds"] += seconds
             self._batch_images[n] += 1
             self._batch_requests[len(jobs)] += 1
         start = 0
@@ -468,6 +474,7 @@ class BatchingScorer:
                     {k: v[start:stop].tolist() for k, v in components.items()},
                     n,
                     len(jobs),
+                    seconds,
                 )
             )
             start = stop
@@ -533,7 +540,9 @@ def create_app(
         if scorer.error is not None:
             return answer({"error": scorer.error}, 503)
         try:
-            scores, components, batch_images, batch_requests = await asyncio.wrap_future(scorer.submit(job))
+            scores, components, batch_images, batch_requests, seconds = await asyncio.wrap_future(
+                scorer.submit(job)
+            )
         except RuntimeError as err:
             return answer({"error": str(err)}, 503 if scorer.error is not None else 500)
         return answer(
@@ -543,6 +552,7 @@ def create_app(
                 "components": components,
                 "batch_images": batch_images,
                 "batch_requests": batch_requests,
+                "seconds": seconds,
             }
         )
 

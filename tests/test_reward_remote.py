@@ -514,6 +514,10 @@ def test_a_server_killed_mid_request_raises_one_line_or_skips(servers, scripted)
     url = server.url
     raising = RemoteReward(url, retries=1, backoff=0.05).load()
     skipping = RemoteReward(url, retries=1, backoff=0.05, on_error="skip").load()
+    unloaded = RemoteReward(
+        url, retries=0, on_error="skip"
+    )  # built and named (as by a trainer), never loaded
+    assert unloaded.name == "scripted"
     images = make_images(2, size=16)
     outcome: dict[str, object] = {}
 
@@ -545,3 +549,7 @@ def test_a_server_killed_mid_request_raises_one_line_or_skips(servers, scripted)
     skipped = outcome["skip"]
     assert torch.isnan(skipped.total).all() and list(skipped.components) == ["scripted"]
     assert skipping.skipped == 1 and skipping.counts["skipped_images"] == 2
+    # a reward that had not loaded yet skips too, and keeps the name the trainer logs under
+    out = unloaded.evaluate(images, ["a", "b"])
+    assert torch.isnan(out.total).all() and list(out.components) == ["scripted"] and unloaded.skipped == 1
+    assert unloaded.name == "scripted"
