@@ -1,7 +1,7 @@
 """``remote``: a reward scored by a reward server (``diffrl serve-reward``, :mod:`diffrl.rewards.server`) over HTTP.
 
 A reward that needs its own virtualenv or its own GPUs runs in a server process there, and a training config uses
-it by changing one line::
+it by changing its reward entry (the served reward's own options go on the server's command line)::
 
     reward: {remote: 1.0}
     reward_kwargs: {remote: {url: "http://127.0.0.1:8765"}}
@@ -24,8 +24,9 @@ the scores are not finite (unless ``allow_nonfinite``), ``on_error`` decides:
   skip the update of a step with a non-finite reward and stop after ``max_bad_steps`` such steps in a row, so a server
   that is down for a few steps costs those steps, and one that stays down stops the run with a checkpoint.
 
-A request the server refuses (HTTP 4xx: a body it cannot read, a wrong URL path) or a server whose reward failed
-to load (HTTP 503 with its error) always raises: retrying or skipping would not change it.
+A batch without a metadata field the served reward requires (checked here, before any request), a request the
+server refuses (HTTP 4xx: a body it cannot read, a wrong URL path) or a server whose reward failed to load (HTTP 503
+with its error) always raises: retrying or skipping would not change it.
 
 Threads. Scoring runs in the engine's background thread while the next rollout chunk samples
 (``sample_and_score`` in :mod:`diffrl.trainers.engine`), and several threads or processes may share one server (it
@@ -378,6 +379,12 @@ class RemoteReward(Reward):
     def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
         """The total and the served reward's components, one request per ``batch_size`` images."""
         prompts = check_inputs(images, prompts, self.name)
+        missing = [k for k in self.required_metadata if k not in metadata]
+        if missing:  # bad input: no request, whatever on_error says
+            raise ValueError(
+                f"reward {self.name!r} (served at {self.url}) needs the metadata field {missing[0]!r}; pass it with "
+                "every batch (a .jsonl prompt file with that field per line)."
+            )
         if not self._loaded:
             try:
                 self.load(self.device if self.device is not None else images.device)

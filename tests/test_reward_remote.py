@@ -474,11 +474,17 @@ def test_the_wire_format_round_trips_and_bad_bodies_are_refused_with_a_sentence(
         encode_request(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), ["a"], {"obj": [object()]})
 
 
-def test_missing_metadata_is_the_served_rewards_error_in_one_line(shapes):
-    images, prompts, _ = toy_batch(2, seed=4)
+def test_missing_metadata_fails_before_any_request_and_the_servers_own_errors_come_back(shapes, servers):
+    images, prompts, scenes = toy_batch(2, seed=4)
+    before = servers["shapes"].stats()["requests"]
+    with pytest.raises(ValueError, match="needs the metadata field 'scene'"):
+        RemoteReward(shapes.url, on_error="skip")(images, prompts)
+    assert servers["shapes"].stats()["requests"] == before
+    # a scene the served reward cannot read: its own error, in one line with the URL
     with pytest.raises(RemoteRewardError) as err:
-        RemoteReward(shapes.url, retries=0)(images, prompts)
-    assert "\n" not in str(err.value) and shapes.url in str(err.value) and "scene" in str(err.value)
+        RemoteReward(shapes.url, retries=0)(images, prompts, scene=[{"objects": "?"}, scenes[1]])
+    msg = str(err.value)
+    assert "\n" not in msg and shapes.url in msg and "HTTP 500: ValueError: reward 'shapes_verifier'" in msg
 
 
 # ---------------------------------------------------------------------------------------------- the command
