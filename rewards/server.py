@@ -19,7 +19,8 @@ Endpoints:
   ``required_metadata``, ``differentiable`` (for information: scores come back as numbers, without gradients),
   ``components`` (the component names of ``evaluate``), ``fingerprint`` (the reward's
   :attr:`~diffrl.rewards.Reward.fingerprint` once loaded), ``max_batch``, ``batch_wait_ms`` and ``wire``.
-* ``GET /stats``: requests, images, batches, errors, ``scoring_seconds`` (the time spent in the reward), and
+* ``GET /stats``: requests, images, batches, errors, ``split_batches`` (merged batches that failed and were scored
+  again request by request), ``scoring_seconds`` (the time spent in the reward), and
   histograms of the merged batches (``batch_images``: images per scored batch; ``batch_requests``: requests per
   scored batch).
 * ``POST /score``: a binary body (``application/octet-stream``): one line of JSON, ``{"shape": [B, 3, H, W],
@@ -92,7 +93,7 @@ WIRE = {"version": 1, "images": "json-line+uint8"}
 
 def dumps(obj: Any) -> bytes:
     """JSON bytes of an answer; non-finite floats as ``NaN`` / ``Infinity`` (Python's json reads them back)."""
-    return json.dumps(obj, allow_nan=True, separators=(",", ":")).encode()
+    return json.dumps(obj, allow_nan=True, separators=(",", ":"), default=str).encode()
 
 
 # ------------------------------------------------------------------------------------------------ wire format
@@ -245,7 +246,8 @@ class BatchingScorer:
 
     Args:
         reward: the reward (built, not necessarily loaded).
-        device: where it runs (``None``: CUDA when available, else the CPU).
+        device: where it runs (``None``: the reward's own ``device`` option, else CUDA when available, else the
+            CPU).
         max_batch: most images merged into one batch (a larger request is scored alone).
         batch_wait_ms: how long the worker waits for more requests to merge after the first one arrives. 0 (the
             default) merges only those already waiting, i.e. those that arrived while the previous batch was scored:
@@ -280,8 +282,8 @@ class BatchingScorer:
             raise ValueError(
                 f"batch_wait_ms={batch_wait_ms!r} must be a number of milliseconds >= 0 (0: merge only waiting requests)."
             )
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:  # the reward's own device option, else a GPU when there is one
+            device = reward.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         self.reward = reward
         self.max_batch = max_batch
@@ -295,7 +297,14 @@ class BatchingScorer:
         self._pending: list[ScoreJob] = []  # taken from the queue, not yet scored (could not merge)
         self._lock = threading.Lock()
         self._loaded = threading.Event()
-        self._stats = {"requests": 0, "images": 0, "batches": 0, "errors": 0, "scoring_seconds": 0.0}
+        self._stats = {
+            "requests": 0,
+            "images": 0,
+            "batches": 0,
+            "errors": 0,
+            "split_batches": 0,
+            "scoring_seconds": 0.0,
+        }
         self._batch_images: Counter[int] = Counter()
         self._batch_requests: Counter[int] = Counter()
         self._thread: threading.Thread | None = None
@@ -451,6 +460,8 @@ class BatchingScorer:
             total, components = self._evaluate(jobs)
         except Exception as err:  # noqa: BLE001 - sent back to the client that asked
             if len(jobs) > 1:  # find the request that fails; the others get their scores
+                with self._lock:
+                    self._stats["split_batches"] += 1
                 for job in jobs:
                     self._score([job])
                 return

@@ -474,6 +474,47 @@ def test_the_wire_format_round_trips_and_bad_bodies_are_refused_with_a_sentence(
         encode_request(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), ["a"], {"obj": [object()]})
 
 
+def test_the_batcher_merges_compatible_requests_and_isolates_a_failing_one():
+    """In process, without HTTP: requests with the same image size and metadata fields merge; a request whose
+    metadata breaks the reward fails alone (the merged batch is scored again request by request); a request with
+    shared (not per-sample) metadata or another image size is scored apart."""
+    from diffrl.rewards.server import BatchingScorer
+
+    scorer = BatchingScorer(load_reward("shapes_verifier", device="cpu"), max_batch=16, batch_wait_ms=300)
+    assert scorer.device == torch.device("cpu")
+    local = load_reward("shapes_verifier")
+    good = [toy_batch(2, seed=30 + k) for k in range(2)]
+    bad_images, bad_prompts, _ = toy_batch(2, seed=40)
+    jobs = [parse_request(encode_request(quantize_images(x), p, {"scene": sc})) for x, p, sc in good]
+    jobs.insert(
+        1, parse_request(encode_request(quantize_images(bad_images), bad_prompts, {"scene": ["?", "?"]}))
+    )
+    shared = parse_request(
+        encode_request(quantize_images(good[0][0]), good[0][1], {"scene": good[0][2], "s": 1})
+    )
+    small = toy_batch(1, seed=50)
+    other_size = parse_request(
+        encode_request(quantize_images(small[0][:, :, :32, :32]), small[1], {"scene": small[2]})
+    )
+    futures = [scorer.submit(j) for j in [*jobs, shared, other_size]]  # all queued before the worker starts
+    scorer.start()
+    try:
+        for k, i in enumerate((0, 2)):
+            scores, components, *_ = futures[i].result(30)
+            x, p, sc = good[k]
+            assert torch.equal(torch.tensor(scores), local(quantize_images(x).float() / 255, p, scene=sc))
+            assert components == {"shapes_verifier": scores}
+        with pytest.raises(RuntimeError, match="ValueError"):
+            futures[1].result(30)
+        assert futures[3].result(30)[3] == 1 and futures[4].result(30)[3] == 1  # scored alone
+    finally:
+        scorer.stop()
+    stats = scorer.stats()
+    assert stats["errors"] == 1 and stats["requests"] == 5 and stats["split_batches"] == 1
+    # the three same-shaped requests merged first (failed), then were scored one by one: 4 single batches in all
+    assert stats["batch_requests"] == {"1": 4} and stats["batches"] == 4
+
+
 def test_missing_metadata_fails_before_any_request_and_the_servers_own_errors_come_back(shapes, servers):
     images, prompts, scenes = toy_batch(2, seed=4)
     before = servers["shapes"].stats()["requests"]
