@@ -40,9 +40,9 @@ changes the pixels and so the scores. Not base64 in JSON: that adds a third to t
 per 8 x 512 x 512 batch here (binascii, one core), about as long as the whole HTTP round trip of the raw bytes. The
 server reads the bytes in place (``numpy.frombuffer``) and builds the float images as ``uint8 -> float32, / 255``,
 the same operations. Scores go back as JSON numbers: Python writes the shortest decimal that reads back as the
-same float64, and float32 -> float64 -> float32 is exact, so no score changes on the way; non-finite scores are written as the tokens ``NaN`` /
-``Infinity`` that Python's json reads. Nothing is pickled (a pickled answer runs code on the reader). Any HTTP
-client can speak it (see ``docs/rewards.md`` for a curl example).
+same float64, and float32 -> float64 -> float32 is exact, so no score changes on the way; non-finite scores are
+written as the tokens ``NaN`` / ``Infinity`` that Python's json reads. Nothing is pickled (a pickled answer runs code
+on the reader). Any HTTP client can speak it (see ``docs/rewards.md`` for a curl example).
 
 Batching. Requests go to one worker thread (the reward runs in one thread, as on a trainer). It takes the oldest
 waiting request and, for a per-sample reward, merges the requests that arrive within ``batch_wait_ms`` (or are
