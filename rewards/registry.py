@@ -31,6 +31,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "saturation": "diffrl.rewards.simple:Saturation",
     "jpeg_compressibility": "diffrl.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "diffrl.rewards.jpeg:JpegIncompressibility",
+    "remote": "diffrl.rewards.remote:RemoteReward",
 }
 
 

@@ -13,6 +13,8 @@
   :mod:`diffrl.sampling`).
 * ``diffrl doctor [CONFIG.yaml] [key=value ...]`` (:mod:`diffrl.cli.doctor`) checks the environment (and a config)
   before a long run (:mod:`diffrl.doctor`).
+* ``diffrl serve-reward NAME [key=value ...] --port N`` (:mod:`diffrl.cli.serve`) serves a reward over HTTP, e.g.
+  from the reward's own virtualenv or GPU machine, for the ``remote`` reward of a run (:mod:`diffrl.rewards.server`).
 * ``diffrl demo [key=value ...]`` (:mod:`diffrl.cli.demo`) runs the embedded toy-world demo (:mod:`diffrl.demo`).
 
 Every command reports the errors it knows the same way, one line on stderr and an exit code: see
@@ -40,6 +42,7 @@ COMMANDS = {
     "demo": ("demo", "main", "fine-tune the toy-world model on a CPU and draw before/after pictures"),
     "sample": ("sample", "main", "generate images from a model plus an optional trained LoRA"),
     "eval": ("sample", "eval_main", "sample a prompt set and score it with rewards"),
+    "serve-reward": ("serve", "main", "serve a reward over HTTP for the 'remote' reward of a run elsewhere"),
 }
 
 
