@@ -195,9 +195,10 @@ class AWMTrainer(Trainer):
 
         # 4. the EMA policy follows, its decay counted in optimiser updates (the reference's global step)
         d = nft_old_policy_decay(self.step + 1, flat=0, rate=a.ema_kl_rate, cap=a.ema_kl_cap)
-        with torch.no_grad():
-            for e, p in zip(self.ema_params, self.params, strict=True):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        if self.ema_params:
+            with torch.no_grad():
+                for e, p in zip(self.ema_params, self.params, strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
         for key, value in sums.items():
             metrics[f"train/{key}"] = self.mean_over_processes(value)
         metrics["train/loss"] = (
@@ -250,9 +251,13 @@ class AWMTrainer(Trainer):
         return bad
 
     def extra_state(self):
+        if not self.ema_params:  # ema_kl_weight = 0: no EMA adapter
+            return {}
         return {f"{EMA}.{n}": e.detach() for n, e in zip(self.param_names, self.ema_params, strict=True)}
 
     def load_extra_state(self, tensors):
+        if not self.ema_params:
+            return
         with torch.no_grad():
             for n, e in zip(self.param_names, self.ema_params, strict=True):
                 self.assign_(e, tensors[f"{EMA}.{n}"])
