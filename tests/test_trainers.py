@@ -219,7 +219,11 @@ def test_cli_exits_nonzero_with_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize(
+    # awm's two CLI runs (25-30 s each) are opt-in (--run-slow) to keep its default tests short
+    "algo",
+    [a if a != "awm" else pytest.param(a, marks=pytest.mark.slow) for a in ALGOS],
+)
 def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo, family, tmp_path):
     out = tmp_path / "run"
     extra = ["max_steps=2", "checkpointing_steps=0", f"model.path=tiny:{family}"]
