@@ -31,6 +31,7 @@ __all__ = [
     "FlowGRPOConfig",
     "DiffusionNFTConfig",
     "ReFLConfig",
+    "AWMConfig",
     "TrainConfig",
     "load_config",
     "config_to_dict",
@@ -42,7 +43,7 @@ __all__ = [
     "ALGORITHMS",
 ]
 
-ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl")
+ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl", "awm")
 
 
 class ConfigError(ValueError):
@@ -248,9 +249,59 @@ class ReFLConfig:
 
 
 @dataclass
+class AWMConfig:
+    group_size: int = 24
+    """Images per prompt (G), at least 2; advantages are relative to the group (the reference's 24)."""
+    prompts_per_step: int = 24
+    """Prompt groups per training step, over all processes (a multiple of the number of processes; the reference's
+    PickScore run: 24, GenEval and OCR: 72)."""
+    solver: str = "euler"
+    """Deterministic solver of the rollouts: euler or dpm2 (second-order multistep DPM-Solver++). The reference
+    samples with SA-Solver (stochastic between t = 0.3 and 0.9 for GenEval and OCR), which diffrl does not have."""
+    adv_std: str = "global"
+    """Advantage normalisation: global (std over the whole gathered batch, the reference configs') or group."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to +-adv_clip before they are rescaled by adv_max / adv_clip."""
+    adv_max: float = 1.0
+    """Largest advantage weight after rescaling: the weight is clip(A, +-adv_clip) * adv_max / adv_clip (the
+    reference's advantage_max, 1: weights in [-1, 1])."""
+    num_train_timesteps: int = 6
+    """Noise levels t per sample per step at which the matching loss is evaluated (the reference's 6), each with
+    fresh noise."""
+    timesteps: str = "levels"
+    """How the training levels are drawn: levels (the rollout's own levels, one from each of num_train_timesteps
+    equal bins of the level indices [first_level, int(num_steps * timestep_fraction)), the reference's discrete
+    draw) or logit_normal (continuous t, stratified logit-normal shifted by time_shift, at least 0.01)."""
+    first_level: int = 1
+    """With timesteps=levels, the first level index drawn from (1: the reference's GenEval and OCR runs leave out
+    the pure-noise level 0; its PickScore run uses 0)."""
+    timestep_fraction: float = 0.9
+    """With timesteps=levels, the fraction of the rollout's levels drawn from (the reference's 0.9)."""
+    time_shift: float = 3.0
+    """With timesteps=logit_normal, the shift s of t -> s t / (1 + (s - 1) t) (the reference's 3)."""
+    weighting: str = "ghuber"
+    """Per-sample matching loss from the mean squared velocity error L at level t: ghuber (t ((L + 1e-10)^p -
+    1e-10^p) / p with p = ghuber_power, the reference configs'), t (t L) or uniform (L, the paper's
+    flow-matching loss)."""
+    ghuber_power: float = 0.25
+    """The power p of weighting=ghuber, in (0, 1] (the reference's 0.25; 1 is weighting=t)."""
+    kl_weight: float = 1e-3
+    """Weight of mean((v_theta - v_base)^2), the pull towards the base model (adapter disabled); the reference's
+    GenEval 1e-3, OCR 3e-3, PickScore 1e-4. 0 skips the base forward pass."""
+    ema_kl_weight: float = 1.0
+    """Weight of mean((v_theta - v_ema)^2), the pull towards a slowly following copy of the policy (a second LoRA
+    adapter, the reference's ema_beta 1); 0 keeps no such adapter."""
+    ema_kl_rate: float = 0.001
+    """That copy's soft update after each step, theta_ema <- d theta_ema + (1 - d) theta with d = min(ema_kl_rate
+    * u, ema_kl_cap) and u the optimiser updates so far (the reference's linear kl_ema_decay: 0.001 per update)."""
+    ema_kl_cap: float = 0.3
+    """Largest decay d of that soft update, in [0, 1) (the reference's kl_ema_decay 0.3)."""
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "flow_grpo"
-    """Trainer: flow_grpo, diffusion_nft or refl."""
+    """Trainer: flow_grpo, diffusion_nft, refl or awm."""
     output_dir: str = "runs/diffrl"
     """Run directory: config, metrics.jsonl, TensorBoard logs, checkpoints and the final LoRA."""
     seed: int = 0
@@ -310,6 +361,8 @@ class TrainConfig:
     """DiffusionNFT settings."""
     refl: ReFLConfig = field(default_factory=ReFLConfig)
     """ReFL / DRaFT settings."""
+    awm: AWMConfig = field(default_factory=AWMConfig)
+    """Advantage Weighted Matching settings."""
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -591,6 +644,17 @@ _RANGES = [
     ("refl.scale", lambda v: v > 0, "positive"),
     ("refl.kl_weight", _at_least(0), "at least 0 (0 turns the KL-style term off)"),
     ("refl.grad_guidance_scale", lambda v: v == -1 or v >= 0, "-1 (sample.guidance_scale) or at least 0"),
+    ("awm.adv_clip", lambda v: v > 0, "positive"),
+    ("awm.adv_max", lambda v: v > 0, "positive"),
+    ("awm.num_train_timesteps", _at_least(1), "at least 1"),
+    ("awm.first_level", _at_least(0), "at least 0"),
+    ("awm.timestep_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("awm.time_shift", lambda v: v > 0, "positive (1: no shift)"),
+    ("awm.ghuber_power", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("awm.kl_weight", _at_least(0), "at least 0 (0 turns the KL off)"),
+    ("awm.ema_kl_weight", _at_least(0), "at least 0 (0 keeps no EMA adapter)"),
+    ("awm.ema_kl_rate", _at_least(0), "at least 0"),
+    ("awm.ema_kl_cap", _in_unit, "in [0, 1)"),
 ]
 
 
@@ -700,11 +764,12 @@ def validate(
         (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.kl_beta > 0)
         or (cfg.algorithm == "diffusion_nft" and cfg.diffusion_nft.kl_weight > 0)
         or (cfg.algorithm == "refl" and cfg.refl.kl_weight > 0)
+        or (cfg.algorithm == "awm" and cfg.awm.kl_weight > 0)
     )
     need(
         not (cfg.model.lora_rank == 0 and reference),
         "model.lora_rank=0 (full fine-tuning) has no base model to regularise towards; set the KL weight "
-        "(flow_grpo.kl_beta / diffusion_nft.kl_weight / refl.kl_weight) to 0 or train a LoRA.",
+        "(flow_grpo.kl_beta / diffusion_nft.kl_weight / refl.kl_weight / awm.kl_weight) to 0 or train a LoRA.",
     )
     need(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
@@ -814,6 +879,8 @@ def validate(
             f"diffusion_nft.num_minibatches={n.num_minibatches} must be between 1 and the {images} images each process "
             "trains on per step.",
         )
+    elif cfg.algorithm == "awm":
+        _validate_awm(cfg, num_processes, need)
     else:
         r = cfg.refl
         need(
@@ -829,4 +896,40 @@ def validate(
         need(
             r.denoise_weight >= 0,
             f"refl.denoise_weight={r.denoise_weight} must be at least 0 (0 turns the denoising regulariser off).",
+        )
+
+
+def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
+    """The ``awm`` section's choices and sizes (its numeric ranges are in ``_RANGES``)."""
+    a = cfg.awm
+    need(
+        a.group_size >= 2,
+        f"awm.group_size={a.group_size} must be at least 2 (advantages compare images of a prompt).",
+    )
+    need(
+        a.prompts_per_step % num_processes == 0 and a.prompts_per_step >= 1,
+        f"awm.prompts_per_step={a.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
+    )
+    need(a.solver in ("euler", "dpm2"), f"awm.solver={a.solver!r} must be euler or dpm2.")
+    need(a.adv_std in ("global", "group"), f"awm.adv_std={a.adv_std!r} must be global or group.")
+    need(
+        a.timesteps in ("levels", "logit_normal"),
+        f"awm.timesteps={a.timesteps!r} must be levels or logit_normal.",
+    )
+    need(
+        a.weighting in ("ghuber", "t", "uniform"),
+        f"awm.weighting={a.weighting!r} must be ghuber, t or uniform.",
+    )
+    need(
+        cfg.model.lora_rank != 0 or a.ema_kl_weight == 0,
+        f"awm.ema_kl_weight={a.ema_kl_weight} needs a LoRA (its EMA policy is a second adapter); set it to 0 or "
+        "train a LoRA (model.lora_rank != 0).",
+    )
+    if a.timesteps == "levels":
+        last = int(cfg.sample.num_steps * a.timestep_fraction)
+        need(
+            a.first_level < last,
+            f"awm.first_level={a.first_level} leaves no level to train: the levels drawn from are indices "
+            f"[first_level, int(sample.num_steps * awm.timestep_fraction)) = [{a.first_level}, {last}); lower "
+            "awm.first_level or raise awm.timestep_fraction or sample.num_steps.",
         )

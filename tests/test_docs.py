@@ -27,6 +27,7 @@ TRAINER_PAGES = {
     "flow_grpo": (c.FlowGRPOConfig, DOCS / "trainers" / "flow_grpo.md"),
     "diffusion_nft": (c.DiffusionNFTConfig, DOCS / "trainers" / "diffusion_nft.md"),
     "refl": (c.ReFLConfig, DOCS / "trainers" / "refl.md"),
+    "awm": (c.AWMConfig, DOCS / "trainers" / "awm.md"),
 }
 
 
@@ -168,6 +169,7 @@ def test_docs_exist():
         "trainers/flow_grpo.md",
         "trainers/diffusion_nft.md",
         "trainers/refl.md",
+        "trainers/awm.md",
     }
     assert expected <= {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
 

@@ -22,7 +22,12 @@ FOLDERS = {
     "diffrl.samplers": ROOT / "samplers",
 }
 #: the algorithm files: each implements one trainer's step on the shared engine
-ALGORITHMS = ("diffrl.trainers.flow_grpo", "diffrl.trainers.diffusion_nft", "diffrl.trainers.refl")
+ALGORITHMS = (
+    "diffrl.trainers.flow_grpo",
+    "diffrl.trainers.diffusion_nft",
+    "diffrl.trainers.refl",
+    "diffrl.trainers.awm",
+)
 
 
 def test_namespace_maps_top_level_folders():
@@ -242,6 +247,7 @@ TRAINERS_LAYERS = {
     "flow_grpo": 4,
     "diffusion_nft": 4,
     "refl": 4,
+    "awm": 4,
 }
 
 

@@ -19,7 +19,7 @@ from diffrl.train import build_trainer
 from diffrl.trainers.engine import TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ["flow_grpo", "diffusion_nft", "refl"]
+ALGOS = ["flow_grpo", "diffusion_nft", "refl", "awm"]
 PRESET = {a: ROOT / "configs" / "tiny" / f"{a}.yaml" for a in ALGOS}
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 
@@ -63,7 +63,7 @@ def test_every_config_field_is_documented():
 
     from diffrl import config as c
 
-    assert len(c.config_classes()) == 8  # TrainConfig and its seven sections
+    assert len(c.config_classes()) == 9  # TrainConfig and its eight sections
     for cls in c.config_classes():
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
@@ -219,7 +219,11 @@ def test_cli_exits_nonzero_with_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize(
+    # awm's two CLI runs (25-30 s each) are opt-in (--run-slow) to keep its default tests short
+    "algo",
+    [a if a != "awm" else pytest.param(a, marks=pytest.mark.slow) for a in ALGOS],
+)
 def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo, family, tmp_path):
     out = tmp_path / "run"
     extra = ["max_steps=2", "checkpointing_steps=0", f"model.path=tiny:{family}"]
@@ -355,8 +359,24 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "diffusion_nft.solver=dpm2",
         ),
     ),
+    (
+        "awm",
+        (
+            "awm.timesteps=logit_normal",
+            "awm.weighting=uniform",
+            "awm.solver=dpm2",
+            "awm.adv_std=group",
+            "awm.ema_kl_rate=0.2",
+        ),
+    ),
 ]
-VARIANT_IDS = [*ALGOS, "refl-denoise", "flow_grpo-reference-options", "diffusion_nft-reference-options"]
+VARIANT_IDS = [
+    *ALGOS,
+    "refl-denoise",
+    "flow_grpo-reference-options",
+    "diffusion_nft-reference-options",
+    "awm-options",
+]
 
 
 @pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
@@ -470,7 +490,7 @@ def test_python_api_with_a_plain_function_reward(tmp_path):
     assert "reward/darkness/mean" in metrics
 
 
-@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft"])
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "awm"])
 def test_sampling_chunk_size_and_background_scoring_do_not_change_the_update(algo, tmp_path):
     # sample.batch_size=2 samples in 4 chunks, each scored in a background thread; 8 samples everything at once
     results = []

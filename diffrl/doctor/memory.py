@@ -221,6 +221,7 @@ def estimate_memory(
     per_param = (0 if full else 4) + grads + adam
     per_param += 4 if cfg.ema_decay > 0 else 0
     per_param += 4 if cfg.algorithm == "diffusion_nft" else 0
+    per_param += 4 if cfg.algorithm == "awm" and cfg.awm.ema_kl_weight > 0 else 0  # the ema_ref adapter
     trained = p_train * per_param / fsdp
 
     f, p = facts["vae_factor"], facts["patch"]
@@ -228,7 +229,7 @@ def estimate_memory(
     l_txt = _TEXT_TOKENS[facts["family"]]
     tokens = n_img + l_txt
     d = facts["width"]
-    cfg_sd3 = facts["family"] == "sd3" and cfg.algorithm != "diffusion_nft" and s.guidance_scale > 1
+    cfg_sd3 = facts["family"] == "sd3" and cfg.algorithm not in ("diffusion_nft", "awm") and s.guidance_scale > 1
     c = 2 if cfg_sd3 else 1
     k = cfg.refl.grad_steps if cfg.algorithm == "refl" else 1
     per_sample = c * tokens * d * a
@@ -246,6 +247,8 @@ def estimate_memory(
     elif cfg.algorithm == "diffusion_nft":
         n = cfg.diffusion_nft
         n_local, stored = n.prompts_per_step // world * n.group_size, latent
+    elif cfg.algorithm == "awm":
+        n_local, stored = cfg.awm.prompts_per_step // world * cfg.awm.group_size, latent
     else:
         n_local, stored = cfg.refl.prompts_per_step // world, latent
     buffers = n_local * (l_txt * facts["text_width"] * b_w * (2 if cfg_sd3 else 1) + stored)

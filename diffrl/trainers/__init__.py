@@ -13,6 +13,7 @@ TRAINERS = {
     "flow_grpo": "diffrl.trainers.flow_grpo:FlowGRPOTrainer",
     "diffusion_nft": "diffrl.trainers.diffusion_nft:DiffusionNFTTrainer",
     "refl": "diffrl.trainers.refl:ReFLTrainer",
+    "awm": "diffrl.trainers.awm:AWMTrainer",
 }
 
 

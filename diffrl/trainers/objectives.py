@@ -8,6 +8,7 @@
 * :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
 * :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
 * :func:`denoising_loss`: the rectified-flow (pre-training) loss, ReFL's optional regulariser.
+* :func:`awm_weights`, :func:`awm_matching_loss`, :func:`awm_loss`: Advantage Weighted Matching.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ __all__ = [
     "nft_old_policy_decay",
     "refl_loss",
     "denoising_loss",
+    "awm_weights",
+    "awm_matching_loss",
+    "awm_loss",
 ]
 
 
@@ -215,3 +219,65 @@ def denoising_loss(v_theta: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -
         )
     target = eps.detach().float() - x0.detach().float()
     return ((v_theta.float() - target) ** 2).mean()
+
+
+def awm_weights(advantages: torch.Tensor, *, clip: float = 5.0, max_weight: float = 1.0) -> torch.Tensor:
+    """AWM's per-sample weights ``clip(A, +-clip) * max_weight / clip`` (float32): the reference code's advantage
+    clipped to ``+-adv_clip_max`` and rescaled to ``+-advantage_max`` (scxue/advantage_weighted_matching,
+    scripts/train_sd3_awm.py)."""
+    return advantages.float().clamp(-clip, clip) * (max_weight / clip)
+
+
+def awm_matching_loss(
+    v_theta: torch.Tensor,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    weighting: str = "ghuber",
+    power: float = 0.25,
+    delta: float = 1e-10,
+) -> torch.Tensor:
+    """Per-sample ``(B,)`` flow-matching loss of AWM at levels ``t`` (``(B,)``), in float32.
+
+    With ``x_t = (1 - t) x0 + t eps`` the input of ``v_theta`` and ``L = mean_d (v_theta - (eps - x0))^2`` the
+    pre-training loss of the sample (arXiv 2509.25050, the AWM objective):
+
+    * ``uniform``: ``L``, the paper's flow-matching loss;
+    * ``t``: ``t L``;
+    * ``ghuber`` (the reference configs'): ``t ((L + delta)^p - delta^p) / p``, a concave (robust) transform of
+      ``L`` whose gradient is ``t (L + delta)^(p - 1)`` times that of ``L``; ``p = 1`` gives ``t L``.
+
+    ``x0`` and ``eps`` are targets (no gradient flows into them).
+    """
+    if weighting not in ("ghuber", "t", "uniform"):
+        raise ValueError(f"weighting={weighting!r} is not known; use ghuber, t or uniform.")
+    if not (v_theta.shape == x0.shape == eps.shape):
+        raise ValueError(
+            f"v_theta {tuple(v_theta.shape)}, x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} must have the same shape."
+        )
+    target = eps.detach().float() - x0.detach().float()
+    err = (v_theta.float() - target) ** 2
+    mse = err.mean(dim=tuple(range(1, err.ndim)))
+    tt = torch.as_tensor(t, dtype=torch.float32, device=mse.device).reshape(-1).expand_as(mse)
+    if weighting == "uniform":
+        return mse
+    if weighting == "t":
+        return tt * mse
+    return tt * ((mse + delta) ** power - delta**power) / power
+
+
+def awm_loss(matching: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AWM's policy loss ``mean_i(w_i * l_i)``: each sample's matching loss (:func:`awm_matching_loss`) weighted by
+    its advantage weight (:func:`awm_weights`, detached). Minimising it lowers the matching loss of samples with a
+    positive advantage (more likely under the policy) and raises it for negative ones.
+
+    This is the on-policy gradient of the reference code's clipped surrogate ``max(-A r, -A clip(r, 1 +- eps))``
+    with ``r = exp(l_old - l)``: at ``r = 1`` (``l_old = sg(l)``, one update per batch of samples) both have the
+    gradient ``A grad(l)``, and their values differ by the constant ``mean(A)``.
+    """
+    m = matching.float()
+    w = weights.detach().float().to(m.device)
+    if m.shape != w.shape:
+        raise ValueError(f"matching {tuple(m.shape)} and weights {tuple(w.shape)} must both be (B,).")
+    return (w * m).mean()

@@ -1,0 +1,263 @@
+"""AWM: Advantage Weighted Matching (Xue, Ge, Zhang, Li, Ma, arXiv 2509.25050).
+
+The paper shows that DDPO-style policy gradients (Flow-GRPO) amount to score/flow matching against *noisy* targets
+(the next state of an SDE step) and proposes to train with the pre-training loss itself, on clean samples, each
+sample weighted by its advantage. No SDE and no likelihood are needed: any deterministic solver makes the rollouts.
+
+Per step: sample G images per prompt from the current policy with an ODE solver and no CFG (guidance 1 for SD3,
+as the reference's configs), keeping only the clean latents ``x0``; score them; compute group-relative advantages
+``A = (R - mean_group R) / (std + 1e-4)`` and the weights ``w = clip(A, +-c) * a_max / c``. Then, at K levels ``t``
+per sample, with fresh noise ``x_t = (1 - t) x0 + t eps``:
+
+    l(t)  = rho_t( mean_d (v_theta(x_t, t) - (eps - x0))^2 )                       (the matching loss, weighted)
+    L     = mean_{i,k} w_i l_ik  +  kl_weight * mean (v_theta - v_base)^2  +  ema_kl_weight * mean (v_theta - v_ema)^2
+
+with one optimiser update per step, and after it the EMA policy moves towards the current one,
+``theta_ema <- d theta_ema + (1 - d) theta`` with ``d = min(rate * u, cap)`` (``u``: optimiser updates so far).
+
+The reference code (scxue/advantage_weighted_matching, scripts/train_sd3_awm.py and config/dgx_awm.py), and where
+diffrl differs from it (details and the reference values in docs/trainers/awm.md):
+
+* The reference writes the loss as a PPO clipped surrogate on ``r = exp(l_old - l)``; it makes one optimiser update
+  per batch of rollouts (gradient accumulation over all of them), so ``l_old = sg(l)``, ``r = 1`` and the clip
+  (range 1) never acts. diffrl computes that gradient, ``w grad(l)``, directly (:func:`awm_loss`), and has no PPO
+  ratio, clip or second update per step.
+* ``rho_t`` is ``awm.weighting``: the reference's configs use ``ghuber`` (``t ((L + 1e-10)^p - 1e-10^p) / p``,
+  p = 0.25), the paper's equation is ``uniform`` (``L``); both and ``t`` (``t L``) are offered.
+* Levels (``awm.timesteps=levels``, the reference's ``discrete`` draws): the indices ``[first_level, int(T *
+  fraction))`` of the rollout's T levels in K equal bins, one index drawn in each. The reference draws one set per
+  micro-batch; diffrl draws one per sample keyed by its global row, so the micro-batch size and the number of
+  processes do not change the update. ``logit_normal`` is the reference's continuous stratified draw (shift 3).
+* Rollouts: the Euler ODE or DPM-Solver++ 2M (``awm.solver``); the reference uses SA-Solver, stochastic in
+  ``t in [0.3, 0.9]`` for GenEval and OCR (noise 0.4) and deterministic for PickScore. SA-Solver is not implemented.
+* The matching loss is computed in float32 (the reference: float64).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from diffrl.samplers import rollout
+
+from .engine import Trainer
+from .objectives import awm_loss, awm_matching_loss, awm_weights, group_advantages, nft_old_policy_decay
+
+__all__ = ["AWMTrainer", "level_indices", "logit_normal_levels"]
+
+EMA = "ema_ref"
+_LEVELS_KEY = 32452843  # keeps the training-level draws apart from every other draw of the step
+
+
+def level_indices(first: int, last: int, k: int, u: np.ndarray) -> np.ndarray:
+    """Stratified level indices: ``[first, last)`` cut into ``k`` bins at ``floor(linspace(first, last, k + 1))``
+    and one index ``lower + floor(u_j (upper - lower))`` drawn in bin ``j`` from ``u`` (``(k,)`` uniforms in [0, 1));
+    an empty bin gives its lower bound (the reference's ``discrete`` draw)."""
+    bounds = np.floor(np.linspace(first, last, k + 1)).astype(np.int64)
+    lower, upper = bounds[:-1], bounds[1:]
+    return lower + np.floor(u * (upper - lower)).astype(np.int64)
+
+
+def logit_normal_levels(u: np.ndarray, shift: float) -> np.ndarray:
+    """Stratified logit-normal levels: for ``k = len(u)`` uniforms, ``t_j = sigmoid(Phi^-1((j + u_j) / k))``,
+    shifted ``s t / (1 + (s - 1) t)`` and at least 0.01 (the reference's ``logit_normal`` draw)."""
+    k = len(u)
+    q = torch.as_tensor(np.clip((np.arange(k) + u) / k, 1e-7, 1 - 1e-7), dtype=torch.float64)
+    t = torch.sigmoid(torch.special.ndtri(q))
+    t = shift * t / (1 + (shift - 1) * t)
+    return t.clamp(min=0.01).numpy()
+
+
+class AWMTrainer(Trainer):
+    algorithm = "awm"
+
+    def setup(self) -> None:
+        """The EMA policy of the ``ema_kl_weight`` term: a second LoRA adapter, float32, a copy of the trained one."""
+        self.ema_params = []
+        if self.cfg.awm.ema_kl_weight <= 0:
+            return
+        model = self.model
+        config = model.transformer.peft_config["default"]
+        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model.transformer.add_adapter(config, adapter_name=EMA)
+        model.transformer.set_adapter("default")
+        self.ema_params = self._adapter_params(EMA)
+        with torch.no_grad():
+            for e, p in zip(self.ema_params, self.params, strict=True):
+                e.data = (
+                    e.data.float()
+                )  # PEFT made it in the base layer's dtype; the soft update needs float32
+                e.copy_(p)
+        for e in self.ema_params:
+            e.requires_grad_(False)
+
+    def after_sharding(self) -> None:
+        if self.cfg.awm.ema_kl_weight > 0:
+            self.ema_params = self._adapter_params(EMA)
+
+    def _adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
+        named = dict(self.model.transformer.named_parameters())
+        out = []
+        for name in self.param_names:
+            other = name.replace(".default.", f".{adapter}.")
+            if other == name or other not in named:
+                raise RuntimeError(f"no {adapter!r} counterpart for trained weight {name}")
+            out.append(named[other])
+        return out
+
+    def derived_sizes(self):
+        a = self.cfg.awm
+        per = a.prompts_per_step // self.world
+        return {
+            "num_processes": self.world,
+            "prompts_per_process": per,
+            "images_per_process": per * a.group_size,
+            "images_per_step": a.prompts_per_step * a.group_size,
+        }
+
+    def _guidance(self) -> float:
+        # CFG-free: SD3 samples and trains without CFG; FLUX.1-dev's distilled guidance embedding is not CFG.
+        return 1.0 if self.model.family == "sd3" else self.cfg.sample.guidance_scale
+
+    def train_levels(self, sigmas: torch.Tensor, n: int) -> torch.Tensor:
+        """``(n, K)`` training levels of this process's ``n`` samples, each sample's drawn from a generator keyed by
+        ``(seed, step, global row)``."""
+        a, cfg = self.cfg.awm, self.cfg
+        k = a.num_train_timesteps
+        rows = []
+        for i in range(n):
+            rng = np.random.default_rng([cfg.seed, self.step, _LEVELS_KEY, self.rank * n + i])
+            u = rng.random(k)
+            if a.timesteps == "levels":
+                last = int(cfg.sample.num_steps * a.timestep_fraction)
+                idx = level_indices(a.first_level, last, k, u)
+                rows.append(sigmas[torch.as_tensor(idx)].float())
+            else:
+                rows.append(torch.as_tensor(logit_normal_levels(u, a.time_shift), dtype=torch.float32))
+        return torch.stack(rows).to(self.device)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        a, s = self.cfg.awm, self.cfg.sample
+        model = self.model
+        batch = self.step_batch(a.prompts_per_step)
+        G = a.group_size
+        prompts, metadata, group_ids = self.expand_groups(batch, G)
+        sigmas = model.schedule(s.num_steps, s.height, s.width)
+        guidance = self._guidance()
+        cond_all = model.encode(batch.prompts).repeat_interleave(G)
+
+        # 1. rollouts of the current policy (ODE, no grad), keep x0
+        n = len(prompts)
+
+        def sample_chunk(rows):
+            with torch.no_grad(), self.autocast():
+                noise = model.sample_noise(
+                    len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
+                )
+                return rollout(
+                    model, cond_all.select(rows), sigmas, noise, guidance_scale=guidance, solver=a.solver
+                ).final
+
+        x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
+        rewards = scored.total.float().to(self.device)
+        all_rewards = self.gather(rewards)
+        all_groups = self.gather(group_ids.to(self.device))
+        adv_all = group_advantages(all_rewards, all_groups, std=a.adv_std, clip=a.adv_clip)
+        weights = awm_weights(
+            adv_all.values[self.rank * n : (self.rank + 1) * n], clip=a.adv_clip, max_weight=a.adv_max
+        )
+        metrics = self.reward_metrics(scored.components, all_rewards)
+        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
+        if not torch.isfinite(all_rewards).all():
+            return {**metrics, "train/skipped": 1.0}
+
+        # 2. training levels and noise, drawn up front per global row (micro-batching and processes change neither)
+        levels = self.train_levels(sigmas, n)
+        k = levels.shape[1]
+        eps_all = torch.stack(
+            [
+                torch.randn((k, *x0.shape[1:]), generator=g)
+                for g in self.row_generators(4, range(n), self.rank * n)
+            ],
+            dim=1,
+        ).to(self.device)
+
+        # 3. the weighted matching loss, one optimiser update
+        sums = {"policy_loss": 0.0, "matching": 0.0, "kl": 0.0, "ema_kl": 0.0}
+        bad = self._accumulate(n, x0, weights, levels, eps_all, cond_all, guidance, sums)
+        if self.any_over_processes(bad):
+            self.discard_gradients()
+            return {**metrics, "train/skipped": 1.0}
+        metrics.update(self.finish_update())
+
+        # 4. the EMA policy follows, its decay counted in optimiser updates (the reference's global step)
+        d = nft_old_policy_decay(self.step + 1, flat=0, rate=a.ema_kl_rate, cap=a.ema_kl_cap)
+        if self.ema_params:
+            with torch.no_grad():
+                for e, p in zip(self.ema_params, self.params, strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+        for key, value in sums.items():
+            metrics[f"train/{key}"] = self.mean_over_processes(value)
+        metrics["train/loss"] = (
+            metrics["train/policy_loss"]
+            + a.kl_weight * metrics["train/kl"]
+            + a.ema_kl_weight * metrics["train/ema_kl"]
+        )
+        metrics["train/weight_abs_mean"] = float(self.gather(weights.abs()).mean())
+        metrics["train/ema_decay"] = d if self.ema_params else 0.0
+        metrics["train/skipped"] = 0.0
+        return metrics
+
+    def _accumulate(self, n, x0, weights, levels, eps_all, cond_all, guidance, sums) -> bool:
+        """Backward passes of the micro-batches at every training level: the gradient of the mean loss over all
+        processes' samples and levels. Returns True when a loss was not finite."""
+        cfg, a, model = self.cfg, self.cfg.awm, self.model
+        bad = False
+        k = levels.shape[1]
+        for i in range(0, n, cfg.optim.train_batch_size):
+            mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
+            cond = cond_all.select(mb)
+            for li in range(k):
+                t_b = levels[mb, li]
+                eps = eps_all[li, mb]
+                t_x = t_b.view(-1, *([1] * (x0.ndim - 1)))
+                x_t = (1 - t_x) * x0[mb] + t_x * eps
+                with self.autocast():
+                    v = model.velocity(x_t, t_b, cond, guidance).float()
+                zero = torch.zeros((), device=self.device)
+                kl, ema_kl = zero, zero
+                if a.kl_weight > 0:
+                    with torch.no_grad(), self.autocast(), model.disable_adapter():
+                        v_ref = model.velocity(x_t, t_b, cond, guidance).float()
+                    kl = ((v - v_ref) ** 2).mean()
+                if self.ema_params:
+                    with torch.no_grad(), self.autocast(), model.use_adapter(EMA):
+                        v_ema = model.velocity(x_t, t_b, cond, guidance).float()
+                    ema_kl = ((v - v_ema) ** 2).mean()
+                matching = awm_matching_loss(v, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power)
+                policy = awm_loss(matching, weights[mb])
+                loss = policy + a.kl_weight * kl + a.ema_kl_weight * ema_kl
+                if not torch.isfinite(loss):
+                    bad = True
+                w = len(mb) / n / k
+                self.backward(loss * w)
+                sums["policy_loss"] += float(policy.detach()) * w
+                sums["matching"] += float(matching.detach().mean()) * w
+                sums["kl"] += float(kl.detach()) * w
+                sums["ema_kl"] += float(ema_kl.detach()) * w
+        return bad
+
+    def extra_state(self):
+        if not self.ema_params:  # ema_kl_weight = 0: no EMA adapter
+            return {}
+        return {f"{EMA}.{n}": e.detach() for n, e in zip(self.param_names, self.ema_params, strict=True)}
+
+    def load_extra_state(self, tensors):
+        if not self.ema_params:
+            return
+        with torch.no_grad():
+            for n, e in zip(self.param_names, self.ema_params, strict=True):
+                self.assign_(e, tensors[f"{EMA}.{n}"])

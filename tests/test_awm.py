@@ -1,0 +1,255 @@
+"""AWM (Advantage Weighted Matching, arXiv 2509.25050): the loss on hand-made tensors, the level draws against the
+reference's formulas worked by hand, the config checks, and the trainer's step on the tiny SD3 pipeline (zero
+advantages leave the weights alone, the EMA adapter follows its schedule, the levels are the rollout's)."""
+
+import math
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+
+from diffrl.config import ConfigError, load_config
+from diffrl.train import build_trainer
+from diffrl.trainers.awm import level_indices, logit_normal_levels
+from diffrl.trainers.objectives import awm_loss, awm_matching_loss, awm_weights, group_advantages
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "tiny" / "awm.yaml"
+PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    import os
+
+    old = os.environ.get("DIFFRL_CACHE")
+    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFRL_CACHE")
+    else:
+        os.environ["DIFFRL_CACHE"] = old
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+
+
+def _two_samples():
+    # sample 0: target eps - x0 = 1 everywhere, v = 3 -> L = 4; sample 1: target 0, v = (1, -1, 1, -1) -> L = 1
+    x0 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    eps = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    v = torch.tensor([[3.0, 3.0, 3.0, 3.0], [1.0, -1.0, 1.0, -1.0]], requires_grad=True)
+    t = torch.tensor([0.25, 0.5])
+    return v, x0, eps, t
+
+
+def test_matching_loss_by_hand():
+    v, x0, eps, t = _two_samples()
+    assert awm_matching_loss(v, x0, eps, t, weighting="uniform").tolist() == [4.0, 1.0]
+    assert awm_matching_loss(v, x0, eps, t, weighting="t").tolist() == [1.0, 0.5]
+    # ghuber, p = 1/2: t (sqrt(L + 1e-10) - 1e-5) / (1/2) = 0.25 * (2 - 1e-5) * 2 and 0.5 * (1 - 1e-5) * 2
+    g = awm_matching_loss(v, x0, eps, t, weighting="ghuber", power=0.5)
+    torch.testing.assert_close(g, torch.tensor([0.999995, 0.99999]), rtol=1e-6, atol=1e-7)
+    # p = 1 is weighting t (up to delta = 1e-10)
+    torch.testing.assert_close(
+        awm_matching_loss(v, x0, eps, t, weighting="ghuber", power=1.0), torch.tensor([1.0, 0.5])
+    )
+    # the gradient of ghuber is t (L + delta)^(p - 1) dL/dv; dL/dv = 2 (v - target) / D
+    g.sum().backward()
+    expected = torch.tensor(
+        [
+            [0.25 * 4**-0.5 * 2 * 2 / 4] * 4,
+            [0.5 * 1**-0.5 * 2 * s / 4 for s in (1.0, -1.0, 1.0, -1.0)],
+        ]
+    )
+    torch.testing.assert_close(v.grad, expected)
+
+
+def test_matching_loss_refuses_unknown_weighting_and_shapes():
+    v, x0, eps, t = _two_samples()
+    with pytest.raises(ValueError, match="weighting='huber' is not known"):
+        awm_matching_loss(v, x0, eps, t, weighting="huber")
+    with pytest.raises(ValueError, match="must have the same shape"):
+        awm_matching_loss(v, x0[:, :2], eps, t)
+
+
+def test_weights_clip_and_rescale():
+    a = torch.tensor([-7.0, -2.5, 0.0, 1.0, 5.0, 9.0])
+    torch.testing.assert_close(
+        awm_weights(a, clip=5.0, max_weight=1.0), torch.tensor([-1.0, -0.5, 0.0, 0.2, 1.0, 1.0])
+    )
+    torch.testing.assert_close(
+        awm_weights(a, clip=2.0, max_weight=3.0), torch.tensor([-3.0, -3.0, 0.0, 1.5, 3.0, 3.0])
+    )
+
+
+def test_loss_is_the_weighted_mean_and_its_gradient_follows_the_sign():
+    v, x0, eps, t = _two_samples()
+    m = awm_matching_loss(v, x0, eps, t, weighting="uniform")
+    loss = awm_loss(m, torch.tensor([0.5, -1.0]))
+    assert loss.item() == pytest.approx((0.5 * 4 - 1.0 * 1) / 2)
+    loss.backward()
+    # d/dv of 0.5 * mean_i(w_i L_i): w_0 / 2 * 2 (v - 1) / 4 = 0.25 per element; w_1 / 2 * 2 v / 4 = -v / 4
+    torch.testing.assert_close(v.grad, torch.tensor([[0.25] * 4, [-0.25, 0.25, -0.25, 0.25]]))
+    # a positive weight pulls v towards the target (descent lowers L_0), a negative one pushes it away
+    with torch.no_grad():
+        stepped = v - 0.1 * v.grad
+    after = awm_matching_loss(stepped, x0, eps, t, weighting="uniform")
+    assert after[0] < 4.0 and after[1] > 1.0
+
+
+def test_zero_advantages_give_a_zero_gradient():
+    v, x0, eps, t = _two_samples()
+    for weighting in ("ghuber", "t", "uniform"):
+        v.grad = None
+        m = awm_matching_loss(v, x0, eps, t, weighting=weighting)
+        awm_loss(m, awm_weights(torch.zeros(2))).backward()
+        assert torch.equal(v.grad, torch.zeros_like(v))
+    # a group whose rewards are all equal has advantage exactly 0, so its samples weigh nothing
+    adv = group_advantages(torch.tensor([0.3, 0.3, 0.3, 0.9, 0.1, 0.5]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert adv.values[:3].tolist() == [0.0, 0.0, 0.0] and adv.zero_std[:3].all()
+
+
+def _gradient_for_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    """The gradient of the AWM loss of a linear velocity model on fixed samples, for the given rewards."""
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
+    t = torch.rand(8, generator=gen)
+    weight = torch.randn(6, 6, generator=gen, requires_grad=True)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    v = x_t @ weight
+    groups = torch.arange(8) // 4
+    w = awm_weights(group_advantages(rewards, groups).values)
+    awm_loss(awm_matching_loss(v, x0, eps, t), w).backward()
+    return weight.grad
+
+
+def test_scaling_the_rewards_leaves_the_update_unchanged():
+    rewards = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.2, 0.25, 0.9, 0.6], dtype=torch.float64)
+    base = _gradient_for_rewards(rewards)
+    assert base.abs().max() > 0
+    for k in (1e-1, 7.0, 1e3):
+        # normalised advantages are invariant to a positive scale, up to the 1e-4 added to the std (relative
+        # 1e-4 / (k std) here, std = 0.27)
+        torch.testing.assert_close(_gradient_for_rewards(rewards * k), base, rtol=5e-3, atol=1e-7)
+        torch.testing.assert_close(_gradient_for_rewards(rewards + k), base, rtol=1e-5, atol=1e-7)
+    # and a negative scale reverses it (the better samples become the worse)
+    torch.testing.assert_close(_gradient_for_rewards(-rewards), -base, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- the levels
+
+
+def test_level_indices_by_hand():
+    # the reference GenEval/OCR draw: 14 steps, fraction 0.9, 6 levels from index 1: bins at
+    # floor(linspace(1, 12, 7)) = 1, 2, 4, 6, 8, 10, 12
+    assert level_indices(1, 12, 6, np.zeros(6)).tolist() == [1, 2, 4, 6, 8, 10]
+    assert level_indices(1, 12, 6, np.full(6, 0.5)).tolist() == [1, 3, 5, 7, 9, 11]
+    assert level_indices(1, 12, 6, np.full(6, 0.999)).tolist() == [1, 3, 5, 7, 9, 11]
+    # its PickScore draw starts at 0: floor(linspace(0, 12, 7)) = 0, 2, 4, ...
+    assert level_indices(0, 12, 6, np.full(6, 0.75)).tolist() == [1, 3, 5, 7, 9, 11]
+    # more levels than indices: an empty bin gives its lower bound (floor(linspace(1, 3, 7)) = 1,1,1,2,2,2,3)
+    assert level_indices(1, 3, 6, np.full(6, 0.9)).tolist() == [1, 1, 1, 2, 2, 2]
+
+
+def test_logit_normal_levels_by_hand():
+    # one level at u = 0.5: q = 0.5, Phi^-1 = 0, sigmoid = 1/2, shifted by 3: 1.5 / 2
+    assert logit_normal_levels(np.array([0.5]), 3.0).tolist() == pytest.approx([0.75])
+    # two at the middle of their strata: q = 1/4 and 3/4
+    z = NormalDist().inv_cdf(0.75)
+    s = [1 / (1 + math.exp(z)), 1 / (1 + math.exp(-z))]
+    expected = [3 * x / (1 + 2 * x) for x in s]
+    assert logit_normal_levels(np.array([0.5, 0.5]), 3.0).tolist() == pytest.approx(expected, rel=1e-12)
+    # no shift: symmetric about 1/2; the clamp at 0.01
+    lo, hi = logit_normal_levels(np.array([0.5, 0.5]), 1.0)
+    assert lo + hi == pytest.approx(1.0)
+    assert logit_normal_levels(np.array([0.0, 0.5]), 1e-3)[0] == 0.01
+
+
+# ---------------------------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["awm.weighting=huber"], "awm.weighting='huber' must be ghuber, t or uniform"),
+        (["awm.timesteps=uniform"], "awm.timesteps='uniform' must be levels or logit_normal"),
+        (["awm.solver=sa"], "awm.solver='sa' must be euler or dpm2"),
+        (["awm.adv_std=prompt"], "awm.adv_std='prompt' must be global or group"),
+        (["awm.group_size=1"], "awm.group_size=1 must be at least 2"),
+        (["awm.first_level=3"], r"awm.first_level=3 leaves no level to train.*\[3, 3\)"),
+        (["awm.ghuber_power=1.5"], r"awm.ghuber_power=1.5 must be in \(0, 1\]"),
+        (["model.lora_rank=0"], "lora_rank=0 .* has no base model.*awm.kl_weight"),
+        (["model.lora_rank=0", "awm.kl_weight=0"], "awm.ema_kl_weight=1.0 needs a LoRA"),
+    ],
+)
+def test_bad_awm_values_raise_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PRESET, [f"data.train={PROMPTS}", *overrides])
+
+
+def test_full_fine_tuning_without_the_pull_terms_is_allowed():
+    cfg = load_config(
+        PRESET, [f"data.train={PROMPTS}", "model.lora_rank=0", "awm.kl_weight=0", "awm.ema_kl_weight=0"]
+    )
+    assert cfg.algorithm == "awm"
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+def _trainer(tmp_path, *extra, reward=None):
+    return build_trainer(
+        PRESET,
+        [f"output_dir={tmp_path}", f"data.train={PROMPTS}", "data.eval_size=0", *extra],
+        reward=reward,
+    )
+
+
+def test_zero_advantages_leave_the_weights_unchanged(tmp_path):
+    # a reward equal for every image: every group's advantages are 0; without the two pull terms and weight decay
+    # the gradient, and so Adam's step, is exactly 0
+    def constant(images, prompts, **metadata):
+        return torch.full((images.shape[0],), 0.5)
+
+    trainer = _trainer(
+        tmp_path, "awm.kl_weight=0", "awm.ema_kl_weight=0", "optim.weight_decay=0", reward=constant
+    )
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    assert metrics["sample/zero_std_frac"] == 1.0 and metrics["train/policy_loss"] == 0.0
+    assert metrics["train/matching"] > 0
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+
+
+def test_ema_adapter_follows_its_schedule_and_the_levels_are_the_rollouts(tmp_path):
+    trainer = _trainer(tmp_path, "awm.ema_kl_rate=0.5", "awm.ema_kl_cap=0.3", "awm.num_train_timesteps=3")
+    assert len(trainer.ema_params) == len(trainer.params)
+    theta0 = [p.detach().clone() for p in trainer.params]
+    assert all(torch.equal(e, p) for e, p in zip(trainer.ema_params, theta0, strict=True))
+    metrics = trainer.train_step(0)
+    assert metrics["train/ema_decay"] == pytest.approx(0.3)  # min(0.5 * 1 update, 0.3)
+    for e, p0, p1 in zip(trainer.ema_params, theta0, trainer.params, strict=True):
+        torch.testing.assert_close(e, 0.3 * p0 + 0.7 * p1.detach())
+    # the training levels: indices [1, int(4 * 0.9)) = {1, 2} of the 4-step schedule, per sample
+    s = trainer.cfg.sample
+    sigmas = trainer.model.schedule(s.num_steps, s.height, s.width)
+    levels = trainer.train_levels(sigmas, 8)
+    assert levels.shape == (8, 3)
+    allowed = {float(sigmas[1]), float(sigmas[2])}
+    assert set(levels.flatten().tolist()) <= allowed
+    # bins floor(linspace(1, 3, 4)) = 1, 1, 2, 3: the first bin is empty (index 1), the second gives 1, the third 2
+    assert torch.equal(levels[:, 0], levels[:, 1]) and (levels[:, 2] == float(sigmas[2])).all()
+
+
+def test_logit_normal_levels_differ_per_sample_and_the_step_trains(tmp_path):
+    trainer = _trainer(tmp_path, "awm.timesteps=logit_normal", "awm.weighting=uniform", "awm.solver=dpm2")
+    s = trainer.cfg.sample
+    levels = trainer.train_levels(trainer.model.schedule(s.num_steps, s.height, s.width), 8)
+    assert ((levels >= 0.01) & (levels < 1)).all() and len(set(levels[:, 0].tolist())) == 8
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    assert metrics["train/skipped"] == 0.0 and math.isfinite(metrics["train/loss"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
