@@ -13,8 +13,26 @@ them into ``num_minibatches`` parts, one optimiser update after each (the first 
 not, so the clip acts).
 
 Options: a window of ``sde_window`` stochastic (and trained) steps placed at random in ``sde_window_range``
-(Flow-GRPO-Fast / MixGRPO), asymmetric clipping (``clip_range_high``, DAPO), dropping groups with identical
-rewards (``dynamic_sampling``), one ratio per trajectory (``trajectory_ratio``, GSPO-style).
+(Flow-GRPO-Fast), asymmetric clipping (``clip_range_high``, DAPO), dropping groups with identical rewards
+(``dynamic_sampling``), one ratio per trajectory (``trajectory_ratio``, GSPO-style), and:
+
+* MixGRPO (Li et al., arXiv 2507.21802, Sec. 3.2, Algorithm 1; official code Tencent-Hunyuan/MixGRPO,
+  ``fastvideo/utils/grpo_states.py`` "progressive" and ``fastvideo/utils/sampling_utils.py``):
+  ``window_schedule="sliding"`` moves the window ``window_stride`` steps later every ``window_shift_every`` training
+  steps through the allowed starts and back to the first (``window_end="wrap"``, the official ``--roll_back``) or
+  stays at the last (``"stay"``): :func:`sliding_window_start`, a pure function of the step, so resume replays it.
+  Only the window is stochastic and trained (the official ``training_strategy="part"``). ``post_window_solver="dpm2"``
+  solves the ODE steps after the window with DPM-Solver++ 2M (MixGRPO-Flash's ``dpm_apply_strategy="post"``).
+  Deviations: the official window is ``range(cur, min(cur + W, T - 2))``, so it never holds step T - 2, shrinks at
+  its last positions and is empty at the very last; diffrl keeps every window whole, ending before the last step,
+  and wraps when the next one would not fit (the same schedule over the official 300-step runs). Flash's
+  re-spacing of the levels after the window into fewer steps (``dpm_post_compress_ratio``) is not implemented.
+* GRPO-Guard (Wang et al., arXiv 2510.22319; no official code published): ``ratio_norm`` replaces the step's
+  log-ratio by ``delta_k (logp - logp_old) + mean_d (mu - mu_old)^2 / (2 delta_k)`` = ``mean_d(z (mu - mu_old))``
+  (centred, the same scale at every step: RatioNorm), the rollout keeping its transition means;
+  ``grad_reweight`` multiplies the step's clipped policy term by ``1 / |dt_k|``. Choices the paper leaves open:
+  the weights are not normalised, the KL term is not re-weighted, both are refused with ``trajectory_ratio``
+  (see :func:`~diffrl.trainers.objectives.grpo_guard_loss`).
 
 The reference code (yifan123/flow_grpo, scripts/train_sd3.py), and where diffrl lets a run differ from it (each a
 named option; the defaults and why are in docs/trainers/flow_grpo.md):
