@@ -397,6 +397,8 @@ TOY_VARIANTS = {
 
 @pytest.mark.slow
 def test_toy_world_plain_mixgrpo_and_guard_from_one_seed(tmp_path):
+    # measured on one CPU core (about 19 minutes): strict 0.104 -> 0.125 plain (14.4 s a step), 0.104 -> 0.115
+    # MixGRPO (8.0 s a step), 0.104 -> 0.146 GRPO-Guard (12.7 s a step): within the noise of 96 held-out images
     from diffrl.demo import ACCURACY_KEY, DEFAULT_CONFIG, PARTIAL_KEY, read_metrics
 
     results = {}
