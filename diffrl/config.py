@@ -147,7 +147,30 @@ class FlowGRPOConfig:
     sde_window: int = 0
     """Flow-GRPO-Fast: length of the window of stochastic (and trained) steps; 0 makes every step stochastic."""
     sde_window_range: list[int] = field(default_factory=list)
-    """[lo, hi): where the window may start (drawn per step); empty means the first half of the steps."""
+    """[lo, hi): where the window may start; empty means the first half of the steps (random schedule) or every
+    start whose window ends before the last step (sliding schedule)."""
+    window_schedule: str = "random"
+    """Where the sde_window sits at each training step: random (a start drawn per step in sde_window_range,
+    Flow-GRPO-Fast) or sliding (MixGRPO: the window starts at the range's lo and moves window_stride steps later
+    every window_shift_every training steps)."""
+    window_shift_every: int = 25
+    """Sliding schedule: training steps the window stays at one place (MixGRPO's iters_per_group: 25, Flash 20)."""
+    window_stride: int = 1
+    """Sliding schedule: sampling steps the window moves at each shift (MixGRPO's prog_overlap_step: 1; 0 keeps it
+    at its start, as MixGRPO-Flash*)."""
+    window_end: str = "wrap"
+    """Sliding schedule, when the next start would leave the range: wrap (back to its start, MixGRPO's roll_back)
+    or stay (at the last start)."""
+    post_window_solver: str = "euler"
+    """Deterministic solver of the steps after the sde_window: euler or dpm2 (second-order multistep DPM-Solver++,
+    MixGRPO-Flash); the steps before the window are Euler steps either way."""
+    ratio_norm: bool = False
+    """GRPO-Guard's ratio normalisation: the log-ratio of step k is delta_k (logp - logp_old) + mean_d (mu -
+    mu_old)^2 / (2 delta_k), delta_k the step's std, which centres it on 0 and gives it the same scale at every
+    step (the rollout's transition means are kept for it)."""
+    grad_reweight: bool = False
+    """GRPO-Guard's gradient re-weighting: the policy loss of step k is multiplied by 1 / |dt_k| (dt_k = s_{k+1} -
+    s_k), which evens the gradient out over the steps."""
     timestep_fraction: float = 0.99
     """Fraction of the stochastic steps that are trained (the reference drops the last step at 10 steps)."""
     clip_range: float = 1e-4
@@ -634,6 +657,8 @@ _RANGES = [
     ("flow_grpo.clip_range_high", _at_least(0), "at least 0 (0 uses clip_range)"),
     ("flow_grpo.kl_beta", _at_least(0), "at least 0 (0 turns the KL off)"),
     ("flow_grpo.adv_clip", lambda v: v > 0, "positive"),
+    ("flow_grpo.window_shift_every", _at_least(1), "at least 1 (training steps per window position)"),
+    ("flow_grpo.window_stride", _at_least(0), "at least 0 (0 keeps the sliding window at its start)"),
     ("diffusion_nft.kl_weight", _at_least(0), "at least 0 (0 turns the KL off)"),
     ("diffusion_nft.adv_clip", lambda v: v > 0, "positive"),
     ("diffusion_nft.decay_flat", _at_least(0), "at least 0"),
@@ -855,6 +880,31 @@ def validate(
             need(
                 len(g.sde_window_range) == 2 and 0 <= g.sde_window_range[0] < g.sde_window_range[1],
                 f"flow_grpo.sde_window_range={g.sde_window_range} must be [lo, hi) with 0 <= lo < hi.",
+            )
+        need(
+            g.window_schedule in ("random", "sliding"),
+            f"flow_grpo.window_schedule={g.window_schedule!r} must be random or sliding.",
+        )
+        need(
+            g.window_schedule == "random" or g.sde_window > 0,
+            "flow_grpo.window_schedule=sliding moves the sde_window, but flow_grpo.sde_window=0 makes every step "
+            "stochastic; set flow_grpo.sde_window to the window length (MixGRPO: 4).",
+        )
+        need(g.window_end in ("wrap", "stay"), f"flow_grpo.window_end={g.window_end!r} must be wrap or stay.")
+        need(
+            g.post_window_solver in ("euler", "dpm2"),
+            f"flow_grpo.post_window_solver={g.post_window_solver!r} must be euler or dpm2.",
+        )
+        need(
+            g.post_window_solver == "euler" or g.sde_window > 0,
+            f"flow_grpo.post_window_solver={g.post_window_solver} solves the ODE steps after the sde_window, and "
+            "flow_grpo.sde_window=0 leaves none; set flow_grpo.sde_window or post_window_solver=euler.",
+        )
+        for name in ("ratio_norm", "grad_reweight"):
+            need(
+                not (getattr(g, name) and g.trajectory_ratio),
+                f"flow_grpo.{name}=true acts on each step's ratio, and flow_grpo.trajectory_ratio=true keeps one "
+                "ratio per trajectory; set one of them to false.",
             )
     elif cfg.algorithm == "diffusion_nft":
         n = cfg.diffusion_nft

@@ -47,6 +47,9 @@ class RolloutOutput:
     final: (
         torch.Tensor
     )  # (B, C, h, w) the final latents; carries the autograd graph when the grad window reached the end
+    means: torch.Tensor | None = (
+        None  # (B, T, C, h, w) each step's transition mean (keep_means=True), else None
+    )
 
     @property
     def num_steps(self) -> int:
@@ -95,6 +98,7 @@ def rollout(
     grad_window=None,
     gradient_checkpointing: bool = False,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    keep_means: bool = False,
 ) -> RolloutOutput:
     """Sample from ``latents`` (the initial noise at level ``sigmas[0]``) through the ``T + 1`` levels ``sigmas``.
 
@@ -107,7 +111,9 @@ def rollout(
         sampler: ``"ode"`` (deterministic everywhere), ``"sde"`` (Flow-GRPO ODE-to-SDE) or ``"cps"`` in the SDE window.
         solver: the deterministic steps: ``"euler"`` or ``"dpm2"`` (second-order multistep DPM-Solver++, the
             DiffusionNFT reference's: Euler for the first step and the step to 0, :func:`~diffrl.samplers.dpm2_step`
-            in between; only with ``sampler="ode"``).
+            in between). With ``sampler="sde"``/``"cps"`` it solves only the steps after the SDE window (MixGRPO-
+            Flash: its first step uses the data prediction of the window's last step); the steps before the window
+            stay Euler steps.
         noise_level: the SDE/CPS noise scale ``a``.
         sde_window: which steps are stochastic when ``sampler != "ode"``: ``"all"``, ``None`` or ``(start, end)``.
         grad_window: which steps keep the autograd graph (``None``: none, ``"all"`` or ``(start, end)``,
@@ -116,6 +122,8 @@ def rollout(
             storing its activations.
         generator: random generator for the SDE/CPS noise (drawn step by step, in order), or a list of one
             generator per sample (each sample's noise then does not depend on the batch it is sampled in).
+        keep_means: also return every step's transition mean (detached), e.g. for GRPO-Guard's ratio
+            normalisation.
 
     Returns:
         :class:`RolloutOutput` with the detached trajectory, the levels, per-step log-probs and the final latents.
@@ -124,8 +132,6 @@ def rollout(
         raise ValueError(f"sampler={sampler!r} is not known; choose one of {SAMPLERS}.")
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not known; choose one of {SOLVERS}.")
-    if solver != "euler" and sampler != "ode":
-        raise ValueError(f"solver={solver!r} is deterministic and multistep; use it with sampler='ode'.")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas has shape {tuple(sigmas.shape)}; pass the (T+1,) levels of a schedule.")
@@ -148,6 +154,7 @@ def rollout(
     stochastic[sde_lo:sde_hi] = True
     step_fn = sde_step if sampler == "sde" else cps_step
     x0_prev = None  # dpm2: the previous step's data prediction
+    means = [] if keep_means else None
 
     for k in range(num_steps):
         s, s_next = sigmas[k], sigmas[k + 1]
@@ -165,22 +172,26 @@ def rollout(
                     stochastic[k] = False
                 else:
                     log_probs[:, k] = out.log_prob if keeps_grad else out.log_prob.detach()
-            elif solver == "dpm2":
+            elif solver == "dpm2" and k >= sde_hi:
                 x0_hat = x.float() - s * v.float()
                 if 0 < k < num_steps - 1:
                     out = dpm2_step(x, x0_hat, x0_prev, sigmas[k - 1], s, s_next)
                 else:  # the first-order step, in the data-prediction form the multistep solver uses
                     out = dpm2_step(x, x0_hat, x0_hat, s, s, s_next)
-                x0_prev = x0_hat
             else:
                 out = ode_step(x, v, s, s_next)
+            if solver == "dpm2":  # every step's data prediction, for the next dpm2 step
+                x0_prev = x.float() - s * v.float()
         x = out.sample
         trajectory.append(x.detach())
+        if means is not None:
+            means.append(out.mean.detach())
 
     return RolloutOutput(
         latents=torch.stack(trajectory, dim=1),
         sigmas=sigmas,
         log_probs=log_probs,
         stochastic=stochastic.to(x.device),
+        means=torch.stack(means, dim=1) if means is not None else None,
         final=x,
     )

@@ -369,6 +369,26 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "awm.ema_kl_rate=0.2",
         ),
     ),
+    # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
+    (
+        "flow_grpo",
+        (
+            "flow_grpo.sde_window=2",
+            "flow_grpo.window_schedule=sliding",
+            "flow_grpo.window_shift_every=1",
+            "flow_grpo.post_window_solver=dpm2",
+        ),
+    ),
+    # GRPO-Guard, with an off-policy second part so that the normalised ratio moves
+    (
+        "flow_grpo",
+        (
+            "flow_grpo.ratio_norm=true",
+            "flow_grpo.grad_reweight=true",
+            "flow_grpo.num_minibatches=2",
+            "flow_grpo.old_logp=recompute",
+        ),
+    ),
 ]
 VARIANT_IDS = [
     *ALGOS,
@@ -376,6 +396,8 @@ VARIANT_IDS = [
     "flow_grpo-reference-options",
     "diffusion_nft-reference-options",
     "awm-options",
+    "flow_grpo-mixgrpo-flash",
+    "flow_grpo-guard",
 ]
 
 

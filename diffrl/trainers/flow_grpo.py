@@ -13,8 +13,26 @@ them into ``num_minibatches`` parts, one optimiser update after each (the first 
 not, so the clip acts).
 
 Options: a window of ``sde_window`` stochastic (and trained) steps placed at random in ``sde_window_range``
-(Flow-GRPO-Fast / MixGRPO), asymmetric clipping (``clip_range_high``, DAPO), dropping groups with identical
-rewards (``dynamic_sampling``), one ratio per trajectory (``trajectory_ratio``, GSPO-style).
+(Flow-GRPO-Fast), asymmetric clipping (``clip_range_high``, DAPO), dropping groups with identical rewards
+(``dynamic_sampling``), one ratio per trajectory (``trajectory_ratio``, GSPO-style), and:
+
+* MixGRPO (Li et al., arXiv 2507.21802, Sec. 3.2, Algorithm 1; official code Tencent-Hunyuan/MixGRPO,
+  ``fastvideo/utils/grpo_states.py`` "progressive" and ``fastvideo/utils/sampling_utils.py``):
+  ``window_schedule="sliding"`` moves the window ``window_stride`` steps later every ``window_shift_every`` training
+  steps through the allowed starts and back to the first (``window_end="wrap"``, the official ``--roll_back``) or
+  stays at the last (``"stay"``): :func:`sliding_window_start`, a pure function of the step, so resume replays it.
+  Only the window is stochastic and trained (the official ``training_strategy="part"``). ``post_window_solver="dpm2"``
+  solves the ODE steps after the window with DPM-Solver++ 2M (MixGRPO-Flash's ``dpm_apply_strategy="post"``).
+  Deviations: the official window is ``range(cur, min(cur + W, T - 2))``, so it never holds step T - 2, shrinks at
+  its last positions and is empty at the very last; diffrl keeps every window whole, ending before the last step,
+  and wraps when the next one would not fit (the same schedule over the official 300-step runs). Flash's
+  re-spacing of the levels after the window into fewer steps (``dpm_post_compress_ratio``) is not implemented.
+* GRPO-Guard (Wang et al., arXiv 2510.22319; no official code published): ``ratio_norm`` replaces the step's
+  log-ratio by ``delta_k (logp - logp_old) + mean_d (mu - mu_old)^2 / (2 delta_k)`` = ``mean_d(z (mu - mu_old))``
+  (centred, the same scale at every step: RatioNorm), the rollout keeping its transition means;
+  ``grad_reweight`` multiplies the step's clipped policy term by ``1 / |dt_k|``. Choices the paper leaves open:
+  the weights are not normalised, the KL term is not re-weighted, both are refused with ``trajectory_ratio``
+  (see :func:`~diffrl.trainers.objectives.grpo_guard_loss`).
 
 The reference code (yifan123/flow_grpo, scripts/train_sd3.py), and where diffrl lets a run differ from it (each a
 named option; the defaults and why are in docs/trainers/flow_grpo.md):
@@ -43,9 +61,31 @@ import torch
 from diffrl.samplers import cps_step, rollout, sde_std, sde_step
 
 from .engine import Trainer
-from .objectives import flow_grpo_reference_kl, gaussian_kl, group_advantages, ppo_clip_loss
+from .objectives import (
+    flow_grpo_reference_kl,
+    gaussian_kl,
+    group_advantages,
+    grpo_guard_loss,
+    guard_step_weight,
+    ppo_clip_loss,
+)
 
-__all__ = ["FlowGRPOTrainer"]
+__all__ = ["FlowGRPOTrainer", "sliding_window_start"]
+
+
+def sliding_window_start(
+    step: int, lo: int, hi: int, *, shift_every: int, stride: int, end: str = "wrap"
+) -> int:
+    """MixGRPO's window start at training step ``step``: ``lo`` for the first ``shift_every`` steps, then
+    ``stride`` sampling steps later every ``shift_every`` steps, over the starts ``lo, lo + stride, ... < hi``; past
+    the last of them it goes back to ``lo`` (``end="wrap"``, the official ``roll_back``) or stays there
+    (``"stay"``). ``stride=0`` keeps it at ``lo``. A pure function of the step, so a resumed run replays it."""
+    if hi <= lo:
+        raise ValueError(f"no window start in [{lo}, {hi}); widen flow_grpo.sde_window_range.")
+    positions = (hi - 1 - lo) // stride + 1 if stride > 0 else 1
+    moves = step // shift_every
+    index = moves % positions if end == "wrap" else min(moves, positions - 1)
+    return lo + stride * index
 
 
 class FlowGRPOTrainer(Trainer):
@@ -66,6 +106,20 @@ class FlowGRPOTrainer(Trainer):
         last = num_steps - 1 if g.sampler == "cps" else num_steps  # the CPS step to 0 is deterministic
         if g.sde_window == 0:
             return 0, last
+        if g.window_schedule == "sliding":
+            # windows end before the last step (MixGRPO never trains it), inside sde_window_range when given
+            top = min(last, num_steps - 1) - g.sde_window + 1
+            lo, hi = g.sde_window_range or [0, top]
+            hi = min(hi, top)
+            if hi <= lo:
+                raise ValueError(
+                    f"flow_grpo.sde_window={g.sde_window} does not fit before the last of {num_steps} steps from "
+                    f"{lo}; shorten it."
+                )
+            start = sliding_window_start(
+                self.step, lo, hi, shift_every=g.window_shift_every, stride=g.window_stride, end=g.window_end
+            )
+            return start, start + g.sde_window
         lo, hi = g.sde_window_range or [0, max(1, num_steps // 2)]
         hi = min(hi, last - g.sde_window + 1)
         if hi <= lo:
@@ -89,7 +143,7 @@ class FlowGRPOTrainer(Trainer):
 
         # 1. rollouts with log-probs (no grad), decode, score
         cond_all = model.encode(batch.prompts).repeat_interleave(G)
-        trajs, logps = [], []
+        trajs, logps, means = [], [], []
         n = len(prompts)
 
         def sample_chunk(rows):
@@ -106,15 +160,22 @@ class FlowGRPOTrainer(Trainer):
                     sampler=g.sampler,
                     noise_level=g.noise_level,
                     sde_window=window,
+                    solver=g.post_window_solver,
                     generator=self.row_generators(2, rows, self.rank * n),
+                    keep_means=g.ratio_norm,
                 )
             trajs.append(out.latents)
             logps.append(out.log_probs)
+            if g.ratio_norm:
+                means.append(out.means)
             return out.final
 
         _, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         latents = torch.cat(trajs)  # (n, T+1, C, h, w)
         old_logp = torch.cat(logps)  # (n, T)
+        old_mean = (
+            torch.cat(means) if g.ratio_norm else None
+        )  # (n, T, C, h, w) the rollout's transition means
         rewards = scored.total.float().to(self.device)
 
         # 2. advantages over the whole gathered batch
@@ -150,8 +211,8 @@ class FlowGRPOTrainer(Trainer):
             torch.tensor([[p.numel() for p in ep] for ep in parts], dtype=torch.float64)
         )
         if g.old_logp == "recompute":
-            old_logp, metrics["train/old_logp_max_diff"] = self._recompute_old_logp(
-                latents, old_logp, cond_all, sigmas, train_steps, parts[0]
+            old_logp, old_mean, metrics["train/old_logp_max_diff"] = self._recompute_old_logp(
+                latents, old_logp, old_mean, cond_all, sigmas, train_steps, parts[0]
             )
         stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "count": 0}
         updates = 0
@@ -160,7 +221,15 @@ class FlowGRPOTrainer(Trainer):
                 if size == 0:  # no process kept a sample for this part: no update
                     continue
                 bad = self._accumulate_part(
-                    part, size / self.world, latents, old_logp, adv, cond_all, sigmas, train_steps, stats
+                    part,
+                    size / self.world,
+                    latents,
+                    (old_logp, old_mean),
+                    adv,
+                    cond_all,
+                    sigmas,
+                    train_steps,
+                    stats,
                 )
                 if self.any_over_processes(bad):
                     self.discard_gradients()
@@ -176,6 +245,8 @@ class FlowGRPOTrainer(Trainer):
             metrics[f"train/{key}"] = value / c
         metrics["train/skipped"] = 0.0
         metrics["train/trained_steps"] = float(len(train_steps))
+        if g.sde_window:
+            metrics["train/window_start"] = float(window[0])
         metrics["train/updates"] = float(updates)
         return metrics
 
@@ -197,11 +268,13 @@ class FlowGRPOTrainer(Trainer):
         return gaussian_kl(out.mean, ref.mean, out.std)
 
     @torch.no_grad()
-    def _recompute_old_logp(self, latents, old_logp, cond_all, sigmas, train_steps, first_parts):
+    def _recompute_old_logp(self, latents, old_logp, old_mean, cond_all, sigmas, train_steps, first_parts):
         """``old_logp="recompute"``: the log-probs of the trained steps under the rollout policy, computed before the
         first update with the micro-batches (rows, order, batch shape) the first inner epoch trains with, so the first
-        ratio is exactly 1 whatever the dtype. Returns them and their largest difference from the rollout's."""
+        ratio is exactly 1 whatever the dtype (and the transition means with them, for ``ratio_norm``). Returns them
+        and the log-probs' largest difference from the rollout's."""
         fresh = old_logp.clone()
+        fresh_mean = old_mean.clone() if old_mean is not None else None
         bs = self.cfg.optim.train_batch_size
         for part in first_parts:
             for i in range(0, part.numel(), bs):
@@ -210,18 +283,21 @@ class FlowGRPOTrainer(Trainer):
                 for k in train_steps:
                     out = self._step_outputs(latents[mb, k], latents[mb, k + 1], k, sigmas, cond)
                     fresh[mb, k] = out.log_prob
+                    if fresh_mean is not None:
+                        fresh_mean[mb, k] = out.mean
         cols = list(train_steps)
         diff = (fresh[:, cols] - old_logp[:, cols]).abs()
         local = torch.tensor([float(diff.max()) if diff.numel() else 0.0], device=self.device)
-        return fresh, float(self.gather(local).max())
+        return fresh, fresh_mean, float(self.gather(local).max())
 
-    def _accumulate_part(
-        self, part, per_process, latents, old_logp, adv, cond_all, sigmas, train_steps, stats
-    ):
+    def _accumulate_part(self, part, per_process, latents, old, adv, cond_all, sigmas, train_steps, stats):
         """Backward passes of one part's micro-batches: the gradient of the part's mean loss over all processes'
         samples and trained steps (``per_process``: the part's global size over the process count, the mean the
-        gradient all-reduce takes). Returns True when a loss was not finite."""
+        gradient all-reduce takes). ``old`` is ``(old log-probs, old transition means or None)``. Returns True when a
+        loss was not finite."""
         cfg, g, model = self.cfg, self.cfg.flow_grpo, self.model
+        old_logp, old_mean = old
+        guard = g.ratio_norm or g.grad_reweight
         bad = False
         for i in range(0, part.numel(), cfg.optim.train_batch_size):
             mb = part[i : i + cfg.optim.train_batch_size].tolist()
@@ -245,6 +321,24 @@ class FlowGRPOTrainer(Trainer):
                     step_old.append(old_logp[mb, k])
                     total = total + loss_k * weight
                     kl_sum = kl_sum + kl.detach()
+                elif guard:  # GRPO-Guard: the normalised ratio and/or the 1 / |dt| weight of the policy term
+                    ppo = grpo_guard_loss(
+                        out.log_prob,
+                        old_logp[mb, k],
+                        adv[mb],
+                        mean=out.mean,
+                        old_mean=old_mean[mb, k] if g.ratio_norm else None,
+                        std=out.std,
+                        step_weight=guard_step_weight(sigmas[k], sigmas[k + 1]) if g.grad_reweight else 1.0,
+                        ratio_norm=g.ratio_norm,
+                        clip_range=g.clip_range,
+                        clip_range_high=g.clip_range_high or None,
+                    )
+                    loss_k = loss_k + ppo.loss
+                    self._accumulate(stats, ppo, kl, len(mb))
+                    if not torch.isfinite(loss_k):
+                        bad = True
+                    self.backward(loss_k * weight)
                 else:
                     ppo = ppo_clip_loss(
                         out.log_prob,

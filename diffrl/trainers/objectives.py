@@ -3,6 +3,8 @@
 * :func:`group_advantages`: Flow-GRPO / DiffusionNFT group-relative advantages.
 * :func:`ppo_clip_loss`: the PPO clipped surrogate with asymmetric clip ("clip-higher") and a trajectory-level
   ratio (GSPO-style) option.
+* :func:`guard_log_ratio`, :func:`guard_step_weight`, :func:`grpo_guard_loss`: GRPO-Guard's normalised ratio and
+  per-step gradient weight (Wang et al., arXiv 2510.22319).
 * :func:`gaussian_kl`: the per-step KL between two Gaussians with the same std, in the samplers' log-prob
   convention (mean over dimensions); :func:`flow_grpo_reference_kl`: the Flow-GRPO reference code's scaling of it.
 * :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
@@ -22,6 +24,9 @@ __all__ = [
     "PPOStats",
     "group_advantages",
     "ppo_clip_loss",
+    "guard_log_ratio",
+    "guard_step_weight",
+    "grpo_guard_loss",
     "gaussian_kl",
     "flow_grpo_reference_kl",
     "nft_optimality",
@@ -110,19 +115,112 @@ def ppo_clip_loss(
         raise ValueError(
             f"log_prob {tuple(lp.shape)} and old_log_prob {tuple(old.shape)} must have the same shape."
         )
-    high = clip_range if clip_range_high is None else clip_range_high
     diff = lp - old
     if trajectory_ratio and diff.ndim == 2:
         diff = diff.mean(dim=1)
-    ratio = torch.exp(diff)
+    loss, ratio, clipfrac = _clipped_surrogate(diff, advantages, clip_range, clip_range_high)
+    approx_kl = 0.5 * ((lp - old) ** 2).mean()
+    return PPOStats(loss=loss, ratio=ratio.detach(), clipfrac=clipfrac.detach(), approx_kl=approx_kl.detach())
+
+
+def _clipped_surrogate(log_ratio, advantages, clip_range, clip_range_high):
+    """``(mean(max(-A r, -A clip(r, 1 - eps, 1 + eps_high))), r, clipfrac)`` for ``r = exp(log_ratio)``."""
+    high = clip_range if clip_range_high is None else clip_range_high
+    ratio = torch.exp(log_ratio)
     adv = advantages.detach().float()
     adv = adv.view(-1, *([1] * (ratio.ndim - 1))).expand_as(ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     loss = torch.maximum(unclipped, clipped).mean()
     clipfrac = ((ratio < 1.0 - clip_range) | (ratio > 1.0 + high)).float().mean()
-    approx_kl = 0.5 * ((lp - old) ** 2).mean()
-    return PPOStats(loss=loss, ratio=ratio.detach(), clipfrac=clipfrac.detach(), approx_kl=approx_kl.detach())
+    return loss, ratio, clipfrac
+
+
+def guard_log_ratio(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio of one Gaussian step (RatioNorm, arXiv 2510.22319 Sec. 4), per sample ``(B,)``:
+
+        log r~ = delta (logp - logp_old) + mean_d (mu - mu_old)^2 / (2 delta),
+
+    ``delta`` the step's std (the same under both policies), ``mu``/``mu_old`` the transition means under the current
+    and the rollout policy, ``logp`` the samplers' per-dimension mean log-density. With ``x = mu_old + delta z`` the
+    plain log-ratio is ``mean_d(z (mu - mu_old)) / delta - mean_d (mu - mu_old)^2 / (2 delta^2)``: its mean over the
+    noise is negative (the left shift of the ratio the paper measures) and its spread grows as ``1 / delta``. The
+    added term removes the shift and the factor ``delta`` the scale, so ``log r~ = mean_d(z (mu - mu_old))``: zero
+    mean and a spread set by the policy change alone, at every step. On-policy (``mu = mu_old``) it is exactly 0.
+    ``old_mean`` is a target (no gradient); everything is computed in float32.
+    """
+    lp, old = log_prob.float(), old_log_prob.detach().float()
+    mu, mu_old = mean.float(), old_mean.detach().float()
+    if lp.shape != old.shape or mu.shape != mu_old.shape or lp.shape != mu.shape[:1]:
+        raise ValueError(
+            f"log_prob {tuple(lp.shape)}, old_log_prob {tuple(old.shape)} must be (B,) and mean {tuple(mu.shape)}, "
+            f"old_mean {tuple(mu_old.shape)} (B, ...) with the same B."
+        )
+    delta = torch.as_tensor(
+        std, dtype=torch.float32, device=mu.device
+    ).detach()  # float, (B,) or (B, 1, ..., 1)
+    if delta.ndim > 1:
+        delta = delta.reshape(delta.shape[0], -1)[:, 0]
+    mse = ((mu - mu_old) ** 2).mean(dim=tuple(range(1, mu.ndim)))
+    return delta * (lp - old) + mse / (2 * delta)
+
+
+def guard_step_weight(sigma, sigma_next) -> torch.Tensor:
+    """GRPO-Guard's gradient re-weighting of step ``s -> s_next``: ``1 / |s_next - s|`` (float32, 0-d).
+
+    After RatioNorm the gradient of step k's log-ratio is ``mean_d(z d mu / d theta)``, and ``d mu / d theta`` carries
+    the step size ``dt`` (``mu = x + dt (...) v_theta``), so steps of the schedule's large early ``|dt|`` would
+    dominate; dividing the step's policy loss by ``|dt|`` evens that out. The weights are not normalised to sum to 1
+    (the paper divides by ``dt``; the loss and so the learning rate's scale change by about ``1 / mean |dt|``)."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).reshape(())
+    s_next = torch.as_tensor(sigma_next, dtype=torch.float32).reshape(())
+    dt = (s - s_next).abs()
+    if not float(dt) > 0:
+        raise ValueError(f"the step {float(s)} -> {float(s_next)} has no length; pass two different levels.")
+    return 1.0 / dt
+
+
+def grpo_guard_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mean: torch.Tensor | None = None,
+    old_mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    step_weight: torch.Tensor | float = 1.0,
+    ratio_norm: bool = True,
+    clip_range: float = 1e-4,
+    clip_range_high: float | None = None,
+) -> PPOStats:
+    """The clipped surrogate of one step with GRPO-Guard's options: the ratio from :func:`guard_log_ratio`
+    (``ratio_norm``; needs ``mean``, ``old_mean``, ``std``) or the plain ``logp - logp_old``, and the loss
+    multiplied by ``step_weight`` (:func:`guard_step_weight` for the gradient re-weighting, 1 for none). With
+    ``ratio_norm=False`` and ``step_weight=1`` it is :func:`ppo_clip_loss` exactly. ``approx_kl`` is
+    ``0.5 mean(log_ratio^2)`` of the log-ratio the clip sees."""
+    if ratio_norm:
+        if mean is None or old_mean is None or std is None:
+            raise ValueError(
+                "ratio_norm=True needs the transition means (mean, old_mean) and the step's std."
+            )
+        log_ratio = guard_log_ratio(log_prob, old_log_prob, mean, old_mean, std)
+    else:
+        lp, old = log_prob.float(), old_log_prob.detach().float()
+        if lp.shape != old.shape:
+            raise ValueError(
+                f"log_prob {tuple(lp.shape)} and old_log_prob {tuple(old.shape)} must have the same shape."
+            )
+        log_ratio = lp - old
+    loss, ratio, clipfrac = _clipped_surrogate(log_ratio, advantages, clip_range, clip_range_high)
+    w = torch.as_tensor(step_weight, dtype=torch.float32, device=loss.device)
+    approx_kl = 0.5 * (log_ratio.detach() ** 2).mean()
+    return PPOStats(loss=loss * w, ratio=ratio.detach(), clipfrac=clipfrac.detach(), approx_kl=approx_kl)
 
 
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
