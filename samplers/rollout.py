@@ -38,18 +38,18 @@ class VelocityModel(Protocol):
 class RolloutOutput:
     """What a rollout produced (float32 throughout)."""
 
-    latents: torch.Tensor  # (B, T+1, C, h, w) the trajectory, detached; latents[:, 0] is the initial noise
-    sigmas: torch.Tensor  # (T+1,) the levels, sigmas[k] -> sigmas[k+1] is step k
-    log_probs: (
-        torch.Tensor
-    )  # (B, T) log-prob of step k's transition (mean over dims); NaN where step k was deterministic
-    stochastic: torch.Tensor  # (T,) bool, True where step k was an SDE/CPS step
-    final: (
-        torch.Tensor
-    )  # (B, C, h, w) the final latents; carries the autograd graph when the grad window reached the end
-    means: torch.Tensor | None = (
-        None  # (B, T, C, h, w) each step's transition mean (keep_means=True), else None
-    )
+    # (B, T+1, C, h, w) the trajectory, detached; latents[:, 0] is the initial noise
+    latents: torch.Tensor
+    # (T+1,) the levels, sigmas[k] -> sigmas[k+1] is step k
+    sigmas: torch.Tensor
+    # (B, T) log-prob of step k's transition (mean over dims); NaN where step k was deterministic
+    log_probs: torch.Tensor
+    # (T,) bool, True where step k was an SDE/CPS step
+    stochastic: torch.Tensor
+    # (B, C, h, w) the final latents; carries the autograd graph when the grad window reached the end
+    final: torch.Tensor
+    # (B, T, C, h, w) each step's transition mean (keep_means=True), else None
+    means: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:

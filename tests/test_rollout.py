@@ -196,15 +196,40 @@ def test_dpm2_middle_step_by_hand():
     )  # the step to 0 lands on the prediction
 
 
-def test_dpm2_needs_the_ode_sampler(gaussian_flow):
-    with pytest.raises(ValueError, match="solver='dpm2' is deterministic"):
-        rollout(
+def test_dpm2_with_an_sde_sampler_solves_only_the_steps_after_the_window(gaussian_flow):
+    """With ``sampler="sde"`` the solver applies to the deterministic steps after the SDE window (MixGRPO-Flash);
+    a window that reaches the last step leaves none, so dpm2 and euler give the same bits."""
+    sigmas, x = (
+        torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]),
+        torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+    )
+    runs = {
+        solver: rollout(
             gaussian_flow,
             None,
-            torch.tensor([1.0, 0.5, 0.0]),
-            torch.zeros(2, 1),
+            sigmas,
+            x,
             sampler="sde",
-            solver="dpm2",
+            solver=solver,
+            generator=torch.Generator().manual_seed(1),
         )
+        for solver in ("euler", "dpm2")
+    }
+    assert torch.equal(runs["euler"].final, runs["dpm2"].final)
+    windowed = {
+        solver: rollout(
+            gaussian_flow,
+            None,
+            sigmas,
+            x,
+            sampler="sde",
+            sde_window=(0, 1),
+            solver=solver,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for solver in ("euler", "dpm2")
+    }
+    assert torch.equal(windowed["euler"].latents[:, :2], windowed["dpm2"].latents[:, :2])
+    assert not torch.equal(windowed["euler"].final, windowed["dpm2"].final)
     with pytest.raises(ValueError, match="solver='rk4' is not known"):
         rollout(gaussian_flow, None, torch.tensor([1.0, 0.5, 0.0]), torch.zeros(2, 1), solver="rk4")
