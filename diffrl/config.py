@@ -180,8 +180,14 @@ class FlowGRPOConfig:
     kl_beta: float = 0.04
     """Weight of the KL to the base model (adapter disabled), in kl_scale units (the reference's: 0.04 for GenEval and
     OCR, 0.01 for PickScore); 0 skips the reference pass."""
+    advantage: str = "score"
+    """What the group-relative advantage is computed from: score (the reward values, normalised as adv_std says:
+    Flow-GRPO) or winrate (Pref-GRPO: each image's win rate against the rest of its group by comparing rewards, a win
+    1, a tie 0.5, a loss 0, then normalised by the group's mean and std, n - 1, + 1e-8, whatever adv_std says; a
+    pairwise win-rate reward's scores are taken as the win rates as they are)."""
     adv_std: str = "global"
-    """Advantage normalisation: global (std over the whole gathered batch, the reference) or group."""
+    """Advantage normalisation of advantage=score: global (std over the whole gathered batch, the reference) or
+    group."""
     adv_clip: float = 5.0
     """Advantages are clipped to +-adv_clip."""
     dynamic_sampling: bool = False
@@ -859,6 +865,10 @@ def validate(
             f"flow_grpo.sde_window={g.sde_window} must be between 0 and sample.num_steps.",
         )
         need(g.adv_std in ("global", "group"), f"flow_grpo.adv_std={g.adv_std!r} must be global or group.")
+        need(
+            g.advantage in ("score", "winrate"),
+            f"flow_grpo.advantage={g.advantage!r} must be score (Flow-GRPO) or winrate (Pref-GRPO).",
+        )
         need(g.clip_range > 0, f"flow_grpo.clip_range={g.clip_range} must be positive.")
         need(g.num_inner_epochs >= 1, f"flow_grpo.num_inner_epochs={g.num_inner_epochs} must be at least 1.")
         need(

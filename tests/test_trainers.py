@@ -389,6 +389,8 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "flow_grpo.old_logp=recompute",
         ),
     ),
+    # Pref-GRPO: advantages from the win rates within each group
+    ("flow_grpo", ("flow_grpo.advantage=winrate",)),
 ]
 VARIANT_IDS = [
     *ALGOS,
@@ -398,6 +400,7 @@ VARIANT_IDS = [
     "awm-options",
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
+    "flow_grpo-pref-grpo",
 ]
 
 

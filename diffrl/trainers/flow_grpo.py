@@ -34,6 +34,19 @@ Options: a window of ``sde_window`` stochastic (and trained) steps placed at ran
   the weights are not normalised, the KL term is not re-weighted, both are refused with ``trajectory_ratio``
   (see :func:`~diffrl.trainers.objectives.grpo_guard_loss`).
 
+* Pref-GRPO (Wang et al., arXiv 2508.20751, Sec. 3; official code CodeGoat24/Pref-GRPO,
+  ``fastvideo/rewards/unifiedreward_think.py`` and ``fastvideo/rewards/dispatcher.py``): ``advantage="winrate"``
+  replaces each image's reward by its win rate against the other G - 1 images of its group (a win 1, a tie 0.5),
+  ``w_i = (1 / (G - 1)) sum_{j != i} ([R_i > R_j] + 0.5 [R_i = R_j])``, and normalises it within the group,
+  ``A_i = (w_i - mean_g w) / (std_g w + 1e-8)`` (std with n - 1, the reference's ``--use_group``), clipped to
+  +-adv_clip (:func:`~diffrl.trainers.objectives.winrate_advantages`). Win rates move by whole steps of
+  1 / (G - 1) however close two scores are, so near-identical scores no longer make large advantages (the paper's
+  "illusory advantage"). A pairwise win-rate reward (``GroupWinRate``) already gives win rates from its judge, and
+  they are used as they are. Deviations: the paper ranks with a pairwise judge; with a pointwise reward diffrl
+  compares the scores. The reference normalises each reward of a multi-reward spec separately and sums the weighted
+  advantages (and its latest scripts re-normalise the sum over the batch, ``--apply_gdpo``); diffrl ranks the
+  weighted total.
+
 The reference code (yifan123/flow_grpo, scripts/train_sd3.py), and where diffrl lets a run differ from it (each a
 named option; the defaults and why are in docs/trainers/flow_grpo.md):
 
@@ -68,6 +81,7 @@ from .objectives import (
     grpo_guard_loss,
     guard_step_weight,
     ppo_clip_loss,
+    winrate_advantages,
 )
 
 __all__ = ["FlowGRPOTrainer", "sliding_window_start"]
@@ -129,6 +143,25 @@ class FlowGRPOTrainer(Trainer):
         start = int(np.random.default_rng([self.cfg.seed, self.step, 104729]).integers(lo, hi))
         return start, start + g.sde_window
 
+    def rewards_are_win_rates(self) -> bool:
+        """True when every weighted part of the training reward is a pairwise win-rate reward
+        (:class:`diffrl.rewards.GroupWinRate`, e.g. ``unifiedreward_pairwise_winrate``): its scores already are win
+        rates, which ``advantage=winrate`` then normalises as they are instead of ranking them again."""
+        from diffrl.rewards import CombinedReward, GroupWinRate
+
+        r = self.reward
+        parts = [p for p, w in r.parts if w != 0] if isinstance(r, CombinedReward) else [r]
+        return bool(parts) and all(isinstance(p, GroupWinRate) for p in parts)
+
+    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor):
+        """Advantages of the gathered batch: Flow-GRPO's from the scores, or Pref-GRPO's from the win rates."""
+        g = self.cfg.flow_grpo
+        if g.advantage == "winrate":
+            return winrate_advantages(
+                rewards, group_ids, rewards_are_win_rates=self.rewards_are_win_rates(), clip=g.adv_clip
+            )
+        return group_advantages(rewards, group_ids, std=g.adv_std, clip=g.adv_clip)
+
     def updates_per_step(self) -> int:
         return self.cfg.flow_grpo.num_inner_epochs * self.cfg.flow_grpo.num_minibatches
 
@@ -181,7 +214,7 @@ class FlowGRPOTrainer(Trainer):
         # 2. advantages over the whole gathered batch
         all_rewards = self.gather(rewards)
         all_groups = self.gather(group_ids.to(self.device))
-        adv_all = group_advantages(all_rewards, all_groups, std=g.adv_std, clip=g.adv_clip)
+        adv_all = self.advantages(all_rewards, all_groups)
         local = slice(self.rank * n, (self.rank + 1) * n)
         adv = adv_all.values[local]
         keep = torch.arange(n, device=self.device)

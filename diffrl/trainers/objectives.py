@@ -1,6 +1,8 @@
 """The numerics every trainer shares, as tested pure functions (float32 whatever the model dtype).
 
 * :func:`group_advantages`: Flow-GRPO / DiffusionNFT group-relative advantages.
+* :func:`group_win_rates`, :func:`winrate_advantages`: Pref-GRPO's advantages from win rates within each group
+  (Wang et al., arXiv 2508.20751).
 * :func:`ppo_clip_loss`: the PPO clipped surrogate with asymmetric clip ("clip-higher") and a trajectory-level
   ratio (GSPO-style) option.
 * :func:`guard_log_ratio`, :func:`guard_step_weight`, :func:`grpo_guard_loss`: GRPO-Guard's normalised ratio and
@@ -23,6 +25,8 @@ __all__ = [
     "Advantages",
     "PPOStats",
     "group_advantages",
+    "group_win_rates",
+    "winrate_advantages",
     "ppo_clip_loss",
     "guard_log_ratio",
     "guard_step_weight",
@@ -85,6 +89,72 @@ def group_advantages(
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return Advantages(values=adv.float(), zero_std=zero_std)
+
+
+def group_win_rates(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Each sample's win rate against the other samples of its group, by comparing scores (float64 ``(B,)``):
+
+        w_i = (1 / (n_g - 1)) * sum over j in g(i), j != i of ([s_i > s_j] + 0.5 [s_i = s_j]),
+
+    a win counting 1, a tie 0.5 and a loss 0; a sample alone in its group gets 0.5. Every pair of a group is
+    compared once, as Pref-GRPO compares all pairs of its group with its judge (a tie or an unreadable answer is half
+    a win for each; reference ``fastvideo/rewards/unifiedreward_think.py``, ``_pairwise_win_rate``), here with
+    ``s_i > s_j`` standing in for the judge's verdict. Within a group of n the win rates sum to ``n / 2``, and they
+    depend only on the order of the scores: any strictly increasing transform of the scores leaves them unchanged.
+    """
+    s = scores.detach().double()
+    if s.ndim != 1 or group_ids.shape != s.shape:
+        raise ValueError(f"scores {tuple(s.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,).")
+    opponent = group_ids[:, None] == group_ids[None, :]
+    opponent.fill_diagonal_(False)
+    points = (s[:, None] > s[None, :]).double() + 0.5 * (s[:, None] == s[None, :]).double()
+    count = opponent.sum(1)
+    wins = (points * opponent).sum(1)
+    return torch.where(count > 0, wins / count.clamp(min=1), torch.full_like(wins, 0.5))
+
+
+def winrate_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    rewards_are_win_rates: bool = False,
+    eps: float = 1e-8,
+    clip: float | None = 5.0,
+) -> Advantages:
+    """Pref-GRPO's advantages: ``A_i = (w_i - mean_g(w)) / (std_g(w) + eps)``, clipped to ``+-clip``.
+
+    ``w`` are the win rates of :func:`group_win_rates` (or the rewards themselves with ``rewards_are_win_rates``,
+    for a reward that already gives each image its win rate from a pairwise judge, such as
+    :class:`diffrl.rewards.GroupWinRate`: ranking those again would discard the judge's margins). The normalisation
+    is the reference's with ``--use_group`` (Pref-GRPO, ``fastvideo/rewards/dispatcher.py``,
+    ``compute_weighted_advantages``): mean and std within each group, the std with Bessel's correction (``n - 1``,
+    torch's default) and ``eps = 1e-8``; the trainer clips to ``+-adv_clip`` as the reference's ``adv_clip_max``.
+    A group of identical win rates (identical scores) gets advantages of exactly 0; a lone sample gets 0.
+
+    Args:
+        rewards: ``(B,)`` scores (or win rates) of every sample of every group (gathered from all processes).
+        group_ids: ``(B,)`` integer id of each sample's prompt group.
+        rewards_are_win_rates: take ``rewards`` as the win rates instead of computing them.
+        eps: added to the group std.
+        clip: clip range (``None``: no clipping).
+    """
+    r = rewards.detach().double()
+    if r.ndim != 1 or group_ids.shape != r.shape:
+        raise ValueError(
+            f"rewards {tuple(r.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)."
+        )
+    w = r if rewards_are_win_rates else group_win_rates(r, group_ids)
+    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    n = ids.numel()
+    count = torch.zeros(n, device=w.device, dtype=w.dtype).index_add_(0, inverse, torch.ones_like(w))
+    mean = torch.zeros(n, device=w.device, dtype=w.dtype).index_add_(0, inverse, w) / count
+    centred = w - mean[inverse]
+    squares = torch.zeros(n, device=w.device, dtype=w.dtype).index_add_(0, inverse, centred**2)
+    std = (squares / (count - 1).clamp(min=1)).sqrt()  # a lone sample: centred is 0, so its advantage is 0
+    adv = centred / (std[inverse] + eps)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return Advantages(values=adv.float(), zero_std=squares[inverse] == 0)
 
 
 @dataclass
