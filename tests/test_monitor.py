@@ -128,7 +128,9 @@ def test_shapes_extra_objects_counts_objects_beyond_the_description():
     reward = load_reward("shapes_extra_objects")
     desc = {"objects": [{"shape": "circle", "color": "red"}]}
     clean = render([SceneObject("circle", "red", 16, 32, 16.0)])
-    one_extra = render([SceneObject("circle", "red", 16, 32, 16.0), SceneObject("square", "blue", 48, 32, 16.0)])
+    one_extra = render(
+        [SceneObject("circle", "red", 16, 32, 16.0), SceneObject("square", "blue", 48, 32, 16.0)]
+    )
     two_extra = render(
         [
             SceneObject("circle", "red", 12, 16, 14.0),
@@ -149,7 +151,10 @@ def test_shapes_extra_objects_counts_objects_beyond_the_description():
     [
         (["monitor.features=clip"], r"monitor.features='clip' is not implemented; use pixels or histogram"),
         (["monitor.gold=nope", "eval_reward={brightness: 1.0}"], r"monitor.gold='nope' is not a component"),
-        (["monitor.gold=brightness"], r"monitor.gold='brightness' is not a component of eval_reward \(empty\)"),
+        (
+            ["monitor.gold=brightness"],
+            r"monitor.gold='brightness' is not a component of eval_reward \(empty\)",
+        ),
         (["monitor.diversity_collapse=1.5"], r"monitor.diversity_collapse=1.5 must be in \[0, 1\)"),
     ],
 )

@@ -50,7 +50,15 @@ from .scenes import (
     score_objects,
 )
 
-__all__ = ["ShapesVerifier", "ShapesAccuracy", "ShapesExtraObjects", "ShapesSoft", "verify", "soft_verify", "detect_objects"]
+__all__ = [
+    "ShapesVerifier",
+    "ShapesAccuracy",
+    "ShapesExtraObjects",
+    "ShapesSoft",
+    "verify",
+    "soft_verify",
+    "detect_objects",
+]
 
 _COLORS = list(PALETTE)
 _SHAPE_NAMES = ("square", "circle", "triangle")
@@ -383,7 +391,9 @@ class ShapesExtraObjects(ShapesVerifier):
 
     def __init__(self, **kwargs):
         if kwargs.get("strict") or kwargs.get("exact_scene"):
-            raise ValueError("shapes_extra_objects counts objects; its strict and exact_scene options do not apply.")
+            raise ValueError(
+                "shapes_extra_objects counts objects; its strict and exact_scene options do not apply."
+            )
         super().__init__(**kwargs)
 
     def score(self, images: torch.Tensor, prompts: list[str], **metadata) -> torch.Tensor:

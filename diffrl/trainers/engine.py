@@ -38,10 +38,10 @@ import torch
 from ..config import TrainConfig, load_config, validate
 from ..data import PromptSet, train_eval_prompts
 from . import evaluation, tracking
-from .monitor import MonitorState
 from .checkpoints import CHECKPOINT_PREFIX, CheckpointManager
 from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
 from .distributed import Distributed, assign_, full_tensor
+from .monitor import MonitorState
 
 __all__ = [
     "Trainer",

@@ -14,7 +14,15 @@ import torch
 from . import monitor as hacking
 from .common import seeded_generator
 
-__all__ = ["Evaluated", "evaluate", "eval_means", "eval_logged_at", "monitor_metrics", "raw_total", "replay_monitor"]
+__all__ = [
+    "Evaluated",
+    "evaluate",
+    "eval_means",
+    "eval_logged_at",
+    "monitor_metrics",
+    "raw_total",
+    "replay_monitor",
+]
 
 
 class Evaluated(Protocol):
