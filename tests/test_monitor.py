@@ -206,3 +206,20 @@ def test_a_tiny_run_logs_the_monitor_at_every_evaluation(tmp_path, monkeypatch, 
     assert last["monitor/gap"] == pytest.approx(expect, abs=1e-9)
     warned = capsys.readouterr().out.count("[diffrl] warning:")
     assert warned == sum(int(r["monitor/warnings"]) for r in evals)
+
+
+def test_demo_curves_get_a_monitor_panel_when_the_run_logged_it(tmp_path):
+    from PIL import Image
+
+    from diffrl.demo import plot_curves
+
+    rows = [
+        {"step": 0, "eval/reward/shapes_verifier/mean": 0.5, "eval/reward/shapes_extra_objects/mean": -0.1},
+        {"step": 1, "reward/shapes_verifier/mean": 0.6},
+        {"step": 2, "eval/reward/shapes_verifier/mean": 0.7, "eval/reward/shapes_extra_objects/mean": -0.9},
+    ]
+    rows[0]["monitor/gap"], rows[2]["monitor/gap"] = 0.0, 1.0
+    with_panel = Image.open(plot_curves(rows, tmp_path / "a.png")).size
+    plain = [{k: v for k, v in r.items() if "extra" not in k and "monitor" not in k} for r in rows]
+    without = Image.open(plot_curves(plain, tmp_path / "b.png")).size
+    assert with_panel[0] == pytest.approx(1.5 * without[0], rel=0.02)  # three panels instead of two
