@@ -223,3 +223,35 @@ def test_demo_curves_get_a_monitor_panel_when_the_run_logged_it(tmp_path):
     plain = [{k: v for k, v in r.items() if "extra" not in k and "monitor" not in k} for r in rows]
     without = Image.open(plot_curves(plain, tmp_path / "b.png")).size
     assert with_panel[0] == pytest.approx(1.5 * without[0], rel=0.02)  # three panels instead of two
+
+
+def test_a_resumed_run_logs_the_monitor_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    from diffrl.trainers import build_trainer
+
+    monkeypatch.setenv("DIFFRL_CACHE", str(tmp_path / "cache"))
+
+    def run(out: str, steps: int, *extra: str) -> list[dict]:
+        build_trainer(
+            ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+            [
+                f"output_dir={tmp_path / out}",
+                f"data.train={PROMPTS}",
+                f"max_steps={steps}",
+                "eval_every=2",
+                "checkpointing_steps=2",
+                "data.eval_size=2",
+                "sample.eval_images_per_prompt=2",
+                "reward={saturation: 1.0}",
+                "eval_reward={brightness: 1.0}",
+                *extra,
+            ],
+        ).train()
+        rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("monitor/") or k == "step"} for r in rows]
+
+    full = run("full", 4)
+    run("half", 2)
+    resumed = run("half", 4, "resume_from_checkpoint=latest")
+    monitored = [r for r in full if "monitor/gap" in r]
+    assert [r["step"] for r in monitored] == [0, 2, 4]
+    assert [r for r in resumed if "monitor/gap" in r] == monitored  # the gap at step 4 counts from step 0
