@@ -32,6 +32,7 @@ __all__ = [
     "DiffusionNFTConfig",
     "ReFLConfig",
     "AWMConfig",
+    "MonitorConfig",
     "TrainConfig",
     "load_config",
     "config_to_dict",
@@ -328,6 +329,26 @@ class AWMConfig:
 
 
 @dataclass
+class MonitorConfig:
+    enabled: bool = True
+    """Log the reward-hacking monitor at each evaluation: the training reward on the evaluation images (proxy)
+    against the held-out gold signal, their gap, and within-prompt diversity (needs sample.eval_images_per_prompt of
+    at least 2); see docs/troubleshooting.md#reward-hacking."""
+    gold: str = ""
+    """The evaluation-reward component that is the gold signal, e.g. a weight-0 monitor such as
+    shapes_extra_objects; empty uses the evaluation reward's weighted sum."""
+    features: str = "pixels"
+    """Image features of the diversity metric: pixels (RGB means over an 8 x 8 grid, layout and colour) or
+    histogram (8-bin colour histogram per channel, colour only)."""
+    min_change: float = 0.0
+    """The proxy-up-gold-down warning fires when, between two evaluations, the proxy rose and the gold signal fell
+    each by more than this (in each reward's own units)."""
+    diversity_collapse: float = 0.5
+    """Warn when within-prompt diversity falls below this fraction of its value at the run's first evaluation; 0
+    turns the warning off."""
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "flow_grpo"
     """Trainer: flow_grpo, diffusion_nft, refl or awm."""
@@ -392,6 +413,8 @@ class TrainConfig:
     """ReFL / DRaFT settings."""
     awm: AWMConfig = field(default_factory=AWMConfig)
     """Advantage Weighted Matching settings."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """Reward-hacking monitor logged at each evaluation."""
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -550,6 +573,11 @@ RESUME_FREE_KEYS = frozenset(
         "sample.batch_size",
         "optim.train_batch_size",
         "model.gradient_checkpointing",
+        "monitor.enabled",
+        "monitor.gold",
+        "monitor.features",
+        "monitor.min_change",
+        "monitor.diversity_collapse",
     }
 )
 
@@ -686,6 +714,8 @@ _RANGES = [
     ("awm.ema_kl_weight", _at_least(0), "at least 0 (0 keeps no EMA adapter)"),
     ("awm.ema_kl_rate", _at_least(0), "at least 0"),
     ("awm.ema_kl_cap", _in_unit, "in [0, 1)"),
+    ("monitor.min_change", _at_least(0), "at least 0 (0: any rise and fall)"),
+    ("monitor.diversity_collapse", _in_unit, "in [0, 1) (0 turns the diversity warning off)"),
 ]
 
 
@@ -845,6 +875,7 @@ def validate(
         f"optim.train_batch_size={cfg.optim.train_batch_size} must be positive.",
     )
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
+    _validate_monitor(cfg, given, need)
     if cfg.algorithm == "flow_grpo":
         g = cfg.flow_grpo
         need(
@@ -956,6 +987,22 @@ def validate(
         need(
             r.denoise_weight >= 0,
             f"refl.denoise_weight={r.denoise_weight} must be at least 0 (0 turns the denoising regulariser off).",
+        )
+
+
+def _validate_monitor(cfg: TrainConfig, given, need) -> None:
+    """The ``monitor`` section's choices (its numeric ranges are in ``_RANGES``)."""
+    m = cfg.monitor
+    need(
+        m.features in ("pixels", "histogram"),
+        f"monitor.features={m.features!r} is not implemented; use pixels or histogram.",
+    )
+    if m.gold and "reward" not in given:
+        need(
+            m.gold in cfg.eval_reward,
+            f"monitor.gold={m.gold!r} is not a component of eval_reward ({', '.join(cfg.eval_reward) or 'empty'}); "
+            f"add it, e.g. eval_reward={{..., {m.gold}: 0.0}} (weight 0: logged, not summed), or leave monitor.gold "
+            "empty.",
         )
 
 

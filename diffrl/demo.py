@@ -60,7 +60,10 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
-    """``curves.png``: the training reward (left) and the held-out partial credit / strict accuracy (right)."""
+    """``curves.png``: the training reward (left), the held-out partial credit / strict accuracy (middle) and,
+    when the run logged them, the reward-hacking monitor (right): the extra objects per image that the verifier
+    ignores (minus ``shapes_extra_objects``) and ``monitor/gap``, how much more the training reward rose on the
+    held-out images than the gold signal since the first evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,8 +75,11 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
     )
     if len(eval_keys) > 1:  # the weighted sum repeats its parts
         eval_keys = [k for k in eval_keys if k != "eval/reward/combined/mean"]
+    extra_key = "eval/reward/shapes_extra_objects/mean"
+    eval_keys = [k for k in eval_keys if k != extra_key]  # another scale: the monitor panel plots it
+    monitored = any(extra_key in r or "monitor/gap" in r for r in records)
     names = {"shapes_accuracy": "strict accuracy", "shapes_verifier": "partial credit (verifier)"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3 if monitored else 2, figsize=(15 if monitored else 10, 3.6))
     for k in train_keys:
         axes[0].plot(*_series(records, k), label=k.split("/")[1])
     axes[0].set_title("training reward (rollout mean)")
@@ -83,6 +89,12 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
         axes[1].plot(*_series(records, k), marker="o", label=names.get(name, name))
     axes[1].set_title("held-out evaluation")
     axes[1].set_xlabel("step")
+    if monitored:
+        steps, extra = _series(records, extra_key)
+        axes[2].plot(steps, [-v for v in extra], marker="o", color="tab:red", label="extra objects per image")
+        axes[2].plot(*_series(records, "monitor/gap"), marker="s", color="tab:purple", label="monitor/gap")
+        axes[2].set_title("reward-hacking monitor (held-out)")
+        axes[2].set_xlabel("step")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -26,6 +26,7 @@ REWARDS: dict[str, str | type[Reward] | Callable[..., Reward]] = {
     "geneval": "diffrl.rewards.geneval:GenEval",
     "shapes_verifier": "diffrl.toy.rewards:ShapesVerifier",
     "shapes_accuracy": "diffrl.toy.rewards:ShapesAccuracy",
+    "shapes_extra_objects": "diffrl.toy.rewards:ShapesExtraObjects",
     "shapes_soft": "diffrl.toy.rewards:ShapesSoft",
     "brightness": "diffrl.rewards.simple:Brightness",
     "saturation": "diffrl.rewards.simple:Saturation",

@@ -240,6 +240,7 @@ TRAINERS_LAYERS = {
     "eval_grid": 0,
     "zero": 0,
     "tracking": 0,
+    "monitor": 0,
     "distributed": 1,
     "evaluation": 1,
     "checkpoints": 2,

@@ -50,7 +50,15 @@ from .scenes import (
     score_objects,
 )
 
-__all__ = ["ShapesVerifier", "ShapesAccuracy", "ShapesSoft", "verify", "soft_verify", "detect_objects"]
+__all__ = [
+    "ShapesVerifier",
+    "ShapesAccuracy",
+    "ShapesExtraObjects",
+    "ShapesSoft",
+    "verify",
+    "soft_verify",
+    "detect_objects",
+]
 
 _COLORS = list(PALETTE)
 _SHAPE_NAMES = ("square", "circle", "triangle")
@@ -371,6 +379,30 @@ class ShapesAccuracy(ShapesVerifier):
         if not strict:
             raise ValueError("shapes_accuracy is the strict score; use shapes_verifier for partial credit.")
         super().__init__(strict=True, **kwargs)
+
+
+class ShapesExtraObjects(ShapesVerifier):
+    """Minus the number of detected objects beyond the ones the prompt describes, ``-max(0, n_detected -
+    sum_g count_g)`` (0 for a clean scene, -2 for two extra shapes): a gold signal for the reward-hacking monitor
+    that the default verifier ignores (its partial credit does not penalise extras, ``exact_scene=False``). Negative
+    so that, like every reward, higher is better. Same perception thresholds as :class:`ShapesVerifier`."""
+
+    name = "shapes_extra_objects"
+
+    def __init__(self, **kwargs):
+        if kwargs.get("strict") or kwargs.get("exact_scene"):
+            raise ValueError(
+                "shapes_extra_objects counts objects; its strict and exact_scene options do not apply."
+            )
+        super().__init__(**kwargs)
+
+    def score(self, images: torch.Tensor, prompts: list[str], **metadata) -> torch.Tensor:
+        descs = _scenes_from(metadata, images.shape[0], self.name)
+        extras = [
+            max(0, len(objs) - sum(g["count"] for g in desc["objects"]))
+            for objs, desc in zip(self.detect(images), descs, strict=True)
+        ]
+        return -torch.tensor(extras, dtype=torch.float32, device=images.device)
 
 
 # ----------------------------------------------------------------------------------------------- soft verifier

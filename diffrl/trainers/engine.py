@@ -41,6 +41,7 @@ from . import evaluation, tracking
 from .checkpoints import CHECKPOINT_PREFIX, CheckpointManager
 from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
 from .distributed import Distributed, assign_, full_tensor
+from .monitor import MonitorState
 
 __all__ = [
     "Trainer",
@@ -110,6 +111,7 @@ class Trainer:
         self._setup_model(model)
         self._setup_optimization()
         self.tracker = tracking.Tracker(self.output_dir, self.cfg, self.accelerator.is_main_process)
+        self.monitor = MonitorState()  # the reward-hacking monitor's memory between evaluations
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup_config(self, config, given: set[str]) -> TrainConfig:
@@ -601,6 +603,7 @@ class Trainer:
             self.load_checkpoint(cfg.resume_from_checkpoint)
             # from step N the rows after N are logged again; from no checkpoint everything is, step 0 included
             self.tracker.drop_replayed_metrics(self.step if self.step > 0 else -1)
+            evaluation.replay_monitor(self, self.tracker.path)
         self._announce()
         shown: dict[str, str] = {}  # progress-bar postfix: last reward and last evaluation
 
