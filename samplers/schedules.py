@@ -77,6 +77,7 @@ def flow_match_sigmas(
     base_sigmas: np.ndarray | list[float] | None = None,
     time_shift_type: str = "exponential",
     num_train_timesteps: int = 1000,
+    shift_terminal: float | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The ``T + 1`` float32 levels (ending in 0) of a flow-matching Euler schedule.
@@ -89,6 +90,8 @@ def flow_match_sigmas(
             levels evenly spaced in timestep between the scheduler's largest and smallest training level.
         time_shift_type: ``"exponential"`` (FLUX) or ``"linear"`` dynamic shift.
         num_train_timesteps: the scheduler's training timestep count (1000).
+        shift_terminal: when set (Qwen-Image: 0.02), the shifted levels are stretched so that the last one before
+            0 equals it: ``1 - (1 - s) / ((1 - s_last) / (1 - shift_terminal))``.
         device: where to put the result.
     """
     if not isinstance(num_steps, int) or num_steps < 1:
@@ -109,6 +112,9 @@ def flow_match_sigmas(
                 f"base_sigmas has {sig.shape} levels but num_steps={num_steps}; give one level per step."
             )
     sig = time_shift(mu, sig, time_shift_type) if dynamic else static_shift(shift, sig)
+    if shift_terminal:
+        one_minus = 1 - sig
+        sig = 1 - (one_minus / (one_minus[-1] / (1 - shift_terminal)))
     out = torch.from_numpy(np.asarray(sig)).to(dtype=torch.float32, device=device)
     return torch.cat([out, torch.zeros(1, dtype=torch.float32, device=out.device)])
 
@@ -118,7 +124,6 @@ _UNSUPPORTED_OPTIONS = (
     "use_exponential_sigmas",
     "use_beta_sigmas",
     "invert_sigmas",
-    "shift_terminal",
     "stochastic_sampling",
 )
 
@@ -169,5 +174,6 @@ def sigmas_from_scheduler_config(
         base_sigmas=base,
         time_shift_type=config.get("time_shift_type", "exponential"),
         num_train_timesteps=n_train,
+        shift_terminal=config.get("shift_terminal"),
         device=device,
     )
