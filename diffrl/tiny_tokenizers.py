@@ -12,9 +12,15 @@ import string
 import tempfile
 from pathlib import Path
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
-__all__ = ["TINY_WORDS", "tiny_clip_tokenizer", "tiny_t5_tokenizer"]
+__all__ = [
+    "TINY_WORDS",
+    "QWEN_SPECIAL_TOKENS",
+    "tiny_clip_tokenizer",
+    "tiny_qwen2_tokenizer",
+    "tiny_t5_tokenizer",
+]
 
 #: Words that get a single token in both tiny tokenizers (other ascii text still tokenizes, into
 #: characters, never into the unknown token).
@@ -154,4 +160,56 @@ def tiny_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
         tokenizer = T5Tokenizer.from_pretrained(tmp)
     if len(tokenizer) != len(vocab) or tokenizer.pad_token_id != 0 or tokenizer.unk_token_id != 2:
         raise RuntimeError("tiny T5 tokenizer did not load its hand-written vocabulary")
+    return tokenizer
+
+
+#: The special tokens of the Qwen chat format (``<|endoftext|>`` pads, ``<|im_end|>`` ends a turn).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def tiny_qwen2_tokenizer(words: tuple[str, ...] | list[str] = ()) -> Qwen2Tokenizer:
+    """Build a small byte-level BPE :class:`~transformers.Qwen2Tokenizer` (Qwen2 / Qwen2.5-VL layout), fully offline.
+
+    The vocabulary holds the 256 byte symbols, the merges that make each of ``words`` and of :data:`TINY_WORDS`
+    one token (a word given with a leading space becomes one token with it, as ``Ġword``; the words of
+    :data:`TINY_WORDS` are added both with and without a leading space), then the special tokens of the Qwen chat
+    format (:data:`QWEN_SPECIAL_TOKENS`). Any text tokenizes without unknown tokens. Saved to and reloaded from a
+    temporary directory, so it is what a reloaded checkpoint holds.
+    """
+    to_unicode = _bytes_to_unicode()
+
+    def symbols(text: str) -> str:
+        return "".join(to_unicode[b] for b in text.encode("utf-8"))
+
+    vocab = {c: i for i, c in enumerate(to_unicode.values())}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    entries = list(words) + [w for word in TINY_WORDS for w in (word, " " + word)]
+    for word in dict.fromkeys(symbols(w) for w in entries):
+        pieces = _bpe(list(word), ranks)
+        current = pieces[0]
+        for piece in pieces[1:]:
+            ranks[(current, piece)] = len(merges)
+            merges.append((current, piece))
+            current = current + piece
+            if current not in vocab:
+                vocab[current] = len(vocab)
+    built = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    built.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    with tempfile.TemporaryDirectory(prefix="tiny-qwen-tok-") as tmp:
+        built.save_pretrained(tmp)
+        tokenizer = Qwen2Tokenizer.from_pretrained(tmp)
+    if len(tokenizer) != len(vocab) + len(QWEN_SPECIAL_TOKENS):
+        raise RuntimeError("tiny Qwen2 tokenizer did not load its hand-written vocabulary")
     return tokenizer
