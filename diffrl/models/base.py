@@ -36,6 +36,8 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D) SD3 CFG: the negative prompt's embeddings
     negative_pooled: torch.Tensor | None = None  # (B, P)
     text_ids: torch.Tensor | None = None  # (L, 3) FLUX text position ids, shared by the batch
+    prompt_mask: torch.Tensor | None = None  # (B, L) Qwen-Image: 1 for the prompt's tokens, 0 for padding
+    negative_prompt_mask: torch.Tensor | None = None  # (B, L') the negative prompt's
     _cfg: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def cfg_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +87,23 @@ class Conditioning:
             if f.name == "text_ids" or values[0] is None:
                 out[f.name] = values[0]
             else:
+                if f.name in _PADDED_FIELDS:  # per-batch token counts (Qwen-Image): zero-pad to the longest
+                    longest = max(v.shape[1] for v in values)
+                    values = [_pad_tokens(v, longest) for v in values]
                 out[f.name] = torch.cat(values, dim=0)
         return Conditioning(**out)
+
+
+# Conditioning fields whose token count may differ between batches (Qwen-Image pads each batch to its longest
+# prompt, with a mask); cat() zero-pads them to a common length.
+_PADDED_FIELDS = ("prompt_embeds", "negative_prompt_embeds", "prompt_mask", "negative_prompt_mask")
+
+
+def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    if t.shape[1] == length:
+        return t
+    pad = t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
 
 
 class _PromptCache:
@@ -122,6 +139,7 @@ class FlowModel:
 
     family: str = ""
     pipeline_class_name: str = ""
+    uses_negative_prompt: bool = False  # whether encode() also encodes the negative prompt (true CFG)
     default_lora_rank: int = 32
     default_lora_alpha: int = 64
     default_lora_targets: list[str] | str = []
@@ -195,10 +213,13 @@ class FlowModel:
                 self._cache.put(p, row)
         return [fresh[p] if p in fresh else self._cache.get(p) for p in prompts]
 
-    def encode(self, prompts: Sequence[str] | str, negative_prompt: str | None = "") -> Conditioning:
+    def encode(
+        self, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = ""
+    ) -> Conditioning:
         """Encode prompts with the frozen text encoders; each distinct prompt string is encoded once and cached.
 
-        ``negative_prompt`` is the unconditional prompt for classifier-free guidance (SD3; FLUX ignores it).
+        ``negative_prompt`` is the unconditional prompt for classifier-free guidance (SD3, Qwen-Image; FLUX ignores
+        it), one for the batch or one per prompt.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -207,8 +228,15 @@ class FlowModel:
             raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings.")
         rows = self._encode_cached(prompts)
         negative_rows = None
-        if negative_prompt is not None and self.family == "sd3":
-            negative_rows = self._encode_cached([negative_prompt]) * len(prompts)
+        if negative_prompt is not None and self.uses_negative_prompt:
+            if isinstance(negative_prompt, str):
+                negative_rows = self._encode_cached([negative_prompt]) * len(prompts)
+            elif len(negative_prompt) == len(prompts) and all(isinstance(p, str) for p in negative_prompt):
+                negative_rows = self._encode_cached(list(negative_prompt))
+            else:
+                raise ValueError(
+                    f"negative_prompt={negative_prompt!r} must be a string or one string per prompt."
+                )
         return self._assemble(rows, negative_rows)
 
     def clear_prompt_cache(self) -> None:

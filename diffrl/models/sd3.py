@@ -133,6 +133,7 @@ class SD3Model(FlowModel):
 
     family = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    uses_negative_prompt = True
     default_lora_rank = 32
     default_lora_alpha = 64
     default_lora_targets = SD3_LORA_TARGETS
