@@ -1,8 +1,9 @@
-"""diffrl.models: adapters over diffusers pipelines (SD3/SD3.5, FLUX.1) and tiny offline builders for tests."""
+"""diffrl.models: adapters over diffusers pipelines (SD3/SD3.5, FLUX.1, Qwen-Image) and tiny offline builders for tests."""
 
 from .base import Conditioning, FlowModel
 from .flux import FluxModel
 from .loading import ADAPTERS, detect_family, load_model, load_model_from_config
+from .qwen_image import QwenImageModel
 from .sd3 import SD3Model
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Conditioning",
     "FlowModel",
     "FluxModel",
+    "QwenImageModel",
     "SD3Model",
     "detect_family",
     "load_model",

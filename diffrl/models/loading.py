@@ -11,6 +11,7 @@ import torch
 from ..utils import resolve_dtype, shipped_checkpoint
 from .base import FlowModel
 from .flux import FluxModel
+from .qwen_image import QwenImageModel
 from .sd3 import SD3Model
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
 ADAPTERS: dict[str, type[FlowModel]] = {
     SD3Model.pipeline_class_name: SD3Model,
     FluxModel.pipeline_class_name: FluxModel,
+    QwenImageModel.pipeline_class_name: QwenImageModel,
 }
 
 
@@ -68,9 +70,13 @@ def tiny_model_dir(spec: str) -> Path:
     from . import tiny
 
     family = spec.split(":", 1)[1]
-    builders = {"sd3": tiny.build_tiny_sd3, "flux": tiny.build_tiny_flux}
+    builders = {
+        "sd3": tiny.build_tiny_sd3,
+        "flux": tiny.build_tiny_flux,
+        "qwen_image": tiny.build_tiny_qwen_image,
+    }
     if family not in builders:
-        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3 or tiny:flux.")
+        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux or tiny:qwen_image.")
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
     if not (target / "model_index.json").is_file():
@@ -144,9 +150,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
-    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[adapter_cls.family]
+    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}[
+        adapter_cls.family
+    ]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
         k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
@@ -182,16 +190,26 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
     hub id offline, which loading then reports itself."""
     import types
 
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderKLQwenImage,
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+        SD3Transformer2DModel,
+    )
     from diffusers.configuration_utils import FrozenDict
 
     try:
         path = _pipeline_path(path)
         adapter_cls = detect_family(path, revision)
-        transformer_cls = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[adapter_cls.family]
+        transformer_cls, vae_cls = {
+            "sd3": (SD3Transformer2DModel, AutoencoderKL),
+            "flux": (FluxTransformer2DModel, AutoencoderKL),
+            "qwen_image": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+        }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))
-            for name, cls in (("transformer", transformer_cls), ("vae", AutoencoderKL))
+            for name, cls in (("transformer", transformer_cls), ("vae", vae_cls))
         }
     except (OSError, ValueError):
         return False

@@ -42,6 +42,7 @@ and T5 has dropout); ``from_pretrained`` returns them in eval mode as well.
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from pathlib import Path
 
@@ -64,7 +65,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from diffrl.tiny_tokenizers import TINY_WORDS, tiny_clip_tokenizer, tiny_t5_tokenizer
+from diffrl.tiny_tokenizers import TINY_WORDS, tiny_clip_tokenizer, tiny_qwen2_tokenizer, tiny_t5_tokenizer
 
 __all__ = [
     "CLIP_HIDDEN_SIZE",
@@ -77,6 +78,8 @@ __all__ = [
     "FLUX_VAE_SHIFT_FACTOR",
     "build_tiny_sd3",
     "build_tiny_flux",
+    "build_tiny_qwen_image",
+    "QWEN_IMAGE_SCHEDULER_CONFIG",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
 ]
@@ -435,3 +438,164 @@ def _tiny_flux_pipeline(
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
+
+
+#: The scheduler settings of Qwen-Image's ``scheduler/scheduler_config.json``: dynamic shift from 256 to 8192 image
+#: tokens (``mu`` from 0.5 to 0.9), the shifted levels stretched so the last one is 0.02.
+QWEN_IMAGE_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
+
+# The words of QwenImagePipeline's prompt template, so the tiny tokenizer splits the template's system turn into the
+# 34 tokens the real Qwen2.5 tokenizer does (the pipeline drops exactly those).
+_QWEN_TEMPLATE_WORDS = "system user assistant Describe".split() + [
+    " " + w
+    for w in "the image by detailing color shape size texture quantity text spatial relationships of "
+    "objects and background".split()
+]
+
+#: Width of the tiny Qwen2.5-VL text model (the transformer's ``joint_attention_dim``).
+QWEN_TEXT_HIDDEN_SIZE = 32
+
+
+def _qwen_text_encoder(tokenizer, seed: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in (
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+        )
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=64 * ((len(tokenizer) + 63) // 64),
+            hidden_size=QWEN_TEXT_HIDDEN_SIZE,
+            intermediate_size=2 * QWEN_TEXT_HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=QWEN_TEXT_HIDDEN_SIZE,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=112,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    _seed(seed, "text_encoder")
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_tiny_qwen_image(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.QwenImagePipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.QwenImageTransformer2DModel` on packed 2x2 latent tokens
+      (``in_channels = 4 * latent_channels``, ``out_channels = latent_channels``), ``joint_attention_dim`` the text
+      width (32), RoPE axes splitting ``attention_head_dim`` like FLUX.1's (16 -> (4, 6, 6)).
+    * ``text_encoder``: :class:`~transformers.Qwen2_5_VLForConditionalGeneration` (text: 2 layers of width 32, 4
+      heads, 2 key/value heads; vision: one block of width 16, unused by the pipeline), with ``tokenizer`` from
+      :func:`~diffrl.tiny_tokenizers.tiny_qwen2_tokenizer`, whose vocabulary splits the pipeline's prompt template
+      into the same 34 leading tokens as Qwen2.5's (the ones the pipeline drops).
+    * ``vae``: :class:`~diffusers.AutoencoderKLQwenImage` (base width 8, ``dim_mult=(1, 2, 4)``: spatial factor 4,
+      so sizes are multiples of 8), ``z_dim = latent_channels`` with the first ``latent_channels`` of Qwen-Image's
+      per-channel ``latents_mean`` / ``latents_std``.
+    * ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with
+      :data:`QWEN_IMAGE_SCHEDULER_CONFIG` (Qwen-Image's own).
+
+    A 32x32 image has latents ``(B, latent_channels, 8, 8)``, 16 packed tokens; the pipeline's ``output_type="latent"``
+    returns them packed, ``(B, 16, 4 * latent_channels)``.
+
+    Args:
+        path: Output directory (created if needed).
+        seed: Seed of the random weights, in ``[0, 2**32)``; the global torch RNG state is left unchanged.
+        num_layers: Dual-stream transformer blocks.
+        num_attention_heads: Attention heads of the transformer.
+        attention_head_dim: Per-head width; even and >= 6 (split over the 3 RoPE axes).
+        latent_channels: VAE latent channels (Qwen-Image uses 16), at most 16.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+    """
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    if not 1 <= latent_channels <= 16:
+        raise ValueError(f"latent_channels must be in 1..16, got {latent_channels}")
+    # the class's defaults are Qwen-Image's per-channel latent statistics
+    params = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
+    latents_mean = list(params["latents_mean"].default)[:latent_channels]
+    latents_std = list(params["latents_std"].default)[:latent_channels]
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = tiny_qwen2_tokenizer(_QWEN_TEMPLATE_WORDS)
+        text_encoder = _qwen_text_encoder(tokenizer, seed)
+        _seed(seed, "transformer")
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * latent_channels,
+            out_channels=latent_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=QWEN_TEXT_HIDDEN_SIZE,
+            axes_dims_rope=_flux_axes_dims_rope(attention_head_dim),
+        ).eval()
+        _seed(seed, "vae")
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=latent_channels,
+            dim_mult=[1, 2, 4],
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True],
+            latents_mean=latents_mean,
+            latents_std=latents_std,
+        ).eval()
+        scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG)
+        pipe = QwenImagePipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
