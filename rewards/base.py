@@ -28,7 +28,7 @@ import torch
 
 from diffrl.utils import resolve_dtype
 
-__all__ = ["Reward", "RewardOutput", "FunctionReward", "as_reward", "split_metadata", "to_score_tensor", "check_inputs"]
+__all__ = ["LoadsWeights", "Reward", "RewardOutput", "FunctionReward", "as_reward", "split_metadata", "to_score_tensor", "check_inputs"]
 
 
 @dataclass
@@ -89,23 +89,18 @@ def check_inputs(images: torch.Tensor, prompts: Sequence[str], name: str) -> lis
     return prompts
 
 
-class Reward:
-    """Base class of rewards. Subclasses set ``name`` and ``differentiable`` and implement :meth:`score`
-    (one chunk, images already on the reward's device); models are loaded in :meth:`_load`.
+class LoadsWeights:
+    """What rewards and pairwise judges share: options checked at construction, weights loaded once on first use
+    (:meth:`load`, :meth:`_load`), the hub files they need (:meth:`hub_files`) and a :attr:`fingerprint` of class,
+    name, settings and weight bytes (what caches key on).
 
     Args:
-        batch_size: most images scored at once (``None``: all at once).
+        batch_size: most items scored at once (``None``: all at once).
         device: where to run (``None``: the device of the images of the first call).
         dtype: dtype of the model weights (scores are always float32).
     """
 
     name: str = "reward"
-    differentiable: bool = False
-    # Each score depends only on its own image, prompt and metadata (the contract), so images may be scored in any
-    # chunks, e.g. chunk by chunk in a background thread while sampling goes on. False for batch-normalised sums.
-    per_sample: bool = True
-    # metadata fields every prompt must carry for this reward (checked before a run loads its model)
-    required_metadata: tuple[str, ...] = ()
 
     def __init__(
         self, *, batch_size: int | None = None, device: torch.device | str | None = None, dtype=torch.float32
@@ -118,38 +113,24 @@ class Reward:
         self._loaded = False
         self._weights_id: str | None = None
 
-    # -------------------------------------------------------------- to implement
     def _load(self) -> None:
         """Load models and weights onto ``self.device`` (called once, on first use)."""
-
-    def score(self, images: torch.Tensor, prompts: list[str], **metadata) -> torch.Tensor:
-        """Scores ``(b,)`` of one chunk; ``images`` ``(b, 3, H, W)`` in [0, 1] on ``self.device``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score(images, prompts, **metadata).")
 
     def settings(self) -> dict[str, Any]:
         """The options that change scores (part of the cache fingerprint); extend in subclasses."""
         return {}
 
-    def training_state(self) -> dict[str, Any]:
-        """State that changes between calls and belongs in a training checkpoint (JSON-serialisable); most rewards
-        have none (:class:`diffrl.rewards.CombinedReward` keeps its running statistics here)."""
-        return {}
-
-    def load_training_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`training_state` returned."""
-
     @classmethod
     def hub_files(cls, **kwargs) -> list:
-        """The exact hub files (:class:`diffrl.rewards.weights.HubFile`) this reward needs when built with
-        ``kwargs``; ``diffrl download`` fetches them. Empty for rewards without weights or with local paths."""
+        """The exact hub files (:class:`diffrl.rewards.weights.HubFile`) needed when built with ``kwargs``;
+        ``diffrl download`` fetches them. Empty without weights or with local paths."""
         return []
 
     def weight_modules(self) -> list[torch.nn.Module]:
         """The modules whose weights define the scores (hashed into the cache fingerprint)."""
         return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
 
-    # -------------------------------------------------------------- machinery
-    def load(self, device: torch.device | str | None = None) -> Reward:
+    def load(self, device: torch.device | str | None = None):
         """Load the weights now (otherwise done on the first call)."""
         if device is not None:
             self.device = torch.device(device)
@@ -160,34 +141,11 @@ class Reward:
             self._loaded = True
         return self
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
-        prompts = check_inputs(images, prompts, self.name)
-        if not self._loaded:
-            self.load(self.device if self.device is not None else images.device)
-        batch = images.shape[0]
-        step = self.batch_size or batch
-        out_device = images.device
-        context = torch.enable_grad() if self.differentiable and torch.is_grad_enabled() else torch.no_grad()
-        chunks = []
-        with context:
-            for start in range(0, batch, step):
-                stop = min(start + step, batch)
-                meta = split_metadata(metadata, batch, start, stop)
-                part = self.score(images[start:stop].to(self.device), prompts[start:stop], **meta)
-                chunks.append(to_score_tensor(part, stop - start, self.device, self.name).to(out_device))
-        scores = torch.cat(chunks) if chunks else torch.zeros(0, device=out_device)
-        return scores if self.differentiable else scores.detach()
-
-    def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
-        """The total and its components (a single reward's only component is itself)."""
-        total = self(images, prompts, **metadata)
-        return RewardOutput(total=total, components={self.name: total.detach()})
-
     @property
     def fingerprint(self) -> str:
         """A digest of what determines the scores: class, name, settings and the loaded weights' bytes.
 
-        Two rewards with the same fingerprint give the same scores; the score cache keys on it.
+        Two objects with the same fingerprint give the same scores; the caches key on it.
         """
         if not self._loaded:
             self.load()
@@ -210,6 +168,62 @@ class Reward:
             default=str,
         )
         return hashlib.sha256((head + self._weights_id).encode()).hexdigest()
+
+
+class Reward(LoadsWeights):
+    """Base class of rewards. Subclasses set ``name`` and ``differentiable`` and implement :meth:`score`
+    (one chunk, images already on the reward's device); models are loaded in :meth:`_load`.
+
+    Args:
+        batch_size: most images scored at once (``None``: all at once).
+        device: where to run (``None``: the device of the images of the first call).
+        dtype: dtype of the model weights (scores are always float32).
+    """
+
+    name: str = "reward"
+    differentiable: bool = False
+    # Each score depends only on its own image, prompt and metadata (the contract), so images may be scored in any
+    # chunks, e.g. chunk by chunk in a background thread while sampling goes on. False for batch-normalised sums.
+    per_sample: bool = True
+    # metadata fields every prompt must carry for this reward (checked before a run loads its model)
+    required_metadata: tuple[str, ...] = ()
+
+    # -------------------------------------------------------------- to implement
+    def score(self, images: torch.Tensor, prompts: list[str], **metadata) -> torch.Tensor:
+        """Scores ``(b,)`` of one chunk; ``images`` ``(b, 3, H, W)`` in [0, 1] on ``self.device``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score(images, prompts, **metadata).")
+
+    def training_state(self) -> dict[str, Any]:
+        """State that changes between calls and belongs in a training checkpoint (JSON-serialisable); most rewards
+        have none (:class:`diffrl.rewards.CombinedReward` keeps its running statistics here)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+
+    # -------------------------------------------------------------- machinery
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
+        prompts = check_inputs(images, prompts, self.name)
+        if not self._loaded:
+            self.load(self.device if self.device is not None else images.device)
+        batch = images.shape[0]
+        step = self.batch_size or batch
+        out_device = images.device
+        context = torch.enable_grad() if self.differentiable and torch.is_grad_enabled() else torch.no_grad()
+        chunks = []
+        with context:
+            for start in range(0, batch, step):
+                stop = min(start + step, batch)
+                meta = split_metadata(metadata, batch, start, stop)
+                part = self.score(images[start:stop].to(self.device), prompts[start:stop], **meta)
+                chunks.append(to_score_tensor(part, stop - start, self.device, self.name).to(out_device))
+        scores = torch.cat(chunks) if chunks else torch.zeros(0, device=out_device)
+        return scores if self.differentiable else scores.detach()
+
+    def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
+        """The total and its components (a single reward's only component is itself)."""
+        total = self(images, prompts, **metadata)
+        return RewardOutput(total=total, components={self.name: total.detach()})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable})"

@@ -47,26 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffrl.utils import resolve_dtype
-
-from .base import Reward, check_inputs, split_metadata, to_score_tensor
-from .weights import HubFile
+from .base import LoadsWeights, Reward, check_inputs, split_metadata, to_score_tensor
 
 __all__ = ["PairwiseReward", "GroupWinRate", "all_pairs", "tournament_pairs", "win_rates", "group_rows"]
 
 
-def _weights_digest(modules: list[torch.nn.Module]) -> str:
-    h = hashlib.sha256()
-    for module in modules:
-        for key, tensor in module.state_dict().items():
-            h.update(key.encode())
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-class PairwiseReward:
+class PairwiseReward(LoadsWeights):
     """Base class of pairwise judges (see the module docstring). Subclasses set ``name``, implement
     :meth:`compare_chunk` (one chunk, images already on the judge's device) and load models in :meth:`_load`.
 
@@ -80,21 +66,7 @@ class PairwiseReward:
     differentiable: bool = False
     required_metadata: tuple[str, ...] = ()
 
-    def __init__(
-        self, *, batch_size: int | None = None, device: torch.device | str | None = None, dtype=torch.float32
-    ):
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None (all at once).")
-        self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = resolve_dtype(dtype)
-        self._loaded = False
-        self._weights_id: str | None = None
-
     # -------------------------------------------------------------- to implement
-    def _load(self) -> None:
-        """Load models and weights onto ``self.device`` (called once, on first use)."""
-
     def compare_chunk(
         self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: list[str], **metadata
     ) -> torch.Tensor:
@@ -103,31 +75,7 @@ class PairwiseReward:
             f"{type(self).__name__} must implement compare_chunk(images_a, images_b, prompts, **metadata)."
         )
 
-    def settings(self) -> dict[str, Any]:
-        """The options that change the answers (part of the fingerprint); extend in subclasses."""
-        return {}
-
-    @classmethod
-    def hub_files(cls, **kwargs) -> list[HubFile]:
-        """The exact hub files this judge needs when built with ``kwargs`` (as :meth:`Reward.hub_files`)."""
-        return []
-
-    def weight_modules(self) -> list[torch.nn.Module]:
-        """The modules whose weights define the answers (hashed into the fingerprint)."""
-        return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
-
     # -------------------------------------------------------------- machinery
-    def load(self, device: torch.device | str | None = None) -> PairwiseReward:
-        """Load the weights now (otherwise done on the first call)."""
-        if device is not None:
-            self.device = torch.device(device)
-        if self.device is None:
-            self.device = torch.device("cpu")
-        if not self._loaded:
-            self._load()
-            self._loaded = True
-        return self
-
     def check_pair_inputs(
         self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: Sequence[str]
     ) -> list[str]:
@@ -162,24 +110,6 @@ class PairwiseReward:
                 "compare_chunk must return P(a better than b)."
             )
         return out.detach()
-
-    @property
-    def fingerprint(self) -> str:
-        """A digest of what determines the answers: class, name, settings and the loaded weights' bytes."""
-        if not self._loaded:
-            self.load()
-        if self._weights_id is None:
-            self._weights_id = _weights_digest(self.weight_modules())
-        head = json.dumps(
-            {
-                "class": f"{type(self).__module__}.{type(self).__qualname__}",
-                "name": self.name,
-                "settings": self.settings(),
-            },
-            sort_keys=True,
-            default=str,
-        )
-        return hashlib.sha256((head + self._weights_id).encode()).hexdigest()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
