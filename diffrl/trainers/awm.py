@@ -84,7 +84,7 @@ class AWMTrainer(Trainer):
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             model.transformer.add_adapter(config, adapter_name=EMA)
         model.transformer.set_adapter("default")
-        self.ema_params = self._adapter_params(EMA)
+        self.ema_params = self.adapter_params(EMA)
         with torch.no_grad():
             for e, p in zip(self.ema_params, self.params, strict=True):
                 e.data = (
@@ -96,27 +96,11 @@ class AWMTrainer(Trainer):
 
     def after_sharding(self) -> None:
         if self.cfg.awm.ema_kl_weight > 0:
-            self.ema_params = self._adapter_params(EMA)
-
-    def _adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
-        named = dict(self.model.transformer.named_parameters())
-        out = []
-        for name in self.param_names:
-            other = name.replace(".default.", f".{adapter}.")
-            if other == name or other not in named:
-                raise RuntimeError(f"no {adapter!r} counterpart for trained weight {name}")
-            out.append(named[other])
-        return out
+            self.ema_params = self.adapter_params(EMA)
 
     def derived_sizes(self):
         a = self.cfg.awm
-        per = a.prompts_per_step // self.world
-        return {
-            "num_processes": self.world,
-            "prompts_per_process": per,
-            "images_per_process": per * a.group_size,
-            "images_per_step": a.prompts_per_step * a.group_size,
-        }
+        return self.group_sizes(a.prompts_per_step, a.group_size)
 
     def _guidance(self) -> float:
         # CFG-free: SD3 samples and trains without CFG; FLUX.1-dev's distilled guidance embedding is not CFG.

@@ -58,7 +58,7 @@ class DiffusionNFTTrainer(Trainer):
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             model.transformer.add_adapter(config, adapter_name=OLD)
         model.transformer.set_adapter("default")
-        self.old_params = self._adapter_params(OLD)
+        self.old_params = self.adapter_params(OLD)
         with torch.no_grad():
             for o, p in zip(self.old_params, self.params, strict=True):
                 # PEFT made it in the base layer's dtype; the soft update needs float32
@@ -68,27 +68,11 @@ class DiffusionNFTTrainer(Trainer):
             o.requires_grad_(False)
 
     def after_sharding(self) -> None:
-        self.old_params = self._adapter_params(OLD)
-
-    def _adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
-        named = dict(self.model.transformer.named_parameters())
-        out = []
-        for name in self.param_names:
-            other = name.replace(".default.", f".{adapter}.")
-            if other == name or other not in named:
-                raise RuntimeError(f"no {adapter!r} counterpart for trained weight {name}")
-            out.append(named[other])
-        return out
+        self.old_params = self.adapter_params(OLD)
 
     def derived_sizes(self):
         c = self.cfg.diffusion_nft
-        per = c.prompts_per_step // self.world
-        return {
-            "num_processes": self.world,
-            "prompts_per_process": per,
-            "images_per_process": per * c.group_size,
-            "images_per_step": c.prompts_per_step * c.group_size,
-        }
+        return self.group_sizes(c.prompts_per_step, c.group_size)
 
     def updates_per_step(self) -> int:
         return self.cfg.diffusion_nft.num_minibatches

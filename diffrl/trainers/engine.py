@@ -214,15 +214,15 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        return self.dist.device
 
     @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        return self.dist.rank
 
     @property
     def world(self) -> int:
-        return self.accelerator.num_processes
+        return self.dist.world
 
     @property
     def sharded(self) -> bool:
@@ -360,6 +360,28 @@ class Trainer:
 
     def derived_sizes(self) -> dict[str, Any]:
         return {"num_processes": self.world}
+
+    def group_sizes(self, prompts_per_step: int, group_size: int) -> dict[str, Any]:
+        """:meth:`derived_sizes` of a trainer that samples ``group_size`` images per prompt."""
+        per = prompts_per_step // self.world
+        return {
+            "num_processes": self.world,
+            "prompts_per_process": per,
+            "images_per_process": per * group_size,
+            "images_per_step": prompts_per_step * group_size,
+        }
+
+    def adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
+        """The weights of the LoRA adapter named ``adapter`` (e.g. an old-policy or EMA copy) in the order of the
+        trained ``default`` adapter's :attr:`params`."""
+        named = dict(self.model.transformer.named_parameters())
+        out = []
+        for name in self.param_names:
+            other = name.replace(".default.", f".{adapter}.")
+            if other == name or other not in named:
+                raise RuntimeError(f"no {adapter!r} counterpart for trained weight {name}")
+            out.append(named[other])
+        return out
 
     # ------------------------------------------------------------------------------------------ helpers
     def generator(self, *keys: int) -> torch.Generator:

@@ -107,13 +107,7 @@ class FlowGRPOTrainer(Trainer):
 
     def derived_sizes(self):
         g = self.cfg.flow_grpo
-        per = g.prompts_per_step // self.world
-        return {
-            "num_processes": self.world,
-            "prompts_per_process": per,
-            "images_per_process": per * g.group_size,
-            "images_per_step": g.prompts_per_step * g.group_size,
-        }
+        return self.group_sizes(g.prompts_per_step, g.group_size)
 
     def _window(self, num_steps: int) -> tuple[int, int]:
         g = self.cfg.flow_grpo
