@@ -166,14 +166,13 @@ def _prompt_set(prompts) -> PromptSet:
 
 def sampling_defaults(spec: str, model) -> tuple[int, float]:
     """``(num_steps, guidance_scale)`` a model samples with unless told otherwise: the toy model's presets (8 steps,
-    no CFG: ``configs/toy``), FLUX.1's pipeline defaults (28 steps, guidance embedding 3.5) and, for SD3/SD3.5,
-    40 steps with CFG 4.5 (the Flow-GRPO evaluation setting the SD3.5 presets use)."""
+    no CFG: ``configs/toy``), else the adapter's ``default_num_steps``/``default_guidance_scale`` (FLUX.1's
+    pipeline defaults 28 steps with guidance embedding 3.5; for SD3/SD3.5 40 steps with CFG 4.5, the Flow-GRPO
+    evaluation setting the SD3.5 presets use; Qwen-Image's pipeline defaults 50 steps with true CFG 4)."""
     directory = Path(getattr(model.pipe, "name_or_path", "") or "")
     if str(spec) == "toy" or (directory / "toy_model.json").is_file():
         return 8, 1.0
-    if model.family == "flux":
-        return 28, 3.5
-    return 40, 4.5
+    return int(model.default_num_steps), float(model.default_guidance_scale)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

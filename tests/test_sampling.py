@@ -304,7 +304,8 @@ def test_eval_takes_prompt_text_as_sample_does(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "spec, expected", [("toy", (8, 1.0)), ("tiny:sd3", (40, 4.5)), ("tiny:flux", (28, 3.5))]
+    "spec, expected",
+    [("toy", (8, 1.0)), ("tiny:sd3", (40, 4.5)), ("tiny:flux", (28, 3.5)), ("tiny:qwen_image", (50, 4.0))],
 )
 def test_sampling_defaults_are_the_models(spec, expected):
     from diffrl.models import load_model

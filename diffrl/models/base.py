@@ -140,6 +140,9 @@ class FlowModel:
     family: str = ""
     pipeline_class_name: str = ""
     uses_negative_prompt: bool = False  # whether encode() also encodes the negative prompt (true CFG)
+    guidance_is_cfg: bool = True  # False where guidance_scale enters the transformer as an embedding (FLUX.1-dev)
+    default_num_steps: int = 40  # the sampling steps `diffrl sample`/`eval` use unless told otherwise
+    default_guidance_scale: float = 4.5  # the guidance they use unless told otherwise
     default_lora_rank: int = 32
     default_lora_alpha: int = 64
     default_lora_targets: list[str] | str = []

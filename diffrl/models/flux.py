@@ -47,6 +47,9 @@ class FluxModel(FlowModel):
 
     family = "flux"
     pipeline_class_name = "FluxPipeline"
+    guidance_is_cfg = False  # the guidance embedding (dev) is not classifier-free guidance
+    default_num_steps = 28  # FluxPipeline's defaults
+    default_guidance_scale = 3.5
     default_lora_rank = 64
     default_lora_alpha = 128
     default_lora_targets = FLUX_LORA_TARGETS

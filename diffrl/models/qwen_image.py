@@ -38,6 +38,8 @@ class QwenImageModel(FlowModel):
     family = "qwen_image"
     pipeline_class_name = "QwenImagePipeline"
     uses_negative_prompt = True
+    default_num_steps = 50  # QwenImagePipeline's defaults (true_cfg_scale 4 with a negative prompt)
+    default_guidance_scale = 4.0
     default_lora_rank = 64
     default_lora_alpha = 128
     default_lora_targets = QWEN_IMAGE_LORA_TARGETS

@@ -103,8 +103,8 @@ class AWMTrainer(Trainer):
         return self.group_sizes(a.prompts_per_step, a.group_size)
 
     def _guidance(self) -> float:
-        # CFG-free: SD3 samples and trains without CFG; FLUX.1-dev's distilled guidance embedding is not CFG.
-        return 1.0 if self.model.family == "sd3" else self.cfg.sample.guidance_scale
+        # CFG-free: no CFG pass (guidance 1); FLUX.1-dev's distilled guidance embedding is not CFG.
+        return 1.0 if self.model.guidance_is_cfg else self.cfg.sample.guidance_scale
 
     def train_levels(self, sigmas: torch.Tensor, n: int) -> torch.Tensor:
         """``(n, K)`` training levels of this process's ``n`` samples, each sample's drawn from a generator keyed by

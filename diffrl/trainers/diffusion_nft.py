@@ -78,8 +78,8 @@ class DiffusionNFTTrainer(Trainer):
         return self.cfg.diffusion_nft.num_minibatches
 
     def _guidance(self) -> float:
-        # CFG-free: SD3 samples without CFG; FLUX.1-dev's distilled guidance embedding is not CFG and stays on.
-        return 1.0 if self.model.family == "sd3" else self.cfg.sample.guidance_scale
+        # CFG-free: no CFG pass (guidance 1); FLUX.1-dev's distilled guidance embedding is not CFG and stays on.
+        return 1.0 if self.model.guidance_is_cfg else self.cfg.sample.guidance_scale
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, c, s = self.cfg, self.cfg.diffusion_nft, self.cfg.sample

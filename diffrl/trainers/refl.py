@@ -134,8 +134,8 @@ class ReFLTrainer(Trainer):
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device)
         level_b = level.view(-1, *([1] * (x0.ndim - 1)))
         x_s = (1 - level_b) * x0 + level_b * eps
-        # no CFG: SD3's conditional velocity; FLUX.1-dev's distilled guidance embedding is not CFG and stays on
-        guidance = 1.0 if model.family == "sd3" else s.guidance_scale
+        # no CFG: the conditional velocity; FLUX.1-dev's distilled guidance embedding is not CFG and stays on
+        guidance = 1.0 if model.guidance_is_cfg else s.guidance_scale
         with self.autocast():
             v = model.velocity(x_s, level, cond, guidance).float()
         return denoising_loss(v, x0, eps)
