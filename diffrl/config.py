@@ -338,8 +338,12 @@ class MonitorConfig:
     """The evaluation-reward component that is the gold signal, e.g. a weight-0 monitor such as
     shapes_extra_objects; empty uses the evaluation reward's weighted sum."""
     features: str = "pixels"
-    """Image features of the diversity metric: pixels (RGB means over an 8 x 8 grid, layout and colour) or
-    histogram (8-bin colour histogram per channel, colour only)."""
+    """Image features of the diversity metric: pixels (RGB means over an 8 x 8 grid, layout and colour),
+    histogram (8-bin colour histogram per channel, colour only), or the embeddings of a model, clip (a
+    transformers CLIPModel) or dino (a DINOv2 model), compared by cosine distance."""
+    feature_model: str = ""
+    """The model of features clip or dino: a hub id, a local directory or toy:clip (the toy world's shipped CLIP);
+    empty takes openai/clip-vit-large-patch14 for clip and facebook/dinov2-small for dino."""
     min_change: float = 0.0
     """The proxy-up-gold-down warning fires when, between two evaluations, the proxy rose and the gold signal fell
     each by more than this (in each reward's own units)."""
@@ -576,6 +580,7 @@ RESUME_FREE_KEYS = frozenset(
         "monitor.enabled",
         "monitor.gold",
         "monitor.features",
+        "monitor.feature_model",
         "monitor.min_change",
         "monitor.diversity_collapse",
     }
@@ -994,8 +999,13 @@ def _validate_monitor(cfg: TrainConfig, given, need) -> None:
     """The ``monitor`` section's choices (its numeric ranges are in ``_RANGES``)."""
     m = cfg.monitor
     need(
-        m.features in ("pixels", "histogram"),
-        f"monitor.features={m.features!r} is not implemented; use pixels or histogram.",
+        m.features in ("pixels", "histogram", "clip", "dino"),
+        f"monitor.features={m.features!r} is not implemented; use pixels, histogram, clip or dino.",
+    )
+    need(
+        not m.feature_model or m.features in ("clip", "dino"),
+        f"monitor.feature_model={m.feature_model!r} is only read with monitor.features clip or dino (it is "
+        f"{m.features}); set monitor.features=clip or dino, or leave monitor.feature_model empty.",
     )
     if m.gold and "reward" not in given:
         need(

@@ -13,6 +13,7 @@ import torch
 
 from diffrl.config import ConfigError, load_config
 from diffrl.trainers.monitor import (
+    EmbeddingFeatures,
     MonitorState,
     feature_distance,
     image_features,
@@ -68,7 +69,7 @@ def test_diversity_averages_over_prompts_and_skips_lone_images():
 
 def test_unknown_features_are_refused():
     with pytest.raises(ValueError, match="not implemented"):
-        image_features(_flat(0.0), "clip")
+        image_features(_flat(0.0), "vgg")
 
 
 # ------------------------------------------------------------------------------------------ warnings
@@ -149,7 +150,14 @@ def test_shapes_extra_objects_counts_objects_beyond_the_description():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["monitor.features=clip"], r"monitor.features='clip' is not implemented; use pixels or histogram"),
+        (
+            ["monitor.features=vgg"],
+            r"monitor.features='vgg' is not implemented; use pixels, histogram, clip or dino",
+        ),
+        (
+            ["monitor.feature_model=toy:clip"],
+            r"monitor.feature_model='toy:clip' is only read with monitor.features",
+        ),
         (["monitor.gold=nope", "eval_reward={brightness: 1.0}"], r"monitor.gold='nope' is not a component"),
         (
             ["monitor.gold=brightness"],
@@ -167,6 +175,91 @@ def test_toy_presets_log_the_extra_object_count_as_gold():
     for algo in ("flow_grpo", "diffusion_nft", "refl", "awm"):
         cfg = load_config(ROOT / "configs" / "toy" / f"{algo}.yaml")
         assert cfg.monitor.gold == "shapes_extra_objects" and cfg.eval_reward["shapes_extra_objects"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ model embeddings
+def test_embedding_distance_is_half_one_minus_cosine():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    b = torch.tensor([[0.0, 2.0], [-1.0, 0.0], [6.0, 8.0]])
+    for kind in ("clip", "dino"):
+        assert feature_distance(a, b, kind).tolist() == pytest.approx([0.5, 1.0, 0.0], abs=1e-7)
+    with pytest.raises(ValueError, match="come from a model"):
+        image_features(torch.rand(1, 3, 8, 8), "clip")
+
+
+def _pil(images: torch.Tensor):
+    from PIL import Image
+
+    arr = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a) for a in arr], torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+
+
+def test_clip_features_are_the_clip_models_image_embeddings():
+    """toy:clip, the shipped toy-world CLIP: the embeddings equal CLIPModel.get_image_features on
+    CLIPImageProcessor's pixels (of the same 8-bit images) in direction, and copies of an image are at distance 0."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from diffrl.utils import shipped_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    pil, images = _pil(torch.rand(3, 3, 48, 40, generator=g))
+    feats = EmbeddingFeatures("clip", "toy:clip")(images)
+    assert feats.shape[0] == 3 and torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
+    directory = shipped_checkpoint("toy:clip")
+    model = CLIPModel.from_pretrained(directory).eval()
+    pixels = CLIPImageProcessor.from_pretrained(directory)(images=pil, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=pixels)
+    ref = getattr(ref, "pooler_output", ref)
+    cos = torch.nn.functional.cosine_similarity(feats, ref.float(), dim=-1)
+    assert cos.min() > 0.999, cos
+    same = EmbeddingFeatures("clip", "toy:clip")(images[:1].repeat(3, 1, 1, 1))
+    assert within_prompt_diversity(same, [0, 0, 0], "clip") == pytest.approx(0.0, abs=1e-6)
+    assert within_prompt_diversity(feats, [0, 0, 0], "clip") > 1e-4
+
+
+def test_dino_features_are_the_dinov2_models_pooled_class_token(tmp_path):
+    """A tiny random DINOv2 saved with its real processor config: the features equal the model's pooled output on
+    the transformers processor's pixels, in direction."""
+    from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+    )
+    Dinov2Model(config).save_pretrained(tmp_path)
+    BitImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 28, "width": 28},
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    pil, images = _pil(torch.rand(4, 3, 40, 48, generator=g))
+    feats = EmbeddingFeatures("dino", str(tmp_path))(images)
+    model = Dinov2Model.from_pretrained(tmp_path).eval()
+    pixels = AutoImageProcessor.from_pretrained(tmp_path)(images=pil, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).pooler_output
+    cos = torch.nn.functional.cosine_similarity(feats, ref, dim=-1)
+    assert cos.min() > 0.999, cos
+
+
+def test_a_missing_feature_model_says_how_to_fetch_it(monkeypatch, tmp_path):
+    from diffrl.rewards import WeightsNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(
+        WeightsNotFoundError, match=r"hf download facebook/dinov2-small config.json.*monitor.features=pixels"
+    ):
+        EmbeddingFeatures("dino")(torch.rand(1, 3, 32, 32))
 
 
 # ------------------------------------------------------------------------------------------ a tiny run
@@ -206,6 +299,32 @@ def test_a_tiny_run_logs_the_monitor_at_every_evaluation(tmp_path, monkeypatch, 
     assert last["monitor/gap"] == pytest.approx(expect, abs=1e-9)
     warned = capsys.readouterr().out.count("[diffrl] warning:")
     assert warned == sum(int(r["monitor/warnings"]) for r in evals)
+
+
+def test_a_tiny_run_measures_diversity_with_clip_embeddings(tmp_path, monkeypatch):
+    from diffrl.trainers import build_trainer
+
+    monkeypatch.setenv("DIFFRL_CACHE", str(tmp_path / "cache"))
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={PROMPTS}",
+            "max_steps=1",
+            "eval_every=1",
+            "checkpointing_steps=0",
+            "data.eval_size=2",
+            "sample.eval_images_per_prompt=3",
+            "monitor.features=clip",
+            "monitor.feature_model=toy:clip",
+        ],
+    )
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "monitor/diversity" in r]
+    assert [r["step"] for r in evals] == [0, 1]
+    assert all(0 < r["monitor/diversity"] <= 1 for r in evals)
+    assert trainer.monitor.embedder is not None and trainer.monitor.embedder.spec == "toy:clip"
 
 
 def test_demo_curves_get_a_monitor_panel_when_the_run_logged_it(tmp_path):

@@ -158,7 +158,7 @@ def _monitor_payload(run: Evaluated, images, local, comps: dict, prompt_ids: lis
         out["proxy"] = (float(proxy.sum()), int(proxy.numel()))
         out["gold"] = (float(gold.detach().float().sum()), int(gold.numel()))
     if per >= 2:
-        feats = hacking.image_features(images, cfg.features).cpu()
+        feats = run.monitor.image_features(images, cfg.features, cfg.feature_model).cpu()
         out["features"] = (prompt_ids, feats)
     return out
 

@@ -13,7 +13,8 @@ At an evaluation with images ``x_{p,r}`` (prompt ``p``, image ``r`` of ``R``) th
   for Reward Model Overoptimization" (ICML 2023, arXiv:2210.10760), Fig. 1: proxy up, gold flat then down;
 * ``monitor/diversity``: within-prompt diversity, ``mean_p  2 / (R (R - 1)) sum_{r < s} d(f(x_{p,r}), f(x_{p,s}))``
   over the prompts with at least two images, with ``f`` and ``d`` from :func:`image_features` /
-  :func:`feature_distance` (both in [0, 1]; 0 for identical images). Collapsing within-prompt variety is the mode
+  :func:`feature_distance` (both in [0, 1]; 0 for identical images), or with ``f`` the unit-length image
+  embedding of a CLIP or DINOv2 model (:class:`EmbeddingFeatures`) and ``d = (1 - cos) / 2``. Collapsing within-prompt variety is the mode
   collapse RL fine-tuning is known for (DDPO, Black et al. 2023, arXiv:2305.13301, Sec. 6 and App. A, on
   overoptimised aesthetic scores);
 * ``monitor/warnings``: how many warnings this evaluation printed (:func:`monitor_warnings`).
@@ -23,11 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 __all__ = [
     "FEATURES",
+    "EMBEDDINGS",
+    "DEFAULT_FEATURE_MODELS",
+    "EmbeddingFeatures",
+    "feature_hub_files",
     "image_features",
     "feature_distance",
     "within_prompt_diversity",
@@ -35,7 +41,10 @@ __all__ = [
     "MonitorState",
 ]
 
-FEATURES = ("pixels", "histogram")
+EMBEDDINGS = ("clip", "dino")  # model embeddings, loaded lazily by EmbeddingFeatures
+FEATURES = ("pixels", "histogram", *EMBEDDINGS)
+#: The feature model each embedding kind loads when ``monitor.feature_model`` is empty.
+DEFAULT_FEATURE_MODELS = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-small"}
 _GRID = 8  # pixels: RGB means over an 8 x 8 grid of cells (192 numbers)
 _BINS = 8  # histogram: 8 bins of [0, 1] per channel (24 numbers)
 
@@ -55,20 +64,138 @@ def image_features(images: torch.Tensor, kind: str = "pixels") -> torch.Tensor:
         counts = torch.zeros(b, c, _BINS, dtype=torch.float32, device=x.device)
         counts.scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float32))
         return (counts / idx.shape[-1]).flatten(1)
+    if kind in EMBEDDINGS:
+        raise ValueError(
+            f"image_features computes pixel statistics; {kind!r} features come from a model: use "
+            f"EmbeddingFeatures({kind!r}, model) or MonitorState.image_features."
+        )
     raise ValueError(f"monitor.features={kind!r} is not implemented; use one of {', '.join(FEATURES)}.")
 
 
 def feature_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "pixels") -> torch.Tensor:
     """Distance in [0, 1] between feature rows (broadcasting over leading dimensions): ``pixels``, the root mean
     square difference (a black and a white image: 1); ``histogram``, the total variation distance of each
-    channel's histogram, ``0.5 sum_k |h_k - h'_k|``, averaged over the channels."""
+    channel's histogram, ``0.5 sum_k |h_k - h'_k|``, averaged over the channels; ``clip`` / ``dino``, the cosine
+    distance ``(1 - cos(a, b)) / 2`` of the embeddings (opposite directions: 1)."""
     a, b = a.float(), b.float()
+    if kind in EMBEDDINGS:
+        return ((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)) / 2).clamp(0, 1)
     if kind == "pixels":
         return (a - b).pow(2).mean(-1).sqrt()
     if kind == "histogram":
         diff = (a - b).abs().unflatten(-1, (-1, _BINS))  # (..., C, bins)
         return 0.5 * diff.sum(-1).mean(-1)
     raise ValueError(f"monitor.features={kind!r} is not implemented; use one of {', '.join(FEATURES)}.")
+
+
+def feature_hub_files(kind: str, spec: str) -> list:
+    """The hub files (:class:`diffrl.rewards.HubFile`) the ``kind`` embedding model ``spec`` needs; none for a
+    local directory or a checkpoint shipped with diffrl (``toy:clip``)."""
+    from diffrl.rewards import HubFile
+    from diffrl.rewards.clip_common import clip_hub_files, is_local
+
+    if kind == "clip":
+        return clip_hub_files(spec, model=True, image_processor=True)
+    if kind == "dino":
+        if is_local(spec):
+            return []
+        return [
+            HubFile(spec, name) for name in ("config.json", "model.safetensors", "preprocessor_config.json")
+        ]
+    raise ValueError(f"monitor.features={kind!r} has no feature model; use one of {', '.join(EMBEDDINGS)}.")
+
+
+class EmbeddingFeatures:
+    """Unit-length float32 image embeddings ``(B, D)`` of images ``(B, 3, H, W)`` in [0, 1], from a model loaded on
+    first use and kept (frozen, in eval mode) on the images' device:
+
+    * ``clip``: a transformers ``CLIPModel``'s projected image embedding (``get_image_features``) after its
+      processor's transform (:class:`diffrl.rewards.clip_common.CLIPImageTransform`); ``spec`` may be a hub id, a
+      directory or ``toy:clip``, the toy world's shipped CLIP;
+    * ``dino``: a transformers DINOv2 model's (``AutoModel``) pooled class token after its processor's resize of
+      the shorter side (bicubic), centre crop and normalisation, read from ``preprocessor_config.json``.
+
+    DINO features see layout and objects where CLIP's lean to what a caption would say; both are what diversity
+    metrics of generated images are commonly computed on, and both tell apart images that pixel statistics call
+    alike (the same colours in another arrangement).
+    """
+
+    def __init__(self, kind: str, spec: str = ""):
+        if kind not in EMBEDDINGS:
+            raise ValueError(
+                f"monitor.features={kind!r} has no feature model; use one of {', '.join(EMBEDDINGS)}."
+            )
+        self.kind = kind
+        self.spec = spec or DEFAULT_FEATURE_MODELS[kind]
+        self._model = None
+        self._transform = None
+
+    def _load(self):
+        from diffrl.rewards.clip_common import CLIPImageTransform, builtin_dir
+        from diffrl.rewards.weights import WeightsNotFoundError, resolve_snapshot
+
+        files = feature_hub_files(self.kind, self.spec)
+        label = f"monitor.features={self.kind}"
+        try:
+            shipped = builtin_dir(self.spec)
+            directory = shipped if shipped is not None else resolve_snapshot(self.spec, files, label)
+        except WeightsNotFoundError as err:
+            fetch = "; ".join(f"hf download {f.repo_id} {f.filename}" for f in files)
+            raise WeightsNotFoundError(
+                f"monitor.features={self.kind} needs the model {self.spec}, which is not in the Hugging Face cache "
+                f"(offline?); fetch it where there is network ({fetch}), set monitor.feature_model to a local "
+                "directory, or use monitor.features=pixels."
+            ) from err
+        if self.kind == "clip":
+            from diffrl.rewards.clip_common import load_clip_model
+
+            self._model = load_clip_model(directory, label)
+            self._transform = CLIPImageTransform.from_pretrained(directory)
+        else:
+            import json
+
+            from transformers import AutoModel
+
+            self._model = AutoModel.from_pretrained(directory).eval().requires_grad_(False)
+            proc = json.loads((Path(directory) / "preprocessor_config.json").read_text())
+            size, crop = proc.get("size") or {}, proc.get("crop_size") or {}
+            if isinstance(size, int):
+                size = {"shortest_edge": size}
+            if isinstance(crop, int):
+                crop = {"height": crop, "width": crop}
+            if int(proc.get("resample", 3)) != 3 or set(size) - {"shortest_edge"}:
+                raise ValueError(
+                    f"{directory}/preprocessor_config.json: only a bicubic resize of the shorter side is supported "
+                    f"(resample=3, size={{'shortest_edge': n}}), got resample={proc.get('resample')}, size={size}."
+                )
+            self._transform = CLIPImageTransform(
+                shortest_edge=int(size.get("shortest_edge", 256)),
+                crop_size=(int(crop.get("height", 224)), int(crop.get("width", 224))),
+                mean=tuple(float(m) for m in proc.get("image_mean", (0.485, 0.456, 0.406))),
+                std=tuple(float(v) for v in proc.get("image_std", (0.229, 0.224, 0.225))),
+                do_resize=bool(proc.get("do_resize", True)),
+                do_center_crop=bool(proc.get("do_center_crop", True)),
+                do_normalize=bool(proc.get("do_normalize", True)),
+            )
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4:
+            raise ValueError(f"image_features needs images (B, C, H, W), got {tuple(images.shape)}.")
+        if self._model is None:
+            self._load()
+        model = self._model.to(images.device)
+        dtype = next(model.parameters()).dtype
+        pixels = self._transform(images.detach().float().clamp(0, 1)).to(dtype)
+        if self.kind == "clip":
+            from diffrl.rewards.clip_common import image_embeddings
+
+            emb = image_embeddings(model.vision_model, model.visual_projection, pixels)
+        else:
+            out = model(pixel_values=pixels)
+            pooled = getattr(out, "pooler_output", None)
+            emb = out.last_hidden_state[:, 0] if pooled is None else pooled
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
 
 
 def within_prompt_diversity(features: torch.Tensor, groups: list[int], kind: str = "pixels") -> float | None:
@@ -136,6 +263,17 @@ class MonitorState:
 
     first: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] | None = None
+    embedder: EmbeddingFeatures | None = field(default=None, repr=False, compare=False)
+
+    def image_features(self, images: torch.Tensor, kind: str = "pixels", model: str = "") -> torch.Tensor:
+        """:func:`image_features` for the pixel statistics; for ``clip``/``dino`` the embeddings of ``model`` (its
+        default when empty), the model loaded on first use and kept for the next evaluations."""
+        if kind not in EMBEDDINGS:
+            return image_features(images, kind)
+        spec = model or DEFAULT_FEATURE_MODELS[kind]
+        if self.embedder is None or (self.embedder.kind, self.embedder.spec) != (kind, spec):
+            self.embedder = EmbeddingFeatures(kind, spec)
+        return self.embedder(images)
 
     def update(
         self, step: int, values: dict[str, float], *, min_change: float = 0.0, diversity_collapse: float = 0.5
