@@ -29,13 +29,12 @@ class PromptSet:
         return PromptSet([self.prompts[i] for i in index], [self.metadata[i] for i in index])
 
     def batch_metadata(self) -> dict[str, list]:
-        """Metadata as per-sample lists (the reward call's ``**metadata``), keys present in every row only."""
+        """Metadata as per-sample lists (the reward call's ``**metadata``): every key some row has, ``None`` in the
+        rows without it (a reward that needs the field then names the image that lacks it)."""
         if not self.metadata:
             return {}
-        keys = set(self.metadata[0])
-        for row in self.metadata[1:]:
-            keys &= set(row)
-        return {k: [row[k] for row in self.metadata] for k in sorted(keys)}
+        keys = sorted({k for row in self.metadata for k in row})
+        return {k: [row.get(k) for row in self.metadata] for k in keys}
 
 
 def load_prompts(spec: str, prompt_key: str = "prompt") -> PromptSet:

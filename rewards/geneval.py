@@ -304,9 +304,8 @@ def parse_metadata(row: Mapping[str, Any]) -> GenEvalSpec:
     if exclude is None:
         if tag == "counting":
             raise ValueError(
-                "geneval metadata: a 'counting' row has no 'exclude' (diffrl passes a metadata field only when every "
-                "prompt of the batch has it); give every prompt an 'exclude' list, [] where GenEval has none, e.g. "
-                "with diffrl.rewards.geneval.prompt_rows."
+                "geneval metadata: a 'counting' row has no 'exclude' (GenEval's counting rows list the counts that "
+                "fail); give every counting prompt an 'exclude' list, e.g. with diffrl.rewards.geneval.prompt_rows."
             )
         exclude = []
     if not isinstance(exclude, (list, tuple)):

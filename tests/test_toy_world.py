@@ -311,6 +311,20 @@ def test_missing_scene_metadata_is_a_clear_error(world):
         ShapesVerifier()(images[:2], ["a", "b"], scene=[{"relation": None}, {"relation": None}])
 
 
+def test_a_field_some_prompts_lack_reaches_the_reward_as_none_and_is_named(world):
+    from diffrl.data import PromptSet
+
+    _, images, scenes = world
+    ps = PromptSet(["a", "b", "c"], [{"scene": scenes[0], "tag": "x"}, {"scene": scenes[1]}, {"note": 1}])
+    assert ps.batch_metadata() == {
+        "note": [None, None, 1],
+        "scene": [scenes[0], scenes[1], None],
+        "tag": ["x", None, None],
+    }
+    with pytest.raises(ValueError, match=r"image 2: its prompt row has no 'scene'"):
+        ShapesVerifier()(images[:3], ps.prompts, **ps.batch_metadata())
+
+
 # ------------------------------------------------------------------------------------------ the soft verifier
 def test_soft_verifier_scores_clean_renders_high(world):
     items, images, scenes = world

@@ -284,6 +284,11 @@ def _as_scene_list(scenes: Any, batch: int, name: str) -> list[dict]:
         raise ValueError(f"reward {name!r} got {len(scenes)} scene descriptions for {batch} images.")
     out = []
     for i, s in enumerate(scenes):
+        if s is None:
+            raise ValueError(
+                f"reward {name!r}, image {i}: its prompt row has no 'scene' (other rows do); give every prompt of "
+                "a toy-world prompt file its structured description."
+            )
         try:
             out.append(normalize_description(json.loads(s) if isinstance(s, (str, bytes)) else s))
         except ValueError as err:
