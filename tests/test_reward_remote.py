@@ -600,3 +600,18 @@ def test_a_server_killed_mid_request_raises_one_line_or_skips(servers, scripted)
     out = unloaded.evaluate(images, ["a", "b"])
     assert torch.isnan(out.total).all() and list(out.components) == ["scripted"] and unloaded.skipped == 1
     assert unloaded.name == "scripted"
+
+
+def test_doctor_asks_a_remote_rewards_server_once(servers):
+    from diffrl.doctor.rewards import reward_status
+
+    ok = reward_status("remote", {"url": servers["shapes"].url}, "config.yaml")
+    assert ok.finding.status == "OK", ok.finding
+    assert "'shapes_verifier' (loaded; needs scene; device cpu)" in ok.finding.message
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    down = reward_status("remote", {"url": f"http://127.0.0.1:{port}", "retries": 5}, "config.yaml")
+    assert down.finding.status == "FAIL" and "cannot connect" in down.finding.message
+    assert "(after" not in down.finding.message  # one attempt, the retries option ignored: doctor does not wait
+    assert "diffrl serve-reward" in down.finding.fix

@@ -1,5 +1,6 @@
 """Reward checks: every reward of a config has its hub files in the Hugging Face cache (the files ``diffrl
-download --dry-run`` lists, from :mod:`diffrl.hub`), looked up without any network call."""
+download --dry-run`` lists, from :mod:`diffrl.hub`), looked up without any network call to the hub; a ``remote``
+reward's server is asked ``GET /health`` once (no retries, a 5-second timeout)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from ..hub import cached_file, config_targets, hf_cache_dir, reward_hub_files
 from .findings import Finding, gib, split_fix
 
-__all__ = ["RewardStatus", "reward_status", "config_rewards"]
+__all__ = ["RewardStatus", "reward_status", "config_rewards", "remote_finding"]
 
 
 @dataclass
@@ -61,6 +62,8 @@ def reward_status(name: str, kwargs: dict, label: str) -> RewardStatus:
             ),
             cached=False,
         )
+    if name == "remote":
+        return RewardStatus(name, kwargs, remote_finding(kwargs), cached=True)
     required = [f for f in files if not f.optional]
     present = {f: cached_file(f.repo_id, f.filename, f.revision) for f in files}
     absent = [f for f in required if present[f] is None]
@@ -89,4 +92,38 @@ def reward_status(name: str, kwargs: dict, label: str) -> RewardStatus:
         kwargs,
         Finding(f"reward {name}", "OK", f"{len(required)} hub file(s) in the HF cache ({gib(nbytes)})"),
         nbytes,
+    )
+
+
+def remote_finding(kwargs: dict) -> Finding:
+    """A ``remote`` reward's server, asked ``GET /health`` once: OK with what it serves and whether its weights are
+    loaded, FAIL with the cause when it does not answer, answers an error, or is not a diffrl reward server."""
+    from diffrl.rewards.remote import RemoteReward
+
+    options = {**kwargs, "retries": 0, "timeout": min(float(kwargs.get("timeout", 5.0)), 5.0)}
+    try:
+        health = RemoteReward(**options).health
+    except Exception as err:  # noqa: BLE001 - any failure is the finding
+        return Finding(
+            "reward remote",
+            "FAIL",
+            str(err).rstrip("."),
+            "Start the server (`diffrl serve-reward <reward> --port PORT` on the scoring machine) or fix "
+            "reward_kwargs.remote.url.",
+        )
+    url = options.get("url")
+    if health.get("error"):
+        return Finding(
+            "reward remote",
+            "FAIL",
+            f"the server at {url} failed to load {health.get('name')!r}: {health['error']}",
+            "Fix the served reward (see the server's log) and restart it.",
+        )
+    state = "loaded" if health.get("loaded") else "still loading its weights"
+    needs = ", ".join(health.get("required_metadata") or []) or "no metadata"
+    return Finding(
+        "reward remote",
+        "OK",
+        f"the server at {url} serves {health.get('name')!r} ({state}; needs {needs}; device "
+        f"{health.get('device', '?')})",
     )
