@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from diffrl.config import load_config
+from diffrl.doctor import estimate_memory
 from diffrl.models.loading import load_model, tiny_model_dir
 from diffrl.rewards import CombinedReward, as_reward
 from diffrl.samplers import sde_step, sigmas_from_scheduler_config
@@ -241,3 +242,14 @@ def test_preset_advantages_against_the_references_combination():
     ours = winrate_advantages(w, groups, rewards_are_win_rates=True, clip=None).values.double()
     ref = reference_advantages(apart, judge, 8)
     torch.testing.assert_close(ours / ours.std(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_estimate_of_the_preset_offline():
+    """``diffrl doctor``'s memory estimate runs on the preset without its weights (published sizes): float32
+    FLUX.1-dev and its text encoders, the transformer and its LoRA sharded by FSDP over the processes."""
+    cfg = load_config(PRESET)
+    one, eight = estimate_memory(cfg), estimate_memory(cfg, num_processes=8)
+    assert "published" in one.source and 16e9 < one.params < 18e9
+    assert one.weights == one.params * 4
+    assert eight.weights < one.weights and "FSDP: transformer and trained tensors / 8" in eight.notes
+    assert 70 * 2**30 < one.total < 85 * 2**30 and eight.total < 30 * 2**30  # 78.2 and 26.9 GiB
