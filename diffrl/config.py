@@ -406,7 +406,9 @@ class TrainConfig:
     reward_kwargs: dict[str, dict] = field(default_factory=dict)
     """Options per reward name, e.g. {hpsv2: {version: v2.1}}."""
     reward_normalize: str = ""
-    """Normalisation of a multi-reward sum: empty (none), batch or running."""
+    """Normalisation of each reward of a sum: empty (none), batch (z-scored over the step), running (running
+    statistics) or group (z-scored within each prompt's group of images, as Pref-GRPO combines its rewards; needs a
+    group trainer, not refl)."""
     eval_reward: dict[str, float] = field(default_factory=dict)
     """Evaluation reward(s), logged separately to catch reward hacking; empty reuses the training reward."""
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
@@ -850,8 +852,13 @@ def validate(
         f"report_to={cfg.report_to!r} must be tensorboard, wandb or none.",
     )
     need(
-        cfg.reward_normalize in ("", "batch", "running"),
-        f"reward_normalize={cfg.reward_normalize!r} must be empty, batch or running.",
+        cfg.reward_normalize in ("", "batch", "running", "group"),
+        f"reward_normalize={cfg.reward_normalize!r} must be empty, batch, running or group.",
+    )
+    need(
+        not (cfg.reward_normalize == "group" and cfg.algorithm == "refl"),
+        "reward_normalize=group z-scores each reward within a prompt's group of images, and refl samples one "
+        "image per prompt; use batch or running with refl.",
     )
     need(
         cfg.optim.lr_scheduler in ("constant", "linear", "cosine"),

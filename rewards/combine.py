@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from .base import Reward, RewardOutput, check_inputs
+from .pairwise import group_rows
 from .registry import load_reward
 
 __all__ = ["CombinedReward"]
 
-NORMALISATIONS = (None, "batch", "running")
+NORMALISATIONS = (None, "batch", "running", "group")
 
 
 class CombinedReward(Reward):
@@ -25,7 +26,10 @@ class CombinedReward(Reward):
             a ``"module:attr"`` string, a :class:`Reward` or a function.
         normalize: ``None`` (raw scores), ``"batch"`` (each component z-scored over the batch, so rewards on
             different scales weigh as their weights say) or ``"running"`` (z-scored with running statistics,
-            updated with ``momentum`` on every call; use it when batches are small).
+            updated with ``momentum`` on every call; use it when batches are small) or ``"group"`` (each
+            component z-scored within each group of images that share a prompt and its metadata, std with n - 1
+            plus 1e-8, a lone image 0: Pref-GRPO's ``compute_weighted_advantages`` with ``use_group``, which makes
+            a pairwise judge's win rates and a pointwise score weigh as their weights say in every group).
         momentum: the running statistics' update rate.
         name: the metric name of the total.
 
@@ -71,7 +75,9 @@ class CombinedReward(Reward):
         # batch or running normalisation makes a score depend on the rest of the batch
         self.per_sample = normalize is None and all(r.per_sample for r, _ in self.parts)
         self._running: dict[str, tuple[float, float]] = {}
-        self._fixed: dict[str, tuple[float, float]] | None = None  # per part (mean, std), from fixed_statistics
+        self._fixed: dict[str, tuple[float, float]] | None = (
+            None  # per part (mean, std), from fixed_statistics
+        )
         self._frozen = False  # running statistics not updated (frozen_statistics)
         self._loaded = True  # components load themselves lazily
 
@@ -179,11 +185,15 @@ class CombinedReward(Reward):
         prompts = check_inputs(images, prompts, self.name)
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
         components = {}
+        groups = group_rows(prompts, metadata, images.shape[0]) if self.normalize == "group" else None
         for reward, weight in self.parts:
             scores = reward(images, prompts, **metadata)
             components[reward.name] = scores.detach()
             if weight != 0:
-                total = total + weight * self._normalise(reward.name, scores)
+                normalised = (
+                    _group_z(scores, groups) if groups is not None else self._normalise(reward.name, scores)
+                )
+                total = total + weight * normalised
         return RewardOutput(total=total if self.differentiable else total.detach(), components=components)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> torch.Tensor:
@@ -192,3 +202,16 @@ class CombinedReward(Reward):
     def __repr__(self) -> str:
         inner = ", ".join(f"{r.name}: {w:g}" for r, w in self.parts)
         return f"CombinedReward({{{inner}}}, normalize={self.normalize!r})"
+
+
+def _group_z(scores: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """Each group's scores z-scored with its own mean and std (n - 1, + 1e-8; the std detached), in float32; a
+    group of one image scores 0."""
+    scores = scores.float()
+    out = torch.zeros_like(scores)
+    for rows in groups:
+        index = torch.tensor(rows, device=scores.device)
+        x = scores[index]
+        if len(rows) > 1:
+            out = out.index_put((index,), (x - x.mean()) / (x.std().detach() + 1e-8))
+    return out

@@ -7,6 +7,7 @@ a dependency. What is checked: the preset maps the reference's options; ``--rati
 LoRA targets; and how the preset's advantages relate to the reference's per-reward group normalisation.
 """
 
+import dataclasses
 import json
 import math
 import shutil
@@ -196,8 +197,8 @@ def preset_advantages(cfg, rewards: dict) -> torch.Tensor:
     parts = [(as_reward(lambda images, prompts, n=n: rewards[n], name=n), w) for n, w in cfg.reward.items()]
     combined = CombinedReward(parts, normalize=cfg.reward_normalize or None)
     n = len(next(iter(rewards.values())))
-    total = combined.evaluate(torch.zeros(n, 3, 4, 4), ["p"] * n).total
     groups = torch.arange(n) // cfg.flow_grpo.group_size
+    total = combined.evaluate(torch.zeros(n, 3, 4, 4), [f"prompt {int(g)}" for g in groups]).total
     g = cfg.flow_grpo
     if g.advantage == "winrate":
         return winrate_advantages(total, groups, clip=g.adv_clip).values.double()
@@ -218,29 +219,34 @@ def _equal_spread_groups(groups: int, clip_means: torch.Tensor, generator) -> di
 
 
 def test_preset_advantages_against_the_references_combination():
-    """Where every group's rewards have the same spread and the CLIP scores the same group mean, the step's
-    statistics equal the groups' and the preset's advantages are the reference's times one constant. Where the
-    prompts' CLIP means differ (as they do), the step's CLIP std grows and CLIP weighs less than the reference's
-    0.6: the deviation the preset's header states."""
+    """With reward_normalize: group the preset's advantages are the reference's times one step-wide factor (the
+    population std of the step against the reference's n - 1, and the epsilons), whether or not the prompts' CLIP
+    means differ; without it (batch) they are not."""
     cfg = load_config(PRESET)
+    assert cfg.reward_normalize == "group"
     gen = torch.Generator().manual_seed(0)
-    same = _equal_spread_groups(16, torch.full((16,), 0.3, dtype=torch.float64), gen)
-    ref, ours = reference_advantages(same, cfg.reward, 8), preset_advantages(cfg, same)
-    factor = float(ref.norm() / ours.norm())
-    # up to the stds' epsilons: diffrl adds 1e-6 to CLIP's std over the step (about 0.014: 7e-5 relative) and 1e-4
-    # to the total's, the reference 1e-8 to each
-    torch.testing.assert_close(ours * factor, ref, rtol=1e-3, atol=2e-4)
-    apart = _equal_spread_groups(16, 0.3 + 0.04 * torch.randn(16, generator=gen, dtype=torch.float64), gen)
-    ref, ours = reference_advantages(apart, cfg.reward, 8), preset_advantages(cfg, apart)
+    for means in (
+        torch.full((16,), 0.3, dtype=torch.float64),
+        0.3 + 0.04 * torch.randn(16, generator=gen, dtype=torch.float64),
+    ):
+        rewards = _equal_spread_groups(16, means, gen)
+        ref, ours = reference_advantages(rewards, cfg.reward, 8), preset_advantages(cfg, rewards)
+        factor = float(ref.norm() / ours.norm())
+        assert abs(factor - (127 / 128) ** 0.5) < 1e-3, factor  # population std against n - 1
+        torch.testing.assert_close(ours * factor, ref, rtol=1e-4, atol=1e-5)
+    batch = dataclasses.replace(cfg, reward_normalize="batch")
+    ref, ours = reference_advantages(rewards, cfg.reward, 8), preset_advantages(batch, rewards)
     cos = float(ref @ ours / (ref.norm() * ours.norm()))
-    assert 0.85 < cos < 0.99  # 0.914 here; without reward_normalize 0.61, with advantage: winrate 0.58
+    assert cos < 0.99, (
+        cos
+    )  # step-wide statistics weigh CLIP by its spread over all prompts, not within groups
     # the judge alone: diffrl's winrate advantages (win rates as given) are the reference's up to the
     # re-normalisation over the step (--apply_gdpo), a single factor
     judge = {"unifiedreward_pairwise_winrate": 1.0}
-    w = apart["unifiedreward_pairwise_winrate"]
+    w = rewards["unifiedreward_pairwise_winrate"]
     groups = torch.arange(len(w)) // 8
     ours = winrate_advantages(w, groups, rewards_are_win_rates=True, clip=None).values.double()
-    ref = reference_advantages(apart, judge, 8)
+    ref = reference_advantages(rewards, judge, 8)
     torch.testing.assert_close(ours / ours.std(), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -187,6 +187,35 @@ def test_combined_reward_batch_normalisation():
         CombinedReward([(as_reward(brightness), 1.0), (as_reward(brightness), 1.0)])
 
 
+def test_group_normalisation_z_scores_each_reward_within_its_prompts_images():
+    """Two prompts of three images and a lone one (the metadata tells two same-text prompts apart): each part is
+    z-scored with its group's mean and n - 1 std (+ 1e-8), by hand; the lone image scores 0."""
+    a = torch.tensor([1.0, 2.0, 4.0, 10.0, 10.0, 13.0, 7.0])
+    b = torch.tensor([0.5, 0.1, 0.3, -1.0, 2.0, 5.0, 3.0])
+    prompts = ["p", "p", "p", "q", "q", "q", "p"]
+    meta = {"seed": [0, 0, 0, 0, 0, 0, 1]}
+    combo = CombinedReward(
+        [
+            (as_reward(lambda images, prompts, **m: a, name="a"), 0.4),
+            (as_reward(lambda images, prompts, **m: b, name="b"), 0.6),
+        ],
+        normalize="group",
+    )
+    assert not combo.per_sample
+    total = combo(make_images(7), prompts, **meta)
+
+    def z(x):
+        m = sum(x) / len(x)
+        s = (sum((v - m) ** 2 for v in x) / (len(x) - 1)) ** 0.5
+        return [(v - m) / (s + 1e-8) for v in x]
+
+    expect = [
+        0.4 * u + 0.6 * v
+        for u, v in zip(z([1, 2, 4]) + z([10, 10, 13]), z([0.5, 0.1, 0.3]) + z([-1, 2, 5]), strict=True)
+    ]
+    torch.testing.assert_close(total, torch.tensor([*expect, 0.0]), rtol=1e-6, atol=1e-6)
+
+
 def test_running_normalisation_updates_statistics():
     combo = CombinedReward([(as_reward(brightness), 1.0)], normalize="running", momentum=0.5)
     images = make_images(4)
