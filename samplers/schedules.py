@@ -134,6 +134,7 @@ def sigmas_from_scheduler_config(
     *,
     image_seq_len: int | None = None,
     flux_base_sigmas: bool = False,
+    base_sigmas: list[float] | np.ndarray | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The levels a diffusers pipeline would use, from its ``FlowMatchEulerDiscreteScheduler`` config.
@@ -144,6 +145,8 @@ def sigmas_from_scheduler_config(
         image_seq_len: number of image tokens; needed when the scheduler uses dynamic shifting.
         flux_base_sigmas: start from ``linspace(1, 1/T, T)`` as ``FluxPipeline`` does (instead of the
             scheduler's own spacing, as ``StableDiffusion3Pipeline`` does).
+        base_sigmas: the ``T`` unshifted levels a pipeline passes itself (Z-Image and FLUX.2 pass
+            ``torch.linspace(1, 1/T, T).tolist()`` or ``np.linspace(1, 1/T, T)``); overrides ``flux_base_sigmas``.
         device: where to put the result.
     """
     for opt in _UNSUPPORTED_OPTIONS:
@@ -167,6 +170,8 @@ def sigmas_from_scheduler_config(
             config.get("max_shift", 1.15),
         )
     base = np.linspace(1.0, 1 / num_steps, num_steps) if flux_base_sigmas else None
+    if base_sigmas is not None:
+        base = base_sigmas
     return flow_match_sigmas(
         num_steps,
         shift=float(config.get("shift", 1.0)),

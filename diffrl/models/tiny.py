@@ -599,3 +599,112 @@ def build_tiny_qwen_image(
     path = _prepare_dir(path)
     pipe.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Z-Image
+# ----------------------------------------------------------------------------------------------
+
+#: The scheduler settings of Z-Image-Turbo's ``scheduler/scheduler_config.json``: a static shift of 3, no
+#: resolution-dependent shifting (the few-step distilled model samples with 8-9 steps and no CFG).
+Z_IMAGE_TURBO_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+
+#: A minimal chat template in the Qwen3 format: ``<|im_start|>role\ncontent<|im_end|>\n`` per message, then the
+#: assistant's turn; with ``enable_thinking=False`` an empty thinking block follows, as Qwen3's own template writes.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+#: Width of the tiny Qwen3 text model (the Z-Image transformer's ``cap_feat_dim``).
+QWEN3_HIDDEN_SIZE = 32
+
+
+def _tiny_qwen3_tokenizer():
+    tokenizer = tiny_qwen2_tokenizer(["user", "assistant", "<think>", "</think>"])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _qwen3_text_encoder(tokenizer, seed: int, *, causal_lm: bool = False, num_hidden_layers: int = 2):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=64 * ((len(tokenizer) + 63) // 64),
+        hidden_size=QWEN3_HIDDEN_SIZE,
+        intermediate_size=2 * QWEN3_HIDDEN_SIZE,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=causal_lm,
+    )
+    _seed(seed, "text_encoder")
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+
+
+def build_tiny_z_image(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_refiner_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+    scheduler_config: dict | None = None,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.ZImagePipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.ZImageTransformer2DModel` (single-stream, patch size 2, ``num_layers``
+      main blocks and ``num_refiner_layers`` noise / context refiner blocks, width ``heads * head_dim``), RoPE axes
+      splitting the head dim like FLUX.1's (16 -> (4, 6, 6)), ``cap_feat_dim`` the text width (32).
+    * ``text_encoder``: :class:`~transformers.Qwen3Model` (2 layers of width 32, 4 heads, 2 key/value heads) whose
+      second-to-last hidden state is the prompt embedding, with a tiny Qwen2 byte-level BPE ``tokenizer`` carrying a
+      Qwen3-style chat template (:data:`QWEN3_CHAT_TEMPLATE`).
+    * ``vae``: :class:`~diffusers.AutoencoderKL`, spatial factor 4 (sizes must be multiples of 8), the FLUX.1 VAE's
+      scaling and shift factors (Z-Image uses the FLUX.1 VAE).
+    * ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with ``scheduler_config`` (default
+      :data:`Z_IMAGE_TURBO_SCHEDULER_CONFIG`, Z-Image-Turbo's static shift 3).
+
+    A 32x32 image has latents ``(B, latent_channels, 8, 8)``, which is what ``output_type="latent"`` returns.
+    """
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    dim = num_attention_heads * attention_head_dim
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = _tiny_qwen3_tokenizer()
+        text_encoder = _qwen3_text_encoder(tokenizer, seed)
+        _seed(seed, "transformer")
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=latent_channels,
+            dim=dim,
+            n_layers=num_layers,
+            n_refiner_layers=num_refiner_layers,
+            n_heads=num_attention_heads,
+            n_kv_heads=num_attention_heads,
+            cap_feat_dim=QWEN3_HIDDEN_SIZE,
+            axes_dims=list(_flux_axes_dims_rope(attention_head_dim)),
+            axes_lens=[1024, 64, 64],
+        ).eval()
+        vae = _vae(latent_channels, FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR, seed)
+        scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or Z_IMAGE_TURBO_SCHEDULER_CONFIG))
+        pipe = ZImagePipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
