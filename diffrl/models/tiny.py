@@ -708,3 +708,126 @@ def build_tiny_z_image(
     path = _prepare_dir(path)
     pipe.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.2
+# ----------------------------------------------------------------------------------------------
+
+#: The scheduler settings of FLUX.2's ``scheduler/scheduler_config.json``: dynamic (exponential) time shifting, whose
+#: ``mu`` the pipelines compute themselves from the token count and the step count.
+FLUX2_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+
+
+def _flux2_transformer(
+    seed, *, in_channels, num_layers, num_single_layers, heads, head_dim, text_dim, guidance
+):
+    from diffusers import Flux2Transformer2DModel
+
+    if head_dim % 8:
+        raise ValueError(f"attention_head_dim must be a multiple of 8 (4 RoPE axes), got {head_dim}")
+    _seed(seed, "transformer")
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_dim,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        guidance_embeds=guidance,
+    ).eval()
+
+
+def _flux2_vae(latent_channels: int, seed: int):
+    from diffusers import AutoencoderKLFlux2
+
+    _seed(seed, "vae")
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    # batch-norm statistics away from (0, 1), so the pipeline's normalisation is exercised
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.running_mean.shape))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape))
+    return vae
+
+
+#: Hidden-state layers that FLUX.2 [klein] stacks into its prompt embedding (``text_encoder_out_layers``).
+FLUX2_KLEIN_TEXT_LAYERS = (9, 18, 27)
+
+
+def build_tiny_flux2_klein(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+    is_distilled: bool = False,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.Flux2KleinPipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.Flux2Transformer2DModel` on 2x2-patchified latents (``in_channels = 4 *
+      latent_channels``), no guidance embedding, ``joint_attention_dim`` three text widths (96), 4 RoPE axes.
+    * ``text_encoder``: :class:`~transformers.Qwen3ForCausalLM` with 27 layers of width 32 (the pipeline stacks hidden
+      states 9, 18 and 27), the tiny Qwen2 ``tokenizer`` with a Qwen3-style chat template.
+    * ``vae``: :class:`~diffusers.AutoencoderKLFlux2` (spatial factor 4, so sizes are multiples of 8), batch-norm
+      statistics set away from (0, 1).
+    * ``scheduler``: :data:`FLUX2_SCHEDULER_CONFIG`; ``is_distilled`` as given (False: a base model, with CFG).
+
+    A 32x32 image has latents ``(B, 4 * latent_channels, 4, 4)``; the pipeline's ``output_type="latent"`` returns the
+    VAE's latents ``(B, latent_channels, 8, 8)`` (de-normalised, unpatchified).
+    """
+    from diffusers import Flux2KleinPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = _tiny_qwen3_tokenizer()
+        text_encoder = _qwen3_text_encoder(
+            tokenizer, seed, causal_lm=True, num_hidden_layers=max(FLUX2_KLEIN_TEXT_LAYERS)
+        )
+        transformer = _flux2_transformer(
+            seed,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            heads=num_attention_heads,
+            head_dim=attention_head_dim,
+            text_dim=len(FLUX2_KLEIN_TEXT_LAYERS) * QWEN3_HIDDEN_SIZE,
+            guidance=False,
+        )
+        vae = _flux2_vae(latent_channels, seed)
+        pipe = Flux2KleinPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=is_distilled,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
