@@ -15,10 +15,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps  # noqa: E402
 
-from diffrl.models import ADAPTERS, Flux2KleinModel, load_model  # noqa: E402
+from diffrl.models import ADAPTERS, Flux2KleinModel, Flux2Model, load_model  # noqa: E402
 from diffrl.models.flux2 import flux2_empirical_mu  # noqa: E402
 from diffrl.models.loading import tiny_model_dir  # noqa: E402
 from diffrl.models.tiny import FLUX2_SCHEDULER_CONFIG  # noqa: E402
@@ -196,7 +196,7 @@ torch.save(latents, sys.argv[4])
 """
 
 
-def _check_lora(spec: str, pipeline_class: str, tmp_path, to_pipeline_latents):
+def _check_lora(spec: str, pipeline_class: str, tmp_path, to_pipeline_latents, isolated: bool):
     model = load_model(spec)
     model.add_lora(rank=4, alpha=8)
     names = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
@@ -221,34 +221,118 @@ def _check_lora(spec: str, pipeline_class: str, tmp_path, to_pipeline_latents):
         base = _ours(model, ["a red cat"], "", 3.0, 2, seed=1)
     assert (ours - base).abs().max().item() > 1e-3  # the adapter changes the samples
     model.save_lora(tmp_path / "lora")
-    out = tmp_path / "plain.pt"
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _PLAIN_LORA,
-            pipeline_class,
-            str(tiny_model_dir(spec)),
-            str(tmp_path / "lora"),
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    expected = torch.load(out)
+    if isolated:  # in a process that never imports diffrl
+        out = tmp_path / "plain.pt"
+        args = [pipeline_class, str(tiny_model_dir(spec)), str(tmp_path / "lora"), str(out)]
+        subprocess.run([sys.executable, "-c", _PLAIN_LORA, *args], check=True, capture_output=True, text=True)
+        expected = torch.load(out)
+    else:
+        import diffusers
+
+        fresh = getattr(diffusers, pipeline_class).from_pretrained(tiny_model_dir(spec))
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(tmp_path / "lora")
+        expected = _pipeline_latents(fresh, ["a red cat"], 3.0, 2, seed=1)
     got = to_pipeline_latents(model.pipe, ours)
     assert (got - expected).abs().max().item() < 1e-5
 
 
 def test_klein_lora_saved_for_load_lora_weights(tmp_path):
-    _check_lora("tiny:flux2_klein", "Flux2KleinPipeline", tmp_path, _vae_latents)
+    _check_lora("tiny:flux2_klein", "Flux2KleinPipeline", tmp_path, _vae_latents, isolated=False)
 
 
-@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "refl", "awm"])
-def test_every_trainer_takes_a_step_on_flux2_klein(algo, tmp_path):
-    """Each trainer's tiny preset on ``tiny:flux2_klein``: one step moves every trainable tensor with finite metrics;
-    Flow-GRPO's first update is on-policy (ratio exactly 1, no KL) in float32."""
+@pytest.mark.slow  # ~15-30 s: a second process imports torch and diffusers
+def test_klein_lora_loads_in_a_process_without_diffrl(tmp_path):
+    _check_lora("tiny:flux2_klein", "Flux2KleinPipeline", tmp_path, _vae_latents, isolated=True)
+
+
+# ------------------------------------------------------------------------------------- FLUX.2 [dev] (Flux2Pipeline)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return load_model("tiny:flux2")
+
+
+@pytest.fixture(scope="module")
+def dev_pipe():
+    p = Flux2Pipeline.from_pretrained(tiny_model_dir("tiny:flux2"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _packed(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Our latents ``(B, 4C, h, w)`` as Flux2Pipeline's ``output_type="latent"`` (packed tokens), its own helper."""
+    return pipe._pack_latents(x)
+
+
+def test_dev_detected_and_loaded(dev):
+    assert ADAPTERS["Flux2Pipeline"] is Flux2Model
+    assert type(dev) is Flux2Model and dev.family == "flux2" and dev.guidance_embeds
+    assert type(dev.pipe.text_encoder).__name__ == "Mistral3ForConditionalGeneration"
+    assert not dev.guidance_is_cfg and not dev.uses_negative_prompt
+    assert (dev.default_num_steps, dev.default_guidance_scale) == (50, 4.0)  # Flux2Pipeline's defaults
+    assert dev.latent_shape(32, 48) == (16, 4, 6)
+    assert dev.encode(["a red cat"]).negative_prompt_embeds is None
+
+
+def test_dev_encode_equals_pipeline(dev, dev_pipe):
+    dev.clear_prompt_cache()
+    cond = dev.encode(PROMPTS[:2])
+    embeds, text_ids = dev_pipe.encode_prompt(list(PROMPTS[:2]), device="cpu")
+    assert embeds.shape == (2, 512, 96)
+    assert (cond.prompt_embeds - embeds).abs().max().item() < 1e-5  # batched there, one at a time here
+    for i, p in enumerate(PROMPTS[:2]):
+        assert torch.equal(cond.prompt_embeds[i], dev_pipe.encode_prompt(p, device="cpu")[0][0])
+    ids = torch.zeros(512, 4, dtype=text_ids.dtype)
+    ids[:, 3] = torch.arange(512)
+    assert torch.equal(text_ids[0], ids)  # (0, 0, 0, l): the ids the adapter builds
+
+
+@pytest.mark.parametrize("prompts,guidance,steps", [(["a red cat"], 4.0, 2), (PROMPTS[:2], 2.5, 3)])
+def test_dev_rollout_reproduces_pipeline(dev, dev_pipe, prompts, guidance, steps):
+    expected = _pipeline_latents(dev_pipe, prompts, guidance, steps, seed=5)
+    got = _packed(dev_pipe, _ours(dev, prompts, None, guidance, steps, seed=5))
+    assert got.shape == expected.shape == (len(prompts), 24, 16)
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-5, diff
+    other = _packed(dev_pipe, _ours(dev, prompts, None, guidance + 2, steps, seed=5))
+    assert (other - got).abs().max().item() > 1e-4  # the guidance embedding matters
+
+
+def test_dev_decode_equals_pipeline_images(dev, dev_pipe):
+    images = dev_pipe(
+        prompt="two green circles",
+        guidance_scale=3.0,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).images
+    ours = dev.decode(_ours(dev, ["two green circles"], None, 3.0, 2, seed=3))
+    assert ours.shape == images.shape == (1, 3, 32, 48)
+    assert (ours - images).abs().max().item() < 1e-5
+
+
+def test_dev_lora_saved_for_load_lora_weights(tmp_path):
+    _check_lora("tiny:flux2", "Flux2Pipeline", tmp_path, _packed, isolated=False)
+
+
+@pytest.mark.slow  # ~15-30 s: a second process imports torch and diffusers
+def test_dev_lora_loads_in_a_process_without_diffrl(tmp_path):
+    _check_lora("tiny:flux2", "Flux2Pipeline", tmp_path, _packed, isolated=True)
+
+
+# Flow-GRPO by default, the other trainers under --run-slow (about 2 s each, plus building the trainer)
+_ALGOS = ["flow_grpo", *(pytest.param(a, marks=pytest.mark.slow) for a in ("diffusion_nft", "refl", "awm"))]
+
+
+@pytest.mark.parametrize("spec", ["tiny:flux2_klein", "tiny:flux2"])
+@pytest.mark.parametrize("algo", _ALGOS)
+def test_every_trainer_takes_a_step_on_flux2(algo, spec, tmp_path):
+    """Each trainer's tiny preset on both FLUX.2 pipelines: one step moves every trainable tensor with finite
+    metrics; Flow-GRPO's first update is on-policy (ratio exactly 1, no KL) in float32."""
     from diffrl.train import build_trainer
 
     trainer = build_trainer(
@@ -256,7 +340,7 @@ def test_every_trainer_takes_a_step_on_flux2_klein(algo, tmp_path):
         [
             f"output_dir={tmp_path / 'run'}",
             f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
-            "model.path=tiny:flux2_klein",
+            f"model.path={spec}",
             "model.max_sequence_length=64",  # the pipeline pads every prompt to it: 512 text tokens are slow here
             "max_steps=1",
             "eval_every=0",
@@ -264,7 +348,7 @@ def test_every_trainer_takes_a_step_on_flux2_klein(algo, tmp_path):
             "report_to=none",
         ],
     )
-    assert isinstance(trainer.model, Flux2KleinModel)
+    assert type(trainer.model) is (Flux2KleinModel if spec.endswith("klein") else Flux2Model)
     before = [p.detach().clone() for p in trainer.params]
     metrics = trainer.train_step(0)
     unchanged = [

@@ -212,7 +212,12 @@ torch.save(latents, sys.argv[3])
 """
 
 
-def test_lora_saved_for_load_lora_weights(tmp_path):
+@pytest.mark.parametrize(
+    "isolated", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in_process", "without_diffrl"]
+)
+def test_lora_saved_for_load_lora_weights(tmp_path, isolated):
+    """The saved LoRA, loaded by ``ZImagePipeline.load_lora_weights`` into a fresh pipeline, samples what the adapted
+    model samples; under --run-slow also in a second process that never imports diffrl (~15 s)."""
     model = load_model("tiny:z_image")
     model.add_lora(rank=4, alpha=8)
     names = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
@@ -230,25 +235,24 @@ def test_lora_saved_for_load_lora_weights(tmp_path):
         base = _ours(model, ["a red cat"], "", 4.0, 2, seed=1)
     assert (ours - base).abs().max().item() > 1e-3  # the adapter changes the samples
     model.save_lora(tmp_path / "lora")
-    out = tmp_path / "plain.pt"
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _PLAIN_LORA,
-            str(tiny_model_dir("tiny:z_image")),
-            str(tmp_path / "lora"),
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    expected = torch.load(out)
+    if isolated:
+        out = tmp_path / "plain.pt"
+        args = [str(tiny_model_dir("tiny:z_image")), str(tmp_path / "lora"), str(out)]
+        subprocess.run([sys.executable, "-c", _PLAIN_LORA, *args], check=True, capture_output=True, text=True)
+        expected = torch.load(out)
+    else:
+        fresh = ZImagePipeline.from_pretrained(tiny_model_dir("tiny:z_image"))
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(tmp_path / "lora")
+        expected = _pipeline_latents(fresh, ["a red cat"], "", 3.0, 2, seed=1)
     assert (ours - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "refl", "awm"])
+# Flow-GRPO by default, the other trainers under --run-slow (1-2 s each, plus building the trainer)
+@pytest.mark.parametrize(
+    "algo",
+    ["flow_grpo", *(pytest.param(a, marks=pytest.mark.slow) for a in ("diffusion_nft", "refl", "awm"))],
+)
 def test_every_trainer_takes_a_step_on_z_image(algo, tmp_path):
     """Each trainer's tiny preset on ``tiny:z_image``: one step moves every trainable tensor with finite metrics;
     Flow-GRPO's first update is on-policy (ratio exactly 1, no KL) in float32."""

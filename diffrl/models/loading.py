@@ -80,6 +80,7 @@ def tiny_model_dir(spec: str) -> Path:
         "flux": tiny.build_tiny_flux,
         "qwen_image": tiny.build_tiny_qwen_image,
         "z_image": tiny.build_tiny_z_image,
+        "flux2": tiny.build_tiny_flux2,
         "flux2_klein": tiny.build_tiny_flux2_klein,
     }
     if family not in builders:

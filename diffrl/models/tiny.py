@@ -1,4 +1,4 @@
-"""Tiny, offline, randomly initialised SD3 and FLUX.1 pipelines for tests and benchmarks.
+"""Tiny, offline, randomly initialised SD3, FLUX.1, Qwen-Image, Z-Image and FLUX.2 pipelines for tests and benchmarks.
 
 The builders in this module assemble *real* diffusers pipelines -- the actual
 :class:`~diffusers.StableDiffusion3Pipeline` / :class:`~diffusers.FluxPipeline` classes with the
@@ -80,6 +80,11 @@ __all__ = [
     "build_tiny_flux",
     "build_tiny_qwen_image",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
+    "build_tiny_z_image",
+    "Z_IMAGE_TURBO_SCHEDULER_CONFIG",
+    "build_tiny_flux2",
+    "build_tiny_flux2_klein",
+    "FLUX2_SCHEDULER_CONFIG",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
 ]
@@ -827,6 +832,120 @@ def build_tiny_flux2_klein(
             tokenizer=tokenizer,
             transformer=transformer,
             is_distilled=is_distilled,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+#: A minimal chat template in the Mistral-3 format for message contents given as lists of parts:
+#: ``[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]`` for the system turn, ``[INST]...[/INST]`` for user turns (text parts only).
+MISTRAL3_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ c['text'] }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ c['text'] }}[/INST]{% endif %}{% endif %}{% endfor %}{% endfor %}"
+)
+_MISTRAL3_SPECIAL_TOKENS = [
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+]
+
+#: Hidden-state layers that FLUX.2 [dev] stacks into its prompt embedding (``text_encoder_out_layers``).
+FLUX2_TEXT_LAYERS = (10, 20, 30)
+
+
+def _tiny_pixtral_processor():
+    """A :class:`~transformers.PixtralProcessor` over the tiny byte-level BPE tokenizer (whose vocabulary makes each
+    word of FLUX.2's system message one token), with Pixtral's image tokens and :data:`MISTRAL3_CHAT_TEMPLATE`."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    words = [" " + w for w in SYSTEM_MESSAGE.replace(",", " ").replace(".", " ").split()]
+    tokenizer = tiny_qwen2_tokenizer(words + SYSTEM_MESSAGE.split()[:1])
+    tokenizer.add_tokens(_MISTRAL3_SPECIAL_TOKENS, special_tokens=True)
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(), tokenizer=tokenizer, chat_template=MISTRAL3_CHAT_TEMPLATE
+    )
+
+
+def _mistral3_text_encoder(tokenizer, seed: int):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=64 * ((len(tokenizer) + 63) // 64),
+            hidden_size=QWEN3_HIDDEN_SIZE,
+            intermediate_size=2 * QWEN3_HIDDEN_SIZE,
+            num_hidden_layers=max(FLUX2_TEXT_LAYERS),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            image_size=64,
+            patch_size=16,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+    )
+    _seed(seed, "text_encoder")
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def build_tiny_flux2(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.Flux2Pipeline` (FLUX.2 [dev]) and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode): the transformer and VAE of
+    :func:`build_tiny_flux2_klein` with a guidance embedding (``guidance_embeds=True``), and
+    :class:`~transformers.Mistral3ForConditionalGeneration` as ``text_encoder`` (text: 30 layers of width 32, as the
+    pipeline stacks hidden states 10, 20 and 30; vision: one Pixtral block, unused) with a
+    :class:`~transformers.PixtralProcessor` as ``tokenizer`` (the tiny byte-level tokenizer with a Mistral-3 style
+    chat template). ``output_type="latent"`` of this pipeline returns the packed tokens ``(B, h * w, 4 * C)``.
+    """
+    from diffusers import Flux2Pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        processor = _tiny_pixtral_processor()
+        text_encoder = _mistral3_text_encoder(processor.tokenizer, seed)
+        transformer = _flux2_transformer(
+            seed,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            heads=num_attention_heads,
+            head_dim=attention_head_dim,
+            text_dim=len(FLUX2_TEXT_LAYERS) * QWEN3_HIDDEN_SIZE,
+            guidance=True,
+        )
+        vae = _flux2_vae(latent_channels, seed)
+        pipe = Flux2Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=processor,
+            transformer=transformer,
         )
     path = _prepare_dir(path)
     pipe.save_pretrained(path)
