@@ -134,6 +134,8 @@ def sigmas_from_scheduler_config(
     *,
     image_seq_len: int | None = None,
     flux_base_sigmas: bool = False,
+    base_sigmas: list[float] | np.ndarray | None = None,
+    mu: float | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The levels a diffusers pipeline would use, from its ``FlowMatchEulerDiscreteScheduler`` config.
@@ -144,6 +146,10 @@ def sigmas_from_scheduler_config(
         image_seq_len: number of image tokens; needed when the scheduler uses dynamic shifting.
         flux_base_sigmas: start from ``linspace(1, 1/T, T)`` as ``FluxPipeline`` does (instead of the
             scheduler's own spacing, as ``StableDiffusion3Pipeline`` does).
+        base_sigmas: the ``T`` unshifted levels a pipeline passes itself (Z-Image and FLUX.2 pass
+            ``torch.linspace(1, 1/T, T).tolist()`` or ``np.linspace(1, 1/T, T)``); overrides ``flux_base_sigmas``.
+        mu: the dynamic shift a pipeline computes itself (FLUX.2's empirical ``mu`` from the token count and the
+            step count) instead of ``calculate_shift``; used only when the scheduler shifts dynamically.
         device: where to put the result.
     """
     for opt in _UNSUPPORTED_OPTIONS:
@@ -153,8 +159,10 @@ def sigmas_from_scheduler_config(
                 "use a FlowMatchEulerDiscreteScheduler config without it."
             )
     n_train = int(config.get("num_train_timesteps", 1000))
-    mu = None
-    if config.get("use_dynamic_shifting", False):
+    given_mu, mu = mu, None
+    if config.get("use_dynamic_shifting", False) and given_mu is not None:
+        mu = float(given_mu)
+    elif config.get("use_dynamic_shifting", False):
         if image_seq_len is None:
             raise ValueError(
                 "this scheduler shifts by resolution: pass image_seq_len (the number of image tokens)."
@@ -167,6 +175,8 @@ def sigmas_from_scheduler_config(
             config.get("max_shift", 1.15),
         )
     base = np.linspace(1.0, 1 / num_steps, num_steps) if flux_base_sigmas else None
+    if base_sigmas is not None:
+        base = base_sigmas
     return flow_match_sigmas(
         num_steps,
         shift=float(config.get("shift", 1.0)),

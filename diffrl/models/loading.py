@@ -11,8 +11,10 @@ import torch
 from ..utils import resolve_dtype, shipped_checkpoint
 from .base import FlowModel
 from .flux import FluxModel
+from .flux2 import Flux2KleinModel, Flux2Model
 from .qwen_image import QwenImageModel
 from .sd3 import SD3Model
+from .z_image import ZImageModel
 
 __all__ = [
     "load_model",
@@ -28,6 +30,9 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     SD3Model.pipeline_class_name: SD3Model,
     FluxModel.pipeline_class_name: FluxModel,
     QwenImageModel.pipeline_class_name: QwenImageModel,
+    ZImageModel.pipeline_class_name: ZImageModel,
+    Flux2Model.pipeline_class_name: Flux2Model,
+    Flux2KleinModel.pipeline_class_name: Flux2KleinModel,
 }
 
 
@@ -74,9 +79,14 @@ def tiny_model_dir(spec: str) -> Path:
         "sd3": tiny.build_tiny_sd3,
         "flux": tiny.build_tiny_flux,
         "qwen_image": tiny.build_tiny_qwen_image,
+        "z_image": tiny.build_tiny_z_image,
+        "flux2": tiny.build_tiny_flux2,
+        "flux2_klein": tiny.build_tiny_flux2_klein,
     }
     if family not in builders:
-        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux or tiny:qwen_image.")
+        raise ValueError(
+            f"{spec!r} is not a tiny model; use one of {', '.join('tiny:' + f for f in builders)}."
+        )
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
     if not (target / "model_index.json").is_file():
@@ -150,11 +160,23 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import (
+        Flux2KleinPipeline,
+        Flux2Pipeline,
+        FluxPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+        ZImagePipeline,
+    )
 
-    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}[
-        adapter_cls.family
-    ]
+    pipeline_cls = {
+        "sd3": StableDiffusion3Pipeline,
+        "flux": FluxPipeline,
+        "qwen_image": QwenImagePipeline,
+        "z_image": ZImagePipeline,
+        "flux2": Flux2Pipeline,
+        "flux2_klein": Flux2KleinPipeline,
+    }[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
         k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
@@ -192,10 +214,13 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
 
     from diffusers import (
         AutoencoderKL,
+        AutoencoderKLFlux2,
         AutoencoderKLQwenImage,
+        Flux2Transformer2DModel,
         FluxTransformer2DModel,
         QwenImageTransformer2DModel,
         SD3Transformer2DModel,
+        ZImageTransformer2DModel,
     )
     from diffusers.configuration_utils import FrozenDict
 
@@ -206,6 +231,9 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "sd3": (SD3Transformer2DModel, AutoencoderKL),
             "flux": (FluxTransformer2DModel, AutoencoderKL),
             "qwen_image": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+            "z_image": (ZImageTransformer2DModel, AutoencoderKL),
+            "flux2": (Flux2Transformer2DModel, AutoencoderKLFlux2),
+            "flux2_klein": (Flux2Transformer2DModel, AutoencoderKLFlux2),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))

@@ -1,4 +1,4 @@
-"""Tiny, offline, randomly initialised SD3 and FLUX.1 pipelines for tests and benchmarks.
+"""Tiny, offline, randomly initialised SD3, FLUX.1, Qwen-Image, Z-Image and FLUX.2 pipelines for tests and benchmarks.
 
 The builders in this module assemble *real* diffusers pipelines -- the actual
 :class:`~diffusers.StableDiffusion3Pipeline` / :class:`~diffusers.FluxPipeline` classes with the
@@ -80,6 +80,11 @@ __all__ = [
     "build_tiny_flux",
     "build_tiny_qwen_image",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
+    "build_tiny_z_image",
+    "Z_IMAGE_TURBO_SCHEDULER_CONFIG",
+    "build_tiny_flux2",
+    "build_tiny_flux2_klein",
+    "FLUX2_SCHEDULER_CONFIG",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
 ]
@@ -594,6 +599,352 @@ def build_tiny_qwen_image(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
+            transformer=transformer,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Z-Image
+# ----------------------------------------------------------------------------------------------
+
+#: The scheduler settings of Z-Image-Turbo's ``scheduler/scheduler_config.json``: a static shift of 3, no
+#: resolution-dependent shifting (the few-step distilled model samples with 8-9 steps and no CFG).
+Z_IMAGE_TURBO_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+
+#: A minimal chat template in the Qwen3 format: ``<|im_start|>role\ncontent<|im_end|>\n`` per message, then the
+#: assistant's turn; with ``enable_thinking=False`` an empty thinking block follows, as Qwen3's own template writes.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+#: Width of the tiny Qwen3 text model (the Z-Image transformer's ``cap_feat_dim``).
+QWEN3_HIDDEN_SIZE = 32
+
+
+def _tiny_qwen3_tokenizer():
+    tokenizer = tiny_qwen2_tokenizer(["user", "assistant", "<think>", "</think>"])
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _qwen3_text_encoder(tokenizer, seed: int, *, causal_lm: bool = False, num_hidden_layers: int = 2):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=64 * ((len(tokenizer) + 63) // 64),
+        hidden_size=QWEN3_HIDDEN_SIZE,
+        intermediate_size=2 * QWEN3_HIDDEN_SIZE,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=causal_lm,
+    )
+    _seed(seed, "text_encoder")
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+
+
+def build_tiny_z_image(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_refiner_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+    scheduler_config: dict | None = None,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.ZImagePipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.ZImageTransformer2DModel` (single-stream, patch size 2, ``num_layers``
+      main blocks and ``num_refiner_layers`` noise / context refiner blocks, width ``heads * head_dim``), RoPE axes
+      splitting the head dim like FLUX.1's (16 -> (4, 6, 6)), ``cap_feat_dim`` the text width (32).
+    * ``text_encoder``: :class:`~transformers.Qwen3Model` (2 layers of width 32, 4 heads, 2 key/value heads) whose
+      second-to-last hidden state is the prompt embedding, with a tiny Qwen2 byte-level BPE ``tokenizer`` carrying a
+      Qwen3-style chat template (:data:`QWEN3_CHAT_TEMPLATE`).
+    * ``vae``: :class:`~diffusers.AutoencoderKL`, spatial factor 4 (sizes must be multiples of 8), the FLUX.1 VAE's
+      scaling and shift factors (Z-Image uses the FLUX.1 VAE).
+    * ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with ``scheduler_config`` (default
+      :data:`Z_IMAGE_TURBO_SCHEDULER_CONFIG`, Z-Image-Turbo's static shift 3).
+
+    A 32x32 image has latents ``(B, latent_channels, 8, 8)``, which is what ``output_type="latent"`` returns.
+    """
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    dim = num_attention_heads * attention_head_dim
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = _tiny_qwen3_tokenizer()
+        text_encoder = _qwen3_text_encoder(tokenizer, seed)
+        _seed(seed, "transformer")
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=latent_channels,
+            dim=dim,
+            n_layers=num_layers,
+            n_refiner_layers=num_refiner_layers,
+            n_heads=num_attention_heads,
+            n_kv_heads=num_attention_heads,
+            cap_feat_dim=QWEN3_HIDDEN_SIZE,
+            axes_dims=list(_flux_axes_dims_rope(attention_head_dim)),
+            axes_lens=[1024, 64, 64],
+        ).eval()
+        vae = _vae(latent_channels, FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR, seed)
+        scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or Z_IMAGE_TURBO_SCHEDULER_CONFIG))
+        pipe = ZImagePipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX.2
+# ----------------------------------------------------------------------------------------------
+
+#: The scheduler settings of FLUX.2's ``scheduler/scheduler_config.json``: dynamic (exponential) time shifting, whose
+#: ``mu`` the pipelines compute themselves from the token count and the step count.
+FLUX2_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+
+
+def _flux2_transformer(
+    seed, *, in_channels, num_layers, num_single_layers, heads, head_dim, text_dim, guidance
+):
+    from diffusers import Flux2Transformer2DModel
+
+    if head_dim % 8:
+        raise ValueError(f"attention_head_dim must be a multiple of 8 (4 RoPE axes), got {head_dim}")
+    _seed(seed, "transformer")
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_dim,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        guidance_embeds=guidance,
+    ).eval()
+
+
+def _flux2_vae(latent_channels: int, seed: int):
+    from diffusers import AutoencoderKLFlux2
+
+    _seed(seed, "vae")
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    # batch-norm statistics away from (0, 1), so the pipeline's normalisation is exercised
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.running_mean.shape))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape))
+    return vae
+
+
+#: Hidden-state layers that FLUX.2 [klein] stacks into its prompt embedding (``text_encoder_out_layers``).
+FLUX2_KLEIN_TEXT_LAYERS = (9, 18, 27)
+
+
+def build_tiny_flux2_klein(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+    is_distilled: bool = False,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.Flux2KleinPipeline` and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.Flux2Transformer2DModel` on 2x2-patchified latents (``in_channels = 4 *
+      latent_channels``), no guidance embedding, ``joint_attention_dim`` three text widths (96), 4 RoPE axes.
+    * ``text_encoder``: :class:`~transformers.Qwen3ForCausalLM` with 27 layers of width 32 (the pipeline stacks hidden
+      states 9, 18 and 27), the tiny Qwen2 ``tokenizer`` with a Qwen3-style chat template.
+    * ``vae``: :class:`~diffusers.AutoencoderKLFlux2` (spatial factor 4, so sizes are multiples of 8), batch-norm
+      statistics set away from (0, 1).
+    * ``scheduler``: :data:`FLUX2_SCHEDULER_CONFIG`; ``is_distilled`` as given (False: a base model, with CFG).
+
+    A 32x32 image has latents ``(B, 4 * latent_channels, 4, 4)``; the pipeline's ``output_type="latent"`` returns the
+    VAE's latents ``(B, latent_channels, 8, 8)`` (de-normalised, unpatchified).
+    """
+    from diffusers import Flux2KleinPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = _tiny_qwen3_tokenizer()
+        text_encoder = _qwen3_text_encoder(
+            tokenizer, seed, causal_lm=True, num_hidden_layers=max(FLUX2_KLEIN_TEXT_LAYERS)
+        )
+        transformer = _flux2_transformer(
+            seed,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            heads=num_attention_heads,
+            head_dim=attention_head_dim,
+            text_dim=len(FLUX2_KLEIN_TEXT_LAYERS) * QWEN3_HIDDEN_SIZE,
+            guidance=False,
+        )
+        vae = _flux2_vae(latent_channels, seed)
+        pipe = Flux2KleinPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=is_distilled,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+#: A minimal chat template in the Mistral-3 format for message contents given as lists of parts:
+#: ``[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]`` for the system turn, ``[INST]...[/INST]`` for user turns (text parts only).
+MISTRAL3_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ c['text'] }}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{{ c['text'] }}[/INST]{% endif %}{% endif %}{% endfor %}{% endfor %}"
+)
+_MISTRAL3_SPECIAL_TOKENS = [
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+]
+
+#: Hidden-state layers that FLUX.2 [dev] stacks into its prompt embedding (``text_encoder_out_layers``).
+FLUX2_TEXT_LAYERS = (10, 20, 30)
+
+
+def _tiny_pixtral_processor():
+    """A :class:`~transformers.PixtralProcessor` over the tiny byte-level BPE tokenizer (whose vocabulary makes each
+    word of FLUX.2's system message one token), with Pixtral's image tokens and :data:`MISTRAL3_CHAT_TEMPLATE`."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    words = [" " + w for w in SYSTEM_MESSAGE.replace(",", " ").replace(".", " ").split()]
+    tokenizer = tiny_qwen2_tokenizer(words + SYSTEM_MESSAGE.split()[:1])
+    tokenizer.add_tokens(_MISTRAL3_SPECIAL_TOKENS, special_tokens=True)
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(), tokenizer=tokenizer, chat_template=MISTRAL3_CHAT_TEMPLATE
+    )
+
+
+def _mistral3_text_encoder(tokenizer, seed: int):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=64 * ((len(tokenizer) + 63) // 64),
+            hidden_size=QWEN3_HIDDEN_SIZE,
+            intermediate_size=2 * QWEN3_HIDDEN_SIZE,
+            num_hidden_layers=max(FLUX2_TEXT_LAYERS),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            image_size=64,
+            patch_size=16,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+    )
+    _seed(seed, "text_encoder")
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def build_tiny_flux2(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_channels: int = 4,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.Flux2Pipeline` (FLUX.2 [dev]) and save it to ``path``.
+
+    Components (all real library classes, float32, eval mode): the transformer and VAE of
+    :func:`build_tiny_flux2_klein` with a guidance embedding (``guidance_embeds=True``), and
+    :class:`~transformers.Mistral3ForConditionalGeneration` as ``text_encoder`` (text: 30 layers of width 32, as the
+    pipeline stacks hidden states 10, 20 and 30; vision: one Pixtral block, unused) with a
+    :class:`~transformers.PixtralProcessor` as ``tokenizer`` (the tiny byte-level tokenizer with a Mistral-3 style
+    chat template). ``output_type="latent"`` of this pipeline returns the packed tokens ``(B, h * w, 4 * C)``.
+    """
+    from diffusers import Flux2Pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        processor = _tiny_pixtral_processor()
+        text_encoder = _mistral3_text_encoder(processor.tokenizer, seed)
+        transformer = _flux2_transformer(
+            seed,
+            in_channels=4 * latent_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            heads=num_attention_heads,
+            head_dim=attention_head_dim,
+            text_dim=len(FLUX2_TEXT_LAYERS) * QWEN3_HIDDEN_SIZE,
+            guidance=True,
+        )
+        vae = _flux2_vae(latent_channels, seed)
+        pipe = Flux2Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=processor,
             transformer=transformer,
         )
     path = _prepare_dir(path)

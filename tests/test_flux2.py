@@ -1,0 +1,360 @@
+"""The FLUX.2 adapters against diffusers' own pipelines, on tiny offline pipelines: ``Flux2KleinPipeline``
+(``tiny:flux2_klein``, Qwen3 text encoder, true CFG) and ``Flux2Pipeline`` (``tiny:flux2``, Mistral-3 text encoder,
+guidance embedding): schedule, prompt encoding, a noise-free rollout, decoding, a LoRA saved for
+``load_lora_weights`` (checked in a process that never imports diffrl), and every trainer's tiny preset taking a
+step."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline  # noqa: E402
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps  # noqa: E402
+
+from diffrl.models import ADAPTERS, Flux2KleinModel, Flux2Model, load_model  # noqa: E402
+from diffrl.models.flux2 import flux2_empirical_mu  # noqa: E402
+from diffrl.models.loading import tiny_model_dir  # noqa: E402
+from diffrl.models.tiny import FLUX2_SCHEDULER_CONFIG  # noqa: E402
+from diffrl.samplers import rollout  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("private_tiny_cache", "one_thread")
+
+PROMPTS = ["a red cat", "the blue square on the left of a tree", "two green circles"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def klein():
+    return load_model("tiny:flux2_klein")
+
+
+@pytest.fixture(scope="module")
+def klein_pipe():
+    p = Flux2KleinPipeline.from_pretrained(tiny_model_dir("tiny:flux2_klein"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _pipeline_sigmas(scheduler, steps: int, image_seq_len: int) -> torch.Tensor:
+    # the pipelines' schedule: linspace(1, 1/T, T) and the empirical mu of the token count and T
+    mu = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+    retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas
+
+
+def _vae_latents(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Our latents ``(B, 4C, h, w)`` as the pipeline's ``output_type="latent"``, with the pipeline's own helpers."""
+    bn = pipe.vae.bn
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return pipe._unpatchify_latents(x * std + bn.running_mean.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("seq,steps", [(16, 4), (4096, 50), (6000, 28), (1024, 1)])
+def test_empirical_mu_equals_pipeline(seq, steps):
+    assert flux2_empirical_mu(seq, steps) == compute_empirical_mu(seq, steps)
+
+
+def test_klein_detected_and_loaded(klein):
+    assert ADAPTERS["Flux2KleinPipeline"] is Flux2KleinModel
+    assert isinstance(klein, Flux2KleinModel) and klein.family == "flux2_klein"
+    assert klein.vae_scale_factor == 4 and klein.latent_shape(32, 48) == (16, 4, 6)
+    assert klein.guidance_is_cfg and klein.uses_negative_prompt and not klein.is_distilled
+    assert (klein.default_num_steps, klein.default_guidance_scale) == (50, 4.0)  # the pipeline's defaults
+    with pytest.raises(ValueError, match="multiple of 8"):
+        klein.latent_shape(36, 32)
+    with pytest.raises(ValueError, match="empty prompt only"):
+        klein.encode(["a red cat"], negative_prompt="blurry")
+
+
+STATIC = {**FLUX2_SCHEDULER_CONFIG, "use_dynamic_shifting": False}
+
+
+@pytest.mark.parametrize("config", [FLUX2_SCHEDULER_CONFIG, STATIC], ids=["dynamic", "static"])
+@pytest.mark.parametrize("size", [(32, 32), (64, 48)])
+@pytest.mark.parametrize("steps", [4, 50])
+def test_schedule_equals_pipeline_bitwise(klein, config, size, steps):
+    h, w = size
+    expected = _pipeline_sigmas(FlowMatchEulerDiscreteScheduler(**config), steps, (h // 8) * (w // 8))
+    klein.scheduler_config = dict(FlowMatchEulerDiscreteScheduler(**config).config)
+    try:
+        got = klein.schedule(steps, h, w)
+    finally:
+        klein.scheduler_config = dict(klein.pipe.scheduler.config)
+    assert torch.equal(got, expected), (got, expected)
+
+
+@pytest.mark.parametrize("seq", [4096, 1024])  # 1024x1024 and 512x512 pixels: the real models' token counts
+def test_schedule_real_resolutions_bitwise(klein, seq):
+    for steps in (4, 50):
+        expected = _pipeline_sigmas(FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG), steps, seq)
+        side = int(seq**0.5) * 8
+        assert torch.equal(klein.schedule(steps, side, side), expected)
+        # by hand: exp(mu) / (exp(mu) + 1/s - 1) at s = 1/T (the last level before 0)
+        mu = compute_empirical_mu(seq, steps)
+        s = 1 / steps
+        assert expected[-2].item() == pytest.approx(np.exp(mu) / (np.exp(mu) + 1 / s - 1), rel=1e-6)
+
+
+def test_klein_encode_equals_pipeline_and_is_cached(klein, klein_pipe):
+    klein.clear_prompt_cache()
+    cond = klein.encode(PROMPTS)
+    embeds, text_ids = klein_pipe.encode_prompt(list(PROMPTS), device="cpu")
+    assert embeds.shape == (3, 512, 96) and text_ids.shape == (3, 512, 4)
+    assert torch.equal(cond.prompt_embeds, embeds)  # one prompt at a time there too: the same bits
+    neg, _ = klein_pipe.encode_prompt("", device="cpu")
+    assert torch.equal(cond.negative_prompt_embeds, neg.expand(3, -1, -1))
+    calls = []
+    handle = klein.pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = klein.encode(PROMPTS[::-1])
+    finally:
+        handle.remove()
+    assert not calls and torch.equal(again.prompt_embeds[0], cond.prompt_embeds[2])
+
+
+def _pipeline_latents(pipe, prompts, guidance, steps, seed, size=(32, 48)):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(
+        prompt=list(prompts),
+        guidance_scale=guidance,
+        height=size[0],
+        width=size[1],
+        num_inference_steps=steps,
+        generator=gens,
+        output_type="latent",
+    ).images
+
+
+def _ours(model, prompts, negative, guidance, steps, seed, size=(32, 48)):
+    cond = model.encode(prompts, negative_prompt=negative)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    noise = model.sample_noise(len(prompts), *size, generator=gens)
+    return rollout(model, cond, model.schedule(steps, *size), noise, guidance_scale=guidance).final
+
+
+@pytest.mark.parametrize(
+    "prompts,guidance,steps", [(["a red cat"], 4.0, 2), (PROMPTS[:2], 2.5, 3), (PROMPTS[1:], 1.0, 2)]
+)
+def test_klein_rollout_reproduces_pipeline(klein, klein_pipe, prompts, guidance, steps):
+    expected = _pipeline_latents(klein_pipe, prompts, guidance, steps, seed=7)
+    got = _vae_latents(klein_pipe, _ours(klein, prompts, "", guidance, steps, seed=7))
+    assert got.shape == expected.shape == (len(prompts), 4, 8, 12)
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_klein_distilled_never_guides(tmp_path):
+    """A step-distilled Klein (``is_distilled``): no negative prompt encoded, no CFG pass whatever the scale, 4 steps,
+    as its pipeline."""
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_model_dir("tiny:flux2_klein"))
+    pipe.register_to_config(is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    model = Flux2KleinModel(pipe)
+    assert model.is_distilled and not model.uses_negative_prompt
+    assert (model.default_num_steps, model.default_guidance_scale) == (4, 1.0)
+    cond = model.encode(["a red cat"])
+    assert cond.negative_prompt_embeds is None
+    expected = _pipeline_latents(pipe, ["a red cat"], 4.0, 2, seed=1)  # the scale is ignored
+    got = _vae_latents(pipe, _ours(model, ["a red cat"], "", 4.0, 2, seed=1))
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_klein_decode_equals_pipeline_images(klein, klein_pipe):
+    images = klein_pipe(
+        prompt="two green circles",
+        guidance_scale=3.0,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).images
+    ours = klein.decode(_ours(klein, ["two green circles"], "", 3.0, 2, seed=3, size=(32, 32)))
+    assert ours.shape == images.shape == (1, 3, 32, 32)
+    assert (ours - images).abs().max().item() < 1e-5
+
+
+_PLAIN_LORA = """
+import os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+import diffusers
+pipe = getattr(diffusers, sys.argv[1]).from_pretrained(sys.argv[2])
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(sys.argv[3])
+latents = pipe(prompt="a red cat", guidance_scale=3.0, height=32, width=48, num_inference_steps=2,
+               generator=[torch.Generator().manual_seed(1)], output_type="latent").images
+assert "diffrl" not in sys.modules
+torch.save(latents, sys.argv[4])
+"""
+
+
+def _check_lora(spec: str, pipeline_class: str, tmp_path, to_pipeline_latents, isolated: bool):
+    model = load_model(spec)
+    model.add_lora(rank=4, alpha=8)
+    names = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
+    for part in (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.add_v_proj",
+        "transformer_blocks.0.attn.to_add_out",
+        "transformer_blocks.0.ff.linear_in",
+        "transformer_blocks.0.ff_context.linear_out",
+        "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+        "single_transformer_blocks.0.attn.to_out",
+    ):
+        assert any(f"{part}.lora_A" in n for n in names), part
+    assert all("lora_" in n for n in names)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    ours = _ours(model, ["a red cat"], "", 3.0, 2, seed=1)
+    with model.disable_adapter():
+        base = _ours(model, ["a red cat"], "", 3.0, 2, seed=1)
+    assert (ours - base).abs().max().item() > 1e-3  # the adapter changes the samples
+    model.save_lora(tmp_path / "lora")
+    if isolated:  # in a process that never imports diffrl
+        out = tmp_path / "plain.pt"
+        args = [pipeline_class, str(tiny_model_dir(spec)), str(tmp_path / "lora"), str(out)]
+        subprocess.run([sys.executable, "-c", _PLAIN_LORA, *args], check=True, capture_output=True, text=True)
+        expected = torch.load(out)
+    else:
+        import diffusers
+
+        fresh = getattr(diffusers, pipeline_class).from_pretrained(tiny_model_dir(spec))
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(tmp_path / "lora")
+        expected = _pipeline_latents(fresh, ["a red cat"], 3.0, 2, seed=1)
+    got = to_pipeline_latents(model.pipe, ours)
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_klein_lora_saved_for_load_lora_weights(tmp_path):
+    _check_lora("tiny:flux2_klein", "Flux2KleinPipeline", tmp_path, _vae_latents, isolated=False)
+
+
+@pytest.mark.slow  # ~15-30 s: a second process imports torch and diffusers
+def test_klein_lora_loads_in_a_process_without_diffrl(tmp_path):
+    _check_lora("tiny:flux2_klein", "Flux2KleinPipeline", tmp_path, _vae_latents, isolated=True)
+
+
+# ------------------------------------------------------------------------------------- FLUX.2 [dev] (Flux2Pipeline)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return load_model("tiny:flux2")
+
+
+@pytest.fixture(scope="module")
+def dev_pipe():
+    p = Flux2Pipeline.from_pretrained(tiny_model_dir("tiny:flux2"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _packed(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Our latents ``(B, 4C, h, w)`` as Flux2Pipeline's ``output_type="latent"`` (packed tokens), its own helper."""
+    return pipe._pack_latents(x)
+
+
+def test_dev_detected_and_loaded(dev):
+    assert ADAPTERS["Flux2Pipeline"] is Flux2Model
+    assert type(dev) is Flux2Model and dev.family == "flux2" and dev.guidance_embeds
+    assert type(dev.pipe.text_encoder).__name__ == "Mistral3ForConditionalGeneration"
+    assert not dev.guidance_is_cfg and not dev.uses_negative_prompt
+    assert (dev.default_num_steps, dev.default_guidance_scale) == (50, 4.0)  # Flux2Pipeline's defaults
+    assert dev.latent_shape(32, 48) == (16, 4, 6)
+    assert dev.encode(["a red cat"]).negative_prompt_embeds is None
+
+
+def test_dev_encode_equals_pipeline(dev, dev_pipe):
+    dev.clear_prompt_cache()
+    cond = dev.encode(PROMPTS[:2])
+    embeds, text_ids = dev_pipe.encode_prompt(list(PROMPTS[:2]), device="cpu")
+    assert embeds.shape == (2, 512, 96)
+    assert (cond.prompt_embeds - embeds).abs().max().item() < 1e-5  # batched there, one at a time here
+    for i, p in enumerate(PROMPTS[:2]):
+        assert torch.equal(cond.prompt_embeds[i], dev_pipe.encode_prompt(p, device="cpu")[0][0])
+    ids = torch.zeros(512, 4, dtype=text_ids.dtype)
+    ids[:, 3] = torch.arange(512)
+    assert torch.equal(text_ids[0], ids)  # (0, 0, 0, l): the ids the adapter builds
+
+
+@pytest.mark.parametrize("prompts,guidance,steps", [(["a red cat"], 4.0, 2), (PROMPTS[:2], 2.5, 3)])
+def test_dev_rollout_reproduces_pipeline(dev, dev_pipe, prompts, guidance, steps):
+    expected = _pipeline_latents(dev_pipe, prompts, guidance, steps, seed=5)
+    got = _packed(dev_pipe, _ours(dev, prompts, None, guidance, steps, seed=5))
+    assert got.shape == expected.shape == (len(prompts), 24, 16)
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-5, diff
+    other = _packed(dev_pipe, _ours(dev, prompts, None, guidance + 2, steps, seed=5))
+    assert (other - got).abs().max().item() > 1e-4  # the guidance embedding matters
+
+
+def test_dev_decode_equals_pipeline_images(dev, dev_pipe):
+    images = dev_pipe(
+        prompt="two green circles",
+        guidance_scale=3.0,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).images
+    ours = dev.decode(_ours(dev, ["two green circles"], None, 3.0, 2, seed=3))
+    assert ours.shape == images.shape == (1, 3, 32, 48)
+    assert (ours - images).abs().max().item() < 1e-5
+
+
+def test_dev_lora_saved_for_load_lora_weights(tmp_path):
+    _check_lora("tiny:flux2", "Flux2Pipeline", tmp_path, _packed, isolated=False)
+
+
+@pytest.mark.slow  # ~15-30 s: a second process imports torch and diffusers
+def test_dev_lora_loads_in_a_process_without_diffrl(tmp_path):
+    _check_lora("tiny:flux2", "Flux2Pipeline", tmp_path, _packed, isolated=True)
+
+
+# Flow-GRPO by default, the other trainers under --run-slow (about 2 s each, plus building the trainer)
+_ALGOS = ["flow_grpo", *(pytest.param(a, marks=pytest.mark.slow) for a in ("diffusion_nft", "refl", "awm"))]
+
+
+@pytest.mark.parametrize("spec", ["tiny:flux2_klein", "tiny:flux2"])
+@pytest.mark.parametrize("algo", _ALGOS)
+def test_every_trainer_takes_a_step_on_flux2(algo, spec, tmp_path):
+    """Each trainer's tiny preset on both FLUX.2 pipelines: one step moves every trainable tensor with finite
+    metrics; Flow-GRPO's first update is on-policy (ratio exactly 1, no KL) in float32."""
+    from diffrl.train import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / f"{algo}.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
+            f"model.path={spec}",
+            "model.max_sequence_length=64",  # the pipeline pads every prompt to it: 512 text tokens are slow here
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+    )
+    assert type(trainer.model) is (Flux2KleinModel if spec.endswith("klein") else Flux2Model)
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    unchanged = [
+        n for n, a, p in zip(trainer.param_names, before, trainer.params, strict=True) if torch.equal(a, p)
+    ]
+    assert not unchanged, f"{len(unchanged)} trainable tensors did not move, e.g. {unchanged[:2]}"
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    if algo == "flow_grpo":
+        assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
