@@ -141,7 +141,7 @@ def load_model(
     revision: str | None = None,
     **adapter_kwargs,
 ) -> FlowModel:
-    """Load an SD3/SD3.5 or FLUX.1 checkpoint (hub id or local diffusers directory) as a diffrl model adapter.
+    """Load a checkpoint of a supported family (docs/models.md) (hub id or local diffusers directory) as a diffrl model adapter.
 
     The family is detected from the checkpoint's ``model_index.json``. Every module is put in eval mode with
     gradients off; call ``add_lora()`` or ``set_full_finetuning()`` on the result to train it.
