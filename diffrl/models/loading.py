@@ -141,7 +141,7 @@ def load_model(
     revision: str | None = None,
     **adapter_kwargs,
 ) -> FlowModel:
-    """Load a checkpoint of a supported family (docs/models.md) (hub id or local diffusers directory) as a diffrl model adapter.
+    """Load a checkpoint of a supported family (docs/models.md; a hub id or local diffusers directory) as an adapter.
 
     The family is detected from the checkpoint's ``model_index.json``. Every module is put in eval mode with
     gradients off; call ``add_lora()`` or ``set_full_finetuning()`` on the result to train it.
