@@ -13,6 +13,7 @@ from .base import FlowModel
 from .flux import FluxModel
 from .qwen_image import QwenImageModel
 from .sd3 import SD3Model
+from .wan import WanModel
 
 __all__ = [
     "load_model",
@@ -28,6 +29,7 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     SD3Model.pipeline_class_name: SD3Model,
     FluxModel.pipeline_class_name: FluxModel,
     QwenImageModel.pipeline_class_name: QwenImageModel,
+    WanModel.pipeline_class_name: WanModel,
 }
 
 
@@ -74,9 +76,11 @@ def tiny_model_dir(spec: str) -> Path:
         "sd3": tiny.build_tiny_sd3,
         "flux": tiny.build_tiny_flux,
         "qwen_image": tiny.build_tiny_qwen_image,
+        "wan": tiny.build_tiny_wan,
+        "wan22": lambda path: tiny.build_tiny_wan(path, two_experts=True),
     }
     if family not in builders:
-        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux or tiny:qwen_image.")
+        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:wan or tiny:wan22.")
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
     if not (target / "model_index.json").is_file():
@@ -150,11 +154,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline
 
-    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}[
-        adapter_cls.family
-    ]
+    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}
+    pipeline_cls["wan"] = WanPipeline
+    pipeline_cls = pipeline_cls[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
         k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
@@ -193,9 +197,11 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
     from diffusers import (
         AutoencoderKL,
         AutoencoderKLQwenImage,
+        AutoencoderKLWan,
         FluxTransformer2DModel,
         QwenImageTransformer2DModel,
         SD3Transformer2DModel,
+        WanTransformer3DModel,
     )
     from diffusers.configuration_utils import FrozenDict
 
@@ -206,6 +212,7 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "sd3": (SD3Transformer2DModel, AutoencoderKL),
             "flux": (FluxTransformer2DModel, AutoencoderKL),
             "qwen_image": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+            "wan": (WanTransformer3DModel, AutoencoderKLWan),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))
