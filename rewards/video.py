@@ -257,6 +257,8 @@ def for_video(
     if isinstance(reward, (VideoReward, FrameReward)):
         return reward
     if isinstance(reward, CombinedReward):
+        if len(reward.parts) == 1 and reward.parts[0][1] == 1.0 and isinstance(reward.parts[0][0], VideoReward):
+            return reward.parts[0][0]  # a clip reward alone with weight 1 is that reward
         clips = [r.name for r, _ in reward.parts if isinstance(r, VideoReward)]
         if clips:
             raise NotImplementedError(

@@ -297,3 +297,122 @@ def test_sde_log_prob_on_video_equals_flattened_frames():
             -((video.sample - video.mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * np.log(2 * np.pi)
         )
         assert torch.allclose(video.log_prob, density.mean(dim=(1, 2, 3, 4)), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- sampling and the trainers
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_diffrl_sample_writes_lossless_animated_webp(tmp_path):
+    """``diffrl sample`` on a video model: one animated WebP per video whose frames are the sampled frames exactly
+    (lossless), at the asked frame rate; the grid shows the middle frames; a bad frame count fails before loading."""
+    from PIL import Image
+
+    from diffrl.sampling import load_for_sampling, run_sample, sample_images, to_uint8
+
+    lines = []
+    out = run_sample(
+        "tiny:wan",
+        ["a red cat", "two dogs"],
+        tmp_path / "out",
+        num_frames=FRAMES,
+        height=32,
+        width=32,
+        num_steps=2,
+        fps=8,
+        progress=False,
+        log=lines.append,
+    )
+    assert "videos 32x32 x 5 frames" in lines[0] and "2 videos" in lines[-1]
+    model = load_for_sampling("tiny:wan", device="cpu")
+    model.num_frames = FRAMES
+    videos = sample_images(
+        model, ["a red cat", "two dogs"], num_steps=2, guidance_scale=5.0, height=32, width=32
+    )
+    assert videos.shape == (2, FRAMES, 3, 32, 32)
+    for i in range(2):
+        with Image.open(out / f"0000{i}.webp") as im:
+            assert im.n_frames == FRAMES
+            for f in range(FRAMES):
+                im.seek(f)
+                got = torch.from_numpy(np.array(im.convert("RGB")))
+                assert im.info["duration"] == 125  # 8 frames per second
+                assert torch.equal(got, to_uint8(videos[i, f : f + 1])[0]), (i, f)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["00000.webp", "00001.webp"]
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+    with pytest.raises(ValueError, match="num_frames=7 must be 1 more than a multiple of 4"):
+        run_sample("tiny:wan", ["a"], tmp_path / "bad", num_frames=7, progress=False, log=lines.append)
+
+
+def test_video_features_and_eval_strip_use_frames(tmp_path):
+    """The monitor's features of a video are its middle frame's; the evaluation picture draws videos (a strip of the
+    first, middle and last frames) where a 5-D tensor would otherwise fail to draw."""
+    from diffrl.trainers.eval_grid import save_eval_grid
+    from diffrl.trainers.monitor import image_features
+
+    g = torch.Generator().manual_seed(0)
+    videos = torch.rand(2, 5, 3, 16, 16, generator=g)
+    for kind in ("pixels", "histogram"):
+        assert torch.equal(image_features(videos, kind), image_features(videos[:, 2], kind))
+    path = save_eval_grid(videos, ["a", "b"], {"r": torch.tensor([0.1, 0.2])}, tmp_path / "grid.png")
+    assert path.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "algo",
+    ["flow_grpo"] + [pytest.param(a, marks=pytest.mark.slow) for a in ("diffusion_nft", "refl", "awm")],
+)  # about 3 s each on 2 busy cores: Flow-GRPO by default, the others with --run-slow
+def test_every_trainer_takes_a_step_on_wan(algo, tmp_path, capsys):
+    """Each trainer's tiny preset on ``tiny:wan`` with 5-frame videos: one step moves every trainable tensor with finite
+    metrics; the run says which frames its image reward scores; Flow-GRPO's first update is on-policy (ratio exactly
+    1, no KL) in float32."""
+    from diffrl.train import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / f"{algo}.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
+            "model.path=tiny:wan",
+            f"sample.num_frames={FRAMES}",
+            "video.frames=[0,-1]",
+            "video.combine=min",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+    )
+    assert isinstance(trainer.model, WanModel) and trainer.model.num_frames == FRAMES
+    assert "frames [0, 4] of 5 per video, combined by their min" in capsys.readouterr().out
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    unchanged = [
+        n for n, a, p in zip(trainer.param_names, before, trainer.params, strict=True) if torch.equal(a, p)
+    ]
+    assert not unchanged, f"{len(unchanged)} trainable tensors did not move, e.g. {unchanged[:2]}"
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    assert metrics["reward/frames_scored"] == 2.0
+    if algo == "flow_grpo":
+        assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
+
+
+def test_image_model_refuses_num_frames(tmp_path):
+    from diffrl.config import ConfigError
+    from diffrl.train import build_trainer
+
+    with pytest.raises(
+        ConfigError, match=r"sample.num_frames=5 is for video models, but tiny:sd3 makes images"
+    ):
+        build_trainer(
+            ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+            [
+                f"output_dir={tmp_path / 'run'}",
+                f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
+                "sample.num_frames=5",
+                "report_to=none",
+            ],
+        )
