@@ -601,6 +601,7 @@ RESUME_FREE_KEYS = frozenset(
         "monitor.features",
         "monitor.min_change",
         "monitor.diversity_collapse",
+        "video.fps",  # only the frame rate of written videos
     }
 )
 
