@@ -74,6 +74,9 @@ class ModelConfig:
     max_sequence_length: int = 0
     """T5 tokens per prompt (SD3/FLUX); 0 uses the adapter's default (SD3: 256, as the diffusers pipeline; FLUX: 512).
     The Flow-GRPO and DiffusionNFT reference codes encode 128 tokens for SD3.5."""
+    expert: str = ""
+    """Wan 2.2 A14B (two experts): the one this run trains, high (high-noise, `transformer`) or low (low-noise,
+    `transformer_2`); the other stays frozen. Empty for every other model."""
 
 
 @dataclass
@@ -1016,7 +1019,11 @@ def validate(
 
 
 def _validate_video(cfg: TrainConfig, need) -> None:
-    """``sample.num_frames`` (Wan's frame rule) and the ``video`` section's frame choice."""
+    """``sample.num_frames`` (Wan's frame rule), ``model.expert`` and the ``video`` section's frame choice."""
+    need(
+        cfg.model.expert in ("", "high", "low"),
+        f"model.expert={cfg.model.expert!r} must be high or low (Wan 2.2's two experts), or empty.",
+    )
     f = cfg.sample.num_frames
     need(
         isinstance(f, int) and not isinstance(f, bool) and f >= 0,

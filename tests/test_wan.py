@@ -185,8 +185,65 @@ def test_wan22_expert_switch_reproduces_pipeline(model22, pipe22):
         swapped = model22.velocity(x, sig.flip(0), cond, 5.0)
     assert (mixed - torch.cat(rows)).abs().max().item() < 1e-5
     assert (mixed - swapped).abs().max().item() > 1e-3  # the two experts differ
-    with pytest.raises(NotImplementedError, match="two-expert Wan 2.2"):
+    with pytest.raises(
+        NotImplementedError, match="both experts of a Wan 2.2 model at once is not implemented"
+    ):
         model22.add_lora()
+
+
+def test_wan22_trains_one_expert_and_saves_it_for_load_lora_weights(tmp_path):
+    """expert="low": the LoRA sits on transformer_2 only, so the high-noise steps of a rollout are exactly the base
+    model's and the low-noise ones differ; the saved file loads into a fresh pipeline's transformer_2
+    (``load_into_transformer_2=True``) and reproduces the samples; diffrl's own loader puts it back there too."""
+    from diffrl.models.lora_files import load_lora
+
+    model = load_model("tiny:wan22", num_frames=FRAMES, expert="low")
+    assert model.transformer is model.pipe.transformer_2 and model.high_noise_expert is model.pipe.transformer
+    model.add_lora(rank=4, alpha=8)
+    assert not any(p.requires_grad for p in model.pipe.transformer.parameters())
+    assert any(p.requires_grad for p in model.pipe.transformer_2.parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    levels = model.schedule(4, *SIZE)
+    n_high = int((levels[:-1] * 1000 >= 875).sum())
+    assert 0 < n_high < 4
+    cond = model.encode(["a red cat"], negative_prompt="")
+    noise = model.sample_noise(1, *SIZE, generator=[torch.Generator().manual_seed(1)])
+    with torch.no_grad():
+        ours = rollout(model, cond, levels, noise, guidance_scale=5.0)
+        with model.disable_adapter():
+            base = rollout(model, cond, levels, noise, guidance_scale=5.0)
+    assert torch.equal(ours.latents[:, : n_high + 1], base.latents[:, : n_high + 1])
+    assert (ours.final - base.final).abs().max().item() > 1e-3
+    path = model.save_lora(tmp_path / "lora")
+    fresh = WanPipeline.from_pretrained(tiny_model_dir("tiny:wan22"))
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(path, load_into_transformer_2=True)
+    gens = [torch.Generator().manual_seed(1)]
+    expected = fresh(
+        "a red cat",
+        negative_prompt="",
+        guidance_scale=5.0,
+        height=SIZE[0],
+        width=SIZE[1],
+        num_frames=FRAMES,
+        num_inference_steps=4,
+        generator=gens,
+        output_type="latent",
+    ).frames
+    assert (ours.final - expected).abs().max().item() < 1e-5
+    again = load_model("tiny:wan22", num_frames=FRAMES, expert="low")
+    load_lora(again, path / "pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        reloaded = rollout(again, again.encode(["a red cat"]), levels, noise, guidance_scale=5.0).final
+    assert (reloaded - ours.final).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="expert='mid' must be 'high'"):
+        load_model("tiny:wan22", expert="mid")
+    with pytest.raises(ValueError, match="this model has one transformer"):
+        load_model("tiny:wan", expert="low")
 
 
 def test_bfloat16_weights_keep_float32_sampler_maths():
@@ -428,6 +485,35 @@ def test_every_trainer_takes_a_step_on_wan(algo, tmp_path, capsys):
     assert metrics["reward/frames_scored"] == 2.0
     if algo == "flow_grpo":
         assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
+
+
+def test_wan22_flow_grpo_step_trains_the_low_noise_expert(tmp_path):
+    """model.expert=low on tiny:wan22: Flow-GRPO's step moves every LoRA tensor of transformer_2 (the steps below
+    the boundary), leaves the high-noise expert untouched, and is on-policy (ratio exactly 1)."""
+    from diffrl.train import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
+            "model.path=tiny:wan22",
+            "model.expert=low",
+            f"sample.num_frames={FRAMES}",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+    )
+    model = trainer.model
+    assert model.transformer is model.pipe.transformer_2
+    high = [p.detach().clone() for p in model.pipe.transformer.parameters()]
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+    assert all(torch.equal(a, p) for a, p in zip(high, model.pipe.transformer.parameters(), strict=True))
+    assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
 
 
 def test_image_model_refuses_num_frames(tmp_path):

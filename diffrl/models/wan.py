@@ -16,8 +16,9 @@ How it departs from the pipeline:
   (less than one timestep apart), so the velocity is a smooth function of the level, as the samplers assume;
 * Wan 2.2's ``guidance_scale_2`` (a second CFG scale for the low-noise expert) is not exposed: both experts use
   ``guidance_scale`` (the pipeline's default when ``guidance_scale_2`` is not given);
-* training a two-expert (Wan 2.2 A14B) model is not implemented: it samples, and :meth:`WanModel.add_lora` /
-  :meth:`WanModel.set_full_finetuning` raise ``NotImplementedError``.
+* a two-expert (Wan 2.2 A14B) model trains one expert per run (``expert="high"`` or ``"low"``, as the Wan 2.2 LoRA
+  recipes of DiffSynth-Studio and musubi-tuner train a high-noise and a low-noise LoRA separately); the other expert
+  stays frozen and its steps carry no gradient. Training both at once is not implemented.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def unipc_flow_sigmas(
     ``linspace(1, 1/N, T + 1)[:-1]`` in float64, shifted statically ``shift * s / (1 + (shift - 1) * s)``, the first
     level nudged to ``1 - 1e-6`` when it is 1, then the final level (0, or the last one for ``sigma_min``)."""
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be a positive integer; pass the number of sampling steps.")
+        raise ValueError(
+            f"num_steps={num_steps!r} must be a positive integer; pass the number of sampling steps."
+        )
     sig = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)[:-1]
     sig = flow_shift * sig / (1 + (flow_shift - 1) * sig)
     if np.fabs(sig[0] - 1) < 1e-6:
@@ -87,7 +90,9 @@ class WanModel(FlowModel):
     ``guidance_scale > 1`` and the conditioning holds a negative prompt; both passes run as one batch.
 
     With two experts (Wan 2.2 A14B), a sample whose timestep ``1000 s`` is at least ``boundary_ratio * 1000`` goes
-    through ``transformer`` (high noise), the others through ``transformer_2``; a batch of mixed levels is split.
+    through the pipeline's ``transformer`` (high noise), the others through ``transformer_2``; a batch of mixed levels
+    is split. :attr:`transformer` is the expert that trains (:meth:`set_training_expert`; the high-noise one until
+    then).
     """
 
     family = "wan"
@@ -109,6 +114,7 @@ class WanModel(FlowModel):
         *,
         max_sequence_length: int = 512,
         num_frames: int | None = None,
+        expert: str | None = None,
         prompt_cache_size: int = 4096,
     ):
         if getattr(pipe.config, "expand_timesteps", False):
@@ -125,17 +131,41 @@ class WanModel(FlowModel):
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be in 1..1024 for Wan.")
         self.max_sequence_length = max_sequence_length
         self.transformer_2 = getattr(pipe, "transformer_2", None)
+        self.high_noise_expert = pipe.transformer
+        self.expert: str | None = None
         ratio = pipe.config.boundary_ratio
         if (ratio is None) != (self.transformer_2 is None):
             raise ValueError(
                 f"this Wan pipeline has boundary_ratio={ratio!r} but {'no' if self.transformer_2 is None else 'a'} "
                 "transformer_2; a two-expert (Wan 2.2) pipeline needs both."
             )
-        self.boundary_timestep = None if ratio is None else ratio * self.scheduler_config["num_train_timesteps"]
+        self.boundary_timestep = (
+            None if ratio is None else ratio * self.scheduler_config["num_train_timesteps"]
+        )
         self.scheduler_kind = type(pipe.scheduler).__name__
         self._num_frames = self.default_num_frames
         if num_frames is not None:
             self.num_frames = num_frames
+        if expert is not None:
+            self.set_training_expert(expert)
+
+    def set_training_expert(self, expert: str) -> None:
+        """Wan 2.2 (two experts): train the ``"high"``-noise expert (``transformer``, timesteps at least
+        ``boundary_ratio * 1000``) or the ``"low"``-noise one (``transformer_2``). :attr:`transformer` becomes that
+        expert: LoRA, full fine-tuning, gradient checkpointing, saving and the reference policy all apply to it; the
+        other expert stays frozen. A saved low-noise LoRA loads with ``pipe.load_lora_weights(path,
+        load_into_transformer_2=True)``."""
+        if self.transformer_2 is None:
+            raise ValueError(
+                f"expert={expert!r} chooses one of Wan 2.2's two experts, but this model has one transformer; "
+                "leave it unset."
+            )
+        if expert not in ("high", "low"):
+            raise ValueError(f"expert={expert!r} must be 'high' (transformer) or 'low' (transformer_2).")
+        if self._mode != "frozen":
+            raise ValueError("choose the expert before add_lora() or set_full_finetuning().")
+        self.expert = expert
+        self.transformer = self.high_noise_expert if expert == "high" else self.transformer_2
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -159,6 +189,11 @@ class WanModel(FlowModel):
     def native_size(self) -> int:
         """The pipeline's default height (480 pixels; its default width is 832)."""
         return 480
+
+    @property
+    def trains_some_levels_only(self) -> bool:
+        """True when one of two experts trains: the other expert's levels give losses without a graph."""
+        return self.expert is not None and self._mode != "frozen"
 
     @property
     def num_experts(self) -> int:
@@ -227,7 +262,9 @@ class WanModel(FlowModel):
 
     def _pad(self, rows) -> torch.Tensor:
         length = self.max_sequence_length
-        return torch.stack([torch.cat([r[0], r[0].new_zeros(length - r[0].shape[0], r[0].shape[1])]) for r in rows])
+        return torch.stack(
+            [torch.cat([r[0], r[0].new_zeros(length - r[0].shape[0], r[0].shape[1])]) for r in rows]
+        )
 
     def _assemble(self, rows, negative_rows):
         embeds = self._pad(rows)
@@ -261,16 +298,18 @@ class WanModel(FlowModel):
         return t.float() >= self.boundary_timestep
 
     def _run(self, transformer, hidden, t, embeds):
-        return transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+        return transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[
+            0
+        ]
 
     def _predict(self, hidden, t, embeds):
         high = self._expert_mask(t)
         if high is None or bool(high.all()):
-            return self._run(self.transformer, hidden, t, embeds)
+            return self._run(self.high_noise_expert, hidden, t, embeds)
         if not bool(high.any()):
             return self._run(self.transformer_2, hidden, t, embeds)
         out = torch.empty_like(hidden)
-        for mask, transformer in ((high, self.transformer), (~high, self.transformer_2)):
+        for mask, transformer in ((high, self.high_noise_expert), (~high, self.transformer_2)):
             out[mask] = self._run(transformer, hidden[mask], t[mask], embeds[mask]).to(out.dtype)
         return out
 
@@ -290,7 +329,9 @@ class WanModel(FlowModel):
         if x.ndim != 5:
             raise ValueError(f"x has shape {tuple(x.shape)}; Wan takes video latents (B, C, frames, h, w).")
         if len(cond) != batch:
-            raise ValueError(f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample.")
+            raise ValueError(
+                f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample."
+            )
         hidden = x.to(self.dtype)
         # As the pipeline with its Euler scheduler: the timestep 1000 * s in float32.
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch) * 1000
@@ -307,16 +348,16 @@ class WanModel(FlowModel):
 
     # ------------------------------------------------------------------ training
     def _refuse_two_experts(self, what: str) -> None:
-        if self.transformer_2 is not None:
+        if self.transformer_2 is not None and self.expert is None:
             raise NotImplementedError(
-                f"{what} of a two-expert Wan 2.2 model (transformer and transformer_2) is not implemented in "
-                "diffrl; train a single-expert Wan 2.1 model, or sample only with this one."
+                f"{what} of both experts of a Wan 2.2 model at once is not implemented in diffrl; train one expert "
+                "per run: model.expert=high or model.expert=low (load_model(..., expert=...))."
             )
 
     def add_lora(self, *args, **kwargs) -> None:
         """A PEFT LoRA on the transformer (default: r=32, alpha=32 on both attentions' q/k/v/out projections);
         pass ``target_modules=WAN_LORA_TARGETS + ["ffn.net.0.proj", "ffn.net.2"]`` to adapt the feed-forward too.
-        Single-expert models only."""
+        Wan 2.2: on the expert chosen with :meth:`set_training_expert`."""
         self._refuse_two_experts("LoRA training")
         super().add_lora(*args, **kwargs)
 

@@ -209,6 +209,11 @@ class Trainer:
 
         if cfg.sample.num_frames:
             self.model.num_frames = cfg.sample.num_frames
+        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
+            raise NotImplementedError(
+                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
+                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
+            )
         v = cfg.video
         options = dict(frames=v.frames or None, every=v.every, num=v.num, combine=v.combine)
         same = self.eval_reward is self.reward
@@ -482,7 +487,12 @@ class Trainer:
         return self.dist.autocast(self.cfg.mixed_precision)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes)."""
+        """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes).
+
+        A model that trains only some noise levels (``model.trains_some_levels_only``: one of Wan 2.2's two experts)
+        gives losses without a graph at the other levels; they add no gradient and their backward is skipped."""
+        if not loss.requires_grad and getattr(self.model, "trains_some_levels_only", False):
+            return
         self.dist.backward(loss)
 
     def discard_gradients(self) -> None:
