@@ -1050,7 +1050,10 @@ def _validate_video(cfg: TrainConfig, need) -> None:
     need(v.combine in ("mean", "min"), f"video.combine={v.combine!r} must be mean or min.")
     if f and v.frames:
         bad = [i for i in v.frames if not -f <= i < f]
-        need(not bad, f"video.frames has index {bad[0] if bad else 0} outside a {f}-frame video; use -{f}..{f - 1}.")
+        need(
+            not bad,
+            f"video.frames has index {bad[0] if bad else 0} outside a {f}-frame video; use -{f}..{f - 1}.",
+        )
 
 
 def _validate_monitor(cfg: TrainConfig, given, need) -> None:

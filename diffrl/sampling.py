@@ -646,7 +646,9 @@ def _load(spec: str, dtype, device, source: LoraSource | None, options: dict[str
     frames = options.pop("num_frames", None)
     if frames is not None:
         if not getattr(model, "is_video", False):
-            raise ValueError(f"--num-frames {frames} is for video models, but {spec} makes images; leave it out.")
+            raise ValueError(
+                f"--num-frames {frames} is for video models, but {spec} makes images; leave it out."
+            )
         model.num_frames = frames
     steps, guidance = sampling_defaults(spec, model)
     options = {
@@ -811,7 +813,8 @@ def run_eval(
     writer = SampleWriter(out, n, images_per_prompt, video=video, fps=fps) if out is not None else None
     t0 = time.perf_counter()
     result = evaluate_model(loaded, prompt_set, reward, progress=progress, on_batch=writer, **options)
-    log(f"{n} image{'s' * (n != 1)} sampled and scored in {time.perf_counter() - t0:.1f}s")
+    kind = "video" if video else "image"
+    log(f"{n} {kind}{'s' * (n != 1)} sampled and scored in {time.perf_counter() - t0:.1f}s")
     for line in _result_lines(result):
         report(line)
     if writer is not None:

@@ -65,7 +65,10 @@ def _add_common(p) -> None:
         help="video models (Wan): frames per video, 1 more than a multiple of 4 (default: the model's, Wan 81)",
     )
     p.add_argument(
-        "--fps", type=int, default=16, help="video models: frames per second of the written .webp files (default 16)"
+        "--fps",
+        type=int,
+        default=16,
+        help="video models: frames per second of the written .webp files (default 16)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--prompt-key", default="prompt", help="the prompt field of .jsonl prompt files")

@@ -80,7 +80,9 @@ def tiny_model_dir(spec: str) -> Path:
         "wan22": lambda path: tiny.build_tiny_wan(path, two_experts=True),
     }
     if family not in builders:
-        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:wan or tiny:wan22.")
+        raise ValueError(
+            f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:wan or tiny:wan22."
+        )
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
     if not (target / "model_index.json").is_file():

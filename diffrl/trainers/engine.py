@@ -459,7 +459,8 @@ class Trainer:
         metrics[f"reward/{self.reward.name}/std"] = (
             float(all_rewards.std(unbiased=False)) if all_rewards.numel() > 1 else 0.0
         )
-        frames = getattr(self.reward, "indices", None)  # a video run's image reward: how many frames it scored
+        # a video run's image reward: how many frames of each video it scored
+        frames = getattr(self.reward, "indices", None)
         if frames is not None and getattr(self.model, "is_video", False):
             metrics["reward/frames_scored"] = float(len(frames(self.model.num_frames)))
         return metrics
