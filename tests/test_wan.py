@@ -367,7 +367,7 @@ def test_lora_loads_in_a_process_without_diffrl(lora_model):
 def test_sde_log_prob_on_video_equals_flattened_frames():
     """The SDE step's log-prob of a 5-D latent is the mean over all non-batch dims: the 4-D computation with the
     frames folded into the channels gives the same number, and so does the hand-written Gaussian density."""
-    from diffrl.samplers import cps_step, sde_step
+    from diffrl.samplers import cps_step, dpm2_step, ode_step, sde_step
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 2, 8, 12, generator=g)
@@ -384,6 +384,12 @@ def test_sde_log_prob_on_video_equals_flattened_frames():
             -((video.sample - video.mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * np.log(2 * np.pi)
         )
         assert torch.allclose(video.log_prob, density.mean(dim=(1, 2, 3, 4)), atol=1e-5, rtol=0)
+    # the deterministic steps act element-wise: the same numbers in either layout
+    ode5, ode4 = ode_step(x, v, 0.8, 0.6), ode_step(x.flatten(1, 2), v.flatten(1, 2), 0.8, 0.6)
+    assert torch.equal(ode5.sample.flatten(1, 2), ode4.sample)
+    d5 = dpm2_step(x, v, z, 0.9, 0.8, 0.6)
+    d4 = dpm2_step(x.flatten(1, 2), v.flatten(1, 2), z.flatten(1, 2), 0.9, 0.8, 0.6)
+    assert torch.equal(d5.sample.flatten(1, 2), d4.sample) and d5.log_prob is None
 
 
 # ------------------------------------------------------------------------------------- sampling and the trainers
