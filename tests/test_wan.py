@@ -235,8 +235,14 @@ def test_wan22_trains_one_expert_and_saves_it_for_load_lora_weights(tmp_path):
         output_type="latent",
     ).frames
     assert (ours.final - expected).abs().max().item() < 1e-5
-    again = load_model("tiny:wan22", num_frames=FRAMES, expert="low")
-    load_lora(again, path / "pytorch_lora_weights.safetensors")
+    assert json.loads((path / "diffrl_wan_expert.json").read_text()) == {"expert": "low"}
+    again = load_model(
+        "tiny:wan22", num_frames=FRAMES
+    )  # no expert given: the file next to the LoRA says which
+    load_lora(again, path)
+    assert again.expert == "low" and not any(
+        "lora" in n for n, _ in again.pipe.transformer.named_parameters()
+    )
     with torch.no_grad():
         reloaded = rollout(again, again.encode(["a red cat"]), levels, noise, guidance_scale=5.0).final
     assert (reloaded - ours.final).abs().max().item() < 1e-5

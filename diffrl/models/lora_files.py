@@ -94,6 +94,16 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
     from diffusers.utils import logging as diffusers_logging
     from safetensors import safe_open
 
+    marker = source.path.parent / "diffrl_wan_expert.json"  # a LoRA of one of Wan 2.2's experts
+    if marker.is_file():
+        expert = json.loads(marker.read_text()).get("expert")
+        if not hasattr(model, "set_training_expert"):
+            raise ValueError(
+                f"{source.given} is a LoRA of Wan 2.2's {expert}-noise expert, but the model is a {model.family} "
+                "model; load it onto the Wan 2.2 checkpoint it was trained on."
+            )
+        if getattr(model, "expert", None) != expert:
+            model.set_training_expert(expert)
     transformer = model.transformer
     existing = set(getattr(transformer, "peft_config", {}) or {})
     adapter = next(f"lora_{k}" for k in range(len(existing) + 1) if f"lora_{k}" not in existing)

@@ -29,7 +29,10 @@ import torch
 from ..samplers import sigmas_from_scheduler_config
 from .base import Conditioning, FlowModel
 
-__all__ = ["WanModel", "WAN_LORA_TARGETS", "check_num_frames", "unipc_flow_sigmas"]
+__all__ = ["WanModel", "WAN_EXPERT_FILE", "WAN_LORA_TARGETS", "check_num_frames", "unipc_flow_sigmas"]
+
+#: Written next to a LoRA of one of Wan 2.2's experts: ``{"expert": "high" | "low"}``.
+WAN_EXPERT_FILE = "diffrl_wan_expert.json"
 
 # The projections of both attentions of every block (self-attention ``attn1`` over the video tokens,
 # cross-attention ``attn2`` to the prompt), the LoRA targets of diffusers' Wan LoRA training examples.
@@ -360,6 +363,17 @@ class WanModel(FlowModel):
         Wan 2.2: on the expert chosen with :meth:`set_training_expert`."""
         self._refuse_two_experts("LoRA training")
         super().add_lora(*args, **kwargs)
+
+    def save_lora(self, save_directory, adapter_name: str = "default", state=None):
+        """The diffusers LoRA file (:meth:`FlowModel.save_lora`); for one of Wan 2.2's experts also
+        ``diffrl_wan_expert.json`` naming it, so diffrl's loader puts the LoRA back on that expert (a plain pipeline
+        needs ``load_into_transformer_2=True`` for the low-noise one)."""
+        import json
+
+        out = super().save_lora(save_directory, adapter_name=adapter_name, state=state)
+        if self.expert is not None:
+            (out / WAN_EXPERT_FILE).write_text(json.dumps({"expert": self.expert}) + "\n")
+        return out
 
     def set_full_finetuning(self) -> None:
         self._refuse_two_experts("full fine-tuning")
