@@ -185,6 +185,31 @@ def test_wan22_expert_switch_reproduces_pipeline(model22, pipe22):
         swapped = model22.velocity(x, sig.flip(0), cond, 5.0)
     assert (mixed - torch.cat(rows)).abs().max().item() < 1e-5
     assert (mixed - swapped).abs().max().item() > 1e-3  # the two experts differ
+    # guidance_scale_2: the low-noise expert's CFG scale, as the pipeline's
+    model22.guidance_scale_2 = 2.0
+    try:
+        got2 = _ours(model22, PROMPTS[:2], "", 5.0, steps, seed=3)
+    finally:
+        model22.guidance_scale_2 = None
+    gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    expected2 = pipe22(
+        PROMPTS[:2],
+        negative_prompt="",
+        guidance_scale=5.0,
+        guidance_scale_2=2.0,
+        height=SIZE[0],
+        width=SIZE[1],
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        generator=gens,
+        output_type="latent",
+    ).frames
+    assert (got2 - expected2).abs().max().item() < 1e-5
+    assert (got2 - got).abs().max().item() > 1e-3
+    with pytest.raises(
+        ValueError, match="guidance_scale_2=2.0 is the CFG scale of Wan 2.2's low-noise expert"
+    ):
+        load_model("tiny:wan", guidance_scale_2=2.0)
     with pytest.raises(
         NotImplementedError, match="both experts of a Wan 2.2 model at once is not implemented"
     ):

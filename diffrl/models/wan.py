@@ -14,8 +14,8 @@ How it departs from the pipeline:
   step by step (a pipeline with ``FlowMatchEulerDiscreteScheduler``, as the tiny one, is);
 * with UniPC the pipeline feeds the transformer integer timesteps ``int(1000 s)``; the adapter feeds ``1000 s``
   (less than one timestep apart), so the velocity is a smooth function of the level, as the samplers assume;
-* Wan 2.2's ``guidance_scale_2`` (a second CFG scale for the low-noise expert) is not exposed: both experts use
-  ``guidance_scale`` (the pipeline's default when ``guidance_scale_2`` is not given);
+* Wan 2.2's ``guidance_scale_2`` (the low-noise expert's CFG scale) is an attribute of the adapter, not an argument
+  of ``velocity``: ``WanModel.guidance_scale_2`` (default None: ``guidance_scale`` for both experts, as the pipeline);
 * a two-expert (Wan 2.2 A14B) model trains one expert per run (``expert="high"`` or ``"low"``, as the Wan 2.2 LoRA
   recipes of DiffSynth-Studio and musubi-tuner train a high-noise and a low-noise LoRA separately); the other expert
   stays frozen and its steps carry no gradient. Training both at once is not implemented.
@@ -118,6 +118,7 @@ class WanModel(FlowModel):
         max_sequence_length: int = 512,
         num_frames: int | None = None,
         expert: str | None = None,
+        guidance_scale_2: float | None = None,
         prompt_cache_size: int = 4096,
     ):
         if getattr(pipe.config, "expand_timesteps", False):
@@ -151,6 +152,13 @@ class WanModel(FlowModel):
             self.num_frames = num_frames
         if expert is not None:
             self.set_training_expert(expert)
+        if guidance_scale_2 is not None and self.transformer_2 is None:
+            raise ValueError(
+                f"guidance_scale_2={guidance_scale_2!r} is the CFG scale of Wan 2.2's low-noise expert, but this model "
+                "has one transformer; leave it unset."
+            )
+        #: Wan 2.2: the CFG scale of the low-noise expert's steps (None: the ``guidance_scale`` of the call)
+        self.guidance_scale_2 = guidance_scale_2
 
     def set_training_expert(self, expert: str) -> None:
         """Wan 2.2 (two experts): train the ``"high"``-noise expert (``transformer``, timesteps at least
@@ -326,8 +334,9 @@ class WanModel(FlowModel):
         detach_uncond: bool = False,
     ) -> torch.Tensor:
         """Velocity ``(B, C, F', h, w)`` in the model's dtype at level(s) ``sigma`` (a float or ``(B,)``), with CFG
-        when ``guidance_scale > 1`` and ``cond`` holds negative embeddings; ``detach_uncond=True`` stops the gradient
-        through the unconditional prediction."""
+        when ``guidance_scale > 1`` and ``cond`` holds negative embeddings (Wan 2.2: the low-noise expert's samples
+        guided by :attr:`guidance_scale_2` when it is set); ``detach_uncond=True`` stops the gradient through the
+        unconditional prediction."""
         batch = x.shape[0]
         if x.ndim != 5:
             raise ValueError(f"x has shape {tuple(x.shape)}; Wan takes video latents (B, C, frames, h, w).")
@@ -347,7 +356,13 @@ class WanModel(FlowModel):
         uncond, text = out.chunk(2)
         if detach_uncond:
             uncond = uncond.detach()
-        return uncond + guidance_scale * (text - uncond)
+        guided = uncond + guidance_scale * (text - uncond)
+        low = None if self.guidance_scale_2 is None else ~self._expert_mask(t)
+        if low is None or not bool(low.any()):
+            return guided
+        # as the pipeline: the low-noise expert's steps use guidance_scale_2
+        low_guided = uncond + self.guidance_scale_2 * (text - uncond)
+        return torch.where(low.view(-1, 1, 1, 1, 1), low_guided, guided)
 
     # ------------------------------------------------------------------ training
     def _refuse_two_experts(self, what: str) -> None:
