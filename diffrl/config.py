@@ -75,6 +75,9 @@ class ModelConfig:
     max_sequence_length: int = 0
     """T5 tokens per prompt (SD3/FLUX); 0 uses the adapter's default (SD3: 256, as the diffusers pipeline; FLUX: 512).
     The Flow-GRPO and DiffusionNFT reference codes encode 128 tokens for SD3.5."""
+    expert: str = ""
+    """Wan 2.2 A14B (two experts): the one this run trains, high (high-noise, `transformer`) or low (low-noise,
+    `transformer_2`); the other stays frozen. Empty for every other model."""
 
 
 @dataclass
@@ -110,6 +113,9 @@ class SampleConfig:
     evaluation means less noisy. The first image of each prompt is the same whatever this number."""
     batch_size: int = 8
     """Most images sampled (and scored) at once on one device; memory knob, does not change results."""
+    num_frames: int = 0
+    """Video models (Wan): frames per video, 1 more than a multiple of 4 (Wan's VAE: a first frame, then groups of
+    4); 0 is the model's default (Wan: 81). Image models: leave it at 0."""
 
 
 @dataclass
@@ -330,6 +336,24 @@ class AWMConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How a video run scores its clips with image rewards (a clip reward, see ``diffrl.rewards.video_reward``,
+    sees whole videos and ignores these)."""
+
+    frames: list[int] = field(default_factory=list)
+    """Indices of the frames an image reward scores, e.g. [0, -1] (negative from the end); empty: see every/num."""
+    every: int = 0
+    """Score every k-th frame from frame 0 (0: not this way)."""
+    num: int = 0
+    """Score n frames evenly spaced from the first to the last (1: the middle frame; 0: not this way). With none of
+    frames/every/num, every frame is scored."""
+    combine: str = "mean"
+    """How the scores of a video's frames become its reward: mean or min (the worst frame)."""
+    fps: int = 16
+    """Frames per second of the videos `diffrl sample` writes (Wan 2.1: 16)."""
+
+
+@dataclass
 class MonitorConfig:
     enabled: bool = True
     """Log the reward-hacking monitor at each evaluation: the training reward on the evaluation images (proxy)
@@ -422,6 +446,8 @@ class TrainConfig:
     """Advantage Weighted Matching settings."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Reward-hacking monitor logged at each evaluation."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Video models: which frames image rewards score, and how the frames' scores combine."""
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -586,6 +612,7 @@ RESUME_FREE_KEYS = frozenset(
         "monitor.feature_model",
         "monitor.min_change",
         "monitor.diversity_collapse",
+        "video.fps",  # only the frame rate of written videos
     }
 )
 
@@ -889,6 +916,7 @@ def validate(
     )
     need(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive.")
     _validate_monitor(cfg, given, need)
+    _validate_video(cfg, need)
     if cfg.algorithm == "flow_grpo":
         g = cfg.flow_grpo
         need(
@@ -1000,6 +1028,44 @@ def validate(
         need(
             r.denoise_weight >= 0,
             f"refl.denoise_weight={r.denoise_weight} must be at least 0 (0 turns the denoising regulariser off).",
+        )
+
+
+def _validate_video(cfg: TrainConfig, need) -> None:
+    """``sample.num_frames`` (Wan's frame rule), ``model.expert`` and the ``video`` section's frame choice."""
+    need(
+        cfg.model.expert in ("", "high", "low"),
+        f"model.expert={cfg.model.expert!r} must be high or low (Wan 2.2's two experts), or empty.",
+    )
+    f = cfg.sample.num_frames
+    need(
+        isinstance(f, int) and not isinstance(f, bool) and f >= 0,
+        f"sample.num_frames={f!r} must be 0 (the model's default) or a frame count such as 81.",
+    )
+    need(
+        f == 0 or (f - 1) % 4 == 0,
+        f"sample.num_frames={f} must be 1 more than a multiple of 4 for Wan's VAE; use "
+        f"{(f - 1) // 4 * 4 + 1} or {(f - 1) // 4 * 4 + 5}.",
+    )
+    v = cfg.video
+    ways = [n for n, val in (("frames", v.frames), ("every", v.every), ("num", v.num)) if val]
+    need(
+        len(ways) <= 1,
+        f"video.{' and video.'.join(ways)} are all set, but they are different ways of choosing frames; set one.",
+    )
+    need(
+        all(isinstance(i, int) and not isinstance(i, bool) for i in v.frames),
+        f"video.frames={v.frames!r} must be a list of frame indices, e.g. [0, -1].",
+    )
+    for name in ("every", "num"):
+        need(getattr(v, name) >= 0, f"video.{name}={getattr(v, name)} must be at least 0 (0: not used).")
+    need(v.fps >= 1, f"video.fps={v.fps} must be at least 1 (Wan 2.1: 16).")
+    need(v.combine in ("mean", "min"), f"video.combine={v.combine!r} must be mean or min.")
+    if f and v.frames:
+        bad = [i for i in v.frames if not -f <= i < f]
+        need(
+            not bad,
+            f"video.frames has index {bad[0] if bad else 0} outside a {f}-frame video; use -{f}..{f - 1}.",
         )
 
 

@@ -221,8 +221,8 @@ def iter_samples(
     batch_size: int = 4,
     progress: bool = False,
 ) -> Iterator[tuple[list[SampleInfo], torch.Tensor]]:
-    """Sample batch by batch: yields ``(infos, images)`` with images ``(b, 3, H, W)`` in [0, 1], float32, on the
-    model's device. Options as in :func:`sample_images`."""
+    """Sample batch by batch: yields ``(infos, images)`` with images ``(b, 3, H, W)`` (a video model's videos
+    ``(b, F, 3, H, W)``) in [0, 1], float32, on the model's device. Options as in :func:`sample_images`."""
     from tqdm.auto import tqdm
 
     from .samplers import rollout
@@ -457,6 +457,11 @@ def evaluate_model(
     for part, _ in reward.parts:  # missing reward weights fail here, before any sampling
         part.load(part.device if part.device is not None else model.device)
     meta = prompt_set.batch_metadata()
+    scorer = reward
+    if getattr(model, "is_video", False):  # videos: image rewards score every frame (the mean over frames)
+        from .rewards import for_video
+
+        scorer = for_video(reward)
     per_sample = getattr(reward, "per_sample", True)
     infos_all: list[SampleInfo] = []
     results, kept = [], []
@@ -465,7 +470,7 @@ def evaluate_model(
         rows = [i.prompt_index for i in infos]
         batch_meta = {k: [v[r] for r in rows] for k, v in meta.items()}
         with torch.no_grad():
-            return reward.evaluate(images, [i.prompt for i in infos], **batch_meta)
+            return scorer.evaluate(images, [i.prompt for i in infos], **batch_meta)
 
     for infos, images in iter_samples(
         model,
@@ -509,9 +514,24 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 class SampleWriter:
     """Writes each image as ``<index>.png`` with its line of ``samples.jsonl`` (file, prompt, seed, ...) as it comes;
-    :meth:`close` writes ``grid.png`` (the first :data:`GRID_MAX` images; a row per prompt when it has several)."""
+    :meth:`close` writes ``grid.png`` (the first :data:`GRID_MAX` images; a row per prompt when it has several).
 
-    def __init__(self, out_dir: str | Path, total: int, images_per_prompt: int = 1, grid_max: int = GRID_MAX):
+    Videos ``(b, F, 3, H, W)`` (``video=True``) are written as lossless animated WebP files ``<index>.webp`` at ``fps``
+    frames per second (with PIL; no video codec needed), and ``grid.png`` shows their middle frames."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        total: int,
+        images_per_prompt: int = 1,
+        grid_max: int = GRID_MAX,
+        *,
+        video: bool = False,
+        fps: int = 16,
+    ):
+        if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+            raise ValueError(f"fps={fps!r} must be a positive integer (Wan 2.1: 16).")
+        self.video, self.fps = video, fps
         self.out_dir = Path(out_dir)
         self.digits = max(5, len(str(max(total - 1, 0))))
         self.images_per_prompt = images_per_prompt
@@ -521,16 +541,36 @@ class SampleWriter:
         (self.out_dir / "samples.jsonl").write_text("")  # one line per image as it is written
 
     def file_name(self, index: int) -> str:
-        return f"{index:0{self.digits}d}.png"
+        return f"{index:0{self.digits}d}.{'webp' if self.video else 'png'}"
 
     def __call__(self, infos: list[SampleInfo], images: torch.Tensor) -> None:
         from PIL import Image
 
-        pixels = to_uint8(images)
+        if self.video != (images.ndim == 5):
+            raise ValueError(
+                f"this writer writes {'videos' if self.video else 'images'} but got a batch of shape "
+                f"{tuple(images.shape)}; make it with video={images.ndim == 5}."
+            )
+        if self.video:
+            frames = [to_uint8(v) for v in images]  # each (F, H, W, 3)
+            pixels = [f[f.shape[0] // 2] for f in frames]  # the middle frame, for the grid
+        else:
+            pixels = to_uint8(images)
         rows = []
-        for info, img in zip(infos, pixels, strict=True):
+        for i, (info, img) in enumerate(zip(infos, pixels, strict=True)):
             name = self.file_name(info.index)
-            Image.fromarray(img.numpy()).save(self.out_dir / name)
+            if self.video:
+                first, *rest = [Image.fromarray(f.numpy()) for f in frames[i]]
+                first.save(
+                    self.out_dir / name,
+                    save_all=True,
+                    append_images=rest,
+                    duration=round(1000 / self.fps),
+                    loop=0,
+                    lossless=True,
+                )
+            else:
+                Image.fromarray(img.numpy()).save(self.out_dir / name)
             rows.append({"file": name, **asdict(info)})
             if len(self.grid) < self.grid_limit:
                 self.grid.append(img)
@@ -579,13 +619,17 @@ def _prepare(options: dict[str, Any], dtype, device, prompts, prompt_key: str, l
     """Everything that needs no model, checked before it loads: ``(dtype, device, prompts, LoRA source)``."""
     check_sampling_options(  # the model's defaults are not known yet: placeholders that pass
         **{
-            **options,
+            **{k: v for k, v in options.items() if k != "num_frames"},
             "height": options["height"] or 8,
             "width": options["width"] or 8,
             "num_steps": 1 if options["num_steps"] is None else options["num_steps"],
             "guidance_scale": 1.0 if options["guidance_scale"] is None else options["guidance_scale"],
         }
     )
+    if options.get("num_frames") is not None:
+        from .models.wan import check_num_frames
+
+        check_num_frames(options["num_frames"])
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     prompt_set = resolve_prompts(prompts, allow_text=True, prompt_key=prompt_key)
@@ -599,6 +643,13 @@ def _load(spec: str, dtype, device, source: LoraSource | None, options: dict[str
 
     t0 = time.perf_counter()
     model = load_model(spec, dtype=dtype, device=device)
+    frames = options.pop("num_frames", None)
+    if frames is not None:
+        if not getattr(model, "is_video", False):
+            raise ValueError(
+                f"--num-frames {frames} is for video models, but {spec} makes images; leave it out."
+            )
+        model.num_frames = frames
     steps, guidance = sampling_defaults(spec, model)
     options = {
         **options,
@@ -610,7 +661,9 @@ def _load(spec: str, dtype, device, source: LoraSource | None, options: dict[str
     model.latent_shape(options["height"], options["width"])  # the model's own size check
     log(
         f"loaded {spec} ({model.family}, {str(dtype).removeprefix('torch.')}, {device}) in "
-        f"{time.perf_counter() - t0:.1f}s; images {options['width']}x{options['height']}, {options['num_steps']} "
+        f"{time.perf_counter() - t0:.1f}s; {'videos' if getattr(model, 'is_video', False) else 'images'} "
+        f"{options['width']}x{options['height']}"
+        f"{f' x {model.num_frames} frames' if getattr(model, 'is_video', False) else ''}, {options['num_steps']} "
         f"steps, guidance {options['guidance_scale']:g}"
     )
     if source is not None:
@@ -636,12 +689,15 @@ def run_sample(
     prompt_key: str = "prompt",
     progress: bool = True,
     log: Callable[[str], None] = log_line,
+    num_frames: int | None = None,
+    fps: int = 16,
 ) -> Path:
     """``diffrl sample``: load ``model`` (and ``lora``), sample ``prompts`` (files, ``hf:`` sources or texts) and
     write each image, ``samples.jsonl`` and ``grid.png`` into ``out`` (:class:`SampleWriter`); returns ``out``.
 
     Options left None take the model's defaults (:func:`sampling_defaults`, its native size). Every input is
-    checked before the model loads.
+    checked before the model loads. A video model (Wan) makes ``num_frames``-frame videos (default: the model's),
+    written as animated WebP files at ``fps``.
     """
     options = {
         "num_steps": num_steps,
@@ -651,17 +707,19 @@ def run_sample(
         "seed": seed,
         "images_per_prompt": images_per_prompt,
         "batch_size": batch_size,
+        "num_frames": num_frames,
     }
     dtype, device, prompt_set, source = _prepare(options, dtype, device, prompts, prompt_key, lora)
     out = prepare_out_dir(out)
     loaded, options = _load(model, dtype, device, source, options, log)
     n = len(prompt_set) * images_per_prompt
-    writer = SampleWriter(out, n, images_per_prompt)
+    writer = SampleWriter(out, n, images_per_prompt, video=getattr(loaded, "is_video", False), fps=fps)
     t0 = time.perf_counter()
     for infos, images in iter_samples(loaded, prompt_set, progress=progress, **options):
         writer(infos, images)
     writer.close()
-    log(f"{n} image{'s' * (n != 1)} in {time.perf_counter() - t0:.1f}s -> {out}")
+    kind = "video" if writer.video else "image"
+    log(f"{n} {kind}{'s' * (n != 1)} in {time.perf_counter() - t0:.1f}s -> {out}")
     return out
 
 
@@ -723,11 +781,14 @@ def run_eval(
     progress: bool = True,
     log: Callable[[str], None] = log_line,
     report: Callable[[str], None] = print,
+    num_frames: int | None = None,
+    fps: int = 16,
 ) -> dict[str, Any]:
     """``diffrl eval``: sample ``prompts`` as :func:`run_sample` does and score the images with ``rewards`` (see
     :func:`build_reward`); ``report`` gets each reward's mean, one line each. With ``out``, the images,
     ``samples.jsonl``, ``grid.png`` and ``eval.json`` (the settings, the means and every image's scores) are
-    written there. Returns what :func:`evaluate_model` returns."""
+    written there. Returns what :func:`evaluate_model` returns. A video model's image rewards score every frame
+    (the mean over frames)."""
     options = {
         "num_steps": num_steps,
         "guidance_scale": guidance_scale,
@@ -736,6 +797,7 @@ def run_eval(
         "seed": seed,
         "images_per_prompt": images_per_prompt,
         "batch_size": batch_size,
+        "num_frames": num_frames,
     }
     dtype, device, prompt_set, source = _prepare(options, dtype, device, prompts, prompt_key, lora)
     reward_kwargs = dict(reward_kwargs or {})
@@ -747,10 +809,12 @@ def run_eval(
     out = prepare_out_dir(out) if out else None
     loaded, options = _load(model, dtype, device, source, options, log)
     n = len(prompt_set) * images_per_prompt
-    writer = SampleWriter(out, n, images_per_prompt) if out is not None else None
+    video = getattr(loaded, "is_video", False)
+    writer = SampleWriter(out, n, images_per_prompt, video=video, fps=fps) if out is not None else None
     t0 = time.perf_counter()
     result = evaluate_model(loaded, prompt_set, reward, progress=progress, on_batch=writer, **options)
-    log(f"{n} image{'s' * (n != 1)} sampled and scored in {time.perf_counter() - t0:.1f}s")
+    kind = "video" if video else "image"
+    log(f"{n} {kind}{'s' * (n != 1)} sampled and scored in {time.perf_counter() - t0:.1f}s")
     for line in _result_lines(result):
         report(line)
     if writer is not None:
@@ -765,6 +829,7 @@ def run_eval(
             "rewards": rewards,
             "reward_kwargs": reward_kwargs,
             **options,
+            **({"num_frames": loaded.num_frames, "fps": fps} if video else {}),
         }
         (out / "eval.json").write_text(json.dumps({"settings": settings, **result}, indent=2, default=str))
         log(f"wrote {out / 'eval.json'}")

@@ -12,6 +12,7 @@ from .cache import CachedPairwiseReward, CachedReward, ScoreCache
 from .combine import CombinedReward
 from .pairwise import GroupWinRate, PairwiseReward
 from .registry import REWARDS, available_rewards, load_reward, register_reward
+from .video import FrameReward, VideoReward, for_video, select_frames, video_reward
 from .weights import HubFile, WeightsNotFoundError
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CachedPairwiseReward",
     "CachedReward",
     "CombinedReward",
+    "FrameReward",
     "FunctionReward",
     "GroupWinRate",
     "HubFile",
@@ -26,9 +28,13 @@ __all__ = [
     "Reward",
     "RewardOutput",
     "ScoreCache",
+    "VideoReward",
     "WeightsNotFoundError",
     "as_reward",
     "available_rewards",
+    "for_video",
     "load_reward",
     "register_reward",
+    "select_frames",
+    "video_reward",
 ]

@@ -38,7 +38,8 @@ class VelocityModel(Protocol):
 class RolloutOutput:
     """What a rollout produced (float32 throughout)."""
 
-    # (B, T+1, C, h, w) the trajectory, detached; latents[:, 0] is the initial noise
+    # (B, T+1, C, h, w) the trajectory, detached; latents[:, 0] is the initial noise (video models: every latent
+    # has a frame axis, (B, T+1, C, F', h, w); the log-probs average over it too)
     latents: torch.Tensor
     # (T+1,) the levels, sigmas[k] -> sigmas[k+1] is step k
     sigmas: torch.Tensor

@@ -63,7 +63,7 @@ def test_every_config_field_is_documented():
 
     from diffrl import config as c
 
-    assert len(c.config_classes()) == 10  # TrainConfig and its nine sections (monitor included)
+    assert len(c.config_classes()) == 11  # TrainConfig and its ten sections (monitor and video included)
     for cls in c.config_classes():
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]

@@ -18,7 +18,7 @@ def _add_common(p) -> None:
         "model",
         metavar="MODEL",
         help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64), "
-        "or tiny:sd3 / tiny:flux",
+        "or tiny:sd3 / tiny:flux / tiny:qwen_image / tiny:wan / tiny:wan22",
     )
     p.add_argument(
         "--lora",
@@ -57,6 +57,18 @@ def _add_common(p) -> None:
     )
     p.add_argument(
         "--dtype", default="float32", help="weights' dtype: float32, bf16 or fp16 (default float32)"
+    )
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="video models (Wan): frames per video, 1 more than a multiple of 4 (default: the model's, Wan 81)",
+    )
+    p.add_argument(
+        "--fps",
+        type=int,
+        default=16,
+        help="video models: frames per second of the written .webp files (default 16)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--prompt-key", default="prompt", help="the prompt field of .jsonl prompt files")
@@ -136,6 +148,8 @@ def _options(args) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "prompt_key": args.prompt_key,
         "progress": not args.no_progress,
+        "num_frames": args.num_frames,
+        "fps": args.fps,
     }
 
 

@@ -118,12 +118,17 @@ def locate_model(cfg, label: str) -> ModelLocation:
             )
     if spec.startswith("tiny:"):
         family = spec.split(":", 1)[1]
-        if family not in ("sd3", "flux"):
+        if family not in ("sd3", "flux", "qwen_image", "wan", "wan22"):
             return ModelLocation(
                 spec,
                 "tiny",
                 None,
-                Finding("model", "FAIL", f"{spec} is not a tiny model", "Use tiny:sd3 or tiny:flux."),
+                Finding(
+                    "model",
+                    "FAIL",
+                    f"{spec} is not a tiny model",
+                    "Use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:wan or tiny:wan22.",
+                ),
             )
         return ModelLocation(
             spec,

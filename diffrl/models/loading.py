@@ -14,6 +14,7 @@ from .flux import FluxModel
 from .flux2 import Flux2KleinModel, Flux2Model
 from .qwen_image import QwenImageModel
 from .sd3 import SD3Model
+from .wan import WanModel
 from .z_image import ZImageModel
 
 __all__ = [
@@ -33,6 +34,7 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     ZImageModel.pipeline_class_name: ZImageModel,
     Flux2Model.pipeline_class_name: Flux2Model,
     Flux2KleinModel.pipeline_class_name: Flux2KleinModel,
+    WanModel.pipeline_class_name: WanModel,
 }
 
 
@@ -82,6 +84,8 @@ def tiny_model_dir(spec: str) -> Path:
         "z_image": tiny.build_tiny_z_image,
         "flux2": tiny.build_tiny_flux2,
         "flux2_klein": tiny.build_tiny_flux2_klein,
+        "wan": tiny.build_tiny_wan,
+        "wan22": lambda path: tiny.build_tiny_wan(path, two_experts=True),
     }
     if family not in builders:
         raise ValueError(
@@ -166,6 +170,7 @@ def load_model(
         FluxPipeline,
         QwenImagePipeline,
         StableDiffusion3Pipeline,
+        WanPipeline,
         ZImagePipeline,
     )
 
@@ -176,6 +181,7 @@ def load_model(
         "z_image": ZImagePipeline,
         "flux2": Flux2Pipeline,
         "flux2_klein": Flux2KleinPipeline,
+        "wan": WanPipeline,
     }[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
@@ -190,9 +196,18 @@ def load_model(
 
 def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> FlowModel:
     """The model a run's ``model`` config section describes: ``path`` at ``dtype``, ``max_sequence_length`` T5 tokens
-    (0: the adapter's default) and the VAE in ``vae_dtype`` (see :func:`set_vae_dtype`)."""
+    (0: the adapter's default), the trained ``expert`` of a Wan 2.2 model, and the VAE in ``vae_dtype`` (see
+    :func:`set_vae_dtype`)."""
     kwargs = {"max_sequence_length": model_cfg.max_sequence_length} if model_cfg.max_sequence_length else {}
     model = load_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype), device=device, **kwargs)
+    expert = getattr(model_cfg, "expert", "")
+    if expert:
+        if not hasattr(model, "set_training_expert"):
+            raise ValueError(
+                f"model.expert={expert!r} chooses one of Wan 2.2's two experts, but {model_cfg.path} is a "
+                f"{model.family} model; leave it empty."
+            )
+        model.set_training_expert(expert)
     set_vae_dtype(model, model_cfg.vae_dtype)
     return model
 
@@ -216,10 +231,12 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
         AutoencoderKL,
         AutoencoderKLFlux2,
         AutoencoderKLQwenImage,
+        AutoencoderKLWan,
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
         QwenImageTransformer2DModel,
         SD3Transformer2DModel,
+        WanTransformer3DModel,
         ZImageTransformer2DModel,
     )
     from diffusers.configuration_utils import FrozenDict
@@ -234,6 +251,7 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "z_image": (ZImageTransformer2DModel, AutoencoderKL),
             "flux2": (Flux2Transformer2DModel, AutoencoderKLFlux2),
             "flux2_klein": (Flux2Transformer2DModel, AutoencoderKLFlux2),
+            "wan": (WanTransformer3DModel, AutoencoderKLWan),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))

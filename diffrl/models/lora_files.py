@@ -94,6 +94,16 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
     from diffusers.utils import logging as diffusers_logging
     from safetensors import safe_open
 
+    marker = source.path.parent / "diffrl_wan_expert.json"  # a LoRA of one of Wan 2.2's experts
+    if marker.is_file():
+        expert = json.loads(marker.read_text()).get("expert")
+        if not hasattr(model, "set_training_expert"):
+            raise ValueError(
+                f"{source.given} is a LoRA of Wan 2.2's {expert}-noise expert, but the model is a {model.family} "
+                "model; load it onto the Wan 2.2 checkpoint it was trained on."
+            )
+        if getattr(model, "expert", None) != expert:
+            model.set_training_expert(expert)
     transformer = model.transformer
     existing = set(getattr(transformer, "peft_config", {}) or {})
     adapter = next(f"lora_{k}" for k in range(len(existing) + 1) if f"lora_{k}" not in existing)
@@ -105,8 +115,13 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
         with warnings.catch_warnings():
             # diffrl's LoRAs carry exclude_modules in their metadata; PEFT warns when nothing matched it on loading
             warnings.filterwarnings("ignore", message=".*exclude_modules.*", category=UserWarning)
+            # a model whose trained transformer is the pipeline's second one (Wan 2.2's low-noise expert)
+            into_second = getattr(model.pipe, "transformer_2", None) is transformer
             model.pipe.load_lora_weights(
-                str(source.path.parent), weight_name=source.path.name, adapter_name=adapter
+                str(source.path.parent),
+                weight_name=source.path.name,
+                adapter_name=adapter,
+                **({"load_into_transformer_2": True} if into_second else {}),
             )
     except (RuntimeError, ValueError, KeyError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [
@@ -140,6 +155,8 @@ def _load_checkpoint(model, source: LoraSource) -> str:
 
     weights = load_file(str(source.path))
     mcfg = ((source.state or {}).get("config") or {}).get("model") or {}
+    if mcfg.get("expert"):  # Wan 2.2: the checkpoint trained one of the two experts
+        model.set_training_expert(mcfg["expert"])
     rank = int(mcfg.get("lora_rank", -1))
     if rank != 0:
         alpha = float(mcfg.get("lora_alpha", -1))

@@ -85,6 +85,8 @@ __all__ = [
     "build_tiny_flux2",
     "build_tiny_flux2_klein",
     "FLUX2_SCHEDULER_CONFIG",
+    "build_tiny_wan",
+    "WAN_SCHEDULER_SHIFT",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
 ]
@@ -946,6 +948,137 @@ def build_tiny_flux2(
             text_encoder=text_encoder,
             tokenizer=processor,
             transformer=transformer,
+        )
+    path = _prepare_dir(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.1 / 2.2 text-to-video
+# ----------------------------------------------------------------------------------------------
+
+#: Width of the tiny UMT5 text encoder (the Wan transformer's ``text_dim``).
+WAN_TEXT_D_MODEL = 32
+#: Static shift of the tiny Wan pipeline's Euler scheduler (Wan's ``flow_shift`` for 480p video).
+WAN_SCHEDULER_SHIFT = 3.0
+
+
+def _wan_transformer(latent_channels: int, num_layers: int, seed: int, component: str):
+    from diffusers import WanTransformer3DModel
+
+    _seed(seed, component)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,  # RoPE over (frame, row, col) splits it 4 + 4 + 4
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        text_dim=WAN_TEXT_D_MODEL,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    ).eval()
+
+
+def build_tiny_wan(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    latent_channels: int = 4,
+    two_experts: bool = False,
+    boundary_ratio: float = 0.875,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.WanPipeline` (Wan 2.1, or Wan 2.2 with two experts) and save it.
+
+    Components (all real library classes, float32, eval mode):
+
+    * ``transformer``: :class:`~diffusers.WanTransformer3DModel` (patch ``(1, 2, 2)``, 2 heads of width 12, 2 blocks,
+      ``text_dim`` 32); with ``two_experts`` a second one, ``transformer_2`` (the low-noise expert of Wan 2.2 A14B),
+      from its own seed, and the pipeline's ``boundary_ratio``: the first expert denoises while the timestep is at
+      least ``boundary_ratio * 1000``, the second below.
+    * ``text_encoder``: :class:`~transformers.UMT5EncoderModel` (2 layers of width 32) with the tiny T5 tokenizer of
+      :func:`~diffrl.tiny_tokenizers.tiny_t5_tokenizer`.
+    * ``vae``: :class:`~diffusers.AutoencoderKLWan` (base width 8, ``dim_mult=(1, 2, 4)``, both downsamplings also
+      temporal): 4x in space and 4x in time like Wan 2.1's 8x/4x, so ``num_frames`` follows Wan's rule
+      ``(F - 1) % 4 == 0`` and a ``F x 32 x 32`` video has latents ``(B, latent_channels, (F - 1) / 4 + 1, 8, 8)``;
+      the first ``latent_channels`` of Wan's per-channel ``latents_mean`` / ``latents_std``.
+    * ``scheduler``: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` with the static shift
+      :data:`WAN_SCHEDULER_SHIFT` (the released checkpoints ship ``UniPCMultistepScheduler`` with flow sigmas and
+      the same shift; diffrl's adapter reads either, and an Euler scheduler lets a test compare rollouts step by
+      step with the pipeline).
+
+    Args:
+        path: Output directory (created if needed).
+        seed: Seed of the random weights, in ``[0, 2**32)``; the global torch RNG state is left unchanged.
+        num_layers: Transformer blocks (per expert).
+        latent_channels: VAE latent channels (Wan 2.1 uses 16), at most 16.
+        two_experts: Build Wan 2.2's two-expert layout.
+        boundary_ratio: Wan 2.2's switch point (A14B text-to-video: 0.875); only with ``two_experts``.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if not 1 <= latent_channels <= 16:
+        raise ValueError(f"latent_channels must be in 1..16, got {latent_channels}")
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    latents_mean = list(params["latents_mean"].default)[:latent_channels]
+    latents_std = list(params["latents_std"].default)[:latent_channels]
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = tiny_t5_tokenizer()
+        config = UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=WAN_TEXT_D_MODEL,
+            d_kv=8,
+            d_ff=2 * WAN_TEXT_D_MODEL,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.1,
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+        _seed(seed, "text_encoder")
+        text_encoder = UMT5EncoderModel(config).eval()
+        transformer = _wan_transformer(latent_channels, num_layers, seed, "transformer")
+        transformer_2 = (
+            _wan_transformer(latent_channels, num_layers, seed, "transformer_2") if two_experts else None
+        )
+        _seed(seed, "vae")
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            z_dim=latent_channels,
+            dim_mult=[1, 2, 4],
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[True, True],
+            latents_mean=latents_mean,
+            latents_std=latents_std,
+            scale_factor_temporal=4,
+            scale_factor_spatial=4,
+        ).eval()
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=WAN_SCHEDULER_SHIFT)
+        pipe = WanPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio if two_experts else None,
         )
     path = _prepare_dir(path)
     pipe.save_pretrained(path)

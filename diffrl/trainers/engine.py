@@ -186,10 +186,46 @@ class Trainer:
 
             check_image_size(cfg.model.path, cfg.sample.height, cfg.sample.width)
         self.model = model if model is not None else self._load_model()
+        self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         setup_training_mode(self.model, cfg)
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
+
+    def _setup_video(self) -> None:
+        """A video model (an adapter with ``is_video``): ``sample.num_frames`` set on it, and the rewards made video
+        rewards (image rewards score the frames ``video`` chooses; a clip reward sees whole videos), said in one line."""
+        from ..config import ConfigError
+
+        cfg = self.cfg
+        if not getattr(self.model, "is_video", False):
+            if cfg.sample.num_frames:
+                raise ConfigError(
+                    f"sample.num_frames={cfg.sample.num_frames} is for video models, but {cfg.model.path} makes "
+                    "images; set it to 0."
+                )
+            return
+        from diffrl.rewards import for_video
+
+        if cfg.sample.num_frames:
+            self.model.num_frames = cfg.sample.num_frames
+        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
+            raise NotImplementedError(
+                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
+                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
+            )
+        v = cfg.video
+        options = dict(frames=v.frames or None, every=v.every, num=v.num, combine=v.combine)
+        same = self.eval_reward is self.reward
+        self.reward = for_video(self.reward, **options)
+        self.eval_reward = self.reward if same else for_video(self.eval_reward, **options)
+        describe = getattr(self.reward, "describe", None)
+        line = (
+            describe(self.model.num_frames)
+            if describe is not None
+            else f"reward {self.reward.name!r} scores whole clips of {self.model.num_frames} frames"
+        )
+        self.accelerator.print(f"[diffrl] video: {line}")
 
     def _setup_optimization(self) -> None:
         """The trainer's own set-up, FSDP sharding, the optimiser, scheduler and EMA, DeepSpeed's engine."""
@@ -423,6 +459,10 @@ class Trainer:
         metrics[f"reward/{self.reward.name}/std"] = (
             float(all_rewards.std(unbiased=False)) if all_rewards.numel() > 1 else 0.0
         )
+        # a video run's image reward: how many frames of each video it scored
+        frames = getattr(self.reward, "indices", None)
+        if frames is not None and getattr(self.model, "is_video", False):
+            metrics["reward/frames_scored"] = float(len(frames(self.model.num_frames)))
         return metrics
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -448,7 +488,12 @@ class Trainer:
         return self.dist.autocast(self.cfg.mixed_precision)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes)."""
+        """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes).
+
+        A model that trains only some noise levels (``model.trains_some_levels_only``: one of Wan 2.2's two experts)
+        gives losses without a graph at the other levels; they add no gradient and their backward is skipped."""
+        if not loss.requires_grad and getattr(self.model, "trains_some_levels_only", False):
+            return
         self.dist.backward(loss)
 
     def discard_gradients(self) -> None:

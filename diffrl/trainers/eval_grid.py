@@ -33,7 +33,11 @@ def save_eval_grid(
     title: str = "",
 ) -> Path:
     """Save ``images`` ``(N, 3, H, W)`` in [0, 1] as a captioned grid: each with its prompt and the scores of the first
-    three components, framed green/red by a pass/fail component when there is one."""
+    three components, framed green/red by a pass/fail component when there is one. Videos ``(N, F, 3, H, W)`` are drawn as
+    a strip of their first, middle and last frames."""
+    if images.ndim == 5:  # videos (N, F, 3, H, W): a strip of the first, middle and last frames
+        f = images.shape[1]
+        images = torch.cat([images[:, i] for i in sorted({0, f // 2, f - 1})], dim=-1)
     import matplotlib
 
     matplotlib.use("Agg")

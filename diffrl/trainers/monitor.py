@@ -52,7 +52,9 @@ _BINS = 8  # histogram: 8 bins of [0, 1] per channel (24 numbers)
 def image_features(images: torch.Tensor, kind: str = "pixels") -> torch.Tensor:
     """Float32 ``(B, D)`` features of images ``(B, 3, H, W)`` in [0, 1]: ``pixels``, the RGB means over an 8 x 8
     grid of equal cells (a thumbnail: layout and colour), or ``histogram``, each channel's fraction of pixels in 8
-    equal bins of [0, 1] (colour only, blind to where things are)."""
+    equal bins of [0, 1] (colour only, blind to where things are). Videos ``(B, F, 3, H, W)``: their middle frame."""
+    if images.ndim == 5:  # videos (B, F, 3, H, W): the middle frame
+        images = images[:, images.shape[1] // 2]
     if images.ndim != 4:
         raise ValueError(f"image_features needs images (B, C, H, W), got {tuple(images.shape)}.")
     x = images.detach().float().clamp(0, 1)

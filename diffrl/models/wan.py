@@ -1,0 +1,395 @@
+"""Adapter for Wan 2.1 / 2.2 text-to-video (``WanPipeline``): UMT5 prompt embeddings zero-padded to a fixed length,
+video latents ``(B, C, F', h, w)``, CFG with a negative prompt, a statically shifted flow-matching schedule, the 3-D
+causal VAE, and Wan 2.2's second (low-noise) expert ``transformer_2`` switched in below ``boundary_ratio``.
+
+Sources: diffusers' ``pipelines/wan/pipeline_wan.py`` (prompt padding, ``prepare_latents``' frame rule
+``F' = (F - 1) / 4 + 1``, the CFG combination, the expert switch ``t >= boundary_ratio * 1000``, the latent
+de-normalisation ``z * std + mean`` before decoding); the Wan report (arXiv:2503.20314, section 3) for the VAE's
+4x temporal / 8x spatial compression, and Wan 2.2's release notes for the two-expert (MoE) denoiser.
+
+How it departs from the pipeline:
+
+* the released checkpoints ship ``UniPCMultistepScheduler`` with flow sigmas; diffrl samples with its own Euler /
+  SDE / CPS steps on the *same levels* (:meth:`WanModel.schedule`), so a pipeline run with UniPC is not reproduced
+  step by step (a pipeline with ``FlowMatchEulerDiscreteScheduler``, as the tiny one, is);
+* with UniPC the pipeline feeds the transformer integer timesteps ``int(1000 s)``; the adapter feeds ``1000 s``
+  (less than one timestep apart), so the velocity is a smooth function of the level, as the samplers assume;
+* Wan 2.2's ``guidance_scale_2`` (the low-noise expert's CFG scale) is an attribute of the adapter, not an argument
+  of ``velocity``: ``WanModel.guidance_scale_2`` (default None: ``guidance_scale`` for both experts, as the pipeline);
+* a two-expert (Wan 2.2 A14B) model trains one expert per run (``expert="high"`` or ``"low"``, as the Wan 2.2 LoRA
+  recipes of DiffSynth-Studio and musubi-tuner train a high-noise and a low-noise LoRA separately); the other expert
+  stays frozen and its steps carry no gradient. Training both at once is not implemented.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..samplers import sigmas_from_scheduler_config
+from .base import Conditioning, FlowModel
+
+__all__ = ["WanModel", "WAN_EXPERT_FILE", "WAN_LORA_TARGETS", "check_num_frames", "unipc_flow_sigmas"]
+
+#: Written next to a LoRA of one of Wan 2.2's experts: ``{"expert": "high" | "low"}``.
+WAN_EXPERT_FILE = "diffrl_wan_expert.json"
+
+# The projections of both attentions of every block (self-attention ``attn1`` over the video tokens,
+# cross-attention ``attn2`` to the prompt), the LoRA targets of diffusers' Wan LoRA training examples.
+WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def check_num_frames(num_frames, temporal_factor: int = 4) -> int:
+    """``num_frames`` if the VAE can encode it (Wan's rule ``(F - 1) % 4 == 0``: a first frame, then groups of 4),
+    else a one-sentence ``ValueError`` naming the nearest valid counts."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r} must be a positive integer such as 81 (Wan's default).")
+    if (num_frames - 1) % temporal_factor:
+        lower = (num_frames - 1) // temporal_factor * temporal_factor + 1
+        raise ValueError(
+            f"num_frames={num_frames} must be 1 more than a multiple of {temporal_factor} for Wan's VAE; "
+            f"use {lower} or {lower + temporal_factor}."
+        )
+    return num_frames
+
+
+def unipc_flow_sigmas(
+    num_steps: int,
+    *,
+    flow_shift: float,
+    num_train_timesteps: int = 1000,
+    final_sigmas_type: str = "zero",
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``T + 1`` float32 levels of ``UniPCMultistepScheduler(use_flow_sigmas=True)`` (Wan's released scheduler):
+    ``linspace(1, 1/N, T + 1)[:-1]`` in float64, shifted statically ``shift * s / (1 + (shift - 1) * s)``, the first
+    level nudged to ``1 - 1e-6`` when it is 1, then the final level (0, or the last one for ``sigma_min``)."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(
+            f"num_steps={num_steps!r} must be a positive integer; pass the number of sampling steps."
+        )
+    sig = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)[:-1]
+    sig = flow_shift * sig / (1 + (flow_shift - 1) * sig)
+    if np.fabs(sig[0] - 1) < 1e-6:
+        sig[0] -= 1e-6
+    if final_sigmas_type == "zero":
+        last = 0.0
+    elif final_sigmas_type == "sigma_min":
+        last = sig[-1]
+    else:
+        raise ValueError(f"final_sigmas_type={final_sigmas_type!r} must be 'zero' or 'sigma_min'.")
+    sig = np.concatenate([sig, [last]]).astype(np.float32)
+    return torch.from_numpy(sig).to(device)
+
+
+class WanModel(FlowModel):
+    """Wan text-to-video: latents ``(B, C, F', h, w)`` with ``F' = (num_frames - 1) / 4 + 1``, decoded to videos
+    ``(B, num_frames, 3, H, W)`` in [0, 1].
+
+    ``num_frames`` is a setting of the adapter (default :attr:`default_num_frames`, 81 as the pipeline), read by
+    :meth:`latent_shape` and so by :meth:`sample_noise`; a run sets it from ``sample.num_frames``. Prompts are encoded
+    one at a time, cached without their padding, and zero-padded to ``max_sequence_length`` tokens as the pipeline
+    pads them (the transformer sees the padding, with no mask). CFG is ``v = v_u + w (v_c - v_u)`` when
+    ``guidance_scale > 1`` and the conditioning holds a negative prompt; both passes run as one batch.
+
+    With two experts (Wan 2.2 A14B), a sample whose timestep ``1000 s`` is at least ``boundary_ratio * 1000`` goes
+    through the pipeline's ``transformer`` (high noise), the others through ``transformer_2``; a batch of mixed levels
+    is split. :attr:`transformer` is the expert that trains (:meth:`set_training_expert`; the high-noise one until
+    then).
+    """
+
+    family = "wan"
+    pipeline_class_name = "WanPipeline"
+    is_video = True
+    uses_negative_prompt = True
+    guidance_is_cfg = True
+    default_num_steps = 50  # WanPipeline's defaults
+    default_guidance_scale = 5.0
+    default_num_frames = 81
+    default_lora_rank = 32
+    default_lora_alpha = 32
+    default_lora_targets = WAN_LORA_TARGETS
+    _num_frames = default_num_frames  # also for the size check on config files alone (check_image_size)
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        max_sequence_length: int = 512,
+        num_frames: int | None = None,
+        expert: str | None = None,
+        guidance_scale_2: float | None = None,
+        prompt_cache_size: int = 4096,
+    ):
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise NotImplementedError(
+                "Wan 2.2 TI2V (expand_timesteps=True, per-token timesteps) is not implemented in diffrl; "
+                "use a Wan 2.1 or Wan 2.2 A14B text-to-video checkpoint."
+            )
+        if pipe.transformer is None:
+            raise NotImplementedError(
+                "a Wan pipeline without its high-noise transformer is not supported; load one with `transformer`."
+            )
+        super().__init__(pipe, prompt_cache_size=prompt_cache_size)
+        if not 0 < max_sequence_length <= 1024:
+            raise ValueError(f"max_sequence_length={max_sequence_length!r} must be in 1..1024 for Wan.")
+        self.max_sequence_length = max_sequence_length
+        self.transformer_2 = getattr(pipe, "transformer_2", None)
+        self.high_noise_expert = pipe.transformer
+        self.expert: str | None = None
+        ratio = pipe.config.boundary_ratio
+        if (ratio is None) != (self.transformer_2 is None):
+            raise ValueError(
+                f"this Wan pipeline has boundary_ratio={ratio!r} but {'no' if self.transformer_2 is None else 'a'} "
+                "transformer_2; a two-expert (Wan 2.2) pipeline needs both."
+            )
+        self.boundary_timestep = (
+            None if ratio is None else ratio * self.scheduler_config["num_train_timesteps"]
+        )
+        self.scheduler_kind = type(pipe.scheduler).__name__
+        self._num_frames = self.default_num_frames
+        if num_frames is not None:
+            self.num_frames = num_frames
+        if expert is not None:
+            self.set_training_expert(expert)
+        if guidance_scale_2 is not None and self.transformer_2 is None:
+            raise ValueError(
+                f"guidance_scale_2={guidance_scale_2!r} is the CFG scale of Wan 2.2's low-noise expert, but this model "
+                "has one transformer; leave it unset."
+            )
+        #: Wan 2.2: the CFG scale of the low-noise expert's steps (None: the ``guidance_scale`` of the call)
+        self.guidance_scale_2 = guidance_scale_2
+
+    def set_training_expert(self, expert: str) -> None:
+        """Wan 2.2 (two experts): train the ``"high"``-noise expert (``transformer``, timesteps at least
+        ``boundary_ratio * 1000``) or the ``"low"``-noise one (``transformer_2``). :attr:`transformer` becomes that
+        expert: LoRA, full fine-tuning, gradient checkpointing, saving and the reference policy all apply to it; the
+        other expert stays frozen. A saved low-noise LoRA loads with ``pipe.load_lora_weights(path,
+        load_into_transformer_2=True)``."""
+        if self.transformer_2 is None:
+            raise ValueError(
+                f"expert={expert!r} chooses one of Wan 2.2's two experts, but this model has one transformer; "
+                "leave it unset."
+            )
+        if expert not in ("high", "low"):
+            raise ValueError(f"expert={expert!r} must be 'high' (transformer) or 'low' (transformer_2).")
+        if self._mode != "frozen":
+            raise ValueError("choose the expert before add_lora() or set_full_finetuning().")
+        self.expert = expert
+        self.transformer = self.high_noise_expert if expert == "high" else self.transformer_2
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def num_frames(self) -> int:
+        """Frames of the videos this adapter samples and decodes."""
+        return self._num_frames
+
+    @num_frames.setter
+    def num_frames(self, value: int) -> None:
+        self._num_frames = check_num_frames(value, self.temporal_factor)
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(getattr(self.vae.config, "scale_factor_temporal", None) or 4)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(getattr(self.vae.config, "scale_factor_spatial", None) or 8)
+
+    @property
+    def native_size(self) -> int:
+        """The pipeline's default height (480 pixels; its default width is 832)."""
+        return 480
+
+    @property
+    def trains_some_levels_only(self) -> bool:
+        """True when one of two experts trains: the other expert's levels give losses without a graph."""
+        return self.expert is not None and self._mode != "frozen"
+
+    @property
+    def num_experts(self) -> int:
+        return 1 if self.transformer_2 is None else 2
+
+    def latent_frames(self, num_frames: int | None = None) -> int:
+        """Latent frames ``(F - 1) / 4 + 1`` of a ``F``-frame video (default: :attr:`num_frames`)."""
+        f = self.num_frames if num_frames is None else check_num_frames(num_frames, self.temporal_factor)
+        return (f - 1) // self.temporal_factor + 1
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        patch = self.transformer.config.patch_size
+        self._check_size(height, width, f * patch[1])
+        return (self.transformer.config.in_channels, self.latent_frames(), height // f, width // f)
+
+    def schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The pipeline scheduler's levels: ``FlowMatchEulerDiscreteScheduler``'s static shift, or, for the released
+        ``UniPCMultistepScheduler`` with flow sigmas, :func:`unipc_flow_sigmas` with its ``flow_shift``."""
+        self.latent_shape(height, width)
+        cfg = self.scheduler_config
+        if self.scheduler_kind == "FlowMatchEulerDiscreteScheduler":
+            return sigmas_from_scheduler_config(cfg, num_steps, device=self.device)
+        if self.scheduler_kind == "UniPCMultistepScheduler" and cfg.get("use_flow_sigmas"):
+            for opt in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas"):
+                if cfg.get(opt):
+                    raise NotImplementedError(
+                        f"the Wan scheduler option {opt}={cfg.get(opt)!r} is not supported by diffrl's samplers; "
+                        "use Wan's released scheduler config."
+                    )
+            return unipc_flow_sigmas(
+                num_steps,
+                flow_shift=float(cfg.get("flow_shift", 1.0)),
+                num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                final_sigmas_type=cfg.get("final_sigmas_type", "zero"),
+                device=self.device,
+            )
+        raise NotImplementedError(
+            f"a Wan pipeline with {self.scheduler_kind} is not supported; use FlowMatchEulerDiscreteScheduler or "
+            "UniPCMultistepScheduler(use_flow_sigmas=True)."
+        )
+
+    # ------------------------------------------------------------------ text
+    def _encode_uncached(self, prompts):
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        rows = []
+        for prompt in prompts:
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=[prompt],
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+                device=self.device,
+            )
+            tokens = self.pipe.tokenizer(
+                [prompt_clean(prompt)],
+                padding="max_length",
+                max_length=self.max_sequence_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_attention_mask=True,
+            )
+            n = int(sum(tokens["attention_mask"][0]))
+            rows.append((embeds[0, :n].to(self.dtype),))  # the pipeline's padding is zeros: cached without it
+        return rows
+
+    def _pad(self, rows) -> torch.Tensor:
+        length = self.max_sequence_length
+        return torch.stack(
+            [torch.cat([r[0], r[0].new_zeros(length - r[0].shape[0], r[0].shape[1])]) for r in rows]
+        )
+
+    def _assemble(self, rows, negative_rows):
+        embeds = self._pad(rows)
+        cond = Conditioning(prompt_embeds=embeds, pooled=embeds.new_zeros(len(rows), 0))
+        if negative_rows is not None:
+            neg = self._pad(negative_rows)
+            cond.negative_prompt_embeds = neg
+            cond.negative_pooled = neg.new_zeros(len(rows), 0)
+        return cond
+
+    # ------------------------------------------------------------------ video
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, F', h, w)`` -> videos ``(B, F, 3, H, W)`` in [0, 1], float32, differentiable (the
+        pipeline's de-normalisation ``z * std + mean`` per channel, then the causal 3-D VAE)."""
+        if latents.ndim != 5:
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)}; Wan decodes video latents (B, C, frames, h, w)."
+            )
+        cfg = self.vae.config
+        z = latents.to(self.vae.dtype)
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    # ------------------------------------------------------------------ velocity
+    def _expert_mask(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``(B,)`` True where the high-noise expert denoises; None with one expert."""
+        if self.boundary_timestep is None:
+            return None
+        return t.float() >= self.boundary_timestep
+
+    def _run(self, transformer, hidden, t, embeds):
+        return transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[
+            0
+        ]
+
+    def _predict(self, hidden, t, embeds):
+        high = self._expert_mask(t)
+        if high is None or bool(high.all()):
+            return self._run(self.high_noise_expert, hidden, t, embeds)
+        if not bool(high.any()):
+            return self._run(self.transformer_2, hidden, t, embeds)
+        out = torch.empty_like(hidden)
+        for mask, transformer in ((high, self.high_noise_expert), (~high, self.transformer_2)):
+            out[mask] = self._run(transformer, hidden[mask], t[mask], embeds[mask]).to(out.dtype)
+        return out
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma,
+        cond: Conditioning,
+        guidance_scale: float = 5.0,
+        *,
+        detach_uncond: bool = False,
+    ) -> torch.Tensor:
+        """Velocity ``(B, C, F', h, w)`` in the model's dtype at level(s) ``sigma`` (a float or ``(B,)``), with CFG
+        when ``guidance_scale > 1`` and ``cond`` holds negative embeddings (Wan 2.2: the low-noise expert's samples
+        guided by :attr:`guidance_scale_2` when it is set); ``detach_uncond=True`` stops the gradient through the
+        unconditional prediction."""
+        batch = x.shape[0]
+        if x.ndim != 5:
+            raise ValueError(f"x has shape {tuple(x.shape)}; Wan takes video latents (B, C, frames, h, w).")
+        if len(cond) != batch:
+            raise ValueError(
+                f"cond holds {len(cond)} prompts but x has batch {batch}; encode one prompt per sample."
+            )
+        hidden = x.to(self.dtype)
+        # As the pipeline with its Euler scheduler: the timestep 1000 * s in float32.
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch) * 1000
+        embeds = cond.prompt_embeds
+        if not (guidance_scale > 1 and cond.negative_prompt_embeds is not None):
+            return self._predict(hidden, t, embeds)
+        out = self._predict(
+            torch.cat([hidden, hidden]), torch.cat([t, t]), torch.cat([cond.negative_prompt_embeds, embeds])
+        )
+        uncond, text = out.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
+        guided = uncond + guidance_scale * (text - uncond)
+        low = None if self.guidance_scale_2 is None else ~self._expert_mask(t)
+        if low is None or not bool(low.any()):
+            return guided
+        # as the pipeline: the low-noise expert's steps use guidance_scale_2
+        low_guided = uncond + self.guidance_scale_2 * (text - uncond)
+        return torch.where(low.view(-1, 1, 1, 1, 1), low_guided, guided)
+
+    # ------------------------------------------------------------------ training
+    def _refuse_two_experts(self, what: str) -> None:
+        if self.transformer_2 is not None and self.expert is None:
+            raise NotImplementedError(
+                f"{what} of both experts of a Wan 2.2 model at once is not implemented in diffrl; train one expert "
+                "per run: model.expert=high or model.expert=low (load_model(..., expert=...))."
+            )
+
+    def add_lora(self, *args, **kwargs) -> None:
+        """A PEFT LoRA on the transformer (default: r=32, alpha=32 on both attentions' q/k/v/out projections);
+        pass ``target_modules=WAN_LORA_TARGETS + ["ffn.net.0.proj", "ffn.net.2"]`` to adapt the feed-forward too.
+        Wan 2.2: on the expert chosen with :meth:`set_training_expert`."""
+        self._refuse_two_experts("LoRA training")
+        super().add_lora(*args, **kwargs)
+
+    def save_lora(self, save_directory, adapter_name: str = "default", state=None):
+        """The diffusers LoRA file (:meth:`FlowModel.save_lora`); for one of Wan 2.2's experts also
+        ``diffrl_wan_expert.json`` naming it, so diffrl's loader puts the LoRA back on that expert (a plain pipeline
+        needs ``load_into_transformer_2=True`` for the low-noise one)."""
+        import json
+
+        out = super().save_lora(save_directory, adapter_name=adapter_name, state=state)
+        if self.expert is not None:
+            (out / WAN_EXPERT_FILE).write_text(json.dumps({"expert": self.expert}) + "\n")
+        return out
+
+    def set_full_finetuning(self) -> None:
+        self._refuse_two_experts("full fine-tuning")
+        super().set_full_finetuning()
