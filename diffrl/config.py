@@ -334,10 +334,9 @@ class DPOConfig:
     mode: str = "online"
     """Where the preference pairs come from: online (sampled from the current policy every online_every steps and
     paired by the reward within each group) or offline (a preference dataset, dpo.dataset)."""
-    beta: float = 2000.0
-    """The DPO temperature on the per-sample mean squared velocity error (Flow-Factory's flow-matching default 2000;
-    Diffusion-DPO's SD1.5/SDXL runs use 2000-5000 on the noise error); larger keeps the model closer to the
-    reference."""
+    beta: float = 100.0
+    """The DPO temperature on the per-sample mean squared velocity error (the Flow-GRPO reference code's DPO runs:
+    100; Flow-Factory's default 2000); larger keeps the model closer to the reference."""
     num_train_timesteps: int = 1
     """Noise levels t per pair per step, each with fresh noise shared by the chosen and the rejected sample (the
     Diffusion-DPO and Flow-Factory recipes: 1)."""
@@ -769,6 +768,7 @@ _RANGES = [
     ("dpo.time_shift", lambda v: 0 < v < math.inf, "positive (1: no shift)"),
     ("dpo.online_every", _at_least(1), "at least 1 (1: new pairs every step)"),
     ("dpo.min_margin", lambda v: 0 <= v < math.inf, "at least 0 and finite (0: any strict preference)"),
+    ("dpo.pairs_per_step", _at_least(1), "at least 1"),
     ("monitor.min_change", _at_least(0), "at least 0 (0: any rise and fall)"),
     ("monitor.diversity_collapse", _in_unit, "in [0, 1) (0 turns the diversity warning off)"),
 ]

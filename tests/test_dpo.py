@@ -5,7 +5,6 @@ the latent cache), the config checks, and a slow learning run on the toy world."
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,7 @@ PRESET = ROOT / "configs" / "tiny" / "dpo.yaml"
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    old = os.environ.get("DIFFRL_CACHE")
-    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DIFFRL_CACHE", None)
-    else:
-        os.environ["DIFFRL_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_tiny_cache", "one_thread")
 
 
 def _overrides(out, *extra):
