@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from diffrl.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ["flow_grpo", "diffusion_nft", "refl", "awm"]
+ALGOS = ["flow_grpo", "diffusion_nft", "refl", "awm", "dpo"]
 PRESET = {a: ROOT / "configs" / "tiny" / f"{a}.yaml" for a in ALGOS}
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 LR = 1e-3  # optim.lr of the tiny presets
@@ -60,6 +60,8 @@ EXTRA = {
     ],
     # AWM: group advantages on the gathered rewards, levels and noise keyed by global rows, the EMA adapter
     "awm": [f"reward={{{GATED}: 1.0}}", "awm.kl_weight=0.01"],
+    # DPO: pairs formed within each process's whole groups, the loss averaged over the valid pairs of all processes
+    "dpo": [f"reward={{{GATED}: 1.0}}", "dpo.pairs=all"],
     # the reference options that keep the update independent of the process count: dropped zero-advantage samples
     # (each process drops its own), old log-probs recomputed in the training shapes, the EMA warm-up; DiffusionNFT's
     # per-sample levels and DPM-2 rollouts (both keyed by global rows)
@@ -255,6 +257,7 @@ FSDP_EXTRA = {
     "diffusion_nft": [f"reward={{{GATED}: 1.0}}", "ema_decay=0.5"],
     "refl": EXTRA["refl"],
     "awm": EXTRA["awm"],
+    "dpo": EXTRA["dpo"],
 }
 
 
