@@ -26,15 +26,17 @@ The pairs come from one of two places (``dpo.mode``):
 
 Sources and choices (details in docs/trainers/dpo.md):
 
-* beta and the timestep weighting: a constant ``beta`` on the per-sample *mean* squared velocity error, as
-  Flow-Factory's DPO trainer (``src/flow_factory/trainers/dpo.py``, default beta 2000) and diffusers' Diffusion-DPO
-  script (``examples/research_projects/diffusion_dpo``, ``-0.5 * beta_dpo`` on mean errors) do. The paper's
-  ``beta T w(lambda_t)`` with summed errors is the same loss with ``beta_sum = beta / (2 D)`` (D latent dimensions;
-  tested). Flow-DPO derives a time-dependent ``beta_t`` from the flow-matching ELBO and trains with a constant beta
-  *(verify)*; diffrl has no time-dependent weighting.
-* Levels: logit-normal (Flow-Factory's default, SD3's training distribution) or uniform (the paper's ``t ~ U``),
-  optionally shifted; the same level and noise for the two samples of a pair (the paper's shared ``t``; diffusers'
-  script repeats the noise for the pair).
+* beta and the timestep weighting: a constant ``beta`` on the per-sample *mean* squared velocity error, as the
+  Flow-GRPO repository's DPO script does (``yifan123/flow_grpo``, ``scripts/train_sd3_dpo.py``: ``-0.5 * beta`` on
+  per-sample means, ``config/dpo.py``: beta 100, diffrl's default), and so do Flow-Factory's DPO trainer
+  (``src/flow_factory/trainers/dpo.py``, default 2000) and diffusers' Diffusion-DPO script
+  (``examples/research_projects/diffusion_dpo``). The paper's ``beta T w(lambda_t)`` with summed errors is the same
+  loss with ``beta_sum = beta / (2 D)`` (D latent dimensions; tested). Flow-DPO derives a time-dependent ``beta_t``
+  from the flow-matching ELBO and trains with a constant beta *(verify)*; diffrl has no time-dependent weighting.
+* Levels: logit-normal (the Flow-GRPO script's and Flow-Factory's default, SD3's training distribution; the script
+  draws indices into the scheduler's shifted training timesteps, diffrl the continuous shifted level) or uniform
+  (the paper's ``t ~ U``); the same level and noise for the two samples of a pair (the paper's shared ``t``; both
+  scripts repeat the noise for the pair).
 * The trained velocity is CFG-free (guidance 1, or FLUX.1-dev's guidance embedding, which is not CFG), as
   Diffusion-DPO trains the conditional network. Online rollouts use ``sample.guidance_scale``.
 * Deviations: images are encoded to the VAE posterior's mean, not a sample (diffusers' script samples), so the cache
@@ -42,7 +44,8 @@ Sources and choices (details in docs/trainers/dpo.md):
   Invalid online pair slots (ties, margins not above ``min_margin``) are kept with weight 0, so every process runs
   the same forwards; the loss is the mean over the valid pairs of all processes. A step with no valid pair anywhere
   makes no update (``train/num_pairs = 0``).
-* Not implemented: the paper's SFT-loss mix, DPO variants (e.g. a linear utility or an EMA reference).
+* Not implemented: the paper's SFT-loss mix, a reference updated during training (the Flow-GRPO script's
+  ``ref_update_step``), DPO variants (e.g. a linear utility or an EMA reference).
 """
 
 from __future__ import annotations
