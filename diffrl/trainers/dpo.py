@@ -112,11 +112,12 @@ class DPOTrainer(Trainer):
         d, pairs = self.cfg.dpo, self.pairs
         n, per = len(pairs), d.pairs_per_step // self.world
         first = step * d.pairs_per_step + self.rank * per
-        idx = []
+        idx, orders = [], {}
         for slot in range(first, first + per):
             epoch, pos = divmod(slot, n)
-            order = np.random.default_rng([self.cfg.seed, _ORDER_KEY, epoch]).permutation(n)
-            idx.append(int(order[pos]))
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.cfg.seed, _ORDER_KEY, epoch]).permutation(n)
+            idx.append(int(orders[epoch][pos]))
         prompts = [pairs.prompts[i] for i in idx]
         return prompts, pairs.chosen[idx].to(self.device), pairs.rejected[idx].to(self.device)
 
