@@ -425,7 +425,7 @@ def _variants(slow: set[str]):
     ]
 
 
-# dpo's plain resume (about 20 s) is opt-in: dpo-options resumes mid-round, which covers more
+# dpo's plain resume is opt-in to keep dpo's default tests under 40 s: dpo-options resumes mid-round, which covers more
 @pytest.mark.parametrize("algo, extra", _variants({"dpo"}))
 def test_resume_is_bitwise_identical(algo, extra, tmp_path):
     full = build_trainer(
