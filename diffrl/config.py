@@ -32,6 +32,7 @@ __all__ = [
     "DiffusionNFTConfig",
     "ReFLConfig",
     "AWMConfig",
+    "DPOConfig",
     "MonitorConfig",
     "TrainConfig",
     "load_config",
@@ -44,7 +45,7 @@ __all__ = [
     "ALGORITHMS",
 ]
 
-ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl", "awm")
+ALGORITHMS = ("flow_grpo", "diffusion_nft", "refl", "awm", "dpo")
 
 
 class ConfigError(ValueError):
@@ -354,6 +355,51 @@ class VideoConfig:
 
 
 @dataclass
+class DPOConfig:
+    mode: str = "online"
+    """Where the preference pairs come from: online (sampled from the current policy every online_every steps and
+    paired by the reward within each group) or offline (a preference dataset, dpo.dataset)."""
+    beta: float = 100.0
+    """The DPO temperature on the per-sample mean squared velocity error (the Flow-GRPO reference code's DPO runs:
+    100; Flow-Factory's default 2000); larger keeps the model closer to the reference."""
+    num_train_timesteps: int = 1
+    """Noise levels t per pair per step, each with fresh noise shared by the chosen and the rejected sample (the
+    Diffusion-DPO and Flow-Factory recipes: 1)."""
+    timesteps: str = "logit_normal"
+    """How t is drawn per pair: logit_normal (sigmoid of a standard normal, shifted by time_shift; SD3's training
+    distribution, Flow-Factory's DPO default) or uniform (in (0, 1), Diffusion-DPO's)."""
+    time_shift: float = 1.0
+    """The shift s of t -> s t / (1 + (s - 1) t) applied to the drawn levels (1: none)."""
+    group_size: int = 8
+    """Online: images sampled per prompt (at least 2); pairs are formed within each group."""
+    prompts_per_step: int = 8
+    """Online: prompt groups sampled per sampling round, over all processes (a multiple of the number of
+    processes)."""
+    online_every: int = 1
+    """Online: sample new groups every this many steps; the steps in between train again on the last round's pairs
+    (with fresh levels and noise)."""
+    pairs: str = "best_worst"
+    """Online: best_worst (one pair per group, its best against its worst image) or all (every two images of a
+    group, the better one chosen)."""
+    min_margin: float = 0.0
+    """Online: a pair trains only when the chosen reward exceeds the rejected one by more than this (ties never
+    do)."""
+    solver: str = "euler"
+    """Online: the deterministic solver of the rollouts, euler or dpm2 (with sample.guidance_scale and
+    sample.num_steps)."""
+    dataset: str = ""
+    """Offline: a .jsonl file of {"prompt", "chosen", "rejected"} rows (image paths, or .safetensors/.pt latent
+    paths, relative to the file) or a Hugging Face datasets directory (save_to_disk) or data files (.parquet,
+    .arrow) of Pick-a-Pic style columns caption, jpg_0, jpg_1, label_0 (ties, label_0 = 0.5, are skipped)."""
+    pairs_per_step: int = 8
+    """Offline: preference pairs per training step, over all processes (a multiple of the number of processes);
+    the pairs are visited in a new random order every epoch."""
+    cache_dir: str = ""
+    """Offline: where the VAE latents of the dataset's images are cached, keyed by a fingerprint of the data, the
+    image size and the VAE weights (empty: output_dir), so a resumed run or a second epoch never encodes again."""
+
+
+@dataclass
 class MonitorConfig:
     enabled: bool = True
     """Log the reward-hacking monitor at each evaluation: the training reward on the evaluation images (proxy)
@@ -380,7 +426,7 @@ class MonitorConfig:
 @dataclass
 class TrainConfig:
     algorithm: str = "flow_grpo"
-    """Trainer: flow_grpo, diffusion_nft, refl or awm."""
+    """Trainer: flow_grpo, diffusion_nft, refl, awm or dpo."""
     output_dir: str = "runs/diffrl"
     """Run directory: config, metrics.jsonl, TensorBoard logs, checkpoints and the final LoRA."""
     seed: int = 0
@@ -444,6 +490,8 @@ class TrainConfig:
     """ReFL / DRaFT settings."""
     awm: AWMConfig = field(default_factory=AWMConfig)
     """Advantage Weighted Matching settings."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Diffusion-DPO settings."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Reward-hacking monitor logged at each evaluation."""
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -613,6 +661,7 @@ RESUME_FREE_KEYS = frozenset(
         "monitor.min_change",
         "monitor.diversity_collapse",
         "video.fps",  # only the frame rate of written videos
+        "dpo.cache_dir",
     }
 )
 
@@ -749,6 +798,12 @@ _RANGES = [
     ("awm.ema_kl_weight", _at_least(0), "at least 0 (0 keeps no EMA adapter)"),
     ("awm.ema_kl_rate", _at_least(0), "at least 0"),
     ("awm.ema_kl_cap", _in_unit, "in [0, 1)"),
+    ("dpo.beta", lambda v: 0 < v < math.inf, "positive and finite"),
+    ("dpo.num_train_timesteps", _at_least(1), "at least 1"),
+    ("dpo.time_shift", lambda v: 0 < v < math.inf, "positive (1: no shift)"),
+    ("dpo.online_every", _at_least(1), "at least 1 (1: new pairs every step)"),
+    ("dpo.min_margin", lambda v: 0 <= v < math.inf, "at least 0 and finite (0: any strict preference)"),
+    ("dpo.pairs_per_step", _at_least(1), "at least 1"),
     ("monitor.min_change", _at_least(0), "at least 0 (0: any rise and fall)"),
     ("monitor.diversity_collapse", _in_unit, "in [0, 1) (0 turns the diversity warning off)"),
 ]
@@ -861,11 +916,13 @@ def validate(
         or (cfg.algorithm == "diffusion_nft" and cfg.diffusion_nft.kl_weight > 0)
         or (cfg.algorithm == "refl" and cfg.refl.kl_weight > 0)
         or (cfg.algorithm == "awm" and cfg.awm.kl_weight > 0)
+        or cfg.algorithm == "dpo"
     )
     need(
         not (cfg.model.lora_rank == 0 and reference),
         "model.lora_rank=0 (full fine-tuning) has no base model to regularise towards; set the KL weight "
-        "(flow_grpo.kl_beta / diffusion_nft.kl_weight / refl.kl_weight / awm.kl_weight) to 0 or train a LoRA.",
+        "(flow_grpo.kl_beta / diffusion_nft.kl_weight / refl.kl_weight / awm.kl_weight) to 0 or train a LoRA "
+        "(dpo always needs its reference, the model with the LoRA off).",
     )
     need(
         cfg.model.dtype in ("float32", "bfloat16", "float16"),
@@ -1013,6 +1070,8 @@ def validate(
         )
     elif cfg.algorithm == "awm":
         _validate_awm(cfg, num_processes, need)
+    elif cfg.algorithm == "dpo":
+        _validate_dpo(cfg, num_processes, need)
     else:
         r = cfg.refl
         need(
@@ -1123,4 +1182,40 @@ def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
             f"awm.first_level={a.first_level} leaves no level to train: the levels drawn from are indices "
             f"[first_level, int(sample.num_steps * awm.timestep_fraction)) = [{a.first_level}, {last}); lower "
             "awm.first_level or raise awm.timestep_fraction or sample.num_steps.",
+        )
+
+
+def _validate_dpo(cfg: TrainConfig, num_processes: int, need) -> None:
+    """The ``dpo`` section's choices and sizes (its numeric ranges are in ``_RANGES``)."""
+    d = cfg.dpo
+    need(d.mode in ("online", "offline"), f"dpo.mode={d.mode!r} must be online or offline.")
+    need(
+        d.timesteps in ("logit_normal", "uniform"),
+        f"dpo.timesteps={d.timesteps!r} must be logit_normal or uniform.",
+    )
+    need(d.pairs in ("best_worst", "all"), f"dpo.pairs={d.pairs!r} must be best_worst or all.")
+    need(d.solver in ("euler", "dpm2"), f"dpo.solver={d.solver!r} must be euler or dpm2.")
+    if d.mode == "online":
+        need(
+            d.group_size >= 2,
+            f"dpo.group_size={d.group_size} must be at least 2 (a pair compares two images of a prompt).",
+        )
+        need(
+            d.prompts_per_step % num_processes == 0 and d.prompts_per_step >= 1,
+            f"dpo.prompts_per_step={d.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
+        )
+        need(
+            d.online_every == 1 or num_processes == 1,
+            f"dpo.online_every={d.online_every} keeps each process's pairs between rounds, which a checkpoint holds "
+            f"for one process only, and this launch has {num_processes}; set dpo.online_every=1 or use one process.",
+        )
+    else:
+        need(
+            bool(d.dataset),
+            "dpo.mode=offline needs dpo.dataset, a preference .jsonl file or a datasets directory; set it or use "
+            "dpo.mode=online.",
+        )
+        need(
+            d.pairs_per_step % num_processes == 0 and d.pairs_per_step >= 1,
+            f"dpo.pairs_per_step={d.pairs_per_step} must be a positive multiple of the {num_processes} processes.",
         )

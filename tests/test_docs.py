@@ -28,6 +28,7 @@ TRAINER_PAGES = {
     "diffusion_nft": (c.DiffusionNFTConfig, DOCS / "trainers" / "diffusion_nft.md"),
     "refl": (c.ReFLConfig, DOCS / "trainers" / "refl.md"),
     "awm": (c.AWMConfig, DOCS / "trainers" / "awm.md"),
+    "dpo": (c.DPOConfig, DOCS / "trainers" / "dpo.md"),
 }
 
 

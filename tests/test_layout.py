@@ -27,6 +27,7 @@ ALGORITHMS = (
     "diffrl.trainers.diffusion_nft",
     "diffrl.trainers.refl",
     "diffrl.trainers.awm",
+    "diffrl.trainers.dpo",
 )
 
 
@@ -241,6 +242,7 @@ TRAINERS_LAYERS = {
     "zero": 0,
     "tracking": 0,
     "monitor": 0,
+    "preferences": 0,
     "distributed": 1,
     "evaluation": 1,
     "checkpoints": 2,
@@ -249,6 +251,7 @@ TRAINERS_LAYERS = {
     "diffusion_nft": 4,
     "refl": 4,
     "awm": 4,
+    "dpo": 4,
 }
 
 

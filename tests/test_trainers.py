@@ -19,7 +19,7 @@ from diffrl.train import build_trainer
 from diffrl.trainers.engine import TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ["flow_grpo", "diffusion_nft", "refl", "awm"]
+ALGOS = ["flow_grpo", "diffusion_nft", "refl", "awm", "dpo"]
 PRESET = {a: ROOT / "configs" / "tiny" / f"{a}.yaml" for a in ALGOS}
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 
@@ -63,7 +63,7 @@ def test_every_config_field_is_documented():
 
     from diffrl import config as c
 
-    assert len(c.config_classes()) == 11  # TrainConfig and its ten sections (monitor and video included)
+    assert len(c.config_classes()) == 12  # TrainConfig and its eleven sections (monitor, video and dpo included)
     for cls in c.config_classes():
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
@@ -220,9 +220,9 @@ def test_cli_exits_nonzero_with_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 @pytest.mark.parametrize(
-    # awm's two CLI runs (25-30 s each) are opt-in (--run-slow) to keep its default tests short
+    # awm's and dpo's two CLI runs (25-30 s each) are opt-in (--run-slow) to keep their default tests short
     "algo",
-    [a if a != "awm" else pytest.param(a, marks=pytest.mark.slow) for a in ALGOS],
+    [a if a not in ("awm", "dpo") else pytest.param(a, marks=pytest.mark.slow) for a in ALGOS],
 )
 def test_cli_run_moves_every_weight_logs_metrics_and_writes_a_loadable_lora(algo, family, tmp_path):
     out = tmp_path / "run"
@@ -391,6 +391,18 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ),
     # Pref-GRPO: advantages from the win rates within each group
     ("flow_grpo", ("flow_grpo.advantage=winrate",)),
+    # DPO: pairs kept between sampling rounds (the resume at step 2 lands mid-round), all pairs with a margin,
+    # uniform shifted levels
+    (
+        "dpo",
+        (
+            "dpo.online_every=3",
+            "dpo.pairs=all",
+            "dpo.min_margin=0.001",
+            "dpo.timesteps=uniform",
+            "dpo.time_shift=3.0",
+        ),
+    ),
 ]
 VARIANT_IDS = [
     *ALGOS,
@@ -401,10 +413,20 @@ VARIANT_IDS = [
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",
+    "dpo-options",
 ]
 
 
-@pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
+def _variants(slow: set[str]):
+    """VARIANTS as parameters, the ones named in ``slow`` opt-in (--run-slow) to keep the default tests short."""
+    return [
+        pytest.param(a, e, id=i, marks=[pytest.mark.slow] if i in slow else [])
+        for (a, e), i in zip(VARIANTS, VARIANT_IDS, strict=True)
+    ]
+
+
+# dpo's plain resume is opt-in to keep dpo's default tests under 40 s: dpo-options resumes mid-round, which covers more
+@pytest.mark.parametrize("algo, extra", _variants({"dpo"}))
 def test_resume_is_bitwise_identical(algo, extra, tmp_path):
     full = build_trainer(
         PRESET[algo],
@@ -455,7 +477,7 @@ def _one_step_per_micro_batch(algo: str, tmp_path: Path, *extra: str):
     return before, results
 
 
-@pytest.mark.parametrize("algo, extra", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("algo, extra", _variants({"dpo-options"}))
 def test_micro_batch_size_does_not_change_the_update(algo, extra, tmp_path):
     _, results = _one_step_per_micro_batch(algo, tmp_path, *extra)
     # forward batches of 1 vs 4 rows differ in the last bits, which Adam can turn into a few percent of one step
@@ -515,7 +537,7 @@ def test_python_api_with_a_plain_function_reward(tmp_path):
     assert "reward/darkness/mean" in metrics
 
 
-@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "awm"])
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "awm", "dpo"])
 def test_sampling_chunk_size_and_background_scoring_do_not_change_the_update(algo, tmp_path):
     # sample.batch_size=2 samples in 4 chunks, each scored in a background thread; 8 samples everything at once
     results = []

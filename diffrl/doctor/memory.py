@@ -232,6 +232,7 @@ def estimate_memory(
     cfg_sd3 = facts["family"] == "sd3" and cfg.algorithm not in ("diffusion_nft", "awm") and s.guidance_scale > 1
     c = 2 if cfg_sd3 else 1
     k = cfg.refl.grad_steps if cfg.algorithm == "refl" else 1
+    k = 2 if cfg.algorithm == "dpo" else k  # a DPO pass holds the chosen and the rejected rows of each pair
     per_sample = c * tokens * d * a
     if m.gradient_checkpointing:
         train_act = k * o.train_batch_size * per_sample * (facts["blocks"] + _ACT_PER_BLOCK)
@@ -249,6 +250,11 @@ def estimate_memory(
         n_local, stored = n.prompts_per_step // world * n.group_size, latent
     elif cfg.algorithm == "awm":
         n_local, stored = cfg.awm.prompts_per_step // world * cfg.awm.group_size, latent
+    elif cfg.algorithm == "dpo":
+        d = cfg.dpo
+        online = d.mode == "online"
+        n_local = d.prompts_per_step // world * d.group_size if online else 2 * (d.pairs_per_step // world)
+        stored = latent
     else:
         n_local, stored = cfg.refl.prompts_per_step // world, latent
     buffers = n_local * (l_txt * facts["text_width"] * b_w * (2 if cfg_sd3 else 1) + stored)

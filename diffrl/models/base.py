@@ -4,7 +4,7 @@ An adapter wraps a loaded diffusers pipeline and gives the trainers and samplers
 
 * ``encode(prompts) -> Conditioning`` (text encoders frozen, results cached per prompt string),
 * ``velocity(x, sigma, cond, guidance_scale) -> v`` (the transformer's flow-matching velocity),
-* ``decode(latents) -> images`` in [0, 1], differentiable,
+* ``decode(latents) -> images`` in [0, 1], differentiable, and its inverse ``encode_images(images) -> latents``,
 * ``schedule(num_steps, height, width)`` and ``sample_noise(batch, height, width, generator)``,
 * ``add_lora(...)`` / ``set_full_finetuning()``, ``disable_adapter()`` (the base model as reference policy),
   ``save_lora(dir)`` in the diffusers LoRA format, ``enable_gradient_checkpointing()``.
@@ -273,6 +273,25 @@ class FlowModel:
             z = z + cfg.shift_factor
         images = self.vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] -> latents ``(B, C, h, w)`` in float32, the inverse of :meth:`decode`:
+        the VAE posterior's mean (not a sample, so a cached encoding is the encoding), shifted and scaled by the
+        VAE config's factors. No gradient (preference data and other given images are targets).
+
+        An adapter that decodes its own way (another VAE) must encode its own way too; it raises until it does."""
+        if type(self).decode is not FlowModel.decode:
+            raise NotImplementedError(
+                f"{type(self).__name__} decodes latents its own way and has no encode_images yet; implement it as "
+                "the inverse of its decode."
+            )
+        cfg = self.vae.config
+        with torch.no_grad():
+            x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
+            z = self.vae.encode(x).latent_dist.mode()
+            if getattr(cfg, "shift_factor", None) is not None:
+                z = z - cfg.shift_factor
+            return (z * cfg.scaling_factor).float()
 
     # ------------------------------------------------------------------ training modes
     def enable_gradient_checkpointing(self) -> None:

@@ -126,6 +126,17 @@ class QwenImageModel(FlowModel):
         images = self.vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] -> latents ``(B, C, h, w)`` in float32, the inverse of :meth:`decode`:
+        the posterior mean of the one-frame video, normalised ``(z - mean) / std`` per channel; no gradient."""
+        cfg = self.vae.config
+        with torch.no_grad():
+            x = (images.to(self.vae.device, self.vae.dtype) * 2 - 1).unsqueeze(2)
+            z = self.vae.encode(x).latent_dist.mode()
+            mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+            std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+            return ((z - mean) / std)[:, :, 0].float()
+
     # ------------------------------------------------------------------ velocity
     def _transformer(self, hidden, t, embeds, mask, h, w):
         if mask is not None and bool(mask.all()):

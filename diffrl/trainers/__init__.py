@@ -14,6 +14,7 @@ TRAINERS = {
     "diffusion_nft": "diffrl.trainers.diffusion_nft:DiffusionNFTTrainer",
     "refl": "diffrl.trainers.refl:ReFLTrainer",
     "awm": "diffrl.trainers.awm:AWMTrainer",
+    "dpo": "diffrl.trainers.dpo:DPOTrainer",
 }
 
 

@@ -13,6 +13,8 @@
 * :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
 * :func:`denoising_loss`: the rectified-flow (pre-training) loss, ReFL's optional regulariser.
 * :func:`awm_weights`, :func:`awm_matching_loss`, :func:`awm_loss`: Advantage Weighted Matching.
+* :func:`flow_dpo_loss`, :func:`preference_pairs`: Diffusion-DPO on the flow-matching error (Wallace et al., arXiv
+  2311.12908; Flow-DPO of arXiv 2501.13918) and the online pairs from rewards within each group.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ __all__ = [
     "awm_weights",
     "awm_matching_loss",
     "awm_loss",
+    "DPOStats",
+    "flow_dpo_loss",
+    "preference_pairs",
 ]
 
 
@@ -449,3 +454,120 @@ def awm_loss(matching: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if m.shape != w.shape:
         raise ValueError(f"matching {tuple(m.shape)} and weights {tuple(w.shape)} must both be (B,).")
     return (w * m).mean()
+
+
+@dataclass
+class DPOStats:
+    """Per-pair quantities of :func:`flow_dpo_loss`, all float32 ``(P,)`` and detached except ``loss``."""
+
+    loss: torch.Tensor  # (P,) -log sigmoid(z), with grad
+    z: (
+        torch.Tensor
+    )  # (P,) the logit: implicit reward of the chosen sample minus the rejected one's (the margin)
+    model_err_chosen: torch.Tensor  # (P,) mean_d (v_theta(x_w) - (eps - x0_w))^2
+    model_err_rejected: torch.Tensor  # (P,) the same for the rejected sample
+    ref_err_chosen: torch.Tensor  # (P,) the reference (adapter off) model's error on the chosen sample
+    ref_err_rejected: torch.Tensor  # (P,) and on the rejected one
+
+
+def flow_dpo_loss(
+    v_chosen: torch.Tensor,
+    v_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    x0_chosen: torch.Tensor,
+    x0_rejected: torch.Tensor,
+    eps: torch.Tensor,
+    beta: float,
+) -> DPOStats:
+    """Diffusion-DPO's loss on the flow-matching (velocity) error, per pair, in float32.
+
+    For a pair (chosen ``w``, rejected ``l``) noised at the same level ``t`` with the same ``eps``,
+    ``x_t = (1 - t) x0 + t eps``, the target velocity ``eps - x0`` and the per-sample error
+    ``e(v) = mean_d (v - (eps - x0))^2``:
+
+        z    = -(beta / 2) * [ (e(v_w) - e(v_ref,w)) - (e(v_l) - e(v_ref,l)) ]
+        loss = -log sigmoid(z)
+
+    This is the Diffusion-DPO objective (Wallace et al., arXiv 2311.12908, eq. 14: ``-log sigmoid(-beta T w(lambda_t)
+    (...))`` with the noise error replaced by the velocity error, as Flow-DPO, arXiv 2501.13918, does) with the
+    squared norms taken as means over the ``D`` latent dimensions and the constant ``T w(lambda_t)`` folded into
+    ``beta / 2``: with sums the same loss has ``beta_sum = beta / (2 D)``. ``z`` is the difference of the implicit
+    rewards ``r = -(beta / 2) (e(v_theta) - e(v_ref))`` of the two samples; when the trained model equals the reference
+    ``z = 0`` and the loss is ``log 2``. ``v_*`` are predictions at ``x_t`` of the chosen/rejected latents; the
+    reference predictions, latents and noise are targets (no gradient flows into them).
+    """
+    shapes = {
+        tuple(t.shape) for t in (v_chosen, v_rejected, ref_chosen, ref_rejected, x0_chosen, x0_rejected, eps)
+    }
+    if len(shapes) != 1:
+        raise ValueError(
+            f"the velocities, latents and noise of flow_dpo_loss must share one shape, got {sorted(shapes)}."
+        )
+    if not beta > 0:
+        raise ValueError(f"beta={beta} must be positive.")
+    eps = eps.detach().float()
+    dims = tuple(range(1, v_chosen.ndim))
+
+    def err(v, x0):
+        return ((v.float() - (eps - x0.detach().float())) ** 2).mean(dim=dims)
+
+    m_w, m_l = err(v_chosen, x0_chosen), err(v_rejected, x0_rejected)
+    r_w, r_l = err(ref_chosen.detach(), x0_chosen), err(ref_rejected.detach(), x0_rejected)
+    z = -0.5 * beta * ((m_w - r_w) - (m_l - r_l))
+    loss = torch.nn.functional.softplus(-z)  # = -log sigmoid(z), stable for any z
+    return DPOStats(
+        loss=loss,
+        z=z.detach(),
+        model_err_chosen=m_w.detach(),
+        model_err_rejected=m_l.detach(),
+        ref_err_chosen=r_w,
+        ref_err_rejected=r_l,
+    )
+
+
+def preference_pairs(
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, mode: str = "best_worst", min_margin: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preference pairs from the rewards of groups of samples of one prompt: ``(chosen, rejected, valid)``, index
+    tensors ``(P,)`` into ``rewards`` and a bool mask.
+
+    * ``best_worst``: one pair slot per group, in order of the groups' first rows: its highest reward against its
+      lowest (the first row of each on ties), as online DPO recipes pair a group (Flow-Factory's DPO trainer);
+    * ``all``: a slot for every two rows ``i < j`` of a group, the higher reward chosen (``i`` on a tie).
+
+    A slot is valid when the chosen reward exceeds the rejected one by more than ``min_margin`` (so a tie never makes
+    a pair). Invalid slots are kept, masked, so that every process trains the same number of pairs.
+    """
+    if mode not in ("best_worst", "all"):
+        raise ValueError(f"mode={mode!r} is not known; use best_worst or all.")
+    r = rewards.detach().double()
+    if r.ndim != 1 or group_ids.shape != r.shape:
+        raise ValueError(
+            f"rewards {tuple(r.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)."
+        )
+    order: list[int] = []
+    rows: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids.tolist()):
+        if g not in rows:
+            order.append(g)
+            rows[g] = []
+        rows[g].append(i)
+    chosen, rejected = [], []
+    for g in order:
+        idx = rows[g]
+        if mode == "best_worst":
+            vals = r[idx]
+            chosen.append(idx[int(torch.argmax(vals))])
+            rejected.append(idx[int(torch.argmin(vals))])
+        else:
+            for a in range(len(idx)):
+                for b in range(a + 1, len(idx)):
+                    i, j = idx[a], idx[b]
+                    hi, lo = (i, j) if r[i] >= r[j] else (j, i)
+                    chosen.append(hi)
+                    rejected.append(lo)
+    c = torch.tensor(chosen, dtype=torch.long)
+    rj = torch.tensor(rejected, dtype=torch.long)
+    valid = (r[c] - r[rj]) > min_margin if len(chosen) else torch.zeros(0, dtype=torch.bool)
+    return c, rj, valid.cpu()
