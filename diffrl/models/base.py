@@ -146,6 +146,30 @@ class FlowModel:
     default_lora_rank: int = 32
     default_lora_alpha: int = 64
     default_lora_targets: list[str] | str = []
+    # Text tokens per prompt the transformer attends to, as `diffrl doctor`'s memory estimate counts them (an upper
+    # bound where a family pads to a maximum length).
+    memory_text_tokens: int = 0
+
+    # ------------------------------------------------------------------ sizes from config files (no model built)
+    # The memory estimate (diffrl.doctor.memory) reads these from a pipeline's config.json files, so a family's
+    # geometry lives with its adapter and the estimate has no family branches.
+    @classmethod
+    def token_patch_size(cls, transformer_config: dict) -> int:
+        """Latent pixels per side of one image token: 2 (2x2 latent patches packed into a token)."""
+        return 2
+
+    @classmethod
+    def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
+        """``(downsampling factor, channels of the decoder's full-resolution blocks, latent channels)`` from the
+        VAE's config (``AutoencoderKL``: ``block_out_channels``, ``latent_channels``)."""
+        channels = vae_config["block_out_channels"]
+        return 2 ** (len(channels) - 1), int(channels[0]), int(vae_config.get("latent_channels", 16))
+
+    @classmethod
+    def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
+        """Modules left out of the default LoRA because they would get no gradient, named from the transformer's
+        config (the same names ``_unused_lora_modules`` finds on a loaded model). None by default."""
+        return []
 
     def __init__(self, pipe, *, prompt_cache_size: int = 4096):
         self.pipe = pipe

@@ -43,6 +43,23 @@ class QwenImageModel(FlowModel):
     default_lora_rank = 64
     default_lora_alpha = 128
     default_lora_targets = QWEN_IMAGE_LORA_TARGETS
+    # The pipeline pads a batch to its longest prompt, at most max_sequence_length (512): the estimate's upper bound.
+    memory_text_tokens = 512
+
+    @classmethod
+    def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
+        """AutoencoderKLQwenImage: one spatial halving per ``temperal_downsample`` entry, full-resolution decoder
+        blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels."""
+        factor = 2 ** len(vae_config["temperal_downsample"])
+        channels = int(vae_config["base_dim"]) * int(vae_config["dim_mult"][0])
+        return factor, channels, int(vae_config["z_dim"])
+
+    @classmethod
+    def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
+        # The last block's text stream is computed but dropped (the model outputs the image tokens only): a LoRA
+        # on its text queries or its text output projection would never receive a gradient.
+        last = int(transformer_config["num_layers"]) - 1
+        return [f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out"]
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, prompt_cache_size: int = 4096):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
@@ -62,10 +79,7 @@ class QwenImageModel(FlowModel):
         return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
 
     def _unused_lora_modules(self) -> list[str]:
-        # The last block's text stream is computed but dropped (the model outputs the image tokens only): a LoRA
-        # on its text queries or its text output projection would never receive a gradient.
-        last = len(self.transformer.transformer_blocks) - 1
-        return [f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out"]
+        return self.unused_lora_modules_in(dict(self.transformer.config))
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, prompts):
