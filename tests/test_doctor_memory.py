@@ -95,3 +95,21 @@ def test_qwen_image_activations_and_buffers_equal_the_formula():
         )
     )
     assert nft.activations == max(per_sample * (60 + 16), 4 * per_sample * 16 + 4 * 512 * 512 * 96 * 2 * 3)
+
+
+def test_launch_page_table_is_what_the_generator_renders_now():
+    """docs/launch.md's "What fits on one GPU" table is the estimate's output now (regenerate it with
+    ``python docs/gen_memory_table.py``), and a stale table is detected."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_memory_table", ROOT / "docs" / "gen_memory_table.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    rendered = gen.render()
+    text = (ROOT / "docs" / "launch.md").read_text()
+    assert rendered in text, (
+        "docs/launch.md's memory table is out of date; run python docs/gen_memory_table.py"
+    )
+    assert "| `Qwen/Qwen-Image` | LoRA |" in rendered
+    stale = gen.replace_block(text, rendered.replace("bf16 (23)", "bf16 (22)"))
+    assert stale != text and gen.replace_block(stale, rendered) == text

@@ -3,6 +3,7 @@ compared with the GPU's total memory."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -177,13 +178,19 @@ def _peft_match(module: str, targets) -> bool:
 def _transformer_on_meta(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of the state dict of the diffusers transformer ``config`` describes, built on the ``meta``
     device (no memory allocated, no weights read): the names and shapes its safetensors file holds."""
+    return dict(_meta_shapes(json.dumps(config, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_shapes(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import diffusers
     import torch
 
+    config = json.loads(config_json)
     cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
         model = cls.from_config(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
 def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
