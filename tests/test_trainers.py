@@ -391,6 +391,10 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ),
     # Pref-GRPO: advantages from the win rates within each group
     ("flow_grpo", ("flow_grpo.advantage=winrate",)),
+    # Qwen-Image: prompts of different token counts padded with a mask, true CFG in Flow-GRPO's rollouts
+    ("flow_grpo", ("model.path=tiny:qwen_image",)),
+    # (DiffusionNFT on Qwen-Image: ~17 s for both tests, opt-in with --run-slow)
+    pytest.param("diffusion_nft", ("model.path=tiny:qwen_image",), marks=pytest.mark.slow),
 ]
 VARIANT_IDS = [
     *ALGOS,
@@ -401,6 +405,8 @@ VARIANT_IDS = [
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",
+    "flow_grpo-qwen_image",
+    "diffusion_nft-qwen_image",
 ]
 
 
