@@ -7,6 +7,7 @@ import pytest
 
 from diffrl.config import load_config
 from diffrl.doctor import estimate_memory, memory
+from diffrl.doctor.findings import GiB
 from diffrl.models import ADAPTERS, load_model_from_config
 from diffrl.models.loading import tiny_model_dir
 from diffrl.trainers.engine import setup_training_mode
@@ -113,3 +114,20 @@ def test_launch_page_table_is_what_the_generator_renders_now():
     assert "| `Qwen/Qwen-Image` | LoRA |" in rendered
     stale = gen.replace_block(text, rendered.replace("bf16 (23)", "bf16 (22)"))
     assert stale != text and gen.replace_block(stale, rendered) == text
+
+
+def test_every_real_preset_is_estimated_from_published_sizes():
+    """The shipped presets of real checkpoints get an estimate without their weights; the Qwen-Image preset's
+    LoRA is the reference's (12 linears a block, none left out when the targets are given) and its estimate over
+    8 GPUs is what its header says (49 GiB, within 85% of an 80 GiB GPU)."""
+    presets = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+    assert any(p.name.startswith("qwen_image_") for p in presets)
+    for path in presets:
+        est = estimate_memory(load_config(path), cuda=True, num_processes=8)
+        assert "published sizes" in est.source and est.total > 0, path
+    qwen = estimate_memory(
+        load_config(ROOT / "configs" / "qwen_image_flow_grpo_pickscore.yaml"), cuda=True, num_processes=8
+    )
+    # per block: 8 attention projections (2 width units each) + 2 MLPs per stream (3072 -> 12288 -> 3072: 5 + 5)
+    assert qwen.trainable_params == 60 * (8 * 2 + 2 * (5 + 5)) * 3072 * 64
+    assert round(qwen.total / GiB) == 49 and qwen.total < 0.85 * 80 * GiB
