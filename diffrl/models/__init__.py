@@ -1,9 +1,10 @@
-"""diffrl.models: adapters over diffusers pipelines (SD3/SD3.5, FLUX.1, Qwen-Image) and tiny offline builders for tests."""
+"""diffrl.models: adapters over diffusers pipelines (SD3/SD3.5, FLUX.1, Qwen-Image, Qwen-Image-Edit) and tiny offline builders for tests."""
 
 from .base import Conditioning, FlowModel
 from .flux import FluxModel
 from .loading import ADAPTERS, detect_family, load_model, load_model_from_config
 from .qwen_image import QwenImageModel
+from .qwen_image_edit import QwenImageEditModel
 from .sd3 import SD3Model
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Conditioning",
     "FlowModel",
     "FluxModel",
+    "QwenImageEditModel",
     "QwenImageModel",
     "SD3Model",
     "detect_family",

@@ -12,6 +12,7 @@ from ..utils import resolve_dtype, shipped_checkpoint
 from .base import FlowModel
 from .flux import FluxModel
 from .qwen_image import QwenImageModel
+from .qwen_image_edit import QwenImageEditModel
 from .sd3 import SD3Model
 
 __all__ = [
@@ -28,6 +29,7 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     SD3Model.pipeline_class_name: SD3Model,
     FluxModel.pipeline_class_name: FluxModel,
     QwenImageModel.pipeline_class_name: QwenImageModel,
+    QwenImageEditModel.pipeline_class_name: QwenImageEditModel,
 }
 
 
@@ -74,9 +76,10 @@ def tiny_model_dir(spec: str) -> Path:
         "sd3": tiny.build_tiny_sd3,
         "flux": tiny.build_tiny_flux,
         "qwen_image": tiny.build_tiny_qwen_image,
+        "qwen_image_edit": tiny.build_tiny_qwen_image_edit,
     }
     if family not in builders:
-        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux or tiny:qwen_image.")
+        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image or tiny:qwen_image_edit.")
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
     if not (target / "model_index.json").is_file():
@@ -150,11 +153,14 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)
-    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, QwenImageEditPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
-    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "qwen_image": QwenImagePipeline}[
-        adapter_cls.family
-    ]
+    pipeline_cls = {
+        "sd3": StableDiffusion3Pipeline,
+        "flux": FluxPipeline,
+        "qwen_image": QwenImagePipeline,
+        "qwen_image_edit": QwenImageEditPipeline,
+    }[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
         k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
@@ -206,6 +212,7 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "sd3": (SD3Transformer2DModel, AutoencoderKL),
             "flux": (FluxTransformer2DModel, AutoencoderKL),
             "qwen_image": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+            "qwen_image_edit": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))

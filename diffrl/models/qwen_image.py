@@ -141,18 +141,30 @@ class QwenImageModel(FlowModel):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ velocity
-    def _transformer(self, hidden, t, embeds, mask, h, w):
+    def _transformer(self, hidden, t, embeds, mask, h, w, cond: Conditioning | None = None):
         if mask is not None and bool(mask.all()):
             mask = None  # as the pipeline: no mask when no prompt of the batch is padded
-        return self.transformer(
+        shapes = [(1, h // 2, w // 2)]
+        n = hidden.shape[1]
+        if cond is not None and cond.image_latents is not None:  # Qwen-Image-Edit: the source image's tokens follow
+            extra = cond.image_latents.to(hidden.dtype)
+            if bool((cond.image_grid != cond.image_grid[:1]).any()):
+                raise ValueError("the source images of one batch have different condition sizes; batch them apart.")
+            rows, cols = (int(v) for v in cond.image_grid[0])
+            if hidden.shape[0] == 2 * extra.shape[0]:  # both CFG passes in one batch
+                extra = torch.cat([extra, extra])
+            hidden = torch.cat([hidden, extra], dim=1)
+            shapes.append((1, rows, cols))
+        out = self.transformer(
             hidden_states=hidden,
             timestep=t / 1000,
             guidance=None,
             encoder_hidden_states_mask=mask,
             encoder_hidden_states=embeds,
-            img_shapes=[[(1, h // 2, w // 2)]] * hidden.shape[0],
+            img_shapes=[shapes] * hidden.shape[0],
             return_dict=False,
         )[0]
+        return out[:, :n]
 
     def velocity(
         self,
@@ -182,7 +194,7 @@ class QwenImageModel(FlowModel):
         embeds, mask = cond.prompt_embeds, cond.prompt_mask
         cfg = guidance_scale > 1 and cond.negative_prompt_embeds is not None
         if not cfg:
-            return unpack_latents(self._transformer(hidden, t, embeds, mask, h, w), h, w)
+            return unpack_latents(self._transformer(hidden, t, embeds, mask, h, w, cond), h, w)
         neg, neg_mask = cond.negative_prompt_embeds, cond.negative_prompt_mask
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -195,7 +207,7 @@ class QwenImageModel(FlowModel):
             ]
         )
         out = self._transformer(
-            torch.cat([hidden, hidden]), torch.cat([t, t]), both.prompt_embeds, both.prompt_mask, h, w
+            torch.cat([hidden, hidden]), torch.cat([t, t]), both.prompt_embeds, both.prompt_mask, h, w, cond
         )
         uncond, text = out.chunk(2)
         if detach_uncond:

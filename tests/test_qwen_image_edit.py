@@ -1,0 +1,151 @@
+"""The Qwen-Image-Edit adapter against diffusers' own QwenImageEditPipeline, on the tiny offline pipeline
+(``tiny:qwen_image_edit``): the source image's condition (VL prompt embeddings with the image, VAE latent tokens),
+noise-free rollouts with and without true CFG, and the clear error where a source image is missing.
+
+The pipeline resizes a source image to about 1024 x 1024 pixels; here both it and the adapter use 64 x 64
+(``condition_area``, and the pipeline module's ``calculate_dimensions`` patched to the same area) to stay small."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import QwenImageEditPipeline  # noqa: E402
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffrl.models import ADAPTERS, QwenImageEditModel, load_model  # noqa: E402
+from diffrl.models.flux import pack_latents  # noqa: E402
+from diffrl.models.loading import tiny_model_dir  # noqa: E402
+from diffrl.models.qwen_image_edit import edit_condition_size  # noqa: E402
+from diffrl.samplers import rollout  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("private_tiny_cache", "one_thread")
+
+AREA = 64 * 64
+PROMPTS = ["make the cat red", "put a blue square on the left of the tree"]
+
+
+def _image(seed: int, size=(60, 40)) -> Image.Image:
+    pixels = np.random.RandomState(seed).rand(size[1], size[0], 3)
+    return Image.fromarray((pixels * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny:qwen_image_edit", condition_area=AREA)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = QwenImageEditPipeline.from_pretrained(tiny_model_dir("tiny:qwen_image_edit"))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture
+def small_condition(monkeypatch):
+    """The pipeline's condition size at AREA pixels instead of 1024 x 1024."""
+    original = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(
+        pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: original(AREA, ratio)
+    )
+
+
+def test_condition_size_is_the_pipelines():
+    for w, h in [(60, 40), (1024, 1024), (1920, 1080), (300, 700)]:
+        cw, ch, _ = pipeline_qwenimage_edit.calculate_dimensions(1024 * 1024, w / h)
+        assert edit_condition_size(w, h) == (cw, ch)
+    assert edit_condition_size(60, 40, AREA) == (64, 64)  # 78 x 52 rounded to multiples of 32
+
+
+def test_detected_loaded_and_refuses_prompts_without_images(model):
+    assert ADAPTERS["QwenImageEditPipeline"] is QwenImageEditModel
+    assert isinstance(model, QwenImageEditModel) and model.family == "qwen_image_edit"
+    with pytest.raises(NotImplementedError, match="source image.*images=.*not implemented"):
+        model.encode(PROMPTS)
+    with pytest.raises(ValueError, match="one image per prompt"):
+        model.encode(PROMPTS, images=[_image(0)])
+
+
+def test_encode_equals_pipeline_and_is_cached(model, pipe, small_condition):
+    model.clear_prompt_cache()
+    images = [_image(0), _image(1)]
+    cond = model.encode(PROMPTS, images=images)
+    for i, (prompt, image) in enumerate(zip(PROMPTS, images, strict=True)):
+        w, h = edit_condition_size(*image.size, AREA)
+        resized = pipe.image_processor.resize(image, h, w)
+        embeds, mask = pipe.encode_prompt(prompt, image=resized, device="cpu")
+        assert mask is None  # one prompt alone is not padded
+        n = embeds.shape[1]
+        assert torch.equal(cond.prompt_embeds[i, :n], embeds[0]) and int(cond.prompt_mask[i].sum()) == n
+        neg, _ = pipe.encode_prompt("", image=resized, device="cpu")
+        m = neg.shape[1]
+        assert torch.equal(cond.negative_prompt_embeds[i, :m], neg[0])
+        # the source image's latent tokens are the pipeline's
+        pixels = pipe.image_processor.preprocess(resized, h, w).unsqueeze(2)
+        _, expected = pipe.prepare_latents(pixels, 1, 4, 32, 32, torch.float32, "cpu", None)
+        assert torch.equal(cond.image_latents[i], expected[0])
+        assert cond.image_grid[i].tolist() == [h // 8, w // 8]
+    calls = []
+    handle = model.pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = model.encode(PROMPTS[::-1], images=images[::-1])
+    finally:
+        handle.remove()
+    assert not calls and torch.equal(again.image_latents[1], cond.image_latents[0])
+
+
+def _pipeline_latents(pipe, image, prompts, negative, cfg, steps, seed, size):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(
+        image=image,
+        prompt=prompts,
+        negative_prompt=negative,
+        true_cfg_scale=cfg,
+        height=size[0],
+        width=size[1],
+        num_inference_steps=steps,
+        generator=gens,
+        output_type="latent",
+    ).images
+
+
+@pytest.mark.parametrize(
+    "prompts,negative,cfg,steps",
+    [
+        (PROMPTS[:1], "", 4.0, 2),
+        (PROMPTS, ["", "blurry"], 4.0, 3),  # contexts of different lengths: padded, masked
+        (PROMPTS[1:], None, 1.0, 3),  # no CFG
+    ],
+)
+def test_rollout_reproduces_pipeline(model, pipe, small_condition, prompts, negative, cfg, steps):
+    size = (32, 48)
+    images = [_image(2 + i) for i in range(len(prompts))]  # one source image per prompt, of one size
+    # the pipeline one prompt at a time: given a list of images it passes them to the VL encoder unresized
+    # (VaeImageProcessor.resize leaves lists alone), which a single image avoids
+    negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
+    expected = torch.cat(
+        [
+            _pipeline_latents(pipe, image, [p], n, cfg, steps, seed=7 + i, size=size)
+            for i, (image, p, n) in enumerate(zip(images, prompts, negatives, strict=True))
+        ]
+    )
+    cond = model.encode(prompts, negative_prompt=negative, images=images)
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(len(prompts))]
+    noise = model.sample_noise(len(prompts), *size, generator=gens)
+    got = pack_latents(rollout(model, cond, model.schedule(steps, *size), noise, guidance_scale=cfg).final)
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-5, diff
+    # the source image matters: another one gives another edit
+    other = model.encode(prompts, negative_prompt=negative, images=[_image(9)] * len(prompts))
+    moved = rollout(model, other, model.schedule(steps, *size), noise, guidance_scale=cfg).final
+    assert (pack_latents(moved) - expected).abs().max().item() > 1e-3
+
+
+def test_one_batch_needs_one_condition_size(model):
+    with pytest.raises(ValueError, match="different condition sizes"):
+        model.encode(PROMPTS, images=[_image(0, (60, 40)), _image(1, (40, 120))])
