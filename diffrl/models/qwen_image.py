@@ -146,10 +146,13 @@ class QwenImageModel(FlowModel):
             mask = None  # as the pipeline: no mask when no prompt of the batch is padded
         shapes = [(1, h // 2, w // 2)]
         n = hidden.shape[1]
-        if cond is not None and cond.image_latents is not None:  # Qwen-Image-Edit: the source image's tokens follow
+        # Qwen-Image-Edit: the source image's latent tokens follow the noisy ones
+        if cond is not None and cond.image_latents is not None:
             extra = cond.image_latents.to(hidden.dtype)
             if bool((cond.image_grid != cond.image_grid[:1]).any()):
-                raise ValueError("the source images of one batch have different condition sizes; batch them apart.")
+                raise ValueError(
+                    "the source images of one batch have different condition sizes; batch them apart."
+                )
             rows, cols = (int(v) for v in cond.image_grid[0])
             if hidden.shape[0] == 2 * extra.shape[0]:  # both CFG passes in one batch
                 extra = torch.cat([extra, extra])
