@@ -9,6 +9,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -149,3 +151,66 @@ def test_rollout_reproduces_pipeline(model, pipe, small_condition, prompts, nega
 def test_one_batch_needs_one_condition_size(model):
     with pytest.raises(ValueError, match="different condition sizes"):
         model.encode(PROMPTS, images=[_image(0, (60, 40)), _image(1, (40, 120))])
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft"])
+def test_a_trainer_step_on_an_edit_prompt_file(algo, tmp_path):
+    """A .jsonl prompt file whose rows name their source image (relative to the file): one training step and an
+    evaluation on tiny:qwen_image_edit move every trainable tensor, each prompt is encoded with its own image, and
+    the reward receives the image paths as metadata."""
+    import json
+
+    from diffrl.rewards import as_reward
+    from diffrl.train import build_trainer
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, prompt in enumerate(["make the cat red", "add a blue square", "turn it green", "remove the tree"]):
+        _image(20 + i).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"prompt": prompt, "image": f"images/{i}.png"})
+    prompts = tmp_path / "edits.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    def saturation_with_source(images, prompts, image=None, **metadata):
+        seen.extend(image)
+        return images.std(dim=1).mean(dim=(1, 2))
+
+    trainer = build_trainer(
+        root / "configs" / "tiny" / f"{algo}.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            "data.eval_size=2",
+            "model.path=tiny:qwen_image_edit",
+            "max_steps=1",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+        reward=as_reward(saturation_with_source),
+    )
+    assert isinstance(trainer.model, QwenImageEditModel)
+    trainer.model.condition_area = AREA
+    encoded = []
+    original = trainer.model.encode
+
+    def spy(prompts, negative_prompt="", *, images=None):
+        encoded.extend(zip(prompts, images, strict=True))
+        return original(prompts, negative_prompt, images=images)
+
+    trainer.model.encode = spy
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    unchanged = [
+        n for n, a, p in zip(trainer.param_names, before, trainer.params, strict=True) if torch.equal(a, p)
+    ]
+    assert not unchanged, f"{len(unchanged)} trainable tensors did not move, e.g. {unchanged[:2]}"
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    by_prompt = {r["prompt"]: str(tmp_path / r["image"]) for r in rows}
+    assert encoded and all(by_prompt[p] == str(img) for p, img in encoded)
+    assert seen and set(seen) <= set(by_prompt.values())
+    encoded.clear()
+    evaluated = trainer.evaluate()  # the held-out rows are encoded with their images too
+    assert encoded and all(by_prompt[p] == str(img) for p, img in encoded)
+    assert np.isfinite(evaluated["eval/reward/saturation_with_source/mean"])

@@ -268,6 +268,12 @@ class FlowModel:
                 )
         return self._assemble(rows, negative_rows)
 
+    def encode_rows(self, prompts: Sequence[str], metadata: dict[str, list] | None = None) -> Conditioning:
+        """``encode(prompts)`` as the trainers call it, with the prompt rows' metadata (one list per key, one entry
+        per prompt). Text-to-image families use the text only; Qwen-Image-Edit reads each row's source image from
+        ``metadata["image"]``."""
+        return self.encode(prompts)
+
     def clear_prompt_cache(self) -> None:
         self._cache.clear()
 

@@ -11,9 +11,11 @@ arXiv 2508.02324, Sec. 5 on image editing):
 The source image is resized, as the pipeline does, to about ``condition_area`` pixels (1024 x 1024) at its own aspect
 ratio, in multiples of 32 pixels, independently of the output size.
 
-Not implemented: the trainers, ``diffrl sample`` and ``diffrl eval`` pass prompts only, so they cannot condition on a
-source image yet; :meth:`QwenImageEditModel.encode` without ``images`` raises a ``NotImplementedError`` that says so.
-``QwenImageEditPlusPipeline`` (several source images) has no adapter.
+The trainers take each prompt's source image from its row's metadata (``metadata["image"]``: a path, which
+:func:`diffrl.data.load_prompts` resolves against the prompt file's folder, or a PIL image), through
+:meth:`QwenImageEditModel.encode_rows`; rewards receive the same ``image`` metadata. Not implemented: ``diffrl sample``
+and ``diffrl eval`` pass prompts only (:meth:`QwenImageEditModel.encode` without ``images`` raises a
+``NotImplementedError`` that says so), and ``QwenImageEditPlusPipeline`` (several source images) has no adapter.
 """
 
 from __future__ import annotations
@@ -88,6 +90,16 @@ class QwenImageEditModel(QwenImageModel):
         z = ((z - mean) / std)[:, :, 0]
         return resized, pack_latents(z)[0].to(self.dtype), (z.shape[2] // 2, z.shape[3] // 2)
 
+    def encode_rows(self, prompts: Sequence[str], metadata: dict[str, list] | None = None) -> Conditioning:
+        """The trainers' encode: each prompt with the source image of its row, ``metadata["image"]``."""
+        images = (metadata or {}).get("image")
+        if images is None:
+            raise ValueError(
+                "Qwen-Image-Edit needs a source image for every prompt: give each row of a .jsonl prompt file an "
+                '"image" field (an image path, relative to the prompt file).'
+            )
+        return self.encode(prompts, images=images)
+
     @staticmethod
     def _image_key(image) -> str:
         return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
@@ -112,8 +124,8 @@ class QwenImageEditModel(QwenImageModel):
         if images is None:
             raise NotImplementedError(
                 "Qwen-Image-Edit conditions on a source image: call encode(prompts, images=[...]) with one image per "
-                "prompt; passing prompt files' metadata['image'] from the trainers and diffrl sample/eval is not "
-                "implemented yet."
+                "prompt (the trainers pass each prompt row's metadata['image']); diffrl sample and diffrl eval do not "
+                "pass source images: not implemented yet."
             )
         if not prompts or not all(isinstance(p, str) for p in prompts) or len(images) != len(prompts):
             raise ValueError(
