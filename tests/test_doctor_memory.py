@@ -17,7 +17,7 @@ TINY = str(ROOT / "configs" / "tiny" / "flow_grpo.yaml")
 GROUP = ["flow_grpo.group_size=2", "flow_grpo.prompts_per_step=2"]
 
 
-@pytest.mark.parametrize("spec", ["tiny:sd3", "tiny:flux", "tiny:qwen_image"])
+@pytest.mark.parametrize("spec", ["tiny:sd3", "tiny:flux", "tiny:qwen_image", "tiny:qwen_image_edit"])
 def test_estimate_from_headers_matches_the_loaded_adapter(spec):
     """The LoRA the estimate counts from the safetensors headers (targets, exclusions from the adapter class) is
     exactly the one the trainer sets up; the adapter's size hooks agree with the loaded model."""
@@ -96,6 +96,16 @@ def test_qwen_image_activations_and_buffers_equal_the_formula():
         )
     )
     assert nft.activations == max(per_sample * (60 + 16), 4 * per_sample * 16 + 4 * 512 * 512 * 96 * 2 * 3)
+    # Qwen-Image-Edit: the same weights; the source image's 64 x 64 latent tokens (1024 px) follow the noisy ones and
+    # its 1337 vision tokens (1024 px in 28 px merged patches) the prompt's
+    edit = estimate_memory(
+        load_config(TINY, [*common, *GROUP, "sample.guidance_scale=4", "model.path=Qwen/Qwen-Image-Edit"])
+    )
+    assert edit.params == grpo.params and edit.trainable_params == grpo.trainable_params
+    edit_tokens = 32 * 32 + 64 * 64 + 512 + 1337
+    assert edit.activations == max(
+        2 * edit_tokens * 3072 * 2 * 76, 8 * edit_tokens * 3072 * 2 * 16 + sample - 2 * 4 * per_sample * 16
+    )
 
 
 def test_launch_page_table_is_what_the_generator_renders_now():

@@ -57,9 +57,31 @@ _FLUX1 = {
     "joint_attention_dim": 4096,
     "pooled_projection_dim": 768,
 }
+# Qwen-Image (Qwen tech report, arXiv 2508.02324, sec. 2): a 20B MMDiT of 60 dual-stream blocks, width 24 x 128;
+# the Qwen2.5-VL-7B-Instruct encoder (8.29B parameters with its vision tower, as its model card says) and the
+# 127M-parameter AutoencoderKLQwenImage (the Wan-2.1 VAE layout). Qwen-Image-Edit has the same components.
+_QWEN_IMAGE = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
+_QWEN_VAE = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "temperal_downsample": [False, True, True],
+}
+_QWEN_OTHERS = 8.292e9 + 0.127e9
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
 #: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``unused_lora_modules_in``,
-#: ``memory_text_tokens``); nothing below branches on a family.
+#: ``memory_text_tokens``, ``condition_tokens``); nothing below branches on a family.
 _PUBLISHED = {
     "stabilityai/stable-diffusion-3.5-medium": PublishedModel(
         "StableDiffusion3Pipeline",
@@ -102,26 +124,8 @@ _PUBLISHED = {
     "black-forest-labs/FLUX.1-schnell": PublishedModel(
         "FluxPipeline", {**_FLUX1, "guidance_embeds": False}, _SD3_VAE, 4.97e9
     ),
-    # Qwen-Image (Qwen tech report, arXiv 2508.02324, sec. 2): a 20B MMDiT of 60 dual-stream blocks, width
-    # 24 x 128; the Qwen2.5-VL-7B-Instruct encoder (8.29B parameters with its vision tower, as its model card
-    # says) and the 127M-parameter AutoencoderKLQwenImage (the Wan-2.1 VAE layout).
-    "Qwen/Qwen-Image": PublishedModel(
-        "QwenImagePipeline",
-        {
-            "_class_name": "QwenImageTransformer2DModel",
-            "patch_size": 2,
-            "in_channels": 64,
-            "out_channels": 16,
-            "num_layers": 60,
-            "attention_head_dim": 128,
-            "num_attention_heads": 24,
-            "joint_attention_dim": 3584,
-            "guidance_embeds": False,
-            "axes_dims_rope": [16, 56, 56],
-        },
-        {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "temperal_downsample": [False, True, True]},
-        8.292e9 + 0.127e9,
-    ),
+    "Qwen/Qwen-Image": PublishedModel("QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
+    "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).
@@ -259,6 +263,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "latent_channels": latent_channels,
         "text_width": int(tcfg.get("joint_attention_dim", width)),
         "text_tokens": adapter.memory_text_tokens,
+        "condition_tokens": adapter.condition_tokens(vae_factor, adapter.token_patch_size(tcfg)),
         # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
         "true_cfg": adapter.guidance_is_cfg and adapter.uses_negative_prompt,
         "lora": lora,
@@ -300,7 +305,8 @@ def estimate_memory(
     where ``P_all`` / ``P_transformer`` / ``P_train`` are all / transformer / trained parameters (LoRA:
     ``r (in + out)`` per adapted linear), ``N = H W / (f p)^2 + L_txt`` tokens (VAE factor f, patch p, text tokens
     ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
-    ``vae_geometry`` and ``token_patch_size``), ``d`` the transformer width, ``c = 2`` where guidance is true CFG with
+    ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
+    tokens of an edit model), ``d`` the transformer width, ``c = 2`` where guidance is true CFG with
     a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
     ``n_local`` the samples of one step on one of ``num_processes`` processes, ``D_txt`` the text embedding width,
@@ -333,7 +339,7 @@ def estimate_memory(
     f, p = facts["vae_factor"], facts["patch"]
     n_img = (s.height // (f * p)) * (s.width // (f * p))
     l_txt = facts["text_tokens"]
-    tokens = n_img + l_txt
+    tokens = n_img + facts["condition_tokens"] + l_txt
     d = facts["width"]
     # CFG-free trainers (DiffusionNFT, AWM) train the conditional velocity only
     cfg_pass = facts["true_cfg"] and cfg.algorithm not in ("diffusion_nft", "awm") and s.guidance_scale > 1

@@ -168,6 +168,11 @@ class FlowModel:
         return 2 ** (len(channels) - 1), int(channels[0]), int(vae_config.get("latent_channels", 16))
 
     @classmethod
+    def condition_tokens(cls, vae_factor: int, patch: int) -> int:
+        """Latent tokens of a conditioning image appended to the noisy ones (edit models), for the estimate: 0."""
+        return 0
+
+    @classmethod
     def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
         """Modules left out of the default LoRA because they would get no gradient, named from the transformer's
         config (the same names ``_unused_lora_modules`` finds on a loaded model). None by default."""

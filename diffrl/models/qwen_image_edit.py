@@ -49,6 +49,13 @@ class QwenImageEditModel(QwenImageModel):
 
     family = "qwen_image_edit"
     pipeline_class_name = "QwenImageEditPipeline"
+    # the prompt's 512 text tokens and the source image's vision tokens: 1024 x 1024 pixels in 28 x 28 merged patches
+    memory_text_tokens = 512 + 1024 * 1024 // (28 * 28)
+
+    @classmethod
+    def condition_tokens(cls, vae_factor: int, patch: int) -> int:
+        """The source image's latent tokens at the pipeline's 1024 x 1024 condition size."""
+        return (1024 // (vae_factor * patch)) ** 2
 
     def __init__(
         self,
