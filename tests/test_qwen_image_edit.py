@@ -1,6 +1,7 @@
 """The Qwen-Image-Edit adapter against diffusers' own QwenImageEditPipeline, on the tiny offline pipeline
 (``tiny:qwen_image_edit``): the source image's condition (VL prompt embeddings with the image, VAE latent tokens),
-noise-free rollouts with and without true CFG, and the clear error where a source image is missing.
+noise-free rollouts with and without true CFG, the clear error where a source image is missing, a trainer step and
+``diffrl sample`` on a prompt file whose rows name their source images.
 
 The pipeline resizes a source image to about 1024 x 1024 pixels; here both it and the adapter use 64 x 64
 (``condition_area``, and the pipeline module's ``calculate_dimensions`` patched to the same area) to stay small."""
@@ -66,8 +67,10 @@ def test_condition_size_is_the_pipelines():
 def test_detected_loaded_and_refuses_prompts_without_images(model):
     assert ADAPTERS["QwenImageEditPipeline"] is QwenImageEditModel
     assert isinstance(model, QwenImageEditModel) and model.family == "qwen_image_edit"
-    with pytest.raises(NotImplementedError, match="source image.*images=.*not implemented"):
+    with pytest.raises(ValueError, match="source image: call encode.*images="):
         model.encode(PROMPTS)
+    with pytest.raises(ValueError, match='source image for every prompt.*"image" field'):
+        model.encode_rows(PROMPTS, {"scene": [1, 2]})
     with pytest.raises(ValueError, match="one image per prompt"):
         model.encode(PROMPTS, images=[_image(0)])
 
@@ -214,3 +217,47 @@ def test_a_trainer_step_on_an_edit_prompt_file(algo, tmp_path):
     evaluated = trainer.evaluate()  # the held-out rows are encoded with their images too
     assert encoded and all(by_prompt[p] == str(img) for p, img in encoded)
     assert np.isfinite(evaluated["eval/reward/saturation_with_source/mean"])
+
+
+def test_sample_command_reads_source_images_from_the_prompt_file(model, tmp_path, monkeypatch):
+    """``diffrl sample tiny:qwen_image_edit --prompts edits.jsonl`` encodes each row with its ``image`` (relative to
+    the file) and writes what the Python API samples; prompt text without a source image fails with one sentence."""
+    import json
+
+    from diffrl.cli import main
+    from diffrl.data import load_prompts
+    from diffrl.sampling import sample_images, to_uint8
+
+    monkeypatch.setattr(
+        QwenImageEditModel, "default_condition_area", AREA
+    )  # the CLI's model, small condition
+    (tmp_path / "src").mkdir()
+    for i in range(2):
+        _image(30 + i).save(tmp_path / "src" / f"{i}.png")
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(
+        "".join(json.dumps({"prompt": p, "image": f"src/{i}.png"}) + "\n" for i, p in enumerate(PROMPTS))
+    )
+    cli = ["--num-steps", "2", "--height", "32", "--width", "32", "--no-progress", "--batch-size", "2"]
+    out = tmp_path / "out"
+    assert main(["sample", "tiny:qwen_image_edit", "--prompts", str(edits), "--out", str(out), *cli]) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    pngs = torch.stack([torch.from_numpy(np.array(Image.open(out / r["file"]))) for r in rows])
+    expected = sample_images(
+        model, load_prompts(str(edits)), num_steps=2, guidance_scale=4.0, height=32, width=32
+    )
+    assert (pngs.int() - to_uint8(expected).int()).abs().max() <= 1
+    swapped = edits.read_text().replace("src/0.png", "src/9.png").replace("src/1.png", "src/0.png")
+    swapped = swapped.replace("src/9.png", "src/1.png")
+    edits.write_text(swapped)
+    other = sample_images(
+        model, load_prompts(str(edits)), num_steps=2, guidance_scale=4.0, height=32, width=32
+    )
+    # the images follow their source images: far beyond float rounding (the random tiny decoder damps it: ~7e-4)
+    assert (other - expected).abs().max() > 1e-4
+    assert (
+        main(
+            ["sample", "tiny:qwen_image_edit", "--prompts", "make it red", "--out", str(tmp_path / "x"), *cli]
+        )
+        == 2
+    )

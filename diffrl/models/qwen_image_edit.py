@@ -11,11 +11,10 @@ arXiv 2508.02324, Sec. 5 on image editing):
 The source image is resized, as the pipeline does, to about ``condition_area`` pixels (1024 x 1024) at its own aspect
 ratio, in multiples of 32 pixels, independently of the output size.
 
-The trainers take each prompt's source image from its row's metadata (``metadata["image"]``: a path, which
-:func:`diffrl.data.load_prompts` resolves against the prompt file's folder, or a PIL image), through
-:meth:`QwenImageEditModel.encode_rows`; rewards receive the same ``image`` metadata. Not implemented: ``diffrl sample``
-and ``diffrl eval`` pass prompts only (:meth:`QwenImageEditModel.encode` without ``images`` raises a
-``NotImplementedError`` that says so), and ``QwenImageEditPlusPipeline`` (several source images) has no adapter.
+The trainers, ``diffrl sample`` and ``diffrl eval`` take each prompt's source image from its row's metadata
+(``metadata["image"]``: a path, which :func:`diffrl.data.load_prompts` resolves against the prompt file's folder, or a
+PIL image), through :meth:`QwenImageEditModel.encode_rows`; rewards receive the same ``image`` metadata. Not
+implemented: ``QwenImageEditPlusPipeline`` (several source images) has no adapter.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ class QwenImageEditModel(QwenImageModel):
 
     family = "qwen_image_edit"
     pipeline_class_name = "QwenImageEditPipeline"
+    default_condition_area = 1024 * 1024  # the pipeline's (calculate_dimensions(1024 * 1024, ratio))
     # the prompt's 512 text tokens and the source image's vision tokens: 1024 x 1024 pixels in 28 x 28 merged patches
     memory_text_tokens = 512 + 1024 * 1024 // (28 * 28)
 
@@ -63,12 +63,13 @@ class QwenImageEditModel(QwenImageModel):
         *,
         max_sequence_length: int = 512,
         prompt_cache_size: int = 4096,
-        condition_area: int = 1024 * 1024,
+        condition_area: int | None = None,
     ):
         super().__init__(pipe, max_sequence_length=max_sequence_length, prompt_cache_size=prompt_cache_size)
-        if condition_area < 32 * 32:
-            raise ValueError(f"condition_area={condition_area!r} must be at least 32 * 32 pixels.")
-        self.condition_area = int(condition_area)
+        area = self.default_condition_area if condition_area is None else condition_area
+        if area < 32 * 32:
+            raise ValueError(f"condition_area={area!r} must be at least 32 * 32 pixels.")
+        self.condition_area = int(area)
 
     # ------------------------------------------------------------------ source images
     @staticmethod
@@ -129,10 +130,10 @@ class QwenImageEditModel(QwenImageModel):
             prompts = [prompts]
         prompts = list(prompts)
         if images is None:
-            raise NotImplementedError(
+            raise ValueError(
                 "Qwen-Image-Edit conditions on a source image: call encode(prompts, images=[...]) with one image per "
-                "prompt (the trainers pass each prompt row's metadata['image']); diffrl sample and diffrl eval do not "
-                "pass source images: not implemented yet."
+                "prompt; the trainers and diffrl sample/eval pass each prompt row's metadata['image'] through "
+                "encode_rows."
             )
         if not prompts or not all(isinstance(p, str) for p in prompts) or len(images) != len(prompts):
             raise ValueError(
