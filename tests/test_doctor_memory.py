@@ -17,7 +17,9 @@ TINY = str(ROOT / "configs" / "tiny" / "flow_grpo.yaml")
 GROUP = ["flow_grpo.group_size=2", "flow_grpo.prompts_per_step=2"]
 
 
-@pytest.mark.parametrize("spec", ["tiny:sd3", "tiny:flux", "tiny:qwen_image", "tiny:qwen_image_edit"])
+@pytest.mark.parametrize(
+    "spec", ["tiny:sd3", "tiny:flux", "tiny:qwen_image", "tiny:qwen_image_edit", "tiny:qwen_image_edit_plus"]
+)
 def test_estimate_from_headers_matches_the_loaded_adapter(spec):
     """The LoRA the estimate counts from the safetensors headers (targets, exclusions from the adapter class) is
     exactly the one the trainer sets up; the adapter's size hooks agree with the loaded model."""

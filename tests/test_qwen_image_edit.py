@@ -261,3 +261,57 @@ def test_sample_command_reads_source_images_from_the_prompt_file(model, tmp_path
         )
         == 2
     )
+
+
+# ------------------------------------------------------------------- Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline)
+
+
+@pytest.mark.parametrize("negative,cfg", [("", 4.0), (None, 1.0)])
+def test_plus_rollout_with_two_source_images_reproduces_pipeline(negative, cfg, monkeypatch, tmp_path):
+    """Two source images of different shapes (two img_shapes entries after the noisy latents, "Picture 1/2" in the
+    prompt): a noise-free rollout equals ``QwenImageEditPlusPipeline(image=[a, b], output_type="latent")`` within
+    1e-5, with the pipeline's VL and VAE image areas (384^2, 1024^2) scaled down to 32^2 and 64^2 on both sides;
+    a prompt file row's list of image paths is resolved against the file."""
+    import json
+
+    from diffusers import QwenImageEditPlusPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from diffrl.data import load_prompts
+    from diffrl.models import QwenImageEditPlusModel
+
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 32 * 32)
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 64)
+    model = load_model("tiny:qwen_image_edit_plus", condition_area=32 * 32, vae_area=64 * 64)
+    assert isinstance(model, QwenImageEditPlusModel) and ADAPTERS["QwenImageEditPlusPipeline"] is type(model)
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir("tiny:qwen_image_edit_plus"))
+    pipe.set_progress_bar_config(disable=True)
+    images = [_image(0, (60, 40)), _image(1, (120, 40))]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    rows = tmp_path / "edits.jsonl"
+    rows.write_text(json.dumps({"prompt": "put the cat on the sofa", "image": ["0.png", "1.png"]}) + "\n")
+    prompt_set = load_prompts(str(rows))
+    assert prompt_set.metadata[0]["image"] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    size, steps = (32, 48), 3
+    expected = pipe(
+        image=images,
+        prompt=prompt_set.prompts[0],
+        negative_prompt=negative,
+        true_cfg_scale=cfg,
+        height=size[0],
+        width=size[1],
+        num_inference_steps=steps,
+        generator=[torch.Generator().manual_seed(7)],
+        output_type="latent",
+    ).images
+    cond = model.encode_rows(prompt_set.prompts, prompt_set.batch_metadata()) if negative == "" else None
+    if cond is None:
+        cond = model.encode(prompt_set.prompts, negative_prompt=None, images=[images])
+    # 64x64 and 96x32 pixels through the tiny VAE (factor 4) in 2x2 tokens: 8x8 and 4x12 tokens
+    assert cond.image_grid.tolist() == [[8, 8, 4, 12]]
+    noise = model.sample_noise(1, *size, generator=[torch.Generator().manual_seed(7)])
+    got = pack_latents(rollout(model, cond, model.schedule(steps, *size), noise, guidance_scale=cfg).final)
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff < 1e-5, diff

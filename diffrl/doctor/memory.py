@@ -126,6 +126,9 @@ _PUBLISHED = {
     ),
     "Qwen/Qwen-Image": PublishedModel("QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
     "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
+    "Qwen/Qwen-Image-Edit-2509": PublishedModel(
+        "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS
+    ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).

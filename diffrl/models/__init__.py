@@ -4,7 +4,7 @@ from .base import Conditioning, FlowModel
 from .flux import FluxModel
 from .loading import ADAPTERS, detect_family, load_model, load_model_from_config
 from .qwen_image import QwenImageModel
-from .qwen_image_edit import QwenImageEditModel
+from .qwen_image_edit import QwenImageEditModel, QwenImageEditPlusModel
 from .sd3 import SD3Model
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "FlowModel",
     "FluxModel",
     "QwenImageEditModel",
+    "QwenImageEditPlusModel",
     "QwenImageModel",
     "SD3Model",
     "detect_family",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ..utils import resolve_dtype, shipped_checkpoint
 from .base import FlowModel
 from .flux import FluxModel
 from .qwen_image import QwenImageModel
-from .qwen_image_edit import QwenImageEditModel
+from .qwen_image_edit import QwenImageEditModel, QwenImageEditPlusModel
 from .sd3 import SD3Model
 
 __all__ = [
@@ -30,6 +31,7 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     FluxModel.pipeline_class_name: FluxModel,
     QwenImageModel.pipeline_class_name: QwenImageModel,
     QwenImageEditModel.pipeline_class_name: QwenImageEditModel,
+    QwenImageEditPlusModel.pipeline_class_name: QwenImageEditPlusModel,
 }
 
 
@@ -77,9 +79,13 @@ def tiny_model_dir(spec: str) -> Path:
         "flux": tiny.build_tiny_flux,
         "qwen_image": tiny.build_tiny_qwen_image,
         "qwen_image_edit": tiny.build_tiny_qwen_image_edit,
+        "qwen_image_edit_plus": functools.partial(tiny.build_tiny_qwen_image_edit, plus=True),
     }
     if family not in builders:
-        raise ValueError(f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image or tiny:qwen_image_edit.")
+        raise ValueError(
+            f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:qwen_image_edit or "
+            "tiny:qwen_image_edit_plus."
+        )
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
     if not (target / "model_index.json").is_file():
@@ -153,13 +159,20 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     adapter_cls = detect_family(path, revision)
     index = _read_model_index(path, revision)
-    from diffusers import FluxPipeline, QwenImageEditPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import (
+        FluxPipeline,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+    )
 
     pipeline_cls = {
         "sd3": StableDiffusion3Pipeline,
         "flux": FluxPipeline,
         "qwen_image": QwenImagePipeline,
         "qwen_image_edit": QwenImageEditPipeline,
+        "qwen_image_edit_plus": QwenImageEditPlusPipeline,
     }[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
@@ -213,6 +226,7 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "flux": (FluxTransformer2DModel, AutoencoderKL),
             "qwen_image": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
             "qwen_image_edit": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+            "qwen_image_edit_plus": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))

@@ -153,11 +153,11 @@ class QwenImageModel(FlowModel):
                 raise ValueError(
                     "the source images of one batch have different condition sizes; batch them apart."
                 )
-            rows, cols = (int(v) for v in cond.image_grid[0])
             if hidden.shape[0] == 2 * extra.shape[0]:  # both CFG passes in one batch
                 extra = torch.cat([extra, extra])
             hidden = torch.cat([hidden, extra], dim=1)
-            shapes.append((1, rows, cols))
+            # one (rows, columns) token grid per source image, in the order of their tokens
+            shapes.extend((1, int(r), int(c)) for r, c in cond.image_grid[0].reshape(-1, 2))
         out = self.transformer(
             hidden_states=hidden,
             timestep=t / 1000,

@@ -14,7 +14,12 @@ ratio, in multiples of 32 pixels, independently of the output size.
 The trainers, ``diffrl sample`` and ``diffrl eval`` take each prompt's source image from its row's metadata
 (``metadata["image"]``: a path, which :func:`diffrl.data.load_prompts` resolves against the prompt file's folder, or a
 PIL image), through :meth:`QwenImageEditModel.encode_rows`; rewards receive the same ``image`` metadata. Not
-implemented: ``QwenImageEditPlusPipeline`` (several source images) has no adapter.
+implemented: training or sampling several images a batch of different condition sizes (each batch must share them).
+
+:class:`QwenImageEditPlusModel` (``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509) takes one or several source
+images per prompt (``metadata["image"]`` a path or a list of paths): each is shown to the VL encoder at about
+384 x 384 pixels, introduced as "Picture i: " in the prompt, and appended as latent tokens at about 1024 x 1024
+pixels, one ``img_shapes`` entry per image.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from .base import Conditioning
 from .flux import pack_latents
 from .qwen_image import QwenImageModel
 
-__all__ = ["QwenImageEditModel", "edit_condition_size"]
+__all__ = ["QwenImageEditModel", "QwenImageEditPlusModel", "edit_condition_size"]
 
 
 def edit_condition_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
@@ -90,13 +95,17 @@ class QwenImageEditModel(QwenImageModel):
         w, h = edit_condition_size(*image.size, self.condition_area)
         processor = self.pipe.image_processor
         resized = processor.resize(image, h, w)
-        pixels = processor.preprocess(resized, h, w).unsqueeze(2).to(self.device, self.vae.dtype)
-        z = self.vae.encode(pixels).latent_dist.mode()
+        z = self._latents(processor.preprocess(resized, h, w))
+        return resized, pack_latents(z)[0].to(self.dtype), (z.shape[2] // 2, z.shape[3] // 2)
+
+    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised VAE latents ``(1, C, h, w)`` of preprocessed pixels ``(1, 3, H, W)`` in [-1, 1]: encoded as a
+        one-frame video (the distribution's mode), then ``(z - mean) / std`` per channel."""
+        z = self.vae.encode(pixels.unsqueeze(2).to(self.device, self.vae.dtype)).latent_dist.mode()
         cfg = self.vae.config
         mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
         std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        z = ((z - mean) / std)[:, :, 0]
-        return resized, pack_latents(z)[0].to(self.dtype), (z.shape[2] // 2, z.shape[3] // 2)
+        return ((z - mean) / std)[:, :, 0]
 
     def encode_rows(self, prompts: Sequence[str], metadata: dict[str, list] | None = None) -> Conditioning:
         """The trainers' encode: each prompt with the source image of its row, ``metadata["image"]``."""
@@ -177,3 +186,48 @@ class QwenImageEditModel(QwenImageModel):
         cond.image_latents = torch.stack(latents)
         cond.image_grid = torch.stack(grids).to(cond.image_latents.device)
         return cond
+
+
+class QwenImageEditPlusModel(QwenImageEditModel):
+    """Qwen-Image-Edit-2509 (``QwenImageEditPlusPipeline``): one or several source images per prompt. The VL encoder
+    sees each at about ``condition_area`` pixels (384 x 384, the pipeline's ``CONDITION_IMAGE_SIZE``) after a
+    "Picture i: " label; their latent tokens, at about ``vae_area`` pixels (1024 x 1024, ``VAE_IMAGE_SIZE``), follow
+    the noisy tokens in the order of the images. ``encode(prompts, images=[...])`` takes, per prompt, an image or a
+    list of images; all prompts of a batch need the same number of images of the same condition sizes."""
+
+    family = "qwen_image_edit_plus"
+    pipeline_class_name = "QwenImageEditPlusPipeline"
+    default_condition_area = 384 * 384
+    default_vae_area = 1024 * 1024
+    # the prompt's 512 text tokens and one source image's vision tokens (384 x 384 pixels in 28 x 28 merged patches)
+    memory_text_tokens = 512 + 384 * 384 // (28 * 28)
+
+    def __init__(self, pipe, *, vae_area: int | None = None, **kwargs):
+        super().__init__(pipe, **kwargs)
+        area = self.default_vae_area if vae_area is None else vae_area
+        if area < 32 * 32:
+            raise ValueError(f"vae_area={area!r} must be at least 32 * 32 pixels.")
+        self.vae_area = int(area)
+
+    def _condition(self, image) -> tuple[object, torch.Tensor, tuple[int, ...]]:
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        shown, tokens, grid = [], [], []
+        processor = self.pipe.image_processor
+        for img in images:
+            w, h = edit_condition_size(*img.size, self.condition_area)
+            shown.append(processor.resize(img, h, w))
+            vw, vh = edit_condition_size(*img.size, self.vae_area)
+            z = self._latents(processor.preprocess(img, vh, vw))
+            tokens.append(pack_latents(z)[0].to(self.dtype))
+            grid += [z.shape[2] // 2, z.shape[3] // 2]
+        return shown, torch.cat(tokens), tuple(grid)
+
+    def _open(self, image):
+        if isinstance(image, (list, tuple)):
+            return [QwenImageEditModel._open(i) for i in image]
+        return QwenImageEditModel._open(image)
+
+    @staticmethod
+    def _image_key(image) -> str:
+        images = image if isinstance(image, list) else [image]
+        return "+".join(QwenImageEditModel._image_key(i) for i in images)

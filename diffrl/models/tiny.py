@@ -606,15 +606,18 @@ def build_tiny_qwen_image(
 TINY_QWEN_EDIT_MAX_PIXELS = 56 * 56
 
 
-def build_tiny_qwen_image_edit(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
+def build_tiny_qwen_image_edit(
+    path: str | Path, *, seed: int = 0, latent_channels: int = 4, plus: bool = False
+) -> Path:
     """Build a tiny random :class:`~diffusers.QwenImageEditPipeline` and save it to ``path``: the components of
     :func:`build_tiny_qwen_image` (same seed, same weights) plus the ``processor`` the edit pipeline gives the source
     image to, a :class:`~transformers.Qwen2VLProcessor` over the same tokenizer with a
     :class:`~transformers.Qwen2VLImageProcessor` whose patch (14), temporal patch (2) and merge size (2) are the tiny
-    Qwen2.5-VL vision tower's, limited to :data:`TINY_QWEN_EDIT_MAX_PIXELS` pixels."""
+    Qwen2.5-VL vision tower's, limited to :data:`TINY_QWEN_EDIT_MAX_PIXELS` pixels. ``plus=True`` saves the same
+    components as a :class:`~diffusers.QwenImageEditPlusPipeline` (several source images)."""
     import tempfile
 
-    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -632,7 +635,7 @@ def build_tiny_qwen_image_edit(path: str | Path, *, seed: int = 0, latent_channe
         processor = Qwen2VLProcessor(
             image_processor=image_processor, tokenizer=base.tokenizer, video_processor=Qwen2VLVideoProcessor()
         )
-        pipe = QwenImageEditPipeline(
+        pipe = (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline)(
             scheduler=base.scheduler,
             vae=base.vae,
             text_encoder=base.text_encoder,
