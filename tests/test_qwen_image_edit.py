@@ -315,3 +315,26 @@ def test_plus_rollout_with_two_source_images_reproduces_pipeline(negative, cfg, 
     assert got.shape == expected.shape
     diff = (got - expected).abs().max().item()
     assert diff < 1e-5, diff
+
+
+def test_doctor_probes_an_edit_model_with_the_prompt_files_source_images(tmp_path, monkeypatch):
+    """``diffrl doctor``'s on-policy probe encodes the training rows with their source images (a ratio of exactly 1
+    in float32), and its memory estimate reads the tiny edit pipeline's headers."""
+    import json
+
+    from diffrl.doctor import run_doctor
+
+    monkeypatch.setattr(QwenImageEditModel, "default_condition_area", AREA)
+    _image(40).save(tmp_path / "a.png")
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"prompt": "make the cat red", "image": "a.png"}) + "\n")
+    root = Path(__file__).resolve().parents[1]
+    findings = run_doctor(
+        str(root / "configs" / "tiny" / "flow_grpo.yaml"),
+        ["model.path=tiny:qwen_image_edit", f"data.train={edits}"],
+        checks=["memory", "onpolicy"],
+        device="cpu",
+    )
+    status = {f.name: (f.status, f.message) for f in findings}
+    assert status["ratio"][0] == "OK", status["ratio"]
+    assert status["memory"][0] == "OK" and "safetensors headers" in status["memory"][1]

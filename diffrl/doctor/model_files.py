@@ -117,13 +117,20 @@ def locate_model(cfg, label: str) -> ModelLocation:
                 "toy", "local", None, Finding("model", "FAIL", str(err), "Re-create it with that command.")
             )
     if spec.startswith("tiny:"):
+        from ..models.loading import TINY_BUILDERS
+
         family = spec.split(":", 1)[1]
-        if family not in ("sd3", "flux"):
+        if family not in TINY_BUILDERS:
             return ModelLocation(
                 spec,
                 "tiny",
                 None,
-                Finding("model", "FAIL", f"{spec} is not a tiny model", "Use tiny:sd3 or tiny:flux."),
+                Finding(
+                    "model",
+                    "FAIL",
+                    f"{spec} is not a tiny model",
+                    f"Use one of {', '.join('tiny:' + f for f in TINY_BUILDERS)}.",
+                ),
             )
         return ModelLocation(
             spec,

@@ -23,6 +23,7 @@ __all__ = [
     "detect_family",
     "resolve_dtype",
     "ADAPTERS",
+    "TINY_BUILDERS",
 ]
 
 # pipeline class name in model_index.json -> adapter class
@@ -64,6 +65,16 @@ def detect_family(path: str, revision: str | None = None) -> type[FlowModel]:
     return ADAPTERS[name]
 
 
+#: ``tiny:<family>`` -> (builder in diffrl.models.tiny, its keyword arguments)
+TINY_BUILDERS = {
+    "sd3": ("build_tiny_sd3", {}),
+    "flux": ("build_tiny_flux", {}),
+    "qwen_image": ("build_tiny_qwen_image", {}),
+    "qwen_image_edit": ("build_tiny_qwen_image_edit", {}),
+    "qwen_image_edit_plus": ("build_tiny_qwen_image_edit", {"plus": True}),
+}
+
+
 def tiny_model_dir(spec: str) -> Path:
     """``tiny:sd3`` / ``tiny:flux``: the tiny random pipeline of :mod:`diffrl.models.tiny`, built once into
     ``$DIFFRL_CACHE/tiny`` (default ``~/.cache/diffrl/tiny``) and then loaded like any local checkpoint."""
@@ -75,16 +86,12 @@ def tiny_model_dir(spec: str) -> Path:
 
     family = spec.split(":", 1)[1]
     builders = {
-        "sd3": tiny.build_tiny_sd3,
-        "flux": tiny.build_tiny_flux,
-        "qwen_image": tiny.build_tiny_qwen_image,
-        "qwen_image_edit": tiny.build_tiny_qwen_image_edit,
-        "qwen_image_edit_plus": functools.partial(tiny.build_tiny_qwen_image_edit, plus=True),
+        name: functools.partial(getattr(tiny, builder), **kwargs)
+        for name, (builder, kwargs) in TINY_BUILDERS.items()
     }
     if family not in builders:
         raise ValueError(
-            f"{spec!r} is not a tiny model; use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:qwen_image_edit or "
-            "tiny:qwen_image_edit_plus."
+            f"{spec!r} is not a tiny model; use one of {', '.join('tiny:' + f for f in builders)}."
         )
     root = Path(os.environ.get("DIFFRL_CACHE", Path.home() / ".cache" / "diffrl")) / "tiny"
     target = root / f"{family}-v1"
