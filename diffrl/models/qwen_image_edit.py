@@ -1,6 +1,6 @@
 """Adapter for Qwen-Image-Edit (``QwenImageEditPipeline``): Qwen-Image conditioned on a source image, which enters
-twice, as in the pipeline (diffusers ``pipelines/qwenimage/pipeline_qwenimage_edit.py``; Qwen-Image technical report,
-arXiv 2508.02324, Sec. 5 on image editing):
+twice, as in the pipeline (diffusers ``pipelines/qwenimage/pipeline_qwenimage_edit.py``; the Qwen-Image technical report,
+arXiv 2508.02324, on image editing):
 
 * the Qwen2.5-VL encoder reads the prompt together with the image (the edit prompt template, its first 64 tokens
   dropped), for the prompt and for the negative prompt;
@@ -14,7 +14,8 @@ ratio, in multiples of 32 pixels, independently of the output size.
 The trainers, ``diffrl sample`` and ``diffrl eval`` take each prompt's source image from its row's metadata
 (``metadata["image"]``: a path, which :func:`diffrl.data.load_prompts` resolves against the prompt file's folder, or a
 PIL image), through :meth:`QwenImageEditModel.encode_rows`; rewards receive the same ``image`` metadata. Not
-implemented: training or sampling several images a batch of different condition sizes (each batch must share them).
+implemented: a batch whose source images give different condition sizes (a clear ``ValueError``: every batch must
+share one, e.g. images of one aspect ratio).
 
 :class:`QwenImageEditPlusModel` (``QwenImageEditPlusPipeline``, Qwen-Image-Edit-2509) takes one or several source
 images per prompt (``metadata["image"]`` a path or a list of paths): each is shown to the VL encoder at about
@@ -160,7 +161,7 @@ class QwenImageEditModel(QwenImageModel):
         rows, negative_rows, latents, grids = [], [], [], []
         for prompt, negative, image in zip(prompts, negatives, images, strict=True):
             image = self._open(image)
-            key = self._image_key(image)
+            key = f"{self.condition_area}:{getattr(self, 'vae_area', 0)}:{self._image_key(image)}"
             cached = self._cache.get(f"image\x00{key}")
             if cached is None:
                 resized, tokens, grid = self._condition(image)
