@@ -1,5 +1,7 @@
 """Prompt sources: a .txt file (one prompt a line), a .jsonl file (a prompt field plus metadata), or a Hugging Face
-``datasets`` dataset (``hf:<name>[:<split>]``); with a held-out evaluation split."""
+``datasets`` dataset (``hf:<name>[:<split>]``); with a held-out evaluation split. A .jsonl row's ``image`` field (the
+source image of an edit model, Qwen-Image-Edit; a list of them for Qwen-Image-Edit-2509) is a path relative to the
+prompt file, made absolute on reading."""
 
 from __future__ import annotations
 
@@ -85,6 +87,12 @@ def load_prompts(spec: str, prompt_key: str = "prompt") -> PromptSet:
                         f"{spec} line {n} has no {prompt_key!r} field; add it or set data.prompt_key."
                     )
                 prompts.append(str(row.pop(prompt_key)))
+                # a source image (Qwen-Image-Edit; a list for Qwen-Image-Edit-2509): paths relative to the file
+                image = row.get("image")
+                if isinstance(image, str):
+                    row["image"] = str(path.parent / image)
+                elif isinstance(image, list) and all(isinstance(i, str) for i in image):
+                    row["image"] = [str(path.parent / i) for i in image]
                 meta.append(row)
             out = PromptSet(prompts, meta)
         else:

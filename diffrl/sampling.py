@@ -244,7 +244,8 @@ def iter_samples(
         for start in range(0, len(plan), batch_size):
             infos = plan[start : start + batch_size]
             with torch.no_grad():
-                cond = model.encode([i.prompt for i in infos])
+                rows = prompt_set.take([i.prompt_index for i in infos])
+                cond = model.encode_rows(rows.prompts, rows.batch_metadata())
                 noise = torch.cat(
                     [
                         model.sample_noise(1, height, width, torch.Generator().manual_seed(i.seed))

@@ -84,6 +84,10 @@ EXTRA = {
         "reward_normalize=batch",
         "eval_reward={brightness: 0.0, saturation: 0.0}",
     ],
+    # Qwen-Image: prompt masks padded per process share, true CFG in Flow-GRPO's rollouts (the 1-process reference
+    # run builds tiny:qwen_image in the shared cache before the launch)
+    "flow_grpo-qwen_image": [f"reward={{{GATED}: 1.0}}", "model.path=tiny:qwen_image"],
+    "diffusion_nft-qwen_image": [f"reward={{{GATED}: 1.0}}", "model.path=tiny:qwen_image"],
 }
 CASES = list(EXTRA)
 

@@ -61,7 +61,7 @@ def test_family_detection_and_eval_mode(family_dir):
 
 def test_unsupported_pipeline_is_named(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.*FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline"):
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.*FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline, StableDiffusion3Pipeline"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_model(tmp_path / "..")

@@ -120,12 +120,26 @@ def _kernel_manager():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path):
+    _execute(name, _read(name), tmp_path)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_tiny_qwen_image(tmp_path):
+    """The quickstart with its settings cell switched to another family (the random tiny Qwen-Image): nothing
+    below the settings cell depends on the family."""
+    nb = _read("01_quickstart.ipynb")
+    settings = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("MODEL = "))
+    assert '"tiny:qwen_image"' in settings.source  # the settings cell names the family it can switch to
+    settings.source = 'MODEL = "tiny:qwen_image"\n' + settings.source.split("\n", 1)[1]
+    _execute("01_quickstart.ipynb", nb, tmp_path)
+
+
+def _execute(name, nb, tmp_path):
     pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    nb = _read(name)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",

@@ -403,6 +403,10 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "dpo.time_shift=3.0",
         ),
     ),
+    # Qwen-Image: prompts of different token counts padded with a mask, true CFG in Flow-GRPO's rollouts
+    ("flow_grpo", ("model.path=tiny:qwen_image",)),
+    # (DiffusionNFT on Qwen-Image: ~17 s for both tests, opt-in with --run-slow)
+    ("diffusion_nft", ("model.path=tiny:qwen_image",)),
 ]
 VARIANT_IDS = [
     *ALGOS,
@@ -414,6 +418,8 @@ VARIANT_IDS = [
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",
     "dpo-options",
+    "flow_grpo-qwen_image",
+    "diffusion_nft-qwen_image",
 ]
 
 
@@ -426,7 +432,7 @@ def _variants(slow: set[str]):
 
 
 # dpo's plain resume is opt-in to keep dpo's default tests under 40 s: dpo-options resumes mid-round, which covers more
-@pytest.mark.parametrize("algo, extra", _variants({"dpo"}))
+@pytest.mark.parametrize("algo, extra", _variants({"dpo", "diffusion_nft-qwen_image"}))
 def test_resume_is_bitwise_identical(algo, extra, tmp_path):
     full = build_trainer(
         PRESET[algo],
@@ -477,7 +483,7 @@ def _one_step_per_micro_batch(algo: str, tmp_path: Path, *extra: str):
     return before, results
 
 
-@pytest.mark.parametrize("algo, extra", _variants({"dpo-options"}))
+@pytest.mark.parametrize("algo, extra", _variants({"dpo-options", "diffusion_nft-qwen_image"}))
 def test_micro_batch_size_does_not_change_the_update(algo, extra, tmp_path):
     _, results = _one_step_per_micro_batch(algo, tmp_path, *extra)
     # forward batches of 1 vs 4 rows differ in the last bits, which Adam can turn into a few percent of one step

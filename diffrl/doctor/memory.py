@@ -3,6 +3,7 @@ compared with the GPU's total memory."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -13,25 +14,122 @@ from typing import Any
 from .findings import Finding, GiB, count, gib
 from .model_files import ModelLocation, supported_pipelines, weight_files
 
-__all__ = ["MemoryEstimate", "UnknownModelSize", "estimate_memory", "check_memory"]
+__all__ = ["MemoryEstimate", "PublishedModel", "UnknownModelSize", "estimate_memory", "check_memory"]
 
 
 class UnknownModelSize(LookupError):
     """The model's weights are not present offline and it is not one of the checkpoints of known size."""
 
 
-#: Published sizes of well-known checkpoints (approximate), used when their weights are not present offline:
-#: transformer parameters, the other components' parameters, width, blocks, and LoRA units per rank and width.
-_PUBLISHED = {
-    "stabilityai/stable-diffusion-3.5-medium": ("sd3", 2.47e9, 5.66e9, 1536, 24),
-    "stabilityai/stable-diffusion-3.5-large": ("sd3", 8.06e9, 5.66e9, 2432, 38),
-    "stabilityai/stable-diffusion-3.5-large-turbo": ("sd3", 8.06e9, 5.66e9, 2432, 38),
-    "stabilityai/stable-diffusion-3-medium-diffusers": ("sd3", 2.03e9, 5.66e9, 1536, 24),
-    "black-forest-labs/FLUX.1-dev": ("flux", 11.9e9, 4.97e9, 3072, 57),
-    "black-forest-labs/FLUX.1-schnell": ("flux", 11.9e9, 4.97e9, 3072, 57),
+@dataclass(frozen=True)
+class PublishedModel:
+    """A well-known checkpoint's sizes, for estimates without its weights: the transformer's ``config.json`` (its
+    class and the fields that differ from that class's defaults; the transformer is built from it on the ``meta``
+    device, which allocates nothing, to read its tensor shapes), the VAE ``config.json`` fields the adapter's
+    ``vae_geometry`` reads, and the parameters of every other component (text encoders and VAE). The configs are
+    the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub."""
+
+    pipeline: str  # the pipeline class (model_index.json's _class_name), which names the adapter
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    other_params: float
+
+
+_SD3_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16}
+# CLIP-L 124M + OpenCLIP bigG 695M + T5-XXL encoder 4.76B + VAE 84M
+_SD3_OTHERS = 5.66e9
+_SD35_LARGE = {
+    "_class_name": "SD3Transformer2DModel",
+    "num_layers": 38,
+    "num_attention_heads": 38,
+    "attention_head_dim": 64,
+    "caption_projection_dim": 2432,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
 }
-#: Text tokens the transformer attends to: SD3 CLIP 77 + T5 256, FLUX T5 512.
-_TEXT_TOKENS = {"sd3": 77 + 256, "flux": 512}
+_FLUX1 = {
+    "_class_name": "FluxTransformer2DModel",
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+}
+# Qwen-Image (Qwen tech report, arXiv 2508.02324, sec. 2): a 20B MMDiT of 60 dual-stream blocks, width 24 x 128;
+# the Qwen2.5-VL-7B-Instruct encoder (8.29B parameters with its vision tower, as its model card says) and the
+# 127M-parameter AutoencoderKLQwenImage (the Wan-2.1 VAE layout). Qwen-Image-Edit has the same components.
+_QWEN_IMAGE = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
+_QWEN_VAE = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "temperal_downsample": [False, True, True],
+}
+_QWEN_OTHERS = 8.292e9 + 0.127e9
+#: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
+#: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``unused_lora_modules_in``,
+#: ``memory_text_tokens``, ``condition_tokens``); nothing below branches on a family.
+_PUBLISHED = {
+    "stabilityai/stable-diffusion-3.5-medium": PublishedModel(
+        "StableDiffusion3Pipeline",
+        {
+            "_class_name": "SD3Transformer2DModel",
+            "num_layers": 24,
+            "num_attention_heads": 24,
+            "attention_head_dim": 64,
+            "caption_projection_dim": 1536,
+            "pos_embed_max_size": 384,
+            "dual_attention_layers": list(range(13)),
+            "qk_norm": "rms_norm",
+        },
+        _SD3_VAE,
+        _SD3_OTHERS,
+    ),
+    "stabilityai/stable-diffusion-3.5-large": PublishedModel(
+        "StableDiffusion3Pipeline", _SD35_LARGE, _SD3_VAE, _SD3_OTHERS
+    ),
+    "stabilityai/stable-diffusion-3.5-large-turbo": PublishedModel(
+        "StableDiffusion3Pipeline", _SD35_LARGE, _SD3_VAE, _SD3_OTHERS
+    ),
+    "stabilityai/stable-diffusion-3-medium-diffusers": PublishedModel(
+        "StableDiffusion3Pipeline",
+        {
+            "_class_name": "SD3Transformer2DModel",
+            "num_layers": 24,
+            "num_attention_heads": 24,
+            "attention_head_dim": 64,
+            "caption_projection_dim": 1536,
+            "pos_embed_max_size": 192,
+        },
+        _SD3_VAE,
+        _SD3_OTHERS,
+    ),
+    # CLIP-L 124M + T5-XXL encoder 4.76B + VAE 84M
+    "black-forest-labs/FLUX.1-dev": PublishedModel(
+        "FluxPipeline", {**_FLUX1, "guidance_embeds": True}, _SD3_VAE, 4.97e9
+    ),
+    "black-forest-labs/FLUX.1-schnell": PublishedModel(
+        "FluxPipeline", {**_FLUX1, "guidance_embeds": False}, _SD3_VAE, 4.97e9
+    ),
+    "Qwen/Qwen-Image": PublishedModel("QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
+    "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
+    "Qwen/Qwen-Image-Edit-2509": PublishedModel(
+        "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS
+    ),
+}
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).
 _ACT_PER_BLOCK = 16
@@ -84,8 +182,29 @@ def _peft_match(module: str, targets) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
+def _transformer_on_meta(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the state dict of the diffusers transformer ``config`` describes, built on the ``meta``
+    device (no memory allocated, no weights read): the names and shapes its safetensors file holds."""
+    return dict(_meta_shapes(json.dumps(config, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_shapes(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    import diffusers
+    import torch
+
+    config = json.loads(config_json)
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
 def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
-    """Family, parameter counts, architecture and LoRA size, from the pipeline directory or published sizes."""
+    """Family, parameter counts, architecture and LoRA size, from the pipeline directory or published sizes. What
+    differs between families comes from the adapter class (``token_patch_size``, ``vae_geometry``,
+    ``unused_lora_modules_in``, ``memory_text_tokens``, the LoRA defaults) and, for published sizes, from the rows
+    of ``_PUBLISHED``."""
     from ..models.loading import ADAPTERS
 
     m = cfg.model
@@ -106,59 +225,52 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
                 transformer_shapes = shapes
         tcfg = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
         vcfg = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
-        width = int(tcfg["num_attention_heads"]) * int(tcfg["attention_head_dim"])
-        blocks = int(tcfg.get("num_layers", 0)) + int(tcfg.get("num_single_layers", 0))
-        rank = m.lora_rank if m.lora_rank > 0 else adapter.default_lora_rank
-        targets = m.lora_targets or adapter.default_lora_targets
-        exclude = set()
-        if family == "sd3" and not m.lora_targets:  # the context-pre-only last block (see SD3Model)
-            exclude.add(f"transformer_blocks.{int(tcfg['num_layers']) - 1}.attn.add_q_proj")
-        lora = 0
-        for key, shape in transformer_shapes.items():
-            module = key.removesuffix(".weight")
-            if (
-                key.endswith(".weight")
-                and len(shape) == 2
-                and module not in exclude
-                and _peft_match(module, targets)
-            ):
-                lora += rank * (shape[0] + shape[1])
+        transformer = params.get("transformer", 0)
+        total = sum(params.values())
         source = "safetensors headers" + (" and .bin sizes" if approx else "")
-        return {
-            "family": family,
-            "params": sum(params.values()),
-            "transformer": params.get("transformer", 0),
-            "width": width,
-            "blocks": blocks,
-            "patch": int(tcfg.get("patch_size", 1)) if family == "sd3" else 2,
-            "vae_factor": 2 ** (len(vcfg["block_out_channels"]) - 1),
-            "vae_channels": int(vcfg["block_out_channels"][0]),
-            "latent_channels": int(vcfg.get("latent_channels", 16)),
-            "text_width": int(tcfg.get("joint_attention_dim", width)),
-            "lora": lora,
-            "source": source,
-        }
-    if m.path not in _PUBLISHED:
-        raise UnknownModelSize(f"{m.path} is not present offline and its size is not known")
-    family, transformer, others, width, blocks = _PUBLISHED[m.path]
-    adapter = next(c for c in ADAPTERS.values() if c.family == family)
+    else:
+        if m.path not in _PUBLISHED:
+            raise UnknownModelSize(f"{m.path} is not present offline and its size is not known")
+        row = _PUBLISHED[m.path]
+        adapter = ADAPTERS[row.pipeline]
+        tcfg, vcfg = row.transformer, row.vae
+        transformer_shapes = _transformer_on_meta(tcfg)
+        transformer = sum(math.prod(s) for s in transformer_shapes.values())
+        total = transformer + int(row.other_params)
+        source = f"published sizes of {m.path} (the weights are not present offline)"
+    width = int(tcfg["num_attention_heads"]) * int(tcfg["attention_head_dim"])
+    blocks = int(tcfg.get("num_layers", 0)) + int(tcfg.get("num_single_layers", 0))
     rank = m.lora_rank if m.lora_rank > 0 else adapter.default_lora_rank
-    # LoRA r (in + out) per adapted linear: SD3 8 width x width projections a block; FLUX 19 double blocks
-    # (8 projections + 2 feed-forwards of 5 units each for image and text) and 38 single blocks (17 units).
-    units = 16 * blocks if family == "sd3" else 36 * 19 + 17 * 38
+    targets = m.lora_targets or adapter.default_lora_targets
+    exclude = set() if m.lora_targets else set(adapter.unused_lora_modules_in(tcfg))
+    lora = 0
+    for key, shape in transformer_shapes.items():
+        module = key.removesuffix(".weight")
+        if (
+            key.endswith(".weight")
+            and len(shape) == 2
+            and module not in exclude
+            and _peft_match(module, targets)
+        ):
+            lora += rank * (shape[0] + shape[1])
+    vae_factor, vae_channels, latent_channels = adapter.vae_geometry(vcfg)
     return {
-        "family": family,
-        "params": int(transformer + others),
+        "family": adapter.family,
+        "params": int(total),
         "transformer": int(transformer),
         "width": width,
         "blocks": blocks,
-        "patch": 2,
-        "vae_factor": 8,
-        "vae_channels": 128,
-        "latent_channels": 16,
-        "text_width": 4096,
-        "lora": int(rank * width * units),
-        "source": "published sizes (the weights are not present offline)",
+        "patch": adapter.token_patch_size(tcfg),
+        "vae_factor": vae_factor,
+        "vae_channels": vae_channels,
+        "latent_channels": latent_channels,
+        "text_width": int(tcfg.get("joint_attention_dim", width)),
+        "text_tokens": adapter.memory_text_tokens,
+        "condition_tokens": adapter.condition_tokens(vae_factor, adapter.token_patch_size(tcfg)),
+        # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
+        "true_cfg": adapter.guidance_is_cfg and adapter.uses_negative_prompt,
+        "lora": lora,
+        "source": source,
     }
 
 
@@ -195,7 +307,10 @@ def estimate_memory(
 
     where ``P_all`` / ``P_transformer`` / ``P_train`` are all / transformer / trained parameters (LoRA:
     ``r (in + out)`` per adapted linear), ``N = H W / (f p)^2 + L_txt`` tokens (VAE factor f, patch p, text tokens
-    ``L_txt``: SD3 333, FLUX 512), ``d`` the transformer width, ``c = 2`` for SD3 with CFG (a doubled batch),
+    ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
+    ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
+    tokens of an edit model), ``d`` the transformer width, ``c = 2`` where guidance is true CFG with
+    a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
     ``n_local`` the samples of one step on one of ``num_processes`` processes, ``D_txt`` the text embedding width,
     and ``rewards`` the size of the rewards' cached weight files (``reward_bytes``).
@@ -226,11 +341,12 @@ def estimate_memory(
 
     f, p = facts["vae_factor"], facts["patch"]
     n_img = (s.height // (f * p)) * (s.width // (f * p))
-    l_txt = _TEXT_TOKENS[facts["family"]]
-    tokens = n_img + l_txt
+    l_txt = facts["text_tokens"]
+    tokens = n_img + facts["condition_tokens"] + l_txt
     d = facts["width"]
-    cfg_sd3 = facts["family"] == "sd3" and cfg.algorithm not in ("diffusion_nft", "awm") and s.guidance_scale > 1
-    c = 2 if cfg_sd3 else 1
+    # CFG-free trainers (DiffusionNFT, AWM) train the conditional velocity only
+    cfg_pass = facts["true_cfg"] and cfg.algorithm not in ("diffusion_nft", "awm") and s.guidance_scale > 1
+    c = 2 if cfg_pass else 1
     k = cfg.refl.grad_steps if cfg.algorithm == "refl" else 1
     k = 2 if cfg.algorithm == "dpo" else k  # a DPO pass holds the chosen and the rejected rows of each pair
     per_sample = c * tokens * d * a
@@ -257,7 +373,7 @@ def estimate_memory(
         stored = latent
     else:
         n_local, stored = cfg.refl.prompts_per_step // world, latent
-    buffers = n_local * (l_txt * facts["text_width"] * b_w * (2 if cfg_sd3 else 1) + stored)
+    buffers = n_local * (l_txt * facts["text_width"] * b_w * (2 if cfg_pass else 1) + stored)
 
     notes = [f"{n_local} samples a step on each of {world} process(es)"]
     if fsdp > 1:

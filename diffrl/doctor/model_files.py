@@ -117,8 +117,10 @@ def locate_model(cfg, label: str) -> ModelLocation:
                 "toy", "local", None, Finding("model", "FAIL", str(err), "Re-create it with that command.")
             )
     if spec.startswith("tiny:"):
+        from ..models.loading import TINY_BUILDERS
+
         family = spec.split(":", 1)[1]
-        if family not in ("sd3", "flux", "qwen_image", "wan", "wan22"):
+        if family not in TINY_BUILDERS:
             return ModelLocation(
                 spec,
                 "tiny",
@@ -127,7 +129,7 @@ def locate_model(cfg, label: str) -> ModelLocation:
                     "model",
                     "FAIL",
                     f"{spec} is not a tiny model",
-                    "Use tiny:sd3, tiny:flux, tiny:qwen_image, tiny:wan or tiny:wan22.",
+                    f"Use one of {', '.join('tiny:' + f for f in TINY_BUILDERS)}.",
                 ),
             )
         return ModelLocation(

@@ -40,15 +40,18 @@ def _load_policy(cfg, path: str, device: str):
     return model
 
 
-def _probe_prompts(cfg, n: int) -> list[str]:
-    prompts: list[str] = []
+def _probe_prompts(cfg, n: int):
+    """``n`` prompt rows (a :class:`~diffrl.data.PromptSet`, with their metadata, e.g. an edit model's source
+    images) from the training prompts, or two stock prompts."""
+    from ..data import PromptSet, load_prompts
+
+    found = PromptSet([])
     if not cfg.data.train.startswith("hf:"):
         with contextlib.suppress(Exception):
-            from ..data import load_prompts
-
-            prompts = load_prompts(cfg.data.train, cfg.data.prompt_key).prompts[:n]
-    prompts = prompts or ["a photo of a cat on a red chair", "a watercolor painting of a lighthouse"]
-    return [prompts[i % len(prompts)] for i in range(n)]
+            found = load_prompts(cfg.data.train, cfg.data.prompt_key)
+    if not len(found):
+        found = PromptSet(["a photo of a cat on a red chair", "a watercolor painting of a lighthouse"])
+    return found.take([i % len(found) for i in range(n)])
 
 
 def _autocast(cfg, device: str):
@@ -172,7 +175,7 @@ def check_onpolicy(cfg, location: ModelLocation, device: str) -> list[Finding]:
         n = max(1, min(max(s.batch_size, o.train_batch_size), ONPOLICY_ROWS))
         prompts = _probe_prompts(cfg, n)
         sigmas = model.schedule(s.num_steps, s.height, s.width)[: hi + 1]
-        cond = model.encode(prompts)
+        cond = model.encode_rows(prompts.prompts, prompts.batch_metadata())
         trajectories, old = [], []
         chunk = max(1, min(s.batch_size, n))
         for i in range(0, n, chunk):  # sampled in chunks of sample.batch_size, as the trainer does

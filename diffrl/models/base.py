@@ -38,6 +38,8 @@ class Conditioning:
     text_ids: torch.Tensor | None = None  # (L, 3) FLUX text position ids, shared by the batch
     prompt_mask: torch.Tensor | None = None  # (B, L) Qwen-Image: 1 for the prompt's tokens, 0 for padding
     negative_prompt_mask: torch.Tensor | None = None  # (B, L') the negative prompt's
+    image_latents: torch.Tensor | None = None  # (B, N_c, 4C) Qwen-Image-Edit: the source image's packed latent tokens
+    image_grid: torch.Tensor | None = None  # (B, 2) their token grid (rows, columns), long; (B, 2K) for K images
     _cfg: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def cfg_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +148,35 @@ class FlowModel:
     default_lora_rank: int = 32
     default_lora_alpha: int = 64
     default_lora_targets: list[str] | str = []
+    # Text tokens per prompt the transformer attends to, as `diffrl doctor`'s memory estimate counts them (an upper
+    # bound where a family pads to a maximum length).
+    memory_text_tokens: int = 0
+
+    # ------------------------------------------------------------------ sizes from config files (no model built)
+    # The memory estimate (diffrl.doctor.memory) reads these from a pipeline's config.json files, so a family's
+    # geometry lives with its adapter and the estimate has no family branches.
+    @classmethod
+    def token_patch_size(cls, transformer_config: dict) -> int:
+        """Latent pixels per side of one image token: 2 (2x2 latent patches packed into a token)."""
+        return 2
+
+    @classmethod
+    def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
+        """``(downsampling factor, channels of the decoder's full-resolution blocks, latent channels)`` from the
+        VAE's config (``AutoencoderKL``: ``block_out_channels``, ``latent_channels``)."""
+        channels = vae_config["block_out_channels"]
+        return 2 ** (len(channels) - 1), int(channels[0]), int(vae_config.get("latent_channels", 16))
+
+    @classmethod
+    def condition_tokens(cls, vae_factor: int, patch: int) -> int:
+        """Latent tokens of a conditioning image appended to the noisy ones (edit models), for the estimate: 0."""
+        return 0
+
+    @classmethod
+    def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
+        """Modules left out of the default LoRA because they would get no gradient, named from the transformer's
+        config (the same names ``_unused_lora_modules`` finds on a loaded model). None by default."""
+        return []
 
     def __init__(self, pipe, *, prompt_cache_size: int = 4096):
         self.pipe = pipe
@@ -241,6 +272,12 @@ class FlowModel:
                     f"negative_prompt={negative_prompt!r} must be a string or one string per prompt."
                 )
         return self._assemble(rows, negative_rows)
+
+    def encode_rows(self, prompts: Sequence[str], metadata: dict[str, list] | None = None) -> Conditioning:
+        """``encode(prompts)`` as the trainers call it, with the prompt rows' metadata (one list per key, one entry
+        per prompt). Text-to-image families use the text only; Qwen-Image-Edit reads each row's source image from
+        ``metadata["image"]``."""
+        return self.encode(prompts)
 
     def clear_prompt_cache(self) -> None:
         self._cache.clear()

@@ -53,6 +53,7 @@ class FluxModel(FlowModel):
     default_lora_rank = 64
     default_lora_alpha = 128
     default_lora_targets = FLUX_LORA_TARGETS
+    memory_text_tokens = 512  # T5 tokens (the pipeline's max_sequence_length)
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, prompt_cache_size: int = 4096):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .base import FlowModel
 from .flux import FluxModel
 from .flux2 import Flux2KleinModel, Flux2Model
 from .qwen_image import QwenImageModel
+from .qwen_image_edit import QwenImageEditModel, QwenImageEditPlusModel
 from .sd3 import SD3Model
 from .wan import WanModel
 from .z_image import ZImageModel
@@ -24,6 +26,7 @@ __all__ = [
     "detect_family",
     "resolve_dtype",
     "ADAPTERS",
+    "TINY_BUILDERS",
 ]
 
 # pipeline class name in model_index.json -> adapter class
@@ -35,6 +38,8 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     Flux2Model.pipeline_class_name: Flux2Model,
     Flux2KleinModel.pipeline_class_name: Flux2KleinModel,
     WanModel.pipeline_class_name: WanModel,
+    QwenImageEditModel.pipeline_class_name: QwenImageEditModel,
+    QwenImageEditPlusModel.pipeline_class_name: QwenImageEditPlusModel,
 }
 
 
@@ -67,6 +72,21 @@ def detect_family(path: str, revision: str | None = None) -> type[FlowModel]:
     return ADAPTERS[name]
 
 
+#: ``tiny:<family>`` -> (builder in diffrl.models.tiny, its keyword arguments)
+TINY_BUILDERS = {
+    "sd3": ("build_tiny_sd3", {}),
+    "flux": ("build_tiny_flux", {}),
+    "qwen_image": ("build_tiny_qwen_image", {}),
+    "qwen_image_edit": ("build_tiny_qwen_image_edit", {}),
+    "qwen_image_edit_plus": ("build_tiny_qwen_image_edit", {"plus": True}),
+    "z_image": ("build_tiny_z_image", {}),
+    "flux2": ("build_tiny_flux2", {}),
+    "flux2_klein": ("build_tiny_flux2_klein", {}),
+    "wan": ("build_tiny_wan", {}),
+    "wan22": ("build_tiny_wan", {"two_experts": True}),
+}
+
+
 def tiny_model_dir(spec: str) -> Path:
     """``tiny:sd3`` / ``tiny:flux``: the tiny random pipeline of :mod:`diffrl.models.tiny`, built once into
     ``$DIFFRL_CACHE/tiny`` (default ``~/.cache/diffrl/tiny``) and then loaded like any local checkpoint."""
@@ -78,14 +98,8 @@ def tiny_model_dir(spec: str) -> Path:
 
     family = spec.split(":", 1)[1]
     builders = {
-        "sd3": tiny.build_tiny_sd3,
-        "flux": tiny.build_tiny_flux,
-        "qwen_image": tiny.build_tiny_qwen_image,
-        "z_image": tiny.build_tiny_z_image,
-        "flux2": tiny.build_tiny_flux2,
-        "flux2_klein": tiny.build_tiny_flux2_klein,
-        "wan": tiny.build_tiny_wan,
-        "wan22": lambda path: tiny.build_tiny_wan(path, two_experts=True),
+        name: functools.partial(getattr(tiny, builder), **kwargs)
+        for name, (builder, kwargs) in TINY_BUILDERS.items()
     }
     if family not in builders:
         raise ValueError(
@@ -168,6 +182,8 @@ def load_model(
         Flux2KleinPipeline,
         Flux2Pipeline,
         FluxPipeline,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
         QwenImagePipeline,
         StableDiffusion3Pipeline,
         WanPipeline,
@@ -182,6 +198,8 @@ def load_model(
         "flux2": Flux2Pipeline,
         "flux2_klein": Flux2KleinPipeline,
         "wan": WanPipeline,
+        "qwen_image_edit": QwenImageEditPipeline,
+        "qwen_image_edit_plus": QwenImageEditPlusPipeline,
     }[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
@@ -252,6 +270,8 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "flux2": (Flux2Transformer2DModel, AutoencoderKLFlux2),
             "flux2_klein": (Flux2Transformer2DModel, AutoencoderKLFlux2),
             "wan": (WanTransformer3DModel, AutoencoderKLWan),
+            "qwen_image_edit": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+            "qwen_image_edit_plus": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))

@@ -43,6 +43,23 @@ class QwenImageModel(FlowModel):
     default_lora_rank = 64
     default_lora_alpha = 128
     default_lora_targets = QWEN_IMAGE_LORA_TARGETS
+    # The pipeline pads a batch to its longest prompt, at most max_sequence_length (512): the estimate's upper bound.
+    memory_text_tokens = 512
+
+    @classmethod
+    def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
+        """AutoencoderKLQwenImage: one spatial halving per ``temperal_downsample`` entry, full-resolution decoder
+        blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels."""
+        factor = 2 ** len(vae_config["temperal_downsample"])
+        channels = int(vae_config["base_dim"]) * int(vae_config["dim_mult"][0])
+        return factor, channels, int(vae_config["z_dim"])
+
+    @classmethod
+    def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
+        # The last block's text stream is computed but dropped (the model outputs the image tokens only): a LoRA
+        # on its text queries or its text output projection would never receive a gradient.
+        last = int(transformer_config["num_layers"]) - 1
+        return [f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out"]
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, prompt_cache_size: int = 4096):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
@@ -62,10 +79,7 @@ class QwenImageModel(FlowModel):
         return int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale_factor
 
     def _unused_lora_modules(self) -> list[str]:
-        # The last block's text stream is computed but dropped (the model outputs the image tokens only): a LoRA
-        # on its text queries or its text output projection would never receive a gradient.
-        last = len(self.transformer.transformer_blocks) - 1
-        return [f"transformer_blocks.{last}.attn.add_q_proj", f"transformer_blocks.{last}.attn.to_add_out"]
+        return self.unused_lora_modules_in(dict(self.transformer.config))
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, prompts):
@@ -138,18 +152,33 @@ class QwenImageModel(FlowModel):
             return ((z - mean) / std)[:, :, 0].float()
 
     # ------------------------------------------------------------------ velocity
-    def _transformer(self, hidden, t, embeds, mask, h, w):
+    def _transformer(self, hidden, t, embeds, mask, h, w, cond: Conditioning | None = None):
         if mask is not None and bool(mask.all()):
             mask = None  # as the pipeline: no mask when no prompt of the batch is padded
-        return self.transformer(
+        shapes = [(1, h // 2, w // 2)]
+        n = hidden.shape[1]
+        # Qwen-Image-Edit: the source image's latent tokens follow the noisy ones
+        if cond is not None and cond.image_latents is not None:
+            extra = cond.image_latents.to(hidden.dtype)
+            if bool((cond.image_grid != cond.image_grid[:1]).any()):
+                raise ValueError(
+                    "the source images of one batch have different condition sizes; batch them apart."
+                )
+            if hidden.shape[0] == 2 * extra.shape[0]:  # both CFG passes in one batch
+                extra = torch.cat([extra, extra])
+            hidden = torch.cat([hidden, extra], dim=1)
+            # one (rows, columns) token grid per source image, in the order of their tokens
+            shapes.extend((1, int(r), int(c)) for r, c in cond.image_grid[0].reshape(-1, 2))
+        out = self.transformer(
             hidden_states=hidden,
             timestep=t / 1000,
             guidance=None,
             encoder_hidden_states_mask=mask,
             encoder_hidden_states=embeds,
-            img_shapes=[[(1, h // 2, w // 2)]] * hidden.shape[0],
+            img_shapes=[shapes] * hidden.shape[0],
             return_dict=False,
         )[0]
+        return out[:, :n]
 
     def velocity(
         self,
@@ -179,7 +208,7 @@ class QwenImageModel(FlowModel):
         embeds, mask = cond.prompt_embeds, cond.prompt_mask
         cfg = guidance_scale > 1 and cond.negative_prompt_embeds is not None
         if not cfg:
-            return unpack_latents(self._transformer(hidden, t, embeds, mask, h, w), h, w)
+            return unpack_latents(self._transformer(hidden, t, embeds, mask, h, w, cond), h, w)
         neg, neg_mask = cond.negative_prompt_embeds, cond.negative_prompt_mask
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -192,7 +221,7 @@ class QwenImageModel(FlowModel):
             ]
         )
         out = self._transformer(
-            torch.cat([hidden, hidden]), torch.cat([t, t]), both.prompt_embeds, both.prompt_mask, h, w
+            torch.cat([hidden, hidden]), torch.cat([t, t]), both.prompt_embeds, both.prompt_mask, h, w, cond
         )
         uncond, text = out.chunk(2)
         if detach_uncond:

@@ -137,6 +137,16 @@ class SD3Model(FlowModel):
     default_lora_rank = 32
     default_lora_alpha = 64
     default_lora_targets = SD3_LORA_TARGETS
+    memory_text_tokens = 77 + 256  # CLIP's 77 and T5's 256 (the pipeline's max_sequence_length)
+
+    @classmethod
+    def token_patch_size(cls, transformer_config: dict) -> int:
+        return int(transformer_config.get("patch_size", 2))
+
+    @classmethod
+    def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
+        # SD3Transformer2DModel makes its last block context-pre-only (see _unused_lora_modules)
+        return [f"transformer_blocks.{int(transformer_config['num_layers']) - 1}.attn.add_q_proj"]
 
     def __init__(
         self,

@@ -1083,3 +1083,50 @@ def build_tiny_wan(
     path = _prepare_dir(path)
     pipe.save_pretrained(path)
     return path
+
+
+#: The tiny edit pipeline's VL processor sees images of at most this many pixels (the real one: 28 * 28 * 1280),
+#: so a 32x32 to 64x64 source image is 4 vision tokens after the 2x2 merge.
+TINY_QWEN_EDIT_MAX_PIXELS = 56 * 56
+
+
+def build_tiny_qwen_image_edit(
+    path: str | Path, *, seed: int = 0, latent_channels: int = 4, plus: bool = False
+) -> Path:
+    """Build a tiny random :class:`~diffusers.QwenImageEditPipeline` and save it to ``path``: the components of
+    :func:`build_tiny_qwen_image` (same seed, same weights) plus the ``processor`` the edit pipeline gives the source
+    image to, a :class:`~transformers.Qwen2VLProcessor` over the same tokenizer with a
+    :class:`~transformers.Qwen2VLImageProcessor` whose patch (14), temporal patch (2) and merge size (2) are the tiny
+    Qwen2.5-VL vision tower's, limited to :data:`TINY_QWEN_EDIT_MAX_PIXELS` pixels. ``plus=True`` saves the same
+    components as a :class:`~diffusers.QwenImageEditPlusPipeline` (several source images)."""
+    import tempfile
+
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = QwenImagePipeline.from_pretrained(
+            build_tiny_qwen_image(Path(tmp) / "t2i", seed=seed, latent_channels=latent_channels)
+        )
+        image_processor = Qwen2VLImageProcessor(
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+            min_pixels=28 * 28,
+            max_pixels=TINY_QWEN_EDIT_MAX_PIXELS,
+        )
+        # the processor class requires a video processor (the edit pipeline never gives it a video)
+        processor = Qwen2VLProcessor(
+            image_processor=image_processor, tokenizer=base.tokenizer, video_processor=Qwen2VLVideoProcessor()
+        )
+        pipe = (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline)(
+            scheduler=base.scheduler,
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            processor=processor,
+            transformer=base.transformer,
+        )
+        path = _prepare_dir(path)
+        pipe.save_pretrained(path)
+    return path

@@ -131,7 +131,7 @@ class AWMTrainer(Trainer):
         prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
         guidance = self._guidance()
-        cond_all = model.encode(batch.prompts).repeat_interleave(G)
+        cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
 
         # 1. rollouts of the current policy (ODE, no grad), keep x0
         n = len(prompts)

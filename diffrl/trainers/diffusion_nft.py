@@ -89,7 +89,7 @@ class DiffusionNFTTrainer(Trainer):
         prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
         guidance = self._guidance()
-        cond_all = model.encode(batch.prompts).repeat_interleave(G)
+        cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
 
         # 1. rollouts of the old policy (ODE, no grad), keep x0
         n = len(prompts)

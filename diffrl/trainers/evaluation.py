@@ -78,7 +78,7 @@ def evaluate(run: Evaluated) -> dict[str, float]:
     with run.ema_weights():
         for i in range(0, len(mine), s.batch_size):
             chunk = local.prompts[i : i + s.batch_size]
-            cond = model.encode(chunk)
+            cond = model.encode_rows(chunk, local.take(range(i, i + len(chunk))).batch_metadata())
             noise = torch.cat(
                 [model.sample_noise(1, s.height, s.width, eval_seed(mine[i + j])) for j in range(len(chunk))]
             )

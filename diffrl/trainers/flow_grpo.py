@@ -169,7 +169,7 @@ class FlowGRPOTrainer(Trainer):
         window = self._window(s.num_steps)
 
         # 1. rollouts with log-probs (no grad), decode, score
-        cond_all = model.encode(batch.prompts).repeat_interleave(G)
+        cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
         trajs, logps, means = [], [], []
         n = len(prompts)
 

@@ -169,7 +169,7 @@ class ReFLTrainer(Trainer):
         K = min(c.grad_steps, j + 1)
         # levels s_0 .. s_j, then a last jump to 0: the grad window is the last K steps of this schedule
         levels = torch.cat([sigmas[: j + 1], sigmas.new_zeros(1)])
-        cond_all = model.encode(batch.prompts)
+        cond_all = model.encode_rows(batch.prompts, batch.metadata)
         bs = cfg.optim.train_batch_size
         micro_batches = [list(range(i, min(n, i + bs))) for i in range(0, n, bs)]
         # the reward is called per micro-batch; a batch-normalised sum takes its statistics from the whole step
