@@ -27,12 +27,15 @@ class PublishedModel:
     class and the fields that differ from that class's defaults; the transformer is built from it on the ``meta``
     device, which allocates nothing, to read its tensor shapes), the VAE ``config.json`` fields the adapter's
     ``vae_geometry`` reads, and the parameters of every other component (text encoders and VAE). The configs are
-    the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub."""
+    the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub.
+    ``frozen_transformers`` counts further copies of the transformer's architecture held frozen in memory (Wan 2.2
+    A14B's second expert: one expert trains, both stay on the device)."""
 
     pipeline: str  # the pipeline class (model_index.json's _class_name), which names the adapter
     transformer: dict[str, Any]
     vae: dict[str, Any]
     other_params: float
+    frozen_transformers: int = 0
 
 
 _SD3_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16}
@@ -236,10 +239,10 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         tcfg, vcfg = row.transformer, row.vae
         transformer_shapes = _transformer_on_meta(tcfg)
         transformer = sum(math.prod(s) for s in transformer_shapes.values())
-        total = transformer + int(row.other_params)
+        total = transformer * (1 + row.frozen_transformers) + int(row.other_params)
         source = f"published sizes of {m.path} (the weights are not present offline)"
-    width = int(tcfg["num_attention_heads"]) * int(tcfg["attention_head_dim"])
-    blocks = int(tcfg.get("num_layers", 0)) + int(tcfg.get("num_single_layers", 0))
+    width, blocks, text_width = adapter.transformer_geometry(tcfg)
+    latent_frames, decoded_frames = adapter.memory_frames(cfg.sample.num_frames, vcfg)
     rank = m.lora_rank if m.lora_rank > 0 else adapter.default_lora_rank
     targets = m.lora_targets or adapter.default_lora_targets
     exclude = set() if m.lora_targets else set(adapter.unused_lora_modules_in(tcfg))
@@ -264,7 +267,9 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "vae_factor": vae_factor,
         "vae_channels": vae_channels,
         "latent_channels": latent_channels,
-        "text_width": int(tcfg.get("joint_attention_dim", width)),
+        "text_width": text_width,
+        "latent_frames": latent_frames,
+        "decoded_frames": decoded_frames,
         "text_tokens": adapter.memory_text_tokens,
         "condition_tokens": adapter.condition_tokens(vae_factor, adapter.token_patch_size(tcfg)),
         # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
@@ -302,17 +307,23 @@ def estimate_memory(
         activations = max(train, sample)
         train       = k * c * B_t * N * d * a * (16 * blocks)     without gradient checkpointing
                     = k * c * B_t * N * d * a * (blocks + 16)     with it (block inputs + one recomputed block)
-        sample      = c * B_s * N * d * a * 16 + B_s * H * W * C_vae * a * 3   (a block without grad + VAE decode)
+        sample      = c * B_s * N * d * a * 16 + B_s * F_dec * H * W * C_vae * a * 3   (a block without grad +
+                                                                                  VAE decode)
         overhead    = 1 GiB on CUDA (context, allocator), 0 on the CPU
 
     where ``P_all`` / ``P_transformer`` / ``P_train`` are all / transformer / trained parameters (LoRA:
-    ``r (in + out)`` per adapted linear), ``N = H W / (f p)^2 + L_txt`` tokens (VAE factor f, patch p, text tokens
+    ``r (in + out)`` per adapted linear; a frozen second expert, Wan 2.2's, is in ``P_all`` only),
+    ``N = F' H W / (f p)^2 + L_txt`` tokens (``F'`` latent frames and ``F_dec`` frames decoded at once from the
+    adapter's ``memory_frames``: 1 and 1 for images, Wan's ``(F - 1) / 4 + 1`` and 4; VAE factor f, patch p, text
+    tokens
     ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
     ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
-    tokens of an edit model), ``d`` the transformer width, ``c = 2`` where guidance is true CFG with
+    tokens of an edit model), ``d`` the transformer width and ``blocks`` its blocks (the adapter's
+    ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
     a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
     ``n_local`` the samples of one step on one of ``num_processes`` processes, ``D_txt`` the text embedding width,
+    ``C_lat F' (H / f) (W / f)`` float32 values a stored latent,
     and ``rewards`` the size of the rewards' cached weight files (``reward_bytes``).
     """
     import torch
@@ -340,7 +351,7 @@ def estimate_memory(
     trained = p_train * per_param / fsdp
 
     f, p = facts["vae_factor"], facts["patch"]
-    n_img = (s.height // (f * p)) * (s.width // (f * p))
+    n_img = facts["latent_frames"] * (s.height // (f * p)) * (s.width // (f * p))
     l_txt = facts["text_tokens"]
     tokens = n_img + facts["condition_tokens"] + l_txt
     d = facts["width"]
@@ -355,9 +366,10 @@ def estimate_memory(
     else:
         train_act = k * o.train_batch_size * per_sample * _ACT_PER_BLOCK * facts["blocks"]
     sample_act = s.batch_size * per_sample * _ACT_PER_BLOCK
-    sample_act += s.batch_size * s.height * s.width * facts["vae_channels"] * a * _VAE_PER_PIXEL
+    vae_pixels = facts["decoded_frames"] * s.height * s.width
+    sample_act += s.batch_size * vae_pixels * facts["vae_channels"] * a * _VAE_PER_PIXEL
 
-    latent = facts["latent_channels"] * (s.height // f) * (s.width // f) * 4
+    latent = facts["latent_channels"] * facts["latent_frames"] * (s.height // f) * (s.width // f) * 4
     if cfg.algorithm == "flow_grpo":
         g = cfg.flow_grpo
         n_local, stored = g.prompts_per_step // world * g.group_size, (s.num_steps + 1) * latent
