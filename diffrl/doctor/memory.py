@@ -82,6 +82,73 @@ _QWEN_VAE = {
     "temperal_downsample": [False, True, True],
 }
 _QWEN_OTHERS = 8.292e9 + 0.127e9
+# Z-Image-Turbo (Z-Image report, arXiv 2511.22699: a 6B single-stream DiT): its transformer/config.json has dim 3840,
+# 30 heads (30 key/value heads), 30 layers, 2 noise- and 2 context-refiner layers, cap_feat_dim 2560 (Qwen3-4B's
+# hidden size), patch 2 (frame patch 1), RoPE axes (32, 48, 48) with theta 256, 16 input channels: 6.15B parameters
+# built from it. Text encoder Qwen3-4B (4.02B, as its model card's 4.0B; the tied embeddings count once) and the
+# FLUX.1 VAE (83.8M).
+_Z_IMAGE_TURBO = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "cap_feat_dim": 2560,
+    "axes_dims": [32, 48, 48],
+    "rope_theta": 256.0,
+    "qk_norm": True,
+}
+_QWEN3_4B = 4.022e9
+_FLUX1_VAE_PARAMS = 0.0838e9
+# FLUX.2 (diffusers' Flux2Transformer2DModel, whose defaults are FLUX.2 [dev]'s config, and the FLUX.2 conversion
+# script's klein-4B config): [dev] 8 double and 48 single blocks of 48 heads x 128, joint_attention_dim 15360 (three
+# Mistral hidden states of 5120 concatenated), 128 input channels, patch 1, mlp_ratio 3, guidance embedding: 32.2B;
+# [klein] 4B 5 double and 20 single blocks of 24 heads x 128, joint_attention_dim 7680 (three Qwen3-4B states of
+# 2560), no guidance embedding: 3.88B. AutoencoderKLFlux2: the FLUX.1 VAE layout with 32 latent channels (84.0M).
+_FLUX2 = {
+    "_class_name": "Flux2Transformer2DModel",
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "guidance_embeds": True,
+}
+_FLUX2_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 32}
+_FLUX2_VAE_PARAMS = 0.0840e9
+# Wan 2.1 / 2.2 text-to-video (Wan report, arXiv 2503.20314, table 1, and the Wan team's configs wan_t2v_1_3B.py /
+# wan_t2v_14B.py): 1.3B: width 1536 (12 heads x 128), 30 layers, FFN 8960; 14B: width 5120 (40 x 128), 40 layers,
+# FFN 13824; both patch (1, 2, 2), 16 latent channels, text_dim 4096, freq_dim 256. Wan 2.2 A14B: two experts of the
+# 14B architecture (high- and low-noise). The UMT5-XXL encoder (d_model 4096, d_ff 10240, 24 layers, 64 heads,
+# 256384-token vocabulary: 5.68B) and the Wan-2.1 VAE (126.9M, the layout of Qwen-Image's).
+_WAN_14B = {
+    "_class_name": "WanTransformer3DModel",
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+_WAN_VAE = {**_QWEN_VAE, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+_WAN_OTHERS = 5.681e9 + 0.127e9
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
 #: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``unused_lora_modules_in``,
 #: ``memory_text_tokens``, ``condition_tokens``); nothing below branches on a family.
@@ -131,6 +198,36 @@ _PUBLISHED = {
     "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
     "Qwen/Qwen-Image-Edit-2509": PublishedModel(
         "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS
+    ),
+    "Tongyi-MAI/Z-Image-Turbo": PublishedModel(
+        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE, _QWEN3_4B + _FLUX1_VAE_PARAMS
+    ),
+    # Mistral-Small-3.2-24B (24B with its vision tower, as its model card says) + the VAE
+    "black-forest-labs/FLUX.2-dev": PublishedModel(
+        "Flux2Pipeline", _FLUX2, _FLUX2_VAE, 24.0e9 + _FLUX2_VAE_PARAMS
+    ),
+    "black-forest-labs/FLUX.2-klein-4B": PublishedModel(
+        "Flux2KleinPipeline",
+        {
+            **_FLUX2,
+            "num_layers": 5,
+            "num_single_layers": 20,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 7680,
+            "guidance_embeds": False,
+        },
+        _FLUX2_VAE,
+        _QWEN3_4B + _FLUX2_VAE_PARAMS,
+    ),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": PublishedModel(
+        "WanPipeline",
+        {**_WAN_14B, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+        _WAN_VAE,
+        _WAN_OTHERS,
+    ),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": PublishedModel("WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": PublishedModel(
+        "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, frozen_transformers=1
     ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
