@@ -246,3 +246,47 @@ def test_wan_video_and_z_image_activations_equal_the_formula():
     z_tokens = (512 // 16) ** 2 + 512
     assert z.activations == 2 * z_tokens * 3840 * 2 * (32 + 16)
     assert z.buffers == 4 * (512 * 2560 * 2 * 2 + 11 * 16 * 64 * 64 * 4)
+
+
+def _bench_memory():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_memory_refuses_without_cuda(monkeypatch, capsys):
+    """benchmarks/bench_memory.py measures on a CUDA GPU only: without one it says so and measures nothing."""
+    bench = _bench_memory()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "measure", lambda args: pytest.fail("measured without a GPU"))
+    assert bench.main(["--model", "Qwen/Qwen-Image", "--height", "512", "--width", "512"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "someone/unknown"], "is not a published row"),
+        (["--model", "black-forest-labs/FLUX.2-dev"], "is not implemented in this benchmark"),
+        (["--height", "500"], "--height 500 must be a positive multiple of 16"),
+        (["--width", "0"], "--width 0 must be a positive multiple of 16"),
+        (["--batch", "0"], "--batch 0 must be a positive number"),
+    ],
+)
+def test_bench_memory_argument_errors(argv, message, capsys):
+    bench = _bench_memory()
+    with pytest.raises(SystemExit) as err:
+        bench.parse_args(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_memory_compares_with_the_training_pass_term():
+    """The estimate the benchmark compares with is one training pass without a CFG copy: for SD3.5-M at 512 px,
+    (32 x 32 + 333) tokens x width 1536 x 2 bytes x (24 blocks + 16) with checkpointing."""
+    bench = _bench_memory()
+    est = bench.estimate(bench.parse_args(["--model", "stabilityai/stable-diffusion-3.5-medium", "--batch", "1"]))
+    assert est.train_activations == (32 * 32 + 333) * 1536 * 2 * (24 + 16)
+    assert est.trained == est.trainable_params * 16  # float32 LoRA, grads, AdamW m and v

@@ -251,6 +251,9 @@ class MemoryEstimate:
     trainable_params: int
     source: str
     notes: list[str] = field(default_factory=list)
+    # the two candidates of ``activations`` (its max): a training pass's and a sampling pass's
+    train_activations: int = 0
+    sample_activations: int = 0
 
     @property
     def total(self) -> int:
@@ -500,6 +503,8 @@ def estimate_memory(
         trainable_params=int(p_train),
         source=facts["source"],
         notes=notes,
+        train_activations=int(train_act),
+        sample_activations=int(sample_act),
     )
 
 
