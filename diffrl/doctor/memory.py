@@ -150,8 +150,9 @@ _WAN_14B = {
 _WAN_VAE = {**_QWEN_VAE, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 _WAN_OTHERS = 5.681e9 + 0.127e9
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
-#: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``unused_lora_modules_in``,
-#: ``memory_text_tokens``, ``condition_tokens``); nothing below branches on a family.
+#: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``transformer_geometry``,
+#: ``memory_frames``, ``unused_lora_modules_in``, ``memory_text_tokens``, ``condition_tokens``); nothing below
+#: branches on a family.
 _PUBLISHED = {
     "stabilityai/stable-diffusion-3.5-medium": PublishedModel(
         "StableDiffusion3Pipeline",
