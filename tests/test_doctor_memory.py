@@ -246,6 +246,12 @@ def test_wan_video_and_z_image_activations_equal_the_formula():
     z_tokens = (512 // 16) ** 2 + 512
     assert z.activations == 2 * z_tokens * 3840 * 2 * (32 + 16)
     assert z.buffers == 4 * (512 * 2560 * 2 * 2 + 11 * 16 * 64 * 64 * 4)
+    # FLUX.2 [dev]: 32-channel latents of the 8x VAE in 2 x 2 patches, 512 padded Mistral tokens (three 5120-wide
+    # hidden states: 15360), width 6144, 8 + 48 blocks; guidance is an embedding, so no CFG copy
+    dev = [*common, "model.path=black-forest-labs/FLUX.2-dev", "sample.height=512", "sample.width=512"]
+    d = estimate_memory(load_config(TINY, dev))
+    assert d.train_activations == ((512 // 16) ** 2 + 512) * 6144 * 2 * (56 + 16)
+    assert d.buffers == 4 * (512 * 15360 * 2 + 11 * 32 * 64 * 64 * 4)
 
 
 def _bench_memory():
