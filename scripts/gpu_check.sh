@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run that fits in 10 minutes on one GPU (H100/H200 class): the gpu-marked
 # tests (mixed precision on every trainer, the reference preset's Flow-GRPO step on a full-size SD3.5-M block stack in
-# bf16) and the full-size rollout and trainer benchmarks. Output goes to stdout and to $OUT (or runs/gpu-check).
+# bf16), the full-size rollout and trainer benchmarks and the memory benchmark (SD3.5-M, Qwen-Image; at most 90 s
+# each). Output goes to stdout and to $OUT (or runs/gpu-check).
 # Usage: bash scripts/gpu_check.sh        (sets up .venv on the first run, as scripts/test.sh does)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,10 @@ timeout 120 "$py" benchmarks/bench_rollout.py --arch full --family sd3 --device 
     --height 512 --width 512 --steps 10 --batch 8 2>&1 | tee "$out/bench_rollout_sd3.txt" || status=1
 timeout 180 "$py" benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
     --group-size 8 --prompts 2 --json "$out/bench_trainers_full.json" 2>&1 | tee "$out/bench_trainers_full.txt" || status=1
+# measured peak memory of one LoRA training step against the doctor's estimate (random full-size transformers)
+for model in stabilityai/stable-diffusion-3.5-medium Qwen/Qwen-Image; do
+    name=$(basename "$model")
+    timeout 90 "$py" benchmarks/bench_memory.py --model "$model" --height 512 --width 512 --batch 1 \
+        --json "$out/bench_memory_$name.json" 2>&1 | tee "$out/bench_memory_$name.txt" || status=1
+done
 exit $status

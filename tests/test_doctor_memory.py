@@ -4,6 +4,7 @@ and the published-size rows, checked against the loaded tiny models and against 
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffrl.config import load_config
 from diffrl.doctor import estimate_memory, memory
@@ -143,3 +144,155 @@ def test_every_real_preset_is_estimated_from_published_sizes():
     # per block: 8 attention projections (2 width units each) + 2 MLPs per stream (3072 -> 12288 -> 3072: 5 + 5)
     assert qwen.trainable_params == 60 * (8 * 2 + 2 * (5 + 5)) * 3072 * 64
     assert round(qwen.total / GiB) == 49 and qwen.total < 0.85 * 80 * GiB
+
+
+@pytest.mark.parametrize("spec", ["tiny:z_image", "tiny:flux2", "tiny:flux2_klein", "tiny:wan", "tiny:wan22"])
+def test_newer_families_estimate_from_headers_match_the_loaded_adapter(spec):
+    """Z-Image, FLUX.2 and Wan through the same adapter hooks: the counted LoRA is the trainer's (for Wan 2.2, the
+    trained expert's only), every component's weights are counted (both Wan 2.2 experts stay in memory), and the
+    hooks' latent geometry is the loaded model's."""
+    import math
+
+    expert = ["model.expert=low"] if spec == "tiny:wan22" else []  # Wan 2.2 trains one expert a run
+    cfg = load_config(TINY, [f"model.path={spec}", *expert])
+    est = estimate_memory(cfg, tiny_model_dir(spec))
+    model = load_model_from_config(cfg.model, device="cpu")
+    setup_training_mode(model, cfg)
+    assert est.trainable_params == sum(p.numel() for p in model.trainable_parameters())
+
+    def weights(module):  # parameters (tied ones once) and saved buffers (FLUX.2's VAE batch-norm statistics)
+        saved = set(module.state_dict())
+        tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if n in saved)]
+        return sum(t.numel() for n, t in tensors if "lora_" not in n)  # LoRA tensors are not pipeline weights
+
+    held = sum(weights(c) for c in model.pipe.components.values() if isinstance(c, torch.nn.Module))
+    assert est.params == held
+    if spec == "tiny:wan22":  # the frozen low-noise expert is held besides the trained one
+        wan21 = estimate_memory(load_config(TINY, ["model.path=tiny:wan"]), tiny_model_dir("tiny:wan"))
+        assert est.params == wan21.params + weights(model.pipe.transformer_2)
+    cls = type(model)
+    tcfg, vcfg = dict(model.transformer.config), dict(model.vae.config)
+    f, _, c_lat = cls.vae_geometry(vcfg)
+    frames, _ = cls.memory_frames(cfg.sample.num_frames, vcfg)
+    assert f == model.vae_scale_factor
+    # the stored latent the estimate sizes is the model's latent
+    assert math.prod(model.latent_shape(64, 64)) == c_lat * frames * (64 // f) ** 2
+    assert sorted(cls.unused_lora_modules_in(tcfg)) == sorted(model._unused_lora_modules())
+    files = sorted((tiny_model_dir(spec) / "transformer").glob("*.safetensors"))
+    headers, _ = memory._tensor_shapes(files)
+    assert memory._transformer_on_meta({"_class_name": type(model.transformer).__name__, **tcfg}) == headers
+
+
+def test_newer_published_lora_counts_and_sizes_equal_hand_counts():
+    """LoRA parameters r (in + out) per adapted linear, counted by hand from the published architectures."""
+
+    def est(path):
+        return estimate_memory(load_config(TINY, [f"model.path={path}", "model.lora_rank=-1", *GROUP]))
+
+    # Z-Image-Turbo, rank 32: 30 layers + 2 noise- + 2 context-refiner layers, each 4 attention projections
+    # (3840 x 3840: 2 width units) and the SwiGLU w1, w3 (3840 -> 10240) and w2 (10240 -> 3840)
+    z = est("Tongyi-MAI/Z-Image-Turbo")
+    assert z.trainable_params == 32 * 34 * (4 * 2 * 3840 + 3 * (3840 + 10240))
+    assert 10.2e9 < z.params < 10.3e9  # 6.15B + Qwen3-4B 4.02B + VAE 0.08B
+    # FLUX.2 [dev], rank 64, width 6144: 8 double blocks of 8 projections (2 units) and, per stream, linear_in
+    # (6144 -> 2 x 18432 SwiGLU: 7 units) and linear_out (18432 -> 6144: 4); 48 single blocks of the fused
+    # to_qkv_mlp_proj (6144 -> 3 x 6144 + 2 x 18432: 10 units) and to_out (6144 + 18432 -> 6144: 5)
+    dev = est("black-forest-labs/FLUX.2-dev")
+    assert dev.trainable_params == 64 * 6144 * (8 * (8 * 2 + 2 * (7 + 4)) + 48 * (10 + 5))
+    assert 56.2e9 < dev.params < 56.4e9  # 32.2B + Mistral-Small 24B + VAE
+    # FLUX.2 [klein] 4B: the same per-block counts at width 3072, 5 double and 20 single blocks
+    klein = est("black-forest-labs/FLUX.2-klein-4B")
+    assert klein.trainable_params == 64 * 3072 * (5 * 38 + 20 * 15)
+    # Wan, rank 32: q, k, v, out of the self- and the cross-attention of every block (width x width)
+    assert est("Wan-AI/Wan2.1-T2V-1.3B-Diffusers").trainable_params == 32 * 30 * 8 * 2 * 1536
+    w14 = est("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    assert w14.trainable_params == 32 * 40 * 8 * 2 * 5120
+    # Wan 2.2 A14B: the same LoRA on one expert; the other 14B expert is held frozen (+ 14.29B weights)
+    w22 = est("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    assert w22.trainable_params == w14.trainable_params
+    assert 14.28e9 < w22.params - w14.params < 14.30e9
+
+
+def test_wan_video_and_z_image_activations_equal_the_formula():
+    """Wan 2.1 14B at 81 frames of 480 x 832 term by term: 21 latent frames of 60 x 104 latents in 2 x 2 patches,
+    512 UMT5 tokens, width 5120, 40 blocks, CFG doubling the batch, the VAE decoding 4 frames at a time; Z-Image's
+    tokens and blocks (its 2 refiner layers counted once) at 512 px."""
+    common = [
+        "model.dtype=bfloat16",
+        "model.gradient_checkpointing=true",
+        "sample.batch_size=1",
+        "sample.num_steps=10",
+        "sample.guidance_scale=5",
+        "optim.train_batch_size=1",
+        *GROUP,
+    ]
+    wan = [*common, "model.path=Wan-AI/Wan2.1-T2V-14B-Diffusers", "sample.height=480", "sample.width=832"]
+    e = estimate_memory(load_config(TINY, [*wan, "sample.num_frames=81"]))
+    tokens = 21 * 30 * 52 + 512
+    per_sample = tokens * 5120 * 2
+    train = 2 * per_sample * (40 + 16)
+    sample = 2 * per_sample * 16 + 4 * 480 * 832 * 96 * 2 * 3
+    assert e.activations == max(train, sample) == train
+    latent = 16 * 21 * 60 * 104 * 4
+    # 2 prompts x 2 videos: 512 x 4096 embeddings and the negatives', and 11 trajectory levels each
+    assert e.buffers == 4 * (512 * 4096 * 2 * 2 + 11 * latent)
+    # sample.num_frames=0 is the model's default (81); 17 frames: 5 latent frames
+    assert estimate_memory(load_config(TINY, wan)).activations == e.activations
+    short = estimate_memory(load_config(TINY, [*wan, "sample.num_frames=17"]))
+    assert short.activations == 2 * (5 * 30 * 52 + 512) * 5120 * 2 * 56
+    z = estimate_memory(
+        load_config(TINY, [*common, "model.path=Tongyi-MAI/Z-Image-Turbo", "sample.height=512", "sample.width=512"])
+    )
+    z_tokens = (512 // 16) ** 2 + 512
+    assert z.activations == 2 * z_tokens * 3840 * 2 * (32 + 16)
+    assert z.buffers == 4 * (512 * 2560 * 2 * 2 + 11 * 16 * 64 * 64 * 4)
+    # FLUX.2 [dev]: 32-channel latents of the 8x VAE in 2 x 2 patches, 512 padded Mistral tokens (three 5120-wide
+    # hidden states: 15360), width 6144, 8 + 48 blocks; guidance is an embedding, so no CFG copy
+    dev = [*common, "model.path=black-forest-labs/FLUX.2-dev", "sample.height=512", "sample.width=512"]
+    d = estimate_memory(load_config(TINY, dev))
+    assert d.train_activations == ((512 // 16) ** 2 + 512) * 6144 * 2 * (56 + 16)
+    assert d.buffers == 4 * (512 * 15360 * 2 + 11 * 32 * 64 * 64 * 4)
+
+
+def _bench_memory():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_memory_refuses_without_cuda(monkeypatch, capsys):
+    """benchmarks/bench_memory.py measures on a CUDA GPU only: without one it says so and measures nothing."""
+    bench = _bench_memory()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "measure", lambda args: pytest.fail("measured without a GPU"))
+    assert bench.main(["--model", "Qwen/Qwen-Image", "--height", "512", "--width", "512"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "someone/unknown"], "is not a published row"),
+        (["--model", "black-forest-labs/FLUX.2-dev"], "is not implemented in this benchmark"),
+        (["--height", "500"], "--height 500 must be a positive multiple of 16"),
+        (["--width", "0"], "--width 0 must be a positive multiple of 16"),
+        (["--batch", "0"], "--batch 0 must be a positive number"),
+    ],
+)
+def test_bench_memory_argument_errors(argv, message, capsys):
+    bench = _bench_memory()
+    with pytest.raises(SystemExit) as err:
+        bench.parse_args(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_memory_compares_with_the_training_pass_term():
+    """The estimate the benchmark compares with is one training pass without a CFG copy: for SD3.5-M at 512 px,
+    (32 x 32 + 333) tokens x width 1536 x 2 bytes x (24 blocks + 16) with checkpointing."""
+    bench = _bench_memory()
+    est = bench.estimate(bench.parse_args(["--model", "stabilityai/stable-diffusion-3.5-medium", "--batch", "1"]))
+    assert est.train_activations == (32 * 32 + 333) * 1536 * 2 * (24 + 16)
+    assert est.trained == est.trainable_params * 16  # float32 LoRA, grads, AdamW m and v

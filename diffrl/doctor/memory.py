@@ -27,12 +27,15 @@ class PublishedModel:
     class and the fields that differ from that class's defaults; the transformer is built from it on the ``meta``
     device, which allocates nothing, to read its tensor shapes), the VAE ``config.json`` fields the adapter's
     ``vae_geometry`` reads, and the parameters of every other component (text encoders and VAE). The configs are
-    the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub."""
+    the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub.
+    ``frozen_transformers`` counts further copies of the transformer's architecture held frozen in memory (Wan 2.2
+    A14B's second expert: one expert trains, both stay on the device)."""
 
     pipeline: str  # the pipeline class (model_index.json's _class_name), which names the adapter
     transformer: dict[str, Any]
     vae: dict[str, Any]
     other_params: float
+    frozen_transformers: int = 0
 
 
 _SD3_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16}
@@ -79,9 +82,77 @@ _QWEN_VAE = {
     "temperal_downsample": [False, True, True],
 }
 _QWEN_OTHERS = 8.292e9 + 0.127e9
+# Z-Image-Turbo (Z-Image report, arXiv 2511.22699: a 6B single-stream DiT): its transformer/config.json has dim 3840,
+# 30 heads (30 key/value heads), 30 layers, 2 noise- and 2 context-refiner layers, cap_feat_dim 2560 (Qwen3-4B's
+# hidden size), patch 2 (frame patch 1), RoPE axes (32, 48, 48) with theta 256, 16 input channels: 6.15B parameters
+# built from it. Text encoder Qwen3-4B (4.02B, as its model card's 4.0B; the tied embeddings count once) and the
+# FLUX.1 VAE (83.8M).
+_Z_IMAGE_TURBO = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "cap_feat_dim": 2560,
+    "axes_dims": [32, 48, 48],
+    "rope_theta": 256.0,
+    "qk_norm": True,
+}
+_QWEN3_4B = 4.022e9
+_FLUX1_VAE_PARAMS = 0.0838e9
+# FLUX.2 (diffusers' Flux2Transformer2DModel, whose defaults are FLUX.2 [dev]'s config, and the FLUX.2 conversion
+# script's klein-4B config): [dev] 8 double and 48 single blocks of 48 heads x 128, joint_attention_dim 15360 (three
+# Mistral hidden states of 5120 concatenated), 128 input channels, patch 1, mlp_ratio 3, guidance embedding: 32.2B;
+# [klein] 4B 5 double and 20 single blocks of 24 heads x 128, joint_attention_dim 7680 (three Qwen3-4B states of
+# 2560), no guidance embedding: 3.88B. AutoencoderKLFlux2: the FLUX.1 VAE layout with 32 latent channels (84.0M).
+_FLUX2 = {
+    "_class_name": "Flux2Transformer2DModel",
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "guidance_embeds": True,
+}
+_FLUX2_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 32}
+_FLUX2_VAE_PARAMS = 0.0840e9
+# Wan 2.1 / 2.2 text-to-video (Wan report, arXiv 2503.20314, table 1, and the Wan team's configs wan_t2v_1_3B.py /
+# wan_t2v_14B.py): 1.3B: width 1536 (12 heads x 128), 30 layers, FFN 8960; 14B: width 5120 (40 x 128), 40 layers,
+# FFN 13824; both patch (1, 2, 2), 16 latent channels, text_dim 4096, freq_dim 256. Wan 2.2 A14B: two experts of the
+# 14B architecture (high- and low-noise). The UMT5-XXL encoder (d_model 4096, d_ff 10240, 24 layers, 64 heads,
+# 256384-token vocabulary: 5.68B) and the Wan-2.1 VAE (126.9M, the layout of Qwen-Image's).
+_WAN_14B = {
+    "_class_name": "WanTransformer3DModel",
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+_WAN_VAE = {**_QWEN_VAE, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+_WAN_OTHERS = 5.681e9 + 0.127e9
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
-#: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``unused_lora_modules_in``,
-#: ``memory_text_tokens``, ``condition_tokens``); nothing below branches on a family.
+#: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``transformer_geometry``,
+#: ``memory_frames``, ``unused_lora_modules_in``, ``memory_text_tokens``, ``condition_tokens``); nothing below
+#: branches on a family.
 _PUBLISHED = {
     "stabilityai/stable-diffusion-3.5-medium": PublishedModel(
         "StableDiffusion3Pipeline",
@@ -129,6 +200,36 @@ _PUBLISHED = {
     "Qwen/Qwen-Image-Edit-2509": PublishedModel(
         "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS
     ),
+    "Tongyi-MAI/Z-Image-Turbo": PublishedModel(
+        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE, _QWEN3_4B + _FLUX1_VAE_PARAMS
+    ),
+    # Mistral-Small-3.2-24B (24B with its vision tower, as its model card says) + the VAE
+    "black-forest-labs/FLUX.2-dev": PublishedModel(
+        "Flux2Pipeline", _FLUX2, _FLUX2_VAE, 24.0e9 + _FLUX2_VAE_PARAMS
+    ),
+    "black-forest-labs/FLUX.2-klein-4B": PublishedModel(
+        "Flux2KleinPipeline",
+        {
+            **_FLUX2,
+            "num_layers": 5,
+            "num_single_layers": 20,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 7680,
+            "guidance_embeds": False,
+        },
+        _FLUX2_VAE,
+        _QWEN3_4B + _FLUX2_VAE_PARAMS,
+    ),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": PublishedModel(
+        "WanPipeline",
+        {**_WAN_14B, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+        _WAN_VAE,
+        _WAN_OTHERS,
+    ),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": PublishedModel("WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": PublishedModel(
+        "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, frozen_transformers=1
+    ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).
@@ -151,6 +252,9 @@ class MemoryEstimate:
     trainable_params: int
     source: str
     notes: list[str] = field(default_factory=list)
+    # the two candidates of ``activations`` (its max): a training pass's and a sampling pass's
+    train_activations: int = 0
+    sample_activations: int = 0
 
     @property
     def total(self) -> int:
@@ -236,10 +340,10 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         tcfg, vcfg = row.transformer, row.vae
         transformer_shapes = _transformer_on_meta(tcfg)
         transformer = sum(math.prod(s) for s in transformer_shapes.values())
-        total = transformer + int(row.other_params)
+        total = transformer * (1 + row.frozen_transformers) + int(row.other_params)
         source = f"published sizes of {m.path} (the weights are not present offline)"
-    width = int(tcfg["num_attention_heads"]) * int(tcfg["attention_head_dim"])
-    blocks = int(tcfg.get("num_layers", 0)) + int(tcfg.get("num_single_layers", 0))
+    width, blocks, text_width = adapter.transformer_geometry(tcfg)
+    latent_frames, decoded_frames = adapter.memory_frames(cfg.sample.num_frames, vcfg)
     rank = m.lora_rank if m.lora_rank > 0 else adapter.default_lora_rank
     targets = m.lora_targets or adapter.default_lora_targets
     exclude = set() if m.lora_targets else set(adapter.unused_lora_modules_in(tcfg))
@@ -264,7 +368,9 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "vae_factor": vae_factor,
         "vae_channels": vae_channels,
         "latent_channels": latent_channels,
-        "text_width": int(tcfg.get("joint_attention_dim", width)),
+        "text_width": text_width,
+        "latent_frames": latent_frames,
+        "decoded_frames": decoded_frames,
         "text_tokens": adapter.memory_text_tokens,
         "condition_tokens": adapter.condition_tokens(vae_factor, adapter.token_patch_size(tcfg)),
         # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
@@ -302,17 +408,23 @@ def estimate_memory(
         activations = max(train, sample)
         train       = k * c * B_t * N * d * a * (16 * blocks)     without gradient checkpointing
                     = k * c * B_t * N * d * a * (blocks + 16)     with it (block inputs + one recomputed block)
-        sample      = c * B_s * N * d * a * 16 + B_s * H * W * C_vae * a * 3   (a block without grad + VAE decode)
+        sample      = c * B_s * N * d * a * 16 + B_s * F_dec * H * W * C_vae * a * 3   (a block without grad +
+                                                                                  VAE decode)
         overhead    = 1 GiB on CUDA (context, allocator), 0 on the CPU
 
     where ``P_all`` / ``P_transformer`` / ``P_train`` are all / transformer / trained parameters (LoRA:
-    ``r (in + out)`` per adapted linear), ``N = H W / (f p)^2 + L_txt`` tokens (VAE factor f, patch p, text tokens
+    ``r (in + out)`` per adapted linear; a frozen second expert, Wan 2.2's, is in ``P_all`` only),
+    ``N = F' H W / (f p)^2 + L_txt`` tokens (``F'`` latent frames and ``F_dec`` frames decoded at once from the
+    adapter's ``memory_frames``: 1 and 1 for images, Wan's ``(F - 1) / 4 + 1`` and 4; VAE factor f, patch p, text
+    tokens
     ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
     ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
-    tokens of an edit model), ``d`` the transformer width, ``c = 2`` where guidance is true CFG with
+    tokens of an edit model), ``d`` the transformer width and ``blocks`` its blocks (the adapter's
+    ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
     a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
     ``n_local`` the samples of one step on one of ``num_processes`` processes, ``D_txt`` the text embedding width,
+    ``C_lat F' (H / f) (W / f)`` float32 values a stored latent,
     and ``rewards`` the size of the rewards' cached weight files (``reward_bytes``).
     """
     import torch
@@ -340,7 +452,7 @@ def estimate_memory(
     trained = p_train * per_param / fsdp
 
     f, p = facts["vae_factor"], facts["patch"]
-    n_img = (s.height // (f * p)) * (s.width // (f * p))
+    n_img = facts["latent_frames"] * (s.height // (f * p)) * (s.width // (f * p))
     l_txt = facts["text_tokens"]
     tokens = n_img + facts["condition_tokens"] + l_txt
     d = facts["width"]
@@ -355,9 +467,10 @@ def estimate_memory(
     else:
         train_act = k * o.train_batch_size * per_sample * _ACT_PER_BLOCK * facts["blocks"]
     sample_act = s.batch_size * per_sample * _ACT_PER_BLOCK
-    sample_act += s.batch_size * s.height * s.width * facts["vae_channels"] * a * _VAE_PER_PIXEL
+    vae_pixels = facts["decoded_frames"] * s.height * s.width
+    sample_act += s.batch_size * vae_pixels * facts["vae_channels"] * a * _VAE_PER_PIXEL
 
-    latent = facts["latent_channels"] * (s.height // f) * (s.width // f) * 4
+    latent = facts["latent_channels"] * facts["latent_frames"] * (s.height // f) * (s.width // f) * 4
     if cfg.algorithm == "flow_grpo":
         g = cfg.flow_grpo
         n_local, stored = g.prompts_per_step // world * g.group_size, (s.num_steps + 1) * latent
@@ -391,6 +504,8 @@ def estimate_memory(
         trainable_params=int(p_train),
         source=facts["source"],
         notes=notes,
+        train_activations=int(train_act),
+        sample_activations=int(sample_act),
     )
 
 

@@ -173,6 +173,20 @@ class FlowModel:
         return 0
 
     @classmethod
+    def transformer_geometry(cls, transformer_config: dict) -> tuple[int, int, int]:
+        """``(width, blocks, text embedding width)`` from the transformer's config: ``num_attention_heads *
+        attention_head_dim``, ``num_layers + num_single_layers`` and ``joint_attention_dim`` (the width if absent)."""
+        width = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
+        blocks = int(transformer_config.get("num_layers", 0)) + int(transformer_config.get("num_single_layers", 0))
+        return width, blocks, int(transformer_config.get("joint_attention_dim", width))
+
+    @classmethod
+    def memory_frames(cls, num_frames: int, vae_config: dict) -> tuple[int, int]:
+        """``(latent frames, frames the VAE decodes at once)`` of one sample for the estimate: ``(1, 1)`` for an
+        image model (``num_frames``, the ``sample.num_frames`` setting, is ignored)."""
+        return 1, 1
+
+    @classmethod
     def unused_lora_modules_in(cls, transformer_config: dict) -> list[str]:
         """Modules left out of the default LoRA because they would get no gradient, named from the transformer's
         config (the same names ``_unused_lora_modules`` finds on a loaded model). None by default."""

@@ -60,6 +60,8 @@ class Flux2Model(FlowModel):
     default_lora_rank = 64
     default_lora_alpha = 64
     default_lora_targets = FLUX2_LORA_TARGETS
+    # Every prompt is padded to max_sequence_length (512) tokens, as the pipelines feed them.
+    memory_text_tokens = 512
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, prompt_cache_size: int = 4096):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)

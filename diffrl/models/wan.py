@@ -110,6 +110,39 @@ class WanModel(FlowModel):
     default_lora_alpha = 32
     default_lora_targets = WAN_LORA_TARGETS
     _num_frames = default_num_frames  # also for the size check on config files alone (check_image_size)
+    # Every prompt is padded to max_sequence_length (512) UMT5 tokens, attended to by cross-attention; the estimate
+    # counts them with the video tokens (an upper bound: they are keys and values only).
+    memory_text_tokens = 512
+
+    # ------------------------------------------------------------------ sizes for the memory estimate
+    @classmethod
+    def token_patch_size(cls, transformer_config: dict) -> int:
+        """The spatial patch of ``patch_size = (frames, height, width)`` (2 in the released checkpoints; the frame
+        patch is 1, so each latent frame gives its own tokens)."""
+        return int(transformer_config["patch_size"][1])
+
+    @classmethod
+    def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
+        """AutoencoderKLWan: ``scale_factor_spatial`` (else one halving per ``temperal_downsample`` entry),
+        full-resolution decoder blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels."""
+        factor = vae_config.get("scale_factor_spatial") or 2 ** len(vae_config["temperal_downsample"])
+        channels = int(vae_config["base_dim"]) * int(vae_config["dim_mult"][0])
+        return int(factor), channels, int(vae_config["z_dim"])
+
+    @classmethod
+    def transformer_geometry(cls, transformer_config: dict) -> tuple[int, int, int]:
+        """``(num_attention_heads * attention_head_dim, num_layers, text_dim)`` (UMT5's width, 4096)."""
+        c = transformer_config
+        return int(c["num_attention_heads"]) * int(c["attention_head_dim"]), int(c["num_layers"]), int(c["text_dim"])
+
+    @classmethod
+    def memory_frames(cls, num_frames: int, vae_config: dict) -> tuple[int, int]:
+        """``(F', t)``: ``F' = (F - 1) / t + 1`` latent frames of ``F = num_frames`` (0: :attr:`default_num_frames`)
+        and the VAE's temporal factor ``t`` (``scale_factor_temporal``, else one halving per ``True`` in
+        ``temperal_downsample``): AutoencoderKLWan decodes one latent frame, ``t`` video frames, at a time."""
+        t = vae_config.get("scale_factor_temporal") or 2 ** sum(bool(x) for x in vae_config["temperal_downsample"])
+        f = check_num_frames(num_frames or cls.default_num_frames, int(t))
+        return (f - 1) // int(t) + 1, int(t)
 
     def __init__(
         self,

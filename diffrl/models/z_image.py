@@ -56,6 +56,22 @@ class ZImageModel(FlowModel):
     default_lora_rank = 32
     default_lora_alpha = 32
     default_lora_targets = Z_IMAGE_LORA_TARGETS
+    # The pipeline keeps each prompt's real tokens, at most max_sequence_length (512): the estimate's upper bound.
+    memory_text_tokens = 512
+
+    @classmethod
+    def token_patch_size(cls, transformer_config: dict) -> int:
+        """The image patch of ``all_patch_size`` (the pipeline's first, 2 in the released checkpoints)."""
+        return int(transformer_config.get("all_patch_size", [2])[0])
+
+    @classmethod
+    def transformer_geometry(cls, transformer_config: dict) -> tuple[int, int, int]:
+        """``(dim, n_layers + n_refiner_layers, cap_feat_dim)``: the noise refiner (image tokens) and the context
+        refiner (text tokens) run side by side before the main layers, so together they count as
+        ``n_refiner_layers`` blocks over all the tokens."""
+        c = transformer_config
+        blocks = int(c["n_layers"]) + int(c.get("n_refiner_layers", 0))
+        return int(c["dim"]), blocks, int(c["cap_feat_dim"])
 
     def __init__(
         self,
