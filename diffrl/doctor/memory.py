@@ -220,6 +220,29 @@ _PUBLISHED = {
         _FLUX2_VAE,
         _QWEN3_4B + _FLUX2_VAE_PARAMS,
     ),
+    # Z-Image (the base model Z-Image-Turbo is distilled from): the same 6B transformer, text encoder and VAE
+    "Tongyi-MAI/Z-Image": PublishedModel(
+        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE, _QWEN3_4B + _FLUX1_VAE_PARAMS
+    ),
+    # FLUX.2 [klein] 9B (base and distilled): 8 double and 24 single blocks of width 4096 (32 heads of 128), the text
+    # width three stacked Qwen3-8B hidden states (3 x 4096), Qwen3-8B (8.19B) as text encoder; the block counts and
+    # width are BFL's release figures, not read from a config.json here (none was reachable offline)
+    **{
+        f"black-forest-labs/FLUX.2-klein-{variant}9B": PublishedModel(
+            "Flux2KleinPipeline",
+            {
+                **_FLUX2,
+                "num_layers": 8,
+                "num_single_layers": 24,
+                "num_attention_heads": 32,
+                "joint_attention_dim": 12288,
+                "guidance_embeds": False,
+            },
+            _FLUX2_VAE,
+            8.19e9 + _FLUX2_VAE_PARAMS,
+        )
+        for variant in ("", "base-")
+    },
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": PublishedModel(
         "WanPipeline",
         {**_WAN_14B, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
