@@ -10,9 +10,9 @@ strict accuracy and partial credit, and the training rollouts' strict accuracy (
 fine-tuned one with the same seeds and splits the strict accuracy by the prompt's category (``scene.category`` in
 ``configs/toy/eval.jsonl``). The held-out set, the verifier and the base model are never changed: only training.
 
-    python benchmarks/demo_sweep.py --out runs/sweep base:  lr2e3:optim.lr=2e-3  'bigger:diffusion_nft.prompts_per_step=8'
+    python benchmarks/demo_sweep.py --out runs/sweep base:  lr2e3:optim.lr=2e-3  'bigger:diffusion_nft.prompts_per_step=8;diffusion_nft.group_size=4'
 
-A setting is ``name:override,override,...`` (an empty override list is the demo as shipped). Results append to
+A setting is ``name:override;override;...`` (an empty override list is the demo as shipped). Results append to
 ``<out>/sweep.jsonl``, one line per setting, and a table is printed.
 """
 
@@ -133,7 +133,7 @@ def run_setting(name: str, overrides: list[str], config: Path, out: Path, extra:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("settings", nargs="+", help="name:override,override,...")
+    p.add_argument("settings", nargs="+", help="name:override;override;...")
     p.add_argument("--config", type=Path, default=REPO / "configs" / "toy" / "diffusion_nft.yaml")
     p.add_argument("--out", type=Path, default=Path("runs/demo-sweep"))
     p.add_argument("--threads", type=int, default=1)
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for spec in a.settings:
         name, _, ov = spec.partition(":")
-        overrides = [o for o in ov.split(",") if o]
+        overrides = [o for o in ov.split(";") if o]
         print(f"== {name}: {overrides}", flush=True)
         r = run_setting(name, overrides, a.config, a.out, a.set)
         with open(a.out / "sweep.jsonl", "a") as f:
