@@ -138,14 +138,34 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo-sweep"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="overrides applied to every setting")
+    p.add_argument(
+        "--train-categories",
+        nargs="*",
+        default=[],
+        help="write <out>/train_<categories>.jsonl, the training prompts of these categories only (e.g. the held-out "
+        "set's: color_attr two_object position counting), and name it in the setting as data.train=TRAIN_SUBSET",
+    )
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    subset = None
+    if a.train_categories:
+        subset = a.out / f"train_{'_'.join(a.train_categories)}.jsonl"
+        lines = (REPO / "configs" / "toy" / "train.jsonl").read_text().splitlines()
+        kept = [
+            ln for ln in lines if ln.strip() and json.loads(ln)["scene"]["category"] in a.train_categories
+        ]
+        if not kept:
+            raise SystemExit(f"error: --train-categories {a.train_categories} match no training prompt.")
+        subset.write_text("\n".join(kept) + "\n")
+        print(f"{subset}: {len(kept)} of {len(lines)} training prompts")
     for spec in a.settings:
         name, _, ov = spec.partition(":")
         overrides = [o for o in ov.split(";") if o]
+        if subset is not None:
+            overrides = [o.replace("TRAIN_SUBSET", str(subset)) for o in overrides]
         print(f"== {name}: {overrides}", flush=True)
         r = run_setting(name, overrides, a.config, a.out, a.set)
         with open(a.out / "sweep.jsonl", "a") as f:
