@@ -1,23 +1,32 @@
-"""Learning benchmark on the toy world: ReFL, Flow-GRPO and DiffusionNFT with the same budget of sampled images.
+"""Learning benchmark on the toy world: every trainer, several seeds, the same budget of sampled training images.
 
-Each trainer starts from the shipped toy model with its preset (``configs/toy/<algorithm>.yaml``), trains until it
-has sampled ``--samples`` training images (``max_steps = samples // images_per_step``) and evaluates the held-out
-prompts (``configs/toy/eval.jsonl``, strict accuracy of the shapes verifier) about ``--evals`` times. Written to
-``--out``: ``learning.json`` (every curve: step, training images, training seconds, accuracy, partial credit) and
-``learning.png`` (held-out strict accuracy against training images and against training wall-clock seconds; the
-evaluation time itself is not counted), and printed: the base and final accuracy of each trainer and, for a gain
-of ``--gain`` (default 0.10) strict accuracy over its own base, how many training images and seconds each needed
-and the ratio to the fewest ("-" where a trainer did not reach it).
+Each trainer starts from the shipped toy model with its preset (``configs/toy/<preset>.yaml``, plus the variant's
+overrides for ``mixgrpo``), trains until it has sampled ``--samples`` training images (``max_steps = samples //
+images_per_step``) and evaluates the held-out prompts (``configs/toy/eval.jsonl``, strict accuracy of the shapes
+verifier) about ``--evals`` times, once per seed of ``--seeds`` (each seed also draws its own evaluation noise). The
+trainers (:data:`VARIANTS`):
 
-Each trainer is evaluated at its preset's settings. The three toy presets are CFG-free (guidance 1), so they start
-from the same base accuracy and the gain is a common target; samples are still counted to a gain over each
-trainer's own base, which stays meaningful when an override gives one trainer other evaluation settings.
+* ``diffusion_nft``, ``flow_grpo``, ``refl``, ``awm``: their presets as they are;
+* ``pref_grpo``: ``configs/toy/pref_grpo.yaml`` (Flow-GRPO with ``flow_grpo.advantage: winrate``, Pref-GRPO);
+* ``mixgrpo``: the Flow-GRPO preset with MixGRPO's sliding window (arXiv 2507.21802, Sec. 3.2): 4 stochastic and
+  trained steps of the 8, the window moving one step every 25 training steps and wrapping, Euler elsewhere.
 
-    python benchmarks/bench_learning.py --algorithms flow_grpo diffusion_nft refl --samples 12800 --evals 20 \
-        --threads 1 --out runs/bench-learning          # about an hour on one CPU core (Flow-GRPO alone ~25 min)
-    python benchmarks/bench_learning.py --algorithms diffusion_nft flow_grpo --samples 640 optim.lr=5e-4
-    python benchmarks/bench_learning.py --algorithms refl --samples 12800 --evals 20 --threads 1 \
-        --keep runs/bench-learning/learning.json --out runs/bench-refl   # re-run one trainer, keep the others
+Evaluation precision: strict accuracy p measured on m images has a standard error sqrt(p (1 - p) / m); for p in
+0.2-0.4 that is under 2 points from m = 600, so ``--eval-images-per-prompt`` defaults to 7 (7 x 96 = 672 images,
+each prompt with 7 fixed seeds). Time is CPU seconds of this process spent training (``time.process_time``; the
+evaluations' own CPU time is left out), one torch thread by default: wall-clock time on a shared machine is noise.
+
+Written to ``--out``: ``learning.json`` (every curve: step, training images, training CPU and wall seconds,
+accuracy, partial credit; and the summary), ``learning.png`` (mean held-out strict accuracy over the seeds with a
+band from the lowest to the highest seed, against training images and against training CPU seconds) and
+``learning.md`` (the table); printed: per trainer, the mean and spread (sample standard deviation over seeds, and
+the range) of base, final and best accuracy, and the training images and CPU seconds to a gain of ``--gain``
+(default 0.10) over the run's own base, averaged over the seeds that reached it ("k/n seeds" says how many did).
+
+    python benchmarks/bench_learning.py --algorithms diffusion_nft flow_grpo --seeds 0 1 2 --samples 6400 \
+        --evals 8 --out runs/bench-learning       # the NFT vs Flow-GRPO comparison
+    python benchmarks/bench_learning.py --algorithms refl awm pref_grpo mixgrpo --seeds 0 1 2 --samples 6400 \
+        --keep runs/bench-learning/learning.json --out runs/bench-learning-2   # more trainers, keep the others
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,30 +46,57 @@ REPO = Path(__file__).resolve().parent.parent
 ACC = "eval/reward/shapes_accuracy/mean"
 PARTIAL = "eval/reward/shapes_verifier/mean"
 
+#: name: (preset in configs/toy/, overrides over it)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "diffusion_nft": ("diffusion_nft", []),
+    "flow_grpo": ("flow_grpo", []),
+    "refl": ("refl", []),
+    "awm": ("awm", []),
+    "pref_grpo": ("pref_grpo", []),
+    "mixgrpo": (
+        "flow_grpo",
+        [
+            "flow_grpo.sde_window=4",
+            "flow_grpo.window_schedule=sliding",
+            "flow_grpo.window_shift_every=25",
+            "flow_grpo.window_stride=1",
+        ],
+    ),
+}
+
 
 def images_per_step(cfg) -> int:
-    if cfg.algorithm == "flow_grpo":
-        return cfg.flow_grpo.group_size * cfg.flow_grpo.prompts_per_step
-    if cfg.algorithm == "diffusion_nft":
-        return cfg.diffusion_nft.group_size * cfg.diffusion_nft.prompts_per_step
-    return cfg.refl.prompts_per_step
+    """Training images sampled per step by the run's algorithm."""
+    algo = cfg.algorithm
+    if algo in ("flow_grpo", "diffusion_nft", "awm"):
+        sub = getattr(cfg, algo)
+        return sub.group_size * sub.prompts_per_step
+    if algo == "refl":
+        return cfg.refl.prompts_per_step
+    raise ValueError(
+        f"bench_learning does not know how many images a {algo} step samples; add it to images_per_step."
+    )
 
 
-def run_one(algorithm: str, samples: int, evals: int, out: Path, overrides: list[str]) -> dict:
+def run_one(
+    name: str, seed: int, samples: int, evals: int, per_prompt: int, out: Path, overrides: list[str]
+) -> dict:
     from diffrl.config import load_config
     from diffrl.demo import read_metrics
     from diffrl.train import build_trainer
 
-    preset = REPO / "configs" / "toy" / f"{algorithm}.yaml"
-    cfg = load_config(str(preset), overrides)
+    preset_name, variant = VARIANTS[name]
+    preset = REPO / "configs" / "toy" / f"{preset_name}.yaml"
+    base = [*variant, *overrides, f"seed={seed}", f"sample.eval_images_per_prompt={per_prompt}"]
+    cfg = load_config(str(preset), base)
     per_step = images_per_step(cfg)
     steps = max(1, samples // per_step)
     every = max(1, steps // max(1, evals))
-    run_dir = out / algorithm
+    run_dir = out / name / f"seed{seed}"
     cfg = load_config(
         str(preset),
         [
-            *overrides,
+            *base,
             f"output_dir={run_dir}",
             f"max_steps={steps}",
             f"eval_every={every}",
@@ -67,20 +104,34 @@ def run_one(algorithm: str, samples: int, evals: int, out: Path, overrides: list
             "report_to=none",
         ],
     )
-    t0 = time.time()
-    build_trainer(cfg).train()
-    wall = time.time() - t0
+    for key in ("train", "eval"):  # the presets name the prompt files from the repository root
+        value = getattr(cfg.data, key)
+        if value and not Path(value).exists() and (REPO / value).exists():
+            setattr(cfg.data, key, str(REPO / value))
+    trainer = build_trainer(cfg)
+    # training CPU / wall seconds when each evaluation starts (the evaluations' own time subtracted)
+    clock: dict[int, tuple[float, float]] = {}
+    spent = [0.0, 0.0]
+    c0, w0 = time.process_time(), time.time()
+    evaluate = trainer.evaluate
+
+    def timed():
+        e0, f0 = time.process_time(), time.time()
+        clock[trainer.step] = (e0 - c0 - spent[0], f0 - w0 - spent[1])
+        result = evaluate()
+        spent[0] += time.process_time() - e0
+        spent[1] += time.time() - f0
+        return result
+
+    trainer.evaluate = timed
+    trainer.train()
     records = read_metrics(run_dir / "metrics.jsonl")
-    seconds, elapsed = {0: 0.0}, 0.0
-    for r in records:
-        if "time/step_seconds" in r:
-            elapsed += r["time/step_seconds"]
-            seconds[r["step"]] = elapsed
     curve = [
         {
             "step": r["step"],
             "images": r["step"] * per_step,
-            "train_seconds": seconds.get(r["step"], elapsed),
+            "train_cpu_seconds": clock[r["step"]][0],
+            "train_wall_seconds": clock[r["step"]][1],
             "accuracy": r[ACC],
             "partial": r.get(PARTIAL),
         }
@@ -88,12 +139,17 @@ def run_one(algorithm: str, samples: int, evals: int, out: Path, overrides: list
         if ACC in r
     ]
     return {
-        "algorithm": algorithm,
+        "algorithm": name,
+        "seed": seed,
         "preset": str(preset.relative_to(REPO)),
+        "overrides": [*variant, *overrides],
         "images_per_step": per_step,
         "max_steps": steps,
+        "eval_images": len(trainer.eval_set) * cfg.sample.eval_images_per_prompt,
         "eval_guidance_scale": cfg.sample.eval_guidance_scale,
-        "wall_seconds": wall,
+        "cpu_seconds": time.process_time() - c0,
+        "eval_cpu_seconds": spent[0],
+        "wall_seconds": time.time() - w0,
         "curve": curve,
     }
 
@@ -112,21 +168,40 @@ def first_reaching(curve: list[dict], target: float, key: str) -> float | None:
     return None
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), lowest and highest of ``values``."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
 def summarise(results: list[dict], gain: float) -> dict:
-    """Per trainer: base, final and best accuracy, and the training images / seconds it needed to gain ``gain``
-    over its own base (the trainers start from different base accuracies when their evaluation settings differ),
-    with the ratio to the trainer that needed the fewest."""
-    rows = {}
+    """Per trainer, over its seeds: base, final, best and final-minus-base accuracy (:func:`spread`), and the training
+    images / CPU seconds it needed to gain ``gain`` over the run's own base, averaged over the seeds that reached
+    it, with the ratio of those means to the trainer that needed the fewest."""
+    by_algo: dict[str, list[dict]] = {}
     for r in results:
-        c = r["curve"]
-        base = c[0]["accuracy"]
-        rows[r["algorithm"]] = {
-            "base": base,
-            "final": c[-1]["accuracy"],
-            "best": max(pt["accuracy"] for pt in c),
-            "images_to_gain": first_reaching(c, base + gain, "images"),
-            "seconds_to_gain": first_reaching(c, base + gain, "train_seconds"),
-        }
+        by_algo.setdefault(r["algorithm"], []).append(r)
+    rows = {}
+    for name, runs in by_algo.items():
+        row = {"seeds": sorted(r.get("seed", 0) for r in runs), "eval_images": runs[0].get("eval_images")}
+        for key, pick in (
+            ("base", lambda c: c[0]["accuracy"]),
+            ("final", lambda c: c[-1]["accuracy"]),
+            ("best", lambda c: max(p["accuracy"] for p in c)),
+            ("gain", lambda c: c[-1]["accuracy"] - c[0]["accuracy"]),
+        ):
+            row[key] = spread([pick(r["curve"]) for r in runs])
+        for key, field in (("images", "images"), ("seconds", "train_cpu_seconds")):
+            hits = [first_reaching(r["curve"], r["curve"][0]["accuracy"] + gain, field) for r in runs]
+            reached = [h for h in hits if h is not None]
+            row[f"{key}_to_gain"] = statistics.fmean(reached) if reached else None
+            row[f"{key}_reached"] = f"{len(reached)}/{len(hits)}"
+        rows[name] = row
     for key in ("images", "seconds"):
         reached = [v[f"{key}_to_gain"] for v in rows.values() if v[f"{key}_to_gain"] is not None]
         fewest = min(reached) if reached else None
@@ -136,49 +211,113 @@ def summarise(results: list[dict], gain: float) -> dict:
     return {"gain": gain, "per_algorithm": rows}
 
 
+def mean_curve(runs: list[dict], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """x (mean of ``key`` over the seeds at each evaluation), mean, lowest and highest accuracy; the runs of one
+    trainer share their evaluation steps, so the curves are aligned point by point (cut to the shortest)."""
+    n = min(len(r["curve"]) for r in runs)
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(n):
+        pts = [r["curve"][i] for r in runs]
+        xs.append(statistics.fmean(p[key] for p in pts))
+        acc = [p["accuracy"] for p in pts]
+        mean.append(statistics.fmean(acc))
+        lo.append(min(acc))
+        hi.append(max(acc))
+    return xs, mean, lo, hi
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    by_algo: dict[str, list[dict]] = {}
     for r in results:
-        c = r["curve"]
-        label = f"{r['algorithm']} (eval CFG {r['eval_guidance_scale']:g})" + (
-            " (kept)" if "kept_from" in r else ""
+        by_algo.setdefault(r["algorithm"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in by_algo.items():
+        label = f"{name} ({len(runs)} seed{'s' * (len(runs) != 1)})" + (
+            " (kept)" if "kept_from" in runs[0] else ""
         )
-        axes[0].plot([p["images"] for p in c], [p["accuracy"] for p in c], marker="o", label=label)
-        axes[1].plot([p["train_seconds"] for p in c], [p["accuracy"] for p in c], marker="o", label=label)
+        for ax, key in ((axes[0], "images"), (axes[1], "train_cpu_seconds")):
+            if not all(key in p for r in runs for p in r["curve"]):
+                continue
+            xs, mean, lo, hi = mean_curve(runs, key)
+            (line,) = ax.plot(xs, mean, marker="o", ms=3, label=label)
+            if len(runs) > 1:
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     axes[0].set_xlabel("training images sampled")
-    axes[1].set_xlabel("training wall-clock seconds (evaluation excluded)")
+    axes[1].set_xlabel("training CPU seconds, one thread (evaluation excluded)")
     for ax in axes:
         ax.set_ylabel("held-out strict accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("toy world: held-out strict accuracy (shapes verifier)", fontsize=10)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(
+        "toy world: held-out strict accuracy, mean over seeds (band: lowest to highest seed)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def table(summary: dict) -> str:
+    """The summary as a Markdown table (accuracies in points, mean +- standard deviation over seeds, [range])."""
+
+    def pts(s: dict) -> str:
+        return f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
+
+    def to_gain(v: dict, key: str, spec: str) -> str:
+        x = v[f"{key}_to_gain"]
+        if x is None:
+            return f"not reached (0/{len(v['seeds'])})"
+        ratio = v[f"{key}_ratio"]
+        return f"{format(x, spec)} ({v[f'{key}_reached']} seeds, {ratio:.1f}x)"
+
+    g = summary["gain"]
+    lines = [
+        f"| trainer | seeds | eval images | base | final | best | gain | images to +{100 * g:.0f} | CPU s to +{100 * g:.0f} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary["per_algorithm"].items():
+        lines.append(
+            f"| {name} | {' '.join(map(str, v['seeds']))} | {v['eval_images']} | {pts(v['base'])} | {pts(v['final'])} "
+            f"| {pts(v['best'])} | {pts(v['gain'])} | {to_gain(v, 'images', '.0f')} | {to_gain(v, 'seconds', '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algorithms", nargs="+", default=["diffusion_nft", "flow_grpo", "refl"])
-    p.add_argument("--samples", type=int, default=1920, help="training images sampled per trainer")
+    p.add_argument(
+        "--algorithms", nargs="+", default=["diffusion_nft", "flow_grpo"], choices=sorted(VARIANTS)
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--samples", type=int, default=1920, help="training images sampled per run")
     p.add_argument("--evals", type=int, default=6, help="evaluations per run (besides step 0)")
+    p.add_argument(
+        "--eval-images-per-prompt",
+        type=int,
+        default=7,
+        help="held-out images per prompt (96 prompts; 7: 672 images, standard error under 2 points for p <= 0.4)",
+    )
     p.add_argument("--gain", type=float, default=0.1, help="accuracy gain over the base to count samples to")
     p.add_argument("--out", type=Path, default=Path("runs/bench-learning"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument(
         "--keep",
         type=Path,
         default=None,
-        help="an earlier learning.json: its curves of trainers not run now join the table and the plot, marked "
-        "'(kept)' (images are comparable across runs; seconds only on the same machine under the same load)",
+        help="an earlier learning.json: its runs of trainers not run now join the table and the plot, marked "
+        "'(kept)' (images are comparable across runs; CPU seconds only on the same machine)",
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every preset")
     a = p.parse_args(argv)
+    if a.eval_images_per_prompt < 1:
+        raise SystemExit(f"error: --eval-images-per-prompt {a.eval_images_per_prompt} must be at least 1.")
+    if a.keep is not None and not a.keep.is_file():
+        raise SystemExit(f"error: --keep {a.keep} is not a file; pass the learning.json of an earlier run.")
     import torch
 
     if a.threads:
@@ -186,38 +325,25 @@ def main(argv=None) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     results = []
     for algo in a.algorithms:
-        print(f"== {algo}: {a.samples} training images", flush=True)
-        results.append(run_one(algo, a.samples, a.evals, a.out, a.overrides))
-        (a.out / "learning.json").write_text(json.dumps({"runs": results}, indent=2))
-    if a.keep is not None:
-        if not a.keep.is_file():
-            raise SystemExit(
-                f"error: --keep {a.keep} is not a file; pass the learning.json of an earlier run."
+        for seed in a.seeds:
+            print(f"== {algo} seed {seed}: {a.samples} training images", flush=True)
+            results.append(
+                run_one(algo, seed, a.samples, a.evals, a.eval_images_per_prompt, a.out, a.overrides)
             )
+            (a.out / "learning.json").write_text(json.dumps({"runs": results}, indent=2))
+    if a.keep is not None:
         for r in json.loads(a.keep.read_text())["runs"]:
             if r["algorithm"] not in a.algorithms:
                 results.append({**r, "kept_from": str(a.keep)})
     summary = summarise(results, a.gain)
     (a.out / "learning.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
     plot(results, a.out / "learning.png")
-
-    def fmt(x, spec):
-        return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
-
+    md = table(summary)
+    (a.out / "learning.md").write_text(md)
     print(
-        f"\ntraining images and seconds to gain {a.gain:.2f} strict accuracy over the base ('-': not reached)"
+        f"\nheld-out strict accuracy (points, mean +- std over seeds [range]); training to +{a.gain:.2f}:\n{md}"
     )
-    print(
-        f"{'trainer':15s} {'base':>6s} {'final':>6s} {'best':>6s} {'images':>8s} {'ratio':>6s} {'seconds':>8s} {'ratio':>6s}"
-    )
-    kept = {r["algorithm"] for r in results if "kept_from" in r}
-    for name, v in summary["per_algorithm"].items():
-        label = f"{name} (kept)" if name in kept else name
-        print(
-            f"{label:15s} {v['base']:6.3f} {v['final']:6.3f} {v['best']:6.3f} {fmt(v['images_to_gain'], '8.0f')} "
-            f"{fmt(v['images_ratio'], '6.2f')} {fmt(v['seconds_to_gain'], '8.0f')} {fmt(v['seconds_ratio'], '6.2f')}"
-        )
-    print(f"wrote {a.out / 'learning.json'} and {a.out / 'learning.png'}")
+    print(f"wrote {a.out / 'learning.json'}, {a.out / 'learning.png'} and {a.out / 'learning.md'}")
     return summary
 
 

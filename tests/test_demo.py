@@ -51,6 +51,7 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
     assert summary["final_strict_accuracy"] == evals[-1]["eval/reward/shapes_accuracy/mean"]
     assert 0.0 <= summary["final_strict_accuracy"] <= 1.0 and summary["eval_prompts"] == 6
     assert json.loads((out / "demo_summary.json").read_text())["max_steps"] == 2
+    assert 0 < summary["train_cpu_seconds"] <= summary["total_cpu_seconds"]
     assert any("held-out strict accuracy: base" in line for line in lines)
     assert any("2 steps, evaluation of held-out prompts every 2 steps" in line for line in lines)
     assert any(r.get("reward/shapes_verifier/mean") is not None for r in records)
