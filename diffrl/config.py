@@ -70,6 +70,10 @@ class ModelConfig:
     """Module names to adapt; empty uses the family default (attention projections; FLUX also feed-forward)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass (less memory, about 30% more time)."""
+    offload_text_encoders: bool = False
+    """Keep the text encoders on the CPU between encodings: they move to the GPU only to encode prompts the prompt
+    cache lacks (each distinct prompt once), so their memory is free while sampling and training; the same
+    embeddings either way."""
     vae_dtype: str = "float32"
     """Dtype the VAE decodes in: float32 (as both reference codes do, so rewards see the same images) or model (the
     frozen weights' dtype, less memory)."""
@@ -654,6 +658,7 @@ RESUME_FREE_KEYS = frozenset(
         "sample.batch_size",
         "optim.train_batch_size",
         "model.gradient_checkpointing",
+        "model.offload_text_encoders",
         "monitor.enabled",
         "monitor.gold",
         "monitor.features",

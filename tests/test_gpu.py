@@ -176,3 +176,18 @@ def test_cuda_bf16_flow_grpo_steps_on_every_model_family(
     ratio = rows[0]["train/ratio_mean"]
     print(f"\n[{family} bf16] first step ratio_mean = {ratio:.6f}")
     assert abs(ratio - 1) < 0.05, rows[0]
+
+
+@pytest.mark.gpu
+def test_cuda_offloaded_text_encoders_live_on_the_cpu_and_encode_alike(shared_cache):
+    from diffrl.models import load_model
+
+    prompts = ["a red circle", "two blue squares"]
+    plain = load_model("tiny:sd3", device="cuda")
+    ref = plain.encode(prompts)
+    model = load_model("tiny:sd3", device="cuda").offload_text_encoders()
+    cond = model.encode(prompts)
+    assert all(p.device.type == "cpu" for enc in model.text_encoders() for p in enc.parameters())
+    assert model.transformer.device.type == "cuda" and cond.prompt_embeds.device.type == "cuda"
+    torch.testing.assert_close(cond.prompt_embeds, ref.prompt_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond.pooled, ref.pooled, rtol=0, atol=0)

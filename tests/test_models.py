@@ -61,7 +61,10 @@ def test_family_detection_and_eval_mode(family_dir):
 
 def test_unsupported_pipeline_is_named(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.*FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline, StableDiffusion3Pipeline"):
+    with pytest.raises(
+        ValueError,
+        match="StableDiffusionXLPipeline.*FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline, StableDiffusion3Pipeline",
+    ):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_model(tmp_path / "..")
@@ -91,8 +94,13 @@ def test_sd3_without_t5_collapses_the_zero_padding_exactly(tmp_path):
     assert cond.prompt_embeds.shape[1] == 77 + 1 and cond_full.prompt_embeds.shape[1] == 77 + 256
     steps, cfg = 4, 4.5
     ref = model.pipe(
-        prompt=PROMPTS, height=H, width=W, num_inference_steps=steps, guidance_scale=cfg,
-        generator=_gen(0), output_type="latent",
+        prompt=PROMPTS,
+        height=H,
+        width=W,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        generator=_gen(0),
+        output_type="latent",
     ).images  # the pipeline's full-length context goes through the wrapped original processors
     noise = model.sample_noise(2, H, W, generator=_gen(0))
     out = rollout(model, cond, model.schedule(steps, H, W), noise, guidance_scale=cfg)
@@ -143,6 +151,42 @@ def test_prompt_encoding_is_cached_and_equals_pipeline(family_dir):
     # groups: each prompt G times in a row
     grouped = cond.repeat_interleave(3)
     assert len(grouped) == 6 and torch.equal(grouped.prompt_embeds[3], cond.prompt_embeds[1])
+
+
+def test_offloaded_text_encoders_move_only_to_encode_uncached_prompts(sd3_dir, monkeypatch):
+    """model.offload_text_encoders: the encoders are sent to the CPU, brought to the model's device only around
+    the encoding of prompts the cache lacks (and sent back), and the embeddings equal the un-offloaded model's."""
+    plain = load_model(sd3_dir).encode(PROMPTS)
+    model = load_model(sd3_dir)
+    encoders = model.text_encoders()
+    assert len(encoders) == 3  # the tiny SD3 pipeline's two CLIP encoders and its T5
+    every = [(i, "cpu") for i in range(3)]
+    moves = []
+    for i, enc in enumerate(encoders):
+        monkeypatch.setattr(enc, "to", lambda *a, i=i, enc=enc, **k: moves.append((i, str(a[0]))) or enc)
+    model.offload_text_encoders()
+    assert moves == every
+    moves.clear()
+    cond = model.encode(PROMPTS)
+    assert (
+        moves == every + every
+    )  # once to the model's device (here the CPU) and back, for prompts and negative
+    torch.testing.assert_close(cond.prompt_embeds, plain.prompt_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond.pooled, plain.pooled, rtol=0, atol=0)
+    moves.clear()
+    model.encode(PROMPTS)  # all cached: the encoders stay where they are
+    assert moves == []
+    from pathlib import Path
+
+    from diffrl.config import load_config
+    from diffrl.models import load_model_from_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    cfg = load_config(
+        tiny / "flow_grpo.yaml",
+        ["model.offload_text_encoders=true", f"model.path={sd3_dir}", f"data.train={tiny / 'prompts.txt'}"],
+    )
+    assert load_model_from_config(cfg.model)._offload_text
 
 
 def test_prompt_cache_is_bounded(sd3_dir):
@@ -510,19 +554,26 @@ def test_toy_model_loads_in_plain_diffusers_and_makes_diffrls_images(tmp_path, s
     out = tmp_path / "plain.pt"
     prompts = ["a red circle", "two blue squares"]
     subprocess.run(
-        [sys.executable, "-c", _PLAIN_TOY, toy_dir, str(out), *prompts], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _PLAIN_TOY, toy_dir, str(out), *prompts],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     plain = torch.load(out)
     assert plain["t5"] == "T5EncoderModel"
 
     shipped = StableDiffusion3Pipeline.from_pretrained(toy_dir).text_encoder_3
     assert is_null_t5(shipped)
-    assert not is_null_t5(StableDiffusion3Pipeline.from_pretrained(sd3_dir).text_encoder_3)  # a real, random T5
+    assert not is_null_t5(
+        StableDiffusion3Pipeline.from_pretrained(sd3_dir).text_encoder_3
+    )  # a real, random T5
 
     # the null T5 changes nothing: the same pipeline told to run without T5 makes the same bits
     without = StableDiffusion3Pipeline.from_pretrained(toy_dir, text_encoder_3=None, tokenizer_3=None)
     without.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt=prompts, height=64, width=64, num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    kwargs = dict(
+        prompt=prompts, height=64, width=64, num_inference_steps=4, guidance_scale=3.0, output_type="latent"
+    )
     assert torch.equal(without(**kwargs, generator=_gen(0)).images, plain["latents"])
 
     model = load_model("toy")
@@ -532,4 +583,3 @@ def test_toy_model_loads_in_plain_diffusers_and_makes_diffrls_images(tmp_path, s
     # the toy's latents reach |6.5|: float32 rounding of a different operation order, relative 1e-5
     torch.testing.assert_close(got.final, plain["latents"], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(model.decode(got.final), plain["images"], rtol=1e-5, atol=5e-5)
-

@@ -38,8 +38,12 @@ class Conditioning:
     text_ids: torch.Tensor | None = None  # (L, 3) FLUX text position ids, shared by the batch
     prompt_mask: torch.Tensor | None = None  # (B, L) Qwen-Image: 1 for the prompt's tokens, 0 for padding
     negative_prompt_mask: torch.Tensor | None = None  # (B, L') the negative prompt's
-    image_latents: torch.Tensor | None = None  # (B, N_c, 4C) Qwen-Image-Edit: the source image's packed latent tokens
-    image_grid: torch.Tensor | None = None  # (B, 2) their token grid (rows, columns), long; (B, 2K) for K images
+    image_latents: torch.Tensor | None = (
+        None  # (B, N_c, 4C) Qwen-Image-Edit: the source image's packed latent tokens
+    )
+    image_grid: torch.Tensor | None = (
+        None  # (B, 2) their token grid (rows, columns), long; (B, 2K) for K images
+    )
     _cfg: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def cfg_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +146,9 @@ class FlowModel:
     family: str = ""
     pipeline_class_name: str = ""
     uses_negative_prompt: bool = False  # whether encode() also encodes the negative prompt (true CFG)
-    guidance_is_cfg: bool = True  # False where guidance_scale enters the transformer as an embedding (FLUX.1-dev)
+    guidance_is_cfg: bool = (
+        True  # False where guidance_scale enters the transformer as an embedding (FLUX.1-dev)
+    )
     default_num_steps: int = 40  # the sampling steps `diffrl sample`/`eval` use unless told otherwise
     default_guidance_scale: float = 4.5  # the guidance they use unless told otherwise
     default_lora_rank: int = 32
@@ -177,7 +183,9 @@ class FlowModel:
         """``(width, blocks, text embedding width)`` from the transformer's config: ``num_attention_heads *
         attention_head_dim``, ``num_layers + num_single_layers`` and ``joint_attention_dim`` (the width if absent)."""
         width = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
-        blocks = int(transformer_config.get("num_layers", 0)) + int(transformer_config.get("num_single_layers", 0))
+        blocks = int(transformer_config.get("num_layers", 0)) + int(
+            transformer_config.get("num_single_layers", 0)
+        )
         return width, blocks, int(transformer_config.get("joint_attention_dim", width))
 
     @classmethod
@@ -199,6 +207,8 @@ class FlowModel:
         self.scheduler_config = dict(pipe.scheduler.config)
         self._cache = _PromptCache(prompt_cache_size)
         self._mode = "frozen"
+        self._offload_text = False  # text encoders kept on the CPU between encodings (offload_text_encoders)
+        self._text_on_device = False  # inside text_encoders_on_device: nested uses do not move them again
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval()
@@ -218,10 +228,48 @@ class FlowModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device=None, dtype=None) -> FlowModel:
-        """Move the whole pipeline; clears the prompt cache (its tensors live on the old device)."""
+        """Move the whole pipeline; clears the prompt cache (its tensors live on the old device). Offloaded text
+        encoders (:meth:`offload_text_encoders`) stay on the CPU."""
         self.pipe.to(device=device, dtype=dtype)
         self._cache.clear()
+        if self._offload_text:
+            self.offload_text_encoders()
         return self
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text (and vision-language) encoders: its components named ``text_encoder*``."""
+        return [
+            m
+            for name, m in self.pipe.components.items()
+            if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)
+        ]
+
+    def offload_text_encoders(self, enabled: bool = True) -> FlowModel:
+        """Keep the text encoders on the CPU between encodings, so their memory is free while sampling and training.
+        They move to the model's device only to encode prompts the prompt cache does not hold, and back after; the
+        embeddings are the same as without offloading (the same modules run on the same device). ``enabled=False``
+        puts them back on the model's device."""
+        self._offload_text = bool(enabled)
+        target = torch.device("cpu") if enabled else self.device
+        for module in self.text_encoders():
+            module.to(target)
+        return self
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """Run the body with the text encoders on the model's device (a no-op unless they are offloaded)."""
+        if not self._offload_text or self._text_on_device:
+            yield
+            return
+        for module in self.text_encoders():
+            module.to(self.device)
+        self._text_on_device = True
+        try:
+            yield
+        finally:
+            self._text_on_device = False
+            for module in self.text_encoders():
+                module.to("cpu")
 
     # ------------------------------------------------------------------ to implement per family
     def _encode_uncached(self, prompts: list[str]) -> list[tuple[torch.Tensor, ...]]:
@@ -254,7 +302,7 @@ class FlowModel:
         if missing:
             # One prompt at a time: a prompt's conditioning then never depends on which other prompts shared the
             # batch (batched matmuls differ in the last bits), so runs and resumes reproduce bitwise.
-            with torch.no_grad():
+            with torch.no_grad(), self.text_encoders_on_device():
                 rows = [self._encode_uncached([p])[0] for p in missing]
             fresh = dict(zip(missing, rows, strict=True))
             for p, row in fresh.items():
@@ -274,6 +322,16 @@ class FlowModel:
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings.")
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        negatives = (
+            list(negatives) if self.uses_negative_prompt and isinstance(negatives, (list, tuple)) else []
+        )
+        uncached = any(self._cache.get(p) is None for p in [*prompts, *negatives] if isinstance(p, str))
+        # one trip of offloaded text encoders to the device for the prompts and the negative prompts together
+        with self.text_encoders_on_device() if uncached else contextlib.nullcontext():
+            return self._encode_rows_and_negatives(prompts, negative_prompt)
+
+    def _encode_rows_and_negatives(self, prompts: list[str], negative_prompt) -> Conditioning:
         rows = self._encode_cached(prompts)
         negative_rows = None
         if negative_prompt is not None and self.uses_negative_prompt:

@@ -214,8 +214,8 @@ def load_model(
 
 def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> FlowModel:
     """The model a run's ``model`` config section describes: ``path`` at ``dtype``, ``max_sequence_length`` T5 tokens
-    (0: the adapter's default), the trained ``expert`` of a Wan 2.2 model, and the VAE in ``vae_dtype`` (see
-    :func:`set_vae_dtype`)."""
+    (0: the adapter's default), the trained ``expert`` of a Wan 2.2 model, the VAE in ``vae_dtype`` (see
+    :func:`set_vae_dtype`) and, with ``offload_text_encoders``, the text encoders kept on the CPU between encodings."""
     kwargs = {"max_sequence_length": model_cfg.max_sequence_length} if model_cfg.max_sequence_length else {}
     model = load_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype), device=device, **kwargs)
     expert = getattr(model_cfg, "expert", "")
@@ -227,6 +227,8 @@ def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> Flo
             )
         model.set_training_expert(expert)
     set_vae_dtype(model, model_cfg.vae_dtype)
+    if getattr(model_cfg, "offload_text_encoders", False):
+        model.offload_text_encoders()
     return model
 
 

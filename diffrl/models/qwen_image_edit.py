@@ -175,7 +175,8 @@ class QwenImageEditModel(QwenImageModel):
                     continue
                 entry = self._cache.get(f"{key}\x00{text}")
                 if entry is None:
-                    entry = (self._embed(text, resized),)
+                    with self.text_encoders_on_device():
+                        entry = (self._embed(text, resized),)
                     self._cache.put(f"{key}\x00{text}", entry)
                 out.append(entry)
         if any(g.tolist() != grids[0].tolist() for g in grids):
