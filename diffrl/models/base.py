@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..utils import apply_umask, canonical_safetensors_header
 
-__all__ = ["Conditioning", "FlowModel"]
+__all__ = ["Conditioning", "FlowModel", "masked_prompt_conditioning"]
 
 
 @dataclass
@@ -110,6 +110,31 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
         return t
     pad = t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))
     return torch.cat([t, pad], dim=1)
+
+
+def masked_prompt_conditioning(rows, negative_rows) -> Conditioning:
+    """The :class:`Conditioning` of prompts encoded each to its own number of tokens (rows of ``(embeds (L_i, D),)``):
+    zero-padded to the longest, ``prompt_mask`` 1 on the real tokens, no pooled embedding; the negative prompts'
+    likewise. Families whose transformer masks text padding (Qwen-Image, Z-Image) assemble their batches with it."""
+
+    def pad(rows) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(r[0].shape[0] for r in rows)
+        embeds = torch.stack(
+            [torch.cat([r[0], r[0].new_zeros(longest - r[0].shape[0], r[0].shape[1])]) for r in rows]
+        )
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=embeds.device)
+        for i, r in enumerate(rows):
+            mask[i, : r[0].shape[0]] = 1
+        return embeds, mask
+
+    embeds, mask = pad(rows)
+    cond = Conditioning(prompt_embeds=embeds, pooled=embeds.new_zeros(len(rows), 0), prompt_mask=mask)
+    if negative_rows is not None:
+        neg, neg_mask = pad(negative_rows)
+        cond.negative_prompt_embeds = neg
+        cond.negative_pooled = neg.new_zeros(len(rows), 0)
+        cond.negative_prompt_mask = neg_mask
+    return cond
 
 
 class _PromptCache:

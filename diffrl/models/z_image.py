@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..samplers import sigmas_from_scheduler_config
-from .base import Conditioning, FlowModel
+from .base import Conditioning, FlowModel, masked_prompt_conditioning
 
 __all__ = ["ZImageModel", "Z_IMAGE_LORA_TARGETS"]
 
@@ -110,26 +110,8 @@ class ZImageModel(FlowModel):
             rows.append((embeds[0].to(self.dtype),))
         return rows
 
-    @staticmethod
-    def _pad(rows) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(r[0].shape[0] for r in rows)
-        embeds = torch.stack(
-            [torch.cat([r[0], r[0].new_zeros(longest - r[0].shape[0], r[0].shape[1])]) for r in rows]
-        )
-        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=embeds.device)
-        for i, r in enumerate(rows):
-            mask[i, : r[0].shape[0]] = 1
-        return embeds, mask
-
     def _assemble(self, rows, negative_rows):
-        embeds, mask = self._pad(rows)
-        cond = Conditioning(prompt_embeds=embeds, pooled=embeds.new_zeros(len(rows), 0), prompt_mask=mask)
-        if negative_rows is not None:
-            neg, neg_mask = self._pad(negative_rows)
-            cond.negative_prompt_embeds = neg
-            cond.negative_pooled = neg.new_zeros(len(rows), 0)
-            cond.negative_prompt_mask = neg_mask
-        return cond
+        return masked_prompt_conditioning(rows, negative_rows)
 
     @staticmethod
     def _unpad(embeds: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:

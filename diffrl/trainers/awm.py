@@ -102,10 +102,6 @@ class AWMTrainer(Trainer):
         a = self.cfg.awm
         return self.group_sizes(a.prompts_per_step, a.group_size)
 
-    def _guidance(self) -> float:
-        # CFG-free: no CFG pass (guidance 1); FLUX.1-dev's distilled guidance embedding is not CFG.
-        return 1.0 if self.model.guidance_is_cfg else self.cfg.sample.guidance_scale
-
     def train_levels(self, sigmas: torch.Tensor, n: int) -> torch.Tensor:
         """``(n, K)`` training levels of this process's ``n`` samples, each sample's drawn from a generator keyed by
         ``(seed, step, global row)``."""
@@ -130,7 +126,7 @@ class AWMTrainer(Trainer):
         G = a.group_size
         prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
-        guidance = self._guidance()
+        guidance = self.cfg_free_guidance()
         cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
 
         # 1. rollouts of the current policy (ODE, no grad), keep x0

@@ -77,10 +77,6 @@ class DiffusionNFTTrainer(Trainer):
     def updates_per_step(self) -> int:
         return self.cfg.diffusion_nft.num_minibatches
 
-    def _guidance(self) -> float:
-        # CFG-free: no CFG pass (guidance 1); FLUX.1-dev's distilled guidance embedding is not CFG and stays on.
-        return 1.0 if self.model.guidance_is_cfg else self.cfg.sample.guidance_scale
-
     def train_step(self, step: int) -> dict[str, float]:
         cfg, c, s = self.cfg, self.cfg.diffusion_nft, self.cfg.sample
         model = self.model
@@ -88,7 +84,7 @@ class DiffusionNFTTrainer(Trainer):
         G = c.group_size
         prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
-        guidance = self._guidance()
+        guidance = self.cfg_free_guidance()
         cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
 
         # 1. rollouts of the old policy (ODE, no grad), keep x0

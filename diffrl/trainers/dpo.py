@@ -101,10 +101,6 @@ class DPOTrainer(Trainer):
             return self.group_sizes(d.prompts_per_step, d.group_size)
         return {"num_processes": self.world, "pairs_per_process": d.pairs_per_step // self.world}
 
-    def _guidance(self) -> float:
-        # CFG-free training: no CFG pass (guidance 1); FLUX.1-dev's distilled guidance embedding is not CFG.
-        return 1.0 if self.model.guidance_is_cfg else self.cfg.sample.guidance_scale
-
     # ------------------------------------------------------------------------------------------ pairs
     def offline_batch(self, step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """This process's pairs of ``step``: global slots ``[step P, (step + 1) P)`` of the epochs' orders, each epoch
@@ -207,7 +203,7 @@ class DPOTrainer(Trainer):
         per_process = n_valid / self.world
         levels, eps_all = self.pair_draws(p, x_w.shape[1:])
         cond_all = model.encode(prompts)
-        guidance = self._guidance()
+        guidance = self.cfg_free_guidance()
         k = levels.shape[1]
         names = ("loss", "implicit_acc", "reward_margin", "model_err_chosen", "model_err_rejected")
         sums = dict.fromkeys((*names, "ref_err_chosen", "ref_err_rejected"), 0.0)

@@ -397,6 +397,11 @@ class Trainer:
     def derived_sizes(self) -> dict[str, Any]:
         return {"num_processes": self.world}
 
+    def cfg_free_guidance(self) -> float:
+        """The guidance of CFG-free sampling and training (DiffusionNFT, AWM, DPO, ReFL): 1, no CFG pass, for models
+        whose guidance is CFG; ``sample.guidance_scale`` where it is a distilled guidance embedding (FLUX.1-dev)."""
+        return 1.0 if self.model.guidance_is_cfg else self.cfg.sample.guidance_scale
+
     def group_sizes(self, prompts_per_step: int, group_size: int) -> dict[str, Any]:
         """:meth:`derived_sizes` of a trainer that samples ``group_size`` images per prompt."""
         per = prompts_per_step // self.world

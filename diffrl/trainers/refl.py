@@ -135,7 +135,7 @@ class ReFLTrainer(Trainer):
         level_b = level.view(-1, *([1] * (x0.ndim - 1)))
         x_s = (1 - level_b) * x0 + level_b * eps
         # no CFG: the conditional velocity; FLUX.1-dev's distilled guidance embedding is not CFG and stays on
-        guidance = 1.0 if model.guidance_is_cfg else s.guidance_scale
+        guidance = self.cfg_free_guidance()
         with self.autocast():
             v = model.velocity(x_s, level, cond, guidance).float()
         return denoising_loss(v, x0, eps)
