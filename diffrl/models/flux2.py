@@ -8,19 +8,46 @@ an empirical ``mu`` that depends on the image token count *and* the step count).
 ``pipelines/flux2/pipeline_flux2.py`` and ``pipeline_flux2_klein.py`` (``compute_empirical_mu``, ``_patchify_latents``,
 ``_pack_latents``, ``_prepare_text_ids``/``_prepare_latent_ids``), ``models/transformers/transformer_flux2.py``.
 
+Reference images (the pipelines' ``image=``): each prompt may come with one or several reference images, prepared as
+the pipelines' ``__call__`` and ``prepare_image_latents`` do: an image above 1024 x 1024 pixels is resized (Lanczos)
+to about that area at its aspect ratio, each side floored to a multiple of 16 pixels (twice the VAE factor),
+preprocessed to [-1, 1] (``resize_mode="crop"``), VAE-encoded (the posterior's mode), 2x2-patchified, normalised by the
+VAE's batch-norm statistics and packed into tokens. The reference tokens follow the noisy tokens in the transformer's
+sequence, with position ids ``(10 + 10 k, row, col, 0)`` for the ``k``-th image (``_prepare_image_ids``: a time
+offset keeps them apart from the noisy tokens at ``t = 0``); only the noisy tokens' outputs are the velocity, and with
+Klein's CFG the unconditional pass sees the same reference tokens. The trainers, ``diffrl sample``/``eval`` and the
+doctor's probe take them from the prompt rows' ``metadata["image"]`` (a path, a PIL image or a list of them) through
+:meth:`Flux2Model.encode_rows`; rewards receive the same ``image`` metadata. Each image is encoded once and cached
+(``Conditioning.image_latents``, ``image_grid``), so rollouts, log-probs and re-evaluations see the same condition.
+Not implemented (a ``ValueError`` naming the fix): a batch whose rows mix prompts with and without reference images,
+or whose reference images give different token grids (the transformer takes one set of position ids per batch).
+
 Departures from the pipelines: the prompt-upsampling option of ``Flux2Pipeline`` (``caption_upsample_temperature``)
-and image conditioning (reference images) are not supported; Klein's CFG batches the conditional and unconditional
-passes (the pipeline runs two forward passes: equal within float rounding).
+is not supported; Klein's CFG batches the conditional and unconditional passes (the pipeline runs two forward passes:
+equal within float rounding); the pipelines' output size follows the first reference image when no size is given,
+ours is always the configured ``height`` x ``width``.
 """
 
 from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ..samplers import sigmas_from_scheduler_config
 from .base import Conditioning, FlowModel
 
-__all__ = ["Flux2Model", "Flux2KleinModel", "FLUX2_LORA_TARGETS", "flux2_empirical_mu"]
+__all__ = [
+    "Flux2Model",
+    "Flux2KleinModel",
+    "FLUX2_LORA_TARGETS",
+    "flux2_empirical_mu",
+    "flux2_reference_ids",
+    "flux2_reference_size",
+]
 
 # Attention projections and feed-forward layers of the double-stream blocks (image and text streams), and the fused
 # QKV+MLP input and output projections of the single-stream blocks (a regular expression, matched in full by PEFT).
@@ -45,6 +72,29 @@ def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
+def flux2_reference_size(width: int, height: int, area: int = 1024 * 1024, multiple: int = 16) -> tuple[int, int]:
+    """``(width, height)`` a ``width x height`` reference image is prepared at: above ``area`` pixels scaled (aspect
+    kept, each side truncated) to about ``area``, then each side floored to a multiple of ``multiple`` (the pipelines'
+    ``__call__``, step 4, and ``Flux2ImageProcessor._resize_to_target_area``)."""
+    if width * height > area:
+        scale = math.sqrt(area / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return (width // multiple) * multiple, (height // multiple) * multiple
+
+
+def flux2_reference_ids(grid: Sequence[int], scale: int = 10) -> torch.Tensor:
+    """Position ids ``(N_ref, 4)`` of reference tokens whose token grids are ``grid = (h_0, w_0, h_1, w_1, ...)``:
+    ``(scale + scale * k, row, col, 0)`` for image ``k``, row-major, images in order (``_prepare_image_ids``)."""
+    grid = [int(g) for g in grid]
+    parts = [
+        torch.cartesian_prod(
+            torch.tensor([scale + scale * k]), torch.arange(h), torch.arange(w), torch.arange(1)
+        )
+        for k, (h, w) in enumerate(zip(grid[0::2], grid[1::2], strict=True))
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long)
+
+
 class Flux2Model(FlowModel):
     """FLUX.2 [dev]: latents ``(B, 4C, H/16, W/16)`` in the pipeline's own space (the VAE's ``C = 32`` channels
     patchified 2x2 and batch-normalised; each position is one transformer token); the guidance scale enters the
@@ -62,6 +112,7 @@ class Flux2Model(FlowModel):
     default_lora_targets = FLUX2_LORA_TARGETS
     # Every prompt is padded to max_sequence_length (512) tokens, as the pipelines feed them.
     memory_text_tokens = 512
+    reference_area = 1024 * 1024  # reference images above this many pixels are scaled down to it (the pipelines')
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, prompt_cache_size: int = 4096):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
@@ -93,6 +144,104 @@ class Flux2Model(FlowModel):
             cond.negative_prompt_embeds = neg
             cond.negative_pooled = neg.new_zeros(len(rows), 0)
         return cond
+
+    # ------------------------------------------------------------------ reference images
+    def encode_rows(self, prompts: Sequence[str], metadata: dict[str, list] | None = None) -> Conditioning:
+        """The trainers' encode: each prompt with the reference image(s) of its row, ``metadata["image"]`` (a path, a
+        PIL image or a list of them); text only when no row has one."""
+        images = (metadata or {}).get("image")
+        if images is None or all(i is None for i in images):
+            return self.encode(prompts)
+        return self.encode(prompts, images=images)
+
+    def encode(
+        self,
+        prompts: Sequence[str] | str,
+        negative_prompt: str | Sequence[str] | None = "",
+        *,
+        images: Sequence | None = None,
+    ) -> Conditioning:
+        """As :meth:`FlowModel.encode`; with ``images`` (one entry per prompt: an image, a path or a list of them)
+        the conditioning also carries their reference tokens, each image encoded once and cached."""
+        cond = super().encode(prompts, negative_prompt=negative_prompt)
+        if images is None:
+            return cond
+        images = list(images)
+        if len(images) != len(cond):
+            raise ValueError(f"got {len(cond)} prompts and {len(images)} reference images; give one entry per prompt.")
+        given = [i is not None and not (isinstance(i, (list, tuple)) and not i) for i in images]
+        if not all(given):
+            raise ValueError(
+                f"{given.count(False)} of {len(images)} prompts of this batch have no reference image; give every row "
+                'of the prompt file an "image" field, or none of them (one batch is all reference-conditioned or all '
+                "text-to-image)."
+            )
+        latents, grids = [], []
+        for entry in images:
+            tokens, grid = self._reference(entry)
+            latents.append(tokens)
+            grids.append(grid)
+        if any(g.tolist() != grids[0].tolist() for g in grids):
+            raise ValueError(
+                "the reference images of one batch give different token grids "
+                f"({sorted({tuple(g.tolist()) for g in grids})}); give every prompt of a batch as many reference "
+                "images of the same sizes."
+            )
+        cond.image_latents = torch.stack(latents)
+        cond.image_grid = torch.stack(grids).to(cond.image_latents.device)
+        return cond
+
+    @staticmethod
+    def _open(image):
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        raise ValueError(f"image={image!r} must be a PIL image or the path of an image file.")
+
+    def _reference(self, entry) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens (N_ref, 4C) in the model's dtype, grid (2K,) long)`` of one prompt's reference image(s), from
+        the cache or encoded now."""
+        opened = [self._open(i) for i in (entry if isinstance(entry, (list, tuple)) else [entry])]
+        digest = hashlib.sha1()
+        for im in opened:
+            digest.update(repr(im.size).encode() + im.tobytes())
+        key = f"reference\x00{self.reference_area}\x00{digest.hexdigest()}"
+        cached = self._cache.get(key)
+        if cached is None:
+            tokens, grid = [], []
+            with torch.no_grad():
+                for im in opened:
+                    z = self._reference_latents(im)  # (1, 4C, h, w)
+                    tokens.append(z[0].flatten(1).T)
+                    grid += [z.shape[2], z.shape[3]]
+            cached = (torch.cat(tokens).to(self.dtype), torch.tensor(grid, device=self.device))
+            self._cache.put(key, cached)
+        return cached
+
+    def _reference_latents(self, image) -> torch.Tensor:
+        """Patchified, batch-normalised latents ``(1, 4C, h, w)`` of one reference image, as the pipelines'
+        ``_encode_vae_image``."""
+        processor = self.pipe.image_processor
+        processor.check_image_input(image)  # the pipelines' limits: sides of 64+ pixels, aspect ratio up to 8
+        w, h = flux2_reference_size(*image.size, self.reference_area, 2 * self.vae_scale_factor)
+        if image.size[0] * image.size[1] > self.reference_area:
+            from PIL import Image
+
+            scale = math.sqrt(self.reference_area / (image.size[0] * image.size[1]))
+            size = (int(image.size[0] * scale), int(image.size[1] * scale))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        pixels = processor.preprocess(image, height=h, width=w, resize_mode="crop")
+        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        b, c, zh, zw = z.shape
+        z = z.view(b, c, zh // 2, 2, zw // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, zh // 2, zw // 2)
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(z.device, z.dtype)
+        return (z - mean) / std
 
     # ------------------------------------------------------------------ latents
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -139,8 +288,24 @@ class Flux2Model(FlowModel):
         txt = torch.cartesian_prod(one, one, one, torch.arange(length))
         return img.expand(batch, -1, -1).to(device), txt.expand(batch, -1, -1).to(device)
 
-    def _transformer(self, tokens, t, embeds, guidance, h, w):
-        img_ids, txt_ids = self._ids(tokens.shape[0], h, w, embeds.shape[1], tokens.device)
+    def _transformer(self, tokens, t, embeds, guidance, h, w, cond: Conditioning):
+        """The transformer's output on the noisy tokens ``(B, h w, 4C)``; the reference tokens of ``cond`` (if any)
+        are appended after them, with their ids, and their outputs dropped."""
+        batch = tokens.shape[0]
+        img_ids, txt_ids = self._ids(batch, h, w, embeds.shape[1], tokens.device)
+        if cond.image_latents is not None:
+            grid = cond.image_grid
+            if bool((grid != grid[:1]).any()):
+                raise ValueError(
+                    "the reference images of this batch give different token grids; batch prompts whose reference "
+                    "images have the same sizes."
+                )
+            refs = cond.image_latents.to(tokens.dtype)
+            if refs.shape[0] != batch:  # the CFG batch: the same reference tokens for both halves
+                refs = refs.repeat(batch // refs.shape[0], 1, 1)
+            ref_ids = flux2_reference_ids(grid[0].tolist()).to(tokens.device)
+            tokens = torch.cat([tokens, refs], dim=1)
+            img_ids = torch.cat([img_ids, ref_ids.expand(batch, -1, -1)], dim=1)
         return self.transformer(
             hidden_states=tokens,
             timestep=t / 1000,
@@ -184,7 +349,7 @@ class Flux2Model(FlowModel):
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((x.shape[0],), float(guidance_scale), dtype=torch.float32, device=x.device)
-        return self._unpack(self._transformer(tokens, t, cond.prompt_embeds, guidance, h, w), h, w)
+        return self._unpack(self._transformer(tokens, t, cond.prompt_embeds, guidance, h, w, cond), h, w)
 
 
 class Flux2KleinModel(Flux2Model):
@@ -210,8 +375,8 @@ class Flux2KleinModel(Flux2Model):
             self.default_num_steps = self.distilled_num_steps
             self.default_guidance_scale = self.distilled_guidance_scale
 
-    def encode(self, prompts, negative_prompt: str | list[str] | None = ""):
-        """As :meth:`FlowModel.encode`; the pipeline's only negative prompt is the empty one, so others are refused."""
+    def encode(self, prompts, negative_prompt: str | list[str] | None = "", *, images=None):
+        """As :meth:`Flux2Model.encode`; the pipeline's only negative prompt is the empty one, so others are refused."""
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             if any(n != "" for n in negatives):
@@ -219,7 +384,7 @@ class Flux2KleinModel(Flux2Model):
                     f"negative_prompt={negative_prompt!r}: Flux2KleinPipeline guides against the empty prompt only; "
                     "pass '' (CFG) or None (no CFG)."
                 )
-        return super().encode(prompts, negative_prompt=negative_prompt)
+        return super().encode(prompts, negative_prompt=negative_prompt, images=images)
 
     def velocity(
         self,
@@ -236,9 +401,9 @@ class Flux2KleinModel(Flux2Model):
         batch, _, h, w = x.shape
         tokens, t = self._prepare(x, sigma, cond)
         if not (guidance_scale > 1 and cond.negative_prompt_embeds is not None):
-            return self._unpack(self._transformer(tokens, t, cond.prompt_embeds, None, h, w), h, w)
+            return self._unpack(self._transformer(tokens, t, cond.prompt_embeds, None, h, w, cond), h, w)
         embeds = torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds])
-        out = self._transformer(torch.cat([tokens, tokens]), torch.cat([t, t]), embeds, None, h, w)
+        out = self._transformer(torch.cat([tokens, tokens]), torch.cat([t, t]), embeds, None, h, w, cond)
         text, uncond = out[:batch], out[batch:]
         if detach_uncond:
             uncond = uncond.detach()
