@@ -358,3 +358,162 @@ def test_every_trainer_takes_a_step_on_flux2(algo, spec, tmp_path):
     assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
     if algo == "flow_grpo":
         assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
+
+
+# ------------------------------------------------------------------------------------- reference images (image=)
+
+
+def _ref(seed: int, size=(64, 72)):
+    """A random RGB image ``size = (width, height)``; the pipelines refuse sides under 64 pixels."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_reference_size_by_hand():
+    from diffrl.models.flux2 import flux2_reference_size
+
+    assert flux2_reference_size(100, 70) == (96, 64)  # floored to multiples of 16, no resize below the area
+    # 2048 x 1024: scaled by sqrt(1/2) to 1448 x 724 (truncated), floored to 1440 x 720
+    assert flux2_reference_size(2048, 1024) == (1440, 720)
+    assert flux2_reference_size(72, 64, multiple=8) == (72, 64)
+
+
+def test_reference_latents_and_ids_equal_pipeline(dev, dev_pipe):
+    """Two reference images: the cached tokens and their ids are ``prepare_image_latents``'s (the pipeline's own
+    preprocessing, VAE mode, patchify, batch-norm, packing; ids ``(10 + 10 k, row, col, 0)``)."""
+    from diffrl.models.flux2 import flux2_reference_ids
+
+    refs = [_ref(1, (64, 72)), _ref(2, (87, 64))]  # the second floored to 80 x 64 pixels
+    cond = dev.encode(["a red cat", "two green circles"], images=[refs, refs])
+    pixels = [
+        dev_pipe.image_processor.preprocess(r, height=h, width=w, resize_mode="crop")
+        for r, (w, h) in zip(refs, [(64, 72), (80, 64)], strict=True)
+    ]
+    latents, ids = dev_pipe.prepare_image_latents(pixels, 2, None, "cpu", dev_pipe.vae.dtype)
+    assert cond.image_latents.shape == latents.shape == (2, 9 * 8 + 8 * 10, 16)
+    assert torch.equal(cond.image_latents, latents)
+    assert cond.image_grid.tolist() == [[9, 8, 8, 10]] * 2
+    assert torch.equal(flux2_reference_ids(cond.image_grid[0].tolist()), ids[0])
+    assert ids[0, 0].tolist() == [10, 0, 0, 0] and ids[0, 72].tolist() == [20, 0, 0, 0]  # by hand
+    calls = []
+    handle = dev.vae.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:  # cached per image
+        again = dev.encode(["a red cat"], images=[list(refs)])
+    finally:
+        handle.remove()
+    assert not calls and torch.equal(again.image_latents[0], cond.image_latents[0])
+
+
+def _pipeline_reference_latents(pipe, prompts, refs, guidance, steps, seed, size=(32, 48)):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(
+        prompt=list(prompts),
+        image=refs,
+        guidance_scale=guidance,
+        height=size[0],
+        width=size[1],
+        num_inference_steps=steps,
+        generator=gens,
+        output_type="latent",
+    ).images
+
+
+@pytest.mark.parametrize("n_refs", [1, 2])
+@pytest.mark.parametrize("variant", ["klein", "dev"])
+def test_reference_rollout_reproduces_pipeline(variant, n_refs, request):
+    """A noise-free rollout with one and with two reference images (given as files, through ``encode_rows``) is
+    ``pipe(image=..., output_type="latent")`` within 1e-5, and differs from the text-to-image rollout."""
+    model = request.getfixturevalue(variant)
+    pipe = request.getfixturevalue(f"{variant}_pipe")
+    refs = [_ref(11, (64, 72)), _ref(12, (72, 64))][:n_refs]
+    prompts = ["a red cat", "two green circles"]
+    negative = "" if variant == "klein" else None
+    expected = _pipeline_reference_latents(pipe, prompts, refs, 3.0, 2, seed=4)
+    tmp = Path(request.getfixturevalue("tmp_path"))
+    paths = []
+    for i, r in enumerate(refs):
+        r.save(tmp / f"ref{i}.png")
+        paths.append(str(tmp / f"ref{i}.png"))
+    cond = model.encode_rows(prompts, {"image": [paths, paths]})
+    gens = [torch.Generator().manual_seed(4 + i) for i in range(2)]
+    noise = model.sample_noise(2, 32, 48, generator=gens)
+    final = rollout(model, cond, model.schedule(2, 32, 48), noise, guidance_scale=3.0).final
+    to_pipe = _vae_latents if variant == "klein" else _packed
+    diff = (to_pipe(pipe, final) - expected).abs().max().item()
+    assert diff < 1e-5, diff
+    plain = rollout(
+        model, model.encode(prompts, negative_prompt=negative), model.schedule(2, 32, 48), noise, guidance_scale=3.0
+    ).final
+    assert (plain - final).abs().max().item() > 1e-3  # the reference tokens matter
+
+
+def test_reference_batches_refuse_mixed_rows_and_grids(dev):
+    with pytest.raises(ValueError, match="1 of 2 prompts of this batch have no reference image"):
+        dev.encode_rows(["a red cat", "two green circles"], {"image": [_ref(1), None]})
+    with pytest.raises(ValueError, match="different token grids"):
+        dev.encode(["a red cat", "two green circles"], images=[_ref(1, (64, 72)), _ref(2, (72, 64))])
+    with pytest.raises(ValueError, match="too small"):  # the pipelines' own limit
+        dev.encode(["a red cat"], images=[_ref(1, (48, 64))])
+    assert dev.encode_rows(["a red cat"], {"image": [None]}).image_latents is None  # no images: text to image
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "refl", "awm", "dpo"])  # 1-3 s each
+def test_every_trainer_takes_a_step_with_reference_images(algo, tmp_path):
+    """A .jsonl prompt file whose rows name their reference images (one, or two): a step of each trainer's tiny
+    preset on tiny FLUX.2 [klein] (Flow-GRPO) or [dev] (the others) moves every trainable tensor, encodes each
+    prompt with its own images, and the reward receives the image paths; Flow-GRPO's first update is on-policy."""
+    import json
+
+    from diffrl.rewards import as_reward
+    from diffrl.train import build_trainer
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, prompt in enumerate(["a red cat", "a blue square", "two green circles", "a tree", "a yellow star"]):
+        _ref(30 + i).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"prompt": prompt, "image": f"images/{i}.png"})
+    prompts = tmp_path / "refs.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    def saturation_with_reference(images, prompts, image=None, **metadata):
+        seen.extend(image)
+        return images.std(dim=1).mean(dim=(1, 2))
+
+    spec = "tiny:flux2_klein" if algo == "flow_grpo" else "tiny:flux2"
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / f"{algo}.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            "data.eval_size=1",
+            f"model.path={spec}",
+            "model.max_sequence_length=64",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+        reward=as_reward(saturation_with_reference, differentiable=True),
+    )
+    encoded = []
+    original = trainer.model.encode
+
+    def spy(prompts, negative_prompt="", *, images=None):
+        encoded.extend(zip(prompts, images, strict=True))
+        return original(prompts, negative_prompt, images=images)
+
+    trainer.model.encode = spy
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    unchanged = [
+        n for n, a, p in zip(trainer.param_names, before, trainer.params, strict=True) if torch.equal(a, p)
+    ]
+    assert not unchanged, f"{len(unchanged)} trainable tensors did not move, e.g. {unchanged[:2]}"
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    by_prompt = {r["prompt"]: str(tmp_path / r["image"]) for r in rows}
+    assert encoded and all(by_prompt[p] == str(img) for p, img in encoded)
+    assert seen and set(seen) <= set(by_prompt.values())
+    if algo == "flow_grpo":
+        assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0

@@ -22,7 +22,8 @@ The pairs come from one of two places (``dpo.mode``):
   sampled from the current policy (the ODE, ``sample.guidance_scale``), scored with the configured reward (a
   pairwise judge takes part as its win-rate reward, ``diffrl.rewards.GroupWinRate``), and paired within each group
   (:func:`~.objectives.preference_pairs`: best against worst, or all pairs with a reward margin); the steps in
-  between train again on the same pairs with fresh levels and noise.
+  between train again on the same pairs with fresh levels and noise. Rows with a conditioning image
+  (``metadata["image"]``: FLUX.2's reference images, Qwen-Image-Edit's source image) are sampled and trained with it.
 
 Sources and choices (details in docs/trainers/dpo.md):
 
@@ -124,7 +125,7 @@ class DPOTrainer(Trainer):
         batch = self.step_batch(d.prompts_per_step)
         prompts, metadata, group_ids = self.expand_groups(batch, d.group_size)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
-        cond_all = model.encode(batch.prompts).repeat_interleave(d.group_size)
+        cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(d.group_size)
         n = len(prompts)
 
         def sample_chunk(rows):
@@ -156,7 +157,10 @@ class DPOTrainer(Trainer):
         metrics["sample/pair_frac"] = float(valid_all.mean())
         metrics["sample/pair_reward_gap"] = float(gap_all.sum() / valid_all.sum().clamp(min=1))
         x0 = x0.float()
-        return [prompts[i] for i in chosen.tolist()], x0[chosen], x0[rejected], valid.to(self.device)
+        # the rows' conditioning images (reference or source images), re-encoded with the pairs' prompts
+        images = metadata.get("image")
+        images = [images[i] for i in chosen.tolist()] if images is not None else None
+        return [prompts[i] for i in chosen.tolist()], x0[chosen], x0[rejected], valid.to(self.device), images
 
     # ------------------------------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict[str, float]:
@@ -165,6 +169,7 @@ class DPOTrainer(Trainer):
         if d.mode == "offline":
             prompts, x_w, x_l = self.offline_batch(step)
             valid = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+            images = None
         else:
             if self.buffer is None or step % d.online_every == 0:
                 got = self.online_round(metrics)
@@ -175,8 +180,8 @@ class DPOTrainer(Trainer):
                 metrics["sample/new_pairs"] = 1.0
             else:
                 metrics["sample/new_pairs"] = 0.0
-            prompts, x_w, x_l, valid = self.buffer
-        metrics.update(self.train_on_pairs(prompts, x_w, x_l, valid))
+            prompts, x_w, x_l, valid, images = self.buffer
+        metrics.update(self.train_on_pairs(prompts, x_w, x_l, valid, images))
         return metrics
 
     def pair_draws(self, p: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +196,7 @@ class DPOTrainer(Trainer):
             noise.append(torch.randn((k, *shape), generator=g))
         return torch.stack(levels).to(self.device), torch.stack(noise).to(self.device)
 
-    def train_on_pairs(self, prompts, x_w, x_l, valid) -> dict[str, float]:
+    def train_on_pairs(self, prompts, x_w, x_l, valid, images=None) -> dict[str, float]:
         """One optimiser update on the pairs: the gradient of the mean DPO loss over the valid pairs of every process
         and the levels."""
         cfg, d, model = self.cfg, self.cfg.dpo, self.model
@@ -202,7 +207,7 @@ class DPOTrainer(Trainer):
             return {**metrics, "train/skipped": 0.0}
         per_process = n_valid / self.world
         levels, eps_all = self.pair_draws(p, x_w.shape[1:])
-        cond_all = model.encode(prompts)
+        cond_all = model.encode_rows(prompts, {"image": images} if images is not None else None)
         guidance = self.cfg_free_guidance()
         k = levels.shape[1]
         names = ("loss", "implicit_acc", "reward_margin", "model_err_chosen", "model_err_rejected")
@@ -253,8 +258,13 @@ class DPOTrainer(Trainer):
         run resumed between two rounds trains on the same pairs (one process only: see the config check)."""
         if self.cfg.dpo.mode != "online" or self.cfg.dpo.online_every == 1 or self.buffer is None:
             return {}
-        prompts, x_w, x_l, valid = self.buffer
-        names = json.dumps(list(prompts)).encode()
+        prompts, x_w, x_l, valid, images = self.buffer
+        if images is not None and not all(i is None or isinstance(i, (str, list)) for i in images):
+            raise ValueError(
+                "the pairs' conditioning images are not file paths, so a checkpoint cannot hold them; name them by "
+                "path in the prompt file, or set dpo.online_every=1."
+            )
+        names = json.dumps(list(prompts) if images is None else {"prompts": list(prompts), "image": images}).encode()
         return {
             "dpo_buffer.chosen": x_w.contiguous(),
             "dpo_buffer.rejected": x_l.contiguous(),
@@ -266,9 +276,13 @@ class DPOTrainer(Trainer):
         if "dpo_buffer.chosen" not in tensors:
             return
         prompts = json.loads(bytes(tensors["dpo_buffer.prompts"].cpu().numpy().tobytes()).decode())
+        images = None
+        if isinstance(prompts, dict):  # the pairs' prompts with their rows' conditioning images
+            prompts, images = prompts["prompts"], prompts["image"]
         self.buffer = (
             prompts,
             tensors["dpo_buffer.chosen"].to(self.device),
             tensors["dpo_buffer.rejected"].to(self.device),
             tensors["dpo_buffer.valid"].bool().to(self.device),
+            images,
         )
