@@ -296,3 +296,66 @@ def test_bench_memory_compares_with_the_training_pass_term():
     est = bench.estimate(bench.parse_args(["--model", "stabilityai/stable-diffusion-3.5-medium", "--batch", "1"]))
     assert est.train_activations == (32 * 32 + 333) * 1536 * 2 * (24 + 16)
     assert est.trained == est.trainable_params * 16  # float32 LoRA, grads, AdamW m and v
+
+
+def test_offloaded_text_encoders_leave_the_weights_and_the_peak_is_the_larger_moment():
+    """``model.offload_text_encoders``: the text encoders leave ``weights`` and come back only for the encoding
+    moment, so the peak is the resident terms plus the larger of the activations and the text encoders. Hand counts
+    at bf16: FLUX.2 [dev]'s 24.0B Mistral encoder (48 GB) outweighs a 512 px training pass with checkpointing; Z-Image's
+    4.022B Qwen3-4B (8 GB) does not outweigh an 8-sample pass without checkpointing."""
+
+    def pair(path, *extra):
+        args = [f"model.path={path}", "model.dtype=bfloat16", "mixed_precision=bf16", *GROUP, *extra]
+        on = estimate_memory(load_config(TINY, args))
+        off = estimate_memory(load_config(TINY, [*args, "model.offload_text_encoders=true"]))
+        return on, off
+
+    def resident(e):
+        return e.weights + e.trained + e.buffers + e.rewards + e.overhead
+
+    on, off = pair(
+        "black-forest-labs/FLUX.2-dev", "model.gradient_checkpointing=true", "sample.height=512", "sample.width=512"
+    )
+    assert on.text_encoders == 0 and on.total == resident(on) + on.activations
+    assert off.text_encoders == pytest.approx(2 * 24.0e9, abs=4)
+    assert on.weights - off.weights == off.text_encoders
+    assert (off.trained, off.buffers, off.activations) == (on.trained, on.buffers, on.activations)
+    # (32 x 32 image + 512 text tokens) x width 6144 x 2 bytes x (56 blocks + 16), four samples a pass (the preset)
+    assert off.activations == 4 * (32 * 32 + 512) * 6144 * 2 * (56 + 16) < off.text_encoders
+    # the encoding moment is the peak: offloading saves only the activations' size
+    assert off.total == resident(off) + off.text_encoders == on.total - on.activations
+    assert any("larger of the encoding moment" in n for n in off.notes)
+
+    on, off = pair(
+        "Tongyi-MAI/Z-Image-Turbo", "optim.train_batch_size=8", "sample.height=1024", "sample.width=1024"
+    )
+    assert off.text_encoders == pytest.approx(2 * 4.022e9, abs=4) and off.text_encoders < off.activations
+    assert off.total == resident(off) + off.activations == on.total - off.text_encoders  # saves all 8 GB
+
+
+def test_offloaded_text_encoders_counted_from_headers_as_the_adapter_moves_them():
+    """From a pipeline directory: the bytes taken out are those of the components the adapter offloads
+    (``FlowModel.text_encoders()``), counted from the safetensors headers."""
+    spec = "tiny:flux2_klein"
+    cfg = load_config(TINY, [f"model.path={spec}", "model.offload_text_encoders=true"])
+    est = estimate_memory(cfg, tiny_model_dir(spec))
+    model = load_model_from_config(cfg.model, device="cpu")
+    moved = sum(p.numel() for m in model.text_encoders() for p in m.parameters())
+    assert moved > 0 and est.text_encoders == moved * 4  # float32
+    plain = estimate_memory(load_config(TINY, [f"model.path={spec}"]), tiny_model_dir(spec))
+    assert plain.weights - est.weights == est.text_encoders
+
+
+def test_every_published_row_splits_its_vae_from_its_text_encoders():
+    for path, row in memory._PUBLISHED.items():
+        assert 0.05e9 < row.vae_params < 0.2e9 < row.text_encoder_params, path
+
+
+def test_doctor_says_the_peak_is_the_larger_moment_when_offloading():
+    cfg = load_config(
+        TINY, ["model.path=black-forest-labs/FLUX.2-dev", "model.offload_text_encoders=true", *GROUP]
+    )
+    finding = memory.check_memory(cfg, None, 0, [], "cpu")
+    assert "less the offloaded text encoders" in finding.message
+    assert "max(activations" in finding.message and "text encoders while encoding" in finding.message
+    assert "larger of the encoding moment" in finding.message

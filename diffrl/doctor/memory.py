@@ -29,16 +29,24 @@ class PublishedModel:
     ``vae_geometry`` reads, and the parameters of every other component (text encoders and VAE). The configs are
     the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub.
     ``frozen_transformers`` counts further copies of the transformer's architecture held frozen in memory (Wan 2.2
-    A14B's second expert: one expert trains, both stay on the device)."""
+    A14B's second expert: one expert trains, both stay on the device). ``vae_params`` is the VAE's share of
+    ``other_params``; the rest are the text encoders' (what ``model.offload_text_encoders`` keeps off the device)."""
 
     pipeline: str  # the pipeline class (model_index.json's _class_name), which names the adapter
     transformer: dict[str, Any]
     vae: dict[str, Any]
     other_params: float
     frozen_transformers: int = 0
+    vae_params: float = 0.0
+
+    @property
+    def text_encoder_params(self) -> float:
+        """The text (and vision-language) encoders' parameters: ``other_params`` less the VAE's."""
+        return self.other_params - self.vae_params
 
 
 _SD3_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16}
+_SD3_VAE_PARAMS = 0.084e9  # the SD3 / FLUX.1 VAE (AutoencoderKL, 16 latent channels)
 # CLIP-L 124M + OpenCLIP bigG 695M + T5-XXL encoder 4.76B + VAE 84M
 _SD3_OTHERS = 5.66e9
 _SD35_LARGE = {
@@ -81,7 +89,8 @@ _QWEN_VAE = {
     "dim_mult": [1, 2, 4, 4],
     "temperal_downsample": [False, True, True],
 }
-_QWEN_OTHERS = 8.292e9 + 0.127e9
+_QWEN_VAE_PARAMS = 0.127e9
+_QWEN_OTHERS = 8.292e9 + _QWEN_VAE_PARAMS
 # Z-Image-Turbo (Z-Image report, arXiv 2511.22699: a 6B single-stream DiT): its transformer/config.json has dim 3840,
 # 30 heads (30 key/value heads), 30 layers, 2 noise- and 2 context-refiner layers, cap_feat_dim 2560 (Qwen3-4B's
 # hidden size), patch 2 (frame patch 1), RoPE axes (32, 48, 48) with theta 256, 16 input channels: 6.15B parameters
@@ -148,7 +157,7 @@ _WAN_14B = {
     "rope_max_seq_len": 1024,
 }
 _WAN_VAE = {**_QWEN_VAE, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
-_WAN_OTHERS = 5.681e9 + 0.127e9
+_WAN_OTHERS = 5.681e9 + _QWEN_VAE_PARAMS
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
 #: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``transformer_geometry``,
 #: ``memory_frames``, ``unused_lora_modules_in``, ``memory_text_tokens``, ``condition_tokens``); nothing below
@@ -168,12 +177,13 @@ _PUBLISHED = {
         },
         _SD3_VAE,
         _SD3_OTHERS,
+        vae_params=_SD3_VAE_PARAMS,
     ),
     "stabilityai/stable-diffusion-3.5-large": PublishedModel(
-        "StableDiffusion3Pipeline", _SD35_LARGE, _SD3_VAE, _SD3_OTHERS
+        "StableDiffusion3Pipeline", _SD35_LARGE, _SD3_VAE, _SD3_OTHERS, vae_params=_SD3_VAE_PARAMS
     ),
     "stabilityai/stable-diffusion-3.5-large-turbo": PublishedModel(
-        "StableDiffusion3Pipeline", _SD35_LARGE, _SD3_VAE, _SD3_OTHERS
+        "StableDiffusion3Pipeline", _SD35_LARGE, _SD3_VAE, _SD3_OTHERS, vae_params=_SD3_VAE_PARAMS
     ),
     "stabilityai/stable-diffusion-3-medium-diffusers": PublishedModel(
         "StableDiffusion3Pipeline",
@@ -187,25 +197,28 @@ _PUBLISHED = {
         },
         _SD3_VAE,
         _SD3_OTHERS,
+        vae_params=_SD3_VAE_PARAMS,
     ),
     # CLIP-L 124M + T5-XXL encoder 4.76B + VAE 84M
     "black-forest-labs/FLUX.1-dev": PublishedModel(
-        "FluxPipeline", {**_FLUX1, "guidance_embeds": True}, _SD3_VAE, 4.97e9
+        "FluxPipeline", {**_FLUX1, "guidance_embeds": True}, _SD3_VAE, 4.97e9, vae_params=_SD3_VAE_PARAMS
     ),
     "black-forest-labs/FLUX.1-schnell": PublishedModel(
-        "FluxPipeline", {**_FLUX1, "guidance_embeds": False}, _SD3_VAE, 4.97e9
+        "FluxPipeline", {**_FLUX1, "guidance_embeds": False}, _SD3_VAE, 4.97e9, vae_params=_SD3_VAE_PARAMS
     ),
-    "Qwen/Qwen-Image": PublishedModel("QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
-    "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS),
+    "Qwen/Qwen-Image": PublishedModel("QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS),
+    "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS),
     "Qwen/Qwen-Image-Edit-2509": PublishedModel(
-        "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS
+        "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS
     ),
     "Tongyi-MAI/Z-Image-Turbo": PublishedModel(
-        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE, _QWEN3_4B + _FLUX1_VAE_PARAMS
+        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE,
+        _QWEN3_4B + _FLUX1_VAE_PARAMS,
+        vae_params=_FLUX1_VAE_PARAMS,
     ),
     # Mistral-Small-3.2-24B (24B with its vision tower, as its model card says) + the VAE
     "black-forest-labs/FLUX.2-dev": PublishedModel(
-        "Flux2Pipeline", _FLUX2, _FLUX2_VAE, 24.0e9 + _FLUX2_VAE_PARAMS
+        "Flux2Pipeline", _FLUX2, _FLUX2_VAE, 24.0e9 + _FLUX2_VAE_PARAMS, vae_params=_FLUX2_VAE_PARAMS
     ),
     "black-forest-labs/FLUX.2-klein-4B": PublishedModel(
         "Flux2KleinPipeline",
@@ -219,10 +232,13 @@ _PUBLISHED = {
         },
         _FLUX2_VAE,
         _QWEN3_4B + _FLUX2_VAE_PARAMS,
+        vae_params=_FLUX2_VAE_PARAMS,
     ),
     # Z-Image (the base model Z-Image-Turbo is distilled from): the same 6B transformer, text encoder and VAE
     "Tongyi-MAI/Z-Image": PublishedModel(
-        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE, _QWEN3_4B + _FLUX1_VAE_PARAMS
+        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE,
+        _QWEN3_4B + _FLUX1_VAE_PARAMS,
+        vae_params=_FLUX1_VAE_PARAMS,
     ),
     # FLUX.2 [klein] 9B (base and distilled): 8 double and 24 single blocks of width 4096 (32 heads of 128), the text
     # width three stacked Qwen3-8B hidden states (3 x 4096), Qwen3-8B (8.19B) as text encoder; the block counts and
@@ -240,6 +256,7 @@ _PUBLISHED = {
             },
             _FLUX2_VAE,
             8.19e9 + _FLUX2_VAE_PARAMS,
+            vae_params=_FLUX2_VAE_PARAMS,
         )
         for variant in ("", "base-")
     },
@@ -248,10 +265,13 @@ _PUBLISHED = {
         {**_WAN_14B, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
         _WAN_VAE,
         _WAN_OTHERS,
+        vae_params=_QWEN_VAE_PARAMS,
     ),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": PublishedModel("WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": PublishedModel(
+        "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, vae_params=_QWEN_VAE_PARAMS
+    ),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": PublishedModel(
-        "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, frozen_transformers=1
+        "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, frozen_transformers=1, vae_params=_QWEN_VAE_PARAMS
     ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
@@ -278,10 +298,16 @@ class MemoryEstimate:
     # the two candidates of ``activations`` (its max): a training pass's and a sampling pass's
     train_activations: int = 0
     sample_activations: int = 0
+    # model.offload_text_encoders: the text encoders' bytes, on the device only while encoding (then not in
+    # ``weights``); 0 when they stay on the device (then in ``weights``)
+    text_encoders: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.trained + self.buffers + self.activations + self.rewards + self.overhead
+        """The peak: the larger of the encoding moment (``text_encoders`` on the device, no activations) and the
+        sampling or training passes (``activations``), over what stays on the device throughout."""
+        resident = self.weights + self.trained + self.buffers + self.rewards + self.overhead
+        return resident + max(self.activations, self.text_encoders)
 
 
 def _tensor_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int]:
@@ -339,7 +365,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         index = json.loads((Path(model_dir) / "model_index.json").read_text())
         family = supported_pipelines().get(index.get("_class_name"), "sd3")
         adapter = next(c for c in ADAPTERS.values() if c.family == family)
-        params: dict[str, int] = {}
+        params: dict[str, int] = {}  # per pipeline component
         transformer_shapes: dict[str, tuple[int, ...]] = {}
         approx = False
         for name, value in index.items():
@@ -354,6 +380,8 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         vcfg = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
         transformer = params.get("transformer", 0)
         total = sum(params.values())
+        # the components FlowModel.text_encoders() moves (named text_encoder*)
+        text = sum(v for k, v in params.items() if k.startswith("text_encoder"))
         source = "safetensors headers" + (" and .bin sizes" if approx else "")
     else:
         if m.path not in _PUBLISHED:
@@ -364,6 +392,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         transformer_shapes = _transformer_on_meta(tcfg)
         transformer = sum(math.prod(s) for s in transformer_shapes.values())
         total = transformer * (1 + row.frozen_transformers) + int(row.other_params)
+        text = int(row.text_encoder_params)
         source = f"published sizes of {m.path} (the weights are not present offline)"
     width, blocks, text_width = adapter.transformer_geometry(tcfg)
     latent_frames, decoded_frames = adapter.memory_frames(cfg.sample.num_frames, vcfg)
@@ -385,6 +414,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "family": adapter.family,
         "params": int(total),
         "transformer": int(transformer),
+        "text_encoders": int(text),
         "width": width,
         "blocks": blocks,
         "patch": adapter.token_patch_size(tcfg),
@@ -419,9 +449,12 @@ def estimate_memory(
     (:class:`UnknownModelSize` for others). With ``b_w`` the bytes of ``model.dtype``, ``a`` the bytes of an
     activation (2 when the weights are 16-bit or ``mixed_precision`` is set, else 4)::
 
-        total       = weights + trained + buffers + activations + rewards + overhead
+        total       = weights + trained + buffers + rewards + overhead + max(activations, text_encoders)
         weights     = P_all * b_w              (every pipeline component stays on the device; a full fine-tune
-                                                keeps the transformer in float32: + P_transformer * (4 - b_w))
+                                                keeps the transformer in float32: + P_transformer * (4 - b_w));
+                                                with ``model.offload_text_encoders`` less P_text * b_w
+        text_encoders = P_text * b_w with ``model.offload_text_encoders`` (on the device only while encoding
+                      prompts the cache lacks, when no sampling or training activations are live), else 0
         trained     = P_train * (4 [LoRA weights, float32; 0 for full fine-tuning] + 4 [grads] + 8 [AdamW m, v;
                       2 for 8-bit Adam] + 4 [EMA, when ema_decay > 0] + 4 [DiffusionNFT's old-policy adapter])
         sharding    (several processes) ``zero_stage: 1`` divides the AdamW term by their number, ``2`` the grads
@@ -435,7 +468,9 @@ def estimate_memory(
                                                                                   VAE decode)
         overhead    = 1 GiB on CUDA (context, allocator), 0 on the CPU
 
-    where ``P_all`` / ``P_transformer`` / ``P_train`` are all / transformer / trained parameters (LoRA:
+    where ``P_all`` / ``P_transformer`` / ``P_train`` / ``P_text`` are all / transformer / trained / text encoder
+    parameters (the components named ``text_encoder*``; the text encoders' activations while encoding, one prompt
+    at a time without gradients, are not counted) (LoRA:
     ``r (in + out)`` per adapted linear; a frozen second expert, Wan 2.2's, is in ``P_all`` only),
     ``N = F' H W / (f p)^2 + L_txt`` tokens (``F'`` latent frames and ``F_dec`` frames decoded at once from the
     adapter's ``memory_frames``: 1 and 1 for images, Wan's ``(F - 1) / 4 + 1`` and 4; VAE factor f, patch p, text
@@ -466,6 +501,9 @@ def estimate_memory(
     zero = cfg.zero_stage if world > 1 else 0
     transformer = facts["transformer"] * (4 if full else b_w)
     weights = facts["params"] * b_w - facts["transformer"] * b_w + transformer / fsdp
+    offload = bool(m.offload_text_encoders)
+    text_encoders = facts["text_encoders"] * b_w if offload else 0
+    weights -= text_encoders
     adam = (2 if o.use_8bit_adam else 8) / (world if zero >= 1 else 1)
     grads = 4 / (world if zero >= 2 else 1)
     per_param = (0 if full else 4) + grads + adam
@@ -512,6 +550,12 @@ def estimate_memory(
     buffers = n_local * (l_txt * facts["text_width"] * b_w * (2 if cfg_pass else 1) + stored)
 
     notes = [f"{n_local} samples a step on each of {world} process(es)"]
+    if offload:
+        notes.append(
+            f"text encoders offloaded ({gib(text_encoders)}): on the device only while encoding, so the peak is the "
+            f"larger of the encoding moment (+{gib(text_encoders)}) and the training step "
+            f"(+{gib(max(train_act, sample_act))} activations)"
+        )
     if fsdp > 1:
         notes.append(f"FSDP: transformer and trained tensors / {world}")
     elif zero:
@@ -529,6 +573,7 @@ def estimate_memory(
         notes=notes,
         train_activations=int(train_act),
         sample_activations=int(sample_act),
+        text_encoders=int(text_encoders),
     )
 
 
@@ -587,11 +632,14 @@ def check_memory(
             "Check that the model directory holds complete config.json and safetensors files.",
         )
     train_kind = "full fine-tuning" if cfg.model.lora_rank == 0 else "LoRA"
+    offloaded = " less the offloaded text encoders" if est.text_encoders else ""
     parts = [
-        f"weights {gib(est.weights)} ({count(est.params)} params at {cfg.model.dtype})",
+        f"weights {gib(est.weights)} ({count(est.params)} params at {cfg.model.dtype}{offloaded})",
         f"trained {gib(est.trained)} ({count(est.trainable_params)} {train_kind} params, grads, AdamW)",
         f"buffers {gib(est.buffers)}",
-        f"activations {gib(est.activations)}",
+        f"activations {gib(est.activations)}"
+        if not est.text_encoders
+        else f"max(activations {gib(est.activations)}, text encoders while encoding {gib(est.text_encoders)})",
     ]
     if est.rewards:
         parts.append(f"rewards {gib(est.rewards)}")
