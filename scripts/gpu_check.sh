@@ -2,7 +2,8 @@
 # The checks that need a CUDA GPU, at most 9 minutes after the set-up on one GPU (H100/H200 class; each part has its
 # own timeout): the gpu-marked tests (mixed precision on every trainer, a bf16 Flow-GRPO step on every model family's
 # tiny model, the reference preset's Flow-GRPO step on a full-size SD3.5-M block stack in bf16), the full-size rollout
-# and trainer benchmarks and the memory benchmark (SD3.5-M, Qwen-Image: measured peak against doctor's estimate).
+# and trainer benchmarks and the memory benchmark (every family, one after the other in one process: measured peak
+# against doctor's estimate; each family's figures are written as soon as measured, so a timeout keeps them).
 # Output goes to stdout and to $OUT (or runs/gpu-check). On a fresh machine run `bash scripts/setup.sh` in a first
 # call (it installs .venv) so that this script's own run stays within one 10-minute command.
 # Usage: bash scripts/gpu_check.sh        (sets up .venv on the first run, as scripts/test.sh does)
@@ -20,10 +21,8 @@ timeout 80 "$py" benchmarks/bench_rollout.py --arch full --family sd3 --device c
     --height 512 --width 512 --steps 10 --batch 8 2>&1 | tee "$out/bench_rollout_sd3.txt" || status=1
 timeout 140 "$py" benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
     --group-size 8 --prompts 2 --json "$out/bench_trainers_full.json" 2>&1 | tee "$out/bench_trainers_full.txt" || status=1
-# measured peak memory of one LoRA training step against the doctor's estimate (random full-size transformers)
-for model in stabilityai/stable-diffusion-3.5-medium Qwen/Qwen-Image; do
-    name=$(basename "$model")
-    timeout 60 "$py" benchmarks/bench_memory.py --model "$model" --height 512 --width 512 --batch 1 \
-        --json "$out/bench_memory_$name.json" 2>&1 | tee "$out/bench_memory_$name.txt" || status=1
-done
+# measured peak memory of one LoRA training step against the doctor's estimate (random full-size transformers of
+# every family: 512 px images, 17-frame 480x832 videos)
+timeout 120 "$py" benchmarks/bench_memory.py --families all --batch 1 \
+    --json "$out/bench_memory.json" 2>&1 | tee "$out/bench_memory.txt" || status=1
 exit $status

@@ -276,9 +276,12 @@ def test_bench_memory_refuses_without_cuda(monkeypatch, capsys):
     "argv, message",
     [
         (["--model", "someone/unknown"], "is not a published row"),
-        (["--model", "black-forest-labs/FLUX.2-dev"], "is not implemented in this benchmark"),
+        (["--families", "sd35m,flux3"], "unknown family flux3"),
+        (["--families", ","], "unknown family (none given)"),
+        (["--model", "Qwen/Qwen-Image", "--families", "all"], "not both"),
         (["--height", "500"], "--height 500 must be a positive multiple of 16"),
-        (["--width", "0"], "--width 0 must be a positive multiple of 16"),
+        (["--families", "wan21_1.3b", "--width", "0"], "--width 0 must be a positive multiple of 16"),
+        (["--frames", "16"], "--frames 16 must be 4k + 1"),
         (["--batch", "0"], "--batch 0 must be a positive number"),
     ],
 )
@@ -287,6 +290,51 @@ def test_bench_memory_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         bench.parse_args(argv)
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_memory_families_and_sizes():
+    """--families picks published rows in order (``all``: every family once); images default to 512 px, videos to
+    17 frames of 480 x 832, and the estimate is of that size: Wan 2.1 1.3B's (5 x 30 x 52 video + 512 text tokens) x
+    width 1536 x 2 bytes x (30 blocks + 16)."""
+    bench = _bench_memory()
+    args = bench.parse_args(["--families", "all"])
+    assert args.models == list(bench.FAMILIES.values()) and len(set(args.models)) == 9
+    assert all(m in memory._PUBLISHED for m in args.models)
+    assert bench.parse_args(["--families", "qwen_image,sd35m,qwen_image"]).models == [
+        "Qwen/Qwen-Image",
+        "stabilityai/stable-diffusion-3.5-medium",
+    ]
+    assert bench.parse_args([]).models == ["stabilityai/stable-diffusion-3.5-medium"]
+    assert bench.workload("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", args) == (480, 832, 17)
+    assert bench.workload("black-forest-labs/FLUX.2-dev", args) == (512, 512, 1)
+    est = bench.estimate(args, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert est.train_activations == (5 * 30 * 52 + 512) * 1536 * 2 * (30 + 16)
+
+
+@pytest.mark.parametrize("family", ["sd35m", "flux1", "qwen_image", "z_image", "flux2_dev", "flux2_klein", "wan21_14b"])
+def test_bench_memory_inputs_run_a_shrunk_transformer_on_the_cpu(family):
+    """The GPU run's code on the CPU, at a one-block, one-head copy of each family's published transformer config:
+    the inputs it builds go through the real diffusers class, the family's default LoRA gets a gradient in every
+    tensor, and the estimate of the full-size row has all its terms (Wan 2.2 A14B shares Wan 2.1 14B's config)."""
+    bench = _bench_memory()
+    model_id = bench.FAMILIES[family]
+    row = memory._PUBLISHED[model_id]
+    adapter = ADAPTERS[row.pipeline]
+    small = bench.shrink(row.transformer)
+    model, trainable = bench.build(row, adapter, small, "cpu")
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    video = getattr(adapter, "is_video", False)
+    x = bench.inputs(row, adapter, small, (32, 48, 5 if video else 1), 2, "cpu")
+    out = bench.train_pass(model, x, "cpu")
+    given = x["hidden_states"] if "hidden_states" in x else torch.stack(x["x"])
+    assert out.shape == given.shape  # a velocity per latent value
+    # the LoRA starts as a no-op (B = 0): every B gets a gradient, and through it the whole adapter trains
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = dict(zip(names, (p.grad for p in trainable), strict=True))
+    assert all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    est = bench.estimate(bench.parse_args(["--families", family]))
+    assert est.trainable_params > 0 and est.train_activations > 0 and est.trained == est.trainable_params * 16
 
 
 def test_bench_memory_compares_with_the_training_pass_term():
