@@ -458,23 +458,29 @@ def test_reference_batches_refuse_mixed_rows_and_grids(dev):
     assert dev.encode_rows(["a red cat"], {"image": [None]}).image_latents is None  # no images: text to image
 
 
-@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "refl", "awm", "dpo"])  # 1-3 s each
-def test_every_trainer_takes_a_step_with_reference_images(algo, tmp_path):
-    """A .jsonl prompt file whose rows name their reference images (one, or two): a step of each trainer's tiny
-    preset on tiny FLUX.2 [klein] (Flow-GRPO) or [dev] (the others) moves every trainable tensor, encodes each
-    prompt with its own images, and the reward receives the image paths; Flow-GRPO's first update is on-policy."""
+def _reference_prompt_file(tmp_path):
+    """Five prompt rows, each naming its own reference image relative to the .jsonl file: ``(rows, path)``."""
     import json
-
-    from diffrl.rewards import as_reward
-    from diffrl.train import build_trainer
 
     (tmp_path / "images").mkdir()
     rows = []
     for i, prompt in enumerate(["a red cat", "a blue square", "two green circles", "a tree", "a yellow star"]):
         _ref(30 + i).save(tmp_path / "images" / f"{i}.png")
         rows.append({"prompt": prompt, "image": f"images/{i}.png"})
-    prompts = tmp_path / "refs.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "refs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows, path
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "refl", "awm", "dpo"])  # 1-3 s each
+def test_every_trainer_takes_a_step_with_reference_images(algo, tmp_path):
+    """A .jsonl prompt file whose rows name their reference images (one, or two): a step of each trainer's tiny
+    preset on tiny FLUX.2 [klein] (Flow-GRPO) or [dev] (the others) moves every trainable tensor, encodes each
+    prompt with its own images, and the reward receives the image paths; Flow-GRPO's first update is on-policy."""
+    from diffrl.rewards import as_reward
+    from diffrl.train import build_trainer
+
+    rows, prompts = _reference_prompt_file(tmp_path)
     seen = []
 
     def saturation_with_reference(images, prompts, image=None, **metadata):
@@ -517,3 +523,45 @@ def test_every_trainer_takes_a_step_with_reference_images(algo, tmp_path):
     assert seen and set(seen) <= set(by_prompt.values())
     if algo == "flow_grpo":
         assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
+
+
+def test_online_dpo_keeps_the_pairs_reference_images_across_a_resume(tmp_path):
+    """Online Diffusion-DPO with ``online_every=2``: the pairs kept for the next step carry their rows' reference
+    images, through a checkpoint's extra state too, and the next step re-encodes each prompt with its image."""
+    from diffrl.train import build_trainer
+
+    rows, prompts = _reference_prompt_file(tmp_path)
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / "dpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            "data.eval_size=1",
+            "model.path=tiny:flux2",
+            "model.max_sequence_length=64",
+            "dpo.online_every=2",
+            "max_steps=2",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+    )
+    trainer.train_step(0)
+    by_prompt = {r["prompt"]: str(tmp_path / r["image"]) for r in rows}
+    kept_prompts, *_, kept_images = trainer.buffer
+    assert kept_images == [by_prompt[p] for p in kept_prompts]
+    state = trainer.extra_state()
+    trainer.buffer = None
+    trainer.load_extra_state(state)
+    assert trainer.buffer[0] == kept_prompts and trainer.buffer[4] == kept_images
+    encoded = []
+    original = trainer.model.encode
+
+    def spy(prompts, negative_prompt="", *, images=None):
+        encoded.extend(zip(prompts, images, strict=True))
+        return original(prompts, negative_prompt, images=images)
+
+    trainer.model.encode = spy
+    metrics = trainer.train_step(1)  # trains on the kept pairs: no new sampling round
+    assert metrics["sample/new_pairs"] == 0.0
+    assert sorted(encoded) == sorted(zip(kept_prompts, kept_images, strict=True))

@@ -39,7 +39,7 @@ class Conditioning:
     prompt_mask: torch.Tensor | None = None  # (B, L) Qwen-Image: 1 for the prompt's tokens, 0 for padding
     negative_prompt_mask: torch.Tensor | None = None  # (B, L') the negative prompt's
     image_latents: torch.Tensor | None = (
-        None  # (B, N_c, 4C) Qwen-Image-Edit: the source image's packed latent tokens
+        None  # (B, N_c, 4C) Qwen-Image-Edit: the source image's packed latent tokens; FLUX.2: the reference images'
     )
     image_grid: torch.Tensor | None = (
         None  # (B, 2) their token grid (rows, columns), long; (B, 2K) for K images
