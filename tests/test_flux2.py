@@ -474,7 +474,7 @@ def _reference_prompt_file(tmp_path):
 
 @pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft", "refl", "awm", "dpo"])  # 1-3 s each
 def test_every_trainer_takes_a_step_with_reference_images(algo, tmp_path):
-    """A .jsonl prompt file whose rows name their reference images (one, or two): a step of each trainer's tiny
+    """A .jsonl prompt file whose rows each name a reference image: a step of each trainer's tiny
     preset on tiny FLUX.2 [klein] (Flow-GRPO) or [dev] (the others) moves every trainable tensor, encodes each
     prompt with its own images, and the reward receives the image paths; Flow-GRPO's first update is on-policy."""
     from diffrl.rewards import as_reward
