@@ -565,3 +565,18 @@ def test_online_dpo_keeps_the_pairs_reference_images_across_a_resume(tmp_path):
     metrics = trainer.train_step(1)  # trains on the kept pairs: no new sampling round
     assert metrics["sample/new_pairs"] == 0.0
     assert sorted(encoded) == sorted(zip(kept_prompts, kept_images, strict=True))
+
+
+def test_reference_above_the_area_is_resized_as_the_pipeline(dev, dev_pipe, monkeypatch):
+    """An image above ``reference_area`` pixels: scaled (Lanczos, sides truncated) as the pipelines'
+    ``_resize_to_target_area``, floored to multiples of 8 here (2 x the tiny VAE's factor), then encoded; the area is
+    lowered to 96 x 80 pixels so that a small image exercises the path the real 1024 x 1024 limit takes."""
+    monkeypatch.setattr(dev, "reference_area", 96 * 80)
+    big = _ref(5, (200, 130))
+    cond = dev.encode(["a red cat"], images=[big])
+    resized = dev_pipe.image_processor._resize_to_target_area(big, 96 * 80)
+    assert resized.size == (108, 70)  # sqrt(7680 / 26000) = 0.5435: 108.7 x 70.7, truncated
+    pixels = dev_pipe.image_processor.preprocess(resized, height=64, width=104, resize_mode="crop")
+    latents, _ = dev_pipe.prepare_image_latents([pixels], 1, None, "cpu", dev_pipe.vae.dtype)
+    assert cond.image_grid[0].tolist() == [8, 13]  # 64 x 104 pixels / 8
+    assert torch.equal(cond.image_latents, latents)
