@@ -82,7 +82,8 @@ class ModelConfig:
     The Flow-GRPO and DiffusionNFT reference codes encode 128 tokens for SD3.5."""
     expert: str = ""
     """Wan 2.2 A14B (two experts): the one this run trains, high (high-noise, `transformer`) or low (low-noise,
-    `transformer_2`); the other stays frozen. Empty for every other model."""
+    `transformer_2`), the other staying frozen; or both, each trained on the levels it denoises (its LoRA saved as
+    two files, the low-noise one in `lora/transformer_2`). Empty for every other model."""
 
 
 @dataclass
@@ -1098,8 +1099,8 @@ def validate(
 def _validate_video(cfg: TrainConfig, need) -> None:
     """``sample.num_frames`` (Wan's frame rule), ``model.expert`` and the ``video`` section's frame choice."""
     need(
-        cfg.model.expert in ("", "high", "low"),
-        f"model.expert={cfg.model.expert!r} must be high or low (Wan 2.2's two experts), or empty.",
+        cfg.model.expert in ("", "high", "low", "both"),
+        f"model.expert={cfg.model.expert!r} must be high, low or both (Wan 2.2's two experts), or empty.",
     )
     f = cfg.sample.num_frames
     need(

@@ -189,6 +189,17 @@ class Trainer:
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         setup_training_mode(self.model, cfg)
+        # after the training mode is set, which the two flags depend on
+        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
+            raise NotImplementedError(
+                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
+                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
+            )
+        if getattr(self.model, "trains_several_experts", False) and (self.sharded or self.zero_stage):
+            raise NotImplementedError(
+                "training both of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (each backward reaches "
+                "one expert's weights only); launch with DDP or one process."
+            )
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
 
@@ -209,11 +220,6 @@ class Trainer:
 
         if cfg.sample.num_frames:
             self.model.num_frames = cfg.sample.num_frames
-        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
-            raise NotImplementedError(
-                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
-                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
-            )
         v = cfg.video
         options = dict(frames=v.frames or None, every=v.every, num=v.num, combine=v.combine)
         same = self.eval_reward is self.reward

@@ -1,0 +1,237 @@
+"""Wan 2.2 on the tiny offline pipelines: both experts trained in one run (``expert="both"``, ``tiny:wan22``), its LoRA
+reloaded by a plain diffusers pipeline, a Flow-GRPO step and a bitwise resume; the video VAE's tiling and slicing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import WanPipeline  # noqa: E402
+
+from diffrl.models import load_model  # noqa: E402
+from diffrl.models.loading import tiny_model_dir  # noqa: E402
+from diffrl.models.wan import WanExperts  # noqa: E402
+from diffrl.samplers import rollout  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("private_tiny_cache", "one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (32, 48)
+FRAMES = 5
+STEPS = (
+    4  # levels 1000 s of tiny:wan22's schedule: 1000, ~955, ~875 (high-noise expert) then ~700 (low-noise)
+)
+
+
+def _randomise_lora_b(transformer, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _pipeline_latents(pipe, seed: int):
+    return pipe(
+        "a red cat",
+        negative_prompt="",
+        guidance_scale=5.0,
+        height=SIZE[0],
+        width=SIZE[1],
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        generator=[torch.Generator().manual_seed(seed)],
+        output_type="latent",
+    ).frames
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """tiny:wan22 with a rank-4 LoRA on both experts (random B matrices, so it changes every step), saved to disk."""
+    model = load_model("tiny:wan22", num_frames=FRAMES, expert="both")
+    model.add_lora(rank=4, alpha=8)
+    _randomise_lora_b(model.transformer)
+    path = model.save_lora(tmp_path_factory.mktemp("wan22-both") / "lora")
+    return model, path
+
+
+def _ours(model, seed: int):
+    levels = model.schedule(STEPS, *SIZE)
+    noise = model.sample_noise(1, *SIZE, generator=[torch.Generator().manual_seed(seed)])
+    with torch.no_grad():
+        return rollout(
+            model, model.encode(["a red cat"], negative_prompt=""), levels, noise, guidance_scale=5.0
+        )
+
+
+def test_both_experts_train_and_their_lora_loads_in_diffusers(both):
+    """expert="both": one module holding both experts is what trains (its weights ``high.*`` then ``low.*``), the LoRA
+    changes the steps of both experts, and the two saved files loaded into a fresh pipeline (the second with
+    ``load_into_transformer_2=True``) reproduce the rollout to 1e-5; diffrl's loader puts them back on both."""
+    from diffrl.models.lora_files import load_lora
+
+    model, path = both
+    assert isinstance(model.transformer, WanExperts) and model.expert == "both"
+    assert (
+        model.transformer.high is model.pipe.transformer and model.transformer.low is model.pipe.transformer_2
+    )
+    assert model.trains_several_experts and not model.trains_some_levels_only
+    names = [n for n, p in model.transformer.named_parameters() if p.requires_grad]
+    assert (
+        len(names) == len(model.trainable_parameters()) == 64
+    )  # 2 experts x 2 blocks x 8 projections x (A, B)
+    assert names[:32] == ["high." + n for n in (m.removeprefix("low.") for m in names[32:])]
+    with pytest.raises(TypeError, match="not called itself"):
+        model.transformer(torch.zeros(1))
+    levels = model.schedule(STEPS, *SIZE)
+    n_high = int((levels[:-1] * 1000 >= 875).sum())
+    assert 0 < n_high < STEPS
+    ours = _ours(model, seed=1)
+    with model.disable_adapter():  # the reference policy: both adapters off
+        base = _ours(model, seed=1)
+    # the first (high-noise) step already differs, and the low-noise steps add to it
+    assert (ours.latents[:, 1] - base.latents[:, 1]).abs().max().item() > 1e-3
+    assert (ours.final - base.final).abs().max().item() > 1e-3
+    assert sorted(p.name for p in path.iterdir()) == [
+        "diffrl_wan_expert.json",
+        "pytorch_lora_weights.safetensors",
+        "transformer_2",
+    ]
+    assert json.loads((path / "diffrl_wan_expert.json").read_text()) == {"expert": "both"}
+    fresh = WanPipeline.from_pretrained(tiny_model_dir("tiny:wan22"))
+    fresh.set_progress_bar_config(disable=True)
+    assert (_pipeline_latents(fresh, seed=1) - base.final).abs().max().item() < 1e-5
+    fresh.load_lora_weights(path)
+    fresh.load_lora_weights(path / "transformer_2", load_into_transformer_2=True)
+    assert (_pipeline_latents(fresh, seed=1) - ours.final).abs().max().item() < 1e-5
+    # only one file loaded (the high-noise expert's): a different video
+    half = WanPipeline.from_pretrained(tiny_model_dir("tiny:wan22"))
+    half.set_progress_bar_config(disable=True)
+    half.load_lora_weights(path)
+    assert (_pipeline_latents(half, seed=1) - ours.final).abs().max().item() > 1e-3
+    again = load_model(
+        "tiny:wan22", num_frames=FRAMES
+    )  # no expert given: the file next to the LoRA says both
+    assert "64 tensors" in load_lora(again, path)
+    assert again.expert == "both" and isinstance(again.transformer, WanExperts)
+    assert (_ours(again, seed=1).final - ours.final).abs().max().item() < 1e-5
+
+
+_LOAD_BOTH = """
+import json, sys, torch
+from diffusers import WanPipeline
+assert "diffrl" not in sys.modules
+pipe = WanPipeline.from_pretrained(sys.argv[1])
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(sys.argv[2])
+pipe.load_lora_weights(sys.argv[2] + "/transformer_2", load_into_transformer_2=True)
+out = pipe("a red cat", negative_prompt="", guidance_scale=5.0, height=32, width=48, num_frames=5,
+           num_inference_steps=4, generator=[torch.Generator().manual_seed(1)], output_type="latent").frames
+print(json.dumps(out.flatten().tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_both_experts_lora_loads_in_a_process_without_diffrl(both):
+    """The two files in a fresh Python process that imports diffusers only (about 20 s here: slow)."""
+    model, path = both
+    ours = _ours(model, seed=1).final
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_BOTH, str(tiny_model_dir("tiny:wan22")), str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1])).view_as(ours)
+    assert (ours - expected).abs().max().item() < 1e-5
+
+
+def _overrides(out, *extra):
+    return [
+        f"output_dir={out}",
+        f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
+        "model.path=tiny:wan22",
+        "model.expert=both",
+        f"sample.num_frames={FRAMES}",
+        "eval_every=0",
+        "data.eval_size=0",
+        "report_to=none",
+        *extra,
+    ]
+
+
+def test_flow_grpo_step_trains_both_experts(tmp_path):
+    """model.expert=both: one Flow-GRPO step moves every LoRA tensor of both experts (each from the steps its levels
+    route to it), on-policy (ratio exactly 1, no KL); gradient clipping sees both experts' gradients."""
+    from diffrl.train import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        _overrides(tmp_path / "run", "max_steps=1", "checkpointing_steps=0", "optim.max_grad_norm=1e-6"),
+    )
+    model = trainer.model
+    assert isinstance(model.transformer, WanExperts)
+    names = trainer.param_names
+    assert sum(n.startswith("high.") for n in names) == sum(n.startswith("low.") for n in names) == 32
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    moved = {n for n, a, p in zip(names, before, trainer.params, strict=True) if not torch.equal(a, p)}
+    assert moved == set(names)
+    assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
+    assert metrics["train/grad_norm"] > 1e-6  # the norm over both experts, clipped to the tiny max_grad_norm
+
+
+def test_both_experts_resume_is_bitwise_identical(tmp_path):
+    """Two Flow-GRPO steps in one go, and one step, a checkpoint and a resumed second step: the same weights of both
+    experts bit for bit; the checkpoint loads back onto both experts with diffrl's loader."""
+    from safetensors.torch import load_file
+
+    from diffrl.models.lora_files import load_lora
+    from diffrl.train import build_trainer
+
+    preset = ROOT / "configs" / "tiny" / "flow_grpo.yaml"
+    sizes = (
+        "sample.num_steps=3",
+        "flow_grpo.prompts_per_step=1",
+        "flow_grpo.group_size=2",
+        "optim.train_batch_size=2",
+    )
+    build_trainer(
+        preset, _overrides(tmp_path / "full", "max_steps=2", "checkpointing_steps=1", *sizes)
+    ).train()
+    build_trainer(
+        preset, _overrides(tmp_path / "half", "max_steps=1", "checkpointing_steps=1", *sizes)
+    ).train()
+    resumed = build_trainer(
+        preset,
+        _overrides(
+            tmp_path / "half", "max_steps=2", "checkpointing_steps=1", "resume_from_checkpoint=latest", *sizes
+        ),
+    )
+    resumed.train()
+    a = load_file(str(tmp_path / "full" / "checkpoint-000002" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "half" / "checkpoint-000002" / "trainable.safetensors"))
+    first = load_file(str(tmp_path / "full" / "checkpoint-000001" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 64
+    assert {k.split(".", 1)[0] for k in a} == {"high", "low"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], first[k]) for k in a)  # the second step moved every tensor of both
+    model = load_model("tiny:wan22", num_frames=FRAMES)
+    load_lora(model, tmp_path / "full" / "checkpoint-000002")
+    assert model.expert == "both"
+    named = dict(model.transformer.named_parameters())
+    assert not (
+        tmp_path / "full" / "checkpoint-000002" / "ema.safetensors"
+    ).exists()  # no EMA: the trained weights load
+    assert all(torch.equal(named[k], v) for k, v in a.items())
+    final = tmp_path / "full" / "lora"
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert (final / "transformer_2" / "pytorch_lora_weights.safetensors").is_file()
