@@ -357,6 +357,18 @@ class VideoConfig:
     """How the scores of a video's frames become its reward: mean or min (the worst frame)."""
     fps: int = 16
     """Frames per second of the videos `diffrl sample` writes (Wan 2.1: 16)."""
+    vae_tiling: bool = False
+    """Decode videos in overlapping spatial tiles, blended at their seams (diffusers' `AutoencoderKLWan.enable_tiling`):
+    the VAE's activations then scale with the tile, not the frame; the video differs from the untiled one near the
+    seams (as with the pipeline's own tiling)."""
+    vae_tile_size: int = 0
+    """With vae_tiling: the tile's height and width in pixels, a multiple of 16; 0 is diffusers' default, 256."""
+    vae_tile_stride: int = 0
+    """With vae_tiling: pixels between the starts of neighbouring tiles (a multiple of 16, less than the tile: the rest
+    is blended); 0 is diffusers' default, 192."""
+    vae_slicing: bool = False
+    """Decode the videos of a batch one at a time (diffusers' `enable_slicing`): the decoder's activations of one
+    video at once, the same videos (equal to 1e-6)."""
 
 
 @dataclass
@@ -1124,6 +1136,23 @@ def _validate_video(cfg: TrainConfig, need) -> None:
     )
     for name in ("every", "num"):
         need(getattr(v, name) >= 0, f"video.{name}={getattr(v, name)} must be at least 0 (0: not used).")
+    for name in ("vae_tile_size", "vae_tile_stride"):
+        value = getattr(v, name)
+        need(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0 and value % 16 == 0,
+            f"video.{name}={value!r} must be 0 (diffusers' default) or a positive multiple of 16 pixels, e.g. 256.",
+        )
+        need(
+            v.vae_tiling or not value,
+            f"video.{name}={value} sizes the VAE's tiles, but video.vae_tiling is off; set video.vae_tiling=true or "
+            f"leave {name} at 0.",
+        )
+    size, stride = v.vae_tile_size or 256, v.vae_tile_stride or 192
+    need(
+        not v.vae_tiling or stride < size,
+        f"video.vae_tile_stride={stride} must be less than video.vae_tile_size={size} (the overlap is blended); "
+        "use a smaller stride.",
+    )
     need(v.fps >= 1, f"video.fps={v.fps} must be at least 1 (Wan 2.1: 16).")
     need(v.combine in ("mean", "min"), f"video.combine={v.combine!r} must be mean or min.")
     if f and v.frames:

@@ -408,6 +408,37 @@ class WanModel(FlowModel):
         return cond
 
     # ------------------------------------------------------------------ video
+    def set_vae_tiling(self, enabled: bool = True, *, tile_size: int = 0, tile_stride: int = 0) -> None:
+        """Decode in overlapping spatial tiles of ``tile_size`` pixels (0: diffusers' 256), ``tile_stride`` pixels apart
+        (0: 192), blended where they overlap: diffusers' ``AutoencoderKLWan.enable_tiling`` (each tile runs through the
+        causal decoder frame by frame, so the decoder's activations scale with the tile). The video differs from the
+        untiled decode near the seams; ``enabled=False`` decodes whole frames again."""
+        if not enabled:
+            self.vae.disable_tiling()
+            return
+        size, stride = tile_size or 256, tile_stride or 192
+        for name, value in (("tile_size", size), ("tile_stride", stride)):
+            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(
+                    f"{name}={value!r} must be a positive multiple of the VAE's {self.vae_scale_factor}x compression."
+                )
+        if stride >= size:
+            raise ValueError(f"tile_stride={stride} must be less than tile_size={size}; the overlap is blended.")
+        self.vae.enable_tiling(
+            tile_sample_min_height=size,
+            tile_sample_min_width=size,
+            tile_sample_stride_height=stride,
+            tile_sample_stride_width=stride,
+        )
+
+    def set_vae_slicing(self, enabled: bool = True) -> None:
+        """Decode the videos of a batch one at a time (diffusers' ``enable_slicing``): the same videos, the decoder's
+        activations of one video at once."""
+        if enabled:
+            self.vae.enable_slicing()
+        else:
+            self.vae.disable_slicing()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``(B, C, F', h, w)`` -> videos ``(B, F, 3, H, W)`` in [0, 1], float32, differentiable (the
         pipeline's de-normalisation ``z * std + mean`` per channel, then the causal 3-D VAE)."""

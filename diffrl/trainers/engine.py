@@ -215,12 +215,21 @@ class Trainer:
                     f"sample.num_frames={cfg.sample.num_frames} is for video models, but {cfg.model.path} makes "
                     "images; set it to 0."
                 )
+            for name in ("vae_tiling", "vae_slicing"):
+                if getattr(cfg.video, name):
+                    raise ConfigError(
+                        f"video.{name}=true is for video models, but {cfg.model.path} makes images; set it to false."
+                    )
             return
         from diffrl.rewards import for_video
 
         if cfg.sample.num_frames:
             self.model.num_frames = cfg.sample.num_frames
         v = cfg.video
+        if v.vae_tiling:
+            self.model.set_vae_tiling(tile_size=v.vae_tile_size, tile_stride=v.vae_tile_stride)
+        if v.vae_slicing:
+            self.model.set_vae_slicing()
         options = dict(frames=v.frames or None, every=v.every, num=v.num, combine=v.combine)
         same = self.eval_reward is self.reward
         self.reward = for_video(self.reward, **options)
