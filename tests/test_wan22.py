@@ -384,3 +384,138 @@ def test_memory_estimate_counts_both_experts_and_the_video_vae_settings():
         load_config(tiny, common), video=True
     )
     assert "vae_tiling" not in memory._memory_fix(load_config(tiny, []), video=False)
+
+
+# ------------------------------------------------------------------------------------------- Wan 2.2 TI2V-5B
+
+TI2V_SIZE = (32, 64)  # multiples of 32: the 16x VAE times the 2x2 patches
+
+
+@pytest.fixture(scope="module")
+def ti2v():
+    model = load_model("tiny:wan22_ti2v", num_frames=FRAMES)
+    pipe = WanPipeline.from_pretrained(tiny_model_dir("tiny:wan22_ti2v"))
+    pipe.set_progress_bar_config(disable=True)
+    return model, pipe
+
+
+def test_ti2v_geometry_schedule_and_memory_hooks(ti2v):
+    """TI2V-5B's layout: 48 latent channels, 16x spatial and 4x temporal compression (a 5 x 32 x 64 video has latents
+    (48, 2, 2, 4)), sizes in multiples of 32, the pipeline scheduler's levels bit for bit; the adapter's memory hooks
+    read the same geometry from the config files, and the published TI2V-5B row counts 5.0B transformer parameters."""
+    from diffrl.config import load_config
+    from diffrl.doctor import estimate_memory
+
+    model, pipe = ti2v
+    assert model.expand_timesteps and pipe.config.expand_timesteps and model.num_experts == 1
+    assert model.latent_shape(*TI2V_SIZE) == (48, 2, 2, 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model.latent_shape(48, 64)
+    for steps in (2, 5):
+        pipe.scheduler.set_timesteps(steps)
+        assert torch.equal(model.schedule(steps, *TI2V_SIZE), pipe.scheduler.sigmas)
+    vcfg = dict(model.vae.config)
+    # 8 decoder channels at half resolution, unfolded 2x2: 2 per output pixel
+    assert type(model).vae_geometry(vcfg) == (16, 2, 48) and model.vae_scale_factor == 16
+    assert type(model).memory_frames(FRAMES, vcfg) == (2, 4)
+    est = estimate_memory(
+        load_config(
+            ROOT / "configs" / "tiny" / "flow_grpo.yaml", ["model.path=Wan-AI/Wan2.2-TI2V-5B-Diffusers"]
+        )
+    )
+    assert 4.99e9 < est.params - 5.681e9 - 0.7047e9 < 5.01e9
+    assert (
+        est.trainable_params == 32 * 30 * 8 * 2 * 3072
+    )  # rank 32 on 8 square projections per block, width 3072
+
+
+@pytest.mark.parametrize("negative,cfg,steps", [("", 5.0, 3), (None, 1.0, 2)])
+def test_ti2v_rollout_reproduces_the_pipeline(ti2v, negative, cfg, steps):
+    """A noise-free rollout equals ``pipe(output_type="latent")`` (measured: bit for bit; tested to 1e-5), with the
+    transformer given one timestep per video token, ``(B, F' h w / 4)``, all at the sample's ``1000 s``, as the
+    pipeline's ``expand_timesteps`` branch; with CFG both passes run as one batch."""
+    model, pipe = ti2v
+    prompts = ["a red cat", "two green circles"]
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    expected = pipe(
+        prompts,
+        negative_prompt=negative,
+        guidance_scale=cfg,
+        height=TI2V_SIZE[0],
+        width=TI2V_SIZE[1],
+        num_frames=FRAMES,
+        num_inference_steps=steps,
+        generator=gens,
+        output_type="latent",
+    ).frames
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    try:
+        cond = model.encode(prompts, negative_prompt=negative)
+        gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+        noise = model.sample_noise(2, *TI2V_SIZE, generator=gens)
+        levels = model.schedule(steps, *TI2V_SIZE)
+        with torch.no_grad():
+            got = rollout(model, cond, levels, noise, guidance_scale=cfg).final
+    finally:
+        hook.remove()
+    assert got.shape == expected.shape == (2, 48, 2, 2, 4)
+    assert (got - expected).abs().max().item() < 1e-5
+    rows = 4 if cfg > 1 else 2
+    assert [tuple(t.shape) for t in seen] == [(rows, 2 * 1 * 2)] * steps
+    for t, level in zip(seen, levels[:-1], strict=True):
+        assert torch.equal(t, torch.full_like(t, float(level) * 1000))
+
+
+def test_ti2v_decode_equals_the_pipeline_video(ti2v):
+    model, pipe = ti2v
+    z = torch.randn(1, *model.latent_shape(*TI2V_SIZE), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.decode(z)
+        cfg = pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, 48, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, 48, 1, 1, 1)
+        video = pipe.video_processor.postprocess_video(pipe.vae.decode(z * std + mean)[0], output_type="pt")
+    assert ours.shape == video.shape == (1, FRAMES, 3, *TI2V_SIZE)
+    assert (ours - video).abs().max().item() < 1e-5
+
+
+def test_ti2v_flow_grpo_step_is_on_policy(tmp_path):
+    """Training TI2V-5B text-to-video: one Flow-GRPO step moves every LoRA tensor, ratio exactly 1."""
+    from diffrl.train import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
+            "model.path=tiny:wan22_ti2v",
+            f"sample.num_frames={FRAMES}",
+            "sample.width=64",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+    )
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+    assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
+
+
+def test_ti2v_image_conditioned_mode_is_refused():
+    """TI2V's image-to-video mode (another pipeline class with ``expand_timesteps``) is refused by name."""
+    from types import SimpleNamespace
+
+    from diffrl.models import WanModel
+
+    class WanImageToVideoPipeline:
+        config = SimpleNamespace(expand_timesteps=True)
+
+    with pytest.raises(
+        NotImplementedError, match="Wan 2.2 TI2V's image-conditioned mode .* is not implemented"
+    ):
+        WanModel(WanImageToVideoPipeline())

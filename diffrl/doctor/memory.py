@@ -149,6 +149,28 @@ _WAN_14B = {
 }
 _WAN_VAE = {**_QWEN_VAE, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 _WAN_OTHERS = 5.681e9 + 0.127e9
+# Wan 2.2 TI2V-5B (the Wan team's config wan_ti2v_5B.py; diffusers' scripts/convert_wan_to_diffusers.py, model type
+# Wan2.2-TI2V-5B and vae22_diffusers_config): width 3072 (24 heads x 128), 30 layers, FFN 14336, 48 latent channels;
+# the Wan 2.2 VAE: base 160 (decoder 256), dim_mult (1, 2, 4, 4), temporal downsamplings (False, True, True), 2x2 pixel
+# patches, 16x in space and 4x in time, 48 channels: 704.7M parameters (counted from that config on the meta device).
+_WAN_TI2V_5B = {
+    **_WAN_14B,
+    "num_attention_heads": 24,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+    "in_channels": 48,
+    "out_channels": 48,
+}
+_WAN22_VAE = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "dim_mult": [1, 2, 4, 4],
+    "temperal_downsample": [False, True, True],
+    "z_dim": 48,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+}
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
 #: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``transformer_geometry``,
 #: ``memory_frames``, ``unused_lora_modules_in``, ``memory_text_tokens``, ``condition_tokens``); nothing below
@@ -253,6 +275,7 @@ _PUBLISHED = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": PublishedModel(
         "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, frozen_transformers=1
     ),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": PublishedModel("WanPipeline", _WAN_TI2V_5B, _WAN22_VAE, 5.681e9 + 0.7047e9),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).

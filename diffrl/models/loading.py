@@ -84,6 +84,7 @@ TINY_BUILDERS = {
     "flux2_klein": ("build_tiny_flux2_klein", {}),
     "wan": ("build_tiny_wan", {}),
     "wan22": ("build_tiny_wan", {"two_experts": True}),
+    "wan22_ti2v": ("build_tiny_wan", {"ti2v": True}),
 }
 
 

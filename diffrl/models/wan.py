@@ -200,9 +200,13 @@ class WanModel(FlowModel):
     @classmethod
     def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
         """AutoencoderKLWan: ``scale_factor_spatial`` (else one halving per ``temperal_downsample`` entry),
-        full-resolution decoder blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels."""
+        full-resolution decoder blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels. The Wan 2.2
+        VAE (``patch_size`` 2) decodes ``decoder_base_dim * dim_mult[0]`` channels at half the resolution and unfolds
+        2x2 patches into pixels: that many channels / 4 per output pixel."""
         factor = vae_config.get("scale_factor_spatial") or 2 ** len(vae_config["temperal_downsample"])
-        channels = int(vae_config["base_dim"]) * int(vae_config["dim_mult"][0])
+        base = vae_config.get("decoder_base_dim") or vae_config["base_dim"]
+        patch = int(vae_config.get("patch_size") or 1)
+        channels = int(base) * int(vae_config["dim_mult"][0]) // (patch * patch)
         return int(factor), channels, int(vae_config["z_dim"])
 
     @classmethod
@@ -230,10 +234,13 @@ class WanModel(FlowModel):
         guidance_scale_2: float | None = None,
         prompt_cache_size: int = 4096,
     ):
-        if getattr(pipe.config, "expand_timesteps", False):
+        #: Wan 2.2 TI2V-5B (``expand_timesteps=True``): the transformer gets one timestep per video token
+        self.expand_timesteps = bool(getattr(pipe.config, "expand_timesteps", False))
+        if self.expand_timesteps and type(pipe).__name__ != "WanPipeline":
             raise NotImplementedError(
-                "Wan 2.2 TI2V (expand_timesteps=True, per-token timesteps) is not implemented in diffrl; "
-                "use a Wan 2.1 or Wan 2.2 A14B text-to-video checkpoint."
+                f"Wan 2.2 TI2V's image-conditioned mode ({type(pipe).__name__} with expand_timesteps=True: the first "
+                "frame's latent kept clean, its tokens at timestep 0) is not implemented in diffrl; load the checkpoint "
+                "with WanPipeline for text-to-video."
             )
         if pipe.transformer is None:
             raise NotImplementedError(
@@ -461,6 +468,12 @@ class WanModel(FlowModel):
         return t.float() >= self.boundary_timestep
 
     def _run(self, transformer, hidden, t, embeds):
+        if self.expand_timesteps:
+            # Wan 2.2 TI2V text-to-video, as the pipeline: every token of a sample at the sample's timestep, (B, L)
+            # with L = F' * (h / 2) * (w / 2) tokens of the (1, 2, 2) patches
+            p_t, p_h, p_w = transformer.config.patch_size
+            f, h, w = hidden.shape[2:]
+            t = t.float().view(-1, 1).expand(-1, (f // p_t) * (h // p_h) * (w // p_w))
         return transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[
             0
         ]
