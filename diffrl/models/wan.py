@@ -1,11 +1,15 @@
 """Adapter for Wan 2.1 / 2.2 text-to-video (``WanPipeline``): UMT5 prompt embeddings zero-padded to a fixed length,
 video latents ``(B, C, F', h, w)``, CFG with a negative prompt, a statically shifted flow-matching schedule, the 3-D
-causal VAE, and Wan 2.2's second (low-noise) expert ``transformer_2`` switched in below ``boundary_ratio``.
+causal VAE, Wan 2.2's second (low-noise) expert ``transformer_2`` switched in below ``boundary_ratio``, and Wan 2.2
+TI2V-5B's text-to-video mode (``expand_timesteps=True``: the 48-channel, 16x-spatial Wan 2.2 VAE, and a timestep per
+video token, all at the sample's timestep without an image, as ``pipeline_wan.py``'s ``expand_timesteps`` branch).
 
 Sources: diffusers' ``pipelines/wan/pipeline_wan.py`` (prompt padding, ``prepare_latents``' frame rule
 ``F' = (F - 1) / 4 + 1``, the CFG combination, the expert switch ``t >= boundary_ratio * 1000``, the latent
-de-normalisation ``z * std + mean`` before decoding); the Wan report (arXiv:2503.20314, section 3) for the VAE's
-4x temporal / 8x spatial compression, and Wan 2.2's release notes for the two-expert (MoE) denoiser.
+de-normalisation ``z * std + mean`` before decoding, the per-token timesteps of ``expand_timesteps``); the Wan report
+(arXiv:2503.20314, section 3) for the VAE's 4x temporal / 8x spatial compression, and Wan 2.2's release notes for the
+two-expert (MoE) denoiser and the TI2V-5B model's 4x16x16 VAE. TI2V's image-conditioned mode (another pipeline class
+with ``expand_timesteps``) is refused at construction.
 
 How it departs from the pipeline:
 
