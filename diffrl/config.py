@@ -84,6 +84,9 @@ class ModelConfig:
     """Wan 2.2 A14B (two experts): the one this run trains, high (high-noise, `transformer`) or low (low-noise,
     `transformer_2`), the other staying frozen; or both, each trained on the levels it denoises (its LoRA saved as
     two files, the low-noise one in `lora/transformer_2`). Empty for every other model."""
+    guidance_scale_2: float = 0.0
+    """Wan 2.2 A14B: the CFG scale of the low-noise expert's steps (the pipeline's `guidance_scale_2`), in rollouts,
+    training passes and evaluation alike; 0 uses the guidance scale of the call for both experts."""
 
 
 @dataclass
@@ -1113,6 +1116,11 @@ def _validate_video(cfg: TrainConfig, need) -> None:
     need(
         cfg.model.expert in ("", "high", "low", "both"),
         f"model.expert={cfg.model.expert!r} must be high, low or both (Wan 2.2's two experts), or empty.",
+    )
+    need(
+        cfg.model.guidance_scale_2 == 0 or cfg.model.guidance_scale_2 >= 1,
+        f"model.guidance_scale_2={cfg.model.guidance_scale_2} must be 0 (the guidance scale for both experts) or at "
+        "least 1 (1: no CFG on the low-noise steps).",
     )
     f = cfg.sample.num_frames
     need(

@@ -519,3 +519,30 @@ def test_ti2v_image_conditioned_mode_is_refused():
         NotImplementedError, match="Wan 2.2 TI2V's image-conditioned mode .* is not implemented"
     ):
         WanModel(WanImageToVideoPipeline())
+
+
+def test_wan22_preset_trains_both_experts_with_the_references_guidance():
+    """configs/wan22_t2v_a14b_pref_grpo_unifiedreward.yaml (Pref-GRPO's lora_ur_flex_prefgrpo_wan22.sh): both experts,
+    CFG 4 on the high-noise steps and 3 on the low-noise ones (--cfg_infer 4.0, --cfg_infer_2 3.0); the rest is
+    checked with the other Pref-GRPO presets in tests/test_pref_grpo_presets.py. model.guidance_scale_2 reaches the
+    adapter, and a one-transformer model or a scale below 1 is refused."""
+    from diffrl.config import ConfigError, load_config
+    from diffrl.models import load_model_from_config
+
+    cfg = load_config(ROOT / "configs" / "wan22_t2v_a14b_pref_grpo_unifiedreward.yaml")
+    assert (cfg.model.expert, cfg.model.guidance_scale_2, cfg.sample.guidance_scale) == ("both", 3.0, 4.0)
+    tiny = load_config(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml", ["model.path=tiny:wan22", "model.guidance_scale_2=3"]
+    )
+    assert load_model_from_config(tiny.model).guidance_scale_2 == 3.0
+    with pytest.raises(
+        ValueError, match="model.guidance_scale_2=2.0 is the CFG scale of Wan 2.2's low-noise expert"
+    ):
+        load_model_from_config(
+            load_config(
+                ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+                ["model.path=tiny:wan", "model.guidance_scale_2=2"],
+            ).model
+        )
+    with pytest.raises(ConfigError, match="model.guidance_scale_2=0.5 must be 0"):
+        load_config(ROOT / "configs" / "tiny" / "flow_grpo.yaml", ["model.guidance_scale_2=0.5"])
