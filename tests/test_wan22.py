@@ -184,10 +184,12 @@ def test_flow_grpo_step_trains_both_experts(tmp_path):
             "video.vae_tile_size=32",
             "video.vae_tile_stride=16",
             "video.vae_slicing=true",
+            "model.gradient_checkpointing=true",
         ),
     )
     model = trainer.model
     assert isinstance(model.transformer, WanExperts)
+    assert model.pipe.transformer.gradient_checkpointing and model.pipe.transformer_2.gradient_checkpointing
     vae = model.vae  # the video settings reach the VAE
     assert (
         vae.use_tiling
@@ -546,3 +548,34 @@ def test_wan22_preset_trains_both_experts_with_the_references_guidance():
         )
     with pytest.raises(ConfigError, match="model.guidance_scale_2=0.5 must be 0"):
         load_config(ROOT / "configs" / "tiny" / "flow_grpo.yaml", ["model.guidance_scale_2=0.5"])
+
+
+@pytest.mark.parametrize(
+    "algo", ["diffusion_nft"] + [pytest.param(a, marks=pytest.mark.slow) for a in ("refl", "awm", "dpo")]
+)  # about 3 s each on 2 busy cores: DiffusionNFT (old-policy adapters on both experts) by default
+def test_every_trainer_takes_a_step_with_both_experts(algo, tmp_path):
+    """model.expert=both with each other trainer's tiny preset: one step moves trainable tensors of both experts (the
+    trainers' extra adapters, DiffusionNFT's old policy and AWM's EMA, exist on both) with finite metrics."""
+    import numpy as np
+
+    from diffrl.train import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / f"{algo}.yaml",
+        _overrides(tmp_path / "run", "max_steps=1", "checkpointing_steps=0"),
+    )
+    model = trainer.model
+    assert isinstance(model.transformer, WanExperts)
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    moved = {
+        n.split(".", 1)[0]
+        for n, a, p in zip(trainer.param_names, before, trainer.params, strict=True)
+        if not torch.equal(a, p)
+    }
+    assert moved == {"high", "low"}, moved
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    if algo in ("diffusion_nft", "awm"):
+        extra = {"diffusion_nft": "old", "awm": "ema"}[algo]
+        adapters = set(model.pipe.transformer.peft_config) & set(model.pipe.transformer_2.peft_config)
+        assert "default" in adapters and len(adapters) >= 2, (extra, adapters)
