@@ -579,3 +579,19 @@ def test_every_trainer_takes_a_step_with_both_experts(algo, tmp_path):
         extra = {"diffusion_nft": "old", "awm": "ema"}[algo]
         adapters = set(model.pipe.transformer.peft_config) & set(model.pipe.transformer_2.peft_config)
         assert "default" in adapters and len(adapters) >= 2, (extra, adapters)
+
+
+@pytest.mark.parametrize(
+    "expert, match", [("both", "training both of Wan 2.2's experts"), ("low", "training one of")]
+)
+def test_sharded_training_of_wan22_experts_is_refused(expert, match, tmp_path, monkeypatch):
+    """Under FSDP (here the engine's flag forced on, one process) both experts, or one, are refused at set-up with one
+    sentence, after the training mode that the two flags read is set."""
+    from diffrl.train import build_trainer
+    from diffrl.trainers.engine import Trainer
+
+    monkeypatch.setattr(Trainer, "sharded", property(lambda self: True))
+    overrides = _overrides(tmp_path / "run", "max_steps=1", "checkpointing_steps=0")
+    overrides[overrides.index("model.expert=both")] = f"model.expert={expert}"
+    with pytest.raises(NotImplementedError, match=match):
+        build_trainer(ROOT / "configs" / "tiny" / "flow_grpo.yaml", overrides)
