@@ -82,7 +82,11 @@ class ModelConfig:
     The Flow-GRPO and DiffusionNFT reference codes encode 128 tokens for SD3.5."""
     expert: str = ""
     """Wan 2.2 A14B (two experts): the one this run trains, high (high-noise, `transformer`) or low (low-noise,
-    `transformer_2`); the other stays frozen. Empty for every other model."""
+    `transformer_2`), the other staying frozen; or both, each trained on the levels it denoises (its LoRA saved as
+    two files, the low-noise one in `lora/transformer_2`). Empty for every other model."""
+    guidance_scale_2: float = 0.0
+    """Wan 2.2 A14B: the CFG scale of the low-noise expert's steps (the pipeline's `guidance_scale_2`), in rollouts,
+    training passes and evaluation alike; 0 uses the guidance scale of the call for both experts."""
 
 
 @dataclass
@@ -356,6 +360,18 @@ class VideoConfig:
     """How the scores of a video's frames become its reward: mean or min (the worst frame)."""
     fps: int = 16
     """Frames per second of the videos `diffrl sample` writes (Wan 2.1: 16)."""
+    vae_tiling: bool = False
+    """Decode videos in overlapping spatial tiles, blended at their seams (diffusers' `AutoencoderKLWan.enable_tiling`):
+    the VAE's activations then scale with the tile, not the frame; the video differs from the untiled one near the
+    seams (as with the pipeline's own tiling)."""
+    vae_tile_size: int = 0
+    """With vae_tiling: the tile's height and width in pixels, a multiple of 16; 0 is diffusers' default, 256."""
+    vae_tile_stride: int = 0
+    """With vae_tiling: pixels between the starts of neighbouring tiles (a multiple of 16, less than the tile: the rest
+    is blended); 0 is diffusers' default, 192."""
+    vae_slicing: bool = False
+    """Decode the videos of a batch one at a time (diffusers' `enable_slicing`): the decoder's activations of one
+    video at once, the same videos (equal to 1e-6)."""
 
 
 @dataclass
@@ -1098,8 +1114,13 @@ def validate(
 def _validate_video(cfg: TrainConfig, need) -> None:
     """``sample.num_frames`` (Wan's frame rule), ``model.expert`` and the ``video`` section's frame choice."""
     need(
-        cfg.model.expert in ("", "high", "low"),
-        f"model.expert={cfg.model.expert!r} must be high or low (Wan 2.2's two experts), or empty.",
+        cfg.model.expert in ("", "high", "low", "both"),
+        f"model.expert={cfg.model.expert!r} must be high, low or both (Wan 2.2's two experts), or empty.",
+    )
+    need(
+        cfg.model.guidance_scale_2 == 0 or cfg.model.guidance_scale_2 >= 1,
+        f"model.guidance_scale_2={cfg.model.guidance_scale_2} must be 0 (the guidance scale for both experts) or at "
+        "least 1 (1: no CFG on the low-noise steps).",
     )
     f = cfg.sample.num_frames
     need(
@@ -1123,6 +1144,23 @@ def _validate_video(cfg: TrainConfig, need) -> None:
     )
     for name in ("every", "num"):
         need(getattr(v, name) >= 0, f"video.{name}={getattr(v, name)} must be at least 0 (0: not used).")
+    for name in ("vae_tile_size", "vae_tile_stride"):
+        value = getattr(v, name)
+        need(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0 and value % 16 == 0,
+            f"video.{name}={value!r} must be 0 (diffusers' default) or a positive multiple of 16 pixels, e.g. 256.",
+        )
+        need(
+            v.vae_tiling or not value,
+            f"video.{name}={value} sizes the VAE's tiles, but video.vae_tiling is off; set video.vae_tiling=true or "
+            f"leave {name} at 0.",
+        )
+    size, stride = v.vae_tile_size or 256, v.vae_tile_stride or 192
+    need(
+        not v.vae_tiling or stride < size,
+        f"video.vae_tile_stride={stride} must be less than video.vae_tile_size={size} (the overlap is blended); "
+        "use a smaller stride.",
+    )
     need(v.fps >= 1, f"video.fps={v.fps} must be at least 1 (Wan 2.1: 16).")
     need(v.combine in ("mean", "min"), f"video.combine={v.combine!r} must be mean or min.")
     if f and v.frames:

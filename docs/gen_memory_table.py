@@ -36,6 +36,7 @@ EXTRA = (
     "stabilityai/stable-diffusion-3.5-large",
     "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
 )
 PROCESSES = 8
 OFFLOAD = "model.offload_text_encoders=true"

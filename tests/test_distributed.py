@@ -88,6 +88,13 @@ EXTRA = {
     # run builds tiny:qwen_image in the shared cache before the launch)
     "flow_grpo-qwen_image": [f"reward={{{GATED}: 1.0}}", "model.path=tiny:qwen_image"],
     "diffusion_nft-qwen_image": [f"reward={{{GATED}: 1.0}}", "model.path=tiny:qwen_image"],
+    # Wan 2.2 with both experts trained (each process's gradients of both, zeros where its levels reached none)
+    "flow_grpo-wan22_both": [
+        f"reward={{{GATED}: 1.0}}",
+        "model.path=tiny:wan22",
+        "model.expert=both",
+        "sample.num_frames=5",
+    ],
 }
 CASES = list(EXTRA)
 

@@ -72,6 +72,25 @@ REFERENCE = {
         fsdp=True,
         dtype="bfloat16",  # train_wan21.py: from_pretrained(torch_dtype=torch.bfloat16)
     ),
+    # lora_ur_flex_prefgrpo_wan22.sh: the Wan 2.1 script's values but the A14B checkpoint, --cfg_infer 4.0 (and
+    # --cfg_infer_2 3.0, checked in tests/test_wan22.py); both experts train (train_wan22.py --target_components)
+    "wan22_t2v_a14b_pref_grpo_unifiedreward.yaml": dict(
+        tiny="tiny:wan22",
+        path="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        gpus=4 * 8,
+        group=6,
+        steps=20,
+        fraction=0.8,
+        accumulation=2,
+        lr=4e-5,
+        size=(240, 416, 33),
+        guidance=4.0,  # --cfg_infer 4.0
+        prompts=50_000,
+        kl=0.004,
+        eval_size=64,
+        fsdp=False,  # the reference uses FSDP; diffrl trains both experts with DDP (see the preset's header)
+        dtype="bfloat16",  # train_wan22.py: from_pretrained(torch_dtype=torch.bfloat16)
+    ),
 }
 
 

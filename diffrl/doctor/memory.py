@@ -158,6 +158,28 @@ _WAN_14B = {
 }
 _WAN_VAE = {**_QWEN_VAE, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 _WAN_OTHERS = 5.681e9 + _QWEN_VAE_PARAMS
+# Wan 2.2 TI2V-5B (the Wan team's config wan_ti2v_5B.py; diffusers' scripts/convert_wan_to_diffusers.py, model type
+# Wan2.2-TI2V-5B and vae22_diffusers_config): width 3072 (24 heads x 128), 30 layers, FFN 14336, 48 latent channels;
+# the Wan 2.2 VAE: base 160 (decoder 256), dim_mult (1, 2, 4, 4), temporal downsamplings (False, True, True), 2x2 pixel
+# patches, 16x in space and 4x in time, 48 channels: 704.7M parameters (counted from that config on the meta device).
+_WAN_TI2V_5B = {
+    **_WAN_14B,
+    "num_attention_heads": 24,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+    "in_channels": 48,
+    "out_channels": 48,
+}
+_WAN22_VAE = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "dim_mult": [1, 2, 4, 4],
+    "temperal_downsample": [False, True, True],
+    "z_dim": 48,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+}
 #: Published sizes of well-known checkpoints, used when their weights are not present offline. A new family adds
 #: rows here (and the adapter's size hooks: ``token_patch_size``, ``vae_geometry``, ``transformer_geometry``,
 #: ``memory_frames``, ``unused_lora_modules_in``, ``memory_text_tokens``, ``condition_tokens``); nothing below
@@ -273,6 +295,9 @@ _PUBLISHED = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": PublishedModel(
         "WanPipeline", _WAN_14B, _WAN_VAE, _WAN_OTHERS, frozen_transformers=1, vae_params=_QWEN_VAE_PARAMS
     ),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": PublishedModel(
+        "WanPipeline", _WAN_TI2V_5B, _WAN22_VAE, 5.681e9 + 0.7047e9, vae_params=0.7047e9
+    ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).
@@ -301,6 +326,7 @@ class MemoryEstimate:
     # model.offload_text_encoders: the text encoders' bytes, on the device only while encoding (then not in
     # ``weights``); 0 when they stay on the device (then in ``weights``)
     text_encoders: int = 0
+    video: bool = False  # a video model (its VAE decodes frames: video.vae_tiling / vae_slicing lower that term)
 
     @property
     def total(self) -> int:
@@ -424,6 +450,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "text_width": text_width,
         "latent_frames": latent_frames,
         "decoded_frames": decoded_frames,
+        "video": bool(getattr(adapter, "is_video", False)),
         "text_tokens": adapter.memory_text_tokens,
         "condition_tokens": adapter.condition_tokens(vae_factor, adapter.token_patch_size(tcfg)),
         # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
@@ -464,14 +491,17 @@ def estimate_memory(
         activations = max(train, sample)
         train       = k * c * B_t * N * d * a * (16 * blocks)     without gradient checkpointing
                     = k * c * B_t * N * d * a * (blocks + 16)     with it (block inputs + one recomputed block)
-        sample      = c * B_s * N * d * a * 16 + B_s * F_dec * H * W * C_vae * a * 3   (a block without grad +
-                                                                                  VAE decode)
+        sample      = c * B_s * N * d * a * 16 + B_dec * F_dec * H_t * W_t * C_vae * a * 3   (a block without
+                                                                                  grad + VAE decode)
         overhead    = 1 GiB on CUDA (context, allocator), 0 on the CPU
 
     where ``P_all`` / ``P_transformer`` / ``P_train`` / ``P_text`` are all / transformer / trained / text encoder
     parameters (the components named ``text_encoder*``; the text encoders' activations while encoding, one prompt
     at a time without gradients, are not counted) (LoRA:
-    ``r (in + out)`` per adapted linear; a frozen second expert, Wan 2.2's, is in ``P_all`` only),
+    ``r (in + out)`` per adapted linear; a frozen second expert, Wan 2.2's, is in ``P_all`` only, and in ``P_train``
+    too with ``model.expert: both``), ``B_dec`` the videos decoded at once (``sample.batch_size``, 1 with
+    ``video.vae_slicing``), ``H_t x W_t`` the pixels decoded at once per frame (``H x W``, at most the tile's
+    ``video.vae_tile_size`` (256 by default) per side with ``video.vae_tiling``),
     ``N = F' H W / (f p)^2 + L_txt`` tokens (``F'`` latent frames and ``F_dec`` frames decoded at once from the
     adapter's ``memory_frames``: 1 and 1 for images, Wan's ``(F - 1) / 4 + 1`` and 4; VAE factor f, patch p, text
     tokens
@@ -494,13 +524,15 @@ def estimate_memory(
     b_w = torch.empty((), dtype=resolve_dtype(m.dtype)).element_size()
     a = 2 if (b_w == 2 or cfg.mixed_precision != "no") else 4
     full = m.lora_rank == 0
-    p_train = facts["transformer"] if full else facts["lora"]
+    # Wan 2.2 with model.expert=both: both experts (the same architecture) train
+    experts = 2 if getattr(m, "expert", "") == "both" else 1
+    p_train = (facts["transformer"] if full else facts["lora"]) * experts
 
     world = max(1, int(num_processes))
     fsdp = world if cfg.fsdp and world > 1 else 1
     zero = cfg.zero_stage if world > 1 else 0
-    transformer = facts["transformer"] * (4 if full else b_w)
-    weights = facts["params"] * b_w - facts["transformer"] * b_w + transformer / fsdp
+    transformer = facts["transformer"] * experts * (4 if full else b_w)
+    weights = facts["params"] * b_w - facts["transformer"] * experts * b_w + transformer / fsdp
     offload = bool(m.offload_text_encoders)
     text_encoders = facts["text_encoders"] * b_w if offload else 0
     weights -= text_encoders
@@ -528,8 +560,12 @@ def estimate_memory(
     else:
         train_act = k * o.train_batch_size * per_sample * _ACT_PER_BLOCK * facts["blocks"]
     sample_act = s.batch_size * per_sample * _ACT_PER_BLOCK
-    vae_pixels = facts["decoded_frames"] * s.height * s.width
-    sample_act += s.batch_size * vae_pixels * facts["vae_channels"] * a * _VAE_PER_PIXEL
+    # a video VAE (video.vae_tiling: one tile of the frame at a time; video.vae_slicing: one video at a time)
+    v = cfg.video
+    tile = (v.vae_tile_size or 256) if v.vae_tiling else max(s.height, s.width)
+    vae_pixels = facts["decoded_frames"] * min(s.height, tile) * min(s.width, tile)
+    decoded_at_once = 1 if v.vae_slicing else s.batch_size
+    sample_act += decoded_at_once * vae_pixels * facts["vae_channels"] * a * _VAE_PER_PIXEL
 
     latent = facts["latent_channels"] * facts["latent_frames"] * (s.height // f) * (s.width // f) * 4
     if cfg.algorithm == "flow_grpo":
@@ -574,6 +610,7 @@ def estimate_memory(
         train_activations=int(train_act),
         sample_activations=int(sample_act),
         text_encoders=int(text_encoders),
+        video=bool(facts["video"]),
     )
 
 
@@ -589,9 +626,11 @@ def _device_capacity(device: str) -> tuple[int, str] | None:
     return int(props.total_memory), f"{props.name} (cuda:{index})"
 
 
-def _memory_fix(cfg) -> str:
+def _memory_fix(cfg, video: bool = False) -> str:
     m, o = cfg.model, cfg.optim
     steps = []
+    if video and not (cfg.video.vae_tiling and cfg.video.vae_slicing):
+        steps.append("decode videos in tiles and one at a time (video.vae_tiling=true, video.vae_slicing=true)")
     if not m.gradient_checkpointing:
         steps.append("set model.gradient_checkpointing=true")
     if m.dtype == "float32":
@@ -659,7 +698,7 @@ def check_memory(
     share = est.total / total
     msg += f"; {share:.0%} of {gib(total)} on {what}"
     if share > 1.0:
-        return Finding("memory", "FAIL", msg, _memory_fix(cfg))
+        return Finding("memory", "FAIL", msg, _memory_fix(cfg, est.video))
     if share > 0.85:
-        return Finding("memory", "WARN", msg + " (little headroom)", _memory_fix(cfg))
+        return Finding("memory", "WARN", msg + " (little headroom)", _memory_fix(cfg, est.video))
     return Finding("memory", "OK", msg)

@@ -84,6 +84,7 @@ TINY_BUILDERS = {
     "flux2_klein": ("build_tiny_flux2_klein", {}),
     "wan": ("build_tiny_wan", {}),
     "wan22": ("build_tiny_wan", {"two_experts": True}),
+    "wan22_ti2v": ("build_tiny_wan", {"ti2v": True}),
 }
 
 
@@ -214,7 +215,8 @@ def load_model(
 
 def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> FlowModel:
     """The model a run's ``model`` config section describes: ``path`` at ``dtype``, ``max_sequence_length`` T5 tokens
-    (0: the adapter's default), the trained ``expert`` of a Wan 2.2 model, the VAE in ``vae_dtype`` (see
+    (0: the adapter's default), the trained ``expert`` and the low-noise expert's ``guidance_scale_2`` of a Wan 2.2
+    model, the VAE in ``vae_dtype`` (see
     :func:`set_vae_dtype`) and, with ``offload_text_encoders``, the text encoders kept on the CPU between encodings."""
     kwargs = {"max_sequence_length": model_cfg.max_sequence_length} if model_cfg.max_sequence_length else {}
     model = load_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype), device=device, **kwargs)
@@ -226,6 +228,14 @@ def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> Flo
                 f"{model.family} model; leave it empty."
             )
         model.set_training_expert(expert)
+    guidance_2 = getattr(model_cfg, "guidance_scale_2", 0.0)
+    if guidance_2:
+        if getattr(model, "transformer_2", None) is None:
+            raise ValueError(
+                f"model.guidance_scale_2={guidance_2} is the CFG scale of Wan 2.2's low-noise expert, but "
+                f"{model_cfg.path} has one transformer; set it to 0."
+            )
+        model.guidance_scale_2 = float(guidance_2)
     set_vae_dtype(model, model_cfg.vae_dtype)
     if getattr(model_cfg, "offload_text_encoders", False):
         model.offload_text_encoders()

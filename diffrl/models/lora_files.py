@@ -99,12 +99,20 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
         expert = json.loads(marker.read_text()).get("expert")
         if not hasattr(model, "set_training_expert"):
             raise ValueError(
-                f"{source.given} is a LoRA of Wan 2.2's {expert}-noise expert, but the model is a {model.family} "
+                f"{source.given} is a LoRA of Wan 2.2's {expert}-noise expert(s), but the model is a {model.family} "
                 "model; load it onto the Wan 2.2 checkpoint it was trained on."
             )
         if getattr(model, "expert", None) != expert:
             model.set_training_expert(expert)
     transformer = model.transformer
+    # a LoRA of both of Wan 2.2's experts: the low-noise expert's file in a folder next to the high-noise one's
+    second = source.path.parent / "transformer_2" / source.path.name if marker.is_file() else None
+    if expert_is_both := (second is not None and json.loads(marker.read_text()).get("expert") == "both"):
+        if not second.is_file():
+            raise FileNotFoundError(
+                f"{source.given} is a LoRA of both Wan 2.2 experts but {second} (the low-noise expert's) is missing; "
+                "pass the whole LoRA directory diffrl saved."
+            )
     existing = set(getattr(transformer, "peft_config", {}) or {})
     adapter = next(f"lora_{k}" for k in range(len(existing) + 1) if f"lora_{k}" not in existing)
     before = {n for n, _ in transformer.named_parameters()}
@@ -123,6 +131,10 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
                 adapter_name=adapter,
                 **({"load_into_transformer_2": True} if into_second else {}),
             )
+            if expert_is_both:
+                model.pipe.load_lora_weights(
+                    str(second.parent), weight_name=second.name, adapter_name=adapter, load_into_transformer_2=True
+                )
     except (RuntimeError, ValueError, KeyError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [
             type(err).__name__
@@ -140,8 +152,10 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
     if not added:
         raise ValueError(f"LoRA {source.given} holds no weights for this {model.family} model's transformer.")
     if source.path.suffix == ".safetensors":
-        with safe_open(str(source.path), "pt") as f:
-            keys = [k for k in f.keys() if k.startswith("transformer.") and ".lora_" in k]
+        keys = []
+        for file in (source.path, second) if expert_is_both else (source.path,):
+            with safe_open(str(file), "pt") as f:
+                keys += [k for k in f.keys() if k.startswith("transformer.") and ".lora_" in k]
         if keys and len(added) < len(keys):
             raise ValueError(
                 f"LoRA {source.given} has {len(keys) - len(added)} of {len(keys)} transformer weights that match no "

@@ -993,8 +993,10 @@ def build_tiny_wan(
     latent_channels: int = 4,
     two_experts: bool = False,
     boundary_ratio: float = 0.875,
+    ti2v: bool = False,
 ) -> Path:
-    """Build a tiny random :class:`~diffusers.WanPipeline` (Wan 2.1, or Wan 2.2 with two experts) and save it.
+    """Build a tiny random :class:`~diffusers.WanPipeline` (Wan 2.1, Wan 2.2 with two experts, or Wan 2.2 TI2V) and
+    save it.
 
     Components (all real library classes, float32, eval mode):
 
@@ -1020,6 +1022,12 @@ def build_tiny_wan(
         latent_channels: VAE latent channels (Wan 2.1 uses 16), at most 16.
         two_experts: Build Wan 2.2's two-expert layout.
         boundary_ratio: Wan 2.2's switch point (A14B text-to-video: 0.875); only with ``two_experts``.
+        ti2v: Build Wan 2.2 TI2V-5B's layout instead (``tiny:wan22_ti2v``): the pipeline's ``expand_timesteps=True``
+            (a timestep per video token) and the Wan 2.2 VAE's geometry (the ``AutoencoderKLWan`` config of diffusers'
+            ``scripts/convert_wan_to_diffusers.py``, ``vae22_diffusers_config``, at base width 8 and one residual block
+            per level): ``is_residual``, ``patch_size=2`` (12 pixel channels), ``dim_mult=(1, 2, 4, 4)`` with the
+            temporal downsamplings ``(False, True, True)``, so 16x in space and 4x in time, 48 latent channels
+            (``latent_channels`` is ignored) with Wan 2.1's 16 per-channel statistics repeated three times.
 
     Returns:
         ``path`` as a :class:`pathlib.Path`.
@@ -1053,12 +1061,16 @@ def build_tiny_wan(
         )
         _seed(seed, "text_encoder")
         text_encoder = UMT5EncoderModel(config).eval()
+        if ti2v:
+            latent_channels = 48
+            latents_mean = list(params["latents_mean"].default) * 3
+            latents_std = list(params["latents_std"].default) * 3
         transformer = _wan_transformer(latent_channels, num_layers, seed, "transformer")
         transformer_2 = (
             _wan_transformer(latent_channels, num_layers, seed, "transformer_2") if two_experts else None
         )
         _seed(seed, "vae")
-        vae = AutoencoderKLWan(
+        vae_config = dict(
             base_dim=8,
             z_dim=latent_channels,
             dim_mult=[1, 2, 4],
@@ -1069,7 +1081,19 @@ def build_tiny_wan(
             latents_std=latents_std,
             scale_factor_temporal=4,
             scale_factor_spatial=4,
-        ).eval()
+        )
+        if ti2v:  # the Wan 2.2 VAE's layout (16x in space: 8x in its blocks, then 2x2 pixel patches)
+            vae_config.update(
+                decoder_base_dim=8,
+                dim_mult=[1, 2, 4, 4],
+                temperal_downsample=[False, True, True],
+                in_channels=12,
+                out_channels=12,
+                patch_size=2,
+                is_residual=True,
+                scale_factor_spatial=16,
+            )
+        vae = AutoencoderKLWan(**vae_config).eval()
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=WAN_SCHEDULER_SHIFT)
         pipe = WanPipeline(
             tokenizer=tokenizer,
@@ -1079,6 +1103,7 @@ def build_tiny_wan(
             transformer=transformer,
             transformer_2=transformer_2,
             boundary_ratio=boundary_ratio if two_experts else None,
+            expand_timesteps=ti2v,
         )
     path = _prepare_dir(path)
     pipe.save_pretrained(path)

@@ -1,11 +1,15 @@
 """Adapter for Wan 2.1 / 2.2 text-to-video (``WanPipeline``): UMT5 prompt embeddings zero-padded to a fixed length,
 video latents ``(B, C, F', h, w)``, CFG with a negative prompt, a statically shifted flow-matching schedule, the 3-D
-causal VAE, and Wan 2.2's second (low-noise) expert ``transformer_2`` switched in below ``boundary_ratio``.
+causal VAE, Wan 2.2's second (low-noise) expert ``transformer_2`` switched in below ``boundary_ratio``, and Wan 2.2
+TI2V-5B's text-to-video mode (``expand_timesteps=True``: the 48-channel, 16x-spatial Wan 2.2 VAE, and a timestep per
+video token, all at the sample's timestep without an image, as ``pipeline_wan.py``'s ``expand_timesteps`` branch).
 
 Sources: diffusers' ``pipelines/wan/pipeline_wan.py`` (prompt padding, ``prepare_latents``' frame rule
 ``F' = (F - 1) / 4 + 1``, the CFG combination, the expert switch ``t >= boundary_ratio * 1000``, the latent
-de-normalisation ``z * std + mean`` before decoding); the Wan report (arXiv:2503.20314, section 3) for the VAE's
-4x temporal / 8x spatial compression, and Wan 2.2's release notes for the two-expert (MoE) denoiser.
+de-normalisation ``z * std + mean`` before decoding, the per-token timesteps of ``expand_timesteps``); the Wan report
+(arXiv:2503.20314, section 3) for the VAE's 4x temporal / 8x spatial compression, and Wan 2.2's release notes for the
+two-expert (MoE) denoiser and the TI2V-5B model's 4x16x16 VAE. TI2V's image-conditioned mode (another pipeline class
+with ``expand_timesteps``) is refused at construction.
 
 How it departs from the pipeline:
 
@@ -17,8 +21,11 @@ How it departs from the pipeline:
 * Wan 2.2's ``guidance_scale_2`` (the low-noise expert's CFG scale) is an attribute of the adapter, not an argument
   of ``velocity``: ``WanModel.guidance_scale_2`` (default None: ``guidance_scale`` for both experts, as the pipeline);
 * a two-expert (Wan 2.2 A14B) model trains one expert per run (``expert="high"`` or ``"low"``, as the Wan 2.2 LoRA
-  recipes of DiffSynth-Studio and musubi-tuner train a high-noise and a low-noise LoRA separately); the other expert
-  stays frozen and its steps carry no gradient. Training both at once is not implemented.
+  recipes of DiffSynth-Studio and musubi-tuner train a high-noise and a low-noise LoRA separately; the other expert
+  stays frozen and its steps carry no gradient) or both (``expert="both"``, as Pref-GRPO's Wan 2.2 script
+  ``scripts/lora/lora_ur_flex_prefgrpo_wan22.sh`` does): :class:`WanExperts` holds the two as one module, each expert
+  trained on the levels the pipeline's switch routes to it, one optimiser over both, and the LoRA saved as two
+  diffusers files (the low-noise one in ``transformer_2/``, loaded with ``load_into_transformer_2=True``).
 """
 
 from __future__ import annotations
@@ -29,10 +36,22 @@ import torch
 from ..samplers import sigmas_from_scheduler_config
 from .base import Conditioning, FlowModel
 
-__all__ = ["WanModel", "WAN_EXPERT_FILE", "WAN_LORA_TARGETS", "check_num_frames", "unipc_flow_sigmas"]
+__all__ = [
+    "WanExperts",
+    "WanModel",
+    "WAN_EXPERT_FILE",
+    "WAN_LORA_TARGETS",
+    "WAN_SECOND_EXPERT_DIR",
+    "check_num_frames",
+    "unipc_flow_sigmas",
+]
 
-#: Written next to a LoRA of one of Wan 2.2's experts: ``{"expert": "high" | "low"}``.
+#: Written next to a LoRA of Wan 2.2's experts: ``{"expert": "high" | "low" | "both"}``.
 WAN_EXPERT_FILE = "diffrl_wan_expert.json"
+#: The folder, inside a LoRA of both experts, holding the low-noise expert's diffusers LoRA file.
+WAN_SECOND_EXPERT_DIR = "transformer_2"
+#: The values of ``expert`` (``model.expert``): one of Wan 2.2's experts, or both.
+WAN_EXPERTS = ("high", "low", "both")
 
 # The projections of both attentions of every block (self-attention ``attn1`` over the video tokens,
 # cross-attention ``attn2`` to the prompt), the LoRA targets of diffusers' Wan LoRA training examples.
@@ -82,6 +101,67 @@ def unipc_flow_sigmas(
     return torch.from_numpy(sig).to(device)
 
 
+class WanExperts(torch.nn.Module):
+    """Wan 2.2's two experts as one module, the adapter's :attr:`WanModel.transformer` when both train
+    (``expert="both"``): its parameters are ``high.*`` (the pipeline's ``transformer``) then ``low.*``
+    (``transformer_2``), so the optimiser, gradient clipping, EMA and checkpoints cover both; LoRA, gradient
+    checkpointing and the adapter switches (reference policy, old-policy copies) apply to both. It is not called
+    itself: :meth:`WanModel.velocity` sends each sample to the expert its timestep routes to."""
+
+    def __init__(self, high: torch.nn.Module, low: torch.nn.Module):
+        super().__init__()
+        self.high = high
+        self.low = low
+
+    def forward(self, *args, **kwargs):
+        raise TypeError(
+            "WanExperts holds Wan 2.2's two experts and is not called itself; use WanModel.velocity, which routes "
+            "each sample to its expert."
+        )
+
+    @property
+    def experts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return (self.high, self.low)
+
+    @property
+    def config(self):
+        """The high-noise expert's config (both experts share their geometry)."""
+        return self.high.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.high.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.high.dtype
+
+    @property
+    def peft_config(self) -> dict:
+        """The adapters' configs (the same on both experts: they are added to both at once)."""
+        return getattr(self.high, "peft_config", None) or {}
+
+    def enable_gradient_checkpointing(self) -> None:
+        for expert in self.experts:
+            expert.enable_gradient_checkpointing()
+
+    def add_adapter(self, config, adapter_name: str = "default") -> None:
+        for expert in self.experts:
+            expert.add_adapter(config, adapter_name=adapter_name)
+
+    def set_adapter(self, adapter_name) -> None:
+        for expert in self.experts:
+            expert.set_adapter(adapter_name)
+
+    def disable_adapters(self) -> None:
+        for expert in self.experts:
+            expert.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        for expert in self.experts:
+            expert.enable_adapters()
+
+
 class WanModel(FlowModel):
     """Wan text-to-video: latents ``(B, C, F', h, w)`` with ``F' = (num_frames - 1) / 4 + 1``, decoded to videos
     ``(B, num_frames, 3, H, W)`` in [0, 1].
@@ -94,8 +174,8 @@ class WanModel(FlowModel):
 
     With two experts (Wan 2.2 A14B), a sample whose timestep ``1000 s`` is at least ``boundary_ratio * 1000`` goes
     through the pipeline's ``transformer`` (high noise), the others through ``transformer_2``; a batch of mixed levels
-    is split. :attr:`transformer` is the expert that trains (:meth:`set_training_expert`; the high-noise one until
-    then).
+    is split. :attr:`transformer` is what trains (:meth:`set_training_expert`): one expert, or both as one
+    :class:`WanExperts` module (the high-noise expert until an expert is chosen).
     """
 
     family = "wan"
@@ -124,9 +204,13 @@ class WanModel(FlowModel):
     @classmethod
     def vae_geometry(cls, vae_config: dict) -> tuple[int, int, int]:
         """AutoencoderKLWan: ``scale_factor_spatial`` (else one halving per ``temperal_downsample`` entry),
-        full-resolution decoder blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels."""
+        full-resolution decoder blocks of ``base_dim * dim_mult[0]`` channels, ``z_dim`` latent channels. The Wan 2.2
+        VAE (``patch_size`` 2) decodes ``decoder_base_dim * dim_mult[0]`` channels at half the resolution and unfolds
+        2x2 patches into pixels: that many channels / 4 per output pixel."""
         factor = vae_config.get("scale_factor_spatial") or 2 ** len(vae_config["temperal_downsample"])
-        channels = int(vae_config["base_dim"]) * int(vae_config["dim_mult"][0])
+        base = vae_config.get("decoder_base_dim") or vae_config["base_dim"]
+        patch = int(vae_config.get("patch_size") or 1)
+        channels = int(base) * int(vae_config["dim_mult"][0]) // (patch * patch)
         return int(factor), channels, int(vae_config["z_dim"])
 
     @classmethod
@@ -154,10 +238,13 @@ class WanModel(FlowModel):
         guidance_scale_2: float | None = None,
         prompt_cache_size: int = 4096,
     ):
-        if getattr(pipe.config, "expand_timesteps", False):
+        #: Wan 2.2 TI2V-5B (``expand_timesteps=True``): the transformer gets one timestep per video token
+        self.expand_timesteps = bool(getattr(pipe.config, "expand_timesteps", False))
+        if self.expand_timesteps and type(pipe).__name__ != "WanPipeline":
             raise NotImplementedError(
-                "Wan 2.2 TI2V (expand_timesteps=True, per-token timesteps) is not implemented in diffrl; "
-                "use a Wan 2.1 or Wan 2.2 A14B text-to-video checkpoint."
+                f"Wan 2.2 TI2V's image-conditioned mode ({type(pipe).__name__} with expand_timesteps=True: the first "
+                "frame's latent kept clean, its tokens at timestep 0) is not implemented in diffrl; load the checkpoint "
+                "with WanPipeline for text-to-video."
             )
         if pipe.transformer is None:
             raise NotImplementedError(
@@ -195,21 +282,27 @@ class WanModel(FlowModel):
 
     def set_training_expert(self, expert: str) -> None:
         """Wan 2.2 (two experts): train the ``"high"``-noise expert (``transformer``, timesteps at least
-        ``boundary_ratio * 1000``) or the ``"low"``-noise one (``transformer_2``). :attr:`transformer` becomes that
-        expert: LoRA, full fine-tuning, gradient checkpointing, saving and the reference policy all apply to it; the
-        other expert stays frozen. A saved low-noise LoRA loads with ``pipe.load_lora_weights(path,
-        load_into_transformer_2=True)``."""
+        ``boundary_ratio * 1000``), the ``"low"``-noise one (``transformer_2``) or ``"both"``. :attr:`transformer`
+        becomes that expert (both: a :class:`WanExperts` holding the two): LoRA, full fine-tuning, gradient
+        checkpointing, saving and the reference policy all apply to it; with one expert the other stays frozen. A
+        saved low-noise LoRA loads with ``pipe.load_lora_weights(path, load_into_transformer_2=True)``; a LoRA of
+        both is two files, see :meth:`save_lora`."""
         if self.transformer_2 is None:
             raise ValueError(
                 f"expert={expert!r} chooses one of Wan 2.2's two experts, but this model has one transformer; "
                 "leave it unset."
             )
-        if expert not in ("high", "low"):
-            raise ValueError(f"expert={expert!r} must be 'high' (transformer) or 'low' (transformer_2).")
+        if expert not in WAN_EXPERTS:
+            raise ValueError(
+                f"expert={expert!r} must be 'high' (transformer), 'low' (transformer_2) or 'both'."
+            )
         if self._mode != "frozen":
             raise ValueError("choose the expert before add_lora() or set_full_finetuning().")
         self.expert = expert
-        self.transformer = self.high_noise_expert if expert == "high" else self.transformer_2
+        if expert == "both":
+            self.transformer = WanExperts(self.high_noise_expert, self.transformer_2)
+        else:
+            self.transformer = self.high_noise_expert if expert == "high" else self.transformer_2
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -237,7 +330,13 @@ class WanModel(FlowModel):
     @property
     def trains_some_levels_only(self) -> bool:
         """True when one of two experts trains: the other expert's levels give losses without a graph."""
-        return self.expert is not None and self._mode != "frozen"
+        return self.expert in ("high", "low") and self._mode != "frozen"
+
+    @property
+    def trains_several_experts(self) -> bool:
+        """True when both of Wan 2.2's experts train (``expert="both"``): a step's backward reaches only the experts of
+        the levels it trains, so some trained weights get no gradient from it."""
+        return self.expert == "both" and self._mode != "frozen"
 
     @property
     def num_experts(self) -> int:
@@ -320,6 +419,37 @@ class WanModel(FlowModel):
         return cond
 
     # ------------------------------------------------------------------ video
+    def set_vae_tiling(self, enabled: bool = True, *, tile_size: int = 0, tile_stride: int = 0) -> None:
+        """Decode in overlapping spatial tiles of ``tile_size`` pixels (0: diffusers' 256), ``tile_stride`` pixels apart
+        (0: 192), blended where they overlap: diffusers' ``AutoencoderKLWan.enable_tiling`` (each tile runs through the
+        causal decoder frame by frame, so the decoder's activations scale with the tile). The video differs from the
+        untiled decode near the seams; ``enabled=False`` decodes whole frames again."""
+        if not enabled:
+            self.vae.disable_tiling()
+            return
+        size, stride = tile_size or 256, tile_stride or 192
+        for name, value in (("tile_size", size), ("tile_stride", stride)):
+            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(
+                    f"{name}={value!r} must be a positive multiple of the VAE's {self.vae_scale_factor}x compression."
+                )
+        if stride >= size:
+            raise ValueError(f"tile_stride={stride} must be less than tile_size={size}; the overlap is blended.")
+        self.vae.enable_tiling(
+            tile_sample_min_height=size,
+            tile_sample_min_width=size,
+            tile_sample_stride_height=stride,
+            tile_sample_stride_width=stride,
+        )
+
+    def set_vae_slicing(self, enabled: bool = True) -> None:
+        """Decode the videos of a batch one at a time (diffusers' ``enable_slicing``): the same videos, the decoder's
+        activations of one video at once."""
+        if enabled:
+            self.vae.enable_slicing()
+        else:
+            self.vae.disable_slicing()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``(B, C, F', h, w)`` -> videos ``(B, F, 3, H, W)`` in [0, 1], float32, differentiable (the
         pipeline's de-normalisation ``z * std + mean`` per channel, then the causal 3-D VAE)."""
@@ -342,6 +472,12 @@ class WanModel(FlowModel):
         return t.float() >= self.boundary_timestep
 
     def _run(self, transformer, hidden, t, embeds):
+        if self.expand_timesteps:
+            # Wan 2.2 TI2V text-to-video, as the pipeline: every token of a sample at the sample's timestep, (B, L)
+            # with L = F' * (h / 2) * (w / 2) tokens of the (1, 2, 2) patches
+            p_t, p_h, p_w = transformer.config.patch_size
+            f, h, w = hidden.shape[2:]
+            t = t.float().view(-1, 1).expand(-1, (f // p_t) * (h // p_h) * (w // p_w))
         return transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[
             0
         ]
@@ -400,9 +536,9 @@ class WanModel(FlowModel):
     # ------------------------------------------------------------------ training
     def _refuse_two_experts(self, what: str) -> None:
         if self.transformer_2 is not None and self.expert is None:
-            raise NotImplementedError(
-                f"{what} of both experts of a Wan 2.2 model at once is not implemented in diffrl; train one expert "
-                "per run: model.expert=high or model.expert=low (load_model(..., expert=...))."
+            raise ValueError(
+                f"{what} of a Wan 2.2 model needs the expert(s) to train: set model.expert to high, low or both "
+                "(load_model(..., expert=...))."
             )
 
     def add_lora(self, *args, **kwargs) -> None:
@@ -412,13 +548,46 @@ class WanModel(FlowModel):
         self._refuse_two_experts("LoRA training")
         super().add_lora(*args, **kwargs)
 
-    def save_lora(self, save_directory, adapter_name: str = "default", state=None):
-        """The diffusers LoRA file (:meth:`FlowModel.save_lora`); for one of Wan 2.2's experts also
-        ``diffrl_wan_expert.json`` naming it, so diffrl's loader puts the LoRA back on that expert (a plain pipeline
-        needs ``load_into_transformer_2=True`` for the low-noise one)."""
-        import json
+    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter's weights (:meth:`FlowModel.lora_state_dict`); with both experts, each expert's weights under
+        its :class:`WanExperts` prefix, ``high.`` or ``low.``."""
+        if not isinstance(self.transformer, WanExperts):
+            return super().lora_state_dict(adapter_name)
+        from peft.utils import get_peft_model_state_dict
 
-        out = super().save_lora(save_directory, adapter_name=adapter_name, state=state)
+        if not self.has_lora:
+            raise ValueError("this model has no LoRA adapter; call add_lora() first.")
+        out = {}
+        for prefix, expert in (("high", self.transformer.high), ("low", self.transformer.low)):
+            for k, v in get_peft_model_state_dict(expert, adapter_name=adapter_name).items():
+                out[f"{prefix}.{k}"] = v
+        return out
+
+    def save_lora(self, save_directory, adapter_name: str = "default", state=None):
+        """The diffusers LoRA file (:meth:`FlowModel.save_lora`); for Wan 2.2's experts also ``diffrl_wan_expert.json``
+        naming the trained one(s), so diffrl's loader puts the LoRA back on them (a plain pipeline needs
+        ``load_into_transformer_2=True`` for the low-noise one).
+
+        Both experts (``expert="both"``): the high-noise expert's LoRA in ``save_directory`` and the low-noise one's in
+        ``save_directory/transformer_2``, two diffusers LoRA files, as diffusers' Wan loader takes one transformer per
+        file: ``pipe.load_lora_weights(d)`` then ``pipe.load_lora_weights(d / "transformer_2",
+        load_into_transformer_2=True)``."""
+        import json
+        from pathlib import Path
+
+        if isinstance(self.transformer, WanExperts):
+            state = state if state is not None else self.lora_state_dict(adapter_name)
+            parts = {p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")} for p in ("high", "low")}
+            if sum(map(len, parts.values())) != len(state) or not all(parts.values()):
+                raise ValueError(
+                    "a LoRA state of both Wan 2.2 experts must hold 'high.' and 'low.' weights only; pass "
+                    "lora_state_dict()'s."
+                )
+            out = Path(save_directory)
+            super().save_lora(out, adapter_name=adapter_name, state=parts["high"])
+            super().save_lora(out / WAN_SECOND_EXPERT_DIR, adapter_name=adapter_name, state=parts["low"])
+        else:
+            out = super().save_lora(save_directory, adapter_name=adapter_name, state=state)
         if self.expert is not None:
             (out / WAN_EXPERT_FILE).write_text(json.dumps({"expert": self.expert}) + "\n")
         return out

@@ -189,6 +189,17 @@ class Trainer:
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         setup_training_mode(self.model, cfg)
+        # after the training mode is set, which the two flags depend on
+        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
+            raise NotImplementedError(
+                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
+                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
+            )
+        if getattr(self.model, "trains_several_experts", False) and (self.sharded or self.zero_stage):
+            raise NotImplementedError(
+                "training both of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (each backward reaches "
+                "one expert's weights only); launch with DDP or one process."
+            )
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
 
@@ -204,17 +215,21 @@ class Trainer:
                     f"sample.num_frames={cfg.sample.num_frames} is for video models, but {cfg.model.path} makes "
                     "images; set it to 0."
                 )
+            for name in ("vae_tiling", "vae_slicing"):
+                if getattr(cfg.video, name):
+                    raise ConfigError(
+                        f"video.{name}=true is for video models, but {cfg.model.path} makes images; set it to false."
+                    )
             return
         from diffrl.rewards import for_video
 
         if cfg.sample.num_frames:
             self.model.num_frames = cfg.sample.num_frames
-        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
-            raise NotImplementedError(
-                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
-                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
-            )
         v = cfg.video
+        if v.vae_tiling:
+            self.model.set_vae_tiling(tile_size=v.vae_tile_size, tile_stride=v.vae_tile_stride)
+        if v.vae_slicing:
+            self.model.set_vae_slicing()
         options = dict(frames=v.frames or None, every=v.every, num=v.num, combine=v.combine)
         same = self.eval_reward is self.reward
         self.reward = for_video(self.reward, **options)
