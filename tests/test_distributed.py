@@ -462,13 +462,20 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_saves_the_whole_pipeline(
         torch.testing.assert_close(weights[name].float(), p.detach(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
 
 
-@pytest.mark.slow  # ~30 s (a 2-process launch plus a 1-process reference run)
-def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_run):
-    """FLUX has ``single_transformer_blocks`` next to ``transformer_blocks``: both are sharded."""
-    from diffrl.models.loading import tiny_model_dir
+@pytest.mark.slow  # ~30 s each (a 2-process launch plus a 1-process reference run)
+@pytest.mark.parametrize(
+    "family, block_key",
+    [("flux", "single_transformer_blocks"), ("z_image", "noise_refiner"), ("wan", "blocks.")],
+)
+def test_fsdp_shards_each_familys_blocks_and_matches_one_process(family, block_key, tmp_path, fsdp_run):
+    """Each adapter names the block lists FSDP2 shards (``shard_block_lists``): FLUX's ``single_transformer_blocks``
+    next to ``transformer_blocks``, Z-Image's refiners and layers, Wan's ``blocks``; the 2-process sharded run
+    trains the same LoRA as one process."""
+    from diffrl.models.loading import load_model, tiny_model_dir
 
-    tiny_model_dir("tiny:flux")  # built here before the launch: two processes building it would race
-    extra = ("model.path=tiny:flux",)
+    tiny_model_dir(f"tiny:{family}")  # built here before the launch: two processes building it would race
+    assert load_model(f"tiny:{family}").shard_blocks()  # the adapter finds blocks to shard
+    extra = (f"model.path=tiny:{family}",)
     ref_out = tmp_path / "one"
     build_trainer(
         PRESET["diffusion_nft"],
@@ -478,9 +485,9 @@ def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_r
     out, seconds = fsdp_run("diffusion_nft", extra)
     assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
     ref, got = _lora_file(ref_out), _lora_file(out)
-    assert ref.keys() == got.keys() and any("single_transformer_blocks" in k for k in ref)
+    assert ref.keys() == got.keys() and any(block_key in k for k in ref)
     assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 20 * WEIGHT_ATOL  # B starts at 0
-    print(f"\n[flux diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}")
+    print(f"\n[{family} diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}")
     for key in ref:
         torch.testing.assert_close(
             got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"

@@ -486,6 +486,17 @@ class FlowModel:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    #: The transformer's ``nn.ModuleList`` attributes whose blocks FSDP2 shards one by one (``fully_shard`` per
+    #: block, then the whole transformer); a family whose transformer names its blocks differently lists its own.
+    shard_block_lists: tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks")
+
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The transformer blocks FSDP2 shards one by one (from :attr:`shard_block_lists`); empty when the
+        transformer has none of them (then FSDP is refused for this model)."""
+        return [
+            block for name in self.shard_block_lists for block in (getattr(self.transformer, name, None) or [])
+        ]
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model (the reference policy) inside this block: the LoRA adapter is switched off."""

@@ -189,6 +189,7 @@ class WanModel(FlowModel):
     default_lora_rank = 32
     default_lora_alpha = 32
     default_lora_targets = WAN_LORA_TARGETS
+    shard_block_lists = ("blocks",)  # WanTransformer3DModel's blocks, sharded one by one under FSDP2
     _num_frames = default_num_frames  # also for the size check on config files alone (check_image_size)
     # Every prompt is padded to max_sequence_length (512) UMT5 tokens, attended to by cross-attention; the estimate
     # counts them with the video tokens (an upper bound: they are keys and values only).

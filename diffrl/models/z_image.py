@@ -56,6 +56,8 @@ class ZImageModel(FlowModel):
     default_lora_rank = 32
     default_lora_alpha = 32
     default_lora_targets = Z_IMAGE_LORA_TARGETS
+    # FSDP2 shards the refiners' blocks and the main layers (Omni's siglip_refiner too, where it exists)
+    shard_block_lists = ("noise_refiner", "context_refiner", "siglip_refiner", "layers")
     # The pipeline keeps each prompt's real tokens, at most max_sequence_length (512): the estimate's upper bound.
     memory_text_tokens = 512
 

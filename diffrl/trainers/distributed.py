@@ -166,15 +166,11 @@ class Distributed:
         transformer = model.transformer
         # fully_shard swaps in a subclass; the final save rebuilds this one
         self.transformer_cls = type(transformer)
-        blocks = [
-            block
-            for name in ("transformer_blocks", "single_transformer_blocks")
-            for block in (getattr(transformer, name, None) or [])
-        ]
+        blocks = model.shard_blocks()
         if not blocks:
             raise NotImplementedError(
-                f"{type(transformer).__name__} has no transformer_blocks to shard; FSDP supports the SD3 and FLUX "
-                "transformers, launch this model with DDP."
+                f"{type(transformer).__name__} has none of the block lists FSDP shards ({model.shard_block_lists}); "
+                "launch this model with DDP."
             )
         for block in blocks:
             fully_shard(block, mesh=mesh)
