@@ -44,6 +44,8 @@ class Conditioning:
     image_grid: torch.Tensor | None = (
         None  # (B, 2) their token grid (rows, columns), long; (B, 2K) for K images
     )
+    image_embeds: torch.Tensor | None = None  # (B, N_i, D_i) Wan 2.1 I2V: the source image's CLIP hidden states
+    source_keys: torch.Tensor | None = None  # (B,) long Wan I2V: each row's source image in the adapter's cache
     _cfg: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def cfg_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
