@@ -124,7 +124,7 @@ class DPOTrainer(Trainer):
         batch = self.step_batch(d.prompts_per_step)
         prompts, metadata, group_ids = self.expand_groups(batch, d.group_size)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
-        cond_all = model.encode(batch.prompts).repeat_interleave(d.group_size)
+        cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(d.group_size)
         n = len(prompts)
 
         def sample_chunk(rows):
@@ -156,7 +156,15 @@ class DPOTrainer(Trainer):
         metrics["sample/pair_frac"] = float(valid_all.mean())
         metrics["sample/pair_reward_gap"] = float(gap_all.sum() / valid_all.sum().clamp(min=1))
         x0 = x0.float()
-        return [prompts[i] for i in chosen.tolist()], x0[chosen], x0[rejected], valid.to(self.device)
+        # the pairs' metadata (a source image of an image-conditioned model) goes with them to the training pass
+        pair_metadata = {k: [v[i] for i in chosen.tolist()] for k, v in metadata.items()}
+        return (
+            [prompts[i] for i in chosen.tolist()],
+            x0[chosen],
+            x0[rejected],
+            valid.to(self.device),
+            pair_metadata,
+        )
 
     # ------------------------------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict[str, float]:
@@ -165,6 +173,7 @@ class DPOTrainer(Trainer):
         if d.mode == "offline":
             prompts, x_w, x_l = self.offline_batch(step)
             valid = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+            pair_metadata = {}
         else:
             if self.buffer is None or step % d.online_every == 0:
                 got = self.online_round(metrics)
@@ -175,8 +184,8 @@ class DPOTrainer(Trainer):
                 metrics["sample/new_pairs"] = 1.0
             else:
                 metrics["sample/new_pairs"] = 0.0
-            prompts, x_w, x_l, valid = self.buffer
-        metrics.update(self.train_on_pairs(prompts, x_w, x_l, valid))
+            prompts, x_w, x_l, valid, pair_metadata = self.buffer
+        metrics.update(self.train_on_pairs(prompts, x_w, x_l, valid, pair_metadata))
         return metrics
 
     def pair_draws(self, p: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,9 +200,9 @@ class DPOTrainer(Trainer):
             noise.append(torch.randn((k, *shape), generator=g))
         return torch.stack(levels).to(self.device), torch.stack(noise).to(self.device)
 
-    def train_on_pairs(self, prompts, x_w, x_l, valid) -> dict[str, float]:
+    def train_on_pairs(self, prompts, x_w, x_l, valid, metadata=None) -> dict[str, float]:
         """One optimiser update on the pairs: the gradient of the mean DPO loss over the valid pairs of every process
-        and the levels."""
+        and the levels. ``metadata`` (one list per key, one entry per pair) reaches the model's ``encode_rows``."""
         cfg, d, model = self.cfg, self.cfg.dpo, self.model
         p = len(prompts)
         n_valid = float(self.sum_over_processes(valid.float().sum().reshape(1).double())[0])
@@ -202,7 +211,7 @@ class DPOTrainer(Trainer):
             return {**metrics, "train/skipped": 0.0}
         per_process = n_valid / self.world
         levels, eps_all = self.pair_draws(p, x_w.shape[1:])
-        cond_all = model.encode(prompts)
+        cond_all = model.encode_rows(prompts, metadata)
         guidance = self.cfg_free_guidance()
         k = levels.shape[1]
         names = ("loss", "implicit_acc", "reward_margin", "model_err_chosen", "model_err_rejected")
@@ -253,9 +262,18 @@ class DPOTrainer(Trainer):
         run resumed between two rounds trains on the same pairs (one process only: see the config check)."""
         if self.cfg.dpo.mode != "online" or self.cfg.dpo.online_every == 1 or self.buffer is None:
             return {}
-        prompts, x_w, x_l, valid = self.buffer
+        prompts, x_w, x_l, valid, metadata = self.buffer
         names = json.dumps(list(prompts)).encode()
+        kept = {}  # the metadata fields JSON can hold (a source image's path; not a PIL image)
+        for key, values in metadata.items():
+            try:
+                json.dumps(values)
+            except TypeError:
+                continue
+            kept[key] = values
+        meta = json.dumps(kept).encode()
         return {
+            "dpo_buffer.metadata": torch.frombuffer(bytearray(meta), dtype=torch.uint8).clone(),
             "dpo_buffer.chosen": x_w.contiguous(),
             "dpo_buffer.rejected": x_l.contiguous(),
             "dpo_buffer.valid": valid.to(torch.uint8),
@@ -266,9 +284,12 @@ class DPOTrainer(Trainer):
         if "dpo_buffer.chosen" not in tensors:
             return
         prompts = json.loads(bytes(tensors["dpo_buffer.prompts"].cpu().numpy().tobytes()).decode())
+        meta = tensors.get("dpo_buffer.metadata")
+        metadata = {} if meta is None else json.loads(bytes(meta.cpu().numpy().tobytes()).decode())
         self.buffer = (
             prompts,
             tensors["dpo_buffer.chosen"].to(self.device),
             tensors["dpo_buffer.rejected"].to(self.device),
             tensors["dpo_buffer.valid"].bool().to(self.device),
+            metadata,
         )
