@@ -343,32 +343,39 @@ def test_every_trainer_takes_a_step_on_wan_i2v(algo, tmp_path):
         assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
 
 
-def test_trainer_refuses_rows_without_an_image_before_sampling(tmp_path, monkeypatch):
-    """Prompt text without source images: the first step fails with one sentence naming a row and the fix, before
-    any rollout."""
+def test_trainer_refuses_rows_without_an_image_before_sampling(tmp_path):
+    """Prompt text without source images: the run's set-up fails with one sentence naming the prompt file, a prompt
+    that lacks an image and the fix, right after the model loads and before any sampling; a .jsonl file where one row
+    lacks it names that row's prompt."""
     from diffrl.train import build_trainer
-    from diffrl.trainers import flow_grpo
 
-    trainer = build_trainer(
-        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
-        [
-            f"output_dir={tmp_path / 'run'}",
-            f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}",
-            "model.path=tiny:wan_i2v",
-            f"sample.num_frames={FRAMES}",
-            "max_steps=1",
-            "eval_every=0",
-            "checkpointing_steps=0",
-            "report_to=none",
-        ],
-    )
-    rollouts = []
-    monkeypatch.setattr(flow_grpo, "rollout", lambda *a, **k: rollouts.append(1))
+    common = [
+        f"output_dir={tmp_path / 'run'}",
+        "model.path=tiny:wan_i2v",
+        f"sample.num_frames={FRAMES}",
+        "max_steps=1",
+        "eval_every=0",
+        "checkpointing_steps=0",
+        "report_to=none",
+    ]
+    text = ROOT / "configs" / "tiny" / "prompts.txt"
     with pytest.raises(
-        ValueError, match=r"needs a source image for every prompt, but the row of prompt '.+' .* has none"
+        ValueError,
+        match=r"tiny:wan_i2v \(WanI2VModel\) needs the metadata field 'image' on every prompt, and .*prompts\.txt has "
+        r"none on \d+ of \d+ prompts \(e\.g\. '.+'\); use a \.jsonl prompt file with an 'image' field per line",
     ):
-        trainer.train_step(0)
-    assert not rollouts
+        build_trainer(ROOT / "configs" / "tiny" / "flow_grpo.yaml", [*common, f"data.train={text}"])
+    prompts, _ = _prompt_file(tmp_path)
+    rows = prompts.read_text().splitlines()
+    rows[2] = json.dumps({"prompt": "no image here"})
+    prompts.write_text("\n".join(rows) + "\n")
+    with pytest.raises(
+        ValueError, match=r"i2v\.jsonl has none on 1 of \d prompts \(e\.g\. 'no image here'\)"
+    ):
+        build_trainer(
+            ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+            [*common, f"data.train={prompts}", f"data.eval={prompts}"],
+        )
 
 
 def test_diffrl_sample_reads_source_images_from_the_prompt_file(model, tmp_path):

@@ -1202,7 +1202,9 @@ def build_tiny_wan_i2v(
 
     with tempfile.TemporaryDirectory() as tmp:
         base = WanPipeline.from_pretrained(
-            build_tiny_wan(Path(tmp) / "t2v", seed=seed, num_layers=num_layers, latent_channels=latent_channels)
+            build_tiny_wan(
+                Path(tmp) / "t2v", seed=seed, num_layers=num_layers, latent_channels=latent_channels
+            )
         )
         mask_channels = int(base.vae.config.scale_factor_temporal)
         with torch.random.fork_rng(devices=[]):
@@ -1210,7 +1212,9 @@ def build_tiny_wan_i2v(
                 latent_channels, mask_channels, num_layers, seed, "i2v_transformer", clip=not two_experts
             )
             transformer_2 = (
-                _wan_i2v_transformer(latent_channels, mask_channels, num_layers, seed, "i2v_transformer_2", False)
+                _wan_i2v_transformer(
+                    latent_channels, mask_channels, num_layers, seed, "i2v_transformer_2", False
+                )
                 if two_experts
                 else None
             )

@@ -358,7 +358,9 @@ class WanModel(FlowModel):
         if not bool(high.any()):
             return self._run(self.transformer_2, hidden, t, embeds, image)
         # the transformer's output channels: fewer than its input's in image-to-video (the condition channels)
-        out = hidden.new_empty((hidden.shape[0], self.high_noise_expert.config.out_channels, *hidden.shape[2:]))
+        out = hidden.new_empty(
+            (hidden.shape[0], self.high_noise_expert.config.out_channels, *hidden.shape[2:])
+        )
         for mask, transformer in ((high, self.high_noise_expert), (~high, self.transformer_2)):
             part = None if image is None else image[mask]
             out[mask] = self._run(transformer, hidden[mask], t[mask], embeds[mask], part).to(out.dtype)

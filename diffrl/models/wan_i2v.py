@@ -58,6 +58,7 @@ class WanI2VModel(WanModel):
     pipeline_class_name = "WanImageToVideoPipeline"
     # the prompt's 512 UMT5 tokens and Wan 2.1's 257 CLIP tokens (an upper bound for Wan 2.2 I2V, which has none)
     memory_text_tokens = 512 + 257
+    required_metadata = ("image",)  # each prompt row's source image
 
     def __init__(self, pipe, *, condition_cache_size: int = 64, **kwargs):
         super().__init__(pipe, **kwargs)
