@@ -110,6 +110,18 @@ def test_condition_latent_equals_pipeline_prepare_latents(model, pipe):
     assert torch.equal(cond.repeat_interleave(2).source_keys, cond.source_keys.repeat_interleave(2))
 
 
+def test_condition_cache_is_bounded_and_recomputes_the_same(model22):
+    """With room for one condition, alternating two images evicts and recomputes each: the same tensor bit for bit;
+    a bad cache size is refused when loading."""
+    small = WanI2VModel(model22.pipe, num_frames=FRAMES, condition_cache_size=1)
+    first = small.image_condition(_image(10), *SIZE)
+    other = small.image_condition(_image(11), *SIZE)
+    assert len(small._conditions) == 1 and not torch.equal(first, other)
+    assert torch.equal(small.image_condition(_image(10), *SIZE), first)
+    with pytest.raises(ValueError, match="condition_cache_size=0 must be a positive integer"):
+        WanI2VModel(model22.pipe, condition_cache_size=0)
+
+
 def _pipeline_latents(pipe, image, prompts, negative, cfg, steps, seed, output_type="latent", **kw):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     return pipe(

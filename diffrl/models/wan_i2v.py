@@ -50,8 +50,9 @@ class WanI2VModel(WanModel):
     ``diffrl eval`` pass each prompt row's ``metadata["image"]`` through :meth:`encode_rows`.
 
     ``condition_cache_size`` bounds the condition latents kept (one per source image and sampling size, on the model's
-    device: 20 x 21 x 60 x 104 values, 5 MiB in bfloat16, for 81 frames at 480 x 832) and the source images kept
-    (on the CPU); an evicted condition is recomputed, bit for bit the same.
+    device: 20 x 21 x 60 x 104 values, 5 MiB in bfloat16, for 81 frames at 480 x 832); four times as many source
+    images are kept (on the CPU, with their CLIP embeddings on the device). An evicted condition is recomputed, bit for
+    bit the same.
     """
 
     family = "wan_i2v"
@@ -149,7 +150,7 @@ class WanI2VModel(WanModel):
             with torch.no_grad():
                 # the pipeline's encode_image: the CLIP vision encoder's penultimate hidden states
                 embeds = self.pipe.encode_image(image, device=self.device)[0].to(self.dtype)
-        self._remember(self._sources, key, (image, embeds), max(self.condition_cache_size, 1024))
+        self._remember(self._sources, key, (image, embeds), 4 * self.condition_cache_size)
         return key
 
     def image_condition(self, image, height: int, width: int, num_frames: int | None = None) -> torch.Tensor:
