@@ -486,3 +486,37 @@ def test_flow_factory_preset_maps_the_recipe_and_runs_on_the_tiny_model(tmp_path
     assert all(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
     # the second of the two updates is off-policy by one tiny update: the mean ratio is near 1, not exactly
     assert abs(metrics["train/ratio_mean"] - 1.0) < 1e-3
+
+
+def test_memory_estimate_counts_the_image_encoder_and_the_noisy_latent(model):
+    """``diffrl doctor``'s estimate of tiny:wan_i2v through the adapter's hooks: every component's weights (the CLIP
+    image encoder included) as the loaded pipeline holds them, the trainer's LoRA, and the stored latent of the VAE's
+    channels (not the transformer's input channels); the published Wan I2V checkpoints get an estimate."""
+    import math
+
+    from diffrl.config import load_config
+    from diffrl.doctor.memory import estimate_memory
+    from diffrl.models import load_model_from_config
+    from diffrl.trainers.engine import setup_training_mode
+
+    overrides = ["model.path=tiny:wan_i2v", f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}"]
+    cfg = load_config(ROOT / "configs" / "tiny" / "flow_grpo.yaml", [*overrides, "sample.num_frames=5"])
+    est = estimate_memory(cfg, tiny_model_dir("tiny:wan_i2v"))
+    held = sum(
+        p.numel()
+        for c in model.pipe.components.values()
+        if isinstance(c, torch.nn.Module)
+        for p in c.parameters()
+    )
+    assert est.params == held and sum(p.numel() for p in model.pipe.image_encoder.parameters()) > 0
+    trained = load_model_from_config(cfg.model)
+    setup_training_mode(trained, cfg)
+    assert est.trainable_params == sum(p.numel() for p in trained.trainable_parameters())
+    _, _, c_lat = WanI2VModel.vae_geometry(dict(model.vae.config))
+    frames, _ = WanI2VModel.memory_frames(5, dict(model.vae.config))
+    assert math.prod(model.latent_shape(32, 32)) == c_lat * frames * 8 * 8
+    for path in ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"):
+        e = estimate_memory(
+            load_config(ROOT / "configs" / "tiny" / "flow_grpo.yaml", [*overrides, f"model.path={path}"])
+        )
+        assert e.total > 0 and "published sizes" in e.source
