@@ -355,6 +355,39 @@ def test_every_trainer_takes_a_step_on_wan_i2v(algo, tmp_path):
         assert metrics["train/ratio_mean"] == 1.0 and metrics["train/approx_kl"] == 0.0
 
 
+@pytest.mark.slow  # about 4 s on 2 busy cores
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft"])
+def test_wan22_i2v_trains_the_low_noise_expert(algo, tmp_path):
+    """model.expert=low on tiny:wan22_i2v with image rows: one step moves every LoRA tensor of transformer_2 and
+    leaves the high-noise expert untouched (DiffusionNFT's batches mix levels of both experts)."""
+    from diffrl.train import build_trainer
+
+    prompts, _ = _prompt_file(tmp_path)
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / f"{algo}.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            "data.eval_size=1",
+            "model.path=tiny:wan22_i2v",
+            "model.expert=low",
+            f"sample.num_frames={FRAMES}",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+    )
+    model = trainer.model
+    assert model.transformer is model.pipe.transformer_2
+    high = [p.detach().clone() for p in model.pipe.transformer.parameters()]
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+    assert all(torch.equal(a, p) for a, p in zip(high, model.pipe.transformer.parameters(), strict=True))
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+
+
 def test_trainer_refuses_rows_without_an_image_before_sampling(tmp_path):
     """Prompt text without source images: the run's set-up fails with one sentence naming the prompt file, a prompt
     that lacks an image and the fix, right after the model loads and before any sampling; a .jsonl file where one row
