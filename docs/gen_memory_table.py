@@ -4,7 +4,7 @@
     python docs/gen_memory_table.py --check   # exit 1 if the table there is out of date
 
 For the first published checkpoint of every family in ``diffrl.doctor.memory._PUBLISHED`` (and SD3.5 Large, Wan 2.1
-14B and Wan 2.2 A14B), LoRA
+14B, Wan 2.2 A14B and Wan 2.2 I2V A14B), LoRA
 and full fine-tuning, and GPUs of 24, 48, 80 and 141 GiB, each cell names the first setting of a fixed ladder whose
 estimated peak stays within 85% of the GPU (where ``diffrl doctor`` stops warning about headroom); a last column gives
 what ``model.offload_text_encoders=true`` takes off the peak with bf16 and checkpointing on one GPU. Two-expert
@@ -38,6 +38,7 @@ EXTRA = (
     "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
 )
 PROCESSES = 8
 OFFLOAD = "model.offload_text_encoders=true"

@@ -171,8 +171,8 @@ def test_online_step_pairs_the_best_and_worst_image_of_each_group_and_starts_at_
 
     trainer = build_trainer(PRESET, _overrides(tmp_path, "max_steps=1"), reward=reward)
     metrics = trainer.train_step(0)
-    prompts, x_w, x_l, valid, _ = trainer.buffer
-    assert valid.tolist() == [True, False] and len(prompts) == 2
+    prompts, x_w, x_l, valid, metadata = trainer.buffer
+    assert valid.tolist() == [True, False] and len(prompts) == 2 and metadata == {}
     images = seen[0]
     with torch.no_grad():
         torch.testing.assert_close(trainer.model.decode(x_w[:1]), images[1:2], rtol=0, atol=1e-5)

@@ -548,12 +548,13 @@ def test_online_dpo_keeps_the_pairs_reference_images_across_a_resume(tmp_path):
     )
     trainer.train_step(0)
     by_prompt = {r["prompt"]: str(tmp_path / r["image"]) for r in rows}
-    kept_prompts, *_, kept_images = trainer.buffer
+    kept_prompts, *_, kept_metadata = trainer.buffer
+    kept_images = kept_metadata["image"]
     assert kept_images == [by_prompt[p] for p in kept_prompts]
     state = trainer.extra_state()
     trainer.buffer = None
     trainer.load_extra_state(state)
-    assert trainer.buffer[0] == kept_prompts and trainer.buffer[4] == kept_images
+    assert trainer.buffer[0] == kept_prompts and trainer.buffer[4]["image"] == kept_images
     encoded = []
     original = trainer.model.encode
 

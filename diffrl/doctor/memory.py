@@ -298,6 +298,27 @@ _PUBLISHED = {
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": PublishedModel(
         "WanPipeline", _WAN_TI2V_5B, _WAN22_VAE, 5.681e9 + 0.7047e9, vae_params=0.7047e9
     ),
+    # Wan image-to-video (diffusers' scripts/convert_wan_to_diffusers.py configs "Wan-I2V-14B-480p" / "-720p" and
+    # "Wan2.2-I2V-14B-720p"): the 14B transformer with 36 input channels (the noisy latent, 4 mask channels, the
+    # condition latent); Wan 2.1's also with image cross-attention (image_dim 1280, added_kv_proj_dim 5120) and the
+    # CLIP ViT-H/14 vision encoder (CLIPVisionModelWithProjection: width 1280, 32 layers, projection 1024: 0.632B,
+    # counted from that config); Wan 2.2 I2V A14B: two experts, no image encoder.
+    **{
+        f"Wan-AI/Wan2.1-I2V-14B-{res}-Diffusers": PublishedModel(
+            "WanImageToVideoPipeline",
+            {**_WAN_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
+            _WAN_VAE,
+            _WAN_OTHERS + 0.632e9,
+        )
+        for res in ("480P", "720P")
+    },
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": PublishedModel(
+        "WanImageToVideoPipeline",
+        {**_WAN_14B, "in_channels": 36},
+        _WAN_VAE,
+        _WAN_OTHERS,
+        frozen_transformers=1,
+    ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
 #: 2022, 34 s b h bytes at 16 bit, without the attention matrix that fused attention does not store).

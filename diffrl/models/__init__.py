@@ -9,6 +9,7 @@ from .qwen_image import QwenImageModel
 from .qwen_image_edit import QwenImageEditModel, QwenImageEditPlusModel
 from .sd3 import SD3Model
 from .wan import WanModel
+from .wan_i2v import WanI2VModel
 from .z_image import ZImageModel
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SD3Model",
     "ZImageModel",
     "WanModel",
+    "WanI2VModel",
     "detect_family",
     "load_model",
     "load_model_from_config",

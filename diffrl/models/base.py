@@ -44,6 +44,8 @@ class Conditioning:
     image_grid: torch.Tensor | None = (
         None  # (B, 2) their token grid (rows, columns), long; (B, 2K) for K images
     )
+    image_embeds: torch.Tensor | None = None  # (B, N_i, D_i) Wan 2.1 I2V: the source image's CLIP states
+    source_keys: torch.Tensor | None = None  # (B,) long Wan I2V: each row's source image key (adapter cache)
     _cfg: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def cfg_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +184,9 @@ class FlowModel:
     # Text tokens per prompt the transformer attends to, as `diffrl doctor`'s memory estimate counts them (an upper
     # bound where a family pads to a maximum length).
     memory_text_tokens: int = 0
+    # Metadata fields every prompt row must carry for this model (Wan image-to-video: its source image, "image"),
+    # checked by the trainers when the model is set up, before any sampling.
+    required_metadata: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ sizes from config files (no model built)
     # The memory estimate (diffrl.doctor.memory) reads these from a pipeline's config.json files, so a family's

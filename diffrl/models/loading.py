@@ -17,6 +17,7 @@ from .qwen_image import QwenImageModel
 from .qwen_image_edit import QwenImageEditModel, QwenImageEditPlusModel
 from .sd3 import SD3Model
 from .wan import WanModel
+from .wan_i2v import WanI2VModel
 from .z_image import ZImageModel
 
 __all__ = [
@@ -40,6 +41,7 @@ ADAPTERS: dict[str, type[FlowModel]] = {
     WanModel.pipeline_class_name: WanModel,
     QwenImageEditModel.pipeline_class_name: QwenImageEditModel,
     QwenImageEditPlusModel.pipeline_class_name: QwenImageEditPlusModel,
+    WanI2VModel.pipeline_class_name: WanI2VModel,
 }
 
 
@@ -85,6 +87,8 @@ TINY_BUILDERS = {
     "wan": ("build_tiny_wan", {}),
     "wan22": ("build_tiny_wan", {"two_experts": True}),
     "wan22_ti2v": ("build_tiny_wan", {"ti2v": True}),
+    "wan_i2v": ("build_tiny_wan_i2v", {}),
+    "wan22_i2v": ("build_tiny_wan_i2v", {"two_experts": True}),
 }
 
 
@@ -187,6 +191,7 @@ def load_model(
         QwenImageEditPlusPipeline,
         QwenImagePipeline,
         StableDiffusion3Pipeline,
+        WanImageToVideoPipeline,
         WanPipeline,
         ZImagePipeline,
     )
@@ -201,6 +206,7 @@ def load_model(
         "wan": WanPipeline,
         "qwen_image_edit": QwenImageEditPipeline,
         "qwen_image_edit_plus": QwenImageEditPlusPipeline,
+        "wan_i2v": WanImageToVideoPipeline,
     }[adapter_cls.family]
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None to reload.
     absent = {
@@ -284,6 +290,7 @@ def check_image_size(path: str | Path, height: int, width: int, revision: str | 
             "wan": (WanTransformer3DModel, AutoencoderKLWan),
             "qwen_image_edit": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
             "qwen_image_edit_plus": (QwenImageTransformer2DModel, AutoencoderKLQwenImage),
+            "wan_i2v": (WanTransformer3DModel, AutoencoderKLWan),
         }[adapter_cls.family]
         configs = {
             name: FrozenDict(cls.load_config(path, subfolder=name, revision=revision))

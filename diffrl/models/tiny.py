@@ -87,6 +87,7 @@ __all__ = [
     "FLUX2_SCHEDULER_CONFIG",
     "build_tiny_wan",
     "WAN_SCHEDULER_SHIFT",
+    "build_tiny_wan_i2v",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
 ]
@@ -1151,6 +1152,125 @@ def build_tiny_qwen_image_edit(
             tokenizer=base.tokenizer,
             processor=processor,
             transformer=base.transformer,
+        )
+        path = _prepare_dir(path)
+        pipe.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.1 / 2.2 image-to-video
+# ----------------------------------------------------------------------------------------------
+
+#: Width of the tiny CLIP vision encoder of the Wan 2.1 image-to-video pipeline (the transformer's ``image_dim``).
+WAN_I2V_CLIP_HIDDEN = 16
+#: Side of the square image the tiny CLIP vision encoder sees: 2 x 2 patches of 14 pixels and a class token.
+WAN_I2V_CLIP_IMAGE_SIZE = 28
+
+
+def _wan_i2v_transformer(
+    latent_channels: int, mask_channels: int, num_layers: int, seed: int, component: str, clip: bool
+):
+    """The tiny Wan transformer of :func:`_wan_transformer` with the image-to-video input: the noisy latent, the
+    ``mask_channels`` mask and the condition latent concatenated (``2 C + 4`` channels; Wan 2.1 I2V 14B: 36), and,
+    with ``clip``, Wan 2.1's image cross-attention (``image_dim``, ``added_kv_proj_dim``)."""
+    from diffusers import WanTransformer3DModel
+
+    _seed(seed, component)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=2 * latent_channels + mask_channels,
+        out_channels=latent_channels,
+        text_dim=WAN_TEXT_D_MODEL,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=WAN_I2V_CLIP_HIDDEN if clip else None,
+        added_kv_proj_dim=2 * 12 if clip else None,  # the transformer's width, as Wan 2.1 I2V 14B's 5120
+        rope_max_seq_len=1024,
+    ).eval()
+
+
+def build_tiny_wan_i2v(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    latent_channels: int = 4,
+    two_experts: bool = False,
+    boundary_ratio: float = 0.9,
+) -> Path:
+    """Build a tiny random :class:`~diffusers.WanImageToVideoPipeline` and save it to ``path``: the text encoder,
+    tokenizer, VAE and scheduler of :func:`build_tiny_wan` (same seed, same weights) with image-to-video
+    transformers, whose input is the noisy latent, a 4-channel first-frame mask and the source image's latent
+    (``2 * latent_channels + 4`` channels).
+
+    * Wan 2.1 layout (default): one transformer with image cross-attention (``image_dim`` 16, ``added_kv_proj_dim``
+      24) and the CLIP image encoder, a :class:`~transformers.CLIPVisionModelWithProjection` (2 layers of width 16,
+      14-pixel patches of a 28 x 28 image: 5 tokens) with its :class:`~transformers.CLIPImageProcessor`
+      (``image_processor``), built from their config classes.
+    * ``two_experts`` (Wan 2.2 I2V A14B layout): ``transformer`` and ``transformer_2`` without image cross-attention,
+      no image encoder, and the pipeline's ``boundary_ratio`` (Wan 2.2 I2V A14B: 0.9).
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+    """
+    import tempfile
+
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = WanPipeline.from_pretrained(
+            build_tiny_wan(
+                Path(tmp) / "t2v", seed=seed, num_layers=num_layers, latent_channels=latent_channels
+            )
+        )
+        mask_channels = int(base.vae.config.scale_factor_temporal)
+        with torch.random.fork_rng(devices=[]):
+            transformer = _wan_i2v_transformer(
+                latent_channels, mask_channels, num_layers, seed, "i2v_transformer", clip=not two_experts
+            )
+            transformer_2 = (
+                _wan_i2v_transformer(
+                    latent_channels, mask_channels, num_layers, seed, "i2v_transformer_2", False
+                )
+                if two_experts
+                else None
+            )
+            image_encoder = image_processor = None
+            if not two_experts:
+                _seed(seed, "image_encoder")
+                image_encoder = CLIPVisionModelWithProjection(
+                    CLIPVisionConfig(
+                        hidden_size=WAN_I2V_CLIP_HIDDEN,
+                        intermediate_size=2 * WAN_I2V_CLIP_HIDDEN,
+                        projection_dim=WAN_I2V_CLIP_HIDDEN,
+                        num_hidden_layers=2,
+                        num_attention_heads=2,
+                        image_size=WAN_I2V_CLIP_IMAGE_SIZE,
+                        patch_size=14,
+                    )
+                ).eval()
+                side = WAN_I2V_CLIP_IMAGE_SIZE
+                image_processor = CLIPImageProcessor(
+                    size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+                )
+        pipe = WanImageToVideoPipeline(
+            tokenizer=base.tokenizer,
+            text_encoder=base.text_encoder,
+            vae=base.vae,
+            scheduler=base.scheduler,
+            image_processor=image_processor,
+            image_encoder=image_encoder,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            boundary_ratio=boundary_ratio if two_experts else None,
         )
         path = _prepare_dir(path)
         pipe.save_pretrained(path)

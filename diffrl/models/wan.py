@@ -472,26 +472,35 @@ class WanModel(FlowModel):
             return None
         return t.float() >= self.boundary_timestep
 
-    def _run(self, transformer, hidden, t, embeds):
+    def _run(self, transformer, hidden, t, embeds, image=None):
+        # image: Wan 2.1 image-to-video's CLIP embeddings of the source image (None for text-to-video)
         if self.expand_timesteps:
             # Wan 2.2 TI2V text-to-video, as the pipeline: every token of a sample at the sample's timestep, (B, L)
             # with L = F' * (h / 2) * (w / 2) tokens of the (1, 2, 2) patches
             p_t, p_h, p_w = transformer.config.patch_size
             f, h, w = hidden.shape[2:]
             t = t.float().view(-1, 1).expand(-1, (f // p_t) * (h // p_h) * (w // p_w))
-        return transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=embeds, return_dict=False)[
-            0
-        ]
+        return transformer(
+            hidden_states=hidden,
+            timestep=t,
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_image=image,
+            return_dict=False,
+        )[0]
 
-    def _predict(self, hidden, t, embeds):
+    def _predict(self, hidden, t, embeds, image=None):
         high = self._expert_mask(t)
         if high is None or bool(high.all()):
-            return self._run(self.high_noise_expert, hidden, t, embeds)
+            return self._run(self.high_noise_expert, hidden, t, embeds, image)
         if not bool(high.any()):
-            return self._run(self.transformer_2, hidden, t, embeds)
-        out = torch.empty_like(hidden)
+            return self._run(self.transformer_2, hidden, t, embeds, image)
+        # the transformer's output channels: fewer than its input's in image-to-video (the condition channels)
+        out = hidden.new_empty(
+            (hidden.shape[0], self.high_noise_expert.config.out_channels, *hidden.shape[2:])
+        )
         for mask, transformer in ((high, self.high_noise_expert), (~high, self.transformer_2)):
-            out[mask] = self._run(transformer, hidden[mask], t[mask], embeds[mask]).to(out.dtype)
+            part = None if image is None else image[mask]
+            out[mask] = self._run(transformer, hidden[mask], t[mask], embeds[mask], part).to(out.dtype)
         return out
 
     def velocity(
@@ -517,11 +526,14 @@ class WanModel(FlowModel):
         hidden = x.to(self.dtype)
         # As the pipeline with its Euler scheduler: the timestep 1000 * s in float32.
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch) * 1000
-        embeds = cond.prompt_embeds
+        embeds, image = cond.prompt_embeds, cond.image_embeds
         if not (guidance_scale > 1 and cond.negative_prompt_embeds is not None):
-            return self._predict(hidden, t, embeds)
+            return self._predict(hidden, t, embeds, image)
         out = self._predict(
-            torch.cat([hidden, hidden]), torch.cat([t, t]), torch.cat([cond.negative_prompt_embeds, embeds])
+            torch.cat([hidden, hidden]),
+            torch.cat([t, t]),
+            torch.cat([cond.negative_prompt_embeds, embeds]),
+            None if image is None else torch.cat([image, image]),  # the image condition on both branches
         )
         uncond, text = out.chunk(2)
         if detach_uncond:

@@ -157,10 +157,15 @@ class DPOTrainer(Trainer):
         metrics["sample/pair_frac"] = float(valid_all.mean())
         metrics["sample/pair_reward_gap"] = float(gap_all.sum() / valid_all.sum().clamp(min=1))
         x0 = x0.float()
-        # the rows' conditioning images (reference or source images), re-encoded with the pairs' prompts
-        images = metadata.get("image")
-        images = [images[i] for i in chosen.tolist()] if images is not None else None
-        return [prompts[i] for i in chosen.tolist()], x0[chosen], x0[rejected], valid.to(self.device), images
+        # the pairs' metadata (a source image of an image-conditioned model) goes with them to the training pass
+        pair_metadata = {k: [v[i] for i in chosen.tolist()] for k, v in metadata.items()}
+        return (
+            [prompts[i] for i in chosen.tolist()],
+            x0[chosen],
+            x0[rejected],
+            valid.to(self.device),
+            pair_metadata,
+        )
 
     # ------------------------------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict[str, float]:
@@ -169,7 +174,7 @@ class DPOTrainer(Trainer):
         if d.mode == "offline":
             prompts, x_w, x_l = self.offline_batch(step)
             valid = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
-            images = None
+            pair_metadata = {}
         else:
             if self.buffer is None or step % d.online_every == 0:
                 got = self.online_round(metrics)
@@ -180,8 +185,8 @@ class DPOTrainer(Trainer):
                 metrics["sample/new_pairs"] = 1.0
             else:
                 metrics["sample/new_pairs"] = 0.0
-            prompts, x_w, x_l, valid, images = self.buffer
-        metrics.update(self.train_on_pairs(prompts, x_w, x_l, valid, images))
+            prompts, x_w, x_l, valid, pair_metadata = self.buffer
+        metrics.update(self.train_on_pairs(prompts, x_w, x_l, valid, pair_metadata))
         return metrics
 
     def pair_draws(self, p: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +201,9 @@ class DPOTrainer(Trainer):
             noise.append(torch.randn((k, *shape), generator=g))
         return torch.stack(levels).to(self.device), torch.stack(noise).to(self.device)
 
-    def train_on_pairs(self, prompts, x_w, x_l, valid, images=None) -> dict[str, float]:
+    def train_on_pairs(self, prompts, x_w, x_l, valid, metadata=None) -> dict[str, float]:
         """One optimiser update on the pairs: the gradient of the mean DPO loss over the valid pairs of every process
-        and the levels."""
+        and the levels. ``metadata`` (one list per key, one entry per pair) reaches the model's ``encode_rows``."""
         cfg, d, model = self.cfg, self.cfg.dpo, self.model
         p = len(prompts)
         n_valid = float(self.sum_over_processes(valid.float().sum().reshape(1).double())[0])
@@ -207,7 +212,7 @@ class DPOTrainer(Trainer):
             return {**metrics, "train/skipped": 0.0}
         per_process = n_valid / self.world
         levels, eps_all = self.pair_draws(p, x_w.shape[1:])
-        cond_all = model.encode_rows(prompts, {"image": images} if images is not None else None)
+        cond_all = model.encode_rows(prompts, metadata)
         guidance = self.cfg_free_guidance()
         k = levels.shape[1]
         names = ("loss", "implicit_acc", "reward_margin", "model_err_chosen", "model_err_rejected")
@@ -258,14 +263,23 @@ class DPOTrainer(Trainer):
         run resumed between two rounds trains on the same pairs (one process only: see the config check)."""
         if self.cfg.dpo.mode != "online" or self.cfg.dpo.online_every == 1 or self.buffer is None:
             return {}
-        prompts, x_w, x_l, valid, images = self.buffer
-        if images is not None and not all(i is None or isinstance(i, (str, list)) for i in images):
-            raise ValueError(
-                "the pairs' conditioning images are not file paths, so a checkpoint cannot hold them; name them by "
-                "path in the prompt file, or set dpo.online_every=1."
-            )
-        names = json.dumps(list(prompts) if images is None else {"prompts": list(prompts), "image": images}).encode()
+        prompts, x_w, x_l, valid, metadata = self.buffer
+        names = json.dumps(list(prompts)).encode()
+        kept = {}  # the metadata fields JSON can hold (a source image's path; not a PIL image)
+        for key, values in metadata.items():
+            try:
+                json.dumps(values)
+            except TypeError:
+                if key == "image":  # the condition of an image-conditioned model: a resume without it would differ
+                    raise ValueError(
+                        "the pairs' conditioning images are not file paths, so a checkpoint cannot hold them; name "
+                        "them by path in the prompt file, or set dpo.online_every=1."
+                    ) from None
+                continue
+            kept[key] = values
+        meta = json.dumps(kept).encode()
         return {
+            "dpo_buffer.metadata": torch.frombuffer(bytearray(meta), dtype=torch.uint8).clone(),
             "dpo_buffer.chosen": x_w.contiguous(),
             "dpo_buffer.rejected": x_l.contiguous(),
             "dpo_buffer.valid": valid.to(torch.uint8),
@@ -276,13 +290,12 @@ class DPOTrainer(Trainer):
         if "dpo_buffer.chosen" not in tensors:
             return
         prompts = json.loads(bytes(tensors["dpo_buffer.prompts"].cpu().numpy().tobytes()).decode())
-        images = None
-        if isinstance(prompts, dict):  # the pairs' prompts with their rows' conditioning images
-            prompts, images = prompts["prompts"], prompts["image"]
+        meta = tensors.get("dpo_buffer.metadata")
+        metadata = {} if meta is None else json.loads(bytes(meta.cpu().numpy().tobytes()).decode())
         self.buffer = (
             prompts,
             tensors["dpo_buffer.chosen"].to(self.device),
             tensors["dpo_buffer.rejected"].to(self.device),
             tensors["dpo_buffer.valid"].bool().to(self.device),
-            images,
+            metadata,
         )

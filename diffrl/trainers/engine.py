@@ -186,6 +186,7 @@ class Trainer:
 
             check_image_size(cfg.model.path, cfg.sample.height, cfg.sample.width)
         self.model = model if model is not None else self._load_model()
+        self._check_model_metadata()
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         setup_training_mode(self.model, cfg)
@@ -202,6 +203,23 @@ class Trainer:
             )
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
+
+    def _check_model_metadata(self) -> None:
+        """Every prompt carries the metadata fields the model needs (``required_metadata``: an image-to-video model's
+        source image), checked before any sampling, with the file row that lacks one."""
+        for key in getattr(self.model, "required_metadata", ()):
+            for prompts, source in (
+                (self.train_set, self.cfg.data.train or "the training prompts"),
+                (self.eval_set, self.cfg.data.eval or self.cfg.data.train or "the evaluation prompts"),
+            ):
+                rows = [i for i, row in enumerate(prompts.metadata) if row.get(key) is None]
+                if rows:
+                    raise ValueError(
+                        f"{self.cfg.model.path} ({type(self.model).__name__}) needs the metadata field {key!r} on every "
+                        f"prompt, and {source} has none on {len(rows)} of {len(prompts)} prompts (e.g. "
+                        f"{prompts.prompts[rows[0]]!r}); use a .jsonl prompt file with an {key!r} field per line (an "
+                        "image path, relative to the file)."
+                    )
 
     def _setup_video(self) -> None:
         """A video model (an adapter with ``is_video``): ``sample.num_frames`` set on it, and the rewards made video
