@@ -304,7 +304,9 @@ class FlowGRPOTrainer(Trainer):
             drawn = random_train_steps(pool, count, self.row_generators(3, range(n), self.rank * n))
             mask.scatter_(1, drawn, True)
             return mask, count
-        steps = stochastic if g.sde_window else stochastic[: max(1, int(len(stochastic) * g.timestep_fraction))]
+        steps = (
+            stochastic if g.sde_window else stochastic[: max(1, int(len(stochastic) * g.timestep_fraction))]
+        )
         mask[:, steps] = True
         return mask, len(steps)
 
