@@ -337,6 +337,69 @@ def test_a_pickapic_dataset_directory_loads_with_datasets(tmp_path):
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("a", red, blue), ("c", red, blue)]
 
 
+def _png_bytes(color) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_pickapic_parquet_file_trains_one_offline_step_with_pairs_in_label_0_order(tmp_path):
+    """Pick-a-Pic's columns in a local .parquet file (PNG bytes): label_0 = 1 keeps jpg_0 as the chosen image, 0
+    swaps the two, the 0.5 tie is dropped; the pairs' latents are the VAE encodings of the chosen and rejected images
+    in that order, and one offline step trains on all three pairs."""
+    pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from diffrl.trainers.preferences import _load_image
+
+    red, blue, green, white = (
+        _png_bytes(c) for c in ((230, 20, 20), (20, 20, 230), (20, 200, 20), (250,) * 3)
+    )
+    table = pa.table(
+        {
+            "caption": ["red", "green", "tie", "white"],
+            "jpg_0": [red, blue, red, white],
+            "jpg_1": [blue, green, green, red],
+            "label_0": [1.0, 0.0, 0.5, 1.0],
+        }
+    )
+    path = tmp_path / "pick.parquet"
+    pq.write_table(table, path)
+    out = tmp_path / "run"
+    trainer = build_trainer(
+        PRESET,
+        _overrides(
+            out,
+            "dpo.mode=offline",
+            f"dpo.dataset={path}",
+            "dpo.pairs_per_step=3",
+            "max_steps=1",
+            "checkpointing_steps=0",
+            "sample.height=16",
+            "sample.width=16",
+        ),
+    )
+    pairs = trainer.pairs
+    assert pairs.prompts == ["red", "green", "white"]
+
+    def encoded(items):
+        return trainer.model.encode_images(torch.stack([_load_image(b, 16, 16) for b in items])).cpu()
+
+    torch.testing.assert_close(pairs.chosen, encoded([red, green, white]))
+    torch.testing.assert_close(pairs.rejected, encoded([blue, blue, red]))
+    assert (pairs.chosen - pairs.rejected).abs().amax(dim=(1, 2, 3)).min() > 0.1  # the order is visible
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    row = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ][-1]
+    assert row["train/num_pairs"] == 3.0 and math.isfinite(row["train/loss"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+
+
 def test_without_datasets_a_dataset_directory_says_how_to_install_it(tmp_path, monkeypatch):
     import builtins
 
