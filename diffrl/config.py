@@ -856,7 +856,22 @@ def validate(
         uneven = next(
             (k for k in ("dynamic_sampling", "drop_zero_advantage") if getattr(cfg.flow_grpo, k)), ""
         )
+    # Pref-GRPO's per-image steps: a micro-batch of several images runs one forward per step any of them trains
+    ragged = (
+        cfg.algorithm == "flow_grpo"
+        and cfg.flow_grpo.timestep_selection == "random"
+        and cfg.optim.train_batch_size > 1
+    )
+    ragged_fix = (
+        f"flow_grpo.timestep_selection=random with optim.train_batch_size={cfg.optim.train_batch_size} gives the "
+        "processes different numbers of forwards (a micro-batch runs one per step any of its images trains), which "
+    )
     if zero_stage:
+        need(
+            zero_stage == 1 or not ragged,
+            ragged_fix
+            + "deadlocks ZeRO-2's gradient reduction; set optim.train_batch_size=1 or use ZeRO stage 1.",
+        )
         need(
             not cfg.fsdp,
             "fsdp=true under a DeepSpeed launch: pick one; set fsdp=false or launch with configs/accelerate/fsdp.yaml.",
@@ -884,6 +899,10 @@ def validate(
             not uneven,
             f"flow_grpo.{uneven}=true gives the processes different numbers of forwards, which deadlocks FSDP; "
             "set it to false or launch with DDP.",
+        )
+        need(
+            not ragged,
+            ragged_fix + "deadlocks FSDP; set optim.train_batch_size=1 (the reference's) or launch with DDP.",
         )
 
     need(

@@ -303,3 +303,26 @@ def test_random_steps_of_a_whole_pool_train_as_the_first_steps_do(tmp_path):
 def test_bad_timestep_selection_raises_one_sentence(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(PRESET, [f"output_dir={tmp_path}", *overrides])
+
+
+def test_random_steps_in_micro_batches_of_several_images_are_refused_where_forwards_must_match():
+    """A micro-batch of several images runs one forward per step any of them trains, so processes run different
+    numbers of forwards: refused under FSDP and ZeRO-2 (which need the same on every process), allowed with micro-
+    batches of one image (the reference's) and under DDP or ZeRO-1."""
+    from diffrl.config import validate
+
+    cfg = load_config(PRESET, [f"data.train={PROMPTS}", *RANDOM])  # train_batch_size 4
+    message = (
+        "flow_grpo.timestep_selection=random with optim.train_batch_size=4 gives the processes different"
+    )
+    with pytest.raises(
+        ConfigError, match=re.escape(message) + ".*deadlocks FSDP; set optim.train_batch_size=1"
+    ):
+        validate(cfg, 2, sharded=True)
+    with pytest.raises(ConfigError, match="deadlocks ZeRO-2's gradient reduction"):
+        validate(cfg, 2, zero_stage=2)
+    validate(cfg, 2)  # DDP
+    validate(cfg, 2, zero_stage=1)
+    one = load_config(PRESET, [f"data.train={PROMPTS}", *RANDOM, "optim.train_batch_size=1"])
+    validate(one, 2, sharded=True)
+    validate(one, 2, zero_stage=2)
