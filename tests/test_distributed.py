@@ -231,7 +231,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(case, tmp_pa
     ]
     assert any(k.endswith("/std") for k in stat_keys)
     for ref_row, row in zip(ref_rows, rows, strict=True):
-        for key in [k for k in ref_row if k.startswith("eval/")] + (
+        # evaluation rows: the rewards and the reward-hacking monitor (proxy, gold, gap: gathered over processes)
+        for key in [k for k in ref_row if k.startswith(("eval/", "monitor/"))] + (
             stat_keys if "train/lr" in ref_row else []
         ):
             # the mean of a batch-normalised sum is 0 up to rounding divided by the parts' (small) stds
