@@ -538,6 +538,33 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_saves_the_whole_pipeline(
         torch.testing.assert_close(weights[name].float(), p.detach(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
 
 
+@pytest.mark.slow  # ~60 s (a 2-process launch plus a 1-process reference run)
+def test_fsdp_pref_grpo_random_steps_with_micro_batches_of_one_match_one_process(tmp_path, fsdp_run):
+    """Pref-GRPO's per-image random steps under FSDP (as the shipped Pref-GRPO presets run): with micro-batches of
+    one image every process runs the same number of forwards, so the sharded run neither deadlocks nor differs from
+    one process."""
+    extra = (
+        "flow_grpo.advantage=winrate",
+        "flow_grpo.timestep_selection=random",
+        "flow_grpo.timestep_fraction=0.7",
+        "flow_grpo.ratio_norm=true",
+        "flow_grpo.grad_reweight=true",
+        "optim.train_batch_size=1",
+    )
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(
+        PRESET["flow_grpo"], _fsdp_overrides(ref_out, "flow_grpo") + list(extra), reward=gated_saturation
+    )
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+    out, seconds = fsdp_run("flow_grpo", extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    diff, update = assert_matches_one_process(out, ref_out, initial, state_ratio=(0.4, 0.65))
+    print(f"\n[pref_grpo] FSDP 2 processes: {seconds:.1f} s; max diff {diff:.3g}; max update = {update:.3g}")
+
+
 @pytest.mark.slow  # ~30 s (a 2-process launch plus a 1-process reference run)
 def test_fsdp_shards_flux_single_blocks_and_matches_one_process(tmp_path, fsdp_run):
     """FLUX has ``single_transformer_blocks`` next to ``transformer_blocks``: both are sharded."""
