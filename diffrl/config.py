@@ -190,6 +190,11 @@ class FlowGRPOConfig:
     s_k), which evens the gradient out over the steps."""
     timestep_fraction: float = 0.99
     """Fraction of the stochastic steps that are trained (the reference drops the last step at 10 steps)."""
+    timestep_selection: str = "first"
+    """Which stochastic steps each image trains: first (the first max(1, int(K * timestep_fraction)) of the K
+    stochastic steps, the same for every image: Flow-GRPO's reference) or random (each image its own
+    max(1, int((K - 1) * timestep_fraction)) steps, drawn at random among the stochastic steps but the last, anew
+    every training step: Pref-GRPO's train_flux.py, a randperm per sample). random needs sde_window=0."""
     clip_range: float = 1e-4
     """PPO clip range eps (1e-5 for Fast/CPS in the reference)."""
     clip_range_high: float = 0.0
@@ -867,7 +872,22 @@ def validate(
         uneven = next(
             (k for k in ("dynamic_sampling", "drop_zero_advantage") if getattr(cfg.flow_grpo, k)), ""
         )
+    # Pref-GRPO's per-image steps: a micro-batch of several images runs one forward per step any of them trains
+    ragged = (
+        cfg.algorithm == "flow_grpo"
+        and cfg.flow_grpo.timestep_selection == "random"
+        and cfg.optim.train_batch_size > 1
+    )
+    ragged_fix = (
+        f"flow_grpo.timestep_selection=random with optim.train_batch_size={cfg.optim.train_batch_size} gives the "
+        "processes different numbers of forwards (a micro-batch runs one per step any of its images trains), which "
+    )
     if zero_stage:
+        need(
+            zero_stage == 1 or not ragged,
+            ragged_fix
+            + "deadlocks ZeRO-2's gradient reduction; set optim.train_batch_size=1 or use ZeRO stage 1.",
+        )
         need(
             not cfg.fsdp,
             "fsdp=true under a DeepSpeed launch: pick one; set fsdp=false or launch with configs/accelerate/fsdp.yaml.",
@@ -895,6 +915,10 @@ def validate(
             not uneven,
             f"flow_grpo.{uneven}=true gives the processes different numbers of forwards, which deadlocks FSDP; "
             "set it to false or launch with DDP.",
+        )
+        need(
+            not ragged,
+            ragged_fix + "deadlocks FSDP; set optim.train_batch_size=1 (the reference's) or launch with DDP.",
         )
 
     need(
@@ -1060,6 +1084,27 @@ def validate(
             f"flow_grpo.post_window_solver={g.post_window_solver} solves the ODE steps after the sde_window, and "
             "flow_grpo.sde_window=0 leaves none; set flow_grpo.sde_window or post_window_solver=euler.",
         )
+        need(
+            g.timestep_selection in ("first", "random"),
+            f"flow_grpo.timestep_selection={g.timestep_selection!r} must be first or random.",
+        )
+        if g.timestep_selection == "random":
+            need(
+                g.sde_window == 0,
+                f"flow_grpo.timestep_selection=random draws each image's steps among all stochastic steps, and "
+                f"flow_grpo.sde_window={g.sde_window} trains every step of its window; set one of them back "
+                "(timestep_selection=first or sde_window=0).",
+            )
+            need(
+                not g.trajectory_ratio,
+                "flow_grpo.timestep_selection=random trains different steps for each image, and "
+                "flow_grpo.trajectory_ratio=true needs the same steps in every trajectory; set one of them back.",
+            )
+            need(
+                cfg.sample.num_steps >= 2,
+                f"flow_grpo.timestep_selection=random draws among the steps before the last, and sample.num_steps="
+                f"{cfg.sample.num_steps} leaves none; use at least 2 steps or timestep_selection=first.",
+            )
         for name in ("ratio_norm", "grad_reweight"):
             need(
                 not (getattr(g, name) and g.trajectory_ratio),

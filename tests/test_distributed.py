@@ -88,6 +88,27 @@ EXTRA = {
     # run builds tiny:qwen_image in the shared cache before the launch)
     "flow_grpo-qwen_image": [f"reward={{{GATED}: 1.0}}", "model.path=tiny:qwen_image"],
     "diffusion_nft-qwen_image": [f"reward={{{GATED}: 1.0}}", "model.path=tiny:qwen_image"],
+    # Pref-GRPO: win rates within the gathered groups, each image's own random trained steps (keyed by global rows)
+    "flow_grpo-pref_grpo": [
+        f"reward={{{GATED}: 1.0}}",
+        "flow_grpo.advantage=winrate",
+        "flow_grpo.timestep_selection=random",
+        "flow_grpo.timestep_fraction=0.7",
+    ],
+    # MixGRPO(-Flash): the sliding window (a function of the step) moving every step, DPM-2 after it
+    "flow_grpo-mixgrpo": [
+        f"reward={{{GATED}: 1.0}}",
+        "flow_grpo.sde_window=2",
+        "flow_grpo.window_schedule=sliding",
+        "flow_grpo.window_shift_every=1",
+        "flow_grpo.post_window_solver=dpm2",
+    ],
+    # GRPO-Guard: RatioNorm with the rollout's transition means, the 1 / |dt| step weights
+    "flow_grpo-grpo_guard": [
+        f"reward={{{GATED}: 1.0}}",
+        "flow_grpo.ratio_norm=true",
+        "flow_grpo.grad_reweight=true",
+    ],
     # Wan 2.2 with both experts trained (each process's gradients of both, zeros where its levels reached none)
     "flow_grpo-wan22_both": [
         f"reward={{{GATED}: 1.0}}",
@@ -217,7 +238,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(case, tmp_pa
     ]
     assert any(k.endswith("/std") for k in stat_keys)
     for ref_row, row in zip(ref_rows, rows, strict=True):
-        for key in [k for k in ref_row if k.startswith("eval/")] + (
+        # evaluation rows: the rewards and the reward-hacking monitor (proxy, gold, gap: gathered over processes)
+        for key in [k for k in ref_row if k.startswith(("eval/", "monitor/"))] + (
             stat_keys if "train/lr" in ref_row else []
         ):
             # the mean of a batch-normalised sum is 0 up to rounding divided by the parts' (small) stds
@@ -256,6 +278,67 @@ def test_two_processes_match_one_process_with_the_same_global_batch(case, tmp_pa
     assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
     for key in ref:
         assert got[key].dtype == ref[key].dtype == torch.float32, key
+        torch.testing.assert_close(
+            got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
+@pytest.mark.slow  # ~60 s on a 2-core CPU (a 2-process launch plus a 1-process reference run)
+def test_two_processes_match_one_process_for_offline_dpo(tmp_path, shared_cache):
+    """Offline Diffusion-DPO from a preference file: the main process encodes and caches the pairs, the other reads
+    the cache; each step's 4 pairs are split 2 + 2 over the processes, the loss averaged over all of them, so the
+    trained weights and the logged loss agree with one process's within the tolerances of the module docstring."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    colours = [(230, 20, 20), (20, 20, 230), (20, 200, 20), (240, 240, 240), (30, 30, 30), (200, 200, 20)]
+    for i, c in enumerate(colours):
+        Image.new("RGB", (32, 32), c).save(data / f"{i}.png")
+    rows = [{"prompt": f"pair {i}", "chosen": f"{i}.png", "rejected": f"{(i + 1) % 6}.png"} for i in range(6)]
+    (data / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def overrides(out: Path) -> list[str]:
+        return [
+            f"output_dir={out}",
+            f"data.train={PROMPTS}",  # the evaluation prompts (3 held out)
+            "max_steps=2",
+            "checkpointing_steps=1",
+            "checkpoints_total_limit=1",
+            "data.eval_size=3",
+            "dpo.mode=offline",
+            f"dpo.dataset={data / 'prefs.jsonl'}",
+            "dpo.pairs_per_step=4",
+            "reward={saturation: 1.0}",
+        ]
+
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(PRESET["dpo"], overrides(ref_out))
+    assert trainer.world == 1
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+    out = tmp_path / "two"
+    proc = _launch_two_processes("dpo", out, shared_cache, overrides(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    derived = json.loads((out / "config.json").read_text())["derived"]
+    assert derived["num_processes"] == 2 and derived["pairs_per_process"] == 2, derived
+    assert len(list(out.glob("dpo-latents-*.safetensors"))) == 1  # one writer
+    ref_rows, rows = _metrics(ref_out), _metrics(out)
+    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in ref_rows]
+    for ref_row, row in zip(ref_rows, rows, strict=True):
+        for key in [k for k in ref_row if k.startswith("eval/") or k in ("train/loss", "train/num_pairs")]:
+            assert row[key] == pytest.approx(ref_row[key], rel=STAT_RTOL, abs=STAT_ATOL), (row["step"], key)
+    ckpt = sorted(p.name for p in out.glob("checkpoint-*"))[-1]
+    ref, got = _checkpoint_tensors(ref_out / ckpt), _checkpoint_tensors(out / ckpt)
+    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
+    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
+    print(
+        f"\n[dpo offline] max |w_2proc - w_1proc| = {_max_abs_diff(ref, got):.3g}; max update = {update:.3g}"
+    )
+    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
+    for key in ref:
         torch.testing.assert_close(
             got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"
         )
@@ -460,6 +543,33 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_saves_the_whole_pipeline(
     weights = dict(loaded.transformer.named_parameters())
     for name, p in zip(trainer.param_names, trainer.params, strict=True):
         torch.testing.assert_close(weights[name].float(), p.detach(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+
+
+@pytest.mark.slow  # ~60 s (a 2-process launch plus a 1-process reference run)
+def test_fsdp_pref_grpo_random_steps_with_micro_batches_of_one_match_one_process(tmp_path, fsdp_run):
+    """Pref-GRPO's per-image random steps under FSDP (as the shipped Pref-GRPO presets run): with micro-batches of
+    one image every process runs the same number of forwards, so the sharded run neither deadlocks nor differs from
+    one process."""
+    extra = (
+        "flow_grpo.advantage=winrate",
+        "flow_grpo.timestep_selection=random",
+        "flow_grpo.timestep_fraction=0.7",
+        "flow_grpo.ratio_norm=true",
+        "flow_grpo.grad_reweight=true",
+        "optim.train_batch_size=1",
+    )
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(
+        PRESET["flow_grpo"], _fsdp_overrides(ref_out, "flow_grpo") + list(extra), reward=gated_saturation
+    )
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+    out, seconds = fsdp_run("flow_grpo", extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    diff, update = assert_matches_one_process(out, ref_out, initial, state_ratio=(0.4, 0.65))
+    print(f"\n[pref_grpo] FSDP 2 processes: {seconds:.1f} s; max diff {diff:.3g}; max update = {update:.3g}")
 
 
 @pytest.mark.slow  # ~30 s each (a 2-process launch plus a 1-process reference run)

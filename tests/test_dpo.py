@@ -292,6 +292,41 @@ def test_offline_epochs_visit_every_pair_once_in_a_new_order(tmp_path):
     assert sorted(seen[:3]) == sorted(seen[3:]) == ["a blue square", "a green square", "a red square"]
 
 
+def test_offline_resume_is_bitwise_identical(tmp_path):
+    """Offline DPO over 3 pairs, 2 a step: 4 steps in one go against 2 steps, then a resume to 4 (the resume lands
+    in the second epoch's order, and reads the latent cache): the same trained weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    data = _preference_file(tmp_path / "data")
+    base = [
+        "dpo.mode=offline",
+        f"dpo.dataset={data}",
+        "dpo.pairs_per_step=2",
+        "sample.height=16",
+        "sample.width=16",
+        "checkpointing_steps=2",
+    ]
+    build_trainer(PRESET, _overrides(tmp_path / "full", *base, "max_steps=4")).train()
+    build_trainer(PRESET, _overrides(tmp_path / "half", *base, "max_steps=2")).train()
+    resumed = build_trainer(
+        PRESET, _overrides(tmp_path / "half", *base, "max_steps=4", "resume_from_checkpoint=latest")
+    )
+    assert resumed.pairs.from_cache
+    resumed.train()
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]  # the resumed run continued from step 2
+    a, b = (
+        load_file(str(tmp_path / run / "checkpoint-000004" / "trainable.safetensors"))
+        for run in ("full", "half")
+    )
+    two = load_file(str(tmp_path / "half" / "checkpoint-000002" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], two[k]) for k in a)  # steps 3-4 trained
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_preference_jsonl_errors_name_the_line_and_the_fix(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "x", "chosen": "missing.png", "rejected": "missing.png"}\n')
@@ -335,6 +370,69 @@ def test_a_pickapic_dataset_directory_loads_with_datasets(tmp_path):
     ds.save_to_disk(str(tmp_path / "pick"))
     pairs = read_preference_rows(str(tmp_path / "pick"))
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("a", red, blue), ("c", red, blue)]
+
+
+def _png_bytes(color) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 20), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_pickapic_parquet_file_trains_one_offline_step_with_pairs_in_label_0_order(tmp_path):
+    """Pick-a-Pic's columns in a local .parquet file (PNG bytes): label_0 = 1 keeps jpg_0 as the chosen image, 0
+    swaps the two, the 0.5 tie is dropped; the pairs' latents are the VAE encodings of the chosen and rejected images
+    in that order, and one offline step trains on all three pairs."""
+    pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from diffrl.trainers.preferences import _load_image
+
+    red, blue, green, white = (
+        _png_bytes(c) for c in ((230, 20, 20), (20, 20, 230), (20, 200, 20), (250,) * 3)
+    )
+    table = pa.table(
+        {
+            "caption": ["red", "green", "tie", "white"],
+            "jpg_0": [red, blue, red, white],
+            "jpg_1": [blue, green, green, red],
+            "label_0": [1.0, 0.0, 0.5, 1.0],
+        }
+    )
+    path = tmp_path / "pick.parquet"
+    pq.write_table(table, path)
+    out = tmp_path / "run"
+    trainer = build_trainer(
+        PRESET,
+        _overrides(
+            out,
+            "dpo.mode=offline",
+            f"dpo.dataset={path}",
+            "dpo.pairs_per_step=3",
+            "max_steps=1",
+            "checkpointing_steps=0",
+            "sample.height=16",
+            "sample.width=16",
+        ),
+    )
+    pairs = trainer.pairs
+    assert pairs.prompts == ["red", "green", "white"]
+
+    def encoded(items):
+        return trainer.model.encode_images(torch.stack([_load_image(b, 16, 16) for b in items])).cpu()
+
+    torch.testing.assert_close(pairs.chosen, encoded([red, green, white]))
+    torch.testing.assert_close(pairs.rejected, encoded([blue, blue, red]))
+    assert (pairs.chosen - pairs.rejected).abs().amax(dim=(1, 2, 3)).min() > 0.1  # the order is visible
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    row = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ][-1]
+    assert row["train/num_pairs"] == 3.0 and math.isfinite(row["train/loss"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
 
 
 def test_without_datasets_a_dataset_directory_says_how_to_install_it(tmp_path, monkeypatch):

@@ -438,3 +438,45 @@ def test_toy_world_plain_mixgrpo_and_guard_from_one_seed(tmp_path):
     # no run collapses: at most two standard errors (2 * sqrt(0.25 / 96) = 0.10) under the base accuracy
     for r in results.values():
         assert r["strict"][1] >= base - 2 * math.sqrt(0.25 / 96), results
+
+
+TINY_VARIANTS = {
+    "pref_grpo": [
+        "flow_grpo.kl_beta=0",
+        "flow_grpo.advantage=winrate",
+        "flow_grpo.timestep_selection=random",
+        "flow_grpo.timestep_fraction=0.7",
+        "flow_grpo.ratio_norm=true",
+        "flow_grpo.grad_reweight=true",
+    ],
+    "mixgrpo": [
+        "flow_grpo.sde_window=2",
+        "flow_grpo.window_schedule=sliding",
+        "flow_grpo.window_shift_every=1",
+        "flow_grpo.post_window_solver=dpm2",
+    ],
+    "grpo_guard": [
+        "flow_grpo.kl_beta=0",
+        "flow_grpo.ratio_norm=true",
+        "flow_grpo.grad_reweight=true",
+        "flow_grpo.num_minibatches=2",
+        "flow_grpo.old_logp=recompute",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "folder, name",
+    [("tiny", n) for n in sorted(TINY_VARIANTS)] + [("toy", n) for n in ("grpo_guard", "mixgrpo")],
+)
+def test_variant_presets_are_the_flow_grpo_preset_with_the_tested_options(folder, name):
+    """configs/<tiny|toy>/<variant>.yaml is configs/<tiny|toy>/flow_grpo.yaml with the options these tests and the
+    slow toy runs use, and nothing else (but its output directory)."""
+    import dataclasses
+
+    extra = TINY_VARIANTS[name] if folder == "tiny" else TOY_VARIANTS[name]
+    over = [f"data.train={PROMPTS}"] if folder == "tiny" else []
+    preset = load_config(ROOT / "configs" / folder / f"{name}.yaml", [*over, "output_dir=x"])
+    base = load_config(ROOT / "configs" / folder / "flow_grpo.yaml", [*over, "output_dir=x", *extra])
+    assert dataclasses.asdict(preset) == dataclasses.asdict(base)
+    assert extra  # the preset differs from the plain one

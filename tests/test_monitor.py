@@ -374,3 +374,71 @@ def test_a_resumed_run_logs_the_monitor_an_uninterrupted_one_does(tmp_path, monk
     monitored = [r for r in full if "monitor/gap" in r]
     assert [r["step"] for r in monitored] == [0, 2, 4]
     assert [r for r in resumed if "monitor/gap" in r] == monitored  # the gap at step 4 counts from step 0
+
+
+def test_toy_world_evaluations_warn_of_extra_objects_and_of_collapsed_diversity(
+    tmp_path, monkeypatch, capsys
+):
+    """The toy preset's monitor (proxy: the shapes verifier, gold: minus the extra objects it ignores) through the
+    trainer's evaluation, on 4 held-out prompts x 2 images whose pictures are drawn by hand with the toy world's
+    renderer in place of the model's: at step 0 each picture lacks the second object (the verifier fails, no extra
+    objects); at step 10 each holds the described objects plus two more (the verifier passes, the gold signal falls
+    by 2): one "reward hacking?" line; at step 20 both images of a prompt are the same picture: one "diversity
+    collapse?" line, and no hacking line (proxy and gold unchanged)."""
+    import numpy as np
+
+    from diffrl.toy.scenes import PALETTE, SHAPES, layout, render
+    from diffrl.trainers import build_trainer
+
+    trainer = build_trainer(
+        ROOT / "configs" / "toy" / "flow_grpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "report_to=none",
+            "data.eval_size=4",
+            "sample.eval_images_per_prompt=2",
+            "sample.eval_num_steps=1",
+        ],
+    )
+    scenes = trainer.eval_set.batch_metadata()["scene"]
+
+    def picture(desc: dict, phase: str, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        if phase == "missing":
+            return render(layout({**desc, "objects": desc["objects"][:1], "relation": None}, rng))
+        used = {(g["shape"], g["color"]) for g in desc["objects"]}
+        shape, color = next((s, c) for s in SHAPES for c in PALETTE if (s, c) not in used)
+        extra = {"shape": shape, "color": color, "count": 2, "exact": False}
+        return render(
+            layout({**desc, "objects": [*desc["objects"], extra], "relation": desc["relation"]}, rng)
+        )
+
+    phase = {"name": "missing", "row": 0}
+
+    def decode(latents):
+        out = []
+        for _ in range(latents.shape[0]):
+            row = phase["row"]  # evaluation row r * n + p: image r of prompt p
+            p, r = row % 4, row // 4
+            seed = p if phase["name"] == "collapsed" else 10 * p + r
+            out.append(picture(scenes[p], "missing" if phase["name"] == "missing" else "extra", seed))
+            phase["row"] += 1
+        return torch.stack(out)
+
+    monkeypatch.setattr(trainer.model, "decode", decode)
+    rows = []
+    for step, name in ((0, "missing"), (10, "extra"), (20, "collapsed")):
+        trainer.step, phase["name"], phase["row"] = step, name, 0
+        rows.append(trainer.evaluate())
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("[diffrl] warning:")]
+    acc = [r["eval/reward/shapes_accuracy/mean"] for r in rows]
+    gold = [r["monitor/gold"] for r in rows]
+    assert acc[0] == 0.0 and acc[1] == acc[2] == 1.0, acc
+    assert gold == [0.0, -2.0, -2.0], gold
+    assert rows[1]["monitor/gap"] == pytest.approx(rows[1]["monitor/proxy"] - rows[0]["monitor/proxy"] + 2.0)
+    assert rows[0]["monitor/diversity"] > 0.01 and rows[2]["monitor/diversity"] == 0.0
+    assert [r["monitor/warnings"] for r in rows] == [0.0, 1.0, 1.0]
+    assert len(warnings) == 2
+    assert "reward hacking? between steps 0 and 10" in warnings[0] and "fell 0 -> -2" in warnings[0]
+    assert "diversity collapse? at step 20 within-prompt diversity is 0" in warnings[1]

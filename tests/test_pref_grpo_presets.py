@@ -119,8 +119,8 @@ def test_preset_maps_the_reference_script(name):
     assert (g.clip_range, g.adv_clip, g.kl_beta) == (1e-4, 5.0, ref["kl"])
     assert g.ratio_norm and g.grad_reweight and not g.drop_zero_advantage and g.cfg_grad == "full"
     assert (cfg.reward_normalize, g.advantage, g.adv_std) == ("group", "score", "global")
-    # the reference trains int((T - 1) * fraction) of the T - 1 steps before the last; diffrl the first int(T * f)
-    assert int(s.num_steps * g.timestep_fraction) == int((ref["steps"] - 1) * ref["fraction"])
+    # the reference trains, per image, int((T - 1) * fraction) of the T - 1 steps before the last, drawn at random
+    assert (g.timestep_fraction, g.timestep_selection, g.sde_window) == (ref["fraction"], "random", 0)
     # --gradient_accumulation_steps over each GPU's group: that many images per optimiser update
     assert g.num_minibatches == ref["group"] // ref["accumulation"] and g.num_inner_epochs == 1
     # 3 epochs (common: --num_train_epochs 3), the DistributedSampler rounding each GPU's share up, a prompt a step

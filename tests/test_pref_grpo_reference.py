@@ -70,8 +70,8 @@ def test_preset_maps_the_reference_options():
     assert g.ratio_norm and g.grad_reweight and not g.drop_zero_advantage
     # --gradient_accumulation_steps 4 over the 8 images of each GPU: two optimiser updates per step
     assert g.num_minibatches == 8 // 4 and g.num_inner_epochs == 1
-    # the reference trains int(24 * 0.6) of the 24 steps before the last; diffrl the first int(25 * f) of 25
-    assert int(s.num_steps * g.timestep_fraction) == int((s.num_steps - 1) * 0.6) == 14
+    # the reference trains, per image, int(24 * 0.6) = 14 of the 24 steps before the last, drawn at random
+    assert (g.timestep_fraction, g.timestep_selection, g.sde_window, s.num_steps) == (0.6, "random", 0, 25)
     # 3 epochs over 10,000 prompts on 64 GPUs (DistributedSampler rounds each GPU's share up), one prompt a step
     assert cfg.max_steps == 3 * math.ceil(10_000 / 64)
     # the reward mix {"unifiedreward_think": 0.4, "clip": 0.6}

@@ -407,6 +407,20 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ("flow_grpo", ("model.path=tiny:qwen_image",)),
     # (DiffusionNFT on Qwen-Image: ~17 s for both tests, opt-in with --run-slow)
     ("diffusion_nft", ("model.path=tiny:qwen_image",)),
+    # Pref-GRPO's reference options: each image trains its own random steps (drawn per step and row), win rates,
+    # RatioNorm and the step weights, two updates a step with recomputed old log-probs
+    (
+        "flow_grpo",
+        (
+            "flow_grpo.timestep_selection=random",
+            "flow_grpo.timestep_fraction=0.7",
+            "flow_grpo.advantage=winrate",
+            "flow_grpo.ratio_norm=true",
+            "flow_grpo.grad_reweight=true",
+            "flow_grpo.num_minibatches=2",
+            "flow_grpo.old_logp=recompute",
+        ),
+    ),
 ]
 VARIANT_IDS = [
     *ALGOS,
@@ -420,6 +434,7 @@ VARIANT_IDS = [
     "dpo-options",
     "flow_grpo-qwen_image",
     "diffusion_nft-qwen_image",
+    "flow_grpo-pref-grpo-reference",
 ]
 
 

@@ -64,6 +64,9 @@ named option; the defaults and why are in docs/trainers/flow_grpo.md):
 Other deviations: the CPS log-prob is the full Gaussian log-density (the reference keeps only ``-(x - mu)^2``);
 ``timestep_fraction`` keeps the first ``int(fraction * K)`` of the K stochastic steps (at least one) when every step
 is stochastic, and with a window every window step is trained; each process samples whole groups.
+``timestep_selection="random"`` is Pref-GRPO's choice instead (``fastvideo/train_flux.py``: a ``torch.randperm`` of
+the steps but the last per sample, its first ``int((K - 1) * fraction)`` trained): each image trains its own random
+steps (:func:`random_train_steps`), its loss the mean over them; each step's forward takes the rows that train it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,18 @@ from .objectives import (
     winrate_advantages,
 )
 
-__all__ = ["FlowGRPOTrainer", "sliding_window_start"]
+__all__ = ["FlowGRPOTrainer", "random_train_steps", "sliding_window_start"]
+
+
+def random_train_steps(pool: list[int], count: int, generators) -> torch.Tensor:
+    """Pref-GRPO's trained steps (``timestep_selection="random"``): for each sample's generator, the steps
+    ``pool[j]`` of the first ``count`` indices j of ``torch.randperm(len(pool), generator)``, sorted; ``(n, count)``
+    long. The reference (CodeGoat24/Pref-GRPO, ``fastvideo/train_flux.py``, ``train_one_step``) draws one
+    ``torch.randperm`` of the steps per sample and trains its first ``int(steps * timestep_fraction)``."""
+    if not 1 <= count <= len(pool):
+        raise ValueError(f"cannot draw {count} trained steps from the {len(pool)} steps {pool}.")
+    drawn = [sorted(pool[int(j)] for j in torch.randperm(len(pool), generator=g)[:count]) for g in generators]
+    return torch.tensor(drawn, dtype=torch.long).reshape(-1, count)
 
 
 def sliding_window_start(
@@ -223,11 +237,9 @@ class FlowGRPOTrainer(Trainer):
             self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}
 
-        # 3. trained steps
-        stochastic = [k for k in range(window[0], window[1])]
-        train_steps = (
-            stochastic if g.sde_window else stochastic[: max(1, int(len(stochastic) * g.timestep_fraction))]
-        )
+        # 3. trained steps: which steps each sample trains, (n, T) (the same for every sample unless random)
+        trained, per_sample = self._trained_mask(list(range(window[0], window[1])), n, s.num_steps)
+        train_steps = [k for k in range(s.num_steps) if bool(trained[:, k].any())]
         # each inner epoch: a shuffled order split into num_minibatches parts, one optimiser update after each part
         parts = []
         for epoch in range(g.num_inner_epochs):
@@ -239,7 +251,7 @@ class FlowGRPOTrainer(Trainer):
         )
         if g.old_logp == "recompute":
             old_logp, old_mean, metrics["train/old_logp_max_diff"] = self._recompute_old_logp(
-                latents, old_logp, old_mean, cond_all, sigmas, train_steps, parts[0]
+                latents, old_logp, old_mean, cond_all, sigmas, (train_steps, trained), parts[0]
             )
         stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "count": 0}
         updates = 0
@@ -255,7 +267,7 @@ class FlowGRPOTrainer(Trainer):
                     adv,
                     cond_all,
                     sigmas,
-                    train_steps,
+                    (train_steps, trained, per_sample),
                     stats,
                 )
                 if self.any_over_processes(bad):
@@ -271,11 +283,37 @@ class FlowGRPOTrainer(Trainer):
         for key, value in zip(keys, totals[:-1].tolist(), strict=True):
             metrics[f"train/{key}"] = value / c
         metrics["train/skipped"] = 0.0
-        metrics["train/trained_steps"] = float(len(train_steps))
+        metrics["train/trained_steps"] = float(per_sample)
         if g.sde_window:
             metrics["train/window_start"] = float(window[0])
         metrics["train/updates"] = float(updates)
         return metrics
+
+    def _trained_mask(self, stochastic: list[int], n: int, num_steps: int) -> tuple[torch.Tensor, int]:
+        """The steps each of this process's ``n`` samples trains: ``(mask (n, T) bool, steps per sample)``.
+        ``first``: the window's steps, or the first ``max(1, int(K * timestep_fraction))`` of the K stochastic ones
+        when every step is stochastic, for every sample. ``random``: each sample's own
+        ``max(1, int((K - 1) * timestep_fraction))`` of the stochastic steps but the last (the reference trains
+        ``timesteps[:, :-1]``), from a generator keyed by its global row, so neither the process count nor a resume
+        changes the draw."""
+        g = self.cfg.flow_grpo
+        mask = torch.zeros(n, num_steps, dtype=torch.bool)
+        if g.timestep_selection == "random":
+            pool = [k for k in stochastic if k < num_steps - 1]
+            count = max(1, int(len(pool) * g.timestep_fraction))
+            drawn = random_train_steps(pool, count, self.row_generators(3, range(n), self.rank * n))
+            mask.scatter_(1, drawn, True)
+            return mask, count
+        steps = (
+            stochastic if g.sde_window else stochastic[: max(1, int(len(stochastic) * g.timestep_fraction))]
+        )
+        mask[:, steps] = True
+        return mask, len(steps)
+
+    @staticmethod
+    def _rows_at(rows: list[int], k: int, trained: torch.Tensor) -> list[int]:
+        """The rows among ``rows`` (in their order) that train step k."""
+        return [r for r in rows if bool(trained[r, k])]
 
     def _step_outputs(self, x, x_next, k, sigmas, cond, *, reference: bool = False):
         """The trained step k's transition under the current policy (or the base model, ``reference=True``)."""
@@ -295,45 +333,55 @@ class FlowGRPOTrainer(Trainer):
         return gaussian_kl(out.mean, ref.mean, out.std)
 
     @torch.no_grad()
-    def _recompute_old_logp(self, latents, old_logp, old_mean, cond_all, sigmas, train_steps, first_parts):
+    def _recompute_old_logp(self, latents, old_logp, old_mean, cond_all, sigmas, steps, first_parts):
         """``old_logp="recompute"``: the log-probs of the trained steps under the rollout policy, computed before the
         first update with the micro-batches (rows, order, batch shape) the first inner epoch trains with, so the first
-        ratio is exactly 1 whatever the dtype (and the transition means with them, for ``ratio_norm``). Returns them
-        and the log-probs' largest difference from the rollout's."""
+        ratio is exactly 1 whatever the dtype (and the transition means with them, for ``ratio_norm``). ``steps`` is
+        ``(trained steps, (n, T) mask of each sample's)``. Returns them and the log-probs' largest difference from the
+        rollout's."""
+        train_steps, trained = steps
         fresh = old_logp.clone()
         fresh_mean = old_mean.clone() if old_mean is not None else None
         bs = self.cfg.optim.train_batch_size
         for part in first_parts:
             for i in range(0, part.numel(), bs):
                 mb = part[i : i + bs].tolist()
-                cond = cond_all.select(mb)
                 for k in train_steps:
-                    out = self._step_outputs(latents[mb, k], latents[mb, k + 1], k, sigmas, cond)
-                    fresh[mb, k] = out.log_prob
+                    rows = self._rows_at(mb, k, trained)
+                    if not rows:
+                        continue
+                    cond = cond_all.select(rows)
+                    out = self._step_outputs(latents[rows, k], latents[rows, k + 1], k, sigmas, cond)
+                    fresh[rows, k] = out.log_prob
                     if fresh_mean is not None:
-                        fresh_mean[mb, k] = out.mean
+                        fresh_mean[rows, k] = out.mean
         cols = list(train_steps)
         diff = (fresh[:, cols] - old_logp[:, cols]).abs()
         local = torch.tensor([float(diff.max()) if diff.numel() else 0.0], device=self.device)
         return fresh, fresh_mean, float(self.gather(local).max())
 
-    def _accumulate_part(self, part, per_process, latents, old, adv, cond_all, sigmas, train_steps, stats):
-        """Backward passes of one part's micro-batches: the gradient of the part's mean loss over all processes'
-        samples and trained steps (``per_process``: the part's global size over the process count, the mean the
-        gradient all-reduce takes). ``old`` is ``(old log-probs, old transition means or None)``. Returns True when a
-        loss was not finite."""
+    def _accumulate_part(self, part, per_process, latents, old, adv, cond_all, sigmas, steps, stats):
+        """Backward passes of one part's micro-batches: the gradient of the part's mean over all processes' samples of
+        each sample's mean loss over its trained steps (``per_process``: the part's global size over the process
+        count, the mean the gradient all-reduce takes). ``old`` is ``(old log-probs, old transition means or
+        None)``; ``steps`` is ``(trained steps, (n, T) mask of each sample's, steps per sample)``: each step's forward
+        takes the micro-batch's rows that train it. Returns True when a loss was not finite."""
         cfg, g, model = self.cfg, self.cfg.flow_grpo, self.model
         old_logp, old_mean = old
+        train_steps, trained, per_sample = steps
         guard = g.ratio_norm or g.grad_reweight
         bad = False
         for i in range(0, part.numel(), cfg.optim.train_batch_size):
-            mb = part[i : i + cfg.optim.train_batch_size].tolist()
-            cond = cond_all.select(mb)
-            weight = len(mb) / per_process / len(train_steps)
+            batch = part[i : i + cfg.optim.train_batch_size].tolist()
             step_logps, step_old = [], []
             total = 0.0
             kl_sum = torch.zeros((), device=self.device)  # trajectory_ratio: the KL of every trained step
             for k in train_steps:
+                mb = self._rows_at(batch, k, trained)  # every row of the micro-batch unless random
+                if not mb:
+                    continue
+                cond = cond_all.select(mb)
+                weight = len(mb) / per_process / per_sample
                 x, x_next = latents[mb, k], latents[mb, k + 1]
                 out = self._step_outputs(x, x_next, k, sigmas, cond)
                 loss_k = torch.zeros((), device=self.device)
@@ -383,14 +431,14 @@ class FlowGRPOTrainer(Trainer):
                 ppo = ppo_clip_loss(
                     torch.stack(step_logps, 1),
                     torch.stack(step_old, 1),
-                    adv[mb],
+                    adv[batch],
                     clip_range=g.clip_range,
                     clip_range_high=g.clip_range_high or None,
                     trajectory_ratio=True,
                 )
-                total = total + ppo.loss * len(mb) / per_process
+                total = total + ppo.loss * len(batch) / per_process
                 # the micro-batch's mean KL over its trained steps, as the per-step branch logs it
-                self._accumulate(stats, ppo, kl_sum / len(train_steps), len(mb))
+                self._accumulate(stats, ppo, kl_sum / len(train_steps), len(batch))
                 if not torch.isfinite(total):
                     bad = True
                 self.backward(total)
