@@ -29,8 +29,9 @@ class PublishedModel:
     ``vae_geometry`` reads, and the parameters of every other component (text encoders and VAE). The configs are
     the checkpoints' own ``transformer/config.json`` and ``vae/config.json`` on the Hugging Face hub.
     ``frozen_transformers`` counts further copies of the transformer's architecture held frozen in memory (Wan 2.2
-    A14B's second expert: one expert trains, both stay on the device). ``vae_params`` is the VAE's share of
-    ``other_params``; the rest are the text encoders' (what ``model.offload_text_encoders`` keeps off the device)."""
+    A14B's second expert: one expert trains, both stay on the device). ``vae_params`` is the share of
+    ``other_params`` that stays on the device with ``model.offload_text_encoders``: the VAE's, and an image encoder's
+    (Wan 2.1 I2V's CLIP); the rest are the text encoders' (what that setting keeps off the device)."""
 
     pipeline: str  # the pipeline class (model_index.json's _class_name), which names the adapter
     transformer: dict[str, Any]
@@ -309,6 +310,7 @@ _PUBLISHED = {
             {**_WAN_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
             _WAN_VAE,
             _WAN_OTHERS + 0.632e9,
+            vae_params=_QWEN_VAE_PARAMS + 0.632e9,  # the VAE and the CLIP image encoder (not offloaded)
         )
         for res in ("480P", "720P")
     },
@@ -318,6 +320,7 @@ _PUBLISHED = {
         _WAN_VAE,
         _WAN_OTHERS,
         frozen_transformers=1,
+        vae_params=_QWEN_VAE_PARAMS,
     ),
 }
 #: Activation elements stored per token and width unit in one transformer block for backward (Korthikanti et al.
