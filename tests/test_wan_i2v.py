@@ -553,3 +553,62 @@ def test_memory_estimate_counts_the_image_encoder_and_the_noisy_latent(model):
             load_config(ROOT / "configs" / "tiny" / "flow_grpo.yaml", [*overrides, f"model.path={path}"])
         )
         assert e.total > 0 and "published sizes" in e.source
+
+
+def test_source_image_encodes_never_overlap_the_background_decode(tmp_path):
+    """The trainers decode and score a rollout chunk in a background thread while the next chunk samples, and the
+    next chunk's velocity VAE-encodes its source image: the Wan VAE keeps a causal feature cache on the module, so
+    the two must not run at once (they did, and a condition came out with the wrong number of latent frames now and
+    then). A decode made slow on purpose would overlap an unguarded encode; ``model.vae_lock`` keeps them apart."""
+    import threading
+    import time
+
+    from diffrl.rewards import as_reward
+    from diffrl.train import build_trainer
+
+    prompts, _ = _prompt_file(tmp_path)
+    trainer = build_trainer(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            f"data.eval={prompts}",
+            "model.path=tiny:wan_i2v",
+            "sample.num_frames=5",
+            "sample.height=32",
+            "sample.width=32",
+            "sample.num_steps=2",
+            "sample.batch_size=1",  # one chunk per video: decodes overlap the next videos' sampling
+            "flow_grpo.group_size=2",
+            "flow_grpo.prompts_per_step=2",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+        reward=as_reward(lambda images, prompts, **kw: images.mean(dim=(1, 2, 3)), name="brightness"),
+    )
+    vae = trainer.model.vae
+    spans: list[tuple[str, int, float, float]] = []
+    encode, decode = vae.encode, vae.decode
+
+    def timed(kind, fn, slow):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            if slow:
+                time.sleep(0.05)
+            out = fn(*args, **kwargs)
+            spans.append((kind, threading.get_ident(), t0, time.perf_counter()))
+            return out
+
+        return run
+
+    vae.encode, vae.decode = timed("encode", encode, False), timed("decode", decode, True)
+    trainer.model.clear_prompt_cache()  # the source images' conditions are encoded again during the step
+    trainer.train_step(0)
+    encodes = [s for s in spans if s[0] == "encode"]
+    decodes = [s for s in spans if s[0] == "decode"]
+    assert encodes and decodes and {s[1] for s in decodes} - {s[1] for s in encodes}  # decodes in another thread
+    for _, _, a0, a1 in encodes:
+        for _, _, b0, b1 in decodes:
+            assert a1 <= b0 or b1 <= a0, "a source-image encode ran during a background decode"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -250,6 +251,17 @@ class FlowModel:
         return self.transformer.device
 
     @property
+    def vae_lock(self) -> threading.RLock:
+        """Held around every use of the VAE that may run in two threads at once: the trainers decode and score one
+        rollout chunk in a background thread while the next chunk samples, and an image-conditioned adapter may
+        VAE-encode a source image during sampling. Video VAEs (Wan, Qwen-Image) keep a causal feature cache on the
+        module, so two concurrent calls would corrupt each other's outputs."""
+        lock = self.__dict__.get("_vae_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_vae_lock", threading.RLock())  # atomic under the GIL
+        return lock
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
@@ -425,7 +437,7 @@ class FlowModel:
                 "the inverse of its decode."
             )
         cfg = self.vae.config
-        with torch.no_grad():
+        with torch.no_grad(), self.vae_lock:
             x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
             z = self.vae.encode(x).latent_dist.mode()
             if getattr(cfg, "shift_factor", None) is not None:

@@ -235,7 +235,8 @@ class Flux2Model(FlowModel):
             size = (int(image.size[0] * scale), int(image.size[1] * scale))
             image = image.resize(size, Image.Resampling.LANCZOS)
         pixels = processor.preprocess(image, height=h, width=w, resize_mode="crop")
-        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        with self.vae_lock:
+            z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
         b, c, zh, zw = z.shape
         z = z.view(b, c, zh // 2, 2, zw // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, zh // 2, zw // 2)
         bn = self.vae.bn

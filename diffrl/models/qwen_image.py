@@ -128,7 +128,8 @@ class QwenImageModel(FlowModel):
         cfg = self.vae.config
         with torch.no_grad():
             x = (images.to(self.vae.device, self.vae.dtype) * 2 - 1).unsqueeze(2)
-            z = self.vae.encode(x).latent_dist.mode()
+            with self.vae_lock:
+                z = self.vae.encode(x).latent_dist.mode()
             mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             return ((z - mean) / std)[:, :, 0].float()

@@ -102,7 +102,8 @@ class QwenImageEditModel(QwenImageModel):
     def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised VAE latents ``(1, C, h, w)`` of preprocessed pixels ``(1, 3, H, W)`` in [-1, 1]: encoded as a
         one-frame video (the distribution's mode), then ``(z - mean) / std`` per channel."""
-        z = self.vae.encode(pixels.unsqueeze(2).to(self.device, self.vae.dtype)).latent_dist.mode()
+        with self.vae_lock:
+            z = self.vae.encode(pixels.unsqueeze(2).to(self.device, self.vae.dtype)).latent_dist.mode()
         cfg = self.vae.config
         mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
         std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)

@@ -178,7 +178,8 @@ class WanI2VModel(WanModel):
             pixels = self.pipe.video_processor.preprocess(source, height=height, width=width)  # (1, 3, H, W)
             pixels = pixels.to(self.device, torch.float32).unsqueeze(2)
             video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
-            z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()  # (1, C, F', h, w)
+            with self.vae_lock:  # the trainers decode in a background thread meanwhile
+                z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()  # (1, C, F', h, w)
             mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
             z = (z - mean) * inv_std

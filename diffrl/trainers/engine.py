@@ -569,7 +569,8 @@ class Trainer:
 
         def decode_and_score(latents, rows):
             with torch.no_grad():
-                images = self.model.decode(latents)
+                with self.model.vae_lock:  # the next chunk's sampling may VAE-encode a source image meanwhile
+                    images = self.model.decode(latents)
                 meta = {k: [v[r] for r in rows] for k, v in metadata.items()}
                 return self.evaluate_reward(self.reward, images, [prompts[r] for r in rows], **meta)
 
