@@ -250,7 +250,7 @@ def test_the_engine_scores_remote_chunks_in_its_background_thread(scripted, serv
 
     engine = SimpleNamespace(
         cfg=SimpleNamespace(sample=SimpleNamespace(batch_size=2)),
-        model=SimpleNamespace(decode=lambda latents: latents),
+        model=SimpleNamespace(decode=lambda latents: latents, vae_lock=threading.RLock()),
         reward=scripted,
         world=1,
         step=0,
