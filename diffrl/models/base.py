@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..utils import apply_umask, canonical_safetensors_header
 
-__all__ = ["Conditioning", "FlowModel", "masked_prompt_conditioning"]
+__all__ = ["Conditioning", "FlowModel", "masked_prompt_conditioning", "open_rgb_image"]
 
 
 @dataclass
@@ -113,6 +113,18 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
         return t
     pad = t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))
     return torch.cat([t, pad], dim=1)
+
+
+def open_rgb_image(image):
+    """A source or reference image as an RGB PIL image: a PIL image, or the path of an image file (read and closed)."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise ValueError(f"image={image!r} must be a PIL image or the path of an image file.")
 
 
 def masked_prompt_conditioning(rows, negative_rows) -> Conditioning:

@@ -33,12 +33,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from ..samplers import sigmas_from_scheduler_config
-from .base import Conditioning, FlowModel
+from .base import Conditioning, FlowModel, open_rgb_image
 
 __all__ = [
     "Flux2Model",
@@ -191,16 +190,7 @@ class Flux2Model(FlowModel):
         cond.image_grid = torch.stack(grids).to(cond.image_latents.device)
         return cond
 
-    @staticmethod
-    def _open(image):
-        from PIL import Image
-
-        if isinstance(image, (str, Path)):
-            with Image.open(image) as im:
-                return im.convert("RGB")
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        raise ValueError(f"image={image!r} must be a PIL image or the path of an image file.")
+    _open = staticmethod(open_rgb_image)
 
     def _reference(self, entry) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens (N_ref, 4C) in the model's dtype, grid (2K,) long)`` of one prompt's reference image(s), from

@@ -28,11 +28,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, open_rgb_image
 from .flux import pack_latents
 from .qwen_image import QwenImageModel
 
@@ -78,16 +77,7 @@ class QwenImageEditModel(QwenImageModel):
         self.condition_area = int(area)
 
     # ------------------------------------------------------------------ source images
-    @staticmethod
-    def _open(image):
-        from PIL import Image
-
-        if isinstance(image, (str, Path)):
-            with Image.open(image) as im:
-                return im.convert("RGB")
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        raise ValueError(f"image={image!r} must be a PIL image or the path of an image file.")
+    _open = staticmethod(open_rgb_image)
 
     def _condition(self, image) -> tuple[object, torch.Tensor, tuple[int, int]]:
         """``(resized PIL image for the VL encoder, packed latent tokens (N_c, 4C), token grid)`` of one source

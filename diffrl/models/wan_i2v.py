@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, open_rgb_image
 from .wan import WanModel
 
 __all__ = ["WanI2VModel"]
@@ -114,16 +114,7 @@ class WanI2VModel(WanModel):
         return out
 
     # ------------------------------------------------------------------ source images
-    @staticmethod
-    def _open(image):
-        from PIL import Image
-
-        if isinstance(image, (str, Path)):
-            with Image.open(image) as im:
-                return im.convert("RGB")
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        raise ValueError(f"image={image!r} must be a PIL image or the path of an image file.")
+    _open = staticmethod(open_rgb_image)
 
     @staticmethod
     def _key(image) -> int:
