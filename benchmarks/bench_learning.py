@@ -8,6 +8,8 @@ trainers (:data:`VARIANTS`):
 
 * ``diffusion_nft``, ``flow_grpo``, ``refl``, ``awm``: their presets as they are;
 * ``pref_grpo``: ``configs/toy/pref_grpo.yaml`` (Flow-GRPO with ``flow_grpo.advantage: winrate``, Pref-GRPO);
+* ``grpo_guard``: ``configs/toy/grpo_guard.yaml`` (Flow-GRPO with ``ratio_norm`` and ``grad_reweight``);
+* ``dpo``: ``configs/toy/dpo.yaml`` (online Diffusion-DPO: pairs from each step's groups, labelled by the verifier);
 * ``mixgrpo``: the Flow-GRPO preset with MixGRPO's sliding window (arXiv 2507.21802, Sec. 3.2): 4 stochastic and
   trained steps of the 8, the window moving one step every 25 training steps and wrapping, Euler elsewhere.
 
@@ -53,6 +55,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "refl": ("refl", []),
     "awm": ("awm", []),
     "pref_grpo": ("pref_grpo", []),
+    "grpo_guard": ("grpo_guard", []),
+    "dpo": ("dpo", []),
     "mixgrpo": (
         "flow_grpo",
         [
@@ -68,7 +72,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 def images_per_step(cfg) -> int:
     """Training images sampled per step by the run's algorithm."""
     algo = cfg.algorithm
-    if algo in ("flow_grpo", "diffusion_nft", "awm"):
+    if algo in ("flow_grpo", "diffusion_nft", "awm", "dpo"):
         sub = getattr(cfg, algo)
         return sub.group_size * sub.prompts_per_step
     if algo == "refl":
