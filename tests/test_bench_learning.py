@@ -23,7 +23,16 @@ def curve(images, accuracies, seconds=None):
 
 
 # images per step of every variant: group x prompts (Flow-GRPO family 8 x 16, NFT and AWM 8 x 4), ReFL's 32 prompts
-PER_STEP = {"diffusion_nft": 32, "flow_grpo": 128, "pref_grpo": 128, "mixgrpo": 128, "refl": 32, "awm": 32}
+PER_STEP = {
+    "diffusion_nft": 32,
+    "flow_grpo": 128,
+    "pref_grpo": 128,
+    "mixgrpo": 128,
+    "grpo_guard": 128,
+    "refl": 32,
+    "awm": 32,
+    "dpo": 24,  # online DPO: 6 images x 4 prompts
+}
 
 
 @pytest.mark.parametrize("name", sorted(bench.VARIANTS))
@@ -32,9 +41,13 @@ def test_every_variant_loads_and_counts_its_images(name):
     cfg = load_config(str(ROOT / "configs" / "toy" / f"{preset}.yaml"), overrides)
     assert bench.images_per_step(cfg) == PER_STEP[name]
     if name == "mixgrpo":
-        assert cfg.flow_grpo.window_schedule == "sliding" and cfg.flow_grpo.sde_window == 4
+        assert cfg.flow_grpo.window_schedule == "sliding" and cfg.flow_grpo.sde_window == 2
     if name == "pref_grpo":
         assert cfg.flow_grpo.advantage == "winrate"
+    if name == "grpo_guard":
+        assert cfg.flow_grpo.ratio_norm and cfg.flow_grpo.grad_reweight
+    if name == "dpo":
+        assert cfg.dpo.mode == "online"
 
 
 def test_first_reaching_interpolates_between_evaluations():
