@@ -23,7 +23,9 @@ accuracy, partial credit; and the summary), ``learning.png`` (mean held-out stri
 band from the lowest to the highest seed, against training images and against training CPU seconds) and
 ``learning.md`` (the table); printed: per trainer, the mean and spread (sample standard deviation over seeds, and
 the range) of base, final and best accuracy, and the training images and CPU seconds to a gain of ``--gain``
-(default 0.10) over the run's own base, averaged over the seeds that reached it ("k/n seeds" says how many did).
+(default 0.10) over the run's own base, averaged over the seeds that reached it ("k/n seeds" says how many did), and
+``z``, the final accuracy's rise over the base in standard errors of all seeds' evaluation images pooled
+(:func:`gain_z`; 2 or more: a significant rise).
 
     python benchmarks/bench_learning.py --algorithms diffusion_nft flow_grpo --seeds 0 1 2 --samples 6400 \
         --evals 8 --out runs/bench-learning       # the NFT vs Flow-GRPO comparison
@@ -175,6 +177,25 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def gain_z(runs: list[dict]) -> float | None:
+    """How many standard errors the final accuracy lies above the base, over all seeds' evaluation images pooled.
+
+    With ``n`` images per evaluation and seed, the base and final accuracies over the ``N = n x seeds`` images are
+    ``p_b`` and ``p_f`` and ``z = (p_f - p_b) / sqrt((p_b (1 - p_b) + p_f (1 - p_f)) / N)``, the two-proportion
+    statistic treating the two evaluations as independent. They are not (each seed evaluates both from the same
+    noise, which correlates them positively), so this overstates the standard error of the difference and ``z`` is
+    conservative; ``z >= 2`` is read as a significant rise (about 97.7% one-sided). None when the runs lack
+    ``eval_images``."""
+    counts = [r.get("eval_images") for r in runs]
+    if not all(counts):
+        return None
+    total = sum(counts)
+    base = sum(n * r["curve"][0]["accuracy"] for n, r in zip(counts, runs, strict=True)) / total
+    final = sum(n * r["curve"][-1]["accuracy"] for n, r in zip(counts, runs, strict=True)) / total
+    var = (base * (1 - base) + final * (1 - final)) / total
+    return (final - base) / var**0.5 if var > 0 else None
+
+
 def summarise(results: list[dict], gain: float) -> dict:
     """Per trainer, over its seeds: base, final, best and final-minus-base accuracy (:func:`spread`), and the training
     images / CPU seconds it needed to gain ``gain`` over the run's own base, averaged over the seeds that reached
@@ -192,6 +213,7 @@ def summarise(results: list[dict], gain: float) -> dict:
             ("gain", lambda c: c[-1]["accuracy"] - c[0]["accuracy"]),
         ):
             row[key] = spread([pick(r["curve"]) for r in runs])
+        row["z"] = gain_z(runs)
         for key, field in (("images", "images"), ("seconds", "train_cpu_seconds")):
             hits = [first_reaching(r["curve"], r["curve"][0]["accuracy"] + gain, field) for r in runs]
             reached = [h for h in hits if h is not None]
@@ -273,13 +295,14 @@ def table(summary: dict) -> str:
 
     g = summary["gain"]
     lines = [
-        f"| trainer | seeds | eval images | base | final | best | gain | images to +{100 * g:.0f} | CPU s to +{100 * g:.0f} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| trainer | seeds | eval images | base | final | best | gain | z | images to +{100 * g:.0f} | CPU s to +{100 * g:.0f} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in summary["per_algorithm"].items():
         lines.append(
             f"| {name} | {' '.join(map(str, v['seeds']))} | {v['eval_images']} | {pts(v['base'])} | {pts(v['final'])} "
-            f"| {pts(v['best'])} | {pts(v['gain'])} | {to_gain(v, 'images', '.0f')} | {to_gain(v, 'seconds', '.0f')} |"
+            f"| {pts(v['best'])} | {pts(v['gain'])} | {'-' if v.get('z') is None else format(v['z'], '.1f')} "
+            f"| {to_gain(v, 'images', '.0f')} | {to_gain(v, 'seconds', '.0f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -76,8 +76,12 @@ def test_summary_over_seeds_is_the_hand_computed_one():
     # b reaches 0.20 halfway from 400 to 800 images: 600, six times a's 100
     assert b["images_to_gain"] == pytest.approx(600.0) and b["images_ratio"] == pytest.approx(6.0)
     assert a["images_ratio"] == pytest.approx(1.0) and b["gain"]["std"] == 0.0
+    # pooled over a's 2 x 672 images: base 0.11, final 0.25, z = 0.14 / sqrt((0.11 * 0.89 + 0.25 * 0.75) / 1344)
+    assert a["z"] == pytest.approx(0.14 / math.sqrt((0.11 * 0.89 + 0.25 * 0.75) / 1344))
+    assert a["z"] == pytest.approx(9.61, abs=0.01)
     md = bench.table(bench.summarise(runs, 0.10))
     assert "| a | 0 1 | 672 | 11.0 +- 1.4 [10.0, 12.0] |" in md
+    assert "| 9.6 |" in md
     assert "600 (1/1 seeds, 6.0x)" in md
 
 
