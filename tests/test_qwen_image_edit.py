@@ -338,6 +338,8 @@ def test_doctor_probes_an_edit_model_with_the_prompt_files_source_images(tmp_pat
     status = {f.name: (f.status, f.message) for f in findings}
     assert status["ratio"][0] == "OK", status["ratio"]
     assert status["memory"][0] == "OK" and "safetensors headers" in status["memory"][1]
+
+
 # ------------------------------------------- Flow-Factory's Qwen-Image-Edit-2509 recipe (preset) and condition size
 
 

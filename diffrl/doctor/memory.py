@@ -533,8 +533,8 @@ def estimate_memory(
     tokens
     ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
     ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
-    tokens of an edit model at ``model.condition_image_size``), ``d`` the transformer width and ``blocks`` its blocks (the adapter's
-    ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
+    tokens of an edit model at ``model.condition_image_size``), ``d`` the transformer width and ``blocks`` its
+    blocks (the adapter's ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
     a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
     ``n_local`` the samples of one step on one of ``num_processes`` processes, ``D_txt`` the text embedding width,

@@ -223,7 +223,8 @@ def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> Flo
     """The model a run's ``model`` config section describes: ``path`` at ``dtype``, ``max_sequence_length`` T5 tokens
     (0: the adapter's default), the trained ``expert`` and the low-noise expert's ``guidance_scale_2`` of a Wan 2.2
     model, the source images' ``condition_image_size`` of an edit or reference-image model, the VAE in ``vae_dtype``
-    (see :func:`set_vae_dtype`) and, with ``offload_text_encoders``, the text encoders kept on the CPU between encodings."""
+    (see :func:`set_vae_dtype`) and, with ``offload_text_encoders``, the text encoders kept on the CPU between
+    encodings."""
     kwargs = {"max_sequence_length": model_cfg.max_sequence_length} if model_cfg.max_sequence_length else {}
     model = load_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype), device=device, **kwargs)
     expert = getattr(model_cfg, "expert", "")
