@@ -87,6 +87,12 @@ class ModelConfig:
     guidance_scale_2: float = 0.0
     """Wan 2.2 A14B: the CFG scale of the low-noise expert's steps (the pipeline's `guidance_scale_2`), in rollouts,
     training passes and evaluation alike; 0 uses the guidance scale of the call for both experts."""
+    condition_image_size: int = 0
+    """Edit and reference-image models (Qwen-Image-Edit, Qwen-Image-Edit-2509, FLUX.2): the source or reference images
+    are VAE-encoded at about this side squared pixels, each at its own aspect ratio (Flow-Factory's
+    condition_image_size): Qwen-Image-Edit-2509 resizes them to that area (its VL encoder still sees 384 x 384),
+    Qwen-Image-Edit too (its pipeline's one size, VL encoder included), FLUX.2 scales down only those above it. 0 keeps
+    the pipelines' 1024 x 1024. Training and evaluation alike; `diffrl sample`/`eval` use the pipelines' size."""
 
 
 @dataclass
@@ -788,6 +794,11 @@ _RANGES = [
         "-1 (the family default), 0 (full fine-tuning) or a positive rank",
     ),
     ("model.lora_alpha", lambda v: v == -1 or v > 0, "-1 (twice the default rank) or positive"),
+    (
+        "model.condition_image_size",
+        lambda v: v == 0 or v >= 32,
+        "0 (the pipelines' 1024 x 1024) or at least 32 pixels",
+    ),
     ("data.eval_size", _at_least(0), "at least 0"),
     ("sample.guidance_scale", _at_least(0), "at least 0 (1: no CFG)"),
     ("sample.eval_guidance_scale", _at_least(0), "at least 0 (1: no CFG)"),

@@ -581,3 +581,253 @@ def test_reference_above_the_area_is_resized_as_the_pipeline(dev, dev_pipe, monk
     latents, _ = dev_pipe.prepare_image_latents([pixels], 1, None, "cpu", dev_pipe.vae.dtype)
     assert cond.image_grid[0].tolist() == [8, 13]  # 64 x 104 pixels / 8
     assert torch.equal(cond.image_latents, latents)
+
+
+# ------------------------------------------------- Flow-Factory's FLUX.2 [dev] recipes (presets) and condition size
+
+
+def test_condition_image_size_scales_reference_images_down_to_its_area(tmp_path):
+    """``model.condition_image_size: 64`` (Flow-Factory's ``condition_image_size``): a reference image above 64 x 64
+    pixels is scaled to about that area, sides truncated, then floored to multiples of 8 (2 x the tiny VAE's factor);
+    one at or below it keeps its size. Bad values are refused before loading, other families at loading."""
+    from diffrl.config import ConfigError, load_config
+    from diffrl.models import load_model_from_config
+
+    base = [f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}"]
+    with pytest.raises(ConfigError, match=r"model.condition_image_size=16 must be 0 .* or at least 32"):
+        load_config(ROOT / "configs" / "tiny" / "flow_grpo.yaml", [*base, "model.condition_image_size=16"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        [*base, "model.path=tiny:flux2", "model.condition_image_size=64"],
+    )
+    model = load_model_from_config(cfg.model)
+    assert model.reference_area == 64 * 64 and type(model).reference_area == 1024 * 1024
+    # 64 x 72 = 4608 > 4096 pixels: x sqrt(4096 / 4608) = 0.9428 -> 60.3 x 67.9, truncated 60 x 67, floored 56 x 64
+    assert model.encode(["a red cat"], images=[_ref(1, (64, 72))]).image_grid[0].tolist() == [8, 7]
+    # 64 x 64 = 4096 pixels, not above the area: kept
+    assert model.encode(["a red cat"], images=[_ref(2, (64, 64))]).image_grid[0].tolist() == [8, 8]
+    sd3 = load_config(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml",
+        [*base, "model.path=tiny:sd3", "model.condition_image_size=64"],
+    )
+    with pytest.raises(ValueError, match=r"model.condition_image_size=64 .* is a sd3 model; set it to 0"):
+        load_model_from_config(sd3.model)
+
+
+def flow_factory_gdpo(rewards: dict, weights: dict, group_size: int) -> torch.Tensor:
+    """Flow-Factory's ``AdvantageProcessor.compute_gdpo`` (src/flow_factory/advantage/advantage_processor.py at
+    a0b2bc5), re-stated: each reward z-scored within its group (population std, at least 1e-6) and weighted, the sum
+    z-scored over the whole batch (its mean and population std, at least 1e-6); grpo.py clamps the advantages to
+    adv_clip_range (+-5) in the loss."""
+    total = 0
+    for name, weight in weights.items():
+        r = rewards[name].double().view(-1, group_size)
+        std = r.std(1, unbiased=False, keepdim=True).clamp(min=1e-6)
+        total = total + weight * ((r - r.mean(1, keepdim=True)) / std).flatten()
+    return ((total - total.mean()) / total.std(unbiased=False).clamp(min=1e-6)).clamp(-5, 5)
+
+
+def test_preset_advantages_are_flow_factorys_gdpo():
+    """configs/flux2_dev_flow_grpo_clip_pickscore.yaml's advantages, built by the library as the trainer builds them
+    (the combined reward with reward_normalize group, then group_advantages with adv_std global), equal
+    Flow-Factory's gdpo of CLIP (weight 1) and PickScore (0.5) up to the epsilons, with prompts whose mean scores and
+    spreads differ; a plain weighted sum (reward_normalize '') does not."""
+    from diffrl.config import load_config
+    from diffrl.rewards import CombinedReward, as_reward
+    from diffrl.trainers.objectives import group_advantages
+
+    cfg = load_config(ROOT / "configs" / "flux2_dev_flow_grpo_clip_pickscore.yaml")
+    assert cfg.reward == {"clipscore": 1.0, "pickscore": 0.5} and cfg.flow_grpo.adv_std == "global"
+    gen = torch.Generator().manual_seed(0)
+    groups, g = 12, cfg.flow_grpo.group_size
+    spread = torch.rand(groups, 1, generator=gen, dtype=torch.float64) + 0.2  # each prompt its own spread
+    rewards = {  # CLIP cosines about 0.3 (spread 0.01), PickScores about 22 (spread 0.5)
+        "clipscore": (
+            0.3
+            + 0.03 * torch.rand(groups, 1, generator=gen, dtype=torch.float64)
+            + 0.01 * spread * torch.randn(groups, g, generator=gen, dtype=torch.float64)
+        ).flatten(),
+        "pickscore": (
+            22
+            + torch.randn(groups, 1, generator=gen, dtype=torch.float64)
+            + 0.5 * torch.randn(groups, g, generator=gen, dtype=torch.float64)
+        ).flatten(),
+    }
+    ids = torch.arange(groups * g) // g
+    prompts = [f"prompt {int(i)}" for i in ids]
+
+    def ours(normalize):
+        parts = [
+            (as_reward(lambda images, prompts, n=n: rewards[n].float(), name=n), w)
+            for n, w in cfg.reward.items()
+        ]
+        total = (
+            CombinedReward(parts, normalize=normalize).evaluate(torch.zeros(len(ids), 3, 4, 4), prompts).total
+        )
+        return group_advantages(
+            total, ids, std=cfg.flow_grpo.adv_std, clip=cfg.flow_grpo.adv_clip
+        ).values.double()
+
+    ref = flow_factory_gdpo(rewards, cfg.reward, g)
+    torch.testing.assert_close(ours(cfg.reward_normalize), ref, rtol=1e-3, atol=1e-4)
+    plain = ours(None)
+    assert float(plain @ ref / (plain.norm() * ref.norm())) < 0.99  # PickScore's scale would outweigh CLIP's
+
+
+def _flow_factory_flux2_dry_run(preset: Path, prompts: Path, tmp_path, extra: list[str]):
+    """One training step of ``preset`` shrunk onto tiny:flux2 (float32, rank 4, 32 x 32, 2 prompts x 2 images, 64
+    text tokens) with stand-in rewards under the preset's names and weights; returns the trainer and its metrics."""
+    from diffrl.config import load_config
+    from diffrl.rewards import CombinedReward, as_reward
+    from diffrl.train import build_trainer
+
+    cfg = load_config(preset)
+    parts = [
+        (as_reward(lambda images, prompts, k=k, **kw: images[:, k].mean(dim=(1, 2)), name=name), weight)
+        for k, (name, weight) in enumerate(cfg.reward.items())
+    ]
+    trainer = build_trainer(
+        preset,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            f"data.eval={prompts}",
+            "model.path=tiny:flux2",
+            "model.dtype=float32",
+            "model.max_sequence_length=64",
+            "mixed_precision=no",
+            "model.lora_rank=4",
+            "sample.height=32",
+            "sample.width=32",
+            "flow_grpo.group_size=2",
+            "flow_grpo.prompts_per_step=2",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+            *extra,
+        ],
+        reward=CombinedReward(parts, normalize=cfg.reward_normalize or None),
+    )
+    adapted = {
+        n.removesuffix(".lora_A")
+        for n, _ in trainer.model.transformer.named_modules()
+        if n.endswith(".lora_A")
+    }
+    # the recipe's names: diffrl's FLUX.2 default but the single blocks' attn.to_out
+    import re
+
+    from diffrl.models.flux2 import FLUX2_LORA_TARGETS
+
+    linears = [  # the adapted ones are PEFT layers around their nn.Linear, base_layer
+        n.removesuffix(".base_layer")
+        for n, m in trainer.model.transformer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    default = {n for n in linears if re.fullmatch(FLUX2_LORA_TARGETS, n)}
+    single_out = {
+        n for n in default if n.startswith("single_transformer_blocks.") and n.endswith("attn.to_out")
+    }
+    assert single_out and adapted == default - single_out
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+    # the second of the two updates is off-policy by one tiny update: the mean ratio is near 1, not exactly
+    assert abs(metrics["train/ratio_mean"] - 1.0) < 1e-3
+    return trainer, metrics
+
+
+def test_flow_factory_t2i_preset_maps_the_recipe_and_runs_on_the_tiny_model(tmp_path):
+    """configs/flux2_dev_flow_grpo_clip_pickscore.yaml against Flow-Factory's examples/grpo/lora/flux2/t2i.yaml (at
+    a0b2bc5): the recipe's values, written out by hand here, and one step of the preset, shrunk, on tiny:flux2 with
+    its window of one SDE step among steps 1..3 of 8 and the recipe's LoRA targets."""
+    from diffrl.config import load_config
+
+    preset = ROOT / "configs" / "flux2_dev_flow_grpo_clip_pickscore.yaml"
+    cfg = load_config(preset)
+    g, s, m = cfg.flow_grpo, cfg.sample, cfg.model
+    assert (m.path, m.lora_rank, m.lora_alpha, m.lora_init) == (
+        "black-forest-labs/FLUX.2-dev",
+        64,
+        128,
+        "gaussian",
+    )
+    assert (m.gradient_checkpointing, m.condition_image_size, m.max_sequence_length) == (False, 0, 512)
+    assert (g.group_size, g.prompts_per_step, g.num_minibatches, g.num_inner_epochs) == (16, 48, 2, 1)
+    assert (g.sampler, g.noise_level, g.sde_window, list(g.sde_window_range)) == ("sde", 1.0, 1, [1, 4])
+    assert (g.clip_range, g.kl_beta, g.adv_clip, g.adv_std, cfg.reward_normalize) == (
+        1e-4,
+        0.0,
+        5.0,
+        "global",
+        "group",
+    )
+    assert (
+        cfg.reward == cfg.eval_reward == {"clipscore": 1.0, "pickscore": 0.5}
+    )  # CLIP weight 1.0, PickScore 0.5
+    assert (s.height, s.width, s.num_steps, s.guidance_scale, s.eval_num_steps, s.eval_guidance_scale) == (
+        512,
+        512,
+        8,
+        4.0,
+        28,
+        4.0,
+    )
+    assert (s.batch_size, cfg.optim.train_batch_size, cfg.data.eval_size) == (1, 1, 150)
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.max_grad_norm) == (
+        3e-4,
+        1e-4,
+        0.9,
+        0.999,
+        1e-8,
+        1.0,
+    )
+    assert (cfg.ema_decay, cfg.ema_every, cfg.zero_stage, cfg.mixed_precision, cfg.seed) == (
+        0.9,
+        8,
+        2,
+        "bf16",
+        42,
+    )
+    assert (cfg.checkpointing_steps, cfg.eval_every) == (20, 20)
+    prompts = tmp_path / "t2is.jsonl"  # rows as dataset/t2is has them: a prompt only
+    prompts.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS))
+    trainer, _ = _flow_factory_flux2_dry_run(preset, prompts, tmp_path, [])
+    assert (
+        isinstance(trainer.model, Flux2Model) and trainer.model.guidance_embeds
+    )  # guidance 4 is the embedding
+
+
+def test_flow_factory_i2i_preset_maps_the_recipe_and_runs_on_the_tiny_model(tmp_path):
+    """configs/flux2_dev_i2i_flow_grpo_pickscore.yaml against Flow-Factory's examples/grpo/lora/flux2/i2i.yaml (at
+    a0b2bc5): what it changes from t2i.yaml, by hand, the rest equal to the text-to-image preset; one step of the
+    preset, shrunk, on tiny:flux2 with a reference image per row, scaled to condition_image_size (64 here)."""
+    from diffrl.config import config_to_dict, load_config
+
+    preset = ROOT / "configs" / "flux2_dev_i2i_flow_grpo_pickscore.yaml"
+    cfg = load_config(preset)
+    s = cfg.sample
+    assert (s.height, s.width, s.num_steps, s.eval_num_steps, cfg.model.condition_image_size) == (
+        384,
+        384,
+        10,
+        28,
+        384,
+    )
+    assert cfg.reward == cfg.eval_reward == {"pickscore": 1.0} and cfg.data.eval_size == 128
+    t2i = config_to_dict(load_config(ROOT / "configs" / "flux2_dev_flow_grpo_clip_pickscore.yaml"))
+    i2i = config_to_dict(cfg)
+    changed = {k for k in i2i if i2i[k] != t2i[k]}
+    assert changed == {"output_dir", "model", "data", "sample", "reward", "eval_reward"}
+    assert {k for k in i2i["model"] if i2i["model"][k] != t2i["model"][k]} == {"condition_image_size"}
+    assert {k for k in i2i["sample"] if i2i["sample"][k] != t2i["sample"][k]} == {
+        "height",
+        "width",
+        "num_steps",
+    }
+    rows, prompts = _reference_prompt_file(tmp_path)  # 64 x 72 reference images
+    trainer, _ = _flow_factory_flux2_dry_run(preset, prompts, tmp_path, ["model.condition_image_size=64"])
+    assert trainer.model.reference_area == 64 * 64
+    cond = trainer.model.encode_rows(["a red cat"], {"image": [str(tmp_path / rows[0]["image"])]})
+    assert cond.image_grid[0].tolist() == [8, 7]  # 64 x 72 scaled to 56 x 64 pixels (see the test above)

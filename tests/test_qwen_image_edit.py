@@ -338,3 +338,168 @@ def test_doctor_probes_an_edit_model_with_the_prompt_files_source_images(tmp_pat
     status = {f.name: (f.status, f.message) for f in findings}
     assert status["ratio"][0] == "OK", status["ratio"]
     assert status["memory"][0] == "OK" and "safetensors headers" in status["memory"][1]
+
+
+# ------------------------------------------- Flow-Factory's Qwen-Image-Edit-2509 recipe (preset) and condition size
+
+
+def test_condition_image_size_sets_the_vae_size_of_source_images(model):
+    """``model.condition_image_size`` (Flow-Factory's ``condition_image_size``): Qwen-Image-Edit-2509 VAE-encodes its
+    source images at about that side squared (``calculate_dimensions``: aspect ratio kept, multiples of 32) while its
+    VL encoder keeps 384 x 384; Qwen-Image-Edit, whose pipeline has one condition size, resizes for both; the
+    doctor's estimate counts the smaller condition."""
+    from diffrl.config import load_config
+    from diffrl.doctor.memory import _model_facts
+    from diffrl.models import QwenImageEditPlusModel, load_model_from_config
+
+    root = Path(__file__).resolve().parents[1]
+    base = [f"data.train={root / 'configs' / 'tiny' / 'prompts.txt'}", "model.condition_image_size=64"]
+    cfg = load_config(
+        root / "configs" / "tiny" / "flow_grpo.yaml", [*base, "model.path=tiny:qwen_image_edit_plus"]
+    )
+    plus = load_model_from_config(cfg.model)
+    assert isinstance(plus, QwenImageEditPlusModel)
+    assert (plus.vae_area, plus.condition_area) == (64 * 64, 384 * 384)
+    # 120 x 40 at 64^2 pixels: height sqrt(4096 / 3) = 37.0 -> 32, width 110.9 -> 96; tiny VAE factor 4, 2x2 tokens
+    cond = plus.encode(["make the cat red"], images=[[_image(3, (120, 40))]])
+    assert cond.image_grid.tolist() == [[4, 12]] and cond.image_latents.shape[1] == 4 * 12
+    shown, _, _ = plus._condition([_image(3, (120, 40))])
+    assert shown[0].size == (
+        672,
+        224,
+    )  # the VL encoder's 384^2: width sqrt(147456 * 3) = 665.1 -> 672, 221.7 -> 224
+    try:
+        model.set_condition_image_size(96)
+        assert model.condition_area == 96 * 96
+    finally:
+        model.condition_area = AREA
+    with pytest.raises(ValueError, match="condition_image_size=8 must be an integer of at least 32"):
+        plus.set_condition_image_size(8)
+    published = load_config(root / "configs" / "qwen_image_edit_2509_flow_grpo_pickscore.yaml")
+    assert _model_facts(published, None)["condition_tokens"] == (384 // 16) ** 2  # VAE factor 8, 2x2 tokens
+    default = load_config(published, ["model.condition_image_size=0"])
+    assert _model_facts(default, None)["condition_tokens"] == (1024 // 16) ** 2
+
+
+def test_flow_factory_preset_maps_the_recipe_and_runs_on_the_tiny_model(tmp_path):
+    """configs/qwen_image_edit_2509_flow_grpo_pickscore.yaml against Flow-Factory's
+    examples/grpo/lora/qwen_image_edit_plus/default.yaml (at a0b2bc5): the recipe's values, written out by hand here,
+    and one step of the preset, shrunk, on tiny:qwen_image_edit_plus with a source image per row, true CFG at 4 with
+    the gradient through both passes, its window of one SDE step among steps 1..3 of 10 and the recipe's LoRA targets
+    (both streams' attention projections and MLPs)."""
+    import json
+
+    from diffrl.config import load_config
+    from diffrl.rewards import as_reward
+    from diffrl.train import build_trainer
+
+    root = Path(__file__).resolve().parents[1]
+    preset = root / "configs" / "qwen_image_edit_2509_flow_grpo_pickscore.yaml"
+    cfg = load_config(preset)
+    g, s, m = cfg.flow_grpo, cfg.sample, cfg.model
+    assert (m.path, m.lora_rank, m.lora_alpha, m.lora_init) == (
+        "Qwen/Qwen-Image-Edit-2509",
+        64,
+        128,
+        "gaussian",
+    )
+    assert (m.gradient_checkpointing, m.condition_image_size) == (True, 384)
+    assert (g.group_size, g.prompts_per_step, g.num_minibatches, g.num_inner_epochs) == (16, 48, 2, 1)
+    assert (g.sampler, g.noise_level, g.sde_window, list(g.sde_window_range)) == ("sde", 1.0, 1, [1, 4])
+    assert (g.clip_range, g.kl_beta, g.adv_clip, g.adv_std, cfg.reward_normalize) == (
+        1e-4,
+        0.0,
+        5.0,
+        "global",
+        "group",
+    )
+    assert g.cfg_grad == "full" and cfg.reward == cfg.eval_reward == {"pickscore": 1.0}
+    assert (s.height, s.width, s.num_steps, s.guidance_scale, s.eval_num_steps, s.eval_guidance_scale) == (
+        384,
+        384,
+        10,
+        4.0,
+        40,
+        4.0,
+    )
+    assert (s.batch_size, cfg.optim.train_batch_size, cfg.data.eval_size) == (1, 1, 128)
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.beta1, o.beta2, o.eps, o.max_grad_norm) == (
+        3e-4,
+        1e-4,
+        0.9,
+        0.999,
+        1e-8,
+        1.0,
+    )
+    assert (cfg.ema_decay, cfg.ema_every, cfg.zero_stage, cfg.mixed_precision, cfg.seed) == (
+        0.9,
+        8,
+        2,
+        "bf16",
+        42,
+    )
+    assert (cfg.checkpointing_steps, cfg.eval_every) == (20, 20)
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, prompt in enumerate(["make the cat red", "add a blue square"]):
+        _image(50 + i).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"prompt": prompt, "image": f"images/{i}.png"})  # as sharegpt4o_image_mini, prefixed
+    prompts = tmp_path / "edits.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = build_trainer(
+        preset,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={prompts}",
+            f"data.eval={prompts}",
+            "model.path=tiny:qwen_image_edit_plus",
+            "model.dtype=float32",
+            "model.condition_image_size=64",
+            "mixed_precision=no",
+            "model.lora_rank=4",
+            "sample.height=32",
+            "sample.width=32",
+            "flow_grpo.group_size=2",
+            "flow_grpo.prompts_per_step=2",
+            "max_steps=1",
+            "eval_every=0",
+            "checkpointing_steps=0",
+            "report_to=none",
+        ],
+        reward=as_reward(lambda images, prompts, **kw: images.std(dim=1).mean(dim=(1, 2)), name="pickscore"),
+    )
+    trainer.model.condition_area = 32 * 32  # the VL encoder's view, small for the tiny model
+    transformer = trainer.model.transformer
+    adapted = {n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")}
+    blocks = len(transformer.transformer_blocks)
+    attention = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    mlps = [f"{s}_mlp.net.{k}" for s in ("img", "txt") for k in ("0.proj", "2")]
+    expected = {
+        f"transformer_blocks.{b}.{x}"
+        for b in range(blocks)
+        for x in [*(f"attn.{a}" for a in attention), *mlps]
+    }
+    assert adapted == expected
+    calls = []
+    original = trainer.model.velocity
+
+    def spy(x, sigma, cond, guidance_scale=4.0, **kw):
+        calls.append((guidance_scale, kw.get("detach_uncond"), cond.negative_prompt_embeds is not None))
+        return original(x, sigma, cond, guidance_scale, **kw)
+
+    trainer.model.velocity = spy
+    before = [p.detach().clone() for p in trainer.params]
+    metrics = trainer.train_step(0)
+    unchanged = {
+        n for n, a, p in zip(trainer.param_names, before, trainer.params, strict=True) if torch.equal(a, p)
+    }
+    # the last block's text stream is dropped after it: as in the recipe, its LoRA tensors are there but get no
+    # gradient (diffrl's default targets leave them out); every other one moved
+    last = f"transformer_blocks.{blocks - 1}"
+    dead = ["attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+    assert unchanged == {f"{last}.{x}.lora_B.default.weight" for x in dead}
+    # every pass guided at 4 against the encoded empty negative prompt; the training passes keep both gradients
+    assert calls and all(c[0] == 4.0 and c[2] for c in calls) and any(c[1] is False for c in calls)
+    # the second of the two updates is off-policy by one tiny update: the mean ratio is near 1, not exactly
+    assert abs(metrics["train/ratio_mean"] - 1.0) < 1e-3

@@ -468,7 +468,7 @@ def test_flow_factory_preset_maps_the_recipe_and_runs_on_the_tiny_model(tmp_path
     cfg = load_config(preset)
     g, s = cfg.flow_grpo, cfg.sample
     assert cfg.model.path == "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
-    assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (64, 128)
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_init) == (64, 128, "gaussian")
     assert (g.group_size, g.prompts_per_step, g.num_minibatches) == (
         16,
         48,

@@ -476,7 +476,9 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "decoded_frames": decoded_frames,
         "video": bool(getattr(adapter, "is_video", False)),
         "text_tokens": adapter.memory_text_tokens,
-        "condition_tokens": adapter.condition_tokens(vae_factor, adapter.token_patch_size(tcfg)),
+        "condition_tokens": adapter.condition_tokens(
+            vae_factor, adapter.token_patch_size(tcfg), getattr(m, "condition_image_size", 0)
+        ),
         # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
         "true_cfg": adapter.guidance_is_cfg and adapter.uses_negative_prompt,
         "lora": lora,
@@ -531,8 +533,8 @@ def estimate_memory(
     tokens
     ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
     ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
-    tokens of an edit model), ``d`` the transformer width and ``blocks`` its blocks (the adapter's
-    ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
+    tokens of an edit model at ``model.condition_image_size``), ``d`` the transformer width and ``blocks`` its
+    blocks (the adapter's ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
     a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
     ``n_local`` the samples of one step on one of ``num_processes`` processes, ``D_txt`` the text embedding width,

@@ -217,8 +217,9 @@ class FlowModel:
         return 2 ** (len(channels) - 1), int(channels[0]), int(vae_config.get("latent_channels", 16))
 
     @classmethod
-    def condition_tokens(cls, vae_factor: int, patch: int) -> int:
-        """Latent tokens of a conditioning image appended to the noisy ones (edit models), for the estimate: 0."""
+    def condition_tokens(cls, vae_factor: int, patch: int, side: int = 0) -> int:
+        """Latent tokens of a conditioning image appended to the noisy ones (edit models) encoded at about ``side``
+        squared pixels (0: the pipeline's size), for the estimate: 0."""
         return 0
 
     @classmethod

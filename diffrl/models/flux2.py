@@ -119,6 +119,14 @@ class Flux2Model(FlowModel):
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be in 1..1024 for FLUX.2.")
         self.max_sequence_length = max_sequence_length
 
+    def set_condition_image_size(self, side: int) -> None:
+        """Scale reference images above ``side x side`` pixels down to about that area (instead of 1024 x 1024), as
+        Flow-Factory's ``condition_image_size`` (``_resize_condition_images``); the config's
+        ``model.condition_image_size``."""
+        if isinstance(side, bool) or not isinstance(side, int) or side < 32:
+            raise ValueError(f"condition_image_size={side!r} must be an integer of at least 32 pixels.")
+        self.reference_area = side * side
+
     @property
     def native_size(self) -> int:
         """The pipeline's default image size in pixels (``default_sample_size`` latents)."""

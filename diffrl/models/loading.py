@@ -222,8 +222,9 @@ def load_model(
 def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> FlowModel:
     """The model a run's ``model`` config section describes: ``path`` at ``dtype``, ``max_sequence_length`` T5 tokens
     (0: the adapter's default), the trained ``expert`` and the low-noise expert's ``guidance_scale_2`` of a Wan 2.2
-    model, the VAE in ``vae_dtype`` (see
-    :func:`set_vae_dtype`) and, with ``offload_text_encoders``, the text encoders kept on the CPU between encodings."""
+    model, the source images' ``condition_image_size`` of an edit or reference-image model, the VAE in ``vae_dtype``
+    (see :func:`set_vae_dtype`) and, with ``offload_text_encoders``, the text encoders kept on the CPU between
+    encodings."""
     kwargs = {"max_sequence_length": model_cfg.max_sequence_length} if model_cfg.max_sequence_length else {}
     model = load_model(model_cfg.path, dtype=resolve_dtype(model_cfg.dtype), device=device, **kwargs)
     expert = getattr(model_cfg, "expert", "")
@@ -242,6 +243,14 @@ def load_model_from_config(model_cfg, device: torch.device | str = "cpu") -> Flo
                 f"{model_cfg.path} has one transformer; set it to 0."
             )
         model.guidance_scale_2 = float(guidance_2)
+    side = getattr(model_cfg, "condition_image_size", 0)
+    if side:
+        if not hasattr(model, "set_condition_image_size"):
+            raise ValueError(
+                f"model.condition_image_size={side} sizes the source images of edit and reference-image models "
+                f"(Qwen-Image-Edit, FLUX.2), but {model_cfg.path} is a {model.family} model; set it to 0."
+            )
+        model.set_condition_image_size(side)
     set_vae_dtype(model, model_cfg.vae_dtype)
     if getattr(model_cfg, "offload_text_encoders", False):
         model.offload_text_encoders()

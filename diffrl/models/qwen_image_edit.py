@@ -46,6 +46,12 @@ def edit_condition_size(width: int, height: int, area: int = 1024 * 1024) -> tup
     return round(w / 32) * 32, round(w / ratio / 32) * 32
 
 
+def _condition_area(side: int) -> int:
+    if isinstance(side, bool) or not isinstance(side, int) or side < 32:
+        raise ValueError(f"condition_image_size={side!r} must be an integer of at least 32 pixels.")
+    return side * side
+
+
 class QwenImageEditModel(QwenImageModel):
     """Qwen-Image-Edit: :class:`QwenImageModel` whose conditioning also carries the source image's latent tokens
     (``Conditioning.image_latents``, ``image_grid``). Encode with ``encode(prompts, images=[...])``, one source image
@@ -58,9 +64,10 @@ class QwenImageEditModel(QwenImageModel):
     memory_text_tokens = 512 + 1024 * 1024 // (28 * 28)
 
     @classmethod
-    def condition_tokens(cls, vae_factor: int, patch: int) -> int:
-        """The source image's latent tokens at the pipeline's 1024 x 1024 condition size."""
-        return (1024 // (vae_factor * patch)) ** 2
+    def condition_tokens(cls, vae_factor: int, patch: int, side: int = 0) -> int:
+        """A square source image's latent tokens at ``side x side`` pixels (``model.condition_image_size``; 0: the
+        pipeline's 1024 x 1024 condition size)."""
+        return ((side or 1024) // (vae_factor * patch)) ** 2
 
     def __init__(
         self,
@@ -75,6 +82,12 @@ class QwenImageEditModel(QwenImageModel):
         if area < 32 * 32:
             raise ValueError(f"condition_area={area!r} must be at least 32 * 32 pixels.")
         self.condition_area = int(area)
+
+    def set_condition_image_size(self, side: int) -> None:
+        """Resize source images to about ``side x side`` pixels (aspect ratio kept, multiples of 32) instead of the
+        pipeline's 1024 x 1024, for the VL encoder and the VAE alike (this pipeline's one condition size); the
+        config's ``model.condition_image_size``."""
+        self.condition_area = _condition_area(side)
 
     # ------------------------------------------------------------------ source images
     _open = staticmethod(open_rgb_image)
@@ -201,6 +214,13 @@ class QwenImageEditPlusModel(QwenImageEditModel):
         if area < 32 * 32:
             raise ValueError(f"vae_area={area!r} must be at least 32 * 32 pixels.")
         self.vae_area = int(area)
+
+    def set_condition_image_size(self, side: int) -> None:
+        """VAE-encode source images at about ``side x side`` pixels (aspect ratio kept, multiples of 32) instead of
+        the pipeline's 1024 x 1024, as Flow-Factory's ``condition_image_size`` (``_preprocess_condition_images``:
+        ``calculate_dimensions`` of that area); the VL encoder still sees them at about 384 x 384. The config's
+        ``model.condition_image_size``."""
+        self.vae_area = _condition_area(side)
 
     def _condition(self, image) -> tuple[object, torch.Tensor, tuple[int, ...]]:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
