@@ -409,3 +409,46 @@ def test_doctor_says_the_peak_is_the_larger_moment_when_offloading():
     assert "less the offloaded text encoders" in finding.message
     assert "max(activations" in finding.message and "text encoders while encoding" in finding.message
     assert "larger of the encoding moment" in finding.message
+
+
+def test_conditioning_images_of_the_training_rows_add_their_tokens(tmp_path):
+    """FLUX.2 reference images and Qwen-Image-Edit-2509 source images: each adds ``condition_tokens`` (a square
+    image at ``model.condition_image_size``, 16 pixels a token) to every pass, as many as the most a row of
+    ``data.train`` has; text-to-image rows add none; an unreadable prompt file falls back to the adapter's
+    default (FLUX.2: none, Qwen-Image-Edit: one) and says so."""
+    import json
+
+    rows = [{"prompt": "a", "image": ["x.png", "y.png"]}, {"prompt": "b", "image": "z.png"}, {"prompt": "c"}]
+    two = tmp_path / "two.jsonl"
+    two.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps({"prompt": "a"}) + "\n")
+    common = [
+        "model.dtype=bfloat16",
+        "sample.height=512",
+        "sample.width=512",
+        "sample.batch_size=4",
+        "optim.train_batch_size=1",
+        "model.condition_image_size=384",
+        *GROUP,
+    ]
+
+    def est(path, train):
+        return estimate_memory(load_config(TINY, [*common, f"model.path={path}", f"data.train={train}"]))
+
+    plain, refs = est("black-forest-labs/FLUX.2-dev", none), est("black-forest-labs/FLUX.2-dev", two)
+    width, blocks = 6144, 8 + 48  # FLUX.2 [dev]: 48 heads x 128, 8 double + 48 single blocks
+    extra = 2 * (384 // 16) ** 2  # two reference images of 24 x 24 tokens
+    assert refs.sample_activations - plain.sample_activations == 4 * extra * width * 2 * 16
+    assert refs.train_activations - plain.train_activations == extra * width * 2 * 16 * blocks
+    assert "2 conditioning image(s) a row (the most in data.train) x 576 tokens" in " ".join(refs.notes)
+    assert "0 conditioning image(s) a row (the most in data.train)" in " ".join(plain.notes)
+    missing = est("black-forest-labs/FLUX.2-dev", tmp_path / "absent.jsonl")
+    assert missing.sample_activations == plain.sample_activations
+    assert "assumed (data.train not read" in " ".join(missing.notes)
+    # Qwen-Image-Edit-2509: at least its one source image even where the rows name none, two where a row has two
+    edit_none = est("Qwen/Qwen-Image-Edit-2509", none)
+    edit_two = est("Qwen/Qwen-Image-Edit-2509", two)
+    # one more image of 24 x 24 tokens, in both passes of true CFG (the tiny preset samples with guidance 4.5)
+    assert load_config(TINY).sample.guidance_scale > 1
+    assert edit_two.train_activations - edit_none.train_activations == 2 * (384 // 16) ** 2 * 3072 * 2 * 16 * 60

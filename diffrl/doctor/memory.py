@@ -229,13 +229,19 @@ _PUBLISHED = {
     "black-forest-labs/FLUX.1-schnell": PublishedModel(
         "FluxPipeline", {**_FLUX1, "guidance_embeds": False}, _SD3_VAE, 4.97e9, vae_params=_SD3_VAE_PARAMS
     ),
-    "Qwen/Qwen-Image": PublishedModel("QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS),
-    "Qwen/Qwen-Image-Edit": PublishedModel("QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS),
+    "Qwen/Qwen-Image": PublishedModel(
+        "QwenImagePipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS
+    ),
+    "Qwen/Qwen-Image-Edit": PublishedModel(
+        "QwenImageEditPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS
+    ),
     "Qwen/Qwen-Image-Edit-2509": PublishedModel(
         "QwenImageEditPlusPipeline", _QWEN_IMAGE, _QWEN_VAE, _QWEN_OTHERS, vae_params=_QWEN_VAE_PARAMS
     ),
     "Tongyi-MAI/Z-Image-Turbo": PublishedModel(
-        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE,
+        "ZImagePipeline",
+        _Z_IMAGE_TURBO,
+        _SD3_VAE,
         _QWEN3_4B + _FLUX1_VAE_PARAMS,
         vae_params=_FLUX1_VAE_PARAMS,
     ),
@@ -259,7 +265,9 @@ _PUBLISHED = {
     ),
     # Z-Image (the base model Z-Image-Turbo is distilled from): the same 6B transformer, text encoder and VAE
     "Tongyi-MAI/Z-Image": PublishedModel(
-        "ZImagePipeline", _Z_IMAGE_TURBO, _SD3_VAE,
+        "ZImagePipeline",
+        _Z_IMAGE_TURBO,
+        _SD3_VAE,
         _QWEN3_4B + _FLUX1_VAE_PARAMS,
         vae_params=_FLUX1_VAE_PARAMS,
     ),
@@ -350,7 +358,9 @@ class MemoryEstimate:
     # model.offload_text_encoders: the text encoders' bytes, on the device only while encoding (then not in
     # ``weights``); 0 when they stay on the device (then in ``weights``)
     text_encoders: int = 0
-    video: bool = False  # a video model (its VAE decodes frames: video.vae_tiling / vae_slicing lower that term)
+    video: bool = (
+        False  # a video model (its VAE decodes frames: video.vae_tiling / vae_slicing lower that term)
+    )
 
     @property
     def total(self) -> int:
@@ -479,11 +489,37 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "condition_tokens": adapter.condition_tokens(
             vae_factor, adapter.token_patch_size(tcfg), getattr(m, "condition_image_size", 0)
         ),
+        "condition_images": _condition_images(cfg, adapter),  # (count, where it comes from)
         # a second (negative-prompt) pass per sample where guidance is classifier-free with a negative prompt
         "true_cfg": adapter.guidance_is_cfg and adapter.uses_negative_prompt,
         "lora": lora,
         "source": source,
     }
+
+
+def _condition_images(cfg, adapter) -> tuple[int, str]:
+    """Conditioning images of one training row for the estimate, and where the number comes from: the most
+    ``metadata["image"]`` entries a row of ``data.train`` has (a path counts one, a list its length), at least the
+    adapter's ``condition_images_default`` (an edit model's one source image), which is also the number when the
+    prompts are not a local file doctor can read (a ``hf:`` dataset, a file not there yet: the config checks name
+    those)."""
+    default = int(getattr(adapter, "condition_images_default", 0))
+    spec = getattr(cfg.data, "train", "") or ""
+    if not adapter.condition_tokens(8, 2):
+        return 0, "none"
+    if not spec or spec.startswith("hf:"):
+        return default, "assumed"
+    from ..data import load_prompts
+
+    try:
+        rows = load_prompts(spec, cfg.data.prompt_key).metadata
+    except (OSError, ValueError, ImportError):
+        return default, "assumed"
+    counts = [
+        len(v) if isinstance(v, (list, tuple)) else int(v is not None)
+        for v in (row.get("image") for row in rows)
+    ]
+    return max([*counts, default]), "data.train"  # an edit model needs its source image in every row anyway
 
 
 def estimate_memory(
@@ -532,8 +568,10 @@ def estimate_memory(
     adapter's ``memory_frames``: 1 and 1 for images, Wan's ``(F - 1) / 4 + 1`` and 4; VAE factor f, patch p, text
     tokens
     ``L_txt``, the adapter's ``memory_text_tokens``: SD3 333, FLUX 512, Qwen-Image at most 512; f and p from its
-    ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens``, the source image's latent
-    tokens of an edit model at ``model.condition_image_size``), ``d`` the transformer width and ``blocks`` its
+    ``vae_geometry`` and ``token_patch_size``; plus the adapter's ``condition_tokens`` times the conditioning images
+    of a training row, the latent tokens of an edit model's source image or of a FLUX.2 reference image at
+    ``model.condition_image_size``, times the most ``metadata["image"]`` entries a row of ``data.train`` has, the
+    adapter's ``condition_images_default`` when doctor cannot read the file), ``d`` the transformer width and ``blocks`` its
     blocks (the adapter's ``transformer_geometry``), ``c = 2`` where guidance is true CFG with
     a negative prompt (SD3, Qwen-Image: a doubled batch) and the trainer samples with it,
     ``B_t = optim.train_batch_size``, ``B_s = sample.batch_size``, ``k`` = ReFL's ``grad_steps`` (else 1),
@@ -573,7 +611,8 @@ def estimate_memory(
     f, p = facts["vae_factor"], facts["patch"]
     n_img = facts["latent_frames"] * (s.height // (f * p)) * (s.width // (f * p))
     l_txt = facts["text_tokens"]
-    tokens = n_img + facts["condition_tokens"] + l_txt
+    n_cond, cond_from = facts["condition_images"]
+    tokens = n_img + facts["condition_tokens"] * n_cond + l_txt
     d = facts["width"]
     # CFG-free trainers (DiffusionNFT, AWM) train the conditional velocity only
     cfg_pass = facts["true_cfg"] and cfg.algorithm not in ("diffusion_nft", "awm") and s.guidance_scale > 1
@@ -618,6 +657,15 @@ def estimate_memory(
             f"larger of the encoding moment (+{gib(text_encoders)}) and the training step "
             f"(+{gib(max(train_act, sample_act))} activations)"
         )
+    if cond_from == "data.train":
+        notes.append(
+            f"{n_cond} conditioning image(s) a row (the most in data.train) x {facts['condition_tokens']} tokens"
+        )
+    elif cond_from == "assumed":
+        notes.append(
+            f"{n_cond} conditioning image(s) a row x {facts['condition_tokens']} tokens assumed (data.train not "
+            f"read: each of its rows' metadata images adds as many tokens)"
+        )
     if fsdp > 1:
         notes.append(f"FSDP: transformer and trained tensors / {world}")
     elif zero:
@@ -656,7 +704,9 @@ def _memory_fix(cfg, video: bool = False) -> str:
     m, o = cfg.model, cfg.optim
     steps = []
     if video and not (cfg.video.vae_tiling and cfg.video.vae_slicing):
-        steps.append("decode videos in tiles and one at a time (video.vae_tiling=true, video.vae_slicing=true)")
+        steps.append(
+            "decode videos in tiles and one at a time (video.vae_tiling=true, video.vae_slicing=true)"
+        )
     if not m.gradient_checkpointing:
         steps.append("set model.gradient_checkpointing=true")
     if m.dtype == "float32":

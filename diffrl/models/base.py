@@ -200,6 +200,10 @@ class FlowModel:
     # Metadata fields every prompt row must carry for this model (Wan image-to-video: its source image, "image"),
     # checked by the trainers when the model is set up, before any sampling.
     required_metadata: tuple[str, ...] = ()
+    # Conditioning images a prompt row brings by default (its ``metadata["image"]``: an edit model's source image,
+    # FLUX.2's reference images), each ``condition_tokens`` more transformer tokens; `diffrl doctor`'s memory
+    # estimate counts the most a row of ``data.train`` has, or this many when it cannot read the prompt file.
+    condition_images_default: int = 0
 
     # ------------------------------------------------------------------ sizes from config files (no model built)
     # The memory estimate (diffrl.doctor.memory) reads these from a pipeline's config.json files, so a family's
@@ -524,7 +528,9 @@ class FlowModel:
         """The transformer blocks FSDP2 shards one by one (from :attr:`shard_block_lists`); empty when the
         transformer has none of them (then FSDP is refused for this model)."""
         return [
-            block for name in self.shard_block_lists for block in (getattr(self.transformer, name, None) or [])
+            block
+            for name in self.shard_block_lists
+            for block in (getattr(self.transformer, name, None) or [])
         ]
 
     @contextlib.contextmanager

@@ -71,7 +71,9 @@ def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
-def flux2_reference_size(width: int, height: int, area: int = 1024 * 1024, multiple: int = 16) -> tuple[int, int]:
+def flux2_reference_size(
+    width: int, height: int, area: int = 1024 * 1024, multiple: int = 16
+) -> tuple[int, int]:
     """``(width, height)`` a ``width x height`` reference image is prepared at: above ``area`` pixels scaled (aspect
     kept, each side truncated) to about ``area``, then each side floored to a multiple of ``multiple`` (the pipelines'
     ``__call__``, step 4, and ``Flux2ImageProcessor._resize_to_target_area``)."""
@@ -111,7 +113,16 @@ class Flux2Model(FlowModel):
     default_lora_targets = FLUX2_LORA_TARGETS
     # Every prompt is padded to max_sequence_length (512) tokens, as the pipelines feed them.
     memory_text_tokens = 512
-    reference_area = 1024 * 1024  # reference images above this many pixels are scaled down to it (the pipelines')
+    reference_area = (
+        1024 * 1024
+    )  # reference images above this many pixels are scaled down to it (the pipelines')
+
+    @classmethod
+    def condition_tokens(cls, vae_factor: int, patch: int, side: int = 0) -> int:
+        """A reference image's tokens at most: a square image at the area it is scaled down to,
+        ``model.condition_image_size`` squared (0: the pipelines' 1024 x 1024); smaller images keep their size and
+        bring fewer. Text-to-image rows have none (``condition_images_default`` 0)."""
+        return ((side or 1024) // (vae_factor * patch)) ** 2
 
     def __init__(self, pipe, *, max_sequence_length: int = 512, prompt_cache_size: int = 4096):
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
@@ -175,7 +186,9 @@ class Flux2Model(FlowModel):
             return cond
         images = list(images)
         if len(images) != len(cond):
-            raise ValueError(f"got {len(cond)} prompts and {len(images)} reference images; give one entry per prompt.")
+            raise ValueError(
+                f"got {len(cond)} prompts and {len(images)} reference images; give one entry per prompt."
+            )
         given = [i is not None and not (isinstance(i, (list, tuple)) and not i) for i in images]
         if not all(given):
             raise ValueError(
@@ -239,7 +252,9 @@ class Flux2Model(FlowModel):
         z = z.view(b, c, zh // 2, 2, zw // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, zh // 2, zw // 2)
         bn = self.vae.bn
         mean = bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(z.device, z.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            z.device, z.dtype
+        )
         return (z - mean) / std
 
     # ------------------------------------------------------------------ latents

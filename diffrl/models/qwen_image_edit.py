@@ -62,6 +62,7 @@ class QwenImageEditModel(QwenImageModel):
     default_condition_area = 1024 * 1024  # the pipeline's (calculate_dimensions(1024 * 1024, ratio))
     # the prompt's 512 text tokens and the source image's vision tokens: 1024 x 1024 pixels in 28 x 28 merged patches
     memory_text_tokens = 512 + 1024 * 1024 // (28 * 28)
+    condition_images_default = 1  # every row has its source image
 
     @classmethod
     def condition_tokens(cls, vae_factor: int, patch: int, side: int = 0) -> int:
