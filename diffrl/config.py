@@ -901,6 +901,11 @@ def validate(
             f"flow_grpo.{uneven}=true gives the processes different numbers of backward passes, which "
             "deadlocks ZeRO-2's gradient reduction; set it to false or use ZeRO stage 1.",
         )
+        need(
+            not cfg.model.expert,
+            f"model.expert={cfg.model.expert} under DeepSpeed is not implemented (a backward reaches only the experts "
+            "of its levels, which ZeRO's gradient reduction cannot take); launch with fsdp=true, DDP or one process.",
+        )
 
     if cfg.fsdp if sharded is None else sharded:
         need(
@@ -919,6 +924,12 @@ def validate(
         need(
             not ragged,
             ragged_fix + "deadlocks FSDP; set optim.train_batch_size=1 (the reference's) or launch with DDP.",
+        )
+        need(
+            not (cfg.model.expert and cfg.model.lora_rank == 0),
+            f"model.expert={cfg.model.expert} with model.lora_rank=0 (full fine-tuning of Wan 2.2's experts) is not "
+            "implemented under FSDP (the final pipeline is saved from the first transformer only); train a LoRA "
+            "(model.lora_rank > 0) or launch with DDP.",
         )
 
     need(

@@ -7,9 +7,11 @@ a step and takes its share (see :mod:`diffrl.trainers.engine`); this module hold
   averaged over processes before each update (:meth:`Distributed.average_gradients`).
 * FSDP2 (``fsdp: true``, or an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``): the
   engine does not hand the model to ``accelerator.prepare``; :meth:`Distributed.shard_transformer` calls
-  ``torch.distributed.fsdp.fully_shard`` on every transformer block and then on the transformer, after the trained
-  weights are cast to float32 and every adapter exists; the optimiser, scheduler and EMA are built on the sharded
-  parameters. FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is skipped. Checkpoints
+  ``torch.distributed.fsdp.fully_shard`` on every transformer block and then on the transformer (on each of Wan
+  2.2's experts when both train, each its own root), after the trained weights are cast to float32 and every adapter
+  exists; the optimiser, scheduler and EMA are built on the sharded parameters. An adapter whose forwards could
+  take different sharded modules on different processes keeps them in step through ``set_shard_sync`` (Wan 2.2's
+  experts: see :meth:`diffrl.models.wan.WanModel.set_shard_sync`). FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is skipped. Checkpoints
   and the final LoRA or pipeline gather the full tensors one at a time (a collective; only the main process keeps
   them), so the files are those of an unsharded run.
 * DeepSpeed (an accelerate config with ``distributed_type: DEEPSPEED``, or ``zero_stage`` with several processes):
@@ -143,6 +145,14 @@ class Distributed:
         t = torch.tensor([float(flag)], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
+    def any_each(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise: true where ``flags`` (a bool tensor of this process) is true on any process (a collective);
+        the adapter's hook that keeps FSDP2's collectives in step (:meth:`diffrl.models.FlowModel.set_shard_sync`)."""
+        if self.world == 1:
+            return flags.bool()
+        counts = self.accelerator.reduce(flags.to(self.device, torch.float32), reduction="sum")
+        return counts > 0
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of a per-process tensor over all processes, on this process's device."""
         tensor = tensor.to(self.device)
@@ -157,8 +167,9 @@ class Distributed:
 
     # ------------------------------------------------------------------------------------------ set-up
     def shard_transformer(self, model, param_names: list[str]) -> list[torch.nn.Parameter]:
-        """FSDP2: ``fully_shard`` every transformer block, then the transformer; returns the trained parameters
-        collected again (``fully_shard`` replaces them)."""
+        """FSDP2: ``fully_shard`` every transformer block, then the transformer (the adapter's ``shard_roots``: each
+        of Wan 2.2's two experts when both train), and hand the adapter the collective that keeps its forwards in
+        step (``set_shard_sync``); returns the trained parameters collected again (``fully_shard`` replaces them)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -174,7 +185,9 @@ class Distributed:
             )
         for block in blocks:
             fully_shard(block, mesh=mesh)
-        fully_shard(transformer, mesh=mesh)
+        for root in model.shard_roots():
+            fully_shard(root, mesh=mesh)
+        model.set_shard_sync(self.any_each)
         params = [p for p in model.trainable_parameters()]
         names = [n for n, p in transformer.named_parameters() if p.requires_grad]
         if names != param_names:
