@@ -714,6 +714,88 @@ def test_fsdp_final_lora_loads_like_an_unsharded_one(fsdp_run):
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
 
 
+# Wan 2.2's experts under FSDP: tiny:wan22 (levels 1000, 955, 875 to the high-noise expert, 700 to the low-noise one)
+WAN22 = ("model.path=tiny:wan22", "sample.num_frames=5")
+WAN22_CASES = {
+    # shared step windows: every process routes each trained step to the same expert
+    "flow_grpo-both": ("flow_grpo", ("model.expert=both",)),
+    # each sample its own levels: the processes route differently, the idle passes keep them in step
+    "diffusion_nft-both": ("diffusion_nft", ("model.expert=both", "diffusion_nft.per_sample_levels=true")),
+    "diffusion_nft-low": ("diffusion_nft", ("model.expert=low", "diffusion_nft.per_sample_levels=true")),
+}
+
+
+def _wan22_lora_files(out: Path) -> dict[str, torch.Tensor]:
+    """The final LoRA of a Wan 2.2 run: the high-noise (or only) expert's file and, for both, transformer_2's."""
+    files = {"": out / "lora" / "pytorch_lora_weights.safetensors"}
+    second = out / "lora" / "transformer_2" / "pytorch_lora_weights.safetensors"
+    if second.is_file():
+        files["transformer_2/"] = second
+    return {f"{prefix}{k}": v for prefix, path in files.items() for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.slow  # 60-120 s each on 2 busy cores (a 2-process launch plus a 1-process reference run)
+@pytest.mark.parametrize("case", list(WAN22_CASES))
+def test_fsdp_wan22_experts_match_one_process(case, tmp_path, fsdp_run):
+    """Wan 2.2 under FSDP2, one expert or both, each trained expert sharded as its own root: the 2-process run trains
+    what one process does (metrics, checkpoint, AdamW state, both final LoRA files) within the DDP tolerance, also
+    where levels drawn per sample route the two processes' rows to different experts."""
+    from diffrl.models.loading import tiny_model_dir
+
+    tiny_model_dir("tiny:wan22")  # built here before the launch: two processes building it would race
+    algo, options = WAN22_CASES[case]
+    extra = (*WAN22, *options)
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(PRESET[algo], _fsdp_overrides(ref_out, algo) + list(extra), reward=gated_saturation)
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+    out, seconds = fsdp_run(algo, extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    diff, update = assert_matches_one_process(out, ref_out, initial, state_ratio=(0.4, 0.65), lora=False)
+    ref, got = _wan22_lora_files(ref_out), _wan22_lora_files(out)
+    assert ref.keys() == got.keys() and (any(k.startswith("transformer_2/") for k in ref) == ("both" in case))
+    for key in ref:
+        torch.testing.assert_close(
+            got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"
+        )
+    trained = _checkpoint_tensors(out / "checkpoint-000002")
+    moved = {n.split("/", 1)[1].split(".", 1)[0] for n in initial if not torch.equal(initial[n], trained[n])}
+    assert moved == ({"high", "low"} if "both" in case else {"blocks"}), moved  # every trained expert learnt
+    print(f"\n[wan22 {case}] FSDP 2 processes: {seconds:.1f} s; max diff {diff:.3g}; max update = {update:.3g}")
+
+
+@pytest.mark.slow  # ~60 s (one more 2-process launch; the uninterrupted run is shared with the test above)
+def test_fsdp_wan22_both_experts_resume_replays_the_uninterrupted_run_bitwise(tmp_path, shared_cache, fsdp_run):
+    """Both experts sharded: a 2-process run resumed from its first checkpoint ends bit for bit where the
+    uninterrupted one does (weights of both experts, EMA, the old policy, AdamW state, both LoRA files)."""
+    from diffrl.models.loading import tiny_model_dir
+
+    tiny_model_dir("tiny:wan22")
+    algo, options = WAN22_CASES["diffusion_nft-both"]
+    extra = (*WAN22, *options)
+    whole, _ = fsdp_run(algo, extra)
+    resumed = tmp_path / "resumed"
+    _resume_two_processes(
+        algo, whole / "checkpoint-000001", resumed, shared_cache, _fsdp_overrides(resumed, algo) + list(extra)
+    )
+    a = _checkpoint_tensors(whole / "checkpoint-000002")
+    b = _checkpoint_tensors(resumed / "checkpoint-000002")
+    assert a.keys() == b.keys()
+    assert {k.split("/", 1)[1].split(".", 1)[0] for k in a if k.startswith("trainable/")} == {"high", "low"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), (key, float((a[key] - b[key]).abs().max()))
+    opt_a = torch.load(whole / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
+    opt_b = torch.load(resumed / "checkpoint-000002" / "optim.pt", map_location="cpu", weights_only=False)
+    assert opt_a["optimizer"]["state"].keys() == opt_b["optimizer"]["state"].keys()
+    for i, st in opt_a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt_b["optimizer"]["state"][i][k])), (i, k)
+    la, lb = _wan22_lora_files(whole), _wan22_lora_files(resumed)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
 @pytest.mark.parametrize(
     "algo, overrides, match",
     [
