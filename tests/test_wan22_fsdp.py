@@ -102,26 +102,25 @@ def test_lockstep_velocity_and_gradients_equal_the_unsharded_ones(expert, batch)
     local = [any(s >= 0.875 for s in BATCHES[batch]), any(s < 0.875 for s in BATCHES[batch])]
     assert asked == [local]  # one question a velocity call: the experts this process routes rows to
     assert torch.equal(v0, v1)  # the idle pass changes nothing in the velocity, bit for bit
-    sharded = {"both": {"high", "low"}, "low": {"low"}}[expert]
-    # both experts run on every batch where sharded, in the same order (high, then low); a frozen expert only on
-    # its own rows; an idle pass is one sample (CFG doubles the real ones)
+    trained = {"both": {"high", "low"}, "low": {"low"}}[expert]
+    # both experts (both sharded, the frozen one too) run on every batch, in the same order (high, then low); an
+    # idle pass is one sample (CFG doubles the real ones)
     rows = {
         "high": 2 * sum(s >= 0.875 for s in BATCHES[batch]),
         "low": 2 * sum(s < 0.875 for s in BATCHES[batch]),
     }
-    expected = [(e, rows[e] or 1) for e in ("high", "low") if rows[e] or e in sharded]
-    assert calls == expected, (calls, calls0)
-    # the backward reaches the low-noise expert first, whatever the routing (a fixed order of reduce-scatters)
-    assert order == [e for e in ("low", "high") if e in sharded]
+    assert calls == [(e, rows[e] or 1) for e in ("high", "low")], (calls, calls0)
+    # the backward reaches the low-noise expert first, whatever the routing (a fixed order of reduce-scatters); a
+    # frozen expert's pass has no graph to reach
+    assert order == [e for e in ("low", "high") if e in trained]
     for name, grad in g1.items():
         expert_of = "low" if name.startswith("2.") else "high"
+        assert expert_of in trained  # only trained weights have gradients
         if g0[name] is not None:
             assert torch.equal(grad, g0[name]), name  # the real rows' gradients, bit for bit
-        elif expert_of in sharded:  # an idle expert: reached by the backward, with an exact zero gradient
+        else:  # an idle expert: reached by the backward, with an exact zero gradient
             assert grad is not None and not grad.any(), name
-        else:
-            assert grad is None, name  # a frozen expert
-    if any(rows[e] for e in sharded):  # not vacuous: the trained rows give real gradients
+    if any(rows[e] for e in trained):  # not vacuous: the trained rows give real gradients
         assert any(g is not None and g.abs().max() > 0 for g in g1.values())
     else:  # expert=low on high-noise rows only: the loss has a graph through the idle pass alone, all zeros
         assert all(g is None or not g.any() for g in g1.values())
@@ -156,12 +155,12 @@ def test_idle_pass_under_no_grad_runs_without_a_graph():
 
 
 def test_sharded_modules_of_each_training_mode():
-    """FSDP2 shards the trained experts' blocks and each trained expert as its own root; a frozen expert stays whole."""
+    """FSDP2 shards both experts' blocks and each expert as its own root, the frozen one too."""
     both, low = load_model("tiny:wan22", expert="both"), load_model("tiny:wan22", expert="low")
     assert both.shard_roots() == [both.pipe.transformer, both.pipe.transformer_2]
     assert both.shard_blocks() == [*both.pipe.transformer.blocks, *both.pipe.transformer_2.blocks]
-    assert low.shard_roots() == [low.pipe.transformer_2]
-    assert low.shard_blocks() == list(low.pipe.transformer_2.blocks)
+    assert low.shard_roots() == [low.pipe.transformer, low.pipe.transformer_2]  # the frozen expert too
+    assert low.shard_blocks() == [*low.pipe.transformer.blocks, *low.pipe.transformer_2.blocks]
     wan = load_model("tiny:wan")
     wan.set_shard_sync(
         lambda flags: 1 / 0
@@ -169,3 +168,26 @@ def test_sharded_modules_of_each_training_mode():
     x, t, cond = _inputs(wan, [0.9, 0.3])
     with torch.no_grad():
         wan.velocity(x, t, cond, guidance_scale=5.0)
+
+
+def test_idle_pass_mirrors_a_latent_with_a_graph():
+    """ReFL backpropagates through its chain, so the latent has a graph: the idle pass's input then has one too, and
+    the backward reaches even the frozen expert's idle pass (as it reaches a frozen expert's real one, whose
+    backward FSDP2 runs with all-gathers); the latent's gradient is that of the unsharded path, bit for bit."""
+    model = _model("low")
+    x, t, cond = _inputs(model, BATCHES["low only"])
+
+    def latent_grad():
+        xg = x.clone().requires_grad_()
+        v = model.velocity(xg, t, cond, guidance_scale=5.0)
+        (v.float() * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
+        return xg.grad
+
+    g0 = latent_grad()
+    model.set_shard_sync(torch.ones_like)
+    calls, order, handles = _trace(model)
+    g1 = latent_grad()
+    for h in handles:
+        h.remove()
+    assert calls == [("high", 1), ("low", 4)] and order == ["low", "high"]
+    assert torch.equal(g0, g1)

@@ -324,24 +324,27 @@ class WanModel(FlowModel):
             self.transformer = self.high_noise_expert if expert == "high" else self.transformer_2
 
     # ------------------------------------------------------------------ FSDP2
+    def _experts_to_shard(self) -> list[torch.nn.Module]:
+        """Both experts once one (or both) trains: the frozen one is sharded too (its weights are as large as the
+        trained one's), else the trained transformer alone."""
+        if self.transformer_2 is None or self.expert is None:
+            return [self.transformer]
+        return [self.high_noise_expert, self.transformer_2]
+
     def shard_blocks(self) -> list[torch.nn.Module]:
-        """The blocks FSDP2 shards one by one: the trained transformer's ``blocks``, both experts' with
-        ``expert="both"``."""
-        if not isinstance(self.transformer, WanExperts):
-            return super().shard_blocks()
+        """The blocks FSDP2 shards one by one: every ``blocks`` list of the experts :meth:`shard_roots` names."""
         return [
             block
-            for expert in self.transformer.experts
+            for expert in self._experts_to_shard()
             for name in self.shard_block_lists
             for block in (getattr(expert, name, None) or [])
         ]
 
     def shard_roots(self) -> list[torch.nn.Module]:
-        """The trained transformer, or with ``expert="both"`` each expert (its own FSDP2 root: the
-        :class:`WanExperts` module holding them is never called). A frozen expert is not sharded."""
-        if isinstance(self.transformer, WanExperts):
-            return list(self.transformer.experts)
-        return [self.transformer]
+        """The transformer; with Wan 2.2's experts (one or both trained) each expert, its own FSDP2 root (the
+        :class:`WanExperts` module holding both is never called), the frozen one too: its blocks' all-gathers then
+        run only while it denoises, so a process holds 1/N of both experts' weights."""
+        return self._experts_to_shard()
 
     def set_shard_sync(self, any_over_processes) -> None:
         """FSDP2 with two experts: from now on every velocity call runs each sharded expert on every process
@@ -589,6 +592,8 @@ class WanModel(FlowModel):
         forward that still runs every module (and so every FSDP2 all-gather) of the expert."""
         p_t, p_h, p_w = transformer.config.patch_size
         x = hidden.new_zeros((1, transformer.config.in_channels, p_t, p_h, p_w))
+        # as the real passes: a latent with a graph (ReFL's chain) makes FSDP2 hook the first block's backward too
+        x.requires_grad_(hidden.requires_grad and torch.is_grad_enabled())
         t = torch.full((1,), float(self.boundary_timestep), dtype=torch.float32, device=hidden.device)
         text = embeds.new_zeros((1, 1, embeds.shape[-1]))
         return self._run(transformer, x, t, text, None if image is None else image[:1])
