@@ -8,8 +8,8 @@ For the first published checkpoint of every family in ``diffrl.doctor.memory._PU
 and full fine-tuning, and GPUs of 24, 48, 80 and 141 GiB, each cell names the first setting of a fixed ladder whose
 estimated peak stays within 85% of the GPU (where ``diffrl doctor`` stops warning about headroom); a last column gives
 what ``model.offload_text_encoders=true`` takes off the peak with bf16 and checkpointing on one GPU. Two-expert
-models (Wan 2.2 A14B) get a LoRA row for one expert (the other held frozen and whole) and one for both
-(``model.expert=both``, both sharded under FSDP); their full fine-tuning rows skip the FSDP rungs, which the trainers
+models (Wan 2.2 A14B) get a LoRA row for one expert (the other held frozen) and one for both (``model.expert=both``);
+under FSDP both experts are sharded either way. Their full fine-tuning rows skip the FSDP rungs, which the trainers
 refuse for experts. Nothing is
 measured: the cells are the estimate's arithmetic (see :func:`diffrl.doctor.memory.estimate_memory`), so
 tests/test_doctor_memory.py checks that the committed table is what this script renders now.
