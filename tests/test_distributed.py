@@ -725,6 +725,27 @@ WAN22_CASES = {
 }
 
 
+def _nft_levels_route_the_processes_differently(steps: int = 2, per_process: int = 4, k: int = 3) -> bool:
+    """Whether DiffusionNFT's per-sample levels (drawn per global row as diffusion_nft.py draws them: a permutation
+    of the 4 levels of tiny:wan22, its first k trained, index 3 the low-noise expert's) give one process a
+    micro-batch with rows for an expert the other's has none for, at some training level: the case the idle passes
+    keep in step (so the comparison below is not vacuous)."""
+    import numpy as np
+
+    for step in range(steps):
+        for li in range(k):
+            lows = [
+                any(
+                    np.random.default_rng([0, step, 15485863, rank * per_process + i]).permutation(4)[li] == 3
+                    for i in range(per_process)
+                )
+                for rank in (0, 1)
+            ]
+            if lows[0] != lows[1]:
+                return True
+    return False
+
+
 def _wan22_lora_files(out: Path) -> dict[str, torch.Tensor]:
     """The final LoRA of a Wan 2.2 run: the high-noise (or only) expert's file and, for both, transformer_2's."""
     files = {"": out / "lora" / "pytorch_lora_weights.safetensors"}
@@ -745,6 +766,8 @@ def test_fsdp_wan22_experts_match_one_process(case, tmp_path, fsdp_run):
     tiny_model_dir("tiny:wan22")  # built here before the launch: two processes building it would race
     algo, options = WAN22_CASES[case]
     extra = (*WAN22, *options)
+    if "per_sample_levels=true" in " ".join(options):
+        assert _nft_levels_route_the_processes_differently()
     ref_out = tmp_path / "one"
     trainer = build_trainer(PRESET[algo], _fsdp_overrides(ref_out, algo) + list(extra), reward=gated_saturation)
     initial = {
