@@ -191,3 +191,28 @@ def test_idle_pass_mirrors_a_latent_with_a_graph():
         h.remove()
     assert calls == [("high", 1), ("low", 4)] and order == ["low", "high"]
     assert torch.equal(g0, g1)
+
+
+def test_image_to_video_experts_keep_in_step():
+    """Wan 2.2 I2V A14B's layout (tiny:wan22_i2v: the condition latent concatenated to the noisy one, 36 input
+    channels): the idle pass takes the expert's own input width, and the velocity of a low-noise batch is unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    model = load_model("tiny:wan22_i2v", num_frames=FRAMES, expert="low")
+    model.add_lora(rank=4, alpha=8)
+    x = torch.randn((2, *model.latent_shape(*SIZE)), generator=torch.Generator().manual_seed(0))
+    images = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+        for i in (5, 6)
+    ]
+    cond = model.encode(["a red cat walks", "a blue square"], images=images)
+    t = torch.tensor([0.5, 0.3])
+    with torch.no_grad():
+        v0 = model.velocity(x, t, cond, 5.0)
+        model.set_shard_sync(torch.ones_like)
+        calls, _, handles = _trace(model)
+        v1 = model.velocity(x, t, cond, 5.0)
+    for h in handles:
+        h.remove()
+    assert calls == [("high", 1), ("low", 4)] and torch.equal(v0, v1)
