@@ -484,7 +484,7 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
     accelerate config with distributed_type FSDP turns it on whatever this says. LoRA or full fine-tuning; refuses fp16,
-    optim.use_8bit_adam and flow_grpo.dynamic_sampling. Wan 2.2's experts (model.expert) shard both experts, LoRA only."""
+    optim.use_8bit_adam and flow_grpo.dynamic_sampling. Wan 2.2's experts (model.expert) shard both experts."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 1 (AdamW states partitioned over the processes) or 2 (gradients too) under any
     multi-process launch (also on CPU/gloo; ignored with one process); 0: off. An accelerate config with
@@ -924,12 +924,6 @@ def validate(
         need(
             not ragged,
             ragged_fix + "deadlocks FSDP; set optim.train_batch_size=1 (the reference's) or launch with DDP.",
-        )
-        need(
-            not (cfg.model.expert and cfg.model.lora_rank == 0),
-            f"model.expert={cfg.model.expert} with model.lora_rank=0 (full fine-tuning of Wan 2.2's experts) is not "
-            "implemented under FSDP (the final pipeline is saved from the first transformer only); train a LoRA "
-            "(model.lora_rank > 0) or launch with DDP.",
         )
 
     need(

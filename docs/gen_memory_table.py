@@ -9,8 +9,7 @@ and full fine-tuning, and GPUs of 24, 48, 80 and 141 GiB, each cell names the fi
 estimated peak stays within 85% of the GPU (where ``diffrl doctor`` stops warning about headroom); a last column gives
 what ``model.offload_text_encoders=true`` takes off the peak with bf16 and checkpointing on one GPU. Two-expert
 models (Wan 2.2 A14B) get a LoRA row for one expert (the other held frozen) and one for both (``model.expert=both``);
-under FSDP both experts are sharded either way. Their full fine-tuning rows skip the FSDP rungs, which the trainers
-refuse for experts. Nothing is
+under FSDP both experts are sharded either way. Nothing is
 measured: the cells are the estimate's arithmetic (see :func:`diffrl.doctor.memory.estimate_memory`), so
 tests/test_doctor_memory.py checks that the committed table is what this script renders now.
 """
@@ -102,8 +101,6 @@ def estimates(path: str, full: bool, expert: str = "") -> list[tuple[str, int]]:
     """``(label, estimated peak bytes a process)`` for each setting of the ladder."""
     out = []
     for label, overrides, world in LADDER:
-        if "fsdp=true" in overrides and full and memory._PUBLISHED[path].frozen_transformers:
-            continue  # full fine-tuning of Wan 2.2 A14B's experts is refused under FSDP (LoRA is sharded)
         cfg = load_config(workload(path, full, expert), overrides)
         out.append((label, memory.estimate_memory(cfg, cuda=True, num_processes=world).total))
     return out

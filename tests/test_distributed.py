@@ -792,6 +792,46 @@ def test_fsdp_wan22_experts_match_one_process(case, tmp_path, fsdp_run):
     print(f"\n[wan22 {case}] FSDP 2 processes: {seconds:.1f} s; max diff {diff:.3g}; max update = {update:.3g}")
 
 
+@pytest.mark.slow  # ~90 s (a 2-process launch plus a 1-process reference run)
+def test_fsdp_wan22_full_fine_tuning_of_both_experts_saves_the_whole_pipeline(tmp_path, fsdp_run):
+    """Every weight of both experts trained and sharded (AWM, levels drawn per sample, no KL): the checkpoint matches
+    one process, and the final pipeline holds both experts, gathered into their original class, loadable by diffrl."""
+    from diffrl.models import load_model
+    from diffrl.models.loading import tiny_model_dir
+
+    tiny_model_dir("tiny:wan22")
+    extra = (*WAN22, "model.expert=both", "model.lora_rank=0", "awm.kl_weight=0", "awm.ema_kl_weight=0")
+    ref_out = tmp_path / "one"
+    trainer = build_trainer(PRESET["awm"], _fsdp_overrides(ref_out, "awm") + list(extra), reward=gated_saturation)
+    assert not trainer.model.has_lora and {n.split(".", 1)[0] for n in trainer.param_names} == {"high", "low"}
+    initial = {
+        f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+    }
+    trainer.train()
+    out, seconds = fsdp_run("awm", extra)
+    assert json.loads((out / "config.json").read_text())["derived"]["fsdp"] is True
+    ref, got = (
+        _checkpoint_tensors(ref_out / "checkpoint-000002"),
+        _checkpoint_tensors(out / "checkpoint-000002"),
+    )
+    assert ref.keys() == got.keys() and initial.keys() <= ref.keys()
+    update = _max_abs_diff({k: ref[k] for k in initial}, initial)
+    assert update > 20 * WEIGHT_ATOL, "the weights barely moved: the comparison would prove nothing"
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    for name in ("transformer", "transformer_2"):
+        config = json.loads((out / "pipeline" / name / "config.json").read_text())
+        assert config["_class_name"] == "WanTransformer3DModel"
+    loaded = load_model(str(out / "pipeline"))
+    weights = {
+        **{f"high.{n}": p for n, p in loaded.pipe.transformer.named_parameters()},
+        **{f"low.{n}": p for n, p in loaded.pipe.transformer_2.named_parameters()},
+    }
+    for name, p in zip(trainer.param_names, trainer.params, strict=True):
+        torch.testing.assert_close(weights[name].float(), p.detach(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    print(f"\n[wan22 full both awm] FSDP 2 processes: {seconds:.1f} s; max update = {update:.3g}")
+
+
 @pytest.mark.slow  # ~60 s (one more 2-process launch; the uninterrupted run is shared with the test above)
 def test_fsdp_wan22_both_experts_resume_replays_the_uninterrupted_run_bitwise(tmp_path, shared_cache, fsdp_run):
     """Both experts sharded: a 2-process run resumed from its first checkpoint ends bit for bit where the

@@ -26,7 +26,7 @@ How it departs from the pipeline:
   ``scripts/lora/lora_ur_flex_prefgrpo_wan22.sh`` does): :class:`WanExperts` holds the two as one module, each expert
   trained on the levels the pipeline's switch routes to it, one optimiser over both, and the LoRA saved as two
   diffusers files (the low-noise one in ``transformer_2/``, loaded with ``load_into_transformer_2=True``). Under FSDP2
-  (a LoRA, one expert or both) each expert is sharded as its own root, the frozen one too, and every velocity call
+  (one expert trained or both) each expert is sharded as its own root, the frozen one too, and every velocity call
   keeps the processes' expert passes in step (:meth:`WanModel.set_shard_sync`).
 """
 

@@ -93,7 +93,7 @@ class Distributed:
                 )
         self.fsdp_requested = cfg.fsdp or kind == "FSDP"  # sharded when there are several processes
         self.sharded = False  # decided by start()
-        self.transformer_cls = None  # the transformer's class before fully_shard swapped in a subclass
+        self.root_classes = []  # (module, its class before fully_shard swapped in a subclass) of each sharded root
 
     def start(self, cfg) -> None:
         """After the config is validated: DeepSpeed must import (before any model is loaded); shard with FSDP2 when
@@ -175,8 +175,9 @@ class Distributed:
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         transformer = model.transformer
-        # fully_shard swaps in a subclass; the final save rebuilds this one
-        self.transformer_cls = type(transformer)
+        roots = model.shard_roots()
+        # fully_shard swaps in a subclass; the final save rebuilds these
+        self.root_classes = [(root, type(root)) for root in roots]
         blocks = model.shard_blocks()
         if not blocks:
             raise NotImplementedError(
@@ -185,8 +186,13 @@ class Distributed:
             )
         for block in blocks:
             fully_shard(block, mesh=mesh)
-        for root in model.shard_roots():
-            fully_shard(root, mesh=mesh)
+        # Several roots (Wan 2.2's experts): a step's backward may reach one of them only, and FSDP2 keeps a root's
+        # own weights gathered from its forward until a backward reaches it, so a root skipped by the backward would
+        # keep stale copies through the update (and unregistered shards for the checkpoint's optimiser state): each
+        # root gives its gathered weights back after every forward, as the blocks do.
+        again = {"reshard_after_forward": True} if len(roots) > 1 else {}
+        for root in roots:
+            fully_shard(root, mesh=mesh, **again)
         model.set_shard_sync(self.any_each)
         params = [p for p in model.trainable_parameters()]
         names = [n for n, p in transformer.named_parameters() if p.requires_grad]
@@ -336,17 +342,22 @@ class Distributed:
         )
 
     def save_sharded_pipeline(self, model, path: Path) -> Path | None:
-        """FSDP full fine-tuning: gather the transformer on the main process, put an unsharded copy (built on the meta
-        device, so no second allocation) into the pipeline for the save, then put the sharded one back."""
-        state = self.gather_to_main(model.transformer.state_dict())
+        """FSDP full fine-tuning: gather each sharded root (the transformer; both of Wan 2.2's experts, the frozen one
+        too) on the main process, one after the other, put unsharded copies (built on the meta device, so no second
+        allocation) into the pipeline for the save, then put the sharded ones back."""
+        states = [self.gather_to_main(root.state_dict()) for root, _ in self.root_classes]
         if not self.is_main:
             return None
-        sharded = model.pipe.transformer
-        with torch.device("meta"):
-            plain = self.transformer_cls.from_config(sharded.config)
-        plain.load_state_dict(state, strict=True, assign=True)
-        model.pipe.transformer = plain
+        swapped = []
         try:
+            for (root, cls), state in zip(self.root_classes, states, strict=True):
+                name = next(n for n, c in model.pipe.components.items() if c is root)
+                with torch.device("meta"):
+                    plain = cls.from_config(root.config)
+                plain.load_state_dict(state, strict=True, assign=True)
+                setattr(model.pipe, name, plain)
+                swapped.append((name, root))
             return model.save_pretrained(path)
         finally:
-            model.pipe.transformer = sharded
+            for name, root in swapped:
+                setattr(model.pipe, name, root)

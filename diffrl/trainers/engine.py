@@ -190,7 +190,7 @@ class Trainer:
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         setup_training_mode(self.model, cfg)
-        # after the training mode is set, which the two flags depend on (the config's checks refuse the same before
+        # after the training mode is set, which the two flags depend on (the config's check refuses the same before
         # the model loads; these catch a model passed in with its expert chosen)
         if getattr(self.model, "trains_some_levels_only", False) and self.zero_stage:
             raise NotImplementedError(
@@ -202,14 +202,6 @@ class Trainer:
             raise NotImplementedError(
                 "training both of Wan 2.2's experts under DeepSpeed is not implemented (each backward reaches one "
                 "expert's weights only); launch with FSDP (fsdp=true), DDP or one process."
-            )
-        experts = getattr(self.model, "trains_some_levels_only", False) or getattr(
-            self.model, "trains_several_experts", False
-        )
-        if experts and self.sharded and not self.model.has_lora:
-            raise NotImplementedError(
-                "full fine-tuning of Wan 2.2's experts under FSDP is not implemented (the final pipeline is saved "
-                "from the first transformer only); train a LoRA (model.lora_rank > 0) or launch with DDP."
             )
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
