@@ -531,7 +531,9 @@ class Trainer:
         """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes).
 
         A model that trains only some noise levels (``model.trains_some_levels_only``: one of Wan 2.2's two experts)
-        gives losses without a graph at the other levels; they add no gradient and their backward is skipped."""
+        gives losses without a graph at the other levels; they add no gradient and their backward is skipped. Under
+        FSDP the adapter's idle passes (:meth:`diffrl.models.wan.WanModel.set_shard_sync`) give every process's loss a
+        graph whenever any process's has one, so every process skips, or runs, the same backwards."""
         if not loss.requires_grad and getattr(self.model, "trains_some_levels_only", False):
             return
         self.dist.backward(loss)
