@@ -722,6 +722,11 @@ WAN22_CASES = {
     # each sample its own levels: the processes route differently, the idle passes keep them in step
     "diffusion_nft-both": ("diffusion_nft", ("model.expert=both", "diffusion_nft.per_sample_levels=true")),
     "diffusion_nft-low": ("diffusion_nft", ("model.expert=low", "diffusion_nft.per_sample_levels=true")),
+    # the transformer's gradient checkpointing recomputes each block's forward (FSDP's all-gathers) in the backward
+    "diffusion_nft-both-checkpointing": (
+        "diffusion_nft",
+        ("model.expert=both", "diffusion_nft.per_sample_levels=true", "model.gradient_checkpointing=true"),
+    ),
     # AWM: every sample's levels drawn by its global row; one expert trained under shared windows
     "awm-both": ("awm", ("model.expert=both",)),
     "flow_grpo-high": ("flow_grpo", ("model.expert=high",)),
