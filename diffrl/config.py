@@ -490,7 +490,7 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the transformer with FSDP2 over the launched processes (also on CPU/gloo; ignored with one process); an
     accelerate config with distributed_type FSDP turns it on whatever this says. LoRA or full fine-tuning; refuses fp16,
-    optim.use_8bit_adam and flow_grpo.dynamic_sampling."""
+    optim.use_8bit_adam and flow_grpo.dynamic_sampling. Wan 2.2's experts (model.expert) shard both experts."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 1 (AdamW states partitioned over the processes) or 2 (gradients too) under any
     multi-process launch (also on CPU/gloo; ignored with one process); 0: off. An accelerate config with
@@ -911,6 +911,11 @@ def validate(
             zero_stage == 1 or not uneven,
             f"flow_grpo.{uneven}=true gives the processes different numbers of backward passes, which "
             "deadlocks ZeRO-2's gradient reduction; set it to false or use ZeRO stage 1.",
+        )
+        need(
+            not cfg.model.expert,
+            f"model.expert={cfg.model.expert} under DeepSpeed is not implemented (a backward reaches only the experts "
+            "of its levels, which ZeRO's gradient reduction cannot take); launch with fsdp=true, DDP or one process.",
         )
 
     if cfg.fsdp if sharded is None else sharded:

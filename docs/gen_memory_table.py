@@ -8,7 +8,8 @@ For the first published checkpoint of every family in ``diffrl.doctor.memory._PU
 and full fine-tuning, and GPUs of 24, 48, 80 and 141 GiB, each cell names the first setting of a fixed ladder whose
 estimated peak stays within 85% of the GPU (where ``diffrl doctor`` stops warning about headroom); a last column gives
 what ``model.offload_text_encoders=true`` takes off the peak with bf16 and checkpointing on one GPU. Two-expert
-models (Wan 2.2 A14B) skip the FSDP rungs: the trainers refuse FSDP for them. Nothing is
+models (Wan 2.2 A14B) get a LoRA row for one expert (the other held frozen) and one for both (``model.expert=both``);
+under FSDP both experts are sharded either way. Nothing is
 measured: the cells are the estimate's arithmetic (see :func:`diffrl.doctor.memory.estimate_memory`), so
 tests/test_doctor_memory.py checks that the committed table is what this script renders now.
 """
@@ -70,7 +71,7 @@ def checkpoints() -> list[str]:
     return out + [p for p in EXTRA if p in memory._PUBLISHED and p not in out]
 
 
-def workload(path: str, full: bool) -> dict:
+def workload(path: str, full: bool, expert: str = "") -> dict:
     """Flow-GRPO at 512 px, 10 steps, the family's default guidance, 16 images for each of 8 prompts a step,
     4 images a sampling pass and 2 a training pass; bf16 weights and autocast; no KL, no EMA. Video models (an
     adapter with ``is_video``): 81 frames of 480 x 832 (Wan's defaults), one video a sampling and a training pass."""
@@ -80,7 +81,7 @@ def workload(path: str, full: bool) -> dict:
     return {
         "algorithm": "flow_grpo",
         "mixed_precision": "bf16",
-        "model": {"path": path, "dtype": "bfloat16", "lora_rank": 0 if full else -1},
+        "model": {"path": path, "dtype": "bfloat16", "lora_rank": 0 if full else -1, "expert": expert},
         "data": {"train": str(ROOT / "configs" / "tiny" / "prompts.txt")},
         "sample": {
             "height": 512,
@@ -96,24 +97,22 @@ def workload(path: str, full: bool) -> dict:
     }
 
 
-def estimates(path: str, full: bool) -> list[tuple[str, int]]:
+def estimates(path: str, full: bool, expert: str = "") -> list[tuple[str, int]]:
     """``(label, estimated peak bytes a process)`` for each setting of the ladder."""
     out = []
     for label, overrides, world in LADDER:
-        if "fsdp=true" in overrides and memory._PUBLISHED[path].frozen_transformers:
-            continue  # a two-expert model (Wan 2.2 A14B) trains under DDP or on one process only: FSDP is refused
-        cfg = load_config(workload(path, full), overrides)
+        cfg = load_config(workload(path, full, expert), overrides)
         out.append((label, memory.estimate_memory(cfg, cuda=True, num_processes=world).total))
     return out
 
 
-def offload_saving(path: str, full: bool) -> int:
+def offload_saving(path: str, full: bool, expert: str = "") -> int:
     """Bytes the estimated peak of one process drops by with ``model.offload_text_encoders=true`` (bf16 and
     checkpointing, one GPU): the text encoders' size or, where the encoding moment is then the peak, the
     activations'."""
     ckpt = ["model.gradient_checkpointing=true"]
-    on = memory.estimate_memory(load_config(workload(path, full), ckpt), cuda=True).total
-    off = memory.estimate_memory(load_config(workload(path, full), [*ckpt, OFFLOAD]), cuda=True).total
+    on = memory.estimate_memory(load_config(workload(path, full, expert), ckpt), cuda=True).total
+    off = memory.estimate_memory(load_config(workload(path, full, expert), [*ckpt, OFFLOAD]), cuda=True).total
     return on - off
 
 
@@ -133,11 +132,13 @@ def render() -> str:
         "|---|---|" + "---|" * (len(GPUS_GIB) + 1),
     ]
     for path in checkpoints():
-        for full in (False, True):
-            ladder = estimates(path, full)
+        # a two-expert model (Wan 2.2 A14B): a LoRA on one expert, and on both (model.expert=both)
+        both = [(False, "both")] if memory._PUBLISHED[path].frozen_transformers else []
+        for full, expert in [(False, ""), *both, (True, "")]:
+            ladder = estimates(path, full, expert)
             cells = [cell(ladder, g) for g in GPUS_GIB]
-            kind = "full" if full else "LoRA"
-            saving = f"{offload_saving(path, full) / GiB:.0f}"
+            kind = "full" if full else ("LoRA, both experts" if expert else "LoRA")
+            saving = f"{offload_saving(path, full, expert) / GiB:.0f}"
             lines.append(f"| `{path}` | {kind} | " + " | ".join(cells) + f" | {saving} |")
     lines.append(END)
     return "\n".join(lines) + "\n"

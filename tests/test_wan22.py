@@ -350,7 +350,8 @@ def test_image_model_refuses_video_vae_settings(tmp_path):
 def test_memory_estimate_counts_both_experts_and_the_video_vae_settings():
     """``diffrl doctor``'s estimate for Wan 2.2 A14B (published sizes): expert=both trains twice one expert's LoRA (and,
     fully fine-tuned, holds both 14.29B experts in float32); the VAE term of sampling, ``B_dec F_dec H_t W_t C a 3``
-    (4 frames at once, 96 channels, bf16), shrinks to 256 x 256 tiles with tiling and to one video with slicing; the
+    (4 frames at once, 96 channels, bf16), shrinks to 256 x 256 tiles with tiling and to one video with slicing; FSDP
+    divides both experts' weights (the frozen one's too); the
     advice for a video model that does not fit names both settings."""
     from diffrl.config import load_config
     from diffrl.doctor import estimate_memory, memory
@@ -377,6 +378,13 @@ def test_memory_estimate_counts_both_experts_and_the_video_vae_settings():
     expert = full_one.trainable_params
     assert 14.28e9 < expert < 14.30e9 and full_both.trainable_params == 2 * expert
     assert full_both.weights - full_one.weights == expert * (4 - 2)  # the second expert in float32 too
+    # FSDP over 8 processes shards both experts, the frozen one too: 7/8 of 2 x 14.29B bf16 weights leave a process
+    for which in ("low", "both"):
+        sharded = estimate_memory(
+            load_config(tiny, [*common, f"model.expert={which}", "fsdp=true"]), num_processes=8
+        )
+        plain = est(f"model.expert={which}")
+        assert plain.weights - sharded.weights == pytest.approx(2 * expert * 2 * 7 / 8, abs=2), which
     vae = 4 * 96 * 2 * 3  # per pixel: frames decoded at once, channels, bf16 bytes, elements per channel
     tiled = est("model.expert=low", "video.vae_tiling=true")
     assert one.sample_activations - tiled.sample_activations == 2 * vae * (480 * 832 - 256 * 256)
@@ -581,17 +589,24 @@ def test_every_trainer_takes_a_step_with_both_experts(algo, tmp_path):
         assert "default" in adapters and len(adapters) >= 2, (extra, adapters)
 
 
-@pytest.mark.parametrize(
-    "expert, match", [("both", "training both of Wan 2.2's experts"), ("low", "training one of")]
-)
-def test_sharded_training_of_wan22_experts_is_refused(expert, match, tmp_path, monkeypatch):
-    """Under FSDP (here the engine's flag forced on, one process) both experts, or one, are refused at set-up with one
-    sentence, after the training mode that the two flags read is set."""
+@pytest.mark.parametrize("expert", ["both", "low"])
+def test_deepspeed_is_refused_for_experts(expert, tmp_path, monkeypatch):
+    """Wan 2.2's experts train under FSDP (tests/test_distributed.py, tests/test_wan22_fsdp.py); DeepSpeed is refused
+    with one sentence, by the config check before any model loads and by the engine for a model passed in."""
+    from diffrl.config import ConfigError, load_config, validate
     from diffrl.train import build_trainer
     from diffrl.trainers.engine import Trainer
 
-    monkeypatch.setattr(Trainer, "sharded", property(lambda self: True))
+    preset = ROOT / "configs" / "tiny" / "flow_grpo.yaml"
     overrides = _overrides(tmp_path / "run", "max_steps=1", "checkpointing_steps=0")
     overrides[overrides.index("model.expert=both")] = f"model.expert={expert}"
-    with pytest.raises(NotImplementedError, match=match):
-        build_trainer(ROOT / "configs" / "tiny" / "flow_grpo.yaml", overrides)
+    cfg = load_config(preset, overrides)
+    validate(cfg, 2, sharded=True)  # the experts under FSDP are fine
+    validate(load_config(preset, [*overrides, "model.lora_rank=0", "flow_grpo.kl_beta=0"]), 2, sharded=True)
+    with pytest.raises(ConfigError, match=f"model.expert={expert} under DeepSpeed is not implemented"):
+        validate(cfg, 2, zero_stage=2)
+    # the engine, after the training mode is set (a model passed in has its expert chosen already)
+    monkeypatch.setattr(Trainer, "zero_stage", property(lambda self: 2))
+    which = "both" if expert == "both" else "one"
+    with pytest.raises(NotImplementedError, match=f"training {which} of Wan 2.2's experts under DeepSpeed"):
+        build_trainer(preset, overrides)

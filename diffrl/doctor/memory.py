@@ -442,6 +442,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         total = sum(params.values())
         # the components FlowModel.text_encoders() moves (named text_encoder*)
         text = sum(v for k, v in params.items() if k.startswith("text_encoder"))
+        frozen = 1 if params.get("transformer_2") else 0  # Wan 2.2's second expert
         source = "safetensors headers" + (" and .bin sizes" if approx else "")
     else:
         if m.path not in _PUBLISHED:
@@ -453,6 +454,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         transformer = sum(math.prod(s) for s in transformer_shapes.values())
         total = transformer * (1 + row.frozen_transformers) + int(row.other_params)
         text = int(row.text_encoder_params)
+        frozen = row.frozen_transformers
         source = f"published sizes of {m.path} (the weights are not present offline)"
     width, blocks, text_width = adapter.transformer_geometry(tcfg)
     latent_frames, decoded_frames = adapter.memory_frames(cfg.sample.num_frames, vcfg)
@@ -474,6 +476,7 @@ def _model_facts(cfg, model_dir: Path | None) -> dict[str, Any]:
         "family": adapter.family,
         "params": int(total),
         "transformer": int(transformer),
+        "frozen_transformers": int(frozen),
         "text_encoders": int(text),
         "width": width,
         "blocks": blocks,
@@ -548,6 +551,7 @@ def estimate_memory(
                       2 for 8-bit Adam] + 4 [EMA, when ema_decay > 0] + 4 [DiffusionNFT's old-policy adapter])
         sharding    (several processes) ``zero_stage: 1`` divides the AdamW term by their number, ``2`` the grads
                     too; ``fsdp: true`` divides the transformer's weights and the whole trained term
+                    (Wan 2.2: both experts' weights, the frozen one's too)
         buffers     = n_local * (L_txt * D_txt * b_w * g + stored latents * 4)   (the step's text embeddings,
                       g = 2 with CFG negatives, and Flow-GRPO's (T + 1) trajectory latents / the final latents)
         activations = max(train, sample)
@@ -597,6 +601,9 @@ def estimate_memory(
     zero = cfg.zero_stage if world > 1 else 0
     transformer = facts["transformer"] * experts * (4 if full else b_w)
     weights = facts["params"] * b_w - facts["transformer"] * experts * b_w + transformer / fsdp
+    # FSDP shards Wan 2.2's frozen expert too (each expert its own root; WanModel.shard_roots)
+    frozen = max(0, facts["frozen_transformers"] - (experts - 1)) * facts["transformer"] * b_w
+    weights -= frozen - frozen / fsdp
     offload = bool(m.offload_text_encoders)
     text_encoders = facts["text_encoders"] * b_w if offload else 0
     weights -= text_encoders

@@ -533,6 +533,17 @@ class FlowModel:
             for block in (getattr(self.transformer, name, None) or [])
         ]
 
+    def shard_roots(self) -> list[torch.nn.Module]:
+        """The modules FSDP2 shards after the blocks, each its own root (``fully_shard`` on each): the trained
+        transformer, or a family's several trained transformers (Wan 2.2's two experts)."""
+        return [self.transformer]
+
+    def set_shard_sync(self, any_over_processes) -> None:
+        """Called by the engine once the trained weights are sharded with FSDP2, with a function that takes a bool
+        tensor of this process and returns the element-wise "true on any process" (a collective). A family whose
+        forwards could take different sharded modules on different processes (Wan 2.2's experts) uses it to keep
+        the processes' all-gathers and reduce-scatters in step; the others need nothing."""
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model (the reference policy) inside this block: the LoRA adapter is switched off."""

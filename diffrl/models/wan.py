@@ -25,7 +25,9 @@ How it departs from the pipeline:
   stays frozen and its steps carry no gradient) or both (``expert="both"``, as Pref-GRPO's Wan 2.2 script
   ``scripts/lora/lora_ur_flex_prefgrpo_wan22.sh`` does): :class:`WanExperts` holds the two as one module, each expert
   trained on the levels the pipeline's switch routes to it, one optimiser over both, and the LoRA saved as two
-  diffusers files (the low-noise one in ``transformer_2/``, loaded with ``load_into_transformer_2=True``).
+  diffusers files (the low-noise one in ``transformer_2/``, loaded with ``load_into_transformer_2=True``). Under FSDP2
+  (one expert trained or both) each expert is sharded as its own root, the frozen one too, and every velocity call
+  keeps the processes' expert passes in step (:meth:`WanModel.set_shard_sync`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,21 @@ def unipc_flow_sigmas(
         raise ValueError(f"final_sigmas_type={final_sigmas_type!r} must be 'zero' or 'sigma_min'.")
     sig = np.concatenate([sig, [last]]).astype(np.float32)
     return torch.from_numpy(sig).to(device)
+
+
+class _IdleExpertLink(torch.autograd.Function):
+    """``out`` unchanged (a copy); in backward ``out``'s gradient passes through and each idle expert's output gets an
+    exact zero gradient, so the backward traverses the idle experts' graphs (FSDP2's per-module all-gathers and
+    reduce-scatters run on every process alike) while adding exactly 0 to their weights' gradients."""
+
+    @staticmethod
+    def forward(ctx, out, *idle):
+        ctx.idle = [(x.shape, x.dtype, x.device) for x in idle]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.idle))
 
 
 class WanExperts(torch.nn.Module):
@@ -280,6 +297,9 @@ class WanModel(FlowModel):
             )
         #: Wan 2.2: the CFG scale of the low-noise expert's steps (None: the ``guidance_scale`` of the call)
         self.guidance_scale_2 = guidance_scale_2
+        #: FSDP2 (:meth:`set_shard_sync`): "true on any process" of a bool tensor, and the sharded experts
+        self._shard_sync = None
+        self._sharded_experts: tuple[torch.nn.Module, ...] = ()
 
     def set_training_expert(self, expert: str) -> None:
         """Wan 2.2 (two experts): train the ``"high"``-noise expert (``transformer``, timesteps at least
@@ -304,6 +324,44 @@ class WanModel(FlowModel):
             self.transformer = WanExperts(self.high_noise_expert, self.transformer_2)
         else:
             self.transformer = self.high_noise_expert if expert == "high" else self.transformer_2
+
+    # ------------------------------------------------------------------ FSDP2
+    def _experts_to_shard(self) -> list[torch.nn.Module]:
+        """Both experts once one (or both) trains: the frozen one is sharded too (its weights are as large as the
+        trained one's), else the trained transformer alone."""
+        if self.transformer_2 is None or self.expert is None:
+            return [self.transformer]
+        return [self.high_noise_expert, self.transformer_2]
+
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The blocks FSDP2 shards one by one: every ``blocks`` list of the experts :meth:`shard_roots` names."""
+        return [
+            block
+            for expert in self._experts_to_shard()
+            for name in self.shard_block_lists
+            for block in (getattr(expert, name, None) or [])
+        ]
+
+    def shard_roots(self) -> list[torch.nn.Module]:
+        """The transformer; with Wan 2.2's experts (one or both trained) each expert, its own FSDP2 root (the
+        :class:`WanExperts` module holding both is never called), the frozen one too: its blocks' all-gathers then
+        run only while it denoises, so a process holds 1/N of both experts' weights."""
+        return self._experts_to_shard()
+
+    def set_shard_sync(self, any_over_processes) -> None:
+        """FSDP2 with two experts: from now on every velocity call runs each sharded expert on every process
+        whenever the call routes rows to it on *any* process (found with ``any_over_processes``, one small
+        all-reduce a call), a process without such rows running it on an idle input of one token whose output is
+        joined to the velocity with an exact zero gradient. So the processes issue the same all-gathers (forward)
+        and reduce-scatters (backward, which reaches the idle experts through the zero link) in the same order, even
+        when levels drawn per sample or per process route their rows differently, and the gradients stay those of
+        an unsharded run: the idle passes add exactly 0, as DDP's all-reduce adds a zero gradient for an expert a
+        process did not use. Every process must make the same number of velocity calls (what FSDP requires of
+        every family). A model with one transformer needs nothing."""
+        if self.transformer_2 is None:
+            return
+        self._shard_sync = any_over_processes
+        self._sharded_experts = tuple(self.shard_roots())
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -490,6 +548,8 @@ class WanModel(FlowModel):
 
     def _predict(self, hidden, t, embeds, image=None):
         high = self._expert_mask(t)
+        if high is not None and self._shard_sync is not None:
+            return self._predict_in_step(hidden, t, embeds, image, high)
         if high is None or bool(high.all()):
             return self._run(self.high_noise_expert, hidden, t, embeds, image)
         if not bool(high.any()):
@@ -502,6 +562,43 @@ class WanModel(FlowModel):
             part = None if image is None else image[mask]
             out[mask] = self._run(transformer, hidden[mask], t[mask], embeds[mask], part).to(out.dtype)
         return out
+
+    def _predict_in_step(self, hidden, t, embeds, image, high):
+        """:meth:`_predict` under FSDP2 (:meth:`set_shard_sync`): the experts in a fixed order (high, then low), each
+        on its rows, and a sharded expert that has none here but some on another process on an idle input. Both
+        experts' forwards come before the outputs are merged, so the backward reaches the low-noise expert's
+        modules before the high-noise one's on every process (autograd runs later-recorded nodes first)."""
+        experts = ((high, self.high_noise_expert), (~high, self.transformer_2))
+        wanted = self._shard_sync(torch.stack([mask.any() for mask, _ in experts]))
+        results, idle = [], []
+        for (mask, transformer), anywhere in zip(experts, wanted.tolist(), strict=True):
+            if bool(mask.any()):
+                part = None if image is None else image[mask]
+                results.append((mask, self._run(transformer, hidden[mask], t[mask], embeds[mask], part)))
+            elif anywhere and any(transformer is e for e in self._sharded_experts):
+                idle.append(self._run_idle(transformer, hidden, embeds, image))
+        if len(results) == 1:
+            out = results[0][1]
+        else:
+            out = hidden.new_empty(
+                (hidden.shape[0], self.high_noise_expert.config.out_channels, *hidden.shape[2:])
+            )
+            for mask, result in results:
+                out[mask] = result.to(out.dtype)
+        if idle and torch.is_grad_enabled():
+            out = _IdleExpertLink.apply(out, *idle)
+        return out
+
+    def _run_idle(self, transformer, hidden, embeds, image):
+        """``transformer`` on one zero latent patch (a single token) with one zero text token: the cheapest
+        forward that still runs every module (and so every FSDP2 all-gather) of the expert."""
+        p_t, p_h, p_w = transformer.config.patch_size
+        x = hidden.new_zeros((1, transformer.config.in_channels, p_t, p_h, p_w))
+        # as the real passes: a latent with a graph (ReFL's chain) makes FSDP2 hook the first block's backward too
+        x.requires_grad_(hidden.requires_grad and torch.is_grad_enabled())
+        t = torch.full((1,), float(self.boundary_timestep), dtype=torch.float32, device=hidden.device)
+        text = embeds.new_zeros((1, 1, embeds.shape[-1]))
+        return self._run(transformer, x, t, text, None if image is None else image[:1])
 
     def velocity(
         self,

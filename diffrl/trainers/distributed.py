@@ -7,9 +7,11 @@ a step and takes its share (see :mod:`diffrl.trainers.engine`); this module hold
   averaged over processes before each update (:meth:`Distributed.average_gradients`).
 * FSDP2 (``fsdp: true``, or an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``): the
   engine does not hand the model to ``accelerator.prepare``; :meth:`Distributed.shard_transformer` calls
-  ``torch.distributed.fsdp.fully_shard`` on every transformer block and then on the transformer, after the trained
-  weights are cast to float32 and every adapter exists; the optimiser, scheduler and EMA are built on the sharded
-  parameters. FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is skipped. Checkpoints
+  ``torch.distributed.fsdp.fully_shard`` on every transformer block and then on the transformer (on each of Wan
+  2.2's experts when both train, each its own root), after the trained weights are cast to float32 and every adapter
+  exists; the optimiser, scheduler and EMA are built on the sharded parameters. An adapter whose forwards could
+  take different sharded modules on different processes keeps them in step through ``set_shard_sync`` (Wan 2.2's
+  experts: see :meth:`diffrl.models.wan.WanModel.set_shard_sync`). FSDP's reduce-scatter averages the gradients, so the engine's own all-reduce is skipped. Checkpoints
   and the final LoRA or pipeline gather the full tensors one at a time (a collective; only the main process keeps
   them), so the files are those of an unsharded run.
 * DeepSpeed (an accelerate config with ``distributed_type: DEEPSPEED``, or ``zero_stage`` with several processes):
@@ -91,7 +93,7 @@ class Distributed:
                 )
         self.fsdp_requested = cfg.fsdp or kind == "FSDP"  # sharded when there are several processes
         self.sharded = False  # decided by start()
-        self.transformer_cls = None  # the transformer's class before fully_shard swapped in a subclass
+        self.root_classes = []  # (module, its class before fully_shard swapped in a subclass) of each sharded root
 
     def start(self, cfg) -> None:
         """After the config is validated: DeepSpeed must import (before any model is loaded); shard with FSDP2 when
@@ -143,6 +145,14 @@ class Distributed:
         t = torch.tensor([float(flag)], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
+    def any_each(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise: true where ``flags`` (a bool tensor of this process) is true on any process (a collective);
+        the adapter's hook that keeps FSDP2's collectives in step (:meth:`diffrl.models.FlowModel.set_shard_sync`)."""
+        if self.world == 1:
+            return flags.bool()
+        counts = self.accelerator.reduce(flags.to(self.device, torch.float32), reduction="sum")
+        return counts > 0
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of a per-process tensor over all processes, on this process's device."""
         tensor = tensor.to(self.device)
@@ -157,15 +167,17 @@ class Distributed:
 
     # ------------------------------------------------------------------------------------------ set-up
     def shard_transformer(self, model, param_names: list[str]) -> list[torch.nn.Parameter]:
-        """FSDP2: ``fully_shard`` every transformer block, then the transformer; returns the trained parameters
-        collected again (``fully_shard`` replaces them)."""
+        """FSDP2: ``fully_shard`` every transformer block, then the transformer (the adapter's ``shard_roots``: each
+        of Wan 2.2's two experts when both train), and hand the adapter the collective that keeps its forwards in
+        step (``set_shard_sync``); returns the trained parameters collected again (``fully_shard`` replaces them)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         transformer = model.transformer
-        # fully_shard swaps in a subclass; the final save rebuilds this one
-        self.transformer_cls = type(transformer)
+        roots = model.shard_roots()
+        # fully_shard swaps in a subclass; the final save rebuilds these
+        self.root_classes = [(root, type(root)) for root in roots]
         blocks = model.shard_blocks()
         if not blocks:
             raise NotImplementedError(
@@ -174,7 +186,14 @@ class Distributed:
             )
         for block in blocks:
             fully_shard(block, mesh=mesh)
-        fully_shard(transformer, mesh=mesh)
+        # Several roots (Wan 2.2's experts): a step's backward may reach one of them only, and FSDP2 keeps a root's
+        # own weights gathered from its forward until a backward reaches it, so a root skipped by the backward would
+        # keep stale copies through the update (and unregistered shards for the checkpoint's optimiser state): each
+        # root gives its gathered weights back after every forward, as the blocks do.
+        again = {"reshard_after_forward": True} if len(roots) > 1 else {}
+        for root in roots:
+            fully_shard(root, mesh=mesh, **again)
+        model.set_shard_sync(self.any_each)
         params = [p for p in model.trainable_parameters()]
         names = [n for n, p in transformer.named_parameters() if p.requires_grad]
         if names != param_names:
@@ -323,17 +342,22 @@ class Distributed:
         )
 
     def save_sharded_pipeline(self, model, path: Path) -> Path | None:
-        """FSDP full fine-tuning: gather the transformer on the main process, put an unsharded copy (built on the meta
-        device, so no second allocation) into the pipeline for the save, then put the sharded one back."""
-        state = self.gather_to_main(model.transformer.state_dict())
+        """FSDP full fine-tuning: gather each sharded root (the transformer; both of Wan 2.2's experts, the frozen one
+        too) on the main process, one after the other, put unsharded copies (built on the meta device, so no second
+        allocation) into the pipeline for the save, then put the sharded ones back."""
+        states = [self.gather_to_main(root.state_dict()) for root, _ in self.root_classes]
         if not self.is_main:
             return None
-        sharded = model.pipe.transformer
-        with torch.device("meta"):
-            plain = self.transformer_cls.from_config(sharded.config)
-        plain.load_state_dict(state, strict=True, assign=True)
-        model.pipe.transformer = plain
+        swapped = []
         try:
+            for (root, cls), state in zip(self.root_classes, states, strict=True):
+                name = next(n for n, c in model.pipe.components.items() if c is root)
+                with torch.device("meta"):
+                    plain = cls.from_config(root.config)
+                plain.load_state_dict(state, strict=True, assign=True)
+                setattr(model.pipe, name, plain)
+                swapped.append((name, root))
             return model.save_pretrained(path)
         finally:
-            model.pipe.transformer = sharded
+            for name, root in swapped:
+                setattr(model.pipe, name, root)

@@ -190,16 +190,18 @@ class Trainer:
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         setup_training_mode(self.model, cfg)
-        # after the training mode is set, which the two flags depend on
-        if getattr(self.model, "trains_some_levels_only", False) and (self.sharded or self.zero_stage):
+        # after the training mode is set, which the two flags depend on (the config's check refuses the same before
+        # the model loads; these catch a model passed in with its expert chosen)
+        if getattr(self.model, "trains_some_levels_only", False) and self.zero_stage:
             raise NotImplementedError(
-                "training one of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (the other expert's "
-                "steps skip their backward, which those collectives cannot); launch with DDP or one process."
+                "training one of Wan 2.2's experts under DeepSpeed is not implemented (the other expert's steps skip "
+                "their backward, which ZeRO's gradient reduction cannot); launch with FSDP (fsdp=true), DDP or one "
+                "process."
             )
-        if getattr(self.model, "trains_several_experts", False) and (self.sharded or self.zero_stage):
+        if getattr(self.model, "trains_several_experts", False) and self.zero_stage:
             raise NotImplementedError(
-                "training both of Wan 2.2's experts under FSDP or DeepSpeed is not implemented (each backward reaches "
-                "one expert's weights only); launch with DDP or one process."
+                "training both of Wan 2.2's experts under DeepSpeed is not implemented (each backward reaches one "
+                "expert's weights only); launch with FSDP (fsdp=true), DDP or one process."
             )
         self.params = [p for p in self.model.trainable_parameters()]
         self.param_names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
@@ -529,7 +531,9 @@ class Trainer:
         """Accumulate the gradients of ``loss`` (DeepSpeed's backward under ZeRO, which reduces as it goes).
 
         A model that trains only some noise levels (``model.trains_some_levels_only``: one of Wan 2.2's two experts)
-        gives losses without a graph at the other levels; they add no gradient and their backward is skipped."""
+        gives losses without a graph at the other levels; they add no gradient and their backward is skipped. Under
+        FSDP the adapter's idle passes (:meth:`diffrl.models.wan.WanModel.set_shard_sync`) give every process's loss a
+        graph whenever any process's has one, so every process skips, or runs, the same backwards."""
         if not loss.requires_grad and getattr(self.model, "trains_some_levels_only", False):
             return
         self.dist.backward(loss)
