@@ -88,7 +88,7 @@ REFERENCE = {
         prompts=50_000,
         kl=0.004,
         eval_size=64,
-        fsdp=False,  # the reference uses FSDP; diffrl trains both experts with DDP (see the preset's header)
+        fsdp=True,  # train_wan22.py wraps both experts in FSDP, as diffrl (each expert its own FSDP2 root)
         dtype="bfloat16",  # train_wan22.py: from_pretrained(torch_dtype=torch.bfloat16)
     ),
 }
