@@ -12,7 +12,7 @@ from .cache import CachedPairwiseReward, CachedReward, ScoreCache
 from .combine import CombinedReward
 from .pairwise import GroupWinRate, PairwiseReward
 from .registry import REWARDS, available_rewards, load_reward, register_reward
-from .video import FrameReward, VideoReward, for_video, select_frames, video_reward
+from .video import FrameCombinedReward, FrameReward, VideoReward, for_video, select_frames, video_reward
 from .weights import HubFile, WeightsNotFoundError
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "CachedPairwiseReward",
     "CachedReward",
     "CombinedReward",
+    "FrameCombinedReward",
     "FrameReward",
     "FunctionReward",
     "GroupWinRate",

@@ -181,8 +181,12 @@ class CombinedReward(Reward):
         finally:
             self._frozen = before
 
+    def _check_inputs(self, images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+        """The prompts, once ``images`` are checked (images ``(B, 3, H, W)``; a video combination takes clips)."""
+        return check_inputs(images, prompts, self.name)
+
     def evaluate(self, images: torch.Tensor, prompts: Sequence[str], **metadata) -> RewardOutput:
-        prompts = check_inputs(images, prompts, self.name)
+        prompts = self._check_inputs(images, prompts)
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
         components = {}
         groups = group_rows(prompts, metadata, images.shape[0]) if self.normalize == "group" else None

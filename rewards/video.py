@@ -9,7 +9,8 @@ whole clip.
   ``videos`` ``(B, F, 3, H, W)``. Decorate a function with :func:`video_reward` (or wrap it) so a run named
   ``"my_module:my_fn"`` in ``reward`` knows it takes clips.
 * :func:`for_video` is what a run does with its reward when the model makes videos: a clip reward stays as it is,
-  anything else becomes a :class:`FrameReward`.
+  a normalised combination becomes a :class:`FrameCombinedReward` (each part a :class:`FrameReward`, normalised
+  across videos), anything else a :class:`FrameReward`.
 
 Frames are chosen by :func:`select_frames`: explicit indices (``frames: [0, -1]``, negative from the end), every
 ``k``-th frame (``every: k``, from frame 0), or ``n`` evenly spaced frames from the first to the last (``num: n``);
@@ -26,7 +27,15 @@ import torch
 from .base import Reward, RewardOutput, check_inputs, split_metadata, to_score_tensor
 from .combine import CombinedReward
 
-__all__ = ["FrameReward", "VideoReward", "video_reward", "for_video", "select_frames", "COMBINE"]
+__all__ = [
+    "FrameReward",
+    "FrameCombinedReward",
+    "VideoReward",
+    "video_reward",
+    "for_video",
+    "select_frames",
+    "COMBINE",
+]
 
 COMBINE = ("mean", "min")
 
@@ -253,11 +262,19 @@ def for_video(
     num: int = 0,
     combine: str = "mean",
 ) -> Reward:
-    """The reward a video run uses: a :class:`VideoReward` as it is, an image reward as a :class:`FrameReward`."""
-    if isinstance(reward, (VideoReward, FrameReward)):
+    """The reward a video run uses: a :class:`VideoReward` as it is, an image reward as a :class:`FrameReward`, and a
+    normalised :class:`~diffrl.rewards.CombinedReward` (``normalize`` batch, group or running) as a
+    :class:`FrameCombinedReward`: each part scores frames and is combined per video first, then normalised across
+    videos, so a video run's statistics are over videos as an image run's are over images (and ReFL and the trainers
+    that gather a batch's statistics over processes see the combination they know)."""
+    if isinstance(reward, (VideoReward, FrameReward, FrameCombinedReward)):
         return reward
     if isinstance(reward, CombinedReward):
-        if len(reward.parts) == 1 and reward.parts[0][1] == 1.0 and isinstance(reward.parts[0][0], VideoReward):
+        if (
+            len(reward.parts) == 1
+            and reward.parts[0][1] == 1.0
+            and isinstance(reward.parts[0][0], VideoReward)
+        ):
             return reward.parts[0][0]  # a clip reward alone with weight 1 is that reward
         clips = [r.name for r, _ in reward.parts if isinstance(r, VideoReward)]
         if clips:
@@ -265,4 +282,49 @@ def for_video(
                 f"combining the clip reward {clips[0]!r} with weights or other rewards is not implemented; "
                 "use it alone with weight 1, or combine inside your own clip function."
             )
+        if reward.normalize is not None:
+            return FrameCombinedReward(reward, frames=frames, every=every, num=num, combine=combine)
     return FrameReward(reward, frames=frames, every=every, num=num, combine=combine)
+
+
+class FrameCombinedReward(CombinedReward):
+    """A normalised combination of image rewards in a video run: the same parts, weights, normalisation and name as
+    ``combined``, each part a :class:`FrameReward` with the given frame choice. A video's score of each part is the
+    ``mean`` / ``min`` of its frames' scores, and the normalisation (``batch``, ``group``, ``running``) then works on
+    those per-video scores exactly as on images' (a :class:`FrameReward` around the whole combination would z-score
+    frames instead, and hide the combination from the trainers that compute a step's statistics over
+    micro-batches and processes)."""
+
+    def __init__(
+        self,
+        combined: CombinedReward,
+        *,
+        frames: Sequence[int] | None = None,
+        every: int = 0,
+        num: int = 0,
+        combine: str = "mean",
+    ):
+        parts = [
+            (FrameReward(r, frames=frames, every=every, num=num, combine=combine), w)
+            for r, w in combined.parts
+        ]
+        super().__init__(parts, normalize=combined.normalize, momentum=combined.momentum, name=combined.name)
+        self.load_training_state(combined.training_state())
+
+    def _check_inputs(self, images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+        return check_inputs(_as_video(images, self.name)[:, 0], prompts, self.name)
+
+    def indices(self, num_frames: int) -> list[int]:
+        """The frames every part scores (they share one choice)."""
+        return self.parts[0][0].indices(num_frames)
+
+    def describe(self, num_frames: int) -> str:
+        """One line: which frames each part scores, how they are combined, and the normalisation across videos."""
+        part = self.parts[0][0]
+        idx = part.indices(num_frames)
+        which = "every frame" if len(idx) == num_frames else f"frames {idx}"
+        names = ", ".join(repr(r.name) for r, _ in self.parts)
+        return (
+            f"rewards {names} each score {which} of {num_frames} per video, combined by their {part.combine}, "
+            f"then {self.normalize}-normalised across videos"
+        )

@@ -743,10 +743,11 @@ WAN22_CASES = {
             "optim.train_batch_size=1",
         ),
     ),
-    # ReFL: the gradient through the last sampling steps (shared levels) and the reward; without the preset's
-    # reward_normalize=batch, with which a Wan run's 2 processes differ from one under DDP as much as under FSDP
-    # (measured: FSDP equal to DDP bit for bit, both 2.8e-4 from one process)
-    "refl-both": ("refl", ("model.expert=both", "reward_normalize=")),
+    # ReFL: the gradient through the last sampling steps (shared levels) and the reward, batch-normalised with the
+    # whole step's statistics over micro-batches and processes (the preset's reward_normalize=batch: a video run's
+    # combination is a FrameCombinedReward, so ReFL finds it; before, the wrapped sum z-scored each micro-batch's
+    # frames and 2 processes ended 2.8e-4 from one)
+    "refl-both": ("refl", ("model.expert=both",)),
 }
 
 

@@ -8,6 +8,7 @@ import torch
 from diffrl.config import ConfigError, load_config
 from diffrl.rewards import (
     CombinedReward,
+    FrameCombinedReward,
     FrameReward,
     VideoReward,
     as_reward,
@@ -122,6 +123,37 @@ def test_frame_reward_wraps_a_combination():
     # per frame 2 m + (1 - m) = 1 + m; mean over frames 1 + 0.4
     torch.testing.assert_close(out.total, torch.tensor([1.4]))
     torch.testing.assert_close(out.components["dark"], torch.tensor([0.6]))
+
+
+def test_normalised_combination_scores_frames_per_part_then_normalises_videos():
+    """A batch-normalised sum in a video run: each part's frame scores are averaged per video, then z-scored across
+    the videos (population std + 1e-8, as for images), by hand; a FrameReward around the whole sum z-scored the
+    frames instead. The trainers see a CombinedReward (ReFL and the Flow-GRPO gather take its whole-step
+    statistics over micro-batches and processes), with the frame choice of its parts."""
+    dark = as_reward(lambda i, p: 1 - mean_level(i, p), name="dark")
+    combined = CombinedReward([(as_reward(mean_level), 2.0), (dark, 1.0)], normalize="batch", name="sum")
+    wrapped = for_video(combined, frames=[0, -1])
+    assert isinstance(wrapped, FrameCombinedReward) and isinstance(wrapped, CombinedReward)
+    assert (wrapped.name, wrapped.normalize, wrapped.indices(5)) == ("sum", "batch", [0, 4])
+    assert for_video(wrapped) is wrapped
+    videos = _video([[0.2, 0.0, 0.0, 0.0, 0.6], [0.1, 0.0, 0.0, 0.0, 0.1], [0.9, 0.0, 0.0, 0.0, 0.5]])
+    out = wrapped.evaluate(videos, ["a", "b", "c"])
+    m = torch.tensor([0.4, 0.1, 0.7])  # the mean level of frames 0 and 4 per video
+
+    def z(x):
+        return (x - x.mean()) / (x.std(unbiased=False) + 1e-8)
+
+    torch.testing.assert_close(out.total, 2 * z(m) + z(1 - m))
+    torch.testing.assert_close(out.components["mean_level"], m)
+    torch.testing.assert_close(out.components["dark"], 1 - m)
+    line = wrapped.describe(5)
+    assert line == (
+        "rewards 'mean_level', 'dark' each score frames [0, 4] of 5 per video, combined by their mean, "
+        "then batch-normalised across videos"
+    )
+    # an unnormalised sum stays one FrameReward (its mean over frames is the same sum of per-part means)
+    plain = for_video(CombinedReward([(as_reward(mean_level), 2.0), (dark, 1.0)]))
+    assert type(plain) is FrameReward
 
 
 def test_clip_reward_sees_whole_videos():
