@@ -510,7 +510,9 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_saves_the_whole_pipeline(
     written from an unsharded copy that diffusers loads as the original transformer class."""
     from diffrl.models import load_model
 
-    extra = ("model.lora_rank=0", "flow_grpo.kl_beta=0")
+    # an evaluation before each checkpoint: its forward leaves the root's own (trained) weights gathered, which the
+    # optimiser-state gather once failed on (KeyError: 0) until Distributed.reshard_roots gave them back
+    extra = ("model.lora_rank=0", "flow_grpo.kl_beta=0", "eval_every=1")
     ref_out = tmp_path / "one"
     trainer = build_trainer(
         PRESET["flow_grpo"], _fsdp_overrides(ref_out, "flow_grpo") + list(extra), reward=gated_saturation

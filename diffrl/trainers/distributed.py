@@ -287,6 +287,14 @@ class Distributed:
             del whole
         return out
 
+    def reshard_roots(self) -> None:
+        """Give back the gathered weights that a sharded root keeps after a forward no backward followed (an
+        evaluation): FSDP2 leaves a root's own parameters unsharded until its next backward, and while they are the
+        transformer's parameters the optimiser's state, kept for the sharded ones, cannot be mapped to names (full
+        fine-tuning trains the root's own weights: the checkpoint after an evaluation failed with a KeyError)."""
+        for root, _ in self.root_classes:
+            root.reshard()
+
     def full_optimizer_state(
         self, transformer, optimizer, params: list, param_names: list[str]
     ) -> dict | None:
@@ -299,6 +307,7 @@ class Distributed:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        self.reshard_roots()
         by_name = get_optimizer_state_dict(
             transformer,
             optimizer,
@@ -345,6 +354,7 @@ class Distributed:
         """FSDP full fine-tuning: gather each sharded root (the transformer; both of Wan 2.2's experts, the frozen one
         too) on the main process, one after the other, put unsharded copies (built on the meta device, so no second
         allocation) into the pipeline for the save, then put the sharded ones back."""
+        self.reshard_roots()
         states = [self.gather_to_main(root.state_dict()) for root, _ in self.root_classes]
         if not self.is_main:
             return None
