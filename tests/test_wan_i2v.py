@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import WanImageToVideoPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from diffrl.models import ADAPTERS, WanI2VModel, load_model  # noqa: E402
 from diffrl.models.loading import check_image_size, tiny_model_dir  # noqa: E402
@@ -256,8 +258,15 @@ def test_lora_saved_for_load_lora_weights(lora_model):
     with model.disable_adapter():
         base = _ours(model, image, PROMPTS[:1], "", 5.0, 2, seed=1)
     assert (ours - base).abs().max().item() > 1e-3
+    # the file is a complete image-to-video LoRA: zero LoRA weights on the image cross-attention projections, which
+    # diffusers' loader would otherwise add itself (and PEFT then warned about modules missing from the config)
+    saved = load_file(str(Path(path) / "pytorch_lora_weights.safetensors"))
+    image_kv = {k: v for k, v in saved.items() if ".attn2.add_k_proj." in k or ".attn2.add_v_proj." in k}
+    assert image_kv and all(not v.any() for v in image_kv.values())
     fresh = _pipe("tiny:wan_i2v")
-    fresh.load_lora_weights(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fresh.load_lora_weights(path)
     expected = _pipeline_latents(fresh, image, PROMPTS[:1], "", 5.0, 2, seed=1)
     assert (ours - expected).abs().max().item() < 1e-5
 

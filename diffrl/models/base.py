@@ -597,6 +597,7 @@ class FlowModel:
         # PEFT keeps target_modules (and exclude_modules) as sets, whose order changes with the hash seed: sorted,
         # the same run writes the same bytes
         metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
+        state, metadata = self.lora_file_entries(state, metadata)
         if metadata.get("exclude_modules"):
             # the adapter's patterns minus the excluded modules, as the list of modules that hold LoRA weights: a
             # pipeline loading it then adapts exactly those (with the exclusion it warns that nothing was excluded,
@@ -612,6 +613,13 @@ class FlowModel:
             canonical_safetensors_header(path)
         apply_umask(save_directory)  # safetensors writes owner-only files
         return save_directory
+
+    def lora_file_entries(
+        self, state: dict[str, torch.Tensor], metadata: dict
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The LoRA weights and adapter config :meth:`save_lora` writes, from the trained ones; a family whose
+        diffusers loader expects more entries adds them here (Wan 2.1 image-to-video). As they are by default."""
+        return state, metadata
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Save the whole pipeline (after full fine-tuning) so ``from_pretrained(save_directory)`` loads it."""

@@ -96,6 +96,34 @@ class WanI2VModel(WanModel):
         )  # (key, H, W, F) -> (2C+4 - C, F', h, w)
 
     # ------------------------------------------------------------------ geometry
+    def lora_file_entries(self, state, metadata):
+        """Wan 2.1 I2V (a transformer with ``image_dim``): zero LoRA weights on each adapted block's image
+        cross-attention projections (``attn2.add_k_proj``, ``attn2.add_v_proj``), which diffrl does not train, and
+        those names in the config's ``target_modules``. diffusers' Wan loader adds exactly these zeros to a LoRA that
+        lacks them (``_maybe_expand_t2v_lora_for_i2v``, made for text-to-video LoRAs), after which PEFT warned that
+        the file held modules its config did not name; written here, the file is a complete image-to-video LoRA and
+        loads without the warning, with the same outputs (a zero LoRA adds nothing)."""
+        targets = metadata.get("target_modules")
+        if getattr(self.transformer.config, "image_dim", None) is None or not isinstance(
+            targets, (list, tuple)
+        ):
+            return state, metadata
+        extra = {}
+        for name, module in self.transformer.named_modules():
+            if not name.endswith(("attn2.add_k_proj", "attn2.add_v_proj")):
+                continue
+            reference = state.get(f"{name.rsplit('.', 1)[0]}.to_k.lora_A.weight")
+            if reference is None or f"{name}.lora_A.weight" in state:
+                continue
+            layer = getattr(module, "base_layer", module)
+            rank = reference.shape[0]
+            extra[f"{name}.lora_A.weight"] = reference.new_zeros(rank, layer.in_features)
+            extra[f"{name}.lora_B.weight"] = reference.new_zeros(layer.out_features, rank)
+        if not extra:
+            return state, metadata
+        targets = sorted({*targets, "add_k_proj", "add_v_proj"})
+        return {**state, **extra}, {**metadata, "target_modules": targets}
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
         """The noisy latent's shape ``(C, F', h, w)``: the VAE's ``z_dim`` channels (the transformer's input has the
         condition's channels too)."""
