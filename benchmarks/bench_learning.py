@@ -31,6 +31,8 @@ the range) of base, final and best accuracy, and the training images and CPU sec
         --evals 8 --out runs/bench-learning       # the NFT vs Flow-GRPO comparison
     python benchmarks/bench_learning.py --algorithms refl awm pref_grpo mixgrpo --seeds 0 1 2 --samples 6400 \
         --keep runs/bench-learning/learning.json --out runs/bench-learning-2   # more trainers, keep the others
+    python benchmarks/bench_learning.py --algorithms flow_grpo --seeds 0 1 2 --samples 13056 \
+        --extend runs/bench-learning/learning.json --out runs/bench-learning-long   # Flow-GRPO on to 13 056 images
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -77,20 +80,39 @@ def images_per_step(cfg) -> int:
 
 
 def run_one(
-    name: str, seed: int, samples: int, evals: int, per_prompt: int, out: Path, overrides: list[str]
+    name: str,
+    seed: int,
+    samples: int,
+    evals: int,
+    per_prompt: int,
+    out: Path,
+    overrides: list[str],
+    earlier: dict | None = None,
 ) -> dict:
+    """One trainer and seed for ``samples`` training images. With ``earlier`` (a run of an earlier
+    ``learning.json``, its directory copied to this run's), the run resumes from its last checkpoint and continues
+    to ``samples`` at the earlier run's evaluation cadence; the curve is the earlier one followed by the new points,
+    whose CPU and wall seconds continue from the earlier run's last evaluation."""
     from diffrl.config import load_config
     from diffrl.demo import read_metrics
     from diffrl.train import build_trainer
 
     preset_name, variant = VARIANTS[name]
     preset = REPO / "configs" / "toy" / f"{preset_name}.yaml"
+    if earlier is not None:
+        overrides = [o for o in earlier["overrides"] if o not in variant]
+        per_prompt = earlier["eval_images"] // 96 if earlier.get("eval_images") else per_prompt
     base = [*variant, *overrides, f"seed={seed}", f"sample.eval_images_per_prompt={per_prompt}"]
     cfg = load_config(str(preset), base)
     per_step = images_per_step(cfg)
     steps = max(1, samples // per_step)
     every = max(1, steps // max(1, evals))
     run_dir = out / name / f"seed{seed}"
+    resume = []
+    if earlier is not None:
+        steps = max(steps, earlier["max_steps"])
+        every = earlier["curve"][1]["step"] if len(earlier["curve"]) > 1 else every
+        resume = ["resume_from_checkpoint=latest"]
     cfg = load_config(
         str(preset),
         [
@@ -100,6 +122,7 @@ def run_one(
             f"eval_every={every}",
             f"checkpointing_steps={steps}",
             "report_to=none",
+            *resume,
         ],
     )
     for key in ("train", "eval"):  # the presets name the prompt files from the repository root
@@ -124,18 +147,26 @@ def run_one(
     trainer.evaluate = timed
     trainer.train()
     records = read_metrics(run_dir / "metrics.jsonl")
-    curve = [
+    before = earlier["curve"] if earlier is not None else []
+    last = before[-1]["step"] if before else -1
+    c_off = before[-1]["train_cpu_seconds"] if before else 0.0
+    w_off = before[-1]["train_wall_seconds"] if before else 0.0
+    curve = [*before] + [
         {
             "step": r["step"],
             "images": r["step"] * per_step,
-            "train_cpu_seconds": clock[r["step"]][0],
-            "train_wall_seconds": clock[r["step"]][1],
+            "train_cpu_seconds": c_off + clock[r["step"]][0],
+            "train_wall_seconds": w_off + clock[r["step"]][1],
             "accuracy": r[ACC],
             "partial": r.get(PARTIAL),
         }
         for r in records
-        if ACC in r
+        if ACC in r and r["step"] > last
     ]
+    if earlier is not None:
+        c0 -= earlier["cpu_seconds"]
+        w0 -= earlier["wall_seconds"]
+        spent[0] += earlier["eval_cpu_seconds"]
     return {
         "algorithm": name,
         "seed": seed,
@@ -149,6 +180,7 @@ def run_one(
         "eval_cpu_seconds": spent[0],
         "wall_seconds": time.time() - w0,
         "curve": curve,
+        **({"extended_from": earlier["max_steps"]} if earlier is not None else {}),
     }
 
 
@@ -331,8 +363,20 @@ def main(argv=None) -> dict:
         help="an earlier learning.json: its runs of trainers not run now join the table and the plot, marked "
         "'(kept)' (images are comparable across runs; CPU seconds only on the same machine)",
     )
+    p.add_argument(
+        "--extend",
+        type=Path,
+        default=None,
+        help="an earlier learning.json: each of its runs of --algorithms and --seeds (its directory next to that "
+        "file, copied into --out) resumes from its last checkpoint and trains on to --samples images, keeping its "
+        "overrides and evaluation cadence; the curves join (a longer budget without re-running the first part)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every preset")
     a = p.parse_args(argv)
+    if a.extend is not None and not a.extend.is_file():
+        raise SystemExit(
+            f"error: --extend {a.extend} is not a file; pass the learning.json of an earlier run."
+        )
     if a.eval_images_per_prompt < 1:
         raise SystemExit(f"error: --eval-images-per-prompt {a.eval_images_per_prompt} must be at least 1.")
     if a.keep is not None and not a.keep.is_file():
@@ -342,12 +386,34 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    earlier_runs = {}
+    if a.extend is not None:
+        earlier_runs = {(r["algorithm"], r["seed"]): r for r in json.loads(a.extend.read_text())["runs"]}
+        missing = [(x, s) for x in a.algorithms for s in a.seeds if (x, s) not in earlier_runs]
+        if missing:
+            raise SystemExit(
+                f"error: --extend {a.extend} has no run of {missing}; name only its trainers and seeds."
+            )
     results = []
     for algo in a.algorithms:
         for seed in a.seeds:
-            print(f"== {algo} seed {seed}: {a.samples} training images", flush=True)
+            earlier = earlier_runs.get((algo, seed))
+            if earlier is not None:
+                src = a.extend.parent / algo / f"seed{seed}"
+                dst = a.out / algo / f"seed{seed}"
+                if not src.is_dir():
+                    raise SystemExit(f"error: --extend: {src} (the run to continue) is missing.")
+                if dst.exists():
+                    raise SystemExit(f"error: --extend: {dst} exists already; choose a new --out.")
+                shutil.copytree(src, dst)
+                print(
+                    f"== {algo} seed {seed}: from step {earlier['max_steps']} on to {a.samples} images",
+                    flush=True,
+                )
+            else:
+                print(f"== {algo} seed {seed}: {a.samples} training images", flush=True)
             results.append(
-                run_one(algo, seed, a.samples, a.evals, a.eval_images_per_prompt, a.out, a.overrides)
+                run_one(algo, seed, a.samples, a.evals, a.eval_images_per_prompt, a.out, a.overrides, earlier)
             )
             (a.out / "learning.json").write_text(json.dumps({"runs": results}, indent=2))
     if a.keep is not None:
