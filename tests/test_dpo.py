@@ -477,23 +477,3 @@ def test_kept_pairs_between_rounds_need_one_process():
     validate(cfg, 1)
     with pytest.raises(ConfigError, match=r"dpo.online_every=2 keeps each process's pairs .* has 2; set"):
         validate(cfg, 2)
-
-
-# ---------------------------------------------------------------------------------------------- learning
-
-
-@pytest.mark.slow
-def test_toy_world_online_dpo_raises_held_out_accuracy(tmp_path):
-    """The toy preset for 50 steps (about 12 minutes on 2 shared CPU cores): held-out strict accuracy on the 96 held-out
-    prompts rises by at least 2 prompts (measured: 0.104 -> 0.135)."""
-    out = tmp_path / "run"
-    trainer = build_trainer(
-        ROOT / "configs" / "toy" / "dpo.yaml",
-        [f"output_dir={out}", "max_steps=50", "eval_every=50", "report_to=none", "checkpointing_steps=0"],
-    )
-    trainer.train()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    acc = [r["eval/reward/shapes_accuracy/mean"] for r in rows if "eval/reward/shapes_accuracy/mean" in r]
-    print(f"\n[toy dpo] held-out strict accuracy {acc}")
-    assert acc[-1] >= acc[0] + 2 / 96, acc
-    assert np.isfinite([r["train/loss"] for r in rows if "train/loss" in r]).all()
