@@ -99,15 +99,16 @@ def run_one(
 
     preset_name, variant = VARIANTS[name]
     preset = REPO / "configs" / "toy" / f"{preset_name}.yaml"
-    if earlier is not None:
+    run_dir = out / name / f"seed{seed}"
+    if earlier is not None:  # its overrides and evaluation size, from the copied run's resolved config
         overrides = [o for o in earlier["overrides"] if o not in variant]
-        per_prompt = earlier["eval_images"] // 96 if earlier.get("eval_images") else per_prompt
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        per_prompt = saved["sample"]["eval_images_per_prompt"]
     base = [*variant, *overrides, f"seed={seed}", f"sample.eval_images_per_prompt={per_prompt}"]
     cfg = load_config(str(preset), base)
     per_step = images_per_step(cfg)
     steps = max(1, samples // per_step)
     every = max(1, steps // max(1, evals))
-    run_dir = out / name / f"seed{seed}"
     resume = []
     if earlier is not None:
         steps = max(steps, earlier["max_steps"])

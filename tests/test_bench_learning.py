@@ -1,6 +1,7 @@
 """benchmarks/bench_learning.py: its trainers' presets load, and its summary over seeds is the hand-computed one."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -93,3 +94,45 @@ def test_mean_curve_band_spans_the_seeds():
     xs, mean, lo, hi = bench.mean_curve(runs, "train_cpu_seconds")
     assert xs == pytest.approx([0, 60]) and mean == pytest.approx([0.15, 0.20])
     assert lo == pytest.approx([0.10, 0.10]) and hi == pytest.approx([0.20, 0.30])
+
+
+def test_extend_continues_runs_as_one_uninterrupted_run(tmp_path):
+    """--extend resumes each run from its last checkpoint: 2 steps, then on to 4, give the curve of 4 steps in one go
+    (online DPO on the toy model, 4 held-out prompts; resume is bit-identical, so the evaluations agree exactly)."""
+    common = ["--algorithms", "dpo", "--seeds", "0", "--eval-images-per-prompt", "1", "--threads", "0"]
+    tiny = ["data.eval_size=4", "dpo.prompts_per_step=2", "dpo.group_size=4"]  # 8 images a step
+    bench.main([*common, "--samples", "16", "--evals", "1", "--out", str(tmp_path / "short"), *tiny])
+    bench.main(
+        [
+            *common,
+            "--samples",
+            "32",
+            "--extend",
+            str(tmp_path / "short" / "learning.json"),
+            "--out",
+            str(tmp_path / "long"),
+        ]
+    )
+    bench.main([*common, "--samples", "32", "--evals", "2", "--out", str(tmp_path / "once"), *tiny])
+    read = lambda d: json.loads((tmp_path / d / "learning.json").read_text())["runs"][0]  # noqa: E731
+    short, long, once = read("short"), read("long"), read("once")
+    assert [p["step"] for p in short["curve"]] == [0, 2]
+    assert [p["step"] for p in long["curve"]] == [p["step"] for p in once["curve"]] == [0, 2, 4]
+    assert [p["images"] for p in long["curve"]] == [0, 16, 32]
+    assert [p["partial"] for p in long["curve"]] == [p["partial"] for p in once["curve"]]
+    assert long["curve"][:2] == short["curve"] and long["extended_from"] == 2 and long["eval_images"] == 4
+    # CPU seconds continue from the earlier run's
+    assert long["curve"][2]["train_cpu_seconds"] > short["curve"][1]["train_cpu_seconds"]
+    assert long["overrides"] == short["overrides"]
+    with pytest.raises(SystemExit, match="exists already"):
+        bench.main(
+            [
+                *common,
+                "--samples",
+                "32",
+                "--extend",
+                str(tmp_path / "short" / "learning.json"),
+                "--out",
+                str(tmp_path / "long"),
+            ]
+        )
