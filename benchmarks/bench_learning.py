@@ -164,10 +164,7 @@ def run_one(
         for r in records
         if ACC in r and r["step"] > last
     ]
-    if earlier is not None:
-        c0 -= earlier["cpu_seconds"]
-        w0 -= earlier["wall_seconds"]
-        spent[0] += earlier["eval_cpu_seconds"]
+    prior = earlier or {}  # an extended run's totals include the part it continues
     return {
         "algorithm": name,
         "seed": seed,
@@ -177,9 +174,9 @@ def run_one(
         "max_steps": steps,
         "eval_images": len(trainer.eval_set) * cfg.sample.eval_images_per_prompt,
         "eval_guidance_scale": cfg.sample.eval_guidance_scale,
-        "cpu_seconds": time.process_time() - c0,
-        "eval_cpu_seconds": spent[0],
-        "wall_seconds": time.time() - w0,
+        "cpu_seconds": prior.get("cpu_seconds", 0.0) + time.process_time() - c0,
+        "eval_cpu_seconds": prior.get("eval_cpu_seconds", 0.0) + spent[0],
+        "wall_seconds": prior.get("wall_seconds", 0.0) + time.time() - w0,
         "curve": curve,
         **({"extended_from": earlier["max_steps"]} if earlier is not None else {}),
     }

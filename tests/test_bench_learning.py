@@ -102,17 +102,8 @@ def test_extend_continues_runs_as_one_uninterrupted_run(tmp_path):
     common = ["--algorithms", "dpo", "--seeds", "0", "--eval-images-per-prompt", "1", "--threads", "0"]
     tiny = ["data.eval_size=4", "dpo.prompts_per_step=2", "dpo.group_size=4"]  # 8 images a step
     bench.main([*common, "--samples", "16", "--evals", "1", "--out", str(tmp_path / "short"), *tiny])
-    bench.main(
-        [
-            *common,
-            "--samples",
-            "32",
-            "--extend",
-            str(tmp_path / "short" / "learning.json"),
-            "--out",
-            str(tmp_path / "long"),
-        ]
-    )
+    extend = [*common, "--samples", "32", "--extend", str(tmp_path / "short" / "learning.json")]
+    bench.main([*extend, "--out", str(tmp_path / "long")])
     bench.main([*common, "--samples", "32", "--evals", "2", "--out", str(tmp_path / "once"), *tiny])
     read = lambda d: json.loads((tmp_path / d / "learning.json").read_text())["runs"][0]  # noqa: E731
     short, long, once = read("short"), read("long"), read("once")
@@ -124,15 +115,5 @@ def test_extend_continues_runs_as_one_uninterrupted_run(tmp_path):
     # CPU seconds continue from the earlier run's
     assert long["curve"][2]["train_cpu_seconds"] > short["curve"][1]["train_cpu_seconds"]
     assert long["overrides"] == short["overrides"]
-    with pytest.raises(SystemExit, match="exists already"):
-        bench.main(
-            [
-                *common,
-                "--samples",
-                "32",
-                "--extend",
-                str(tmp_path / "short" / "learning.json"),
-                "--out",
-                str(tmp_path / "long"),
-            ]
-        )
+    with pytest.raises(SystemExit, match="exists already"):  # never writes over an earlier extension
+        bench.main([*extend, "--out", str(tmp_path / "long")])
