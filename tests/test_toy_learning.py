@@ -102,20 +102,9 @@ def test_paired_z_hand_computed():
     assert paired_z([0.5, 0.5], [0.5, 0.5]) == 0.0
 
 
-@pytest.mark.parametrize("preset", sorted(PAIRED))
-def test_second_wave_trainer_raises_held_out_credit_paired(preset, tmp_path):
-    out = tmp_path / preset
-    trainer = build_trainer(
-        str(TOY / f"{preset}.yaml"),
-        [
-            f"output_dir={out}",
-            "report_to=none",
-            "eval_every=0",
-            "checkpointing_steps=0",
-            "sample.eval_images_per_prompt=7",
-            *PAIRED[preset],
-        ],
-    )
+def _paired_before_after(trainer) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Train and return each held-out image's ``partial`` and ``strict`` scores from the trainer's own first and
+    last evaluations (the same 672 images' noise both times)."""
     assert len(trainer.eval_set) * trainer.cfg.sample.eval_images_per_prompt == 672
     scores: dict[int, dict[str, list[float]]] = {}
     evaluate_reward = trainer.evaluate_reward
@@ -132,11 +121,63 @@ def test_second_wave_trainer_raises_held_out_credit_paired(preset, tmp_path):
     trainer.train()
     first, last = min(scores), max(scores)
     assert (first, last) == (0, trainer.cfg.max_steps)
-    before, after = scores[first], scores[last]
+    return scores[first], scores[last]
+
+
+def _assert_paired_rise(name: str, before: dict[str, list[float]], after: dict[str, list[float]]) -> None:
     z = paired_z(before["partial"], after["partial"])
     z_strict = paired_z(before["strict"], after["strict"])
     mean = {k: (sum(before[k]) / 672, sum(after[k]) / 672) for k in before}
-    print(preset, json.dumps({"mean": mean, "z_partial": z, "z_strict": z_strict}))
+    print(name, json.dumps({"mean": mean, "z_partial": z, "z_strict": z_strict}))
     assert len(before["partial"]) == len(after["partial"]) == 672
     assert z >= PAIRED_Z, (mean, z)
     assert mean["strict"][1] >= mean["strict"][0], (mean, z_strict)
+
+
+_PAIRED_OVERRIDES = [
+    "report_to=none",
+    "eval_every=0",
+    "checkpointing_steps=0",
+    "sample.eval_images_per_prompt=7",
+]
+
+
+@pytest.mark.parametrize("preset", sorted(PAIRED))
+def test_second_wave_trainer_raises_held_out_credit_paired(preset, tmp_path):
+    out = tmp_path / preset
+    trainer = build_trainer(
+        str(TOY / f"{preset}.yaml"), [f"output_dir={out}", *_PAIRED_OVERRIDES, *PAIRED[preset]]
+    )
+    _assert_paired_rise(preset, *_paired_before_after(trainer))
+
+
+# Offline Diffusion-DPO on a preference dataset the toy model makes itself (scripts/make_toy_preferences.py: the
+# first 256 training prompts x 8 images, the verifier's strict score as the judge, one pair per prompt with a right
+# and a wrong image: 167 pairs), 100 steps of 16 pairs (about 10 epochs); the same paired test as above. Measured
+# (one CPU core, 4 min 17 s in all): partial credit 0.567 -> 0.599 (z 4.2), strict 0.131 -> 0.171 (z 3.1).
+OFFLINE_DPO = {"prompts": 256, "images": 8, "overrides": ["max_steps=100", "dpo.pairs_per_step=16"]}
+
+
+def test_offline_dpo_raises_held_out_credit_paired(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_toy_preferences", TOY.parent.parent / "scripts" / "make_toy_preferences.py"
+    )
+    prefs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prefs)
+    n_pairs = prefs.make_toy_preferences(
+        tmp_path / "prefs", prompts=OFFLINE_DPO["prompts"], images=OFFLINE_DPO["images"]
+    )
+    print("offline dpo pairs", n_pairs)
+    trainer = build_trainer(
+        str(TOY / "dpo.yaml"),
+        [
+            f"output_dir={tmp_path / 'run'}",
+            *_PAIRED_OVERRIDES,
+            "dpo.mode=offline",
+            f"dpo.dataset={tmp_path / 'prefs' / 'prefs.jsonl'}",
+            *OFFLINE_DPO["overrides"],
+        ],
+    )
+    _assert_paired_rise("dpo offline", *_paired_before_after(trainer))
