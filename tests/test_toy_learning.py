@@ -22,8 +22,6 @@ import pytest
 from diffrl.demo import ACCURACY_KEY, DEFAULT_CONFIG, PARTIAL_KEY, read_metrics
 from diffrl.train import build_trainer
 
-pytestmark = pytest.mark.slow
-
 TOY = DEFAULT_CONFIG.parent
 # algorithm: (overrides, margin, held-out images); measured on one CPU core in the comments
 BUDGET = {
@@ -42,6 +40,7 @@ BUDGET = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(BUDGET))
 def test_trainer_raises_held_out_accuracy(algorithm, tmp_path):
     overrides, margin, images = BUDGET[algorithm]
@@ -142,6 +141,7 @@ _PAIRED_OVERRIDES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PAIRED))
 def test_second_wave_trainer_raises_held_out_credit_paired(preset, tmp_path):
     out = tmp_path / preset
@@ -158,6 +158,7 @@ def test_second_wave_trainer_raises_held_out_credit_paired(preset, tmp_path):
 OFFLINE_DPO = {"prompts": 256, "images": 8, "overrides": ["max_steps=100", "dpo.pairs_per_step=16"]}
 
 
+@pytest.mark.slow
 def test_offline_dpo_raises_held_out_credit_paired(tmp_path):
     import importlib.util
 
