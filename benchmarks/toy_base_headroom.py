@@ -39,57 +39,40 @@ def _eval_rows() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def held_out_accuracy(model, guidance_scale: float, seeds=(100, 101)) -> float:
-    """Strict accuracy on the held-out prompts, one image per prompt and seed (8 Euler steps)."""
+def _strict(model, rows: list[dict], guidance_scale: float, seed: int, k: int = 1):
+    """The verifier's strict 0/1 score of ``k`` images per held-out prompt (8 Euler steps), shape ``(prompts, k)``."""
     import torch
 
     from diffrl.sampling import sample_images
     from diffrl.toy.rewards import ShapesVerifier
 
-    rows = _eval_rows()
-    acc = []
-    for seed in seeds:
-        with torch.no_grad():
-            images = sample_images(
-                model,
-                [r["prompt"] for r in rows],
-                num_steps=8,
-                guidance_scale=guidance_scale,
-                height=64,
-                width=64,
-                seed=seed,
-                batch_size=96,
-            )
-        acc.append(ShapesVerifier().verify(images, [r["scene"] for r in rows])[1].float().mean().item())
-    return sum(acc) / len(acc)
-
-
-def pass_at(model, k: int, seed: int = 500) -> dict:
-    """pass@1 and pass@k (no CFG) overall and per category of the held-out prompts."""
-    import torch
-
-    from diffrl.sampling import sample_images
-    from diffrl.toy.rewards import ShapesVerifier
-
-    rows = _eval_rows()
     with torch.no_grad():
         images = sample_images(
             model,
             [r["prompt"] for r in rows],
             num_steps=8,
-            guidance_scale=1.0,
+            guidance_scale=guidance_scale,
             height=64,
             width=64,
             seed=seed,
             images_per_prompt=k,
             batch_size=96,
         )
-    ok = (
-        ShapesVerifier()
-        .verify(images, [r["scene"] for r in rows for _ in range(k)])[1]
-        .float()
-        .view(len(rows), k)
-    )
+    scenes = [r["scene"] for r in rows for _ in range(k)]
+    return ShapesVerifier().verify(images, scenes)[1].float().view(len(rows), k)
+
+
+def held_out_accuracy(model, guidance_scale: float, seeds=(100, 101)) -> float:
+    """Strict accuracy on the held-out prompts, one image per prompt and seed (8 Euler steps)."""
+    rows = _eval_rows()
+    acc = [_strict(model, rows, guidance_scale, seed).mean().item() for seed in seeds]
+    return sum(acc) / len(acc)
+
+
+def pass_at(model, k: int, seed: int = 500) -> dict:
+    """pass@1 and pass@k (no CFG) overall and per category of the held-out prompts."""
+    rows = _eval_rows()
+    ok = _strict(model, rows, 1.0, seed, k)
     cats = [r["scene"]["category"] for r in rows]
     out = {"all": (ok.mean().item(), ok.max(1).values.mean().item())}
     for c in sorted(set(cats)):
