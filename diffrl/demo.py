@@ -291,14 +291,19 @@ def run_demo(
     if all(scenes):  # toy prompts: mark each picture correct (green) or not (red) by the verifier
         from diffrl.toy.rewards import verify
 
-        before_ok, after_ok = verify(before, scenes)[1].bool().tolist(), verify(after, scenes)[1].bool().tolist()
+        before_ok, after_ok = (
+            verify(before, scenes)[1].bool().tolist(),
+            verify(after, scenes)[1].bool().tolist(),
+        )
         after_exact = verify(after, scenes, exact_scene=True)[1].bool().tolist()
         shown = showcase_order(before_ok, after_ok, after_exact)[:n_pictures]
         scores = ([float(before_ok[i]) for i in shown], [float(after_ok[i]) for i in shown])
         counts = {
             "prompts": len(pool),
             "fixed": sum(a and not b for a, b in zip(after_ok, before_ok, strict=True)),
-            "fixed_without_extra_shapes": sum(e and not b for e, b in zip(after_exact, before_ok, strict=True)),
+            "fixed_without_extra_shapes": sum(
+                e and not b for e, b in zip(after_exact, before_ok, strict=True)
+            ),
             "broken": sum(b and not a for a, b in zip(after_ok, before_ok, strict=True)),
         }
         title = (

@@ -28,7 +28,16 @@ import torch
 
 from diffrl.utils import resolve_dtype
 
-__all__ = ["LoadsWeights", "Reward", "RewardOutput", "FunctionReward", "as_reward", "split_metadata", "to_score_tensor", "check_inputs"]
+__all__ = [
+    "LoadsWeights",
+    "Reward",
+    "RewardOutput",
+    "FunctionReward",
+    "as_reward",
+    "split_metadata",
+    "to_score_tensor",
+    "check_inputs",
+]
 
 
 @dataclass

@@ -21,7 +21,9 @@ EVAL_WEIGHTS = {k: CATEGORY_WEIGHTS[k] for k in ("two_object", "counting", "posi
 
 def toy_prompt_sets() -> tuple[list[dict], list[dict]]:
     train, _ = make_prompt_sets(N_TRAIN, 0, SEED)
-    _, held = make_prompt_sets(0, N_EVAL, SEED, weights=EVAL_WEIGHTS, eval_repeats=True, eval_split="eval_seen")
+    _, held = make_prompt_sets(
+        0, N_EVAL, SEED, weights=EVAL_WEIGHTS, eval_repeats=True, eval_split="eval_seen"
+    )
     return train, held
 
 

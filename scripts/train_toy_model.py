@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=d.num_layers)
     p.add_argument("--heads", type=int, default=d.num_attention_heads)
     p.add_argument("--head-dim", type=int, default=d.attention_head_dim)
-    p.add_argument("--shift", type=float, default=d.shift, help="the scheduler's shift saved with the pipeline")
+    p.add_argument(
+        "--shift", type=float, default=d.shift, help="the scheduler's shift saved with the pipeline"
+    )
     p.add_argument("--clip-max-length", type=int, default=d.clip_max_length, help="CLIP tokenizer length")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--vae-batch", type=int, default=d.vae_batch)

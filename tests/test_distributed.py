@@ -600,7 +600,9 @@ def test_fsdp_shards_each_familys_blocks_and_matches_one_process(family, block_k
     ref, got = _lora_file(ref_out), _lora_file(out)
     assert ref.keys() == got.keys() and any(block_key in k for k in ref)
     assert max(float(ref[k].abs().max()) for k in ref if "lora_B" in k) > 20 * WEIGHT_ATOL  # B starts at 0
-    print(f"\n[{family} diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}")
+    print(
+        f"\n[{family} diffusion_nft] FSDP 2 processes: {seconds:.1f} s; max diff {_max_abs_diff(ref, got):.3g}"
+    )
     for key in ref:
         torch.testing.assert_close(
             got[key], ref[key], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=lambda m, key=key: f"{key}: {m}"
@@ -770,7 +772,13 @@ def _nft_levels_route_the_processes_differently(steps: int = 2, per_process: int
         for li in range(k):
             routes = [
                 {
-                    high[int(np.random.default_rng([0, step, 15485863, rank * per_process + i]).permutation(4)[li])]
+                    high[
+                        int(
+                            np.random.default_rng([0, step, 15485863, rank * per_process + i]).permutation(4)[
+                                li
+                            ]
+                        )
+                    ]
                     for i in range(per_process)
                 }
                 for rank in (0, 1)
@@ -830,7 +838,9 @@ def test_fsdp_wan22_experts_match_one_process(case, tmp_path, fsdp_run):
     trained = _checkpoint_tensors(out / "checkpoint-000002")
     moved = {n.split("/", 1)[1].split(".", 1)[0] for n in initial if not torch.equal(initial[n], trained[n])}
     assert moved == ({"high", "low"} if "both" in case else {"blocks"}), moved  # every trained expert learnt
-    print(f"\n[wan22 {case}] FSDP 2 processes: {seconds:.1f} s; max diff {diff:.3g}; max update = {update:.3g}")
+    print(
+        f"\n[wan22 {case}] FSDP 2 processes: {seconds:.1f} s; max diff {diff:.3g}; max update = {update:.3g}"
+    )
 
 
 @pytest.mark.slow  # ~90 s (a 2-process launch plus a 1-process reference run)
@@ -843,7 +853,9 @@ def test_fsdp_wan22_full_fine_tuning_of_both_experts_saves_the_whole_pipeline(tm
     tiny_model_dir("tiny:wan22")
     extra = (*WAN22, "model.expert=both", "model.lora_rank=0", "awm.kl_weight=0", "awm.ema_kl_weight=0")
     ref_out = tmp_path / "one"
-    trainer = build_trainer(PRESET["awm"], _fsdp_overrides(ref_out, "awm") + list(extra), reward=gated_saturation)
+    trainer = build_trainer(
+        PRESET["awm"], _fsdp_overrides(ref_out, "awm") + list(extra), reward=gated_saturation
+    )
     assert not trainer.model.has_lora and {n.split(".", 1)[0] for n in trainer.param_names} == {"high", "low"}
     initial = {
         f"trainable/{n}": p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
@@ -874,7 +886,9 @@ def test_fsdp_wan22_full_fine_tuning_of_both_experts_saves_the_whole_pipeline(tm
 
 
 @pytest.mark.slow  # ~60 s (one more 2-process launch; the uninterrupted run is shared with the test above)
-def test_fsdp_wan22_both_experts_resume_replays_the_uninterrupted_run_bitwise(tmp_path, shared_cache, fsdp_run):
+def test_fsdp_wan22_both_experts_resume_replays_the_uninterrupted_run_bitwise(
+    tmp_path, shared_cache, fsdp_run
+):
     """Both experts sharded: a 2-process run resumed from its first checkpoint ends bit for bit where the
     uninterrupted one does (weights of both experts, EMA, the old policy, AdamW state, both LoRA files)."""
     from diffrl.models.loading import tiny_model_dir

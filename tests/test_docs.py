@@ -268,7 +268,11 @@ def test_architecture_page_names_every_module():
     """docs/architecture.md describes the house: every module of the package is named there (as ``diffrl.x.y``, or
     as its file name in the row of a package that holds it)."""
     text = (DOCS / "architecture.md").read_text()
-    folders = {"diffrl": ROOT / "diffrl", "diffrl.rewards": ROOT / "rewards", "diffrl.samplers": ROOT / "samplers"}
+    folders = {
+        "diffrl": ROOT / "diffrl",
+        "diffrl.rewards": ROOT / "rewards",
+        "diffrl.samplers": ROOT / "samplers",
+    }
     missing = []
     for package, folder in folders.items():
         for path in sorted(folder.rglob("*.py")):

@@ -241,7 +241,9 @@ def test_wan_video_and_z_image_activations_equal_the_formula():
     short = estimate_memory(load_config(TINY, [*wan, "sample.num_frames=17"]))
     assert short.activations == 2 * (5 * 30 * 52 + 512) * 5120 * 2 * 56
     z = estimate_memory(
-        load_config(TINY, [*common, "model.path=Tongyi-MAI/Z-Image-Turbo", "sample.height=512", "sample.width=512"])
+        load_config(
+            TINY, [*common, "model.path=Tongyi-MAI/Z-Image-Turbo", "sample.height=512", "sample.width=512"]
+        )
     )
     z_tokens = (512 // 16) ** 2 + 512
     assert z.activations == 2 * z_tokens * 3840 * 2 * (32 + 16)
@@ -311,7 +313,9 @@ def test_bench_memory_families_and_sizes():
     assert est.train_activations == (5 * 30 * 52 + 512) * 1536 * 2 * (30 + 16)
 
 
-@pytest.mark.parametrize("family", ["sd35m", "flux1", "qwen_image", "z_image", "flux2_dev", "flux2_klein", "wan21_14b"])
+@pytest.mark.parametrize(
+    "family", ["sd35m", "flux1", "qwen_image", "z_image", "flux2_dev", "flux2_klein", "wan21_14b"]
+)
 def test_bench_memory_inputs_run_a_shrunk_transformer_on_the_cpu(family):
     """The GPU run's code on the CPU, at a one-block, one-head copy of each family's published transformer config:
     the inputs it builds go through the real diffusers class, the family's default LoRA gets a gradient in every
@@ -341,7 +345,9 @@ def test_bench_memory_compares_with_the_training_pass_term():
     """The estimate the benchmark compares with is one training pass without a CFG copy: for SD3.5-M at 512 px,
     (32 x 32 + 333) tokens x width 1536 x 2 bytes x (24 blocks + 16) with checkpointing."""
     bench = _bench_memory()
-    est = bench.estimate(bench.parse_args(["--model", "stabilityai/stable-diffusion-3.5-medium", "--batch", "1"]))
+    est = bench.estimate(
+        bench.parse_args(["--model", "stabilityai/stable-diffusion-3.5-medium", "--batch", "1"])
+    )
     assert est.train_activations == (32 * 32 + 333) * 1536 * 2 * (24 + 16)
     assert est.trained == est.trainable_params * 16  # float32 LoRA, grads, AdamW m and v
 
@@ -362,7 +368,10 @@ def test_offloaded_text_encoders_leave_the_weights_and_the_peak_is_the_larger_mo
         return e.weights + e.trained + e.buffers + e.rewards + e.overhead
 
     on, off = pair(
-        "black-forest-labs/FLUX.2-dev", "model.gradient_checkpointing=true", "sample.height=512", "sample.width=512"
+        "black-forest-labs/FLUX.2-dev",
+        "model.gradient_checkpointing=true",
+        "sample.height=512",
+        "sample.width=512",
     )
     assert on.text_encoders == 0 and on.total == resident(on) + on.activations
     assert off.text_encoders == pytest.approx(2 * 24.0e9, abs=4)
@@ -451,4 +460,6 @@ def test_conditioning_images_of_the_training_rows_add_their_tokens(tmp_path):
     edit_two = est("Qwen/Qwen-Image-Edit-2509", two)
     # one more image of 24 x 24 tokens, in both passes of true CFG (the tiny preset samples with guidance 4.5)
     assert load_config(TINY).sample.guidance_scale > 1
-    assert edit_two.train_activations - edit_none.train_activations == 2 * (384 // 16) ** 2 * 3072 * 2 * 16 * 60
+    assert (
+        edit_two.train_activations - edit_none.train_activations == 2 * (384 // 16) ** 2 * 3072 * 2 * 16 * 60
+    )

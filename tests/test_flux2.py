@@ -367,7 +367,9 @@ def _ref(seed: int, size=(64, 72)):
     """A random RGB image ``size = (width, height)``; the pipelines refuse sides under 64 pixels."""
     from PIL import Image
 
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    )
 
 
 def test_reference_size_by_hand():
@@ -443,7 +445,11 @@ def test_reference_rollout_reproduces_pipeline(variant, n_refs, request):
     diff = (to_pipe(pipe, final) - expected).abs().max().item()
     assert diff < 1e-5, diff
     plain = rollout(
-        model, model.encode(prompts, negative_prompt=negative), model.schedule(2, 32, 48), noise, guidance_scale=3.0
+        model,
+        model.encode(prompts, negative_prompt=negative),
+        model.schedule(2, 32, 48),
+        noise,
+        guidance_scale=3.0,
     ).final
     assert (plain - final).abs().max().item() > 1e-3  # the reference tokens matter
 
@@ -464,7 +470,9 @@ def _reference_prompt_file(tmp_path):
 
     (tmp_path / "images").mkdir()
     rows = []
-    for i, prompt in enumerate(["a red cat", "a blue square", "two green circles", "a tree", "a yellow star"]):
+    for i, prompt in enumerate(
+        ["a red cat", "a blue square", "two green circles", "a tree", "a yellow star"]
+    ):
         _ref(30 + i).save(tmp_path / "images" / f"{i}.png")
         rows.append({"prompt": prompt, "image": f"images/{i}.png"})
     path = tmp_path / "refs.jsonl"

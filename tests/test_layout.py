@@ -273,7 +273,14 @@ def test_trainers_modules_import_only_downward():
 def test_the_library_does_not_depend_on_the_toy_world():
     """The toy world sits on top of the library (its verifier, CLIP and pre-training use rewards, models and
     sampling); below it, only the table of shipped checkpoints in diffrl.utils knows where its weights are."""
-    below = ("diffrl.samplers", "diffrl.rewards", "diffrl.models", "diffrl.trainers", "diffrl.config", "diffrl.data")
+    below = (
+        "diffrl.samplers",
+        "diffrl.rewards",
+        "diffrl.models",
+        "diffrl.trainers",
+        "diffrl.config",
+        "diffrl.data",
+    )
     below += ("diffrl.sampling", "diffrl.hub", "diffrl.doctor")
     graph = _graph()
     bad = [

@@ -613,5 +613,6 @@ def test_doctor_asks_a_remote_rewards_server_once(servers):
         port = s.getsockname()[1]  # closed again: nothing listens there
     down = reward_status("remote", {"url": f"http://127.0.0.1:{port}", "retries": 5}, "config.yaml")
     assert down.finding.status == "FAIL" and "cannot connect" in down.finding.message
-    assert "(after" not in down.finding.message  # one attempt, the retries option ignored: doctor does not wait
+    # one attempt, the retries option ignored: doctor does not wait
+    assert "(after" not in down.finding.message
     assert "diffrl serve-reward" in down.finding.fix

@@ -63,7 +63,8 @@ def test_every_config_field_is_documented():
 
     from diffrl import config as c
 
-    assert len(c.config_classes()) == 12  # TrainConfig and its eleven sections (monitor, video and dpo included)
+    # TrainConfig and its eleven sections (monitor, video and dpo included)
+    assert len(c.config_classes()) == 12
     for cls in c.config_classes():
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]

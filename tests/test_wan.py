@@ -269,7 +269,9 @@ def test_wan22_trains_one_expert_and_saves_it_for_load_lora_weights(tmp_path):
     with torch.no_grad():
         reloaded = rollout(again, again.encode(["a red cat"]), levels, noise, guidance_scale=5.0).final
     assert (reloaded - ours.final).abs().max().item() < 1e-5
-    with pytest.raises(ValueError, match=r"expert='mid' must be 'high' \(transformer\), 'low' \(transformer_2\) or 'both'"):
+    with pytest.raises(
+        ValueError, match=r"expert='mid' must be 'high' \(transformer\), 'low' \(transformer_2\) or 'both'"
+    ):
         load_model("tiny:wan22", expert="mid")
     with pytest.raises(ValueError, match="this model has one transformer"):
         load_model("tiny:wan", expert="low")

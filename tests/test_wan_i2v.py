@@ -617,7 +617,8 @@ def test_source_image_encodes_never_overlap_the_background_decode(tmp_path):
     trainer.train_step(0)
     encodes = [s for s in spans if s[0] == "encode"]
     decodes = [s for s in spans if s[0] == "decode"]
-    assert encodes and decodes and {s[1] for s in decodes} - {s[1] for s in encodes}  # decodes in another thread
+    # decodes in another thread
+    assert encodes and decodes and {s[1] for s in decodes} - {s[1] for s in encodes}
     for _, _, a0, a1 in encodes:
         for _, _, b0, b1 in decodes:
             assert a1 <= b0 or b1 <= a0, "a source-image encode ran during a background decode"

@@ -133,7 +133,10 @@ def _load_diffusers_lora(model, source: LoraSource) -> str:
             )
             if expert_is_both:
                 model.pipe.load_lora_weights(
-                    str(second.parent), weight_name=second.name, adapter_name=adapter, load_into_transformer_2=True
+                    str(second.parent),
+                    weight_name=second.name,
+                    adapter_name=adapter,
+                    load_into_transformer_2=True,
                 )
     except (RuntimeError, ValueError, KeyError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [

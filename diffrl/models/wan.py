@@ -235,14 +235,20 @@ class WanModel(FlowModel):
     def transformer_geometry(cls, transformer_config: dict) -> tuple[int, int, int]:
         """``(num_attention_heads * attention_head_dim, num_layers, text_dim)`` (UMT5's width, 4096)."""
         c = transformer_config
-        return int(c["num_attention_heads"]) * int(c["attention_head_dim"]), int(c["num_layers"]), int(c["text_dim"])
+        return (
+            int(c["num_attention_heads"]) * int(c["attention_head_dim"]),
+            int(c["num_layers"]),
+            int(c["text_dim"]),
+        )
 
     @classmethod
     def memory_frames(cls, num_frames: int, vae_config: dict) -> tuple[int, int]:
         """``(F', t)``: ``F' = (F - 1) / t + 1`` latent frames of ``F = num_frames`` (0: :attr:`default_num_frames`)
         and the VAE's temporal factor ``t`` (``scale_factor_temporal``, else one halving per ``True`` in
         ``temperal_downsample``): AutoencoderKLWan decodes one latent frame, ``t`` video frames, at a time."""
-        t = vae_config.get("scale_factor_temporal") or 2 ** sum(bool(x) for x in vae_config["temperal_downsample"])
+        t = vae_config.get("scale_factor_temporal") or 2 ** sum(
+            bool(x) for x in vae_config["temperal_downsample"]
+        )
         f = check_num_frames(num_frames or cls.default_num_frames, int(t))
         return (f - 1) // int(t) + 1, int(t)
 
@@ -493,7 +499,9 @@ class WanModel(FlowModel):
                     f"{name}={value!r} must be a positive multiple of the VAE's {self.vae_scale_factor}x compression."
                 )
         if stride >= size:
-            raise ValueError(f"tile_stride={stride} must be less than tile_size={size}; the overlap is blended.")
+            raise ValueError(
+                f"tile_stride={stride} must be less than tile_size={size}; the overlap is blended."
+            )
         self.vae.enable_tiling(
             tile_sample_min_height=size,
             tile_sample_min_width=size,
@@ -687,7 +695,10 @@ class WanModel(FlowModel):
 
         if isinstance(self.transformer, WanExperts):
             state = state if state is not None else self.lora_state_dict(adapter_name)
-            parts = {p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")} for p in ("high", "low")}
+            parts = {
+                p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")}
+                for p in ("high", "low")
+            }
             if sum(map(len, parts.values())) != len(state) or not all(parts.values()):
                 raise ValueError(
                     "a LoRA state of both Wan 2.2 experts must hold 'high.' and 'low.' weights only; pass "

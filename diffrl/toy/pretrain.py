@@ -498,7 +498,9 @@ def save_pipeline(
         tokenizer_3 = tiny_t5_tokenizer()
         components = dict(pipe.components)
         components["tokenizer_3"] = tokenizer_3
-        components["text_encoder_3"] = null_t5_encoder(pipe.transformer.config.joint_attention_dim, len(tokenizer_3))
+        components["text_encoder_3"] = null_t5_encoder(
+            pipe.transformer.config.joint_attention_dim, len(tokenizer_3)
+        )
         pipe = StableDiffusion3Pipeline(**components)
     pipe.save_pretrained(path, safe_serialization=True)
     if cfg is not None or extra:

@@ -270,7 +270,8 @@ class DPOTrainer(Trainer):
             try:
                 json.dumps(values)
             except TypeError:
-                if key == "image":  # the condition of an image-conditioned model: a resume without it would differ
+                # the condition of an image-conditioned model: a resume without it would differ
+                if key == "image":
                     raise ValueError(
                         "the pairs' conditioning images are not file paths, so a checkpoint cannot hold them; name "
                         "them by path in the prompt file, or set dpo.online_every=1."
