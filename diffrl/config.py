@@ -479,7 +479,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     """Autocast: no, bf16 or fp16."""
     ema_decay: float = 0.0
-    """EMA of the trained weights for evaluation (reference 0.9); 0 disables it."""
+    """EMA of the trained weights, used for evaluation and the final LoRA or pipeline (reference 0.9); 0 disables it.
+    Not DiffusionNFT's old policy (diffusion_nft.decay_*), which the loss uses."""
     ema_warmup: bool = False
     """Ramp the EMA decay up as min(ema_decay, (1 + u) / (10 + u)) over optimiser updates u (both reference codes)."""
     ema_every: int = 1
