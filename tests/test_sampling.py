@@ -141,6 +141,13 @@ def test_lora_changes_images_and_matches_the_adapter_in_memory(base, fresh, adap
         torch.testing.assert_close(
             sample_images(model, PROMPTS, batch_size=2, **OPTS), expected, rtol=0, atol=1e-5
         )
+        with model.disable_adapter():  # a loaded LoRA is switched off too: the base model's images
+            torch.testing.assert_close(
+                sample_images(model, PROMPTS, batch_size=2, **OPTS), plain, rtol=0, atol=1e-5
+            )
+        torch.testing.assert_close(
+            sample_images(model, PROMPTS, batch_size=2, **OPTS), expected, rtol=0, atol=1e-5
+        )
 
 
 def test_checkpoint_dir_rebuilds_the_adapter_and_matches_the_final_lora(base, fresh, tmp_path):

@@ -546,13 +546,14 @@ class FlowModel:
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model (the reference policy) inside this block: the LoRA adapter is switched off."""
+        """Run the base model (the reference policy) inside this block: the LoRA adapters are switched off, the
+        trained one and any loaded with :func:`diffrl.models.lora_files.load_lora`."""
         if self._mode == "full":
             raise ValueError(
                 "full fine-tuning keeps no copy of the base weights, so there is no reference policy; "
                 "train a LoRA (add_lora) to get the base model by disabling the adapter."
             )
-        if not self.has_lora:
+        if not self.has_lora and not getattr(self.transformer, "peft_config", None):
             yield
             return
         self.transformer.disable_adapters()
