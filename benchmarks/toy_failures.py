@@ -14,7 +14,8 @@ category:
 
     python benchmarks/toy_failures.py --lora runs/demo/lora --images-per-prompt 4
 
-One torch thread by default (``OMP_NUM_THREADS``); about a minute per 400 images on one core.
+One torch thread on a CPU machine unless ``OMP_NUM_THREADS`` is set (as ``diffrl sample``); about a minute per 400
+images on one core.
 """
 
 from __future__ import annotations
@@ -138,12 +139,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
     from diffrl.models import load_model
     from diffrl.models.lora_files import load_lora, resolve_lora
     from diffrl.sampling import sample_images
     from diffrl.toy.rewards import ShapesVerifier
+    from diffrl.utils import set_cpu_threads
+
+    set_cpu_threads()  # one thread on a CPU machine unless OMP_NUM_THREADS says otherwise, as the diffrl commands
 
     path = REPO / "configs" / "toy" / f"{a.split}.jsonl"
     with open(path) as f:

@@ -84,3 +84,40 @@ def test_summary_fractions_count_relations_among_images_with_both_objects():
     assert (cnt["n_present"], cnt["count_exact"]) == (3, pytest.approx(2 / 3))
     assert cnt["strict"] == pytest.approx(2 / 3) and cnt["objects"] == 3.0
     assert every["n"] == 6 and every["strict"] == pytest.approx(3 / 6) and "relation" not in every
+
+
+def test_script_strict_accuracy_is_the_verifiers_on_the_same_images(tmp_path):
+    import json
+
+    import torch
+
+    from diffrl.models import load_model
+    from diffrl.sampling import sample_images
+    from diffrl.toy.rewards import verify
+
+    out = tmp_path / "failures.json"
+    assert (
+        tf.main(["--max-prompts", "12", "--images-per-prompt", "2", "--seed", "7", "--json", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())["results"]
+    assert set(result) == {"base"}  # no --lora: the base model only
+    rows = [json.loads(line) for line in (ROOT / "configs/toy/eval.jsonl").read_text().splitlines()[:12]]
+    model = load_model("toy")
+    strict = []
+    for k in range(2):
+        with torch.no_grad():
+            images = sample_images(
+                model,
+                [r["prompt"] for r in rows],
+                num_steps=8,
+                guidance_scale=1.0,
+                height=64,
+                width=64,
+                seed=7 + k,
+                batch_size=64,  # as the script samples
+            )
+        strict += verify(images, [r["scene"] for r in rows])[1].tolist()
+    assert result["base"]["all"]["n"] == 24
+    assert result["base"]["all"]["strict"] == pytest.approx(sum(strict) / 24)
+    per_category = sum(s["n"] for c, s in result["base"].items() if c != "all")
+    assert per_category == 24
