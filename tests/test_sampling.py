@@ -150,6 +150,24 @@ def test_lora_changes_images_and_matches_the_adapter_in_memory(base, fresh, adap
         )
 
 
+def test_a_new_lora_over_a_loaded_one_is_refused_and_the_fused_route_keeps_its_images(fresh, adapted):
+    in_memory, lora_dir = adapted
+    expected = sample_images(in_memory, PROMPTS, batch_size=2, **OPTS)
+    model = fresh()
+    load_lora(model, lora_dir)
+    # a second adapter would become the only active one and silently switch the loaded LoRA off
+    with pytest.raises(ValueError, match=r"already holds the LoRA adapter\(s\) lora_0.*fuse it first"):
+        model.add_lora()
+    # the route the message gives: fuse, unload, then a fresh (no-op) adapter trains on top of the same images
+    model.pipe.fuse_lora()
+    model.pipe.unload_lora_weights()
+    model.add_lora()
+    assert list(model.transformer.peft_config) == ["default"]
+    torch.testing.assert_close(
+        sample_images(model, PROMPTS, batch_size=2, **OPTS), expected, rtol=0, atol=1e-5
+    )
+
+
 def test_checkpoint_dir_rebuilds_the_adapter_and_matches_the_final_lora(base, fresh, tmp_path):
     from diffrl.train import build_trainer
 

@@ -485,6 +485,13 @@ class FlowModel:
 
         if self._mode == "full":
             raise ValueError("this model is set for full fine-tuning; load it again to train a LoRA instead.")
+        loaded = sorted(getattr(self.transformer, "peft_config", None) or {})
+        if loaded:  # a new adapter would become the only active one and silently switch these off
+            raise ValueError(
+                f"this model already holds the LoRA adapter(s) {', '.join(loaded)} (e.g. from load_lora); a new one "
+                "would switch them off. To train on top of a LoRA, fuse it first (model.pipe.fuse_lora(); "
+                "model.pipe.unload_lora_weights()), or load a run's checkpoint-N directory, which continues its adapter."
+            )
         rank = self.default_lora_rank if rank is None else rank
         alpha = self.default_lora_alpha if alpha is None else alpha
         if not isinstance(rank, int) or rank <= 0:
