@@ -60,8 +60,13 @@ def load_prompts(spec: str, prompt_key: str = "prompt") -> PromptSet:
     else:
         path = Path(spec)
         if not path.is_file():
+            where = (
+                ""
+                if path.is_absolute()
+                else f" (relative paths are read from the current directory, {Path.cwd()})"
+            )
             raise FileNotFoundError(
-                f"prompt file {spec} does not exist; pass a .txt or .jsonl file or hf:<dataset>."
+                f"prompt file {spec} does not exist{where}; pass a .txt or .jsonl file or hf:<dataset>."
             )
         try:
             text = path.read_text(encoding="utf-8")

@@ -150,7 +150,12 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(diffrl.models, "load_model", no_load)
     cases = [
-        (["data.train=/nonexistent/prompts.txt"], FileNotFoundError, "does not exist"),
+        (["data.train=/nonexistent/prompts.txt"], FileNotFoundError, r"prompts.txt does not exist; pass"),
+        (  # a relative path: the error says where it was looked for
+            ["data.train=nonexistent/prompts.txt"],
+            FileNotFoundError,
+            r"does not exist \(relative paths are read from the current directory, /",
+        ),
         (["reward={no_such_reward: 1.0}"], ValueError, "unknown reward 'no_such_reward'"),
         (["reward={pickscor: 1.0}"], ValueError, r"unknown reward 'pickscor' \(did you mean pickscore\?\)"),
         (
