@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PromptSet", "load_prompts", "train_eval_prompts"]
+__all__ = ["PromptSet", "load_prompts", "train_eval_prompts", "check_reward_metadata"]
 
 
 @dataclass
@@ -124,3 +124,17 @@ def train_eval_prompts(
         )
     order = np.random.default_rng(seed).permutation(len(train_set))
     return train_set.take(order[eval_size:]), train_set.take(order[:eval_size])
+
+
+def check_reward_metadata(reward, prompts: PromptSet, source: str) -> None:
+    """Every prompt of ``prompts`` carries the metadata fields ``reward`` needs (its ``required_metadata``, e.g.
+    ``scene`` for ``shapes_verifier``); raises a one-sentence error naming ``source`` otherwise. Called before the
+    model loads, so a missing field does not fail at the first scoring, minutes later."""
+    for key in getattr(reward, "required_metadata", ()):
+        rows = [i for i, row in enumerate(prompts.metadata) if key not in row]
+        if rows:
+            raise ValueError(
+                f"reward {reward.name!r} needs the metadata field {key!r} on every prompt, and {source} has "
+                f"none on {len(rows)} of {len(prompts)} prompts (e.g. row {rows[0] + 1}); use a .jsonl prompt "
+                f"file with a {key!r} field per line (such as configs/toy/train.jsonl) or another reward."
+            )

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import PromptSet, load_prompts
+from .data import PromptSet, check_reward_metadata, load_prompts
 from .models.lora_files import LoraSource, load_lora, resolve_lora
 from .utils import resolve_dtype
 
@@ -803,6 +803,10 @@ def run_eval(
     dtype, device, prompt_set, source = _prepare(options, dtype, device, prompts, prompt_key, lora)
     reward_kwargs = dict(reward_kwargs or {})
     reward = build_reward(rewards, reward_kwargs)
+    # before the model loads: the metadata the rewards need, named by the prompt file when there is one
+    given = [prompts] if isinstance(prompts, str) else [] if isinstance(prompts, PromptSet) else list(prompts)
+    named = len(given) == 1 and (given[0].startswith("hf:") or Path(given[0]).is_file())
+    check_reward_metadata(reward, prompt_set, given[0] if named else "the prompt list")
     if (
         os.environ.get("HF_HUB_OFFLINE") == "1"
     ):  # weights missing from the cache: say so before the model loads

@@ -255,6 +255,13 @@ def test_errors_before_loading_the_model(no_model_load, prompt_file, tmp_path, c
         # offline, without the reward's weights in the cache: said before the model loads, with the download command
         err = _error([*evaluate, "--reward", "hpsv2"], capsys)
         assert "weights not present offline" in err and "diffrl download hpsv2" in err
+    # a reward that needs prompt metadata the prompts lack (the toy verifier's scene), named with the prompt file
+    err = _error([*evaluate, "--reward", "shapes_verifier"], capsys)
+    assert f"needs the metadata field 'scene' on every prompt, and {prompt_file} has none" in err
+    err = _error(
+        ["eval", "tiny:sd3", *CLI_OPTS, "--prompts", "a red circle", "--reward", "shapes_verifier"], capsys
+    )
+    assert "'scene' on every prompt, and the prompt list has none on 1 of 1" in err
     empty = tmp_path / "empty_lora"
     empty.mkdir()
     assert "holds no LoRA weights" in _error([*sample, "--prompts", "a cat", "--lora", str(empty)], capsys)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig, load_config, validate
-from ..data import PromptSet, train_eval_prompts
+from ..data import PromptSet, check_reward_metadata, train_eval_prompts
 from . import evaluation, tracking
 from .checkpoints import CHECKPOINT_PREFIX, CheckpointManager
 from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
@@ -343,14 +343,7 @@ class Trainer:
                 self.cfg.data.eval or self.cfg.data.train or "the evaluation prompts",
             ),
         ):
-            for key in getattr(reward, "required_metadata", ()):
-                rows = [i for i, row in enumerate(prompts.metadata) if key not in row]
-                if rows:
-                    raise ValueError(
-                        f"reward {reward.name!r} needs the metadata field {key!r} on every prompt, and {source} has "
-                        f"none on {len(rows)} of {len(prompts)} prompts (e.g. row {rows[0] + 1}); use a .jsonl prompt "
-                        f"file with a {key!r} field per line (such as configs/toy/train.jsonl) or another reward."
-                    )
+            check_reward_metadata(reward, prompts, source)
 
     def _build_reward(self, given, spec: dict[str, float]):
         from diffrl.rewards import CombinedReward, load_reward
