@@ -68,6 +68,11 @@ class ModelConfig:
     Kaiming-uniform) or gaussian (N(0, 1/rank), the Flow-GRPO and DiffusionNFT reference codes')."""
     lora_targets: list[str] = field(default_factory=list)
     """Module names to adapt; empty uses the family default (attention projections; FLUX also feed-forward)."""
+    lora_from: str = ""
+    """Start the trained LoRA from these weights instead of from zero: a diffusers LoRA (a directory such as another
+    run's lora/, or its .safetensors file) or a run's checkpoint-N/ (its EMA weights when it kept them). Its rank,
+    alpha and adapted modules are used (lora_rank / lora_alpha left at -1, or set to the same). The optimiser and the
+    step count start fresh, and the reference policy stays the base model. Empty: a fresh LoRA."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass (less memory, about 30% more time)."""
     offload_text_encoders: bool = False
@@ -972,6 +977,16 @@ def validate(
     need(
         cfg.max_bad_steps >= 1,
         f"max_bad_steps={cfg.max_bad_steps} must be at least 1 (5: stop after five bad steps in a row).",
+    )
+    need(
+        not (cfg.model.lora_from and cfg.model.lora_targets),
+        f"model.lora_targets={cfg.model.lora_targets} cannot change the modules of the LoRA model.lora_from="
+        f"{cfg.model.lora_from}, which brings its own; leave model.lora_targets empty.",
+    )
+    need(
+        not (cfg.model.lora_from and cfg.model.lora_rank == 0),
+        f"model.lora_from={cfg.model.lora_from} starts a LoRA, but model.lora_rank=0 trains every weight; leave "
+        "model.lora_rank at -1 (the LoRA's own rank) or drop model.lora_from.",
     )
     reference = (
         (cfg.algorithm == "flow_grpo" and cfg.flow_grpo.kl_beta > 0)

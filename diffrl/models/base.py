@@ -487,11 +487,7 @@ class FlowModel:
             raise ValueError("this model is set for full fine-tuning; load it again to train a LoRA instead.")
         loaded = sorted(getattr(self.transformer, "peft_config", None) or {})
         if loaded:  # a new adapter would become the only active one and silently switch these off
-            raise ValueError(
-                f"this model already holds the LoRA adapter(s) {', '.join(loaded)} (e.g. from load_lora); a new one "
-                "would switch them off. To train on top of a LoRA, fuse it first (model.pipe.fuse_lora(); "
-                "model.pipe.unload_lora_weights()), or load a run's checkpoint-N directory, which continues its adapter."
-            )
+            raise ValueError(self._loaded_lora_message(loaded))
         rank = self.default_lora_rank if rank is None else rank
         alpha = self.default_lora_alpha if alpha is None else alpha
         if not isinstance(rank, int) or rank <= 0:
@@ -506,8 +502,27 @@ class FlowModel:
             init_lora_weights=init_lora_weights,
             **extra,
         )
+        self.add_lora_config(config, adapter_name)
+
+    def add_lora_config(self, config, adapter_name: str = "default") -> None:
+        """Attach a trainable LoRA adapter made from a PEFT ``LoraConfig`` as it is (what :meth:`add_lora` does after
+        choosing the family's defaults; :func:`diffrl.models.lora_files.start_lora_from` passes a loaded LoRA's)."""
+        if self._mode == "full":
+            raise ValueError("this model is set for full fine-tuning; load it again to train a LoRA instead.")
+        loaded = sorted(getattr(self.transformer, "peft_config", None) or {})
+        if loaded:
+            raise ValueError(self._loaded_lora_message(loaded))
         self.transformer.add_adapter(config, adapter_name=adapter_name)
         self._mode = "lora"
+
+    @staticmethod
+    def _loaded_lora_message(loaded: list[str]) -> str:
+        return (
+            f"this model already holds the LoRA adapter(s) {', '.join(loaded)} (e.g. from load_lora); a new one "
+            "would switch them off. To train on top of a LoRA, set model.lora_from to it (Python: "
+            "diffrl.models.lora_files.start_lora_from on the base model), or fuse it first "
+            "(model.pipe.fuse_lora(); model.pipe.unload_lora_weights())."
+        )
 
     def _unused_lora_modules(self) -> list[str]:
         """Default-target modules whose output never reaches the model's output (left out of the default LoRA)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LORA_WEIGHT_NAMES", "LoraSource", "resolve_lora", "load_lora"]
+__all__ = ["LORA_WEIGHT_NAMES", "LoraSource", "resolve_lora", "load_lora", "lora_shape", "start_lora_from"]
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 
@@ -222,3 +222,96 @@ def load_lora(model, lora: str | Path | LoraSource) -> str:
     if source.kind == "checkpoint":
         return _load_checkpoint(model, source)
     return _load_diffusers_lora(model, source)
+
+
+def lora_shape(source: LoraSource) -> tuple[int | None, float | None]:
+    """``(rank, alpha)`` of a LoRA from its file header or its checkpoint's ``state.json``, without a model: ``None``
+    where the file does not say (a LoRA saved without adapter metadata, a ``.bin`` file)."""
+    if source.kind == "checkpoint":
+        mcfg = ((source.state or {}).get("config") or {}).get("model") or {}
+        rank, alpha = int(mcfg.get("lora_rank", -1)), float(mcfg.get("lora_alpha", -1))
+        return (None if rank < 0 else rank), (None if alpha < 0 else alpha)
+    if source.path.suffix != ".safetensors":
+        return None, None
+    from safetensors import safe_open
+
+    with safe_open(str(source.path), "pt") as f:
+        meta = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not meta:
+        return None, None
+    meta = json.loads(meta)
+    rank, alpha = meta.get("transformer.r"), meta.get("transformer.lora_alpha")
+    return (None if rank is None else int(rank)), (None if alpha is None else float(alpha))
+
+
+def check_lora_from(source: LoraSource, rank: int, alpha: float) -> None:
+    """Refuse, before any model loads, a ``model.lora_from`` whose rank or alpha (as far as its files say) differs
+    from a ``model.lora_rank`` / ``model.lora_alpha`` that is not left at -1."""
+    if source.kind == "checkpoint":
+        saved = int((((source.state or {}).get("config") or {}).get("model") or {}).get("lora_rank", -1))
+        if saved == 0:
+            raise ValueError(
+                f"model.lora_from={source.given} is a checkpoint of a full fine-tuning run, not a LoRA; start from it "
+                "with resume_from_checkpoint in a new output_dir instead."
+            )
+    have_rank, have_alpha = lora_shape(source)
+    for key, asked, have in (("lora_rank", rank, have_rank), ("lora_alpha", alpha, have_alpha)):
+        if asked != -1 and have is not None and asked != have:
+            raise ValueError(
+                f"model.{key}={asked:g} but the LoRA model.lora_from={source.given} has {have:g}; leave model.{key} "
+                f"at -1 (the LoRA's own) or set it to {have:g}."
+            )
+
+
+def start_lora_from(model, lora: str | Path | LoraSource, *, rank: int = -1, alpha: float = -1.0) -> str:
+    """Give ``model`` a trainable LoRA adapter (``default``) that starts as the LoRA at ``lora`` (a diffusers LoRA
+    or a training checkpoint, :func:`resolve_lora`), with that LoRA's rank, alpha and adapted modules, instead of
+    the usual no-op start (``model.lora_from``). ``rank`` / ``alpha`` other than -1 must agree with the LoRA's. The
+    base model (the adapter switched off) is unchanged, so the reference policy stays the base. Returns a one-line
+    description."""
+    source = lora if isinstance(lora, LoraSource) else resolve_lora(lora)
+    check_lora_from(source, rank, alpha)
+    transformer = model.transformer
+    if getattr(transformer, "peft_config", None):
+        raise ValueError(
+            f"model.lora_from={source.given} needs a model without LoRA adapters, and this one holds "
+            f"{', '.join(sorted(transformer.peft_config))}; pass the base model."
+        )
+    described = load_lora(model, source)
+    if source.kind == "diffusers":  # loaded as its own adapter: make it the trained one, named default
+        if not hasattr(transformer, "delete_adapters"):
+            raise NotImplementedError(
+                f"model.lora_from with a diffusers LoRA is not implemented for this {model.family} model's "
+                "transformer; start from a diffrl checkpoint-N directory instead."
+            )
+        import copy
+
+        (name,) = list(transformer.peft_config)
+        config = copy.deepcopy(transformer.peft_config[name])
+        weights = {
+            n.replace(f".{name}.", ".default."): p.detach().clone()
+            for n, p in transformer.named_parameters()
+            if f".{name}." in n
+        }
+        transformer.delete_adapters(name)
+        model.add_lora_config(config)
+        params = {n: p for n, p in transformer.named_parameters() if ".default." in n}
+        if set(params) != set(weights):
+            raise ValueError(
+                f"LoRA {source.given} could not be rebuilt as the trained adapter ({len(weights)} tensors loaded, "
+                f"{len(params)} made); pass a LoRA saved by diffrl or diffusers."
+            )
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        described = f"{source.describe()} ({len(weights)} tensors)"
+    for n, p in transformer.named_parameters():
+        p.requires_grad_(".default." in n)  # as add_lora leaves it: only the adapter trains
+    r = transformer.peft_config["default"].r
+    a = transformer.peft_config["default"].lora_alpha
+    if rank not in (-1, r) or alpha not in (-1, a):
+        raise ValueError(
+            f"model.lora_rank={rank} / model.lora_alpha={alpha:g} but the LoRA model.lora_from={source.given} has "
+            f"rank {r} and alpha {a:g}; leave them at -1 (the LoRA's own) or set them to those."
+        )
+    return f"{described}; training starts from it (rank {r}, alpha {a:g})"

@@ -55,15 +55,27 @@ __all__ = [
 _ROW_KEY = 2**31 - 1  # keeps per-row generators apart from the per-process ones of Trainer.generator
 
 
-def setup_training_mode(model, cfg: TrainConfig) -> None:
-    """Make ``model`` trainable as ``cfg.model`` says: the VAE dtype, a LoRA (its random init from ``cfg.seed`` only)
-    or full fine-tuning, the trained weights in float32 whatever the frozen dtype, gradient checkpointing."""
+def setup_training_mode(model, cfg: TrainConfig) -> str | None:
+    """Make ``model`` trainable as ``cfg.model`` says: the VAE dtype, a LoRA (its random init from ``cfg.seed`` only,
+    or the weights of ``model.lora_from``) or full fine-tuning, the trained weights in float32 whatever the frozen
+    dtype, gradient checkpointing. Returns a line describing the ``model.lora_from`` start, else None."""
     from diffrl.models.loading import set_vae_dtype
 
     m = cfg.model
+    started = None
     set_vae_dtype(model, m.vae_dtype)  # also for a model passed in
     if m.lora_rank == 0:
         model.set_full_finetuning()
+    elif m.lora_from:
+        from diffrl.models.lora_files import start_lora_from
+
+        if model.has_lora:
+            raise ValueError(
+                f"model.lora_from={m.lora_from} starts the trained LoRA, but the model passed in already has one; "
+                "pass the base model or drop model.lora_from."
+            )
+
+        started = start_lora_from(model, m.lora_from, rank=m.lora_rank, alpha=m.lora_alpha)
     elif not model.has_lora:
         with torch.random.fork_rng(devices=[]):  # the LoRA's random init depends on the seed only
             torch.manual_seed(cfg.seed)
@@ -77,6 +89,7 @@ def setup_training_mode(model, cfg: TrainConfig) -> None:
         p.data = p.data.float()  # trained weights in float32 whatever the frozen dtype
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    return started
 
 
 class Trainer:
@@ -180,6 +193,10 @@ class Trainer:
         """The model (loaded unless given) with its LoRA or full fine-tuning set up; ``params`` and
         ``param_names`` are the trained weights."""
         cfg = self.cfg
+        if cfg.model.lora_from:  # the LoRA to start from exists and fits the config, before the model loads
+            from diffrl.models.lora_files import check_lora_from, resolve_lora
+
+            check_lora_from(resolve_lora(cfg.model.lora_from), cfg.model.lora_rank, cfg.model.lora_alpha)
         # a size the model cannot make fails now, from its config files, before the weights load
         if model is None:
             from diffrl.models.loading import check_image_size
@@ -189,7 +206,9 @@ class Trainer:
         self._check_model_metadata()
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
-        setup_training_mode(self.model, cfg)
+        started = setup_training_mode(self.model, cfg)
+        if started:
+            self.accelerator.print(f"[diffrl] LoRA: {started}")
         # after the training mode is set, which the two flags depend on (the config's check refuses the same before
         # the model loads; these catch a model passed in with its expert chosen)
         if getattr(self.model, "trains_some_levels_only", False) and self.zero_stage:
