@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,7 +108,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from toy_base_headroom import held_out_accuracy
+    from toy_base_headroom import held_out_accuracy, run_logger
 
     from diffrl.models import load_model
     from diffrl.toy.assets import toy_clip_dir, toy_model_dir
@@ -119,14 +118,7 @@ def main(argv=None) -> None:
     src = a.src or str(toy_model_dir())
     clip_dir = a.clip or str(toy_clip_dir())
     out = a.out
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = run_logger(out)
 
     pipe = build(src, clip_dir)
     cfg = ToyModelConfig(steps=a.steps, lr=a.lr, warmup=50, ckpt_every=1000, seed=a.seed)

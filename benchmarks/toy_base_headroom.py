@@ -81,14 +81,8 @@ def pass_at(model, k: int, seed: int = 500) -> dict:
     return out
 
 
-def continue_pretraining(out: Path, src: str, steps: int, lr: float, seed: int) -> None:
-    import torch
-    from diffusers import StableDiffusion3Pipeline
-
-    from diffrl.models import load_model
-    from diffrl.toy.pretrain import ToyModelConfig, encode_latents, save_pipeline, train_transformer
-    from diffrl.toy.scenes import generate_dataset
-
+def run_logger(out: Path):
+    """A ``log(msg)`` that prints a time-stamped line and appends it to ``out/log.txt`` (``out`` is created)."""
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "log.txt", "a")
 
@@ -97,6 +91,19 @@ def continue_pretraining(out: Path, src: str, steps: int, lr: float, seed: int) 
         print(line, flush=True)
         log_file.write(line + "\n")
         log_file.flush()
+
+    return log
+
+
+def continue_pretraining(out: Path, src: str, steps: int, lr: float, seed: int) -> None:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.models import load_model
+    from diffrl.toy.pretrain import ToyModelConfig, encode_latents, save_pipeline, train_transformer
+    from diffrl.toy.scenes import generate_dataset
+
+    log = run_logger(out)
 
     pipe = StableDiffusion3Pipeline.from_pretrained(src)
     pipe.text_encoder_3 = None  # the null T5 the directory carries: pre-training skips it
