@@ -360,3 +360,7 @@ def test_the_evaluation_picture_captions_every_image_and_marks_pass_fail(tmp_pat
     )
     with Image.open(path) as picture:
         assert picture.size[0] > 300 and picture.size[1] > 200
+        colours = dict((c, k) for k, c in picture.convert("RGB").getcolors(1 << 20))
+    # two passes framed green, three fails framed red: frames of equal size, so the pixel counts are 2 : 3
+    green, red = colours[(44, 160, 44)], colours[(214, 39, 40)]
+    assert green > 0 and green * 3 == red * 2

@@ -112,7 +112,9 @@ def evaluate(run: Evaluated) -> dict[str, float]:
     if dist.is_main:
         from .eval_grid import save_eval_grid
 
-        means = "  ".join(f"{k.split('/')[-2]} {v:.3g}" for k, v in metrics.items())
+        means = "  ".join(
+            f"{k.split('/')[-2] if k.endswith('/mean') else k} {v:.3g}" for k, v in metrics.items()
+        )
         save_eval_grid(
             images,
             local.prompts,
