@@ -9,6 +9,7 @@ from diffrl.config import load_config
 from diffrl.demo import (
     DEFAULT_CONFIG,
     DEMO_OVERRIDES,
+    accuracy_gain,
     fresh_output_dir,
     read_metrics,
     run_demo,
@@ -52,12 +53,24 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
     assert 0.0 <= summary["final_strict_accuracy"] <= 1.0 and summary["eval_prompts"] == 6
     assert json.loads((out / "demo_summary.json").read_text())["max_steps"] == 2
     assert 0 < summary["train_cpu_seconds"] <= summary["total_cpu_seconds"]
+    gain, se = accuracy_gain(summary["base_strict_accuracy"], summary["final_strict_accuracy"], 6)
+    assert summary["eval_images"] == 6
+    assert (summary["gain_points"], summary["gain_standard_error_points"]) == (gain, se)
     assert any("held-out strict accuracy: base" in line for line in lines)
     assert any("2 steps, evaluation of held-out prompts every 2 steps" in line for line in lines)
     assert any(r.get("reward/shapes_verifier/mean") is not None for r in records)
     counts = summary["before_after"]  # the picture's pool: the 6 distinct held-out prompts
     assert counts["prompts"] == 6
     assert 0 <= counts["fixed_without_extra_shapes"] <= counts["fixed"] <= 6 and 0 <= counts["broken"] <= 6
+
+
+def test_accuracy_gain_is_in_points_with_the_error_of_a_difference():
+    # 0.25 -> 0.5 on 96 images: sqrt(0.25 * 0.75 / 96 + 0.5 * 0.5 / 96) = sqrt(0.0045573) = 0.067508
+    gain, se = accuracy_gain(0.25, 0.5, 96)
+    assert gain == pytest.approx(25.0) and se == pytest.approx(6.7508, abs=1e-4)
+    assert accuracy_gain(0.0, 1.0, 10) == (100.0, 0.0)  # certain outcomes have no spread
+    with pytest.raises(ValueError, match="n=0 evaluation images"):
+        accuracy_gain(0.2, 0.3, 0)
 
 
 def test_showcase_order_shows_fixes_without_extra_shapes_first():
