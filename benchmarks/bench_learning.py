@@ -222,8 +222,10 @@ def gain_z(runs: list[dict]) -> float | None:
     total = sum(counts)
     base = sum(n * r["curve"][0]["accuracy"] for n, r in zip(counts, runs, strict=True)) / total
     final = sum(n * r["curve"][-1]["accuracy"] for n, r in zip(counts, runs, strict=True)) / total
-    var = (base * (1 - base) + final * (1 - final)) / total
-    return (final - base) / var**0.5 if var > 0 else None
+    from diffrl.demo import accuracy_gain
+
+    gain, se = accuracy_gain(base, final, total)
+    return gain / se if se > 0 else None
 
 
 def summarise(results: list[dict], gain: float) -> dict:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,15 +29,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def spread(values: Sequence[float]) -> tuple[float, float]:
-    """``(mean, sample standard deviation)`` of ``values`` (the deviation is 0 for a single value)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """``(mean, sample standard deviation)`` of ``values`` (the deviation is 0 for a single value), from
+    ``bench_learning.spread``."""
+    from bench_learning import spread as stats
+
+    s = stats(list(values))
+    return s["mean"], s["std"]
 
 
 def seed_row(seed: int, summary: dict, remeasured: dict) -> dict:

@@ -15,8 +15,9 @@ holds an earlier demo):
   pool of distinct prompts over all categories, those fixed without extra shapes first; the title counts the pool's
   fixed and broken prompts);
 * ``lora/``: the trained LoRA (loads into ``StableDiffusion3Pipeline`` with ``load_lora_weights``);
-* ``demo_summary.json``: base and final accuracy, the gain with its standard error (:func:`accuracy_gain`), steps, wall time and CPU time (``time.process_time``: training,
-  and training with evaluations and pictures; the measure to compare on a shared machine);
+* ``demo_summary.json``: base and final accuracy, the gain with its standard error (:func:`accuracy_gain`), steps,
+  wall time and CPU time (``time.process_time``: training, and training with evaluations and pictures; the measure
+  to compare on a shared machine);
 
 and prints the base and final strict accuracy. Overrides are the ``diffrl train`` ones (``max_steps=20``,
 ``output_dir=...``, ``optim.lr=...``); ``--config`` picks another preset (``configs/toy/flow_grpo.yaml``).

@@ -49,7 +49,7 @@ def save_eval_grid(
     pixels = (
         (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     )
-    thumb_w = CELL * max(1, round(w / h)) if w > h else CELL
+    thumb_w = CELL * round(w / h) if w > h else CELL  # a whole multiple of CELL
     thumb_h = max(1, round(thumb_w * h / w))
     font = _font(10)
     line = 12
