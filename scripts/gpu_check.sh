@@ -4,25 +4,38 @@
 # tiny model, the reference preset's Flow-GRPO step on a full-size SD3.5-M block stack in bf16), the full-size rollout
 # and trainer benchmarks and the memory benchmark (every family, one after the other in one process: measured peak
 # against doctor's estimate; each family's figures are written as soon as measured, so a timeout keeps them).
-# Output goes to stdout and to $OUT (or runs/gpu-check). On a fresh machine run `bash scripts/setup.sh` in a first
-# call (it installs .venv) so that this script's own run stays within one 10-minute command.
+# Output goes to stdout and to $OUT (or runs/gpu-check).
 # Usage: bash scripts/gpu_check.sh        (sets up .venv on the first run, as scripts/test.sh does)
+# On a GPU machine without a package registry, whose own Python already holds torch with CUDA: run
+# `bash scripts/gpu_wheels.sh` where pip works, bring the checkout with its .whl/ folder, and run
+#     DIFFRL_PYTHON=python3 bash scripts/gpu_check.sh
+# (the wheels go to a private folder on PYTHONPATH; that Python's own packages are left as they are).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-check}
 mkdir -p "$out"
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-py=.venv/bin/python
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+py=${DIFFRL_PYTHON:-}
+if [ -z "$py" ]; then
+  bash scripts/setup.sh
+  py=.venv/bin/python
+else
+  site=${TMPDIR:-/tmp}/diffrl-gpu-site
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
+  fi
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$py" -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" || exit 1
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
 status=0
-timeout 200 "$py" -m pytest -q -s -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
-timeout 80 "$py" benchmarks/bench_rollout.py --arch full --family sd3 --device cuda --dtype bfloat16 \
-    --height 512 --width 512 --steps 10 --batch 8 2>&1 | tee "$out/bench_rollout_sd3.txt" || status=1
-timeout 140 "$py" benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
-    --group-size 8 --prompts 2 --json "$out/bench_trainers_full.json" 2>&1 | tee "$out/bench_trainers_full.txt" || status=1
+timeout 230 "$py" -m pytest -q -s -p no:cacheprovider --durations=12 -m gpu tests/test_gpu.py tests/test_models.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
 # measured peak memory of one LoRA training step against the doctor's estimate (random full-size transformers of
 # every family: 512 px images, 17-frame 480x832 videos)
-timeout 120 "$py" benchmarks/bench_memory.py --families all --batch 1 \
+timeout 140 "$py" benchmarks/bench_memory.py --families all --batch 1 \
     --json "$out/bench_memory.json" 2>&1 | tee "$out/bench_memory.txt" || status=1
+timeout 60 "$py" benchmarks/bench_rollout.py --arch full --family sd3 --device cuda --dtype bfloat16 \
+    --height 512 --width 512 --steps 10 --batch 8 2>&1 | tee "$out/bench_rollout_sd3.txt" || status=1
+timeout 110 "$py" benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
+    --group-size 8 --prompts 2 --json "$out/bench_trainers_full.json" 2>&1 | tee "$out/bench_trainers_full.txt" || status=1
 exit $status
