@@ -22,20 +22,23 @@ if [ -z "$py" ]; then
 else
   site=${TMPDIR:-/tmp}/diffrl-gpu-site
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
   fi
-  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # the installed diffrl (from the wheel) comes first; the checkout only after it, and Python is run with -P so
+  # that the working directory's diffrl/ (without rewards/ and samplers/) does not shadow it
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}:$PWD:$PWD/benchmarks"
+  py="$py -P"
 fi
-"$py" -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" || exit 1
-"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
+$py -c "import diffrl.samplers, torch, diffusers, transformers, peft, accelerate; print('diffrl', diffrl.__file__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" || exit 1
+$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
 status=0
-timeout 230 "$py" -m pytest -q -s -p no:cacheprovider --durations=12 -m gpu tests/test_gpu.py tests/test_models.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
+timeout 230 $py -m pytest -q -s -p no:cacheprovider --durations=12 -m gpu tests/test_gpu.py tests/test_models.py 2>&1 | tee "$out/gpu_tests.txt" || status=1
 # measured peak memory of one LoRA training step against the doctor's estimate (random full-size transformers of
 # every family: 512 px images, 17-frame 480x832 videos)
-timeout 140 "$py" benchmarks/bench_memory.py --families all --batch 1 \
+timeout 140 $py benchmarks/bench_memory.py --families all --batch 1 \
     --json "$out/bench_memory.json" 2>&1 | tee "$out/bench_memory.txt" || status=1
-timeout 60 "$py" benchmarks/bench_rollout.py --arch full --family sd3 --device cuda --dtype bfloat16 \
+timeout 60 $py benchmarks/bench_rollout.py --arch full --family sd3 --device cuda --dtype bfloat16 \
     --height 512 --width 512 --steps 10 --batch 8 2>&1 | tee "$out/bench_rollout_sd3.txt" || status=1
-timeout 110 "$py" benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
+timeout 110 $py benchmarks/bench_trainers.py --arch full --device cuda --dtype bfloat16 \
     --group-size 8 --prompts 2 --json "$out/bench_trainers_full.json" 2>&1 | tee "$out/bench_trainers_full.txt" || status=1
 exit $status
