@@ -147,6 +147,7 @@ def _overrides(algorithm: str, arch: str, model_path: str, out: Path, args) -> l
         f"{algorithm}.group_size={args.group_size}",
         f"{algorithm}.prompts_per_step={args.prompts}",
         f"reward={json.dumps({args.reward: 1.0})}",
+        "reward_kwargs={}",  # the preset's options belong to its own rewards (e.g. hpsv2's version)
         *([f"mixed_precision={json.dumps(args.mixed_precision)}"] if args.mixed_precision else []),
         *(
             [f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"]

@@ -54,7 +54,7 @@ def test_cuda_mixed_precision_trains_like_float32(
     AcceleratorState._reset_state(reset_partial_state=True)  # a new mixed precision needs a fresh state
     update, rows = _train(algo, tmp_path / precision, f"mixed_precision={precision}")
     assert [r["train/skipped"] for r in rows] == [0.0, 0.0, 0.0], rows
-    assert torch.isfinite(update).all() and update.abs().max() > 0
+    assert torch.isfinite(update).all() and update.abs().max() > 0, rows  # the metrics say why it did not move
     if precision == "fp16":  # accelerate's GradScaler ran: its scale is logged after every update
         assert all(r["train/loss_scale"] >= 1.0 for r in rows), rows
         assert not any(r.get("train/nonfinite_grad") for r in rows), rows
@@ -172,7 +172,7 @@ def test_cuda_bf16_flow_grpo_steps_on_every_model_family(
         "flow_grpo", tmp_path / family, f"model.path=tiny:{family}", "mixed_precision=bf16", *extra
     )
     assert [r["train/skipped"] for r in rows] == [0.0, 0.0, 0.0], rows
-    assert torch.isfinite(update).all() and update.abs().max() > 0
+    assert torch.isfinite(update).all() and update.abs().max() > 0, rows  # the metrics say why it did not move
     ratio = rows[0]["train/ratio_mean"]
     print(f"\n[{family} bf16] first step ratio_mean = {ratio:.6f}")
     assert abs(ratio - 1) < 0.05, rows[0]
