@@ -9,7 +9,8 @@ gradient checkpointing, and one AdamW step; then a second forward/backward under
 estimate); the prompt embeddings are random tensors of the family's shapes (``memory_text_tokens`` tokens). Printed,
 each with the estimate's matching term and the ratio measured / estimated:
 
-* ``transformer weights``: allocated after the build (estimate: transformer parameters x 2 bytes);
+* ``transformer weights``: allocated after the build (estimate: the checkpoint's tensors x 2 bytes, persistent
+  buffers such as SD3's position table included, as the estimate reads them from the safetensors headers);
 * ``LoRA + grads + AdamW``: allocated after the AdamW step, less the weights (estimate: ``trained``);
 * ``training activations``: the peak of the measured pass less what was allocated before it and the LoRA's
   gradients (estimate: ``train_activations``, with ``sample.guidance_scale=1`` so that one pass holds the batch
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -313,6 +315,9 @@ def build(row, adapter, transformer: dict, device):
             model = cls.from_config(config)
     finally:
         torch.set_default_dtype(default)
+    # buffers registered as float32 (SD3's 384 x 384 x 1536 position table: 0.84 GiB) become bf16, as they do when
+    # a checkpoint is loaded in bf16
+    model.to(torch.bfloat16)
     model.requires_grad_(False)
     exclude = adapter.unused_lora_modules_in(transformer)
     lora = LoraConfig(
@@ -359,6 +364,8 @@ def measure(args, model_id: str | None = None) -> dict:
 
         config = {k: v for k, v in row.transformer.items() if k != "_class_name"}
         n_params = sum(p.numel() for p in getattr(diffusers, cls).from_config(config).parameters())
+    # what the estimate counts: the checkpoint's tensors, persistent buffers (SD3's position table) included
+    n_state = sum(math.prod(s) for s in memory._transformer_on_meta(row.transformer).values())
     device = torch.device("cuda")
     gc.collect()
     torch.cuda.empty_cache()
@@ -386,10 +393,10 @@ def measure(args, model_id: str | None = None) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     rows = {
-        "transformer weights": (weights, n_params * 2),
+        "transformer weights": (weights, n_state * 2),
         "LoRA + grads + AdamW": (trained, est.trained),
         "training activations": (activations, est.train_activations),
-        "peak": (peak - base, n_params * 2 + est.trained + est.train_activations),
+        "peak": (peak - base, n_state * 2 + est.trained + est.train_activations),
     }
     return {
         "model": model_id,
