@@ -1,6 +1,7 @@
 """``diffrl doctor``'s memory estimate for every family: the LoRA size and geometry come from the adapter classes
 and the published-size rows, checked against the loaded tiny models and against hand-computed counts."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -327,6 +328,10 @@ def test_bench_memory_inputs_run_a_shrunk_transformer_on_the_cpu(family):
     small = bench.shrink(row.transformer)
     model, trainable = bench.build(row, adapter, small, "cpu")
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    # frozen weights and floating buffers in bf16, as a bf16 checkpoint loads them (SD3's position table is
+    # registered in float32 by diffusers; built at full size in float32 it once read 0.85 GiB over the estimate)
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    assert all(t.dtype == torch.bfloat16 for t in frozen if t.is_floating_point())
     video = getattr(adapter, "is_video", False)
     x = bench.inputs(row, adapter, small, (32, 48, 5 if video else 1), 2, "cpu")
     out = bench.train_pass(model, x, "cpu")
@@ -463,3 +468,17 @@ def test_conditioning_images_of_the_training_rows_add_their_tokens(tmp_path):
     assert (
         edit_two.train_activations - edit_none.train_activations == 2 * (384 // 16) ** 2 * 3072 * 2 * 16 * 60
     )
+
+
+def test_bench_memory_weights_term_counts_persistent_buffers_like_the_doctor():
+    """The weights the benchmark compares with are the checkpoint's tensors, as ``diffrl doctor`` counts them from
+    the safetensors headers: SD3.5-M's parameters plus its persistent 384 x 384 x 1536 position table."""
+    import diffusers
+
+    row = memory._PUBLISHED["stabilityai/stable-diffusion-3.5-medium"]
+    config = {k: v for k, v in row.transformer.items() if k != "_class_name"}
+    with torch.device("meta"):
+        model = diffusers.SD3Transformer2DModel.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_state = sum(math.prod(s) for s in memory._transformer_on_meta(row.transformer).values())
+    assert n_state - n_params == 384 * 384 * 1536
