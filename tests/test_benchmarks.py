@@ -43,7 +43,9 @@ def test_bench_trainers_runs_the_sd35m_presets_on_the_tiny_model(tmp_path, one_t
 
 def test_bench_rollout_matches_the_pipeline_on_the_tiny_model(one_thread):
     bench = _bench("bench_rollout")
-    (res,) = bench.main(["--family", "sd3", "--repeats", "1", "--warmup", "1", "--batch", "2", "--steps", "3"])
+    (res,) = bench.main(
+        ["--family", "sd3", "--repeats", "1", "--warmup", "1", "--batch", "2", "--steps", "3"]
+    )
     assert res["ms"]["pipeline"] > 0 and res["ms"]["rollout_sde"] > 0
     # float32 on the CPU: diffrl's ODE rollout is the pipeline's Euler sampler
     assert res["max_abs_diff_ode_vs_pipeline"] < 1e-4
