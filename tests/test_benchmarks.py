@@ -21,14 +21,24 @@ def _bench(name: str):
     return module
 
 
-def test_bench_trainers_runs_the_sd35m_presets_on_the_tiny_model(tmp_path, one_thread, monkeypatch):
+def test_bench_trainers_runs_the_sd35m_presets_on_the_tiny_model(
+    tmp_path, one_thread, monkeypatch, fresh_accelerate_state
+):
     # the SD3.5-M presets name their own rewards and reward options (hpsv2's version); the benchmark swaps in a
     # weight-free reward, and the options must go with the rewards (a config error on an H200 once)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the benchmark sets it on the CPU: restored afterwards
     bench = _bench("bench_trainers")
     out = tmp_path / "t.json"
     argv = ["--arch", "tiny", "--preset", "sd35m", "--repeats", "1", "--warmup", "1", "--group-size", "2"]
-    results = bench.main([*argv, "--prompts", "1", "--json", str(out)])
+    try:
+        results = bench.main([*argv, "--prompts", "1", "--json", str(out)])
+    finally:  # the benchmark silences the loading bars for its whole process
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
     (res,) = results
     assert json.loads(out.read_text())[0]["arch"] == "tiny"
     for algorithm in ("flow_grpo", "diffusion_nft"):
