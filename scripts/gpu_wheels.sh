@@ -4,8 +4,8 @@
 # in another version (diffusers, peft, open_clip and its text cleaner), in the versions of the local .venv, and a
 # wheel of diffrl itself (its subpackages diffrl.rewards and diffrl.samplers live in rewards/ and samplers/, so the
 # checkout does not import without an install). torch, transformers, accelerate, safetensors, numpy and the rest
-# come from the GPU machine's own Python. The wheels go to .whl/ (keep it out of git: add /.whl/ to
-# .git/info/exclude); bring it with the checkout to the GPU machine and run
+# come from the GPU machine's own Python. The wheels go to .whl/ (git ignores it); bring it with the checkout to the
+# GPU machine and run
 #     DIFFRL_PYTHON=python3 bash scripts/gpu_check.sh
 # which installs them into a private folder (nothing of the machine's Python is changed).
 # Usage: bash scripts/gpu_wheels.sh [python version of the GPU machine, default 3.12]   (after scripts/setup.sh)
