@@ -42,7 +42,14 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "toy" / "diffusion_nft.yaml"
+#: the presets and toy prompt files: ``configs/`` of the checkout (an editable install), or the copy an installed
+#: wheel ships inside the package (``diffrl/configs``)
+CONFIGS = (
+    Path(__file__).resolve().parent / "configs"
+    if (Path(__file__).resolve().parent / "configs").is_dir()
+    else REPO / "configs"
+)
+DEFAULT_CONFIG = CONFIGS / "toy" / "diffusion_nft.yaml"
 # applied before the user's overrides: partial credit plus strict correctness as the training reward
 DEMO_OVERRIDES = ["output_dir=runs/demo", "reward={shapes_verifier: 1.0, shapes_accuracy: 1.0}"]
 ACCURACY_KEY = "eval/reward/shapes_accuracy/mean"
@@ -249,18 +256,23 @@ def run_demo(
     from diffrl.train import build_trainer
 
     config = Path(config)
+    if not config.is_file() and config.parts[:1] == ("configs",):  # a preset named from the repository root
+        config = CONFIGS.joinpath(*config.parts[1:])
     if not config.is_file():
         raise FileNotFoundError(
-            f"demo config {config} does not exist; run from a clone of the repository or pass --config PATH."
+            f"demo config {config} does not exist; pass --config with an existing YAML file, e.g. "
+            f"{CONFIGS / 'toy' / 'awm.yaml'}."
         )
     cfg = load_config(str(config), [*DEMO_OVERRIDES, *(overrides or [])])
     for key in (
         "train",
         "eval",
-    ):  # the presets name the prompt files from the repository root: run from anywhere
+    ):  # the presets name the prompt files from the repository root (configs/...): run from anywhere
         value = getattr(cfg.data, key)
-        if value and not value.startswith("hf:") and not Path(value).exists() and (REPO / value).exists():
-            setattr(cfg.data, key, str(REPO / value))
+        if value and not value.startswith("hf:") and not Path(value).exists():
+            shipped = CONFIGS / Path(value).relative_to("configs") if value.startswith("configs/") else None
+            if shipped is not None and shipped.exists():
+                setattr(cfg.data, key, str(shipped))
     fresh = fresh_output_dir(cfg, overrides)
     if fresh != cfg.output_dir:
         log(f"diffrl demo: {cfg.output_dir} holds an earlier demo, kept as it is; this one writes to {fresh}")
