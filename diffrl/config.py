@@ -320,6 +320,11 @@ class AWMConfig:
     solver: str = "euler"
     """Deterministic solver of the rollouts: euler or dpm2 (second-order multistep DPM-Solver++). The reference
     samples with SA-Solver (stochastic between t = 0.3 and 0.9 for GenEval and OCR), which diffrl does not have."""
+    rollout_guidance: float = 1.0
+    """Classifier-free guidance scale of the rollouts (1: none, the reference's). Above 1 (models whose guidance is
+    CFG only) the rollouts are the guided model's while the matching loss still trains the guidance-free velocity:
+    the policy also learns what guidance adds (a deviation from the paper; a second transformer pass per rollout
+    step)."""
     adv_std: str = "global"
     """Advantage normalisation: global (std over the whole gathered batch, the reference configs') or group."""
     adv_clip: float = 5.0
@@ -831,6 +836,7 @@ _RANGES = [
     ("refl.kl_weight", _at_least(0), "at least 0 (0 turns the KL-style term off)"),
     ("refl.grad_guidance_scale", lambda v: v == -1 or v >= 0, "-1 (sample.guidance_scale) or at least 0"),
     ("awm.adv_clip", lambda v: v > 0, "positive"),
+    ("awm.rollout_guidance", _at_least(1), "at least 1 (1: no classifier-free guidance)"),
     ("awm.adv_max", lambda v: v > 0, "positive"),
     ("awm.num_train_timesteps", _at_least(1), "at least 1"),
     ("awm.first_level", _at_least(0), "at least 0"),

@@ -181,6 +181,7 @@ def test_logit_normal_levels_by_hand():
         (["awm.group_size=1"], "awm.group_size=1 must be at least 2"),
         (["awm.first_level=3"], r"awm.first_level=3 leaves no level to train.*\[3, 3\)"),
         (["awm.ghuber_power=1.5"], r"awm.ghuber_power=1.5 must be in \(0, 1\]"),
+        (["awm.rollout_guidance=0.5"], "awm.rollout_guidance=0.5 must be at least 1"),
         (["model.lora_rank=0"], "lora_rank=0 .* has no base model.*awm.kl_weight"),
         (["model.lora_rank=0", "awm.kl_weight=0"], "awm.ema_kl_weight=1.0 needs a LoRA"),
     ],
@@ -253,3 +254,43 @@ def test_logit_normal_levels_differ_per_sample_and_the_step_trains(tmp_path):
     metrics = trainer.train_step(0)
     assert metrics["train/skipped"] == 0.0 and math.isfinite(metrics["train/loss"])
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params, strict=True))
+
+
+def test_rollout_guidance_samples_with_cfg_and_trains_the_guidance_free_velocity(tmp_path, monkeypatch):
+    """awm.rollout_guidance=3: the rollouts (the images scored) are the CFG-guided model's, while every velocity the
+    loss trains is the guidance-free one (guidance 1); the default samples without CFG."""
+    import diffrl.trainers.awm as awm_module
+
+    seen = {"rollout": [], "velocity": []}
+    real_rollout = awm_module.rollout
+
+    def recording_rollout(model, cond, sigmas, noise, **kw):
+        seen["rollout"].append(kw["guidance_scale"])
+        return real_rollout(model, cond, sigmas, noise, **kw)
+
+    monkeypatch.setattr(awm_module, "rollout", recording_rollout)
+    for guidance in (1.0, 3.0):
+        seen["rollout"].clear()
+        trainer = _trainer(tmp_path / str(guidance), f"awm.rollout_guidance={guidance}")
+        real_velocity = trainer.model.velocity
+
+        def recording_velocity(x, sigma, cond, guidance_scale=1.0, _real=real_velocity, **kw):
+            seen["velocity"].append((guidance_scale, torch.is_grad_enabled()))
+            return _real(x, sigma, cond, guidance_scale, **kw)
+
+        monkeypatch.setattr(trainer.model, "velocity", recording_velocity)
+        seen["velocity"].clear()
+        metrics = trainer.train_step(0)
+        assert metrics["train/skipped"] == 0.0
+        assert seen["rollout"] and set(seen["rollout"]) == {guidance}
+        # the rollout's velocity calls (no grad) carry the CFG scale; every call the loss trains through carries 1
+        trained = {g for g, grad in seen["velocity"] if grad}
+        assert trained == {1.0}, seen["velocity"]
+        assert (guidance, False) in seen["velocity"]
+
+
+def test_rollout_guidance_needs_a_cfg_model(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"awm.rollout_guidance=3.0 needs a model whose guidance is classifier-free"
+    ):
+        _trainer(tmp_path, "model.path=tiny:flux", "awm.rollout_guidance=3")

@@ -75,6 +75,12 @@ class AWMTrainer(Trainer):
 
     def setup(self) -> None:
         """The EMA policy of the ``ema_kl_weight`` term: a second LoRA adapter, float32, a copy of the trained one."""
+        if self.cfg.awm.rollout_guidance > 1 and not self.model.guidance_is_cfg:
+            raise ValueError(
+                f"awm.rollout_guidance={self.cfg.awm.rollout_guidance} needs a model whose guidance is classifier-free "
+                f"guidance; {self.cfg.model.path}'s is a guidance embedding, set by sample.guidance_scale: leave "
+                "awm.rollout_guidance at 1."
+            )
         self.ema_params = []
         if self.cfg.awm.ema_kl_weight <= 0:
             return
@@ -127,9 +133,10 @@ class AWMTrainer(Trainer):
         prompts, metadata, group_ids = self.expand_groups(batch, G)
         sigmas = model.schedule(s.num_steps, s.height, s.width)
         guidance = self.cfg_free_guidance()
+        roll_guidance = a.rollout_guidance if a.rollout_guidance > 1 else guidance
         cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
 
-        # 1. rollouts of the current policy (ODE, no grad), keep x0
+        # 1. rollouts of the current policy (ODE, no grad; with awm.rollout_guidance > 1 the guided policy), keep x0
         n = len(prompts)
 
         def sample_chunk(rows):
@@ -138,7 +145,7 @@ class AWMTrainer(Trainer):
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
                 )
                 return rollout(
-                    model, cond_all.select(rows), sigmas, noise, guidance_scale=guidance, solver=a.solver
+                    model, cond_all.select(rows), sigmas, noise, guidance_scale=roll_guidance, solver=a.solver
                 ).final
 
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
