@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .utils import shipped_config_path
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -760,7 +762,7 @@ def load_config(
     elif source is None:
         data = {}
     else:
-        path = Path(source)
+        path = Path(shipped_config_path(source))
         if not path.is_file():
             raise ConfigError(
                 f"config file {source} does not exist; pass a YAML preset such as configs/tiny/flow_grpo.yaml."
@@ -774,6 +776,13 @@ def load_config(
         keys, value = parse_override(text)
         _merge(data, keys, value)
     cfg = _build(TrainConfig, data)
+    for key in (
+        "train",
+        "eval",
+    ):  # the presets name their prompt files from the repository root (configs/...)
+        value = getattr(cfg.data, key)
+        if isinstance(value, str) and value:
+            setattr(cfg.data, key, shipped_config_path(value))
     validate(cfg, given=given)
     return cfg
 

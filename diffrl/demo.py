@@ -31,6 +31,8 @@ import math
 import time
 from pathlib import Path
 
+from diffrl.utils import SHIPPED_CONFIGS, shipped_config_path
+
 __all__ = [
     "DEFAULT_CONFIG",
     "DEMO_OVERRIDES",
@@ -41,14 +43,8 @@ __all__ = [
     "accuracy_gain",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
-#: the presets and toy prompt files: ``configs/`` of the checkout (an editable install), or the copy an installed
-#: wheel ships inside the package (``diffrl/configs``)
-CONFIGS = (
-    Path(__file__).resolve().parent / "configs"
-    if (Path(__file__).resolve().parent / "configs").is_dir()
-    else REPO / "configs"
-)
+#: the presets and toy prompt files (the checkout's configs/, or the copy inside an installed wheel)
+CONFIGS = SHIPPED_CONFIGS
 DEFAULT_CONFIG = CONFIGS / "toy" / "diffusion_nft.yaml"
 # applied before the user's overrides: partial credit plus strict correctness as the training reward
 DEMO_OVERRIDES = ["output_dir=runs/demo", "reward={shapes_verifier: 1.0, shapes_accuracy: 1.0}"]
@@ -255,24 +251,13 @@ def run_demo(
     from diffrl.sampling import sample_images
     from diffrl.train import build_trainer
 
-    config = Path(config)
-    if not config.is_file() and config.parts[:1] == ("configs",):  # a preset named from the repository root
-        config = CONFIGS.joinpath(*config.parts[1:])
+    config = Path(shipped_config_path(config))  # a preset named from the repository root: from anywhere
     if not config.is_file():
         raise FileNotFoundError(
             f"demo config {config} does not exist; pass --config with an existing YAML file, e.g. "
             f"{CONFIGS / 'toy' / 'awm.yaml'}."
         )
     cfg = load_config(str(config), [*DEMO_OVERRIDES, *(overrides or [])])
-    for key in (
-        "train",
-        "eval",
-    ):  # the presets name the prompt files from the repository root (configs/...): run from anywhere
-        value = getattr(cfg.data, key)
-        if value and not value.startswith("hf:") and not Path(value).exists():
-            shipped = CONFIGS / Path(value).relative_to("configs") if value.startswith("configs/") else None
-            if shipped is not None and shipped.exists():
-                setattr(cfg.data, key, str(shipped))
     fresh = fresh_output_dir(cfg, overrides)
     if fresh != cfg.output_dir:
         log(f"diffrl demo: {cfg.output_dir} holds an earlier demo, kept as it is; this one writes to {fresh}")

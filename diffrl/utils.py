@@ -16,6 +16,8 @@ __all__ = [
     "SHIPPED_ROOT",
     "SHIPPED_CHECKPOINTS",
     "shipped_checkpoint",
+    "SHIPPED_CONFIGS",
+    "shipped_config_path",
 ]
 
 DTYPES = {
@@ -123,3 +125,24 @@ def shipped_checkpoint(spec: str) -> Path:
             f"the {what} is not in this checkout ({path} has no {marker}); re-create it with: {command}"
         )
     return path
+
+
+#: The presets and the toy prompt files: the copy an installed wheel ships inside the package (``diffrl/configs``),
+#: or the checkout's ``configs/`` (an editable install or a plain checkout).
+SHIPPED_CONFIGS = (
+    Path(__file__).resolve().parent / "configs"
+    if (Path(__file__).resolve().parent / "configs").is_dir()
+    else Path(__file__).resolve().parent.parent / "configs"
+)
+
+
+def shipped_config_path(value: str | Path) -> str:
+    """``value`` unchanged, unless it is a relative path ``configs/...`` (how the README and the presets name the
+    presets and prompt files) that does not exist from the working directory but does in :data:`SHIPPED_CONFIGS`:
+    then that file, so that the presets work from any directory and from an installed wheel."""
+    text = str(value)
+    path = Path(text)
+    if path.is_absolute() or path.parts[:1] != ("configs",) or path.exists():
+        return text
+    shipped = SHIPPED_CONFIGS.joinpath(*path.parts[1:])
+    return str(shipped) if shipped.exists() else text

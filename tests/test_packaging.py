@@ -1,6 +1,7 @@
 """The wheel a user installs: built from the tracked files alone, installed into an empty folder and run from
 elsewhere, it imports every mapped subpackage (``rewards/`` and ``samplers/`` live outside ``diffrl/``), ships the toy
-model and the presets, and runs ``diffrl demo`` with its default preset."""
+model and the presets, and runs ``diffrl demo`` with its default preset. The presets, named ``configs/...`` as the
+README names them, load from any working directory."""
 
 import json
 import os
@@ -13,6 +14,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_presets_named_from_the_repository_root_load_from_anywhere(tmp_path, monkeypatch):
+    from diffrl.config import ConfigError, load_config
+    from diffrl.utils import SHIPPED_CONFIGS, shipped_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert SHIPPED_CONFIGS == ROOT / "configs"  # the checkout's (editable install)
+    assert shipped_config_path("configs/tiny/flow_grpo.yaml") == str(
+        ROOT / "configs" / "tiny" / "flow_grpo.yaml"
+    )
+    for unchanged in ("configs/tiny/none.yaml", "tiny/flow_grpo.yaml", str(tmp_path / "configs" / "x.yaml")):
+        assert shipped_config_path(unchanged) == unchanged
+    (tmp_path / "configs" / "tiny").mkdir(parents=True)  # a file of the working directory comes first
+    (tmp_path / "configs" / "tiny" / "flow_grpo.yaml").write_text("algorithm: refl\n")
+    assert shipped_config_path("configs/tiny/flow_grpo.yaml") == "configs/tiny/flow_grpo.yaml"
+    cfg = load_config("configs/toy/awm.yaml")  # its data.train is configs/toy/train.jsonl
+    assert cfg.data.train == str(ROOT / "configs" / "toy" / "train.jsonl")
+    assert cfg.data.eval == str(ROOT / "configs" / "toy" / "eval.jsonl")
+    with pytest.raises(ConfigError, match="config file configs/toy/none.yaml does not exist"):
+        load_config("configs/toy/none.yaml")
 
 
 def _tracked_copy(dest: Path) -> Path:
@@ -126,6 +148,20 @@ def test_the_installed_wheel_runs_the_demo_from_anywhere(wheel, tmp_path):
         text=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(site)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            "-c",
+            "from diffrl.config import load_config; print(load_config('configs/toy/awm.yaml').data.train)",
+        ],
+        cwd=elsewhere,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert Path(train).is_relative_to(site) and Path(train).is_file()  # diffrl train configs/... works too
     demo = subprocess.run(
         [
             sys.executable,
