@@ -75,6 +75,7 @@ def test_cuda_mixed_precision_trains_like_float32(
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new mixed precision needs a fresh state
     update, rows = _train(algo, tmp_path / precision, f"mixed_precision={precision}", *extra)
+    print(f"\n[{algo} {precision}] {_brief(rows)}")  # whole: pytest shortens a long assertion message
     assert [r["train/skipped"] for r in rows] == [0.0, 0.0, 0.0], rows
     assert not any(r.get("train/nonfinite_grad") or r.get("train/fp16_overflow") for r in rows), _brief(rows)
     assert torch.isfinite(update).all() and update.abs().max() > 0, _brief(rows)
