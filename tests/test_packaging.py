@@ -134,34 +134,25 @@ def test_the_installed_wheel_runs_the_demo_from_anywhere(wheel, tmp_path):
     # -P: the working directory is not put on sys.path; PYTHONPATH puts the installed copy before the checkout's
     # editable install, so nothing of the repository is imported
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    where = subprocess.run(
-        [
-            sys.executable,
-            "-P",
-            "-c",
-            "import diffrl, diffrl.samplers, diffrl.rewards.registry as r; print(diffrl.__file__)",
-        ],
-        cwd=elsewhere,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+
+    def python(code: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-P", "-c", code],
+            cwd=elsewhere,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return run.stdout.strip()
+
+    where = python("import diffrl, diffrl.samplers, diffrl.rewards.registry; print(diffrl.__file__)")
     assert Path(where).is_relative_to(site)
-    train = subprocess.run(
-        [
-            sys.executable,
-            "-P",
-            "-c",
-            "from diffrl.config import load_config; print(load_config('configs/toy/awm.yaml').data.train)",
-        ],
-        cwd=elsewhere,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    assert Path(train).is_relative_to(site) and Path(train).is_file()  # diffrl train configs/... works too
+    # diffrl train configs/toy/awm.yaml from here: the preset and its prompt file come from the wheel
+    train = python(
+        "from diffrl.config import load_config; print(load_config('configs/toy/awm.yaml').data.train)"
+    )
+    assert Path(train).is_relative_to(site) and Path(train).is_file()
     demo = subprocess.run(
         [
             sys.executable,
