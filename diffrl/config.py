@@ -776,10 +776,8 @@ def load_config(
         keys, value = parse_override(text)
         _merge(data, keys, value)
     cfg = _build(TrainConfig, data)
-    for key in (
-        "train",
-        "eval",
-    ):  # the presets name their prompt files from the repository root (configs/...)
+    # the presets name their prompt files from the repository root (configs/...): found from any directory
+    for key in ("train", "eval"):
         value = getattr(cfg.data, key)
         if isinstance(value, str) and value:
             setattr(cfg.data, key, shipped_config_path(value))

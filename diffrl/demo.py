@@ -43,9 +43,7 @@ __all__ = [
     "accuracy_gain",
 ]
 
-#: the presets and toy prompt files (the checkout's configs/, or the copy inside an installed wheel)
-CONFIGS = SHIPPED_CONFIGS
-DEFAULT_CONFIG = CONFIGS / "toy" / "diffusion_nft.yaml"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "toy" / "diffusion_nft.yaml"
 # applied before the user's overrides: partial credit plus strict correctness as the training reward
 DEMO_OVERRIDES = ["output_dir=runs/demo", "reward={shapes_verifier: 1.0, shapes_accuracy: 1.0}"]
 ACCURACY_KEY = "eval/reward/shapes_accuracy/mean"
@@ -255,7 +253,7 @@ def run_demo(
     if not config.is_file():
         raise FileNotFoundError(
             f"demo config {config} does not exist; pass --config with an existing YAML file, e.g. "
-            f"{CONFIGS / 'toy' / 'awm.yaml'}."
+            f"{SHIPPED_CONFIGS / 'toy' / 'awm.yaml'}."
         )
     cfg = load_config(str(config), [*DEMO_OVERRIDES, *(overrides or [])])
     fresh = fresh_output_dir(cfg, overrides)

@@ -129,11 +129,8 @@ def shipped_checkpoint(spec: str) -> Path:
 
 #: The presets and the toy prompt files: the copy an installed wheel ships inside the package (``diffrl/configs``),
 #: or the checkout's ``configs/`` (an editable install or a plain checkout).
-SHIPPED_CONFIGS = (
-    Path(__file__).resolve().parent / "configs"
-    if (Path(__file__).resolve().parent / "configs").is_dir()
-    else Path(__file__).resolve().parent.parent / "configs"
-)
+_PACKAGE = Path(__file__).resolve().parent
+SHIPPED_CONFIGS = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 
 
 def shipped_config_path(value: str | Path) -> str:

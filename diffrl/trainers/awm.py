@@ -74,7 +74,8 @@ class AWMTrainer(Trainer):
     algorithm = "awm"
 
     def setup(self) -> None:
-        """The EMA policy of the ``ema_kl_weight`` term: a second LoRA adapter, float32, a copy of the trained one."""
+        """Refuse ``awm.rollout_guidance`` on a model without CFG; then the EMA policy of the ``ema_kl_weight`` term: a
+        second LoRA adapter, float32, a copy of the trained one."""
         if self.cfg.awm.rollout_guidance > 1 and not self.model.guidance_is_cfg:
             raise ValueError(
                 f"awm.rollout_guidance={self.cfg.awm.rollout_guidance} needs a model whose guidance is classifier-free "
