@@ -175,3 +175,14 @@ def test_only_the_cli_parses_arguments():
                 assert not bad, (
                     f"{path.relative_to(root)} imports {bad}; argument parsing lives in diffrl.cli"
                 )
+
+
+def test_sample_help_names_every_tiny_model(capsys):
+    from diffrl.cli.sample import TINY_FAMILIES
+    from diffrl.models.loading import TINY_BUILDERS
+
+    assert sorted(TINY_FAMILIES) == sorted(TINY_BUILDERS)
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert all(f in helptext for f in TINY_FAMILIES), helptext

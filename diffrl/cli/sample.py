@@ -12,13 +12,31 @@ from .errors import CommandErrors
 
 __all__ = ["sample_parser", "eval_parser", "main", "eval_main"]
 
+#: the ``tiny:FAMILY`` models (:data:`diffrl.models.loading.TINY_BUILDERS`, named here so that ``--help`` does not
+#: import the model adapters; a test keeps the two lists equal)
+TINY_FAMILIES = (
+    "sd3",
+    "flux",
+    "flux2",
+    "flux2_klein",
+    "qwen_image",
+    "qwen_image_edit",
+    "qwen_image_edit_plus",
+    "z_image",
+    "wan",
+    "wan22",
+    "wan22_ti2v",
+    "wan_i2v",
+    "wan22_i2v",
+)
+
 
 def _add_common(p) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64), "
-        "or tiny:sd3 / tiny:flux / tiny:qwen_image / tiny:wan / tiny:wan22",
+        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64), or tiny:FAMILY, a tiny "
+        f"random pipeline for tests ({', '.join(TINY_FAMILIES)})",
     )
     p.add_argument(
         "--lora",
