@@ -55,6 +55,7 @@ def seed_row(seed: int, summary: dict, remeasured: dict) -> dict:
         "final": 100 * final["strict"],
         "gain": 100 * (final["strict"] - base["strict"]),
         "images": final["n"],
+        "demo_images": summary.get("eval_images", summary.get("eval_prompts")),
         "objects_per_image": final["objects"],
         "cpu_seconds": summary["total_cpu_seconds"],
     }
@@ -63,19 +64,22 @@ def seed_row(seed: int, summary: dict, remeasured: dict) -> dict:
 def table(rows: Sequence[dict]) -> list[str]:
     """A markdown table of the rows and their mean +- standard deviation."""
     keys = ("demo_base", "demo_final", "demo_gain", "base", "final", "gain", "cpu_seconds")
-    head = "| seed | demo: base / final / gain (its 96 images) | re-measured: base / final / gain | images | CPU s |"
+    head = (
+        "| seed | demo: base / final / gain (its own evaluation) | re-measured: base / final / gain "
+        "| images (demo / re-measured) | CPU s |"
+    )
     lines = [head, "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['demo_base']:.1f} / {r['demo_final']:.1f} / {r['demo_gain']:+.1f} | "
-            f"{r['base']:.1f} / {r['final']:.1f} / {r['gain']:+.1f} | {r['images']} | {r['cpu_seconds']:.0f} |"
+            f"{r['base']:.1f} / {r['final']:.1f} / {r['gain']:+.1f} | {r['demo_images']} / {r['images']} | {r['cpu_seconds']:.0f} |"
         )
     if rows:
         m = {k: spread([r[k] for r in rows]) for k in keys}
         lines.append(
             f"| mean +- sd | {m['demo_base'][0]:.1f} / {m['demo_final'][0]:.1f} / "
             f"{m['demo_gain'][0]:+.1f} +- {m['demo_gain'][1]:.1f} | {m['base'][0]:.1f} / {m['final'][0]:.1f} / "
-            f"{m['gain'][0]:+.1f} +- {m['gain'][1]:.1f} | {rows[0]['images']} | "
+            f"{m['gain'][0]:+.1f} +- {m['gain'][1]:.1f} | {rows[0]['demo_images']} / {rows[0]['images']} | "
             f"{m['cpu_seconds'][0]:.0f} +- {m['cpu_seconds'][1]:.0f} |"
         )
     return lines

@@ -1,8 +1,9 @@
 """Sweep of the embedded demo's training settings (issues 15 and 17): which change to how the demo trains raises the
 held-out strict accuracy most within a budget of CPU seconds.
 
-Each named setting is the demo's own configuration (``configs/toy/diffusion_nft.yaml`` + ``DEMO_OVERRIDES`` of
-:mod:`diffrl.demo`, or another preset with ``--config``) plus ``key=value`` overrides; it trains in this process
+Each named setting is the demo's own configuration (``configs/toy/demo.yaml`` + ``DEMO_OVERRIDES`` of
+:mod:`diffrl.demo`; the sweeps in docs/benchmarks.md before 2026-12-04 ran ``--config configs/toy/diffusion_nft.yaml``,
+the demo then, or another preset with ``--config``) plus ``key=value`` overrides; it trains in this process
 (one torch thread by default) and records, per evaluation, the step, the CPU seconds of the process since training
 began (``time.process_time``; the machine is shared, so wall-clock time is noisy) and the wall seconds, the held-out
 strict accuracy and partial credit, and the training rollouts' strict accuracy (when the training reward includes
@@ -134,7 +135,7 @@ def run_setting(name: str, overrides: list[str], config: Path, out: Path, extra:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("settings", nargs="+", help="name:override;override;...")
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "toy" / "diffusion_nft.yaml")
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "toy" / "demo.yaml")
     p.add_argument("--out", type=Path, default=Path("runs/demo-sweep"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="overrides applied to every setting")

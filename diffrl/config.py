@@ -58,7 +58,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""
     """Hub id or local directory of a diffusers pipeline of a supported family (docs/models.md: SD3/SD3.5, FLUX.1,
-    FLUX.2, Qwen-Image, Z-Image, ...), or a tiny:<family> test model."""
+    FLUX.2, Qwen-Image, Z-Image, ...), a tiny:<family> test model, or toy / toy:cliptext (the shipped toy models)."""
     dtype: str = "float32"
     """Dtype of the frozen weights: float32, bfloat16 or float16 (LoRA weights and sampler maths stay float32)."""
     lora_rank: int = -1

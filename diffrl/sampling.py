@@ -170,7 +170,9 @@ def sampling_defaults(spec: str, model) -> tuple[int, float]:
     pipeline defaults 28 steps with guidance embedding 3.5; for SD3/SD3.5 40 steps with CFG 4.5, the Flow-GRPO
     evaluation setting the SD3.5 presets use; Qwen-Image's pipeline defaults 50 steps with true CFG 4)."""
     directory = Path(getattr(model.pipe, "name_or_path", "") or "")
-    if str(spec) == "toy" or (directory / "toy_model.json").is_file():
+    from diffrl.utils import SHIPPED_PIPELINES
+
+    if str(spec) in SHIPPED_PIPELINES or (directory / "toy_model.json").is_file():
         return 8, 1.0
     return int(model.default_num_steps), float(model.default_guidance_scale)
 

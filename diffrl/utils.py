@@ -104,6 +104,13 @@ SHIPPED_CHECKPOINTS = {
         "toy text-to-image model",
         "python scripts/train_toy_model.py --out runs/toy-model && cp -r runs/toy-model/ckpt-7000 diffrl/toy/assets/sd3",
     ),
+    "toy:cliptext": (
+        "sd3_cliptext",
+        "model_index.json",
+        "toy text-to-image model conditioned on the toy CLIP's text tower (the demo's base)",
+        "python benchmarks/toy_base_clip_text.py --out runs/toy-clip-text --steps 8000 --lr 5e-4 --stop-after 5000"
+        " && cp -r runs/toy-clip-text/ckpt-5000 diffrl/toy/assets/sd3_cliptext",
+    ),
     "toy:clip": (
         "clip",
         "config.json",
@@ -111,6 +118,11 @@ SHIPPED_CHECKPOINTS = {
         "python scripts/train_toy_clip.py --out diffrl/toy/assets/clip",
     ),
 }
+
+
+#: The shipped checkpoints that are text-to-image pipelines: ``model.path`` (and ``diffrl sample --model``) accepts
+#: these names for their folders.
+SHIPPED_PIPELINES = ("toy", "toy:cliptext")
 
 
 def shipped_checkpoint(spec: str) -> Path:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv if needed and run the embedded demo: `diffrl demo` (RL fine-tuning of the toy-world model on a CPU,
-# a few minutes). Extra arguments go to `diffrl demo`, e.g. ./scripts/demo.sh max_steps=10 output_dir=runs/demo2
+# about 10 minutes). Extra arguments go to `diffrl demo`, e.g. ./scripts/demo.sh max_steps=10 output_dir=runs/demo2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

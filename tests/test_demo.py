@@ -36,8 +36,8 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
             "eval_every=0",
             f"data.eval={small_eval}",
             "report_to=none",
-            "diffusion_nft.prompts_per_step=2",
-            "diffusion_nft.group_size=2",
+            "awm.prompts_per_step=2",
+            "awm.group_size=2",
         ],
         n_pictures=3,
         log=lines.append,
@@ -53,15 +53,27 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
     assert 0.0 <= summary["final_strict_accuracy"] <= 1.0 and summary["eval_prompts"] == 6
     assert json.loads((out / "demo_summary.json").read_text())["max_steps"] == 2
     assert 0 < summary["train_cpu_seconds"] <= summary["total_cpu_seconds"]
-    gain, se = accuracy_gain(summary["base_strict_accuracy"], summary["final_strict_accuracy"], 6)
-    assert summary["eval_images"] == 6
+    # the preset samples 4 images a held-out prompt: the gain's error is over 24 images
+    gain, se = accuracy_gain(summary["base_strict_accuracy"], summary["final_strict_accuracy"], 24)
+    assert summary["eval_images"] == 24
     assert (summary["gain_points"], summary["gain_standard_error_points"]) == (gain, se)
-    assert any("held-out strict accuracy: base" in line for line in lines)
+    assert any("held-out strict accuracy: base" in line and "over 24 images" in line for line in lines)
     assert any("2 steps, evaluation of held-out prompts every 2 steps" in line for line in lines)
     assert any(r.get("reward/shapes_verifier/mean") is not None for r in records)
     counts = summary["before_after"]  # the picture's pool: the 6 distinct held-out prompts
     assert counts["prompts"] == 6
     assert 0 <= counts["fixed_without_extra_shapes"] <= counts["fixed"] <= 6 and 0 <= counts["broken"] <= 6
+
+
+def test_the_demo_preset_is_awm_from_the_clip_text_toy_model_with_the_demos_reward():
+    cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)
+    assert DEFAULT_CONFIG.name == "demo.yaml"
+    assert (cfg.algorithm, cfg.model.path, cfg.max_steps) == ("awm", "toy:cliptext", 240)
+    # the preset alone trains what the demo trains: DEMO_OVERRIDES repeats its reward for the other presets
+    assert (
+        load_config(DEFAULT_CONFIG).reward == cfg.reward == {"shapes_verifier": 1.0, "shapes_accuracy": 1.0}
+    )
+    assert cfg.output_dir == "runs/demo"
 
 
 def test_accuracy_gain_is_in_points_with_the_error_of_a_difference():

@@ -22,9 +22,16 @@ def _remeasured(base, final, n=8, objects=2.5):
 
 
 def test_seed_rows_and_their_spread_are_hand_computed():
-    summary = {"base_strict_accuracy": 0.25, "final_strict_accuracy": 0.5, "total_cpu_seconds": 600.0}
+    summary = {
+        "base_strict_accuracy": 0.25,
+        "final_strict_accuracy": 0.5,
+        "total_cpu_seconds": 600.0,
+        "eval_images": 96,
+    }
     row = ds.seed_row(3, summary, _remeasured(0.3, 0.45))
-    assert row["seed"] == 3 and row["images"] == 8 and row["cpu_seconds"] == 600.0
+    assert (
+        row["seed"] == 3 and row["images"] == 8 and row["demo_images"] == 96 and row["cpu_seconds"] == 600.0
+    )
     assert (row["demo_base"], row["demo_final"], row["demo_gain"]) == (25.0, 50.0, 25.0)
     assert row["gain"] == pytest.approx(15.0) and row["final"] == pytest.approx(45.0)
     mean, sd = ds.spread([20.0, 25.0, 30.0])  # sample sd: sqrt((25 + 0 + 25) / 2) = 5
@@ -33,6 +40,7 @@ def test_seed_rows_and_their_spread_are_hand_computed():
     rows = [row, ds.seed_row(4, summary, _remeasured(0.3, 0.55))]
     lines = ds.table(rows)
     assert lines[-1].startswith("| mean +- sd |") and "+20.0 +- 7.1" in lines[-1]  # gains 15, 25: sd 7.07
+    assert "| 96 / 8 |" in lines[2]
 
 
 def test_two_seeds_run_and_are_re_measured(tmp_path, capsys):
@@ -44,7 +52,7 @@ def test_two_seeds_run_and_are_re_measured(tmp_path, capsys):
     out = tmp_path / "seeds"
     args = ["--out", str(out), "--seeds", "0", "1", "--images-per-prompt", "1", "--max-prompts", "6"]
     demo = ["max_steps=1", f"data.eval={small}", "report_to=none"]
-    demo += ["diffusion_nft.prompts_per_step=2", "diffusion_nft.group_size=2"]
+    demo += ["awm.prompts_per_step=2", "awm.group_size=2"]
     assert ds.main([*args, "--", *demo]) == 0
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["seed"] for r in rows] == [0, 1]

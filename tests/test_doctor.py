@@ -378,12 +378,15 @@ def test_cli_env_only_matches_findings(capsys):
     assert code == (1 if "FAIL " in out else 0)
 
 
-def test_toy_model_is_found_offline():
+@pytest.mark.parametrize(
+    "preset, folder", [("flow_grpo.yaml", "assets/sd3"), ("demo.yaml", "assets/sd3_cliptext")]
+)
+def test_toy_models_are_found_offline(preset, folder):
     findings = run_doctor(
-        str(Path(__file__).resolve().parent.parent / "configs" / "toy" / "flow_grpo.yaml"), checks=["model"]
+        str(Path(__file__).resolve().parent.parent / "configs" / "toy" / preset), checks=["model"]
     )
     model = [f for f in findings if f.name == "model"]
-    assert model and model[0].status == "OK" and "assets/sd3" in model[0].message
+    assert model and model[0].status == "OK" and folder in model[0].message
 
 
 @pytest.mark.parametrize("installed, status", [(None, "FAIL"), ("0.18.0", "FAIL"), ("0.19.8", "OK")])

@@ -93,7 +93,11 @@ def test_the_wheel_holds_the_mapped_packages_the_toy_model_and_the_presets(wheel
         "diffrl/samplers/__init__.py",
         "diffrl/toy/assets/sd3/model_index.json",
         "diffrl/toy/assets/sd3/transformer/config.json",
+        "diffrl/toy/assets/sd3_cliptext/model_index.json",
+        "diffrl/toy/assets/sd3_cliptext/text_encoder/model.safetensors",
+        "diffrl/toy/assets/sd3_cliptext/transformer/diffusion_pytorch_model.safetensors",
         "diffrl/toy/assets/clip/config.json",
+        "diffrl/configs/toy/demo.yaml",
         "diffrl/configs/toy/diffusion_nft.yaml",
         "diffrl/configs/toy/train.jsonl",
         "diffrl/configs/toy/eval.jsonl",
@@ -167,8 +171,8 @@ def test_the_installed_wheel_runs_the_demo_from_anywhere(wheel, tmp_path):
             "eval_every=0",
             "data.eval=eval.jsonl",
             "report_to=none",
-            "diffusion_nft.prompts_per_step=2",
-            "diffusion_nft.group_size=2",
+            "awm.prompts_per_step=2",
+            "awm.group_size=2",
         ],
         cwd=elsewhere,
         env=env,
@@ -178,8 +182,9 @@ def test_the_installed_wheel_runs_the_demo_from_anywhere(wheel, tmp_path):
     )
     assert demo.returncode == 0, demo.stderr[-3000:]
     summary = json.loads((elsewhere / "run" / "demo_summary.json").read_text())
-    assert summary["eval_images"] == 4
+    assert summary["eval_images"] == 16  # 4 held-out prompts, 4 images each (the demo preset)
     config = json.loads((elsewhere / "run" / "config.json").read_text())["config"]
+    assert config["model"]["path"] == "toy:cliptext"  # the demo's base, found inside the installed package
     assert Path(config["data"]["train"]).is_relative_to(
         site
     )  # the preset's prompt file, shipped in the wheel

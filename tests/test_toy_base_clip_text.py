@@ -2,6 +2,7 @@
 model without its first (random) text encoder, and its first encoder is the toy CLIP's text tower."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -60,3 +61,26 @@ def test_widened_transformer_starts_as_the_shipped_one_without_its_first_encoder
         torch.testing.assert_close(new_out, old_out, rtol=1e-5, atol=1e-5)
         # and the toy CLIP's features are what the new columns will learn from: zero columns at step 0
         assert pipe.transformer.context_embedder.weight[:, :64].abs().max() == 0
+
+
+def test_the_shipped_clip_text_model_is_this_scripts_build():
+    """``toy:cliptext`` (the demo's base) is a checkpoint of this build: the toy CLIP's text tower, the shipped
+    model's second encoder and VAE unchanged, the widened transformer, loaded by name through ``load_model``."""
+    from safetensors.torch import load_file
+
+    from diffrl.models import load_model
+    from diffrl.toy.assets import toy_clip_dir, toy_cliptext_model_dir, toy_model_dir
+
+    shipped = toy_cliptext_model_dir()
+    enc = tb.toy_clip_text_encoder(str(toy_clip_dir()))
+    weights = load_file(shipped / "text_encoder" / "model.safetensors")
+    expected = enc.state_dict()
+    assert set(weights) <= set(expected) and len(weights) >= len(expected) - 1  # position_ids may be dropped
+    for key, value in weights.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    for part in ("text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (shipped / part).read_bytes() == (toy_model_dir() / part).read_bytes(), part
+    model = load_model("toy:cliptext")
+    assert model.pipe.transformer.config.joint_attention_dim == 96
+    assert model.pipe.text_encoder.config.hidden_size == 64
+    assert json.loads((shipped / "toy_model.json").read_text())["step"] == 5000

@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="diffrl demo",
-        description="Fine-tune the toy-world model on a CPU (a few minutes) and draw before/after pictures.",
+        description="Fine-tune the toy-world model on a CPU (about 10 minutes) and draw before/after pictures.",
     )
     parser.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=10 output_dir=runs/x"

@@ -35,7 +35,8 @@ def _add_common(p) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="hub id, local diffusers pipeline dir, toy (the shipped toy model: 64x64), or tiny:FAMILY, a tiny "
+        help="hub id, local diffusers pipeline dir, toy or toy:cliptext (the shipped toy models: 64x64, the second "
+        "is the demo's), or tiny:FAMILY, a tiny "
         f"random pipeline for tests ({', '.join(TINY_FAMILIES)})",
     )
     p.add_argument(

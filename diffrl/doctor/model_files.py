@@ -107,14 +107,14 @@ def locate_model(cfg, label: str) -> ModelLocation:
         if label != "the config"
         else "Run `diffrl download <your config.yaml>` where there is network (into the same HF cache)."
     )
-    if spec == "toy":  # the toy-world model shipped in the package
-        from diffrl.utils import shipped_checkpoint
+    from diffrl.utils import SHIPPED_PIPELINES, shipped_checkpoint
 
+    if spec in SHIPPED_PIPELINES:  # a toy-world model shipped in the package
         try:
-            spec = str(shipped_checkpoint("toy"))
+            spec = str(shipped_checkpoint(spec))
         except FileNotFoundError as err:
             return ModelLocation(
-                "toy", "local", None, Finding("model", "FAIL", str(err), "Re-create it with that command.")
+                spec, "local", None, Finding("model", "FAIL", str(err), "Re-create it with that command.")
             )
     if spec.startswith("tiny:"):
         from ..models.loading import TINY_BUILDERS

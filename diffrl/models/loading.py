@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import resolve_dtype, shipped_checkpoint
+from ..utils import SHIPPED_PIPELINES, resolve_dtype, shipped_checkpoint
 from .base import FlowModel
 from .flux import FluxModel
 from .flux2 import Flux2KleinModel, Flux2Model
@@ -125,12 +125,13 @@ def tiny_model_dir(spec: str) -> Path:
 
 
 def _pipeline_path(path: str | Path) -> str:
-    """A hub id or directory as given; ``tiny:sd3`` / ``tiny:flux`` and ``toy`` as their local directories."""
+    """A hub id or directory as given; ``tiny:FAMILY`` and the shipped toy models (``toy``, ``toy:cliptext``) as
+    their local directories."""
     path = str(path)
     if path.startswith("tiny:"):
         return str(tiny_model_dir(path))
-    if path == "toy":
-        return str(shipped_checkpoint("toy"))
+    if path in SHIPPED_PIPELINES:
+        return str(shipped_checkpoint(path))
     return path
 
 
