@@ -1,15 +1,17 @@
-"""The demo over several seeds, each run's base and final accuracy re-measured on more images (issues 15 and 17: the
-demo's +30 points; docs/benchmarks.md, "The demo's own figures, checked on 384 images").
+"""The demo over several seeds, each run's base and final accuracy re-measured on images of other seeds (issues 15
+and 17: the demo's +30 points; docs/benchmarks.md, "The demo's gain").
 
-One demo evaluates 96 held-out images, so its gain carries a standard error of 6 to 7 points, and a run whose base
-evaluation happens to be low reports a gain it did not make. This script runs ``diffrl demo`` once per seed (the same
-config and overrides), then samples the base model and each run's final LoRA again with
+The first demo evaluated 96 held-out images, so its gain carried a standard error of 6 to 7 points, and a run whose
+base evaluation happened to be low reported a gain it did not make; the demo now evaluates 384 (about 3.4 points),
+and two 384-image evaluations of one LoRA still differed by up to 6 points. This script runs ``diffrl demo`` once
+per seed (the same config and overrides), then samples the base model and each run's final LoRA again with
 ``benchmarks/toy_failures.py`` (``--images-per-prompt`` images per held-out prompt, seeds 1000, 1001, ..., which no
 demo evaluation uses) and prints, per seed and as mean +- sample standard deviation over the seeds: the demo's own
-base, final and gain, the re-measured ones, and the demo's CPU seconds.
+base, final and gain, the re-measured ones, and the demo's CPU seconds. The demo's figures in the README are
 
-    python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2 --config configs/toy/awm.yaml \\
-        -- model.path=<a toy pipeline directory> max_steps=280 eval_every=40
+    python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2
+
+and overrides after ``--`` change the demo (``-- awm.ema_kl_weight=3``; ``--config`` another preset).
 
 A seed whose run directory already holds ``demo_summary.json`` is not run again (re-measured only), so an
 interrupted sweep continues where it stopped. Writes ``OUT/seed-S/`` (the demo's run directory, with
