@@ -57,7 +57,7 @@ def seed_row(seed: int, summary: dict, remeasured: dict) -> dict:
         "final": 100 * final["strict"],
         "gain": 100 * (final["strict"] - base["strict"]),
         "images": final["n"],
-        "demo_images": summary.get("eval_images", summary.get("eval_prompts")),
+        "demo_images": summary["eval_images"],
         "objects_per_image": final["objects"],
         "cpu_seconds": summary["total_cpu_seconds"],
     }
@@ -74,7 +74,8 @@ def table(rows: Sequence[dict]) -> list[str]:
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['demo_base']:.1f} / {r['demo_final']:.1f} / {r['demo_gain']:+.1f} | "
-            f"{r['base']:.1f} / {r['final']:.1f} / {r['gain']:+.1f} | {r['demo_images']} / {r['images']} | {r['cpu_seconds']:.0f} |"
+            f"{r['base']:.1f} / {r['final']:.1f} / {r['gain']:+.1f} | {r['demo_images']} / {r['images']} | "
+            f"{r['cpu_seconds']:.0f} |"
         )
     if rows:
         m = {k: spread([r[k] for r in rows]) for k in keys}

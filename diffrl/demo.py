@@ -8,8 +8,8 @@ rewards the shapes verifier's partial credit plus its strict 0/1 correctness, so
 metric the demo reports; :data:`DEMO_OVERRIDES` adds that reward to any other preset named with ``--config`` (the
 presets alone, which the learning benchmark uses for every trainer, reward the partial credit only). Three seeds
 gained +26.7 +- 0.5 points of held-out strict accuracy on its own 384-image evaluations (+22.8 +- 3.3 sampled again
-with other seeds), in about 9 CPU minutes a run (docs/benchmarks.md). It writes to the run directory (``output_dir``, default ``runs/demo``, or
-``runs/demo-<date>-<time>`` when that holds an earlier demo):
+with other seeds), in about 9 CPU minutes a run (docs/benchmarks.md). It writes to the run directory
+(``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds an earlier demo):
 
 * ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: every evaluation's images;
 * ``curves.png``: training reward and held-out partial credit and strict accuracy against steps;

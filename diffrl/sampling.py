@@ -36,7 +36,7 @@ import torch
 
 from .data import PromptSet, check_reward_metadata, load_prompts
 from .models.lora_files import LoraSource, load_lora, resolve_lora
-from .utils import resolve_dtype
+from .utils import SHIPPED_PIPELINES, resolve_dtype
 
 __all__ = [
     "SampleInfo",
@@ -170,8 +170,6 @@ def sampling_defaults(spec: str, model) -> tuple[int, float]:
     pipeline defaults 28 steps with guidance embedding 3.5; for SD3/SD3.5 40 steps with CFG 4.5, the Flow-GRPO
     evaluation setting the SD3.5 presets use; Qwen-Image's pipeline defaults 50 steps with true CFG 4)."""
     directory = Path(getattr(model.pipe, "name_or_path", "") or "")
-    from diffrl.utils import SHIPPED_PIPELINES
-
     if str(spec) in SHIPPED_PIPELINES or (directory / "toy_model.json").is_file():
         return 8, 1.0
     return int(model.default_num_steps), float(model.default_guidance_scale)
