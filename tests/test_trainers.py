@@ -743,7 +743,7 @@ def test_resume_restores_running_reward_statistics(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_eval_images_per_prompt_adds_seeds_and_keeps_the_first_image(tmp_path):
+def test_eval_images_per_prompt_adds_seeds_and_keeps_the_first_image(tmp_path, monkeypatch):
     from diffrl.rewards import as_reward
 
     seen: dict[int, list[torch.Tensor]] = {}
@@ -764,8 +764,24 @@ def test_eval_images_per_prompt_adds_seeds_and_keeps_the_first_image(tmp_path):
         metrics = trainer.evaluate()
         return torch.cat([t for chunks in seen.values() for t in chunks]), metrics
 
+    import diffrl.trainers.eval_grid as eval_grid
+
+    drawn = []
+    real_grid = eval_grid.save_eval_grid
+
+    def grid(images, prompts, components, path, title=""):
+        drawn.append((images.detach().clone(), list(prompts), title))
+        return real_grid(images, prompts, components, path, title)
+
+    monkeypatch.setattr(eval_grid, "save_eval_grid", grid)
     one, m1 = evaluate(1, tmp_path / "one")
     two, m2 = evaluate(2, tmp_path / "two")
+    # the picture shows the first image of each prompt only, whatever eval_images_per_prompt is
+    (g1, p1, t1), (g2, p2, t2) = drawn
+    assert g1.shape[0] == g2.shape[0] == 3 and p1 == p2
+    torch.testing.assert_close(g2, g1, rtol=0, atol=1e-5)
+    assert "6 held-out images" in t2 and "the first of each prompt's 2 shown" in t2 and "shown" not in t1
+    assert (tmp_path / "two" / "eval" / "step_000000.png").is_file()
     assert one.shape[0] == 3 and two.shape[0] == 6
     # image 0 of each prompt: the one-image seeds. Equal up to float rounding, not bitwise: the two runs sample in
     # batches of different sizes, and with more than one thread the kernels then sum in different orders

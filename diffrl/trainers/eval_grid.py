@@ -1,4 +1,5 @@
-"""The picture of an evaluation (``eval/step_NNNNNN.png``): every evaluation image with its prompt and scores.
+"""The picture of an evaluation (``eval/step_NNNNNN.png``): its images (the first of each held-out prompt, see
+:func:`diffrl.trainers.evaluation.evaluate`), each with its prompt and scores.
 
 Each image gets its prompt (wrapped) and the evaluation reward's scores above it; when one of the reward's components
 is a pass/fail score (every value 0 or 1, e.g. ``shapes_accuracy``), its frame is green where it passed and red
