@@ -186,3 +186,14 @@ def test_sample_help_names_every_tiny_model(capsys):
         main(["sample", "--help"])
     helptext = " ".join(capsys.readouterr().out.split())
     assert all(f in helptext for f in TINY_FAMILIES), helptext
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_prompt_is_the_prompts_option(command):
+    from diffrl.cli.sample import eval_parser, sample_parser
+
+    parser = sample_parser() if command == "sample" else eval_parser()
+    rest = ["--out", "o"] if command == "sample" else ["--reward", "brightness"]
+    one = parser.parse_args(["toy", "--prompt", "a red circle", *rest])
+    two = parser.parse_args(["toy", "--prompts", "a red circle", "a blue square", *rest])
+    assert one.prompts == ["a red circle"] and two.prompts == ["a red circle", "a blue square"]

@@ -109,10 +109,13 @@ def sample_parser() -> argparse.ArgumentParser:
     _add_common(sp)
     sp.add_argument(
         "--prompts",
+        "--prompt",
+        dest="prompts",
         nargs="+",
         required=True,
         metavar="FILE_OR_TEXT",
-        help="prompt files (.txt one a line, .jsonl with a prompt field, hf:<dataset>) or prompt texts",
+        help="prompt files (.txt one a line, .jsonl with a prompt field, hf:<dataset>) or prompt texts (--prompt is "
+        "the same option)",
     )
     sp.add_argument("--out", required=True, metavar="DIR", help="output directory")
     return sp
@@ -127,11 +130,13 @@ def eval_parser() -> argparse.ArgumentParser:
     _add_common(ev)
     ev.add_argument(
         "--prompts",
+        "--prompt",
+        dest="prompts",
         nargs="+",
         required=True,
         metavar="FILE_OR_TEXT",
         help="prompt files (.txt one a line, .jsonl with a prompt field and the rewards' metadata, hf:<dataset>) or "
-        "prompt texts, as diffrl sample takes them",
+        "prompt texts, as diffrl sample takes them (--prompt is the same option)",
     )
     ev.add_argument(
         "--reward",
