@@ -839,3 +839,23 @@ def test_flow_factory_i2i_preset_maps_the_recipe_and_runs_on_the_tiny_model(tmp_
     assert trainer.model.reference_area == 64 * 64
     cond = trainer.model.encode_rows(["a red cat"], {"image": [str(tmp_path / rows[0]["image"])]})
     assert cond.image_grid[0].tolist() == [8, 7]  # 64 x 72 scaled to 56 x 64 pixels (see the test above)
+
+
+def test_encoding_does_not_print_the_pipelines_processor_kwargs_warning(dev, caplog):
+    # diffusers' Flux2Pipeline passes processor options the way transformers warns about, once per encoded prompt;
+    # the warning is silenced while diffrl encodes, and only then
+    import logging
+
+    def warned() -> bool:
+        return any("processor_kwargs" in r.getMessage() for r in caplog.records)
+
+    dev.clear_prompt_cache()
+    with caplog.at_level(logging.WARNING):
+        dev.encode(["a brand new prompt for the cache"])
+        assert not warned()
+        log = logging.getLogger("transformers.processing_utils")
+        assert not log.filters
+        log.warning(
+            "Kwargs passed to `processor.__call__` have to be in `processor_kwargs` dict, not in `**kwargs`"
+        )
+        assert warned()

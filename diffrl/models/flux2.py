@@ -30,7 +30,9 @@ ours is always the configured ``height`` x ``width``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 
@@ -96,6 +98,27 @@ def flux2_reference_ids(grid: Sequence[int], scale: int = 10) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long)
 
 
+class _LegacyProcessorKwargsFilter(logging.Filter):
+    """Drops transformers' "Kwargs passed to `processor.__call__` have to be in `processor_kwargs`" warning, which
+    diffusers' Flux2Pipeline causes in ``apply_chat_template`` (its call, not the user's: nothing to act on), and
+    which would otherwise print once for every new prompt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "have to be in `processor_kwargs`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_legacy_processor_kwargs():
+    """Silence only that warning, only while the pipeline encodes prompts."""
+    log = logging.getLogger("transformers.processing_utils")
+    quiet = _LegacyProcessorKwargsFilter()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 class Flux2Model(FlowModel):
     """FLUX.2 [dev]: latents ``(B, 4C, H/16, W/16)`` in the pipeline's own space (the VAE's ``C = 32`` channels
     patchified 2x2 and batch-normalised; each position is one transformer token); the guidance scale enters the
@@ -149,9 +172,10 @@ class Flux2Model(FlowModel):
 
     # ------------------------------------------------------------------ text
     def _encode_uncached(self, prompts):
-        embeds, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
-        )
+        with _quiet_legacy_processor_kwargs():
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
+            )
         return [(e.to(self.dtype),) for e in embeds]
 
     def _assemble(self, rows, negative_rows):
