@@ -11,7 +11,8 @@ gained +26.7 +- 0.5 points of held-out strict accuracy on its own 384-image eval
 with other seeds), in about 9 CPU minutes a run (docs/benchmarks.md). It writes to the run directory
 (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds an earlier demo):
 
-* ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: each evaluation's images, the first of each prompt;
+* ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: each evaluation's images (the
+  first of each prompt);
 * ``curves.png``: training reward and held-out partial credit and strict accuracy against steps;
 * ``before_after.png``: the same held-out prompts and seeds from the base model and from the fine-tuned one (from a
   pool of distinct prompts over all categories, those fixed without extra shapes first; the title counts the pool's
