@@ -116,7 +116,7 @@ def evaluate(run: Evaluated) -> dict[str, float]:
             f"{k.split('/')[-2] if k.endswith('/mean') else k} {v:.3g}" for k, v in metrics.items()
         )
         # the picture shows the first image of each prompt (its seed is a one-image evaluation's), so its size
-        # does not grow with eval_images_per_prompt (384 images drew a 2.4 MB picture, 96 about 0.6 MB)
+        # does not grow with eval_images_per_prompt (the demo's 384 images drew 2.4 MB pictures, 96 draw 0.6-0.75 MB)
         first = [j for j, row in enumerate(mine[:real]) if row < n]
         shown = "" if len(first) == real else f", the first of each prompt's {per} shown"
         save_eval_grid(
