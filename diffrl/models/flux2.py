@@ -98,25 +98,22 @@ def flux2_reference_ids(grid: Sequence[int], scale: int = 10) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long)
 
 
-class _LegacyProcessorKwargsFilter(logging.Filter):
-    """Drops transformers' "Kwargs passed to `processor.__call__` have to be in `processor_kwargs`" warning, which
+def _not_legacy_processor_kwargs(record: logging.LogRecord) -> bool:
+    """False for transformers' "Kwargs passed to `processor.__call__` have to be in `processor_kwargs`" warning, which
     diffusers' Flux2Pipeline causes in ``apply_chat_template`` (its call, not the user's: nothing to act on), and
     which would otherwise print once for every new prompt."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "have to be in `processor_kwargs`" not in record.getMessage()
+    return "have to be in `processor_kwargs`" not in record.getMessage()
 
 
 @contextlib.contextmanager
 def _quiet_legacy_processor_kwargs():
     """Silence only that warning, only while the pipeline encodes prompts."""
     log = logging.getLogger("transformers.processing_utils")
-    quiet = _LegacyProcessorKwargsFilter()
-    log.addFilter(quiet)
+    log.addFilter(_not_legacy_processor_kwargs)
     try:
         yield
     finally:
-        log.removeFilter(quiet)
+        log.removeFilter(_not_legacy_processor_kwargs)
 
 
 class Flux2Model(FlowModel):
