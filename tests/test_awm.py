@@ -182,6 +182,16 @@ def test_logit_normal_levels_by_hand():
         (["awm.first_level=3"], r"awm.first_level=3 leaves no level to train.*\[3, 3\)"),
         (["awm.ghuber_power=1.5"], r"awm.ghuber_power=1.5 must be in \(0, 1\]"),
         (["awm.rollout_guidance=0.5"], "awm.rollout_guidance=0.5 must be at least 1"),
+        (["awm.sampler=sa"], "awm.sampler='sa' must be ode, sde or cps"),
+        (
+            ["awm.sde_t_range=[0.9,0.3]"],
+            r"awm.sde_t_range=\[0.9, 0.3\] must be \[lo, hi\] with 0 <= lo <= hi <= 1",
+        ),
+        (["awm.sde_t_range=[0.3]"], r"awm.sde_t_range=\[0.3\] must be \[lo, hi\]"),
+        (
+            ["awm.noise_level=0"],
+            r"awm.noise_level=0.* must be positive \(awm.sampler=ode is the deterministic",
+        ),
         (["model.lora_rank=0"], "lora_rank=0 .* has no base model.*awm.kl_weight"),
         (["model.lora_rank=0", "awm.kl_weight=0"], "awm.ema_kl_weight=1.0 needs a LoRA"),
     ],
@@ -287,6 +297,66 @@ def test_rollout_guidance_samples_with_cfg_and_trains_the_guidance_free_velocity
         trained = {g for g, grad in seen["velocity"] if grad}
         assert trained == {1.0}, seen["velocity"]
         assert (guidance, False) in seen["velocity"]
+
+
+def test_stochastic_rollouts_on_the_steps_of_sde_t_range_each_row_its_own(tmp_path, monkeypatch):
+    """awm.sampler=sde: the rollout steps that start at a level in awm.sde_t_range are SDE steps (the others
+    deterministic), the images differ from the ODE's, and each row's noise comes from its own generator, so the same
+    seed gives the same images and sampling one image at a time gives the same images as in chunks of 8."""
+    import diffrl.trainers.awm as awm_module
+
+    seen = []
+    real_rollout = awm_module.rollout
+
+    def recording_rollout(model, cond, sigmas, noise, **kw):
+        out = real_rollout(model, cond, sigmas, noise, **kw)
+        seen.append((kw, sigmas, out))
+        return out
+
+    monkeypatch.setattr(awm_module, "rollout", recording_rollout)
+
+    def first_step(name, *extra):
+        seen.clear()
+        metrics = _trainer(tmp_path / name, *extra).train_step(0)
+        assert metrics["train/skipped"] == 0.0 and math.isfinite(metrics["train/loss"])
+        return torch.cat([out.final for _, _, out in seen]), [(kw, sigmas, out) for kw, sigmas, out in seen]
+
+    ode, calls = first_step("ode")
+    assert "sampler" not in calls[0][0] and not calls[0][2].stochastic.any()
+    sde, calls = first_step("sde", "awm.sampler=sde", "awm.sde_t_range=[0.5,0.9]")
+    kw, sigmas, out = calls[0]
+    # the tiny model's 4 levels are 1, 0.858, 0.602, 0.009: the steps that start at 0.858 and 0.602
+    starts = [k for k in range(len(sigmas) - 1) if 0.5 <= float(sigmas[k]) <= 0.9]
+    assert starts == [1, 2] and kw["sde_window"] == (1, 3)
+    assert kw["sampler"] == "sde" and kw["noise_level"] == 0.7
+    assert out.stochastic.tolist() == [False, True, True, False]
+    assert (sde - ode).abs().max() > 0.1
+    again, _ = first_step("again", "awm.sampler=sde", "awm.sde_t_range=[0.5,0.9]")
+    assert torch.equal(again, sde)
+    one_by_one, calls = first_step(
+        "one", "awm.sampler=sde", "awm.sde_t_range=[0.5,0.9]", "sample.batch_size=1"
+    )
+    assert len(calls) == 8
+    torch.testing.assert_close(one_by_one, sde, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["awm.sampler=sde", "awm.sde_t_range=[0.7,0.8]"],
+            r"awm.sde_t_range=\[0.7, 0.8\] holds none of the rollout steps' starting levels \(1, 0.858, 0.602, "
+            r"0.00893\); widen it or set awm.sampler=ode\.",
+        ),
+        (
+            ["awm.sampler=cps", "awm.sde_t_range=[0.0,0.9]"],
+            r"awm.sampler=cps cannot make the last rollout step \(to level 0\) stochastic.*starting level 0.00893",
+        ),
+    ],
+)
+def test_a_stochastic_window_without_steps_or_a_cps_step_to_zero_is_refused(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, *extra)
 
 
 def test_rollout_guidance_needs_a_cfg_model(tmp_path):

@@ -28,8 +28,9 @@ diffrl differs from it (details and the reference values in docs/trainers/awm.md
   fraction))`` of the rollout's T levels in K equal bins, one index drawn in each. The reference draws one set per
   micro-batch; diffrl draws one per sample keyed by its global row, so the micro-batch size and the number of
   processes do not change the update. ``logit_normal`` is the reference's continuous stratified draw (shift 3).
-* Rollouts: the Euler ODE or DPM-Solver++ 2M (``awm.solver``); the reference uses SA-Solver, stochastic in
-  ``t in [0.3, 0.9]`` for GenEval and OCR (noise 0.4) and deterministic for PickScore. SA-Solver is not implemented.
+* Rollouts: the Euler ODE or DPM-Solver++ 2M (``awm.solver``), optionally with Flow-GRPO's SDE or CPS steps for
+  ``t`` in ``awm.sde_t_range`` (``awm.sampler``); the reference uses SA-Solver, stochastic in ``t in [0.3, 0.9]``
+  for GenEval and OCR (noise 0.4) and deterministic for PickScore. SA-Solver is not implemented.
 * The matching loss is computed in float32 (the reference: float64).
 """
 
@@ -82,6 +83,7 @@ class AWMTrainer(Trainer):
                 f"guidance; {self.cfg.model.path}'s is a guidance embedding, set by sample.guidance_scale: leave "
                 "awm.rollout_guidance at 1."
             )
+        self.sde_window = self._sde_window()
         self.ema_params = []
         if self.cfg.awm.ema_kl_weight <= 0:
             return
@@ -100,6 +102,31 @@ class AWMTrainer(Trainer):
                 e.copy_(p)
         for e in self.ema_params:
             e.requires_grad_(False)
+
+    def _sde_window(self) -> tuple[int, int] | None:
+        """``(start, end)`` of the stochastic rollout steps of ``awm.sampler`` sde or cps: the steps that start at a
+        level in ``awm.sde_t_range`` (``None`` for the ODE). Refuses a range that holds no step, and a CPS window
+        that would end with the deterministic step to level 0."""
+        a, s = self.cfg.awm, self.cfg.sample
+        if a.sampler == "ode":
+            return None
+        sigmas = self.model.schedule(s.num_steps, s.height, s.width)
+        lo, hi = a.sde_t_range
+        steps = [k for k in range(len(sigmas) - 1) if lo <= float(sigmas[k]) <= hi]
+        levels = ", ".join(f"{float(t):.3g}" for t in sigmas[:-1])
+        if not steps:
+            raise ValueError(
+                f"awm.sde_t_range={list(a.sde_t_range)} holds none of the rollout steps' starting levels ({levels}); "
+                "widen it or set awm.sampler=ode."
+            )
+        start, end = steps[0], steps[-1] + 1
+        if a.sampler == "cps" and end == len(sigmas) - 1 and float(sigmas[-1]) == 0.0:
+            raise ValueError(
+                f"awm.sampler=cps cannot make the last rollout step (to level 0) stochastic, and "
+                f"awm.sde_t_range={list(a.sde_t_range)} holds its starting level {float(sigmas[-2]):.3g}; raise the "
+                "range's lower end above it."
+            )
+        return start, end
 
     def after_sharding(self) -> None:
         if self.cfg.awm.ema_kl_weight > 0:
@@ -137,16 +164,31 @@ class AWMTrainer(Trainer):
         roll_guidance = a.rollout_guidance if a.rollout_guidance > 1 else guidance
         cond_all = model.encode_rows(batch.prompts, batch.metadata).repeat_interleave(G)
 
-        # 1. rollouts of the current policy (ODE, no grad; with awm.rollout_guidance > 1 the guided policy), keep x0
+        # 1. rollouts of the current policy (ODE, or stochastic in awm.sde_t_range; no grad; with
+        # awm.rollout_guidance > 1 the guided policy), keep x0
         n = len(prompts)
 
         def sample_chunk(rows):
+            stochastic = {}
+            if self.sde_window is not None:  # each row's SDE noise from its own generator
+                stochastic = dict(
+                    sampler=a.sampler,
+                    noise_level=a.noise_level,
+                    sde_window=self.sde_window,
+                    generator=self.row_generators(2, rows, self.rank * n),
+                )
             with torch.no_grad(), self.autocast():
                 noise = model.sample_noise(
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
                 )
                 return rollout(
-                    model, cond_all.select(rows), sigmas, noise, guidance_scale=roll_guidance, solver=a.solver
+                    model,
+                    cond_all.select(rows),
+                    sigmas,
+                    noise,
+                    guidance_scale=roll_guidance,
+                    solver=a.solver,
+                    **stochastic,
                 ).final
 
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
