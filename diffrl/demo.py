@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -232,6 +233,18 @@ def fresh_output_dir(cfg, overrides: list[str] | None) -> str:
     return candidate
 
 
+def threads_hint(chosen: int | None, requested: int | None, cores: int) -> str | None:
+    """The line the demo prints when it runs on one torch thread by default on a machine with more cores
+    (``chosen``: what :func:`~diffrl.utils.set_cpu_threads` set, ``requested``: ``--threads``); else None."""
+    if requested is not None or chosen != 1 or cores < 2:
+        return None
+    option = "--threads 2" if cores == 2 else f"--threads N (N from 2 to {cores})"
+    return (
+        f"diffrl demo: one torch thread (the CPU default, steady on a busy machine); this machine has {cores} CPUs, "
+        f"and on an otherwise idle machine {option} shortens the run"
+    )
+
+
 def run_demo(
     overrides: list[str] | None = None,
     *,
@@ -247,7 +260,7 @@ def run_demo(
 
     from diffrl.utils import set_cpu_threads
 
-    set_cpu_threads(threads)
+    hint = threads_hint(set_cpu_threads(threads), threads, os.cpu_count() or 1)
 
     from diffrl.config import load_config
     from diffrl.sampling import sample_images
@@ -270,6 +283,8 @@ def run_demo(
         f"diffrl demo: {cfg.algorithm} on the toy-world model, {cfg.max_steps} step{'s' * (cfg.max_steps != 1)}, "
         f"evaluation of held-out prompts every {every} step{'s' * (every != 1)}; run directory {out}"
     )
+    if hint:
+        log(hint)
     t0, c0 = time.time(), time.process_time()
     trainer = build_trainer(cfg)
     trainer.train()

@@ -14,6 +14,7 @@ from diffrl.demo import (
     read_metrics,
     run_demo,
     showcase_order,
+    threads_hint,
 )
 
 
@@ -74,6 +75,18 @@ def test_the_demo_preset_is_awm_from_the_clip_text_toy_model_with_the_demos_rewa
         load_config(DEFAULT_CONFIG).reward == cfg.reward == {"shapes_verifier": 1.0, "shapes_accuracy": 1.0}
     )
     assert cfg.output_dir == "runs/demo"
+
+
+def test_the_threads_hint_shows_only_for_the_one_thread_default_on_several_cores():
+    hint = threads_hint(1, None, 8)
+    assert hint and "one torch thread" in hint and "--threads N (N from 2 to 8) shortens the run" in hint
+    assert "this machine has 2 CPUs, and on an otherwise idle machine --threads 2 shortens" in threads_hint(
+        1, None, 2
+    )
+    assert threads_hint(1, None, 1) is None  # one core: nothing to gain
+    assert threads_hint(1, 1, 8) is None  # --threads 1 asked for
+    assert threads_hint(None, None, 8) is None  # left to torch (a GPU, or OMP_NUM_THREADS set)
+    assert threads_hint(2, 2, 8) is None
 
 
 def test_accuracy_gain_is_in_points_with_the_error_of_a_difference():
