@@ -373,6 +373,7 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "awm.solver=dpm2",
             "awm.adv_std=group",
             "awm.ema_kl_rate=0.2",
+            "awm.sampler=sde",  # stochastic steps 1-2 of the tiny model's 4, dpm2 after them
         ),
     ),
     # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
