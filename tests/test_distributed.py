@@ -77,6 +77,8 @@ EXTRA = {
         "diffusion_nft.per_sample_levels=true",
         "diffusion_nft.solver=dpm2",
     ],
+    # AWM with stochastic rollout steps (each row's SDE noise keyed by its global row), DPM-2 after them
+    "awm-sde": [f"reward={{{GATED}: 1.0}}", "awm.sampler=sde", "awm.solver=dpm2"],
     # Flow-GRPO with a batch-normalised sum: each process scores its share, the parts are gathered and every share
     # is z-scored with the statistics of the whole batch
     "flow_grpo-batch": [
