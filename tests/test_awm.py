@@ -299,8 +299,9 @@ def test_rollout_guidance_samples_with_cfg_and_trains_the_guidance_free_velocity
         assert (guidance, False) in seen["velocity"]
 
 
-def test_stochastic_rollouts_on_the_steps_of_sde_t_range_each_row_its_own(tmp_path, monkeypatch):
-    """awm.sampler=sde: the rollout steps that start at a level in awm.sde_t_range are SDE steps (the others
+@pytest.mark.parametrize("sampler", ["sde", "cps"])
+def test_stochastic_rollouts_on_the_steps_of_sde_t_range_each_row_its_own(sampler, tmp_path, monkeypatch):
+    """awm.sampler=sde / cps: the rollout steps that start at a level in awm.sde_t_range are stochastic (the others
     deterministic), the images differ from the ODE's, and each row's noise comes from its own generator, so the same
     seed gives the same images and sampling one image at a time gives the same images as in chunks of 8."""
     import diffrl.trainers.awm as awm_module
@@ -323,18 +324,18 @@ def test_stochastic_rollouts_on_the_steps_of_sde_t_range_each_row_its_own(tmp_pa
 
     ode, calls = first_step("ode")
     assert "sampler" not in calls[0][0] and not calls[0][2].stochastic.any()
-    sde, calls = first_step("sde", "awm.sampler=sde", "awm.sde_t_range=[0.5,0.9]")
+    sde, calls = first_step("sde", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]")
     kw, sigmas, out = calls[0]
     # the tiny model's 4 levels are 1, 0.858, 0.602, 0.009: the steps that start at 0.858 and 0.602
     starts = [k for k in range(len(sigmas) - 1) if 0.5 <= float(sigmas[k]) <= 0.9]
     assert starts == [1, 2] and kw["sde_window"] == (1, 3)
-    assert kw["sampler"] == "sde" and kw["noise_level"] == 0.7
+    assert kw["sampler"] == sampler and kw["noise_level"] == 0.7
     assert out.stochastic.tolist() == [False, True, True, False]
     assert (sde - ode).abs().max() > 0.1
-    again, _ = first_step("again", "awm.sampler=sde", "awm.sde_t_range=[0.5,0.9]")
+    again, _ = first_step("again", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]")
     assert torch.equal(again, sde)
     one_by_one, calls = first_step(
-        "one", "awm.sampler=sde", "awm.sde_t_range=[0.5,0.9]", "sample.batch_size=1"
+        "one", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]", "sample.batch_size=1"
     )
     assert len(calls) == 8
     torch.testing.assert_close(one_by_one, sde, rtol=1e-4, atol=1e-4)
