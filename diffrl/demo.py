@@ -24,7 +24,8 @@ with other seeds), in about 9 CPU minutes a run (docs/benchmarks.md). It writes 
 
 and prints the base and final strict accuracy. Overrides are the ``diffrl train`` ones (``max_steps=20``,
 ``output_dir=...``, ``optim.lr=...``, ``model.path=toy`` for the first toy model); ``--config`` picks another preset
-(``configs/toy/diffusion_nft.yaml``, the demo before 2026-12-04).
+(``configs/toy/diffusion_nft.yaml``, the demo before 2026-12-04); ``--threads N`` sets the torch CPU threads (one by
+default, which it says in one line on a machine with more CPUs: more threads shorten the run on an idle machine).
 :func:`run_demo` does it all; the command's arguments are read in :mod:`diffrl.cli.demo`.
 """
 
