@@ -320,25 +320,25 @@ def test_stochastic_rollouts_on_the_steps_of_sde_t_range_each_row_its_own(sample
         seen.clear()
         metrics = _trainer(tmp_path / name, *extra).train_step(0)
         assert metrics["train/skipped"] == 0.0 and math.isfinite(metrics["train/loss"])
-        return torch.cat([out.final for _, _, out in seen]), [(kw, sigmas, out) for kw, sigmas, out in seen]
+        return torch.cat([out.final for _, _, out in seen]), list(seen)
 
     ode, calls = first_step("ode")
     assert "sampler" not in calls[0][0] and not calls[0][2].stochastic.any()
-    sde, calls = first_step("sde", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]")
+    stochastic, calls = first_step("sde", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]")
     kw, sigmas, out = calls[0]
     # the tiny model's 4 levels are 1, 0.858, 0.602, 0.009: the steps that start at 0.858 and 0.602
     starts = [k for k in range(len(sigmas) - 1) if 0.5 <= float(sigmas[k]) <= 0.9]
     assert starts == [1, 2] and kw["sde_window"] == (1, 3)
     assert kw["sampler"] == sampler and kw["noise_level"] == 0.7
     assert out.stochastic.tolist() == [False, True, True, False]
-    assert (sde - ode).abs().max() > 0.1
+    assert (stochastic - ode).abs().max() > 0.1
     again, _ = first_step("again", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]")
-    assert torch.equal(again, sde)
+    assert torch.equal(again, stochastic)
     one_by_one, calls = first_step(
         "one", f"awm.sampler={sampler}", "awm.sde_t_range=[0.5,0.9]", "sample.batch_size=1"
     )
     assert len(calls) == 8
-    torch.testing.assert_close(one_by_one, sde, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one_by_one, stochastic, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
