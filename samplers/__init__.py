@@ -1,6 +1,7 @@
 """diffrl.samplers: schedules, ODE/SDE/CPS steps with log-probabilities, and rollouts (pure functions, float32)."""
 
 from .rollout import SAMPLERS, SOLVERS, RolloutOutput, VelocityModel, resolve_window, rollout
+from .sa_solver import sa_solver_levels, sa_solver_rollout, sa_solver_weights
 from .schedules import (
     calculate_shift,
     flow_match_sigmas,
@@ -24,6 +25,9 @@ __all__ = [
     "ode_step",
     "resolve_window",
     "rollout",
+    "sa_solver_levels",
+    "sa_solver_rollout",
+    "sa_solver_weights",
     "sde_std",
     "sde_step",
     "sigmas_from_scheduler_config",
