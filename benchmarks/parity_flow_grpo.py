@@ -92,7 +92,7 @@ Monkeypatches (all undone after use; diffrl's code is not changed): ``diffrl.tra
 the stored rollouts, or wrapped to record the trajectories), ``ppo_clip_loss``, ``flow_grpo_reference_kl`` and
 ``gaussian_kl`` in ``diffrl.trainers.flow_grpo`` (wrapped to record each call), the trainer's ``finish_update``
 (wrapped to record the gradient before it clips), the trainer model's ``sample_noise`` and
-``diffrl.samplers.rollout.sde_step`` (wrapped to record the noise, drawn with ``diffrl.samplers.steps._noise_like``
+``diffrl.samplers.rollout.sde_step`` (wrapped to record the noise, drawn with ``diffrl.samplers.steps.noise_like``
 as ``sde_step`` draws it), and the reference's ``flow_grpo.diffusers_patch.sd3_sde_with_logprob.randn_tensor``.
 
 Usage: ``python benchmarks/parity_flow_grpo.py --reference /path/to/flow_grpo_clone [--steps 3] [--beta 0.04]``
@@ -637,7 +637,7 @@ def record_noise(trainer, record: dict):
 
     def sde_step(x, v, sigma, sigma_next, noise_level=0.7, *, noise=None, prev_sample=None, generator=None):
         if noise is None and prev_sample is None:
-            noise = steps_module._noise_like(x.float(), None, generator)
+            noise = steps_module.noise_like(x.float(), None, generator)
             record["sde"].append(noise.clone())
         return original_sde(
             x, v, sigma, sigma_next, noise_level, noise=noise, prev_sample=prev_sample, generator=generator

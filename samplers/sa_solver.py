@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .rollout import RolloutOutput, VelocityModel
-from .steps import _noise_like
+from .steps import noise_like
 
 __all__ = ["sa_solver_levels", "sa_solver_rollout", "sa_solver_weights"]
 
@@ -107,6 +107,8 @@ def _as_tau(tau) -> Callable[[float], float]:
     if callable(tau):
         return tau
     value = float(tau)
+    if value < 0:
+        raise ValueError(f"tau={value} is negative; the stochasticity must be 0 or more.")
     return lambda t: value
 
 
@@ -142,7 +144,9 @@ def sa_solver_rollout(
     """
     levels = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device)
     if levels.ndim != 1 or levels.numel() < 3:
-        raise ValueError(f"sigmas has shape {tuple(levels.shape)}; pass the (T+1,) levels of a schedule, T >= 2.")
+        raise ValueError(
+            f"sigmas has shape {tuple(levels.shape)}; pass the (T+1,) levels of a schedule, T >= 2."
+        )
     t = [float(v) for v in levels.double().cpu()]
     num_steps = len(t) - 1
     if not (t[-1] == 0.0 and 0 < t[-2] and t[0] < 1 and all(a > b for a, b in zip(t, t[1:], strict=False))):
@@ -155,13 +159,13 @@ def sa_solver_rollout(
             f"predictor_order={predictor_order}, corrector_order={corrector_order}: SA-Solver takes a predictor "
             f"order from 1 to {_MAX_ORDER} and a corrector order from 0 to {_MAX_ORDER}."
         )
+    tau_of = _as_tau(tau)
     warm = max(predictor_order, corrector_order - 1)
     if num_steps < warm:
         raise ValueError(
             f"{num_steps} steps are too few for predictor order {predictor_order} and corrector order "
             f"{corrector_order}; use at least {warm} steps or lower the orders."
         )
-    tau_of = _as_tau(tau)
     batch = latents.shape[0]
     lam = [_half_log_snr(v) if 0 < v < 1 else float("nan") for v in t]
 
@@ -188,8 +192,10 @@ def sa_solver_rollout(
         for k in range(1, num_steps):
             tau_k = float(tau_of(t[k]))
             if tau_k < 0:
-                raise ValueError(f"tau({t[k]:.4g}) = {tau_k} is negative; the stochasticity must be 0 or more.")
-            z = _noise_like(x, None, generator) if tau_k > 0 else None
+                raise ValueError(
+                    f"tau({t[k]:.4g}) = {tau_k} is negative; the stochasticity must be 0 or more."
+                )
+            z = noise_like(x, None, generator) if tau_k > 0 else None
             stochastic[k - 1] = tau_k > 0
             if k < warm:
                 p, q = min(predictor_order, k), min(corrector_order, k + 1)

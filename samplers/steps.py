@@ -24,7 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepOutput", "ode_step", "dpm2_step", "sde_step", "cps_step", "gaussian_log_prob", "sde_std"]
+__all__ = [
+    "StepOutput",
+    "ode_step",
+    "dpm2_step",
+    "sde_step",
+    "cps_step",
+    "gaussian_log_prob",
+    "sde_std",
+    "noise_like",
+]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -62,7 +71,9 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
-def _noise_like(x: torch.Tensor, noise, generator) -> torch.Tensor:
+def noise_like(x: torch.Tensor, noise, generator) -> torch.Tensor:
+    """Standard normal noise of ``x``'s shape, float32: ``noise`` itself when given (shape-checked), else drawn with
+    ``generator`` (one generator, or a list of one per sample so a sample's noise does not depend on its batch)."""
     if noise is not None:
         if noise.shape != x.shape:
             raise ValueError(
@@ -92,7 +103,7 @@ def _finish(mean, std, noise, prev_sample, generator, x) -> StepOutput:
             )
         sample = prev_sample.float()
     else:
-        sample = mean + std * _noise_like(x, noise, generator)
+        sample = mean + std * noise_like(x, noise, generator)
     deterministic = bool((std == 0).any())
     log_prob = None if deterministic else gaussian_log_prob(sample.detach(), mean, std)
     return StepOutput(sample=sample, mean=mean, std=std, log_prob=log_prob)
