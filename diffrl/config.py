@@ -323,16 +323,19 @@ class AWMConfig:
     """Deterministic solver of the rollouts: euler or dpm2 (second-order multistep DPM-Solver++); awm.sampler makes
     some steps stochastic."""
     sampler: str = "ode"
-    """Rollout sampler: ode (deterministic everywhere, the default), or sde (Flow-GRPO's ODE-to-SDE step) or cps
+    """Rollout sampler: ode (deterministic everywhere, the default); sde (Flow-GRPO's ODE-to-SDE step) or cps
     (coefficients-preserving sampling) on the steps that start at a level t in awm.sde_t_range, deterministic
-    elsewhere (with solver=dpm2 the steps after that window are DPM-Solver++ steps, the ones before it Euler steps).
-    The reference samples with SA-Solver, stochastic for t in [0.3, 0.9] in its GenEval and OCR runs; diffrl does
-    not have SA-Solver, and sde or cps on that window is the closest it offers. No likelihood is used."""
+    elsewhere (with solver=dpm2 the steps after that window are DPM-Solver++ steps, the ones before it Euler steps);
+    or sa_solver, the reference's: SA-Solver (stochastic Adams predictor and corrector of order 2, PEC) on the
+    reference's grid, stochastic (tau = noise_level) on the steps that end at a level t in awm.sde_t_range. No
+    likelihood is used."""
     noise_level: float = 0.7
-    """With sampler sde or cps: the noise scale a of the stochastic steps (Flow-GRPO's 0.7)."""
+    """The noise of the stochastic rollout steps: sde or cps, their noise scale a (Flow-GRPO's 0.7, positive);
+    sa_solver, its stochasticity tau (the reference: 0.4 for GenEval and OCR, 0 for PickScore, the deterministic
+    SA-Solver)."""
     sde_t_range: list[float] = field(default_factory=lambda: [0.3, 0.9])
-    """With sampler sde or cps: [lo, hi], the rollout steps that start at a level t with lo <= t <= hi are
-    stochastic (the reference's SA-Solver window: [0.3, 0.9])."""
+    """[lo, hi]: with sampler sde or cps the rollout steps that start at a level t with lo <= t <= hi are
+    stochastic; with sa_solver the steps that end at such a level (the reference's SA-Solver window: [0.3, 0.9])."""
     rollout_guidance: float = 1.0
     """Classifier-free guidance scale of the rollouts (1: none, the reference's). Above 1 (models whose guidance is
     CFG only) the rollouts are the guided model's while the matching loss still trains the guidance-free velocity:
@@ -855,7 +858,7 @@ _RANGES = [
     ("refl.grad_guidance_scale", lambda v: v == -1 or v >= 0, "-1 (sample.guidance_scale) or at least 0"),
     ("awm.adv_clip", lambda v: v > 0, "positive"),
     ("awm.rollout_guidance", _at_least(1), "at least 1 (1: no classifier-free guidance)"),
-    ("awm.noise_level", lambda v: v > 0, "positive (awm.sampler=ode is the deterministic rollout)"),
+    ("awm.noise_level", _at_least(0), "at least 0"),
     ("awm.adv_max", lambda v: v > 0, "positive"),
     ("awm.num_train_timesteps", _at_least(1), "at least 1"),
     ("awm.first_level", _at_least(0), "at least 0"),
@@ -1306,7 +1309,20 @@ def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
         f"awm.prompts_per_step={a.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
     )
     need(a.solver in ("euler", "dpm2"), f"awm.solver={a.solver!r} must be euler or dpm2.")
-    need(a.sampler in ("ode", "sde", "cps"), f"awm.sampler={a.sampler!r} must be ode, sde or cps.")
+    need(
+        a.sampler in ("ode", "sde", "cps", "sa_solver"),
+        f"awm.sampler={a.sampler!r} must be ode, sde, cps or sa_solver.",
+    )
+    need(
+        a.noise_level > 0 or a.sampler not in ("sde", "cps"),
+        f"awm.noise_level={a.noise_level} must be positive with awm.sampler={a.sampler} (awm.sampler=ode is the "
+        "deterministic rollout).",
+    )
+    need(
+        a.sampler != "sa_solver" or a.solver == "euler",
+        f"awm.solver={a.solver} does not apply to awm.sampler=sa_solver, which is its own multistep solver; leave "
+        "awm.solver at euler.",
+    )
     need(
         len(a.sde_t_range) == 2 and 0 <= a.sde_t_range[0] <= a.sde_t_range[1] <= 1,
         f"awm.sde_t_range={a.sde_t_range} must be [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0.3, 0.9].",

@@ -182,15 +182,20 @@ def test_logit_normal_levels_by_hand():
         (["awm.first_level=3"], r"awm.first_level=3 leaves no level to train.*\[3, 3\)"),
         (["awm.ghuber_power=1.5"], r"awm.ghuber_power=1.5 must be in \(0, 1\]"),
         (["awm.rollout_guidance=0.5"], "awm.rollout_guidance=0.5 must be at least 1"),
-        (["awm.sampler=sa"], "awm.sampler='sa' must be ode, sde or cps"),
+        (["awm.sampler=sa"], "awm.sampler='sa' must be ode, sde, cps or sa_solver"),
+        (
+            ["awm.sampler=sa_solver", "awm.solver=dpm2"],
+            "awm.solver=dpm2 does not apply to awm.sampler=sa_solver, which is its own multistep solver",
+        ),
+        (["awm.sampler=sa_solver", "awm.noise_level=-0.1"], r"awm.noise_level=-0.1 .*must be at least 0"),
         (
             ["awm.sde_t_range=[0.9,0.3]"],
             r"awm.sde_t_range=\[0.9, 0.3\] must be \[lo, hi\] with 0 <= lo <= hi <= 1",
         ),
         (["awm.sde_t_range=[0.3]"], r"awm.sde_t_range=\[0.3\] must be \[lo, hi\]"),
         (
-            ["awm.noise_level=0"],
-            r"awm.noise_level=0.* must be positive \(awm.sampler=ode is the deterministic",
+            ["awm.sampler=sde", "awm.noise_level=0"],
+            r"awm.noise_level=0.0 must be positive with awm.sampler=sde \(awm.sampler=ode is the deterministic",
         ),
         (["model.lora_rank=0"], "lora_rank=0 .* has no base model.*awm.kl_weight"),
         (["model.lora_rank=0", "awm.kl_weight=0"], "awm.ema_kl_weight=1.0 needs a LoRA"),
@@ -365,3 +370,65 @@ def test_rollout_guidance_needs_a_cfg_model(tmp_path):
         ValueError, match=r"awm.rollout_guidance=3.0 needs a model whose guidance is classifier-free"
     ):
         _trainer(tmp_path, "model.path=tiny:flux", "awm.rollout_guidance=3")
+
+
+def test_sa_solver_rollouts_are_the_references_sampler_each_row_its_own(tmp_path, monkeypatch):
+    """awm.sampler=sa_solver: SA-Solver on the reference's grid, noisy (tau = awm.noise_level) on the steps that end
+    at a level in awm.sde_t_range; the same seed gives the same images, sampling one image at a time the same images
+    as chunks of 8; noise level 0 is the deterministic SA-Solver, which is not the Euler ODE."""
+    import diffrl.trainers.awm as awm_module
+    from diffrl.samplers import sa_solver_levels
+
+    seen = []
+
+    def recording(real):
+        def wrapper(model, cond, sigmas, noise, **kw):
+            out = real(model, cond, sigmas, noise, **kw)
+            seen.append((real.__name__, kw, sigmas, out))
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(awm_module, "sa_solver_rollout", recording(awm_module.sa_solver_rollout))
+    monkeypatch.setattr(awm_module, "rollout", recording(awm_module.rollout))
+
+    def first_step(name, *extra):
+        seen.clear()
+        trainer = _trainer(tmp_path / name, *extra)
+        metrics = trainer.train_step(0)
+        assert metrics["train/skipped"] == 0.0 and math.isfinite(metrics["train/loss"])
+        return trainer, torch.cat([out.final for *_, out in seen]), list(seen)
+
+    _, ode, calls = first_step("ode")
+    assert {name for name, *_ in calls} == {"rollout"}
+    trainer, noisy, calls = first_step("sa", "awm.sampler=sa_solver", "awm.sde_t_range=[0.5,0.9]")
+    assert {name for name, *_ in calls} == {"sa_solver_rollout"}
+    _, kw, sigmas, out = calls[0]
+    schedule = trainer.model.schedule(4, trainer.cfg.sample.height, trainer.cfg.sample.width)
+    # the tiny model's levels 1, 0.858, 0.602, 0.009, 0 become 0.999, 0.858, 0.602, 0.301, 0
+    torch.testing.assert_close(sigmas, sa_solver_levels(schedule))
+    assert [round(float(v), 3) for v in sigmas] == [0.999, 0.858, 0.602, 0.301, 0.0]
+    assert [kw["tau"](float(t)) for t in sigmas[1:]] == [0.7, 0.7, 0.0, 0.0]
+    assert out.stochastic.tolist() == [True, True, False, False]
+    assert isinstance(kw["generator"], list) and len(kw["generator"]) == out.final.shape[0]
+    _, again, _ = first_step("again", "awm.sampler=sa_solver", "awm.sde_t_range=[0.5,0.9]")
+    assert torch.equal(again, noisy)
+    _, one_by_one, calls = first_step(
+        "one", "awm.sampler=sa_solver", "awm.sde_t_range=[0.5,0.9]", "sample.batch_size=1"
+    )
+    assert len(calls) == 8
+    torch.testing.assert_close(one_by_one, noisy, rtol=1e-4, atol=1e-4)
+    _, deterministic, calls = first_step("det", "awm.sampler=sa_solver", "awm.noise_level=0")
+    assert not calls[0][3].stochastic.any() and (deterministic - noisy).abs().max() > 0.1
+    # from the same initial noise, the deterministic SA-Solver (a second-order multistep solver) is not Euler's ODE
+    assert (deterministic - ode).abs().max() > 0.05
+
+
+def test_an_sa_solver_window_without_noisy_steps_is_refused(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"awm.sde_t_range=\[0.95, 1.0\] holds none of the levels SA-Solver's noisy steps end at \(0.858, "
+        r"0.602, 0.301\); widen it, or set awm.noise_level=0 for the deterministic SA-Solver\.",
+    ):
+        _trainer(tmp_path, "awm.sampler=sa_solver", "awm.sde_t_range=[0.95,1.0]")
+    _trainer(tmp_path / "det", "awm.sampler=sa_solver", "awm.sde_t_range=[0.95,1.0]", "awm.noise_level=0")

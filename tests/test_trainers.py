@@ -376,6 +376,8 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "awm.sampler=sde",  # stochastic steps 1-2 of the tiny model's 4, dpm2 after them
         ),
     ),
+    # AWM with the reference's SA-Solver rollouts (noisy on the steps that end in [0.3, 0.9])
+    ("awm", ("awm.sampler=sa_solver", "awm.noise_level=0.4")),
     # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
     (
         "flow_grpo",
@@ -435,6 +437,7 @@ VARIANT_IDS = [
     "flow_grpo-reference-options",
     "diffusion_nft-reference-options",
     "awm-options",
+    "awm-sa_solver",
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",

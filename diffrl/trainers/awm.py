@@ -4,7 +4,7 @@ The paper shows that DDPO-style policy gradients (Flow-GRPO) amount to score/flo
 (the next state of an SDE step) and proposes to train with the pre-training loss itself, on clean samples, each
 sample weighted by its advantage. No SDE and no likelihood are needed: any deterministic solver makes the rollouts.
 
-Per step: sample G images per prompt from the current policy with an ODE solver and no CFG (guidance 1 for SD3,
+Per step: sample G images per prompt from the current policy (an ODE solver by default) and no CFG (guidance 1 for SD3,
 as the reference's configs), keeping only the clean latents ``x0``; score them; compute group-relative advantages
 ``A = (R - mean_group R) / (std + 1e-4)`` and the weights ``w = clip(A, +-c) * a_max / c``. Then, at K levels ``t``
 per sample, with fresh noise ``x_t = (1 - t) x0 + t eps``:
@@ -28,9 +28,12 @@ diffrl differs from it (details and the reference values in docs/trainers/awm.md
   fraction))`` of the rollout's T levels in K equal bins, one index drawn in each. The reference draws one set per
   micro-batch; diffrl draws one per sample keyed by its global row, so the micro-batch size and the number of
   processes do not change the update. ``logit_normal`` is the reference's continuous stratified draw (shift 3).
-* Rollouts: the Euler ODE or DPM-Solver++ 2M (``awm.solver``), optionally with Flow-GRPO's SDE or CPS steps for
-  ``t`` in ``awm.sde_t_range`` (``awm.sampler``); the reference uses SA-Solver, stochastic in ``t in [0.3, 0.9]``
-  for GenEval and OCR (noise 0.4) and deterministic for PickScore. SA-Solver is not implemented.
+* Rollouts: the Euler ODE (default) or DPM-Solver++ 2M (``awm.solver``), optionally with Flow-GRPO's SDE or CPS
+  steps for ``t`` in ``awm.sde_t_range`` (``awm.sampler`` sde or cps); or the reference's own sampler,
+  ``awm.sampler=sa_solver``: SA-Solver (:func:`~diffrl.samplers.sa_solver_rollout`, predictor and corrector of order
+  2, PEC mode, on the reference's grid), with ``tau = awm.noise_level`` on the steps that end at a level in
+  ``awm.sde_t_range`` (the reference: 0.4 on [0.3, 0.9] for GenEval and OCR, 0 for PickScore). Each row's noise
+  comes from its own generator (the reference: one draw for the batch).
 * The matching loss is computed in float32 (the reference: float64).
 """
 
@@ -41,7 +44,7 @@ import warnings
 import numpy as np
 import torch
 
-from diffrl.samplers import rollout
+from diffrl.samplers import rollout, sa_solver_levels, sa_solver_rollout
 
 from .engine import Trainer
 from .objectives import awm_loss, awm_matching_loss, awm_weights, group_advantages, nft_old_policy_decay
@@ -105,13 +108,25 @@ class AWMTrainer(Trainer):
 
     def _sde_window(self) -> tuple[int, int] | None:
         """``(start, end)`` of the stochastic rollout steps of ``awm.sampler`` sde or cps: the steps that start at a
-        level in ``awm.sde_t_range`` (``None`` for the ODE). Refuses a range that holds no step, and a CPS window
-        that would end with the deterministic step to level 0."""
+        level in ``awm.sde_t_range``; for sa_solver the steps that end at such a level on its grid (``None`` for the
+        ODE and for sa_solver without noise). Refuses a range that holds no step, and a CPS window that would end
+        with the deterministic step to level 0."""
         a, s = self.cfg.awm, self.cfg.sample
-        if a.sampler == "ode":
+        if a.sampler == "ode" or (a.sampler == "sa_solver" and a.noise_level == 0):
             return None
         sigmas = self.model.schedule(s.num_steps, s.height, s.width)
         lo, hi = a.sde_t_range
+        if a.sampler == "sa_solver":
+            grid = sa_solver_levels(sigmas)
+            ends = [float(t) for t in grid[1:-1]]  # the last step, to 0, returns a data prediction: no noise
+            steps = [k for k, t in enumerate(ends) if lo <= t <= hi]
+            if not steps:
+                levels = ", ".join(f"{t:.3g}" for t in ends)
+                raise ValueError(
+                    f"awm.sde_t_range={list(a.sde_t_range)} holds none of the levels SA-Solver's noisy steps end at "
+                    f"({levels}); widen it, or set awm.noise_level=0 for the deterministic SA-Solver."
+                )
+            return steps[0], steps[-1] + 1
         steps = [k for k in range(len(sigmas) - 1) if lo <= float(sigmas[k]) <= hi]
         levels = ", ".join(f"{float(t):.3g}" for t in sigmas[:-1])
         if not steps:
@@ -127,6 +142,12 @@ class AWMTrainer(Trainer):
                 "range's lower end above it."
             )
         return start, end
+
+    def _sa_tau(self, t: float) -> float:
+        """SA-Solver's stochasticity at a step's target level ``t``: ``awm.noise_level`` in ``awm.sde_t_range``, 0
+        elsewhere (the reference's ``noise_level if 0.3 <= t <= 0.9 else 0``)."""
+        lo, hi = self.cfg.awm.sde_t_range
+        return self.cfg.awm.noise_level if lo <= t <= hi else 0.0
 
     def after_sharding(self) -> None:
         if self.cfg.awm.ema_kl_weight > 0:
@@ -169,6 +190,20 @@ class AWMTrainer(Trainer):
         n = len(prompts)
 
         def sample_chunk(rows):
+            if a.sampler == "sa_solver":  # each row's noise from its own generator
+                with torch.no_grad(), self.autocast():
+                    noise = model.sample_noise(
+                        len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
+                    )
+                    return sa_solver_rollout(
+                        model,
+                        cond_all.select(rows),
+                        sa_solver_levels(sigmas),
+                        noise,
+                        tau=self._sa_tau,
+                        guidance_scale=roll_guidance,
+                        generator=self.row_generators(2, rows, self.rank * n),
+                    ).final
             stochastic = {}
             if self.sde_window is not None:  # each row's SDE noise from its own generator
                 stochastic = dict(
