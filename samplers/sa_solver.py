@@ -124,7 +124,8 @@ def sa_solver_rollout(
     corrector_order: int = 2,
     generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> RolloutOutput:
-    """Sample from ``latents`` (the noise, taken to be at level ``sigmas[0]``) with SA-Solver in PEC mode.
+    """Sample from ``latents`` (the noise, taken to be at level ``sigmas[0]``) with SA-Solver in PEC mode, under
+    no-grad (the result carries no autograd graph).
 
     Args:
         model: object with ``velocity(x, sigma, cond, guidance_scale)``.
