@@ -190,40 +190,34 @@ class AWMTrainer(Trainer):
         n = len(prompts)
 
         def sample_chunk(rows):
-            if a.sampler == "sa_solver":  # each row's noise from its own generator
-                with torch.no_grad(), self.autocast():
-                    noise = model.sample_noise(
-                        len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
-                    )
-                    return sa_solver_rollout(
-                        model,
-                        cond_all.select(rows),
-                        sa_solver_levels(sigmas),
-                        noise,
-                        tau=self._sa_tau,
-                        guidance_scale=roll_guidance,
-                        generator=self.row_generators(2, rows, self.rank * n),
-                    ).final
-            stochastic = {}
-            if self.sde_window is not None:  # each row's SDE noise from its own generator
-                stochastic = dict(
-                    sampler=a.sampler,
-                    noise_level=a.noise_level,
-                    sde_window=self.sde_window,
-                    generator=self.row_generators(2, rows, self.rank * n),
-                )
+            # each row's initial noise, and its rollout noise, from its own generators
+            noise_gens = self.row_generators(2, rows, self.rank * n) if self.sde_window is not None else None
             with torch.no_grad(), self.autocast():
                 noise = model.sample_noise(
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
                 )
+                cond = cond_all.select(rows)
+                if a.sampler == "sa_solver":
+                    levels = sa_solver_levels(sigmas)
+                    return sa_solver_rollout(
+                        model,
+                        cond,
+                        levels,
+                        noise,
+                        tau=self._sa_tau,
+                        guidance_scale=roll_guidance,
+                        generator=noise_gens,
+                    ).final
+                stochastic = {}
+                if self.sde_window is not None:
+                    stochastic = dict(
+                        sampler=a.sampler,
+                        noise_level=a.noise_level,
+                        sde_window=self.sde_window,
+                        generator=noise_gens,
+                    )
                 return rollout(
-                    model,
-                    cond_all.select(rows),
-                    sigmas,
-                    noise,
-                    guidance_scale=roll_guidance,
-                    solver=a.solver,
-                    **stochastic,
+                    model, cond, sigmas, noise, guidance_scale=roll_guidance, solver=a.solver, **stochastic
                 ).final
 
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
