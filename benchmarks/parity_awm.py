@@ -81,6 +81,12 @@ compared. Rewards: fixed random numbers, two prompts of 4 samples. Runs (``RUNS`
 3. ``logit_normal`` levels (shift 3) at step 349 (EMA decay at its cap, 0.3);
 4. ``t`` weighting (the matching loss times t, no ghuber).
 
+Check 0, before the runs: each shipped preset (``configs/sd35m_awm_{pickscore,geneval,ocr}.yaml``) against the
+reference configuration it reproduces (``pickscore_sd3_no_cfg_1node``, ``geneval_...``, ``ocr_...``): the options
+above plus the run's sizes (``awm.prompts_per_step`` from the config's 8-GPU batch formula), sampler and noise,
+schedule, evaluation, checkpoints, EMA and rewards, 43-44 values each. It fails on any difference (it caught the
+PickScore preset drawing its levels from index 1 where the reference's ``discrete`` draws from 0).
+
 Checks per run:
 
 1. the trained forward passes, per (sample, level): max |x_t ref - x_t diffrl|, |t_ref - t_diffrl| and |1000 t_ref -
@@ -583,6 +589,82 @@ def diffrl_options(cfg, ref) -> list[str]:
     ]
 
 
+PRESETS = {
+    "sd35m_awm_pickscore.yaml": "pickscore_sd3_no_cfg_1node",
+    "sd35m_awm_geneval.yaml": "geneval_sd3_no_cfg_1node",
+    "sd35m_awm_ocr.yaml": "ocr_sd3_no_cfg_1node",
+}
+GPUS = 8  # dgx_awm.py's gpu_numbers, which its batch formulas use
+
+
+def preset_expectations(cfg, ref) -> dict[str, object]:
+    """What a diffrl preset of the reference run ``cfg`` must hold: :func:`diffrl_options` and the run's sizes,
+    sampler, schedule, evaluation and rewards (the values each preset line cites)."""
+    s, t = cfg.sample, cfg.train
+    expected = {}
+    for option in diffrl_options(cfg, ref):
+        key, _, value = option.partition("=")
+        expected[key] = ast.literal_eval(value) if value[:1] in "0123456789-." else value
+    images_per_step = GPUS * s.num_batches_per_epoch * s.train_batch_size
+    expected.update(
+        {
+            "seed": cfg.seed,
+            "checkpointing_steps": cfg.save_freq,
+            "eval_every": cfg.eval_freq,
+            "mixed_precision": cfg.mixed_precision,
+            "ema_decay": t.ema_decay if t.ema else 0.0,
+            "ema_every": t.ema_update_step_interval,
+            "model.lora_init": ref.lora_kwargs.get("init_lora_weights"),
+            "sample.height": cfg.resolution,
+            "sample.width": cfg.resolution,
+            "sample.eval_num_steps": s.eval_num_steps,
+            "sample.eval_guidance_scale": s.guidance_scale,
+            "sample.batch_size": s.train_batch_size,
+            "awm.group_size": s.num_image_per_prompt,
+            "awm.prompts_per_step": images_per_step // s.num_image_per_prompt,
+            "awm.sampler": "sa_solver" if t.use_sa_solver else "ode",
+            "awm.noise_level": s.noise_level,
+            "reward": dict(cfg.reward_fn),
+            "eval_reward": dict(cfg.reward_fn),
+        }
+    )
+    if t.use_sa_solver and s.noise_level > 0:
+        expected["awm.sde_t_range"] = [
+            0.3,
+            0.9,
+        ]  # sd3_pipeline_with_logprob.py's stochasticity_control_function
+    return expected
+
+
+def check_presets(ref, presets_dir: Path) -> bool:
+    """Each shipped AWM preset against the reference configuration it names: every value of
+    :func:`preset_expectations` (check 0)."""
+    from diffrl.config import load_config
+
+    ok = True
+    for name, function in PRESETS.items():
+        cfg = getattr(ref.config_module, function)()
+        preset = load_config(presets_dir / name)
+        wrong = []
+        for key, want in preset_expectations(cfg, ref).items():
+            have = preset
+            for part in key.split("."):
+                have = getattr(have, part)
+            if isinstance(want, float) or isinstance(have, float):
+                same = abs(float(have) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
+            else:
+                same = have == want or (isinstance(have, dict) and dict(have) == want)
+            if not same:
+                wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+        ok &= not wrong
+        count = len(preset_expectations(cfg, ref))
+        print(
+            f"  configs/{name} vs dgx_awm.py:{function}: {count} values, "
+            + ("all equal  ok" if not wrong else "DIFFER: " + "; ".join(wrong))
+        )
+    return ok
+
+
 def build_diffrl(out: Path, model_dir: Path, extra: list[str], reward):
     from diffrl.train import build_trainer
 
@@ -1040,6 +1122,8 @@ def main(argv=None) -> int:
         print(f"reference side changed (diffrl keeps the config's values): {overrides}")
     chosen = [int(x) for x in args.runs.split(",") if x.strip()] or list(range(1, len(RUNS) + 1))
     results = {}
+    print("\n0. the shipped presets against the reference configurations they reproduce:")
+    results[0] = check_presets(ref, Path(__file__).resolve().parents[1] / "configs")
     with tempfile.TemporaryDirectory(prefix="parity-awm-") as tmp:
         tmp = Path(tmp)
         from diffrl.models.tiny import build_tiny_sd3
@@ -1058,7 +1142,9 @@ def main(argv=None) -> int:
             )
     print(
         "\n"
-        + "; ".join(f"run {k}: {'pass' if v else 'FAIL'}" for k, v in results.items())
+        + "; ".join(
+            f"{f'run {k}' if k else 'presets'}: {'pass' if v else 'FAIL'}" for k, v in results.items()
+        )
         + f" ({time.perf_counter() - started:.0f} s)"
     )
     return 0 if all(results.values()) else 1
