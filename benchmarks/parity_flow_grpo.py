@@ -55,6 +55,25 @@ measure on the tensors' change in the step; and per optimiser update the gradien
 (``max|a - b| / max|b|`` per tensor, the worst tensor), gradient norm, clipfrac, approx_kl, policy loss and KL of both
 sides and the samples each side trained.
 
+* ``[0] presets``, before the others: each shipped preset that reproduces a reference run
+  (``configs/sd35m_flow_grpo_{pickscore,geneval,ocr}.yaml``; the bf16 one is diffrl's own variant) against the
+  configuration it names (``config/grpo.py``'s ``pickscore_sd3``, ``geneval_sd3``, ``general_ocr_sd3``, each made
+  anew), 52 values each, taken from the reference's code (written here only: the reference options below and the
+  prompt-file names of its two dataset classes, ``PROMPT_FILES``): the config's seed, ``save_freq``,
+  ``num_checkpoint_limit``, ``eval_freq``, mixed precision, sizes (resolution, steps, guidance, batch sizes; the
+  evaluation's guidance is ``sample.guidance_scale``, as ``eval()`` samples), AdamW settings, rewards (the
+  evaluation's too, as ``main()`` builds both from ``reward_fn``), dataset folder (and the prompt file the
+  ``prompt_fn``'s dataset class opens), group size, noise level, timestep fraction, clip range, KL weight,
+  advantage std and clip, inner epochs, ``flow_grpo.prompts_per_step`` = ``gpu_number`` (read from the config
+  function's syntax tree, 32) x ``num_batches_per_epoch`` x ``train_batch_size`` / group size (48) and
+  ``num_minibatches`` = ``num_batches_per_epoch // gradient_accumulation_steps`` (2); from ``main()`` of
+  ``scripts/train_sd3.py`` (its syntax tree) the LoRA's ``r``, ``lora_alpha`` and ``init_lora_weights``, the T5
+  length, the ``EMAModuleWrapper`` keywords (``decay`` when ``train.ema``, ``update_step_interval``; its
+  ``get_current_decay(0) < decay`` gives ``ema_warmup``), the transformer's and the VAE's dtypes, no LR schedule
+  and no gradient checkpointing; and the reference options that [1] and [2] run diffrl with
+  (``REFERENCE_OPTIONS``: ``sampler=sde sde_window=0 kl_scale=reference cfg_grad=cond drop_zero_advantage=true
+  old_logp=rollout``). It prints per preset the count and "all equal" or each ``key: preset X, reference Y``, and
+  fails on any difference. ``--presets-dir`` points it at other copies of the three files.
 * ``[1] one update``: stored rollouts (sampled once by the reference's ``pipeline_with_logprob`` from the initial
   LoRA), their log-probs and fixed rewards (one prompt's 4 rewards equal: advantage 0, dropped) are fed to diffrl
   by replacing ``diffrl.trainers.flow_grpo.rollout`` and giving it a reward that returns the stored values; both
@@ -95,13 +114,15 @@ the stored rollouts, or wrapped to record the trajectories), ``ppo_clip_loss``, 
 ``diffrl.samplers.rollout.sde_step`` (wrapped to record the noise, drawn with ``diffrl.samplers.steps.noise_like``
 as ``sde_step`` draws it), and the reference's ``flow_grpo.diffusers_patch.sd3_sde_with_logprob.randn_tensor``.
 
-Usage: ``python benchmarks/parity_flow_grpo.py --reference /path/to/flow_grpo_clone [--steps 3] [--beta 0.04]``
+Usage: ``python benchmarks/parity_flow_grpo.py --reference /path/to/flow_grpo_clone [--steps 3] [--beta 0.04]
+[--presets-dir DIR]``
 (offline, with ``OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1``; about 30 s on one CPU core). Exits 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import importlib.util
@@ -143,6 +164,7 @@ def load_reference(root: Path) -> SimpleNamespace:
     grpo_config = load_module(root / "config" / "grpo.py", "flow_grpo_reference_config")
     from flow_grpo.diffusers_patch import sd3_pipeline_with_logprob, sd3_sde_with_logprob
     from flow_grpo.diffusers_patch.train_dreambooth_lora_sd3 import encode_prompt
+    from flow_grpo.ema import EMAModuleWrapper
     from flow_grpo.stat_tracking import PerPromptStatTracker
 
     namespace = script_functions(
@@ -156,7 +178,11 @@ def load_reference(root: Path) -> SimpleNamespace:
     )
     lora_targets, lora_kwargs, max_sequence_length = main_lora_setup(script)
     return SimpleNamespace(
+        root=root,
+        script=script,
+        config_module=grpo_config,
         config=grpo_config.pickscore_sd3(),
+        ema_cls=EMAModuleWrapper,
         pipeline_with_logprob=sd3_pipeline_with_logprob.pipeline_with_logprob,
         sde_module=sd3_sde_with_logprob,
         stat_tracker_cls=PerPromptStatTracker,
@@ -427,6 +453,20 @@ class ReferenceRun:
 # ---------------------------------------------------------------------------------------------- diffrl
 
 
+# diffrl's options for what the reference's code does (not its config): every step stochastic by the SDE of
+# sd3_sde_with_logprob.py; train_sd3.py's KL mean((mu - mu_ref)^2) / (2 std_dev_t^2), compute_log_prob's detached
+# unconditional prediction, its mask of all-zero-advantage samples and the sampling log-probs as the old ones. Checks
+# [1] and [2] run diffrl with these; check 0 asks the presets for them.
+REFERENCE_OPTIONS = {
+    "sampler": "sde",
+    "sde_window": 0,
+    "kl_scale": "reference",
+    "cfg_grad": "cond",
+    "drop_zero_advantage": True,
+    "old_logp": "rollout",
+}
+
+
 def diffrl_overrides(ref: SimpleNamespace, args, out: Path, **options) -> list[str]:
     c = ref.config
     # the reference's micro-batch once the zero-advantage group is dropped
@@ -434,20 +474,20 @@ def diffrl_overrides(ref: SimpleNamespace, args, out: Path, **options) -> list[s
     flow = {
         "group_size": args.group_size,
         "prompts_per_step": args.prompts,
-        "sampler": "sde",
+        "sampler": REFERENCE_OPTIONS["sampler"],
         "noise_level": c.sample.noise_level,
-        "sde_window": 0,
+        "sde_window": REFERENCE_OPTIONS["sde_window"],
         "timestep_fraction": c.train.timestep_fraction,
         "clip_range": c.train.clip_range,
         "kl_beta": c.train.beta,
         "adv_std": "global" if c.sample.global_std else "group",
         "adv_clip": float(c.train.adv_clip_max),
         "num_inner_epochs": c.train.num_inner_epochs,
-        "kl_scale": "reference",
-        "cfg_grad": "cond",
+        "kl_scale": REFERENCE_OPTIONS["kl_scale"],
+        "cfg_grad": REFERENCE_OPTIONS["cfg_grad"],
         "num_minibatches": c.sample.num_batches_per_epoch // c.train.gradient_accumulation_steps,
-        "drop_zero_advantage": True,
-        "old_logp": "rollout",
+        "drop_zero_advantage": REFERENCE_OPTIONS["drop_zero_advantage"],
+        "old_logp": REFERENCE_OPTIONS["old_logp"],
     }
     flow.update(options)
     return [
@@ -995,6 +1035,181 @@ def check_variants(ref, args, workdir, base) -> None:
         print(f"    {label:<42} {change:16.3e} {first:24.3e} {len(updates):8d}")
 
 
+# ---------------------------------------------------------------------------------------------- check 0: presets
+
+PRESETS = {
+    "sd35m_flow_grpo_pickscore.yaml": "pickscore_sd3",
+    "sd35m_flow_grpo_geneval.yaml": "geneval_sd3",
+    "sd35m_flow_grpo_ocr.yaml": "general_ocr_sd3",
+}
+# train_sd3.py: the prompt files that the dataset class of each prompt_fn opens in config.dataset
+# (TextPromptDataset: f"{split}.txt", GenevalPromptDataset: f"{split}_metadata.jsonl")
+PROMPT_FILES = {"general_ocr": "{split}.txt", "geneval": "{split}_metadata.jsonl"}
+
+
+def config_gpus(path: Path, function: str) -> int:
+    """The ``gpu_number`` that the config function ``function`` of ``path`` assigns (its batch formula uses it)."""
+    tree = ast.parse(path.read_text())
+    body = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    for node in ast.walk(body) if body is not None else ():
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "gpu_number" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"{path}:{function} assigns no gpu_number; this script knows another layout")
+
+
+def main_settings(script: Path) -> SimpleNamespace:
+    """What ``main()`` of ``script`` fixes in code, not in the config: the ``EMAModuleWrapper`` keywords, the dtype
+    the pipeline is loaded in and the dtypes its ``transformer`` and ``vae`` are moved to (None: not cast), and
+    whether the script makes an LR scheduler or turns gradient checkpointing on."""
+    text = script.read_text()
+    tree = ast.parse(text)
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    ema, moved, loaded = None, {}, None
+    for node in ast.walk(main):
+        if not isinstance(node, ast.Call):
+            continue
+        func, keywords = node.func, {k.arg: k.value for k in node.keywords}
+        dtype = keywords.get("dtype", keywords.get("torch_dtype"))
+        dtype = dtype.attr if isinstance(dtype, ast.Attribute) else None  # torch.float32 -> "float32"
+        if getattr(func, "id", "") == "EMAModuleWrapper":
+            ema = {k: ast.literal_eval(v) for k, v in keywords.items() if isinstance(v, ast.Constant)}
+        elif not isinstance(func, ast.Attribute):
+            continue
+        elif func.attr == "from_pretrained" and getattr(func.value, "id", "") == "StableDiffusion3Pipeline":
+            loaded = dtype or "float32"  # diffusers loads in float32 without a torch_dtype
+        elif (
+            func.attr == "to"
+            and isinstance(func.value, ast.Attribute)
+            and getattr(func.value.value, "id", "") == "pipeline"
+        ):
+            moved.setdefault(func.value.attr, dtype)
+    if ema is None or loaded is None or not {"transformer", "vae"} <= moved.keys():
+        raise SystemExit(f"could not find the EMA and the model set-up in main() of {script}")
+    return SimpleNamespace(
+        ema=ema,
+        dtype=moved["transformer"] or loaded,
+        vae_dtype=moved["vae"] or loaded,
+        lr_scheduler="(a schedule)"
+        if any(w in text for w in ("lr_scheduler", "get_scheduler", "LambdaLR"))
+        else "constant",
+        gradient_checkpointing="gradient_checkpointing" in text,
+    )
+
+
+def exact_ratio(a: int, b: int) -> int | float:
+    """``a / b``, an int when it divides (a fraction never equals a preset's count)."""
+    return a // b if a % b == 0 else a / b
+
+
+def preset_expectations(cfg, ref: SimpleNamespace, gpus: int, code: SimpleNamespace) -> dict[str, object]:
+    """What a diffrl preset of the reference run ``cfg`` (a config of ``config/grpo.py``, made for ``gpus`` GPUs)
+    must hold: the run's seed, checkpoints, evaluation, precision, EMA (``code``: :func:`main_settings`), model and
+    LoRA, prompt files, sizes, optimiser, rewards and Flow-GRPO settings, and :data:`REFERENCE_OPTIONS` (the values
+    each preset line cites)."""
+    s, t = cfg.sample, cfg.train
+    images_per_step = gpus * s.num_batches_per_epoch * s.train_batch_size  # all GPUs' images of one epoch
+    files = PROMPT_FILES.get(cfg.prompt_fn, f"(no dataset class for prompt_fn {cfg.prompt_fn})")
+    decay = code.ema["decay"]
+    if not cfg.per_prompt_stat_tracking:
+        adv_std = "batch (per_prompt_stat_tracking off)"  # no diffrl option: never equal
+    else:
+        adv_std = "global" if s.global_std else "group"
+    return {
+        "seed": cfg.seed,
+        "checkpointing_steps": cfg.save_freq,
+        "checkpoints_total_limit": cfg.num_checkpoint_limit,
+        "eval_every": cfg.eval_freq,
+        "mixed_precision": cfg.mixed_precision,
+        "ema_decay": decay if t.ema else 0.0,
+        "ema_warmup": ref.ema_cls([], decay=decay).get_current_decay(0) < decay,
+        "ema_every": code.ema.get("update_step_interval", 1),
+        "model.path": cfg.pretrained.model,
+        "model.dtype": code.dtype,
+        "model.vae_dtype": code.vae_dtype,
+        "model.max_sequence_length": ref.max_sequence_length,
+        "model.lora_rank": ref.lora_kwargs["r"],
+        "model.lora_alpha": ref.lora_kwargs["lora_alpha"],
+        "model.lora_init": {True: "default"}.get(ref.lora_kwargs.get("init_lora_weights", True), "gaussian"),
+        "model.gradient_checkpointing": code.gradient_checkpointing,
+        "data.train": f"{Path(cfg.dataset).name}/{files.format(split='train')}",  # the folder and the file
+        "data.eval": f"{Path(cfg.dataset).name}/{files.format(split='test')}",
+        "sample.height": cfg.resolution,
+        "sample.width": cfg.resolution,
+        "sample.num_steps": s.num_steps,
+        "sample.guidance_scale": s.guidance_scale,
+        "sample.eval_num_steps": s.eval_num_steps,
+        "sample.eval_guidance_scale": s.guidance_scale,  # eval() samples at sample.guidance_scale
+        "sample.batch_size": s.train_batch_size,
+        "optim.lr": t.learning_rate,
+        "optim.beta1": t.adam_beta1,
+        "optim.beta2": t.adam_beta2,
+        "optim.weight_decay": t.adam_weight_decay,
+        "optim.eps": t.adam_epsilon,
+        "optim.max_grad_norm": t.max_grad_norm,
+        "optim.use_8bit_adam": t.use_8bit_adam,
+        "optim.lr_scheduler": code.lr_scheduler,
+        "optim.train_batch_size": t.batch_size,
+        "reward": dict(cfg.reward_fn),
+        "eval_reward": dict(cfg.reward_fn),  # main(): eval_reward_fn is multi_score of config.reward_fn
+        "flow_grpo.group_size": s.num_image_per_prompt,
+        "flow_grpo.prompts_per_step": exact_ratio(images_per_step, s.num_image_per_prompt),
+        "flow_grpo.noise_level": s.noise_level,
+        "flow_grpo.timestep_fraction": t.timestep_fraction,
+        "flow_grpo.clip_range": t.clip_range,
+        "flow_grpo.kl_beta": t.beta,
+        "flow_grpo.adv_std": adv_std,
+        "flow_grpo.adv_clip": float(t.adv_clip_max),
+        "flow_grpo.num_inner_epochs": t.num_inner_epochs,
+        "flow_grpo.num_minibatches": exact_ratio(s.num_batches_per_epoch, t.gradient_accumulation_steps),
+        **{f"flow_grpo.{k}": v for k, v in REFERENCE_OPTIONS.items()},
+    }
+
+
+def preset_value(preset, key: str):
+    """The preset's value of the dotted ``key`` (``data.*``: the prompt file's folder and name)."""
+    value = preset
+    for part in key.split("."):
+        value = getattr(value, part)
+    if key.startswith("data."):
+        value = "/".join(Path(value).parts[-2:])
+    return dict(value) if isinstance(value, dict) else value
+
+
+def same_value(have, want) -> bool:
+    if isinstance(have, bool) or isinstance(want, bool):
+        return have is want
+    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
+        return abs(float(have) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
+    return have == want
+
+
+def check_presets(ref: SimpleNamespace, presets_dir: Path) -> bool:
+    """Each shipped Flow-GRPO preset against the reference configuration it names: every value of
+    :func:`preset_expectations` (check 0)."""
+    from diffrl.config import load_config
+
+    config_file = ref.root / "config" / "grpo.py"
+    code = main_settings(ref.script)
+    ok = True
+    for name, function in PRESETS.items():
+        cfg = getattr(ref.config_module, function)()  # a fresh config (ref.config is shrunk for the checks)
+        expected = preset_expectations(cfg, ref, config_gpus(config_file, function), code)
+        preset = load_config(presets_dir / name)
+        wrong = []
+        for key, want in expected.items():
+            have = preset_value(preset, key)
+            if not same_value(have, want):
+                wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+        ok &= not wrong
+        path = presets_dir.resolve() / name
+        print(
+            f"  {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} vs grpo.py:{function}: "
+            f"{len(expected)} values, "
+            + ("all equal  ok" if not wrong else f"{len(wrong)} DIFFER: " + "; ".join(wrong))
+        )
+    return ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1015,6 +1230,12 @@ def main(argv=None) -> int:
         "--floor-factor", type=float, default=10.0, help="allowed multiple of the float32 noise floor"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--presets-dir",
+        type=Path,
+        default=ROOT / "configs",
+        help="where check 0 reads the Flow-GRPO presets (default: the shipped configs/)",
+    )
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
     parser.add_argument("--prompts", type=int, default=3, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=4)
@@ -1052,6 +1273,8 @@ def main(argv=None) -> int:
         f"{args.group_size} images of {c.resolution}x{c.resolution}, float32 on the CPU"
     )
     results = {}
+    print("\n[0] the shipped presets against the reference configurations they reproduce")
+    results["[0] presets"] = check_presets(ref, args.presets_dir)
     with tempfile.TemporaryDirectory(prefix="parity-flow-grpo-") as tmp:
         workdir = Path(tmp)
         print(
