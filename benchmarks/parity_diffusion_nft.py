@@ -10,10 +10,12 @@ in ``main()``:
   and ml_collections at the top), ``encode_prompt``
   (``flow_grpo/diffusers_patch/train_dreambooth_lora_sd3.py``), ``PerPromptStatTracker``
   (``flow_grpo/stat_tracking.py``), ``run_sampling`` (``flow_grpo/diffusers_patch/solver.py``),
-  ``pipeline_with_logprob`` (``flow_grpo/diffusers_patch/pipeline_with_logprob.py``), the run configurations
-  ``sd3_pickscore()`` and ``sd3_ocr()`` of ``config/nft.py`` on ``config/base.py`` (with a small attribute
-  dict standing in for ``ml_collections.ConfigDict``), and the LoRA target list and ``LoraConfig`` arguments
-  (read out of ``main()`` with ``ast``);
+  ``pipeline_with_logprob`` (``flow_grpo/diffusers_patch/pipeline_with_logprob.py``), ``EMAModuleWrapper``
+  (``flow_grpo/ema.py``), the run configurations ``sd3_pickscore()``, ``sd3_multi_reward()`` and ``sd3_ocr()`` of
+  ``config/nft.py`` on ``config/base.py`` (with a small attribute dict standing in for
+  ``ml_collections.ConfigDict``), and, read with ``ast``, the LoRA target list, the ``LoraConfig`` arguments, the
+  ``max_sequence_length`` and the ``EMAModuleWrapper`` arguments of ``main()``, each run function's ``n_gpus`` and
+  the scorers' scale and models (check 0);
 * re-written here following ``scripts/train_nft_sd3.py`` (line numbers of the NVlabs clone):
 
   - model set-up, lines ~393-428: ``get_peft_model`` with the reference ``LoraConfig``, a second adapter
@@ -75,6 +77,23 @@ adapter differs from the trained one). diffrl leaves the last block's context-qu
    decay 0.999 against ``(1 - d) (new - old)`` in float64 (for information, what the same update does to a
    bf16 copy).
 
+Check 0, before these: each shipped preset (``configs/sd35m_diffusion_nft_{pickscore,multireward}.yaml``) against
+the reference configuration it reproduces (``sd3_pickscore``, ``sd3_multi_reward``), built from the configuration
+object and the code the preset lines cite: the options above (AdamW and clipping, ``beta``, ``kl_weight`` =
+``train.beta``, ``adv_clip``, ``num_train_levels``, ``num_minibatches`` = ``gradient_step_per_epoch``, the decay of
+``decay_type``, itself checked against ``return_decay`` over steps 0-4999) plus seed, checkpoint and evaluation
+intervals, mixed precision, EMA (decay, interval, and the warm-up of ``EMAModuleWrapper.get_current_decay``), model
+and LoRA, data set, sizes, sampling and evaluation steps and guidance, batch sizes, ``group_size``,
+``prompts_per_step`` (``n_gpus`` x batches x batch size / images per prompt: 48), ``weighting=adaptive``, solver,
+per-sample levels (``perms_time``) and rewards: 43 values for the PickScore preset, 44 with the multi-reward
+preset's ``reward_kwargs`` (HPSv2.1, CLIP ViT-L/14). The reward weights mirror what the presets document: a single
+reward keeps the reference's weight (the advantages' division by the global std makes its scale irrelevant, so
+diffrl's raw PickScore stands for the reference's PickScore / 26); several are summed on the reference scorers'
+scales, so each weight is multiplied by its scorer's (PickScore: 1 / the divisor of ``pickscore_scorer.py``; HPSv2.1
+and CLIP: the cosine, 1). Not compared: the presets' own choices (``max_steps``, checkpoint limit, output directory,
+``data.eval_size``, gradient checkpointing) and the dtypes (set in the reference's code, not by its configuration).
+A difference fails check 0 (``key: preset X, reference Y``).
+
 Tolerance: 1e-5 relative per tensor for the LoRA tensors everywhere and for the AdamW moments in check 1 (same
 computations, float32 rounding in another order; AdamW's first update turns that into a small part of a step
 for a near-zero gradient). Check 2's moments: 1e-4: the first step's rollouts and rewards are bitwise equal (both
@@ -84,15 +103,17 @@ by ~1e-5 relative. Check 3: 1e-2 (float32 rounding of an update of
 1e-3 of the difference). The script exits with status 1 when a check fails.
 
 Usage: ``python benchmarks/parity_diffusion_nft.py --reference /path/to/DiffusionNFT_clone [--steps 3]
-[--per-tensor]`` (CPU, offline, about half a minute; set ``OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1``).
+[--per-tensor] [--presets configs/]`` (CPU, offline, about half a minute; set ``OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -140,9 +161,10 @@ def load_reference(root: Path) -> types.SimpleNamespace:
         {"return_decay", "compute_text_embeddings"},
         {"torch": torch, "np": np, "encode_prompt": encode_prompt},
     )
-    targets, lora_kwargs, _ = main_lora_setup(script)
+    targets, lora_kwargs, max_sequence_length = main_lora_setup(script)
     stub_missing_modules()
     config_module = load_module(root / "config" / "nft.py", "reference_nft_config")
+    ema_module = load_module(root / "flow_grpo" / "ema.py", "reference_nft_ema")
 
     return types.SimpleNamespace(
         root=root,
@@ -153,8 +175,62 @@ def load_reference(root: Path) -> types.SimpleNamespace:
         compute_text_embeddings=namespace["compute_text_embeddings"],
         lora_targets=targets,
         lora_kwargs=lora_kwargs,
+        max_sequence_length=max_sequence_length,
         config_module=config_module,
+        EMAModuleWrapper=ema_module.EMAModuleWrapper,
+        **run_facts(root),
     )
+
+
+def _literal_keywords(call: ast.Call) -> dict:
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords if isinstance(k.value, ast.Constant)}
+
+
+def run_facts(root: Path) -> dict:
+    """What the presets cite from the reference's code rather than its configuration: the ``EMAModuleWrapper(...)``
+    keywords and the per-sample level order (``perms_time``) of ``main()``, the ``n_gpus`` of each run function's
+    ``_get_config`` call (``config/nft.py``: the batch formula's process count), and the scorers' scales and models
+    (``scores / 26`` of ``pickscore_scorer.py``, the checkpoint of ``hpsv2_scorer.py``, the CLIP of
+    ``clip_scorer.py``)."""
+    main = next(
+        n
+        for n in ast.parse((root / "scripts" / "train_nft_sd3.py").read_text()).body
+        if isinstance(n, ast.FunctionDef) and n.name == "main"
+    )
+    calls = [n for n in ast.walk(main) if isinstance(n, ast.Call)]
+    ema_kwargs = next(_literal_keywords(c) for c in calls if getattr(c.func, "id", "") == "EMAModuleWrapper")
+    per_sample_levels = any(
+        isinstance(n, ast.Name) and n.id == "perms_time" and isinstance(n.ctx, ast.Store)
+        for n in ast.walk(main)
+    )
+    n_gpus = {}
+    for function in ast.parse((root / "config" / "nft.py").read_text()).body:
+        if isinstance(function, ast.FunctionDef):
+            for call in ast.walk(function):
+                if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "_get_config":
+                    n_gpus[function.name] = _literal_keywords(call).get("n_gpus", 1)  # _get_config's default
+    scorer = next(
+        n
+        for n in ast.walk(ast.parse((root / "flow_grpo" / "pickscore_scorer.py").read_text()))
+        if isinstance(n, ast.FunctionDef) and n.name == "__call__"
+    )
+    pickscore_divisor = next(
+        n.right.value
+        for n in ast.walk(scorer)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div) and isinstance(n.right, ast.Constant)
+    )
+    hps = re.search(r"HPS_(v[0-9.]+?)_compressed\.pt", (root / "flow_grpo" / "hpsv2_scorer.py").read_text())
+    clip = re.search(
+        r'CLIPModel\.from_pretrained\("([^"]+)"\)', (root / "flow_grpo" / "clip_scorer.py").read_text()
+    )
+    return {
+        "ema_kwargs": ema_kwargs,
+        "per_sample_levels": per_sample_levels,
+        "n_gpus": n_gpus,
+        "pickscore_divisor": pickscore_divisor,
+        "hpsv2_version": hps.group(1) if hps else None,
+        "clip_model": clip.group(1) if clip else None,
+    }
 
 
 def reference_config(ref, name: str, num_minibatches: int, n_samples: int):
@@ -406,6 +482,150 @@ def diffrl_options(cfg, num_minibatches: int) -> list[str]:
         f"diffusion_nft.num_minibatches={num_minibatches}",
         *decay_options(cfg.decay_type),
     ]
+
+
+PRESETS = {
+    "sd35m_diffusion_nft_pickscore.yaml": "sd3_pickscore",
+    "sd35m_diffusion_nft_multireward.yaml": "sd3_multi_reward",
+}
+# each reference scorer's output in units of diffrl's reward of the same name (rewards.py's multi_score sums the
+# weighted outputs): PickScore divided by the divisor of pickscore_scorer.py (run_facts), HPSv2.1's cosine, and
+# clip_scorer.py's logits_per_image / 100 (CLIP ViT-L/14's logit scale is 100: the cosine)
+SCORER_SCALES = {"hpsv2": 1.0, "clipscore": 1.0}
+
+
+def reward_weights(cfg, ref) -> dict[str, float]:
+    """diffrl's reward weights for the reference's ``reward_fn``, as the presets document them: a single reward keeps
+    its weight (the advantages' division by the global std makes its scale irrelevant: the PickScore preset's
+    ``pickscore: 1.0`` for the reference's PickScore / 26); several are summed on the reference scorers' scales, so
+    each weight is multiplied by its scorer's scale (the multi-reward preset's PickScore 1/26)."""
+    weights = dict(cfg.reward_fn)
+    if len(weights) == 1:
+        return {name: float(w) for name, w in weights.items()}
+    scales = {"pickscore": 1.0 / ref.pickscore_divisor, **SCORER_SCALES}
+    return {name: w * scales[name] for name, w in weights.items()}
+
+
+def preset_expectations(cfg, ref, function: str) -> dict[str, object]:
+    """What a diffrl preset of the reference run ``cfg`` (the run function ``function`` of ``config/nft.py``) must
+    hold: :func:`diffrl_options` and the run's sizes, sampler, schedule, evaluation, checkpoints, EMA, LoRA and
+    rewards (the values each preset line cites)."""
+    s, t = cfg.sample, cfg.train
+    # _get_config's batch search: num_batches_per_epoch batches of train_batch_size on each of n_gpus processes,
+    # gradient_accumulation_steps batches per optimiser update (num_minibatches = gradient_step_per_epoch)
+    num_minibatches = s.num_batches_per_epoch // t.gradient_accumulation_steps
+    images_per_step = ref.n_gpus[function] * s.num_batches_per_epoch * s.train_batch_size
+    expected = {}
+    for option in diffrl_options(cfg, num_minibatches):
+        key, _, value = option.partition("=")
+        expected[key] = ast.literal_eval(value) if value[:1] in "0123456789-." else value
+    ema = ref.ema_kwargs
+    expected.update(
+        {
+            "seed": cfg.seed,
+            "checkpointing_steps": cfg.save_freq,
+            "eval_every": cfg.eval_freq,
+            "mixed_precision": cfg.mixed_precision,
+            "ema_decay": ema["decay"] if t.ema else 0.0,
+            "ema_warmup": ema_warmup(ref, ema["decay"]),
+            "ema_every": ema.get("update_step_interval", 1),
+            "model.path": cfg.pretrained.model,
+            "model.max_sequence_length": ref.max_sequence_length,
+            "model.lora_rank": ref.lora_kwargs["r"],
+            "model.lora_alpha": ref.lora_kwargs["lora_alpha"],
+            "model.lora_init": ref.lora_kwargs.get("init_lora_weights"),
+            "data.train": f"data/{Path(cfg.dataset).name}/train.txt",  # dataset/<name>/{train,test}.txt
+            "data.eval": f"data/{Path(cfg.dataset).name}/test.txt",
+            "sample.height": cfg.resolution,
+            "sample.width": cfg.resolution,
+            "sample.num_steps": s.num_steps,
+            "sample.guidance_scale": s.guidance_scale,
+            "sample.eval_num_steps": s.eval_num_steps,
+            "sample.eval_guidance_scale": s.guidance_scale,  # eval(): guidance_scale=config.sample.guidance_scale
+            "sample.batch_size": s.train_batch_size,
+            "optim.train_batch_size": t.batch_size,
+            "reward": reward_weights(cfg, ref),
+            "eval_reward": reward_weights(cfg, ref),  # main(): eval_reward_fn = multi_score(config.reward_fn)
+            "diffusion_nft.group_size": s.num_image_per_prompt,
+            "diffusion_nft.prompts_per_step": images_per_step // s.num_image_per_prompt,
+            "diffusion_nft.weighting": "adaptive",  # the reference's only loss
+            # the old policy's rollouts: run_sampling(solver=..., deterministic=...); diffrl's solvers are deterministic
+            "diffusion_nft.solver": s.solver if s.deterministic else f"{s.solver} (stochastic)",
+            "diffusion_nft.per_sample_levels": ref.per_sample_levels,
+        }
+    )
+    kwargs = {
+        "hpsv2": {"version": ref.hpsv2_version},  # hpsv2_scorer.py: HPS_v2.1_compressed.pt
+        "clipscore": {"model": ref.clip_model},  # clip_scorer.py: CLIPModel.from_pretrained(...)
+    }
+    if any(name in kwargs for name in cfg.reward_fn):
+        expected["reward_kwargs"] = {name: kwargs[name] for name in cfg.reward_fn if name in kwargs}
+    return expected
+
+
+def ema_warmup(ref, decay: float) -> bool:
+    """Whether the reference's ``EMAModuleWrapper.get_current_decay`` is diffrl's ``ema_warmup`` ramp,
+    ``min(ema_decay, (1 + u) / (10 + u))`` over optimiser updates ``u`` (checked at u = 0..999)."""
+    wrapper = ref.EMAModuleWrapper([], decay=decay)
+    return all(
+        abs(wrapper.get_current_decay(u) - min(decay, (1 + u) / (10 + u))) <= 1e-15 for u in range(1000)
+    )
+
+
+def decay_gaps(ref, decay_type: int) -> list[str]:
+    """Where diffrl's old-policy decay with :func:`decay_options` of ``decay_type`` leaves the reference's
+    ``return_decay(step, decay_type)`` (steps 0..4999): empty when it reproduces it."""
+    from diffrl.trainers.objectives import nft_old_policy_decay
+
+    options = {o.split("=")[0].split("_")[-1]: float(o.split("=")[1]) for o in decay_options(decay_type)}
+    for step in range(5000):
+        mine = nft_old_policy_decay(step, flat=options["flat"], rate=options["rate"], cap=options["cap"])
+        theirs = ref.return_decay(step, decay_type)
+        if abs(mine - theirs) > 1e-12:
+            return [
+                f"decay_type {decay_type}: diffrl's decay {mine!r} at step {step}, return_decay {theirs!r}"
+            ]
+    return []
+
+
+def check_presets(ref, presets_dir: Path) -> bool:
+    """Each shipped DiffusionNFT preset against the reference configuration it reproduces: every value of
+    :func:`preset_expectations` (check 0)."""
+    from diffrl.config import load_config
+
+    ok = True
+    folder = presets_dir.resolve()
+    shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    for name, function in PRESETS.items():
+        cfg = getattr(ref.config_module, function)()
+        preset = load_config(presets_dir / name)
+        expected = preset_expectations(cfg, ref, function)
+        wrong = decay_gaps(ref, cfg.decay_type)
+        for key, want in expected.items():
+            have = preset
+            for part in key.split("."):
+                have = getattr(have, part)
+            if isinstance(want, float) or isinstance(have, float):
+                same = not isinstance(have, bool) and abs(float(have) - float(want)) <= 1e-12 * max(
+                    1.0, abs(float(want))
+                )
+            elif isinstance(want, dict) and isinstance(have, dict):
+                same = have.keys() == want.keys() and all(
+                    abs(float(have[k]) - float(v)) <= 1e-12 * max(1.0, abs(float(v)))
+                    if isinstance(v, float)
+                    else have[k] == v
+                    for k, v in want.items()
+                )
+            else:
+                same = type(have) is type(want) and have == want
+            if not same:
+                wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+        ok &= not wrong
+        print(
+            f"  {shown}/{name} vs config/nft.py:{function}: {len(expected)} values, "
+            + ("all equal  ok" if not wrong else "DIFFER: " + "; ".join(wrong))
+        )
+    return ok
 
 
 def diffrl_draws(trainer, n: int, num_levels: int, k: int, latent_shape) -> types.SimpleNamespace:
@@ -955,6 +1175,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="print every LoRA tensor's differences in every run (default: one run)",
     )
+    parser.add_argument(
+        "--presets",
+        type=Path,
+        default=ROOT / "configs",
+        help="check 0's preset folder (default: the shipped configs/; a folder of modified copies shows it failing)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
@@ -976,6 +1202,9 @@ def main(argv=None) -> int:
         f"peft {peft.__version__}"
     )
     results = {}
+    print("\n0. the shipped presets against the reference configurations they reproduce:")
+    results["presets"] = check_presets(ref, args.presets)
+    print()
     with tempfile.TemporaryDirectory(prefix="parity-nft-") as tmp:
         tmp = Path(tmp)
         global MODEL_DIR
