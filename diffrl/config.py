@@ -444,6 +444,15 @@ class DPOConfig:
     solver: str = "euler"
     """Online: the deterministic solver of the rollouts, euler or dpm2 (with sample.guidance_scale and
     sample.num_steps)."""
+    rollout_policy: str = "current"
+    """Online: the model the groups are sampled from: current (the trained policy, on-policy DPO) or reference (the
+    frozen reference, the LoRA adapter off: the Flow-GRPO DPO script's, which samples with its reference adapter and
+    never updates it by default)."""
+    sampler: str = "ode"
+    """Online: ode (every rollout step deterministic, dpo.solver) or sde (every step Flow-GRPO's SDE step with noise
+    dpo.noise_level, each image's noise its own: the Flow-GRPO DPO script's pipeline)."""
+    noise_level: float = 0.7
+    """Online, with sampler sde: the SDE noise scale a (the Flow-GRPO DPO script's sample.noise_level, 0.7)."""
     dataset: str = ""
     """Offline: a .jsonl file of {"prompt", "chosen", "rejected"} rows (image paths, or .safetensors/.pt latent
     paths, relative to the file) or a Hugging Face datasets directory (save_to_disk) or data files (.parquet,
@@ -859,6 +868,7 @@ _RANGES = [
     ("awm.adv_clip", lambda v: v > 0, "positive"),
     ("awm.rollout_guidance", _at_least(1), "at least 1 (1: no classifier-free guidance)"),
     ("awm.noise_level", _at_least(0), "at least 0"),
+    ("dpo.noise_level", lambda v: v > 0, "positive (dpo.sampler=ode is the deterministic rollout)"),
     ("awm.adv_max", lambda v: v > 0, "positive"),
     ("awm.num_train_timesteps", _at_least(1), "at least 1"),
     ("awm.first_level", _at_least(0), "at least 0"),
@@ -1361,6 +1371,16 @@ def _validate_dpo(cfg: TrainConfig, num_processes: int, need) -> None:
     )
     need(d.pairs in ("best_worst", "all"), f"dpo.pairs={d.pairs!r} must be best_worst or all.")
     need(d.solver in ("euler", "dpm2"), f"dpo.solver={d.solver!r} must be euler or dpm2.")
+    need(
+        d.rollout_policy in ("current", "reference"),
+        f"dpo.rollout_policy={d.rollout_policy!r} must be current or reference.",
+    )
+    need(d.sampler in ("ode", "sde"), f"dpo.sampler={d.sampler!r} must be ode or sde.")
+    need(
+        d.sampler == "ode" or d.solver == "euler",
+        f"dpo.solver={d.solver} has no step to solve with dpo.sampler=sde (every rollout step is an SDE step); "
+        "leave dpo.solver at euler.",
+    )
     if d.mode == "online":
         need(
             d.group_size >= 2,

@@ -79,6 +79,8 @@ EXTRA = {
     ],
     # AWM with stochastic rollout steps (each row's SDE noise keyed by its global row), DPM-2 after them
     "awm-sde": [f"reward={{{GATED}: 1.0}}", "awm.sampler=sde", "awm.solver=dpm2"],
+    # online DPO sampling the reference with SDE steps (each row's noise keyed by its global row)
+    "dpo-sde": [f"reward={{{GATED}: 1.0}}", "dpo.rollout_policy=reference", "dpo.sampler=sde"],
     # AWM with SA-Solver rollouts, noisy on the steps ending in awm.sde_t_range (each row's noise its own)
     "awm-sa_solver": [f"reward={{{GATED}: 1.0}}", "awm.sampler=sa_solver", "awm.noise_level=0.4"],
     # Flow-GRPO with a batch-normalised sum: each process scores its share, the parts are gathered and every share

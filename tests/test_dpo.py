@@ -185,6 +185,66 @@ def test_online_step_pairs_the_best_and_worst_image_of_each_group_and_starts_at_
     assert metrics["train/model_err_chosen"] == metrics["train/ref_err_chosen"] > 0
 
 
+def test_online_rollouts_from_the_reference_with_sde_steps_as_the_flow_grpo_script(tmp_path, monkeypatch):
+    """dpo.rollout_policy=reference samples with the LoRA adapter off (the Flow-GRPO DPO script samples with its
+    never-updated reference adapter), and dpo.sampler=sde with Flow-GRPO's SDE step on every step, each image's
+    noise from its own generator (one image at a time gives the same images as the whole batch)."""
+    import diffrl.trainers.dpo as dpo_module
+
+    seen = []
+    real = dpo_module.rollout
+
+    def recording(model, cond, sigmas, noise, **kw):
+        out = real(model, cond, sigmas, noise, **kw)
+        seen.append(dict(kw=kw, cond=cond, sigmas=sigmas, noise=noise, final=out.final))
+        return out
+
+    monkeypatch.setattr(dpo_module, "rollout", recording)
+
+    def scores(images, prompts, **metadata):
+        return images.float().mean(dim=(1, 2, 3))
+
+    def first_round(name, *extra):
+        seen.clear()
+        trainer = build_trainer(PRESET, _overrides(tmp_path / name, "max_steps=1", *extra), reward=scores)
+        with torch.no_grad():  # a LoRA that changes the images (B != 0)
+            for p in trainer.params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        trainer.online_round({})
+        return trainer, torch.cat([c["final"] for c in seen]), list(seen)
+
+    _, current, calls = first_round("current")
+    assert "sampler" not in calls[0]["kw"]
+    trainer, reference, calls = first_round("reference", "dpo.rollout_policy=reference")
+    # the same images as the base model's, sampled by hand with the adapter switched off
+    with torch.no_grad(), trainer.model.disable_adapter():
+        base = torch.cat(
+            [
+                real(
+                    trainer.model,
+                    c["cond"],
+                    c["sigmas"],
+                    c["noise"],
+                    guidance_scale=c["kw"]["guidance_scale"],
+                ).final
+                for c in calls
+            ]
+        )
+    torch.testing.assert_close(reference, base, rtol=1e-5, atol=1e-5)
+    assert (reference - current).abs().max() > 1e-3
+    _, sde, calls = first_round("sde", "dpo.rollout_policy=reference", "dpo.sampler=sde")
+    kw = calls[0]["kw"]
+    assert kw["sampler"] == "sde" and kw["noise_level"] == 0.7 and isinstance(kw["generator"], list)
+    assert (sde - reference).abs().max() > 1e-2
+    _, again, _ = first_round("again", "dpo.rollout_policy=reference", "dpo.sampler=sde")
+    assert torch.equal(again, sde)
+    _, one_by_one, calls = first_round(
+        "one", "dpo.rollout_policy=reference", "dpo.sampler=sde", "sample.batch_size=1"
+    )
+    assert len(calls) == len(sde)
+    torch.testing.assert_close(one_by_one, sde, rtol=1e-4, atol=1e-4)
+
+
 def test_a_step_without_any_preference_makes_no_update(tmp_path):
     def flat(images, prompts, **metadata):
         return torch.zeros(images.shape[0])
@@ -465,6 +525,16 @@ def test_without_datasets_a_dataset_directory_says_how_to_install_it(tmp_path, m
         (["dpo.beta=0"], r"dpo.beta=0.0 must be positive and finite"),
         (["dpo.beta=inf"], r"dpo.beta=inf must be positive and finite"),
         (["model.lora_rank=0"], r"lora_rank=0 .* no base model .*\(dpo always needs its reference"),
+        (["dpo.rollout_policy=base"], "dpo.rollout_policy='base' must be current or reference"),
+        (["dpo.sampler=cps"], "dpo.sampler='cps' must be ode or sde"),
+        (
+            ["dpo.sampler=sde", "dpo.solver=dpm2"],
+            r"dpo.solver=dpm2 has no step to solve with dpo.sampler=sde",
+        ),
+        (
+            ["dpo.noise_level=0"],
+            r"dpo.noise_level=0.0 must be positive \(dpo.sampler=ode is the deterministic",
+        ),
     ],
 )
 def test_bad_dpo_config_values_raise_one_sentence(extra, message):

@@ -412,6 +412,8 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "dpo.time_shift=3.0",
         ),
     ),
+    # DPO as the Flow-GRPO DPO script samples: the frozen reference (adapter off), SDE steps
+    ("dpo", ("dpo.rollout_policy=reference", "dpo.sampler=sde")),
     # Qwen-Image: prompts of different token counts padded with a mask, true CFG in Flow-GRPO's rollouts
     ("flow_grpo", ("model.path=tiny:qwen_image",)),
     # (DiffusionNFT on Qwen-Image: ~17 s for both tests, opt-in with --run-slow)
@@ -442,6 +444,7 @@ VARIANT_IDS = [
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",
     "dpo-options",
+    "dpo-reference-rollouts",
     "flow_grpo-qwen_image",
     "diffusion_nft-qwen_image",
     "flow_grpo-pref-grpo-reference",

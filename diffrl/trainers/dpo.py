@@ -19,7 +19,8 @@ The pairs come from one of two places (``dpo.mode``):
   or Pick-a-Pic style data), its images VAE-encoded once and cached (:mod:`diffrl.trainers.preferences`);
   ``pairs_per_step`` pairs per step, in a new random order every epoch (from ``seed`` and the epoch);
 * ``online``: every ``online_every`` steps, ``group_size`` images per prompt for ``prompts_per_step`` prompts are
-  sampled from the current policy (the ODE, ``sample.guidance_scale``), scored with the configured reward (a
+  sampled from the current policy (the ODE, ``sample.guidance_scale``; ``rollout_policy=reference`` samples the
+  frozen reference instead and ``sampler=sde`` takes Flow-GRPO's SDE steps, as the Flow-GRPO DPO script does), scored with the configured reward (a
   pairwise judge takes part as its win-rate reward, ``diffrl.rewards.GroupWinRate``), and paired within each group
   (:func:`~.objectives.preference_pairs`: best against worst, or all pairs with a reward margin); the steps in
   between train again on the same pairs with fresh levels and noise. Rows with a conditioning image
@@ -51,6 +52,7 @@ Sources and choices (details in docs/trainers/dpo.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -129,7 +131,15 @@ class DPOTrainer(Trainer):
         n = len(prompts)
 
         def sample_chunk(rows):
-            with torch.no_grad(), self.autocast():
+            stochastic = {}
+            if d.sampler == "sde":  # every step an SDE step, each row's noise from its own generator
+                stochastic = dict(
+                    sampler="sde",
+                    noise_level=d.noise_level,
+                    generator=self.row_generators(2, rows, self.rank * n),
+                )
+            policy = model.disable_adapter() if d.rollout_policy == "reference" else contextlib.nullcontext()
+            with torch.no_grad(), self.autocast(), policy:
                 noise = model.sample_noise(
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
                 )
@@ -140,6 +150,7 @@ class DPOTrainer(Trainer):
                     noise,
                     guidance_scale=s.guidance_scale,
                     solver=d.solver,
+                    **stochastic,
                 ).final
 
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
