@@ -143,6 +143,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _parity import compare, parse_override, preset_differences, rel, short, stored_reward, stored_rollouts
 from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -645,17 +646,7 @@ def check_presets(ref, presets_dir: Path) -> bool:
     for name, function in PRESETS.items():
         cfg = getattr(ref.config_module, function)()
         preset = load_config(presets_dir / name)
-        wrong = []
-        for key, want in preset_expectations(cfg, ref).items():
-            have = preset
-            for part in key.split("."):
-                have = getattr(have, part)
-            if isinstance(want, float) or isinstance(have, float):
-                same = abs(float(have) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
-            else:
-                same = have == want or (isinstance(have, dict) and dict(have) == want)
-            if not same:
-                wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+        wrong = preset_differences(preset, preset_expectations(cfg, ref))
         ok &= not wrong
         count = len(preset_expectations(cfg, ref))
         print(
@@ -772,16 +763,6 @@ def prompt_rows(trainer) -> list[str]:
     return prompts
 
 
-def stored_rollouts(x0, scored, given):
-    """Stands in for ``Trainer.sample_and_score``: the stored latents and rewards; records the prompts."""
-
-    def sample_and_score(count, sample_chunk, prompts, metadata):
-        given["prompts"] = list(prompts)
-        return x0.clone(), scored
-
-    return sample_and_score
-
-
 @contextlib.contextmanager
 def recording(trainer, seen: list, captured: dict):
     """During ``train_step``: the trained forward passes' inputs (grad-enabled ``velocity`` calls), the weights
@@ -814,31 +795,7 @@ def recording(trainer, seen: list, captured: dict):
         awm_module.awm_weights = original_weights
 
 
-def stored_reward(images, prompts, **metadata):  # never called: sampling and scoring are replaced
-    raise AssertionError("the rollouts are stored")
-
-
 # ---------------------------------------------------------------------------------------------- comparisons
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """``(max|a - b|, max|a - b| / max|b|)``."""
-    diff = float((a.detach().double() - b.detach().double()).abs().max())
-    return diff, diff / max(float(b.detach().double().abs().max()), 1e-30)
-
-
-def compare(pairs) -> tuple[float, float, str]:
-    worst_abs, worst_rel, where = 0.0, 0.0, ""
-    for name, a, b in pairs:
-        d, r = rel(a, b)
-        worst_abs = max(worst_abs, d)
-        if r >= worst_rel:
-            worst_rel, where = r, name
-    return worst_abs, worst_rel, where
-
-
-def short(name: str) -> str:
-    return name.replace("transformer_blocks.", "block ").replace(".default.weight", "")
 
 
 def inputs_gap(seen_r, seen_d, n: int, k: int, micro_batch: int, x0, eps) -> dict[str, float]:
@@ -1061,16 +1018,6 @@ def run_update(ref, run: Run, model_dir: Path, out: Path, overrides: dict, per_t
         line(f"   reference-only LoRA tensors, not compared (the last block's context query): {len(extra)}")
     del trainer, pipe, peft_model
     return ok
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    if not value:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
 
 
 def main(argv=None) -> int:

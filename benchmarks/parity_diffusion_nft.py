@@ -122,6 +122,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _parity import compare, preset_differences, stored_reward, stored_rollouts
 from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -600,26 +601,7 @@ def check_presets(ref, presets_dir: Path) -> bool:
         cfg = getattr(ref.config_module, function)()
         preset = load_config(presets_dir / name)
         expected = preset_expectations(cfg, ref, function)
-        wrong = decay_gaps(ref, cfg.decay_type)
-        for key, want in expected.items():
-            have = preset
-            for part in key.split("."):
-                have = getattr(have, part)
-            if isinstance(want, float) or isinstance(have, float):
-                same = not isinstance(have, bool) and abs(float(have) - float(want)) <= 1e-12 * max(
-                    1.0, abs(float(want))
-                )
-            elif isinstance(want, dict) and isinstance(have, dict):
-                same = have.keys() == want.keys() and all(
-                    abs(float(have[k]) - float(v)) <= 1e-12 * max(1.0, abs(float(v)))
-                    if isinstance(v, float)
-                    else have[k] == v
-                    for k, v in want.items()
-                )
-            else:
-                same = type(have) is type(want) and have == want
-            if not same:
-                wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+        wrong = decay_gaps(ref, cfg.decay_type) + preset_differences(preset, expected)
         ok &= not wrong
         print(
             f"  {shown}/{name} vs config/nft.py:{function}: {len(expected)} values, "
@@ -697,17 +679,6 @@ def initialise_lora(trainer, peft_model, seed: int = 1234) -> list[str]:
         for d_name, d_tensor, _ in pairs:
             d_tensor.copy_(values[d_name])
     return extra
-
-
-def compare(pairs) -> tuple[float, float, str]:
-    worst_abs, worst_rel, where = 0.0, 0.0, ""
-    for name, a, b in pairs:
-        diff = float((a.detach().double() - b.detach().double()).abs().max())
-        rel = diff / max(float(b.detach().double().abs().max()), 1e-30)
-        worst_abs = max(worst_abs, diff)
-        if rel >= worst_rel:
-            worst_rel, where = rel, name
-    return worst_abs, worst_rel, where
 
 
 def per_tensor_table(pairs) -> None:
@@ -843,10 +814,6 @@ def model_dir() -> Path:
     return MODEL_DIR
 
 
-def stored_reward(images, prompts, **metadata):  # never called: sampling and scoring are replaced in check 1
-    raise AssertionError("check 1 uses stored rewards")
-
-
 def colour_reward(images, prompts, **metadata):
     """A smooth per-image score with spread within each group (the tiny model's images are noise)."""
     red_minus_blue = (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
@@ -864,16 +831,6 @@ ONE_UPDATE_RUNS = [
     ("ocr", 99, 2, None),
     ("pickscore", 199, 2, 0.1),  # the KL term large enough to show in the gradients
 ]
-
-
-def stored_rollouts(x0, scored, given):
-    """Stands in for ``Trainer.sample_and_score``: the stored latents and rewards; records the prompts."""
-
-    def sample_and_score(count, sample_chunk, prompts, metadata):
-        given["prompts"] = list(prompts)
-        return x0.clone(), scored
-
-    return sample_and_score
 
 
 def spies(trainer, nft_module, captured):

@@ -161,6 +161,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _parity import compare, parse_override, preset_differences, rel, short, stored_reward, stored_rollouts
 from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,7 +590,7 @@ def diffrl_options(cfg, ref, shift: float) -> list[str]:
     ]
 
 
-PRESET = "sd35m_dpo_pickscore.yaml"
+REFERENCE_PRESET = "sd35m_dpo_pickscore.yaml"
 PRESET_GPUS = 8  # the preset's process count for prompts_per_step (its header: verify for your launch)
 SD35_SHIFT = 3.0  # stabilityai/stable-diffusion-3.5-medium's scheduler shift (not in the reference clone)
 
@@ -641,21 +642,11 @@ def check_preset(ref, presets_dir: Path) -> bool:
     from diffrl.config import load_config
 
     cfg = ref.config_module.pickscore_sd3()
-    preset = load_config(presets_dir / PRESET)
+    preset = load_config(presets_dir / REFERENCE_PRESET)
     expected = preset_expectations(cfg, ref)
-    wrong = []
-    for key, want in expected.items():
-        have = preset
-        for part in key.split("."):
-            have = getattr(have, part)
-        if isinstance(want, float) or isinstance(have, float):
-            same = abs(float(have) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
-        else:
-            same = have == want or (isinstance(have, dict) and dict(have) == want)
-        if not same:
-            wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+    wrong = preset_differences(preset, expected)
     print(
-        f"  configs/{PRESET} vs dpo.py:pickscore_sd3: {len(expected)} values, "
+        f"  configs/{REFERENCE_PRESET} vs dpo.py:pickscore_sd3: {len(expected)} values, "
         + ("all equal  ok" if not wrong else "DIFFER: " + "; ".join(wrong))
     )
     return not wrong
@@ -775,16 +766,6 @@ def resume_adam(trainer, optimizer, pairs, step: int = ADAM_STEP) -> None:
             opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
 
 
-def stored_rollouts(x0, scored, given):
-    """Stands in for ``Trainer.sample_and_score``: the stored latents and rewards; records the prompts."""
-
-    def sample_and_score(count, sample_chunk, prompts, metadata):
-        given["prompts"] = list(prompts)
-        return x0.clone(), scored
-
-    return sample_and_score
-
-
 @contextlib.contextmanager
 def recording(trainer, seen: list, captured: dict):
     """During ``train_step``: every ``velocity`` call's inputs (trained: grad enabled; reference: no grad) and the
@@ -810,31 +791,7 @@ def recording(trainer, seen: list, captured: dict):
         del model.velocity
 
 
-def stored_reward(images, prompts, **metadata):  # never called: sampling and scoring are replaced
-    raise AssertionError("the rollouts are stored")
-
-
 # ---------------------------------------------------------------------------------------------- comparisons
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """``(max|a - b|, max|a - b| / max|b|)``."""
-    diff = float((a.detach().double() - b.detach().double()).abs().max())
-    return diff, diff / max(float(b.detach().double().abs().max()), 1e-30)
-
-
-def compare(pairs) -> tuple[float, float, str]:
-    worst_abs, worst_rel, where = 0.0, 0.0, ""
-    for name, a, b in pairs:
-        d, r = rel(a, b)
-        worst_abs = max(worst_abs, d)
-        if r >= worst_rel:
-            worst_rel, where = r, name
-    return worst_abs, worst_rel, where
-
-
-def short(name: str) -> str:
-    return name.replace("transformer_blocks.", "block ").replace(".default.weight", "")
 
 
 def row_of(latent: torch.Tensor, x0: torch.Tensor) -> int:
@@ -1096,16 +1053,6 @@ def run_update(ref, run: Run, model_dir: Path, out: Path, overrides: dict, chang
         )
     del trainer, pipe, transformer
     return ok
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    if not value:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
 
 
 def main(argv=None) -> int:

@@ -136,6 +136,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from _parity import preset_differences
+from _parity import preset_value as shared_preset_value
 from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1167,20 +1169,8 @@ def preset_expectations(cfg, ref: SimpleNamespace, gpus: int, code: SimpleNamesp
 
 def preset_value(preset, key: str):
     """The preset's value of the dotted ``key`` (``data.*``: the prompt file's folder and name)."""
-    value = preset
-    for part in key.split("."):
-        value = getattr(value, part)
-    if key.startswith("data."):
-        value = "/".join(Path(value).parts[-2:])
-    return dict(value) if isinstance(value, dict) else value
-
-
-def same_value(have, want) -> bool:
-    if isinstance(have, bool) or isinstance(want, bool):
-        return have is want
-    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
-        return abs(float(have) - float(want)) <= 1e-12 * max(1.0, abs(float(want)))
-    return have == want
+    value = shared_preset_value(preset, key)
+    return "/".join(Path(value).parts[-2:]) if key.startswith("data.") else value
 
 
 def check_presets(ref: SimpleNamespace, presets_dir: Path) -> bool:
@@ -1195,11 +1185,7 @@ def check_presets(ref: SimpleNamespace, presets_dir: Path) -> bool:
         cfg = getattr(ref.config_module, function)()  # a fresh config (ref.config is shrunk for the checks)
         expected = preset_expectations(cfg, ref, config_gpus(config_file, function), code)
         preset = load_config(presets_dir / name)
-        wrong = []
-        for key, want in expected.items():
-            have = preset_value(preset, key)
-            if not same_value(have, want):
-                wrong.append(f"{key}: preset {have!r}, reference {want!r}")
+        wrong = preset_differences(preset, expected, value=preset_value)
         ok &= not wrong
         path = presets_dir.resolve() / name
         print(
