@@ -93,7 +93,7 @@ gradient's size; with the state the update is about linear in ``g``.
 Check 0, before the runs: ``configs/sd35m_dpo_pickscore.yaml`` against ``pickscore_sd3()``: the options above
 plus the run's sizes (``dpo.prompts_per_step`` for the preset's 8 processes), sampling (the ``ref`` adapter, not
 updated within the run since ``ref_update_step`` is 1e7, and the SDE pipeline at ``sample.noise_level``),
-evaluation, checkpoints, EMA and rewards, 38 values. It fails on any difference (the preset sampled the trained
+evaluation, checkpoints, EMA and rewards, 39 values. It fails on any difference (the preset sampled the trained
 policy with the ODE before ``dpo.rollout_policy`` and ``dpo.sampler`` existed; that is how it was found).
 
 Checks per run:
@@ -624,8 +624,10 @@ def preset_expectations(cfg, ref) -> dict[str, object]:
             * s.train_batch_size
             * s.num_batches_per_epoch
             // s.num_image_per_prompt,
-            # sampling with the "ref" adapter (line 618), copied from the learner every ref_update_step steps only
-            "dpo.rollout_policy": "reference" if t.ref_update_step > 2000 else "current",
+            # sampling with the "ref" adapter (line 618)
+            "dpo.rollout_policy": "reference",
+            # copy_learner_to_ref every ref_update_step updates (line 614): never within the preset's 2000 steps
+            "dpo.ref_update_every": 0 if t.ref_update_step > 2000 else t.ref_update_step,
             "dpo.sampler": "sde"
             if s.noise_level > 0
             else "ode",  # pipeline_with_logprob(..., noise_level=...)

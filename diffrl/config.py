@@ -453,6 +453,10 @@ class DPOConfig:
     dpo.noise_level, each image's noise its own: the Flow-GRPO DPO script's pipeline)."""
     noise_level: float = 0.7
     """Online, with sampler sde: the SDE noise scale a (the Flow-GRPO DPO script's sample.noise_level, 0.7)."""
+    ref_update_every: int = 0
+    """Every this many steps the reference becomes a copy of the trained policy (a second LoRA adapter; the Flow-GRPO
+    DPO script's ref_update_step, its "OnlineDPO"); it is the reference of the loss and, with rollout_policy
+    reference, the sampled model. 0 (default): never, the reference is the base model (the adapter off)."""
     dataset: str = ""
     """Offline: a .jsonl file of {"prompt", "chosen", "rejected"} rows (image paths, or .safetensors/.pt latent
     paths, relative to the file) or a Hugging Face datasets directory (save_to_disk) or data files (.parquet,
@@ -883,6 +887,7 @@ _RANGES = [
     ("dpo.num_train_timesteps", _at_least(1), "at least 1"),
     ("dpo.time_shift", lambda v: 0 < v < math.inf, "positive (1: no shift)"),
     ("dpo.online_every", _at_least(1), "at least 1 (1: new pairs every step)"),
+    ("dpo.ref_update_every", _at_least(0), "at least 0 (0: the reference stays the base model)"),
     ("dpo.min_margin", lambda v: 0 <= v < math.inf, "at least 0 and finite (0: any strict preference)"),
     ("dpo.pairs_per_step", _at_least(1), "at least 1"),
     ("monitor.min_change", _at_least(0), "at least 0 (0: any rise and fall)"),

@@ -79,8 +79,14 @@ EXTRA = {
     ],
     # AWM with stochastic rollout steps (each row's SDE noise keyed by its global row), DPM-2 after them
     "awm-sde": [f"reward={{{GATED}: 1.0}}", "awm.sampler=sde", "awm.solver=dpm2"],
-    # online DPO sampling the reference with SDE steps (each row's noise keyed by its global row)
-    "dpo-sde": [f"reward={{{GATED}: 1.0}}", "dpo.rollout_policy=reference", "dpo.sampler=sde"],
+    # online DPO sampling the reference with SDE steps (each row's noise keyed by its global row), the reference a
+    # copy of the policy from step 1
+    "dpo-sde": [
+        f"reward={{{GATED}: 1.0}}",
+        "dpo.rollout_policy=reference",
+        "dpo.sampler=sde",
+        "dpo.ref_update_every=1",
+    ],
     # AWM with SA-Solver rollouts, noisy on the steps ending in awm.sde_t_range (each row's noise its own)
     "awm-sa_solver": [f"reward={{{GATED}: 1.0}}", "awm.sampler=sa_solver", "awm.noise_level=0.4"],
     # Flow-GRPO with a batch-normalised sum: each process scores its share, the parts are gathered and every share
@@ -360,7 +366,8 @@ FSDP_EXTRA = {
     "diffusion_nft": [f"reward={{{GATED}: 1.0}}", "ema_decay=0.5"],
     "refl": EXTRA["refl"],
     "awm": EXTRA["awm"],
-    "dpo": EXTRA["dpo"],
+    # the reference adapter becomes a copy of the sharded policy at step 1 and is checkpointed with it
+    "dpo": [*EXTRA["dpo"], "dpo.ref_update_every=1"],
 }
 
 
@@ -645,7 +652,7 @@ def test_fsdp_with_bf16_and_gradient_checkpointing_equals_ddp_bitwise(tmp_path, 
 
 
 @pytest.mark.slow  # ~20 s (one more 2-process launch; the uninterrupted run is shared with the test above)
-@pytest.mark.parametrize("algo", ["diffusion_nft", "flow_grpo"])
+@pytest.mark.parametrize("algo", ["diffusion_nft", "flow_grpo", "dpo"])
 def test_fsdp_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shared_cache, fsdp_run):
     whole, _ = fsdp_run(algo)  # steps 1 and 2 without a stop
     resumed = tmp_path / "resumed"

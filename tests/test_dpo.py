@@ -245,6 +245,71 @@ def test_online_rollouts_from_the_reference_with_sde_steps_as_the_flow_grpo_scri
     torch.testing.assert_close(one_by_one, sde, rtol=1e-4, atol=1e-4)
 
 
+def test_the_reference_catches_up_with_the_policy_every_ref_update_every_steps(tmp_path):
+    """dpo.ref_update_every=2 (the Flow-GRPO script's ref_update_step): at steps 0 and 2 the reference is a copy of
+    the trained adapter, so the loss is exactly log 2 and the margin 0; at steps 1 and 3, and at step 2 without the
+    copy, the policy has moved away from its reference."""
+
+    def reward(images, prompts, **metadata):
+        return images.float().mean(dim=(1, 2, 3))
+
+    def losses(name, *extra):
+        trainer = build_trainer(PRESET, _overrides(tmp_path / name, "max_steps=4", *extra), reward=reward)
+        out = []
+        for step in range(4):
+            trainer.step = step
+            out.append(trainer.train_step(step))
+        return trainer, out
+
+    trainer, with_copy = losses("copy", "dpo.ref_update_every=2")
+    assert [m.get("train/ref_updated", 0.0) for m in with_copy] == [0.0, 0.0, 1.0, 0.0]
+    for step in (0, 2):
+        assert with_copy[step]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert with_copy[step]["train/reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    for step in (1, 3):
+        assert abs(with_copy[step]["train/loss"] - math.log(2)) > 1e-4
+    # the reference adapter holds the weights of the start of step 2, not the trained ones after step 3
+    assert any(not torch.equal(r, p) for r, p in zip(trainer.ref_params, trainer.params, strict=True))
+    _, without = losses("base")
+    assert abs(without[2]["train/loss"] - math.log(2)) > 1e-4
+    # until the first copy the reference is the base model (the LoRA starts at B = 0)
+    assert without[0]["train/loss"] == with_copy[0]["train/loss"]
+    assert without[1]["train/loss"] == pytest.approx(with_copy[1]["train/loss"], rel=1e-6)
+
+
+def test_a_resume_between_two_copies_trains_against_the_saved_reference(tmp_path):
+    """ref_update_every=2, a checkpoint after 3 steps (the reference copied at step 2), resumed to 4: step 3 trains
+    against the checkpoint's reference adapter, and the weights and the reference equal a 4-step run's bit for bit."""
+    from safetensors.torch import load_file
+
+    def reward(images, prompts, **metadata):
+        return images.float().mean(dim=(1, 2, 3))
+
+    base = ["dpo.ref_update_every=2", "checkpointing_steps=3"]
+    build_trainer(PRESET, _overrides(tmp_path / "full", *base, "max_steps=4"), reward=reward).train()
+    build_trainer(PRESET, _overrides(tmp_path / "half", *base, "max_steps=3"), reward=reward).train()
+    resumed = build_trainer(
+        PRESET,
+        _overrides(tmp_path / "half", *base, "max_steps=4", "resume_from_checkpoint=latest"),
+        reward=reward,
+    )
+    resumed.train()
+    # no copy at step 3: the reference is still the checkpoint's (the copy of step 2)
+    saved = load_file(str(tmp_path / "half" / "checkpoint-000003" / "extra.safetensors"))
+    assert len([k for k in saved if k.startswith("dpo_ref.")]) == len(resumed.ref_params) > 0
+    for name, r in zip(resumed.param_names, resumed.ref_params, strict=True):
+        assert torch.equal(r, saved[f"dpo_ref.{name}"]), name
+    full = build_trainer(PRESET, _overrides(tmp_path / "again", *base, "max_steps=4"), reward=reward)
+    full.train()
+    for name, a, b in zip(full.param_names, full.ref_params, resumed.ref_params, strict=True):
+        assert torch.equal(a, b), name
+    a, b = (
+        load_file(str(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors"))
+        for run in ("full", "half")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_step_without_any_preference_makes_no_update(tmp_path):
     def flat(images, prompts, **metadata):
         return torch.zeros(images.shape[0])
@@ -535,6 +600,7 @@ def test_without_datasets_a_dataset_directory_says_how_to_install_it(tmp_path, m
             ["dpo.noise_level=0"],
             r"dpo.noise_level=0.0 must be positive \(dpo.sampler=ode is the deterministic",
         ),
+        (["dpo.ref_update_every=-1"], r"dpo.ref_update_every=-1 must be at least 0 \(0: the reference stays"),
     ],
 )
 def test_bad_dpo_config_values_raise_one_sentence(extra, message):

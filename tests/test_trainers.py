@@ -412,8 +412,9 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
             "dpo.time_shift=3.0",
         ),
     ),
-    # DPO as the Flow-GRPO DPO script samples: the frozen reference (adapter off), SDE steps
-    ("dpo", ("dpo.rollout_policy=reference", "dpo.sampler=sde")),
+    # DPO as the Flow-GRPO DPO script samples: from the reference, with SDE steps; the reference a copy of the policy
+    # every 2 steps (the resume at step 2 lands on a copy)
+    ("dpo", ("dpo.rollout_policy=reference", "dpo.sampler=sde", "dpo.ref_update_every=2")),
     # Qwen-Image: prompts of different token counts padded with a mask, true CFG in Flow-GRPO's rollouts
     ("flow_grpo", ("model.path=tiny:qwen_image",)),
     # (DiffusionNFT on Qwen-Image: ~17 s for both tests, opt-in with --run-slow)

@@ -46,14 +46,16 @@ Sources and choices (details in docs/trainers/dpo.md):
   Invalid online pair slots (ties, margins not above ``min_margin``) are kept with weight 0, so every process runs
   the same forwards; the loss is the mean over the valid pairs of all processes. A step with no valid pair anywhere
   makes no update (``train/num_pairs = 0``).
-* Not implemented: the paper's SFT-loss mix, a reference updated during training (the Flow-GRPO script's
-  ``ref_update_step``), DPO variants (e.g. a linear utility or an EMA reference).
+* The reference is the base model (the LoRA adapter off), or with ``ref_update_every > 0`` a second adapter that
+  becomes a copy of the trained one every that many steps (the Flow-GRPO script's ``ref_update_step``).
+* Not implemented: the paper's SFT-loss mix, DPO variants (e.g. a linear utility or an EMA reference).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -65,6 +67,7 @@ from .objectives import flow_dpo_loss, preference_pairs
 
 __all__ = ["DPOTrainer", "dpo_levels"]
 
+REF = "dpo_ref"  # the adapter that holds the reference with dpo.ref_update_every > 0
 _PAIR_KEY = 6  # row_generators purpose of the pairs' levels and noise
 _ORDER_KEY = 49979687  # keeps the offline epoch orders apart from every other draw
 
@@ -81,10 +84,30 @@ class DPOTrainer(Trainer):
     algorithm = "dpo"
 
     def setup(self) -> None:
-        """Offline: the preference pairs as latents (encoded once, cached; the main process writes the cache)."""
+        """With ``ref_update_every``: the reference as a second LoRA adapter, float32, a copy of the trained one.
+        Offline: the preference pairs as latents (encoded once, cached; the main process writes the cache)."""
         d = self.cfg.dpo
         self.pairs = None
         self.buffer = None  # online: the last sampling round's pairs
+        self.ref_params = []
+        if d.ref_update_every > 0:
+            model = self.model
+            config = model.transformer.peft_config["default"]
+            with (
+                warnings.catch_warnings()
+            ):  # peft warns that a second adapter is added: that is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                model.transformer.add_adapter(config, adapter_name=REF)
+            model.transformer.set_adapter("default")
+            self.ref_params = self.adapter_params(REF)
+            with torch.no_grad():
+                for r, p in zip(self.ref_params, self.params, strict=True):
+                    r.data = (
+                        r.data.float()
+                    )  # PEFT made it in the base layer's dtype; a copy of the policy is float32
+                    r.copy_(p)
+            for r in self.ref_params:
+                r.requires_grad_(False)
         if d.mode != "offline":
             return
         from .preferences import load_preference_pairs
@@ -97,6 +120,15 @@ class DPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if not main:
             self.pairs = load_preference_pairs(d.dataset, self.model, s.height, s.width, cache, write=False)
+
+    def after_sharding(self) -> None:
+        if self.ref_params:
+            self.ref_params = self.adapter_params(REF)
+
+    def reference(self):
+        """A block in which the model is the reference: the ``dpo_ref`` adapter with ``ref_update_every``, else the
+        base model (the adapter off)."""
+        return self.model.use_adapter(REF) if self.ref_params else self.model.disable_adapter()
 
     def derived_sizes(self):
         d = self.cfg.dpo
@@ -138,7 +170,7 @@ class DPOTrainer(Trainer):
                     noise_level=d.noise_level,
                     generator=self.row_generators(2, rows, self.rank * n),
                 )
-            policy = model.disable_adapter() if d.rollout_policy == "reference" else contextlib.nullcontext()
+            policy = self.reference() if d.rollout_policy == "reference" else contextlib.nullcontext()
             with torch.no_grad(), self.autocast(), policy:
                 noise = model.sample_noise(
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
@@ -182,6 +214,11 @@ class DPOTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         d = self.cfg.dpo
         metrics: dict[str, float] = {}
+        if self.ref_params and step > 0 and step % d.ref_update_every == 0:  # the reference catches up
+            with torch.no_grad():
+                for r, p in zip(self.ref_params, self.params, strict=True):
+                    r.copy_(p.detach().float())
+            metrics["train/ref_updated"] = 1.0
         if d.mode == "offline":
             prompts, x_w, x_l = self.offline_batch(step)
             valid = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
@@ -242,7 +279,7 @@ class DPOTrainer(Trainer):
                 t2 = torch.cat([t, t])
                 with self.autocast():
                     v = model.velocity(x_t, t2, cond, guidance).float()
-                with torch.no_grad(), self.autocast(), model.disable_adapter():
+                with torch.no_grad(), self.autocast(), self.reference():
                     v_ref = model.velocity(x_t, t2, cond, guidance).float()
                 stats = flow_dpo_loss(v[:b], v[b:], v_ref[:b], v_ref[b:], x_w[mb], x_l[mb], eps, d.beta)
                 loss = (stats.loss * w).sum()
@@ -270,10 +307,14 @@ class DPOTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def extra_state(self):
-        """Online with ``online_every > 1``: the pairs of the last sampling round and their prompts (JSON bytes), so a
-        run resumed between two rounds trains on the same pairs (one process only: see the config check)."""
+        """The reference adapter with ``ref_update_every``; online with ``online_every > 1``, the pairs of the last
+        sampling round and their prompts (JSON bytes), so a run resumed between two rounds trains on the same pairs
+        (one process only: see the config check)."""
+        ref = {}
+        if self.ref_params:
+            ref = {f"{REF}.{n}": r.detach() for n, r in zip(self.param_names, self.ref_params, strict=True)}
         if self.cfg.dpo.mode != "online" or self.cfg.dpo.online_every == 1 or self.buffer is None:
-            return {}
+            return ref
         prompts, x_w, x_l, valid, metadata = self.buffer
         names = json.dumps(list(prompts)).encode()
         kept = {}  # the metadata fields JSON can hold (a source image's path; not a PIL image)
@@ -291,6 +332,7 @@ class DPOTrainer(Trainer):
             kept[key] = values
         meta = json.dumps(kept).encode()
         return {
+            **ref,
             "dpo_buffer.metadata": torch.frombuffer(bytearray(meta), dtype=torch.uint8).clone(),
             "dpo_buffer.chosen": x_w.contiguous(),
             "dpo_buffer.rejected": x_l.contiguous(),
@@ -299,6 +341,10 @@ class DPOTrainer(Trainer):
         }
 
     def load_extra_state(self, tensors):
+        if self.ref_params:
+            with torch.no_grad():
+                for n, r in zip(self.param_names, self.ref_params, strict=True):
+                    self.assign_(r, tensors[f"{REF}.{n}"])
         if "dpo_buffer.chosen" not in tensors:
             return
         prompts = json.loads(bytes(tensors["dpo_buffer.prompts"].cpu().numpy().tobytes()).decode())
