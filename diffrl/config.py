@@ -446,8 +446,8 @@ class DPOConfig:
     sample.num_steps)."""
     rollout_policy: str = "current"
     """Online: the model the groups are sampled from: current (the trained policy, on-policy DPO) or reference (the
-    frozen reference, the LoRA adapter off: the Flow-GRPO DPO script's, which samples with its reference adapter and
-    never updates it by default)."""
+    loss's reference: the base model with the LoRA adapter off, or the dpo.ref_update_every copy; the Flow-GRPO DPO
+    script's, which samples with its reference adapter)."""
     sampler: str = "ode"
     """Online: ode (every rollout step deterministic, dpo.solver) or sde (every step Flow-GRPO's SDE step with noise
     dpo.noise_level, each image's noise its own: the Flow-GRPO DPO script's pipeline)."""
