@@ -39,8 +39,6 @@ diffrl differs from it (details and the reference values in docs/trainers/awm.md
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -90,21 +88,7 @@ class AWMTrainer(Trainer):
         self.ema_params = []
         if self.cfg.awm.ema_kl_weight <= 0:
             return
-        model = self.model
-        config = model.transformer.peft_config["default"]
-        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            model.transformer.add_adapter(config, adapter_name=EMA)
-        model.transformer.set_adapter("default")
-        self.ema_params = self.adapter_params(EMA)
-        with torch.no_grad():
-            for e, p in zip(self.ema_params, self.params, strict=True):
-                e.data = (
-                    e.data.float()
-                )  # PEFT made it in the base layer's dtype; the soft update needs float32
-                e.copy_(p)
-        for e in self.ema_params:
-            e.requires_grad_(False)
+        self.ema_params = self.add_adapter_copy(EMA)
 
     def _sde_window(self) -> tuple[int, int] | None:
         """``(start, end)`` of the stochastic rollout steps of ``awm.sampler`` sde or cps: the steps that start at a

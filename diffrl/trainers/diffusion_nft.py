@@ -33,8 +33,6 @@ The reference code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py), and where di
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -52,20 +50,7 @@ class DiffusionNFTTrainer(Trainer):
     algorithm = "diffusion_nft"
 
     def setup(self) -> None:
-        model = self.model
-        config = model.transformer.peft_config["default"]
-        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            model.transformer.add_adapter(config, adapter_name=OLD)
-        model.transformer.set_adapter("default")
-        self.old_params = self.adapter_params(OLD)
-        with torch.no_grad():
-            for o, p in zip(self.old_params, self.params, strict=True):
-                # PEFT made it in the base layer's dtype; the soft update needs float32
-                o.data = o.data.float()
-                o.copy_(p)
-        for o in self.old_params:
-            o.requires_grad_(False)
+        self.old_params = self.add_adapter_copy(OLD)
 
     def after_sharding(self) -> None:
         self.old_params = self.adapter_params(OLD)

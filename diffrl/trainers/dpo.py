@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 
 import numpy as np
 import torch
@@ -91,23 +90,7 @@ class DPOTrainer(Trainer):
         self.buffer = None  # online: the last sampling round's pairs
         self.ref_params = []
         if d.ref_update_every > 0:
-            model = self.model
-            config = model.transformer.peft_config["default"]
-            with (
-                warnings.catch_warnings()
-            ):  # peft warns that a second adapter is added: that is the point here
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                model.transformer.add_adapter(config, adapter_name=REF)
-            model.transformer.set_adapter("default")
-            self.ref_params = self.adapter_params(REF)
-            with torch.no_grad():
-                for r, p in zip(self.ref_params, self.params, strict=True):
-                    r.data = (
-                        r.data.float()
-                    )  # PEFT made it in the base layer's dtype; a copy of the policy is float32
-                    r.copy_(p)
-            for r in self.ref_params:
-                r.requires_grad_(False)
+            self.ref_params = self.add_adapter_copy(REF)
         if d.mode != "offline":
             return
         from .preferences import load_preference_pairs

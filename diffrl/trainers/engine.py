@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -458,6 +459,24 @@ class Trainer:
             "images_per_process": per * group_size,
             "images_per_step": prompts_per_step * group_size,
         }
+
+    def add_adapter_copy(self, adapter: str) -> list[torch.nn.Parameter]:
+        """A second LoRA adapter named ``adapter`` (an old-policy, EMA or reference copy), a float32 copy of the
+        trained one without gradients; the trained ``default`` adapter stays the active one. Returns its weights in
+        the order of :attr:`params`."""
+        transformer = self.model.transformer
+        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.add_adapter(transformer.peft_config["default"], adapter_name=adapter)
+        transformer.set_adapter("default")
+        copy = self.adapter_params(adapter)
+        with torch.no_grad():
+            for c, p in zip(copy, self.params, strict=True):
+                c.data = c.data.float()  # PEFT made it in the base layer's dtype; soft updates need float32
+                c.copy_(p)
+        for c in copy:
+            c.requires_grad_(False)
+        return copy
 
     def adapter_params(self, adapter: str) -> list[torch.nn.Parameter]:
         """The weights of the LoRA adapter named ``adapter`` (e.g. an old-policy or EMA copy) in the order of the
