@@ -22,9 +22,8 @@ The pairs come from one of two places (``dpo.mode``):
   sampled from the current policy (the ODE, ``sample.guidance_scale``; ``rollout_policy=reference`` samples the
   reference instead and ``sampler=sde`` takes Flow-GRPO's SDE steps, as the Flow-GRPO DPO script does), scored
   with the configured reward (a pairwise judge takes part as its win-rate reward, ``diffrl.rewards.GroupWinRate``),
-  and paired within each group
-  (:func:`~.objectives.preference_pairs`: best against worst, or all pairs with a reward margin); the steps in
-  between train again on the same pairs with fresh levels and noise. Rows with a conditioning image
+  and paired within each group (:func:`~.objectives.preference_pairs`: best against worst, or all pairs with a
+  reward margin); the steps in between train again on the same pairs with fresh levels and noise. Rows with a conditioning image
   (``metadata["image"]``: FLUX.2's reference images, Qwen-Image-Edit's source image) are sampled and trained with it.
 
 Sources and choices (details in docs/trainers/dpo.md):
