@@ -7,20 +7,42 @@ from __future__ import annotations
 
 import argparse
 import ast
+import subprocess
+from pathlib import Path
 
 import torch
 
 __all__ = [
     "compare",
+    "git_commit",
     "parse_override",
     "preset_differences",
     "preset_value",
+    "quiet_libraries",
     "rel",
     "same_value",
     "short",
     "stored_reward",
     "stored_rollouts",
 ]
+
+
+def quiet_libraries() -> None:
+    """No progress bars from diffusers and transformers, and only diffusers' errors: a parity run prints its checks."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def git_commit(root: Path) -> str:
+    """The short commit of the clone at ``root`` ("" when it is not a git checkout)."""
+    done = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

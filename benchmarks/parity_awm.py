@@ -133,7 +133,6 @@ import ast
 import contextlib
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -143,7 +142,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _parity import compare, parse_override, preset_differences, rel, short, stored_reward, stored_rollouts
+from _parity import (
+    compare,
+    git_commit,
+    parse_override,
+    preset_differences,
+    quiet_libraries,
+    rel,
+    short,
+    stored_reward,
+    stored_rollouts,
+)
 from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1049,17 +1058,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
     import peft
-    import transformers
 
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     torch.manual_seed(0)
     started = time.perf_counter()
     ref = load_reference(args.reference)
-    commit = subprocess.run(
-        ["git", "-C", str(ref.root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit(ref.root)
     print(
         f"reference: {ref.code} (commit {commit or 'unknown: not a git checkout'}); its LoRA {ref.lora_kwargs} on the "
         f"attn modules; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}"

@@ -114,7 +114,6 @@ import contextlib
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import types
@@ -122,7 +121,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _parity import compare, preset_differences, stored_reward, stored_rollouts
+from _parity import compare, git_commit, preset_differences, quiet_libraries, stored_reward, stored_rollouts
 from _reference_code import load_module, main_lora_setup, script_functions, stub_missing_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1141,18 +1140,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
-    import transformers
 
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     torch.manual_seed(0)
     ref = load_reference(args.reference)
     import peft
 
-    commit = subprocess.run(
-        ["git", "-C", str(ref.root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = git_commit(ref.root)
     print(
         f"reference: {ref.root} (commit {commit or 'unknown'}); its LoRA {ref.lora_kwargs} on "
         f"{len(ref.lora_targets)} module names; torch {torch.__version__}, diffusers {diffusers.__version__}, "
