@@ -30,7 +30,8 @@ where they exist as functions and re-writes only what is inline in ``main()``:
     ``arange``, a no-op), micro-batches of ``train.batch_size`` (1104-1111); per micro-batch the level draw of
     ``config.time_type`` (``logit_normal`` 1138-1160, ``discrete`` 1172-1180, ``discrete_wo_init`` 1197-1205), the
     clean latents, embeddings repeated ``train_timesteps`` times and one ``randn_tensor`` per level (1209-1221); old
-    log-probs only for the micro-batches past ``gradient_accumulation_steps`` (1227-1239: none here, on-policy);
+    log-probs only for the micro-batches past ``gradient_accumulation_steps`` (1227-1239: none here on-policy), and
+    with ``off_policy`` for every micro-batch under ``set_adapter("ema")`` (1233-1239);
     then per micro-batch (1242-1390) ``x_t = (1 - t) x0 + t noise``, ``compute_log_prob_awm`` with the trained
     adapter, under ``disable_adapter()`` (no grad) and under ``set_adapter("ema")`` (no grad) (1268-1280); the
     detached log-probs of the same pass as ``old_log_probs`` (1283-1284); the weight ``clamp(A, +-adv_clip_max) /
@@ -79,7 +80,11 @@ compared. Rewards: fixed random numbers, two prompts of 4 samples. Runs (``RUNS`
    term shows in the gradients), ``adv_clip_max`` 1.5 (the clip acts on one sample), ``advantage_max`` 2,
    ``sum_first``;
 3. ``logit_normal`` levels (shift 3) at step 349 (EMA decay at its cap, 0.3);
-4. ``t`` weighting (the matching loss times t, no ghuber).
+4. ``t`` weighting (the matching loss times t, no ghuber);
+5. ``off_policy`` with ``clip_range`` 0.01 (diffrl: ``awm.rollout_policy=ema``): the old log-probs are the EMA
+   adapter's, so the ratio is not 1 (its mean 0.992 here) and the clip acts on about a third of the (sample, level)
+   pairs. The rollouts are the stored latents on both sides, so what is compared is the update on them; that the
+   trainer samples with the EMA adapter is tested in ``tests/test_awm.py``.
 
 Check 0, before the runs: each shipped preset (``configs/sd35m_awm_{pickscore,geneval,ocr}.yaml``) against the
 reference configuration it reproduces (``pickscore_sd3_no_cfg_1node``, ``geneval_...``, ``ocr_...``): the options
@@ -98,7 +103,8 @@ Checks per run:
 2. one update: per LoRA tensor ``max|a - b| / max|b|`` (the largest over the tensors) of the trained tensors after
    the update, of the clipped gradients and of the update (new - old); the gradient norm (before clipping) and the
    losses on both sides (the reference's surrogate ``policy_loss`` is ``-mean(w)`` at ratio 1 by construction; its
-   ``mean(w l)``, diffrl's ``train/policy_loss``, is computed here from its log-probs);
+   ``mean(w l)``, diffrl's ``train/policy_loss``, is computed here from its log-probs; with ``off_policy`` diffrl
+   logs the surrogate itself, and its ratio mean and clipped share are compared too);
 3. the EMA adapter after its soft update, and the decay on both sides.
 
 Tolerances: 1e-4 relative per tensor for the weights after the update, the gradients and the EMA adapter, and for
@@ -118,7 +124,8 @@ passes), ``train.ghuber_power=0.26`` fails them as well (gradients 6e-3 / 1e-2 /
 KL weight 0.1 doubled) fails every run (run 2: gradients 0.33, the KL terms of the loss 0.14); ``train.beta=0.0002``
 (run 1's 1e-4 doubled) fails run 1 (gradients 2e-3, weights 1e-3); ``train.ema_beta=2`` fails every run (gradient
 norm 0.16 against 0.079); ``train.kl_ema_decay=0.2`` fails only run 3 (decay 0.2 against 0.3: EMA adapter 6e-2;
-the other runs' decay, 0.15, is under both caps).
+the other runs' decay, 0.15, is under both caps); on run 5, ``train.clip_range=0.02`` (clipped share 0.02 against
+0.31, gradients 0.79) and ``train.off_policy=False`` (gradients 0.95) fail it.
 
 Usage: ``python benchmarks/parity_awm.py --reference /path/to/advantage_weighted_matching_clone [--per-tensor]
 [--runs 1,2] [--reference-override train.ghuber_power=0.3]`` (CPU, offline, about 15 s; set ``OMP_NUM_THREADS=1
@@ -196,6 +203,11 @@ RUNS = [
     ),
     Run("logit_normal levels (shift 3), EMA decay at its cap", 349, {"time_type": "logit_normal"}),
     Run("t weighting", 149, {"train.weighting": "t"}),
+    Run(
+        "off_policy: the ratio to the EMA adapter, clip range 0.01",
+        149,
+        {"train.off_policy": True, "train.clip_range": 0.01},
+    ),
 ]
 
 
@@ -454,15 +466,30 @@ def reference_update(ref, cfg, pipe, peft_model, optimizer, trained, ema, sample
         if not cfg.train.off_policy and i < gas:
             continue
         noised_latents = (1 - timesteps) * sample["clean_latents"] + timesteps * sample["train_random_noise"]
+        if cfg.train.off_policy:  # lines 1233-1239: the old log-probs are the EMA adapter's
+            peft_model.set_adapter(REFERENCE_EMA)
         with torch.no_grad():
             log_prob, _, _ = log_prob_of(sample, timesteps, embeds, pooled, noised_latents)
         sample["old_log_probs"] = log_prob.reshape(K, B)
+        if cfg.train.off_policy:
+            peft_model.set_adapter("default")
 
     # lines 1242-1390: the training passes
     backwards = 0
     losses = {
         k: []
-        for k in ("policy_loss", "kl_loss", "ema_kl_loss", "loss", "matching", "weighted", "abs_weighted")
+        for k in (
+            "policy_loss",
+            "kl_loss",
+            "ema_kl_loss",
+            "loss",
+            "matching",
+            "weighted",
+            "abs_weighted",
+            "abs_weights",
+            "ratio",
+            "clip_frac",
+        )
     }
     for i, sample in enumerate(samples_batched):
         embeds = torch.cat([sample["prompt_embeds"]] * K, dim=0)
@@ -531,6 +558,9 @@ def reference_update(ref, cfg, pipe, peft_model, optimizer, trained, ema, sample
         losses["matching"].append(float(matching.mean()))
         losses["weighted"].append(float((weights.unsqueeze(0) * matching).mean()))
         losses["abs_weighted"].append(float((weights.abs().unsqueeze(0) * matching).mean()))
+        losses["abs_weights"].append(float(weights.abs().mean()))
+        losses["ratio"].append(float(ratio.detach().mean()))
+        losses["clip_frac"].append(float(((ratio.detach() - 1).abs() > cfg.train.clip_range).double().mean()))
         for key, value in (
             ("policy_loss", policy_loss),
             ("kl_loss", kl_loss),
@@ -570,6 +600,8 @@ def diffrl_options(cfg, ref) -> list[str]:
     """diffrl's options for a reference configuration."""
     t = cfg.train
     timesteps = "logit_normal" if cfg.time_type == "logit_normal" else "levels"
+    if t.off_policy and t.loss_type != "exp_first":
+        raise SystemExit("off_policy is compared with loss_type exp_first only (the reference configs'; diffrl's)")
     return [
         f"optim.lr={t.learning_rate}",
         f"optim.beta1={t.adam_beta1}",
@@ -596,6 +628,8 @@ def diffrl_options(cfg, ref) -> list[str]:
         f"awm.ema_kl_weight={float(t.ema_beta)}",
         "awm.ema_kl_rate=0.001",  # hard-coded in the reference's "linear" decay (line 1413)
         f"awm.ema_kl_cap={t.kl_ema_decay}",
+        f"awm.rollout_policy={'ema' if t.off_policy else 'current'}",
+        f"awm.clip_range={float(t.clip_range)}",
     ]
 
 
@@ -981,28 +1015,46 @@ def run_update(ref, run: Run, model_dir: Path, out: Path, overrides: dict, per_t
     losses = result.losses
     penalties_r = losses["loss"] - losses["policy_loss"]
     penalties_d = metrics["train/loss"] - metrics["train/policy_loss"]
+    if cfg.train.off_policy:  # diffrl logs the clipped surrogate itself, and the ratio to the EMA adapter
+        policy_rows = (
+            (
+                "surrogate max(-w r, -w clip(r))",
+                losses["policy_loss"],
+                metrics["train/policy_loss"],
+                losses["abs_weights"],
+            ),
+            ("ratio r = exp(l_ema - l), mean", losses["ratio"], metrics["train/ratio_mean"], 1.0),
+            ("clipped share |r - 1| > clip", losses["clip_frac"], metrics["train/clip_frac"], 1.0),
+        )
+    else:
+        policy_rows = (
+            (
+                "mean(w l) (diffrl: policy_loss)",
+                losses["weighted"],
+                metrics["train/policy_loss"],
+                losses["abs_weighted"],
+            ),
+        )
     for label, r_value, d_value, scale in (
         ("matching mean(l)", losses["matching"], metrics["train/matching"], losses["matching"]),
-        (
-            "mean(w l) (diffrl: policy_loss)",
-            losses["weighted"],
-            metrics["train/policy_loss"],
-            losses["abs_weighted"],
-        ),
+        *policy_rows,
         ("KL to the base", losses["kl_loss"], metrics["train/kl"], losses["kl_loss"]),
         ("KL to the EMA adapter", losses["ema_kl_loss"], metrics["train/ema_kl"], losses["ema_kl_loss"]),
         ("loss - policy loss (KL terms)", penalties_r, penalties_d, penalties_r),
     ):
         gap_v = abs(r_value - d_value) / max(abs(scale), 1e-30)
-        note = " of mean(|w| l)" if scale is losses["abs_weighted"] else ""
+        note = {id(losses["abs_weighted"]): " of mean(|w| l)", id(losses["abs_weights"]): " of mean(|w|)"}.get(
+            id(scale), ""
+        )
         line(
             f"   {label:<32} reference {r_value:.8g}, diffrl {d_value:.8g} (rel {gap_v:.1e}{note})",
             gap_v <= TOLERANCE,
         )
-    line(
-        f"   (the reference's surrogate policy_loss {losses['policy_loss']:.8g} is -mean(w) = {-float(w_ref.mean()):.8g} "
-        "at ratio 1, by construction; diffrl logs mean(w l))"
-    )
+    if not cfg.train.off_policy:
+        line(
+            f"   (the reference's surrogate policy_loss {losses['policy_loss']:.8g} is -mean(w) = "
+            f"{-float(w_ref.mean()):.8g} at ratio 1, by construction; diffrl logs mean(w l))"
+        )
     if per_tensor:
         print("       per tensor (trained after the update / gradient, max abs / max rel):")
         for (name, d, r), (_, gd, gr) in zip(pairs, grads, strict=True):

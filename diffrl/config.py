@@ -336,6 +336,14 @@ class AWMConfig:
     sde_t_range: list[float] = field(default_factory=lambda: [0.3, 0.9])
     """[lo, hi]: with sampler sde or cps the rollout steps that start at a level t with lo <= t <= hi are
     stochastic; with sa_solver the steps that end at such a level (the reference's SA-Solver window: [0.3, 0.9])."""
+    rollout_policy: str = "current"
+    """Which adapter samples the rollouts: current (the trained one, on-policy; the reference configs') or ema (the
+    slowly following EMA policy of the ema_kl_weight term, the reference's off_policy). With ema the policy loss is
+    the reference's clipped surrogate on r = exp(l_ema - l), the ratio of the EMA and the trained adapter's matching
+    losses at the same x_t (awm.clip_range); the EMA adapter is kept even with ema_kl_weight 0."""
+    clip_range: float = 1.0
+    """With rollout_policy=ema, the ratio's clip: mean(max(-w r, -w clip(r, 1 - c, 1 + c))) (the reference configs'
+    clip_range 1). On-policy r = 1 and the clip never acts."""
     rollout_guidance: float = 1.0
     """Classifier-free guidance scale of the rollouts (1: none, the reference's). Above 1 (models whose guidance is
     CFG only) the rollouts are the guided model's while the matching loss still trains the guidance-free velocity:
@@ -872,6 +880,7 @@ _RANGES = [
     ("awm.adv_clip", lambda v: v > 0, "positive"),
     ("awm.rollout_guidance", _at_least(1), "at least 1 (1: no classifier-free guidance)"),
     ("awm.noise_level", _at_least(0), "at least 0"),
+    ("awm.clip_range", lambda v: 0 < v < math.inf, "positive and finite"),
     ("dpo.noise_level", lambda v: v > 0, "positive (dpo.sampler=ode is the deterministic rollout)"),
     ("awm.adv_max", lambda v: v > 0, "positive"),
     ("awm.num_train_timesteps", _at_least(1), "at least 1"),
@@ -1355,6 +1364,15 @@ def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
         cfg.model.lora_rank != 0 or a.ema_kl_weight == 0,
         f"awm.ema_kl_weight={a.ema_kl_weight} needs a LoRA (its EMA policy is a second adapter); set it to 0 or "
         "train a LoRA (model.lora_rank != 0).",
+    )
+    need(
+        a.rollout_policy in ("current", "ema"),
+        f"awm.rollout_policy={a.rollout_policy!r} must be current or ema.",
+    )
+    need(
+        cfg.model.lora_rank != 0 or a.rollout_policy == "current",
+        "awm.rollout_policy=ema needs a LoRA (its EMA policy is a second adapter); set it to current or train a "
+        "LoRA (model.lora_rank != 0).",
     )
     if a.timesteps == "levels":
         last = int(cfg.sample.num_steps * a.timestep_fraction)

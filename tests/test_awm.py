@@ -13,7 +13,13 @@ import torch
 from diffrl.config import ConfigError, load_config
 from diffrl.train import build_trainer
 from diffrl.trainers.awm import level_indices, logit_normal_levels
-from diffrl.trainers.objectives import awm_loss, awm_matching_loss, awm_weights, group_advantages
+from diffrl.trainers.objectives import (
+    awm_clipped_loss,
+    awm_loss,
+    awm_matching_loss,
+    awm_weights,
+    group_advantages,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "tiny" / "awm.yaml"
@@ -98,6 +104,45 @@ def test_loss_is_the_weighted_mean_and_its_gradient_follows_the_sign():
         stepped = v - 0.1 * v.grad
     after = awm_matching_loss(stepped, x0, eps, t, weighting="uniform")
     assert after[0] < 4.0 and after[1] > 1.0
+
+
+def test_clipped_loss_by_hand():
+    # r = exp(l_old - l): l = (1, 1, 2, 0.5), l_old = (1, 2, 1, 1.5) -> r = (1, e, 1/e, e); clip 0.5 -> [0.5, 1.5]
+    m = torch.tensor([1.0, 1.0, 2.0, 0.5], requires_grad=True)
+    old = torch.tensor([1.0, 2.0, 1.0, 1.5])
+    w = torch.tensor([0.4, 0.5, -0.5, -0.2])
+    e = math.e
+    loss, ratio = awm_clipped_loss(m, old, w, 0.5)
+    torch.testing.assert_close(ratio, torch.tensor([1.0, e, 1 / e, e]))
+    # per sample max(-w r, -w clip(r)): -0.4; max(-0.5 e, -0.75) = -0.75 (clipped); max(0.5 / e, 0.25) = 0.25
+    # (clipped); max(0.2 e, 0.3) = 0.2 e (a negative weight with r above the clip is not clipped)
+    expected = (-0.4 - 0.75 + 0.25 + 0.2 * e) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d/dl of -w r = w r where unclipped, 0 where the clip acts; divided by the batch of 4
+    torch.testing.assert_close(m.grad, torch.tensor([0.4, 0.0, 0.0, -0.2 * e]) / 4)
+    assert not ratio.requires_grad
+
+
+def test_clipped_loss_at_ratio_one_has_the_on_policy_gradient():
+    v, x0, eps, t = _two_samples()
+    w = torch.tensor([0.5, -1.0])
+    awm_loss(awm_matching_loss(v, x0, eps, t), w).backward()
+    on_policy = v.grad.clone()
+    v.grad = None
+    m = awm_matching_loss(v, x0, eps, t)
+    loss, ratio = awm_clipped_loss(m, m.detach(), w, 1.0)
+    assert ratio.tolist() == [1.0, 1.0] and loss.item() == pytest.approx(-w.mean().item())
+    loss.backward()
+    torch.testing.assert_close(v.grad, on_policy)
+
+
+def test_clipped_loss_refuses_bad_shapes_and_range():
+    m = torch.ones(3)
+    with pytest.raises(ValueError, match=r"must all be \(B,\)"):
+        awm_clipped_loss(m, torch.ones(2), torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="clip_range=0 must be positive"):
+        awm_clipped_loss(m, m, m, 0)
 
 
 def test_zero_advantages_give_a_zero_gradient():
@@ -199,6 +244,12 @@ def test_logit_normal_levels_by_hand():
         ),
         (["model.lora_rank=0"], "lora_rank=0 .* has no base model.*awm.kl_weight"),
         (["model.lora_rank=0", "awm.kl_weight=0"], "awm.ema_kl_weight=1.0 needs a LoRA"),
+        (["awm.rollout_policy=old"], "awm.rollout_policy='old' must be current or ema"),
+        (
+            ["model.lora_rank=0", "awm.kl_weight=0", "awm.ema_kl_weight=0", "awm.rollout_policy=ema"],
+            "awm.rollout_policy=ema needs a LoRA",
+        ),
+        (["awm.clip_range=0"], r"awm.clip_range=0.0 must be positive and finite"),
     ],
 )
 def test_bad_awm_values_raise_one_sentence(overrides, message):
@@ -432,3 +483,66 @@ def test_an_sa_solver_window_without_noisy_steps_is_refused(tmp_path):
     ):
         _trainer(tmp_path, "awm.sampler=sa_solver", "awm.sde_t_range=[0.95,1.0]")
     _trainer(tmp_path / "det", "awm.sampler=sa_solver", "awm.sde_t_range=[0.95,1.0]", "awm.noise_level=0")
+
+
+@pytest.mark.parametrize("ema_kl_weight", [1.0, 0.0])
+def test_off_policy_rollouts_come_from_the_ema_adapter_and_the_ratio_is_to_it(tmp_path, monkeypatch, ema_kl_weight):
+    """awm.rollout_policy=ema (the reference's off_policy): the rollouts are the EMA adapter's samples (the same
+    images as rolling the trained adapter after copying the EMA weights into it), the EMA adapter is kept (and
+    checkpointed) even without the EMA pull, and the policy loss is the clipped surrogate on the ratio to it."""
+    import diffrl.trainers.awm as awm_module
+
+    finals = []
+    real_rollout = awm_module.rollout
+
+    def recording(model, cond, sigmas, noise, **kw):
+        out = real_rollout(model, cond, sigmas, noise, **kw)
+        finals.append(out.final)
+        return out
+
+    monkeypatch.setattr(awm_module, "rollout", recording)
+    extra = [f"awm.ema_kl_weight={ema_kl_weight}", "awm.clip_range=0.02"]
+    trainer = _trainer(tmp_path / "ema", "awm.rollout_policy=ema", *extra)
+    assert len(trainer.ema_params) == len(trainer.params)
+    assert set(trainer.extra_state()) == {f"ema_ref.{n}" for n in trainer.param_names}
+    # move the EMA adapter away from the trained one, so that the two policies sample different images
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for e in trainer.ema_params:
+            e.add_(0.3 * torch.randn(e.shape, generator=gen))
+    ema_weights = [e.detach().clone() for e in trainer.ema_params]
+    metrics = trainer.train_step(0)
+    assert metrics["train/skipped"] == 0.0 and math.isfinite(metrics["train/policy_loss"])
+    # the ratio to a different policy is not 1, and with a clip of 0.02 some of it is clipped
+    assert abs(metrics["train/ratio_mean"] - 1) > 1e-3 and 0 < metrics["train/clip_frac"] <= 1
+    off_policy = finals[-1]
+
+    # the same step's rollouts from the trained adapter holding the EMA weights: the same images
+    finals.clear()
+    same = _trainer(tmp_path / "copy", *extra)
+    with torch.no_grad():
+        for p, e in zip(same.params, ema_weights, strict=True):
+            p.copy_(e)
+    same.train_step(0)
+    torch.testing.assert_close(finals[-1], off_policy, rtol=1e-5, atol=1e-5)
+    # and not the on-policy rollouts of the trained adapter
+    finals.clear()
+    on_policy = _trainer(tmp_path / "current", *extra)
+    on_policy.train_step(0)
+    assert (finals[-1] - off_policy).abs().max() > 1e-2
+    assert "train/ratio_mean" not in on_policy.train_step(1)
+
+
+def test_off_policy_with_a_copied_ema_is_the_on_policy_update(tmp_path):
+    """At the first step the EMA adapter is a copy of the trained one: the rollouts, the ratio (1) and the update
+    are the on-policy ones (the surrogate's gradient at r = 1 is awm_loss's)."""
+    runs = {}
+    for policy in ("current", "ema"):
+        trainer = _trainer(tmp_path / policy, f"awm.rollout_policy={policy}")
+        metrics = trainer.train_step(0)
+        runs[policy] = ([p.detach().clone() for p in trainer.params], metrics)
+    (on, m_on), (off, m_off) = runs["current"], runs["ema"]
+    assert m_off["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m_off["train/clip_frac"] == 0.0
+    assert m_off["train/matching"] == pytest.approx(m_on["train/matching"], rel=1e-6)
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -89,6 +89,13 @@ EXTRA = {
     ],
     # AWM with SA-Solver rollouts, noisy on the steps ending in awm.sde_t_range (each row's noise its own)
     "awm-sa_solver": [f"reward={{{GATED}: 1.0}}", "awm.sampler=sa_solver", "awm.noise_level=0.4"],
+    # AWM off-policy: rollouts from the EMA adapter (lagging from step 1 on), the clipped ratio to it
+    "awm-off_policy": [
+        f"reward={{{GATED}: 1.0}}",
+        "awm.rollout_policy=ema",
+        "awm.ema_kl_rate=0.2",
+        "awm.clip_range=0.05",
+    ],
     # Flow-GRPO with a batch-normalised sum: each process scores its share, the parts are gathered and every share
     # is z-scored with the statistics of the whole batch
     "flow_grpo-batch": [

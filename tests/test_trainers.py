@@ -378,6 +378,9 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ),
     # AWM with the reference's SA-Solver rollouts (noisy on the steps that end in [0.3, 0.9])
     ("awm", ("awm.sampler=sa_solver", "awm.noise_level=0.4")),
+    # AWM off-policy (the reference's off_policy): rollouts from the EMA adapter, which lags from step 1 on (decay
+    # 0.2), the clipped ratio to it, without the EMA pull (the adapter kept and checkpointed for the rollouts alone)
+    ("awm", ("awm.rollout_policy=ema", "awm.ema_kl_rate=0.2", "awm.clip_range=0.05", "awm.ema_kl_weight=0")),
     # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
     (
         "flow_grpo",
@@ -441,6 +444,7 @@ VARIANT_IDS = [
     "diffusion_nft-reference-options",
     "awm-options",
     "awm-sa_solver",
+    "awm-off-policy",
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",

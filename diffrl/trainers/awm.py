@@ -20,8 +20,10 @@ diffrl differs from it (details and the reference values in docs/trainers/awm.md
 
 * The reference writes the loss as a PPO clipped surrogate on ``r = exp(l_old - l)``; it makes one optimiser update
   per batch of rollouts (gradient accumulation over all of them), so ``l_old = sg(l)``, ``r = 1`` and the clip
-  (range 1) never acts. diffrl computes that gradient, ``w grad(l)``, directly (:func:`awm_loss`), and has no PPO
-  ratio, clip or second update per step.
+  (range 1) never acts. diffrl computes that gradient, ``w grad(l)``, directly (:func:`awm_loss`), and has no
+  second update per step. The reference's ``off_policy`` (rollouts from the EMA adapter, ``l_old`` the EMA adapter's
+  matching loss, so ``r != 1``) is ``awm.rollout_policy=ema``, with the clipped surrogate
+  (:func:`awm_clipped_loss`, ``awm.clip_range``).
 * ``rho_t`` is ``awm.weighting``: the reference's configs use ``ghuber`` (``t ((L + 1e-10)^p - 1e-10^p) / p``,
   p = 0.25), the paper's equation is ``uniform`` (``L``); both and ``t`` (``t L``) are offered.
 * Levels (``awm.timesteps=levels``, the reference's ``discrete`` draws): the indices ``[first_level, int(T *
@@ -39,13 +41,22 @@ diffrl differs from it (details and the reference values in docs/trainers/awm.md
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from diffrl.samplers import rollout, sa_solver_levels, sa_solver_rollout
 
 from .engine import Trainer
-from .objectives import awm_loss, awm_matching_loss, awm_weights, group_advantages, nft_old_policy_decay
+from .objectives import (
+    awm_clipped_loss,
+    awm_loss,
+    awm_matching_loss,
+    awm_weights,
+    group_advantages,
+    nft_old_policy_decay,
+)
 
 __all__ = ["AWMTrainer", "level_indices", "logit_normal_levels"]
 
@@ -86,9 +97,15 @@ class AWMTrainer(Trainer):
             )
         self.sde_window = self._sde_window()
         self.ema_params = []
-        if self.cfg.awm.ema_kl_weight <= 0:
+        if not self._keeps_ema():
             return
         self.ema_params = self.add_adapter_copy(EMA)
+
+    def _keeps_ema(self) -> bool:
+        """Whether the EMA policy (a second adapter) is kept: for the ``ema_kl_weight`` pull or as the rollout
+        policy (``awm.rollout_policy=ema``)."""
+        a = self.cfg.awm
+        return a.ema_kl_weight > 0 or a.rollout_policy == "ema"
 
     def _sde_window(self) -> tuple[int, int] | None:
         """``(start, end)`` of the stochastic rollout steps of ``awm.sampler`` sde or cps: the steps that start at a
@@ -134,7 +151,7 @@ class AWMTrainer(Trainer):
         return self.cfg.awm.noise_level if lo <= t <= hi else 0.0
 
     def after_sharding(self) -> None:
-        if self.cfg.awm.ema_kl_weight > 0:
+        if self._keeps_ema():
             self.ema_params = self.adapter_params(EMA)
 
     def derived_sizes(self):
@@ -176,7 +193,8 @@ class AWMTrainer(Trainer):
         def sample_chunk(rows):
             # each row's initial noise, and its rollout noise, from its own generators
             noise_gens = self.row_generators(2, rows, self.rank * n) if self.sde_window is not None else None
-            with torch.no_grad(), self.autocast():
+            policy = model.use_adapter(EMA) if a.rollout_policy == "ema" else contextlib.nullcontext()
+            with torch.no_grad(), self.autocast(), policy:
                 noise = model.sample_noise(
                     len(rows), s.height, s.width, self.row_generators(1, rows, self.rank * n)
                 )
@@ -230,6 +248,8 @@ class AWMTrainer(Trainer):
 
         # 3. the weighted matching loss, one optimiser update
         sums = {"policy_loss": 0.0, "matching": 0.0, "kl": 0.0, "ema_kl": 0.0}
+        if a.rollout_policy == "ema":
+            sums.update(ratio_mean=0.0, clip_frac=0.0)
         bad = self._accumulate(n, x0, weights, levels, eps_all, cond_all, guidance, sums)
         if self.any_over_processes(bad):
             self.discard_gradients()
@@ -281,7 +301,11 @@ class AWMTrainer(Trainer):
                         v_ema = model.velocity(x_t, t_b, cond, guidance).float()
                     ema_kl = ((v - v_ema) ** 2).mean()
                 matching = awm_matching_loss(v, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power)
-                policy = awm_loss(matching, weights[mb])
+                if a.rollout_policy == "ema":  # off-policy: the ratio to the EMA policy that sampled
+                    old = awm_matching_loss(v_ema, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power)
+                    policy, ratio = awm_clipped_loss(matching, old, weights[mb], a.clip_range)
+                else:
+                    policy = awm_loss(matching, weights[mb])
                 loss = policy + a.kl_weight * kl + a.ema_kl_weight * ema_kl
                 if not torch.isfinite(loss):
                     bad = True
@@ -291,6 +315,10 @@ class AWMTrainer(Trainer):
                 sums["matching"] += float(matching.detach().mean()) * w
                 sums["kl"] += float(kl.detach()) * w
                 sums["ema_kl"] += float(ema_kl.detach()) * w
+                if a.rollout_policy == "ema":
+                    sums["ratio_mean"] += float(ratio.mean()) * w
+                    clipped = (ratio - 1).abs() > a.clip_range
+                    sums["clip_frac"] += float(clipped.float().mean()) * w
         return bad
 
     def extra_state(self):

@@ -12,7 +12,8 @@
 * :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
 * :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
 * :func:`denoising_loss`: the rectified-flow (pre-training) loss, ReFL's optional regulariser.
-* :func:`awm_weights`, :func:`awm_matching_loss`, :func:`awm_loss`: Advantage Weighted Matching.
+* :func:`awm_weights`, :func:`awm_matching_loss`, :func:`awm_loss`, :func:`awm_clipped_loss`: Advantage Weighted
+  Matching.
 * :func:`flow_dpo_loss`, :func:`preference_pairs`: Diffusion-DPO on the flow-matching error (Wallace et al., arXiv
   2311.12908; Flow-DPO of arXiv 2501.13918) and the online pairs from rewards within each group.
 """
@@ -42,6 +43,7 @@ __all__ = [
     "denoising_loss",
     "awm_weights",
     "awm_matching_loss",
+    "awm_clipped_loss",
     "awm_loss",
     "DPOStats",
     "flow_dpo_loss",
@@ -454,6 +456,30 @@ def awm_loss(matching: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if m.shape != w.shape:
         raise ValueError(f"matching {tuple(m.shape)} and weights {tuple(w.shape)} must both be (B,).")
     return (w * m).mean()
+
+
+def awm_clipped_loss(
+    matching: torch.Tensor, old_matching: torch.Tensor, weights: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWM's off-policy policy loss, the reference code's clipped surrogate (its ``exp_first``):
+    ``mean_i max(-w_i r_i, -w_i clip(r_i, 1 - c, 1 + c))`` with ``r_i = exp(l_old_i - l_i)``, the ratio of the
+    likelihood surrogates ``exp(-l)`` of the policy that is trained (``matching``, with grad) and of the one that
+    sampled (``old_matching``, detached: the EMA adapter's matching loss at the same ``x_t``). Float32.
+
+    The gradient is ``w r grad(l)`` where the clip does not act, 0 where it does (``w > 0, r > 1 + c`` or
+    ``w < 0, r < 1 - c``); at ``r = 1`` it is :func:`awm_loss`'s. Returns ``(loss, ratio)`` (the ratio detached)."""
+    m = matching.float()
+    old = old_matching.detach().float().to(m.device)
+    w = weights.detach().float().to(m.device)
+    if not (m.shape == old.shape == w.shape) or m.ndim != 1:
+        raise ValueError(
+            f"matching {tuple(m.shape)}, old_matching {tuple(old.shape)} and weights {tuple(w.shape)} must all be (B,)."
+        )
+    if not clip_range > 0:
+        raise ValueError(f"clip_range={clip_range} must be positive.")
+    ratio = torch.exp(old - m)
+    surrogate = torch.maximum(-w * ratio, -w * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return surrogate.mean(), ratio.detach()
 
 
 @dataclass
