@@ -601,7 +601,9 @@ def diffrl_options(cfg, ref) -> list[str]:
     t = cfg.train
     timesteps = "logit_normal" if cfg.time_type == "logit_normal" else "levels"
     if t.off_policy and t.loss_type != "exp_first":
-        raise SystemExit("off_policy is compared with loss_type exp_first only (the reference configs'; diffrl's)")
+        raise SystemExit(
+            "off_policy is compared with loss_type exp_first only (the reference configs'; diffrl's)"
+        )
     return [
         f"optim.lr={t.learning_rate}",
         f"optim.beta1={t.adam_beta1}",
@@ -1043,9 +1045,10 @@ def run_update(ref, run: Run, model_dir: Path, out: Path, overrides: dict, per_t
         ("loss - policy loss (KL terms)", penalties_r, penalties_d, penalties_r),
     ):
         gap_v = abs(r_value - d_value) / max(abs(scale), 1e-30)
-        note = {id(losses["abs_weighted"]): " of mean(|w| l)", id(losses["abs_weights"]): " of mean(|w|)"}.get(
-            id(scale), ""
-        )
+        note = {
+            id(losses["abs_weighted"]): " of mean(|w| l)",
+            id(losses["abs_weights"]): " of mean(|w|)",
+        }.get(id(scale), "")
         line(
             f"   {label:<32} reference {r_value:.8g}, diffrl {d_value:.8g} (rel {gap_v:.1e}{note})",
             gap_v <= TOLERANCE,

@@ -486,7 +486,9 @@ def test_an_sa_solver_window_without_noisy_steps_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("ema_kl_weight", [1.0, 0.0])
-def test_off_policy_rollouts_come_from_the_ema_adapter_and_the_ratio_is_to_it(tmp_path, monkeypatch, ema_kl_weight):
+def test_off_policy_rollouts_come_from_the_ema_adapter_and_the_ratio_is_to_it(
+    tmp_path, monkeypatch, ema_kl_weight
+):
     """awm.rollout_policy=ema (the reference's off_policy): the rollouts are the EMA adapter's samples (the same
     images as rolling the trained adapter after copying the EMA weights into it), the EMA adapter is kept (and
     checkpointed) even without the EMA pull, and the policy loss is the clipped surrogate on the ratio to it."""

@@ -302,7 +302,9 @@ class AWMTrainer(Trainer):
                     ema_kl = ((v - v_ema) ** 2).mean()
                 matching = awm_matching_loss(v, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power)
                 if a.rollout_policy == "ema":  # off-policy: the ratio to the EMA policy that sampled
-                    old = awm_matching_loss(v_ema, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power)
+                    old = awm_matching_loss(
+                        v_ema, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power
+                    )
                     policy, ratio = awm_clipped_loss(matching, old, weights[mb], a.clip_range)
                 else:
                     policy = awm_loss(matching, weights[mb])
