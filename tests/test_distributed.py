@@ -372,7 +372,9 @@ FSDP_EXTRA = {
     "flow_grpo": [f"reward={{{GATED}: 1.0}}"],
     "diffusion_nft": [f"reward={{{GATED}: 1.0}}", "ema_decay=0.5"],
     "refl": EXTRA["refl"],
-    "awm": EXTRA["awm"],
+    # off-policy: the rollouts sampled with the sharded EMA adapter, which lags from step 1 on (decay 0.2), the
+    # clipped ratio to it, and the EMA pull
+    "awm": [*EXTRA["awm"], "awm.rollout_policy=ema", "awm.ema_kl_rate=0.2", "awm.clip_range=0.05"],
     # the reference adapter becomes a copy of the sharded policy at step 1 and is checkpointed with it
     "dpo": [*EXTRA["dpo"], "dpo.ref_update_every=1"],
 }
@@ -659,7 +661,7 @@ def test_fsdp_with_bf16_and_gradient_checkpointing_equals_ddp_bitwise(tmp_path, 
 
 
 @pytest.mark.slow  # ~20 s (one more 2-process launch; the uninterrupted run is shared with the test above)
-@pytest.mark.parametrize("algo", ["diffusion_nft", "flow_grpo", "dpo"])
+@pytest.mark.parametrize("algo", ["diffusion_nft", "flow_grpo", "dpo", "awm"])
 def test_fsdp_resume_replays_the_uninterrupted_run_bitwise(algo, tmp_path, shared_cache, fsdp_run):
     whole, _ = fsdp_run(algo)  # steps 1 and 2 without a stop
     resumed = tmp_path / "resumed"
