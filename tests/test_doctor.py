@@ -337,6 +337,25 @@ def test_batch_invariance_fails_when_logprobs_depend_on_the_batch(monkeypatch):
     assert ratio.status == "FAIL" and "rollout batch 8, recompute batch 4" in ratio.message
 
 
+@pytest.mark.parametrize(
+    "extra, note",
+    [
+        ([], "awm does not use this ratio; it measures determinism"),
+        (["awm.rollout_policy=ema"], "awm's off-policy ratio is to its EMA adapter's matching loss"),
+    ],
+)
+def test_ratio_note_says_what_an_awm_run_uses(extra, note):
+    awm = str(ROOT / "configs" / "tiny" / "awm.yaml")
+    findings = run_doctor(
+        awm,
+        [f"data.train={ROOT / 'configs' / 'tiny' / 'prompts.txt'}", *extra],
+        checks=["onpolicy"],
+        device="cpu",
+    )
+    ratio = by_name(findings, "ratio")
+    assert ratio.status == "OK" and note in ratio.message
+
+
 def test_probe_errors_are_reported(monkeypatch):
     def broken(cfg, path, device):
         raise RuntimeError("CUDA out of memory")

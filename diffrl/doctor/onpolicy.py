@@ -161,6 +161,11 @@ def check_onpolicy(cfg, location: ModelLocation, device: str) -> list[Finding]:
     tol_text = f"tolerance {tol:.0e}" + (" = flow_grpo.clip_range" if flow_grpo else "")
     worst = "FAIL" if flow_grpo else "WARN"
     note = "" if flow_grpo else f" ({cfg.algorithm} does not use this ratio; it measures determinism)"
+    if cfg.algorithm == "awm" and cfg.awm.rollout_policy == "ema":
+        note = (
+            " (awm's off-policy ratio is to its EMA adapter's matching loss, not this SDE ratio; it measures"
+            " determinism)"
+        )
     if s.num_steps < 2 and cfg.flow_grpo.sampler == "cps":
         return [
             Finding(
