@@ -344,6 +344,11 @@ class AWMConfig:
     clip_range: float = 1.0
     """With rollout_policy=ema, the ratio's clip: mean(max(-w r, -w clip(r, 1 - c, 1 + c))) (the reference configs'
     clip_range 1). On-policy r = 1 and the clip never acts."""
+    train_per_group: int = 0
+    """Train on only this many of each group's group_size rollouts (m, at least 2), the m whose rewards vary most
+    (PODS's max-variance down-sampling, arXiv 2504.13818: the k best and m - k worst for the best k); their
+    advantages are computed among the kept rollouts. The training passes cost m / group_size of the full ones. 0
+    (the default, the reference's) trains on every rollout."""
     rollout_guidance: float = 1.0
     """Classifier-free guidance scale of the rollouts (1: none, the reference's). Above 1 (models whose guidance is
     CFG only) the rollouts are the guided model's while the matching loss still trains the guidance-free velocity:
@@ -1350,6 +1355,11 @@ def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
     need(
         len(a.sde_t_range) == 2 and 0 <= a.sde_t_range[0] <= a.sde_t_range[1] <= 1,
         f"awm.sde_t_range={a.sde_t_range} must be [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0.3, 0.9].",
+    )
+    need(
+        a.train_per_group == 0 or 2 <= a.train_per_group <= a.group_size,
+        f"awm.train_per_group={a.train_per_group} must be 0 (train on every rollout) or in 2..{a.group_size} "
+        "(awm.group_size): the rollouts of a group kept for training.",
     )
     need(a.adv_std in ("global", "group"), f"awm.adv_std={a.adv_std!r} must be global or group.")
     need(

@@ -381,6 +381,8 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     # AWM off-policy (the reference's off_policy): rollouts from the EMA adapter, which lags from step 1 on (decay
     # 0.2), the clipped ratio to it, without the EMA pull (the adapter kept and checkpointed for the rollouts alone)
     ("awm", ("awm.rollout_policy=ema", "awm.ema_kl_rate=0.2", "awm.clip_range=0.05", "awm.ema_kl_weight=0")),
+    # AWM trained on each group's two rollouts of most varied reward (PODS's max-variance down-sampling)
+    ("awm", ("awm.train_per_group=2",)),
     # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
     (
         "flow_grpo",
@@ -445,6 +447,7 @@ VARIANT_IDS = [
     "awm-options",
     "awm-sa_solver",
     "awm-off-policy",
+    "awm-pods",
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",

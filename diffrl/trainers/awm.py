@@ -55,6 +55,7 @@ from .objectives import (
     awm_matching_loss,
     awm_weights,
     group_advantages,
+    max_variance_subset,
     nft_old_policy_decay,
 )
 
@@ -158,22 +159,35 @@ class AWMTrainer(Trainer):
         a = self.cfg.awm
         return self.group_sizes(a.prompts_per_step, a.group_size)
 
-    def train_levels(self, sigmas: torch.Tensor, n: int) -> torch.Tensor:
-        """``(n, K)`` training levels of this process's ``n`` samples, each sample's drawn from a generator keyed by
-        ``(seed, step, global row)``."""
+    def train_levels(self, sigmas: torch.Tensor, n: int, rows=None) -> torch.Tensor:
+        """``(len(rows), K)`` training levels of this process's samples ``rows`` (default: all ``n``), each
+        sample's drawn from a generator keyed by ``(seed, step, global row)``."""
         a, cfg = self.cfg.awm, self.cfg
         k = a.num_train_timesteps
-        rows = []
-        for i in range(n):
+        out = []
+        for i in range(n) if rows is None else rows:
             rng = np.random.default_rng([cfg.seed, self.step, _LEVELS_KEY, self.rank * n + i])
             u = rng.random(k)
             if a.timesteps == "levels":
                 last = int(cfg.sample.num_steps * a.timestep_fraction)
                 idx = level_indices(a.first_level, last, k, u)
-                rows.append(sigmas[torch.as_tensor(idx)].float())
+                out.append(sigmas[torch.as_tensor(idx)].float())
             else:
-                rows.append(torch.as_tensor(logit_normal_levels(u, a.time_shift), dtype=torch.float32))
-        return torch.stack(rows).to(self.device)
+                out.append(torch.as_tensor(logit_normal_levels(u, a.time_shift), dtype=torch.float32))
+        return torch.stack(out).to(self.device)
+
+    def kept_rows(self, rewards: torch.Tensor) -> list[int]:
+        """This process's rows that the update trains on: all of them, or with ``awm.train_per_group = m`` the
+        ``m`` of each group (``group_size`` consecutive rows) whose rewards vary most."""
+        a = self.cfg.awm
+        n, g = rewards.numel(), a.group_size
+        if a.train_per_group in (0, g):
+            return list(range(n))
+        return [
+            start + int(i)
+            for start in range(0, n, g)
+            for i in max_variance_subset(rewards[start : start + g], a.train_per_group)
+        ]
 
     def train_step(self, step: int) -> dict[str, float]:
         a, s = self.cfg.awm, self.cfg.sample
@@ -225,32 +239,36 @@ class AWMTrainer(Trainer):
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         rewards = scored.total.float().to(self.device)
         all_rewards = self.gather(rewards)
-        all_groups = self.gather(group_ids.to(self.device))
-        adv_all = group_advantages(all_rewards, all_groups, std=a.adv_std, clip=a.adv_clip)
-        weights = awm_weights(
-            adv_all.values[self.rank * n : (self.rank + 1) * n], clip=a.adv_clip, max_weight=a.adv_max
-        )
         metrics = self.reward_metrics(scored.components, all_rewards)
-        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
         if not torch.isfinite(all_rewards).all():
             return {**metrics, "train/skipped": 1.0}
+        # the rows trained on (every process keeps as many: whole groups are a process's own), their advantages
+        # among themselves
+        keep = self.kept_rows(rewards)
+        nk = len(keep)
+        all_groups = self.gather(group_ids[keep].to(self.device))
+        adv_all = group_advantages(self.gather(rewards[keep]), all_groups, std=a.adv_std, clip=a.adv_clip)
+        weights = awm_weights(
+            adv_all.values[self.rank * nk : (self.rank + 1) * nk], clip=a.adv_clip, max_weight=a.adv_max
+        )
+        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
 
         # 2. training levels and noise, drawn up front per global row (micro-batching and processes change neither)
-        levels = self.train_levels(sigmas, n)
+        levels = self.train_levels(sigmas, n, keep)
         k = levels.shape[1]
         eps_all = torch.stack(
-            [
-                torch.randn((k, *x0.shape[1:]), generator=g)
-                for g in self.row_generators(4, range(n), self.rank * n)
-            ],
+            [torch.randn((k, *x0.shape[1:]), generator=g) for g in self.row_generators(4, keep, self.rank * n)],
             dim=1,
         ).to(self.device)
+        if nk < n:
+            x0, cond_all = x0[keep], cond_all.select(keep)
+            metrics["sample/kept_reward_std"] = float(self.gather(rewards[keep]).std(unbiased=False))
 
         # 3. the weighted matching loss, one optimiser update
         sums = {"policy_loss": 0.0, "matching": 0.0, "kl": 0.0, "ema_kl": 0.0}
         if a.rollout_policy == "ema":
             sums.update(ratio_mean=0.0, clip_frac=0.0)
-        bad = self._accumulate(n, x0, weights, levels, eps_all, cond_all, guidance, sums)
+        bad = self._accumulate(nk, x0, weights, levels, eps_all, cond_all, guidance, sums)
         if self.any_over_processes(bad):
             self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}

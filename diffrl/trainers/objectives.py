@@ -1,6 +1,8 @@
 """The numerics every trainer shares, as tested pure functions (float32 whatever the model dtype).
 
 * :func:`group_advantages`: Flow-GRPO / DiffusionNFT group-relative advantages.
+* :func:`max_variance_subset`: PODS's max-variance down-sampling of a group's rollouts (Xu, Savani, Fang, Kolter,
+  arXiv 2504.13818).
 * :func:`group_win_rates`, :func:`winrate_advantages`: Pref-GRPO's advantages from win rates within each group
   (Wang et al., arXiv 2508.20751).
 * :func:`ppo_clip_loss`: the PPO clipped surrogate with asymmetric clip ("clip-higher") and a trajectory-level
@@ -28,6 +30,7 @@ __all__ = [
     "Advantages",
     "PPOStats",
     "group_advantages",
+    "max_variance_subset",
     "group_win_rates",
     "winrate_advantages",
     "ppo_clip_loss",
@@ -96,6 +99,29 @@ def group_advantages(
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return Advantages(values=adv.float(), zero_std=zero_std)
+
+
+def max_variance_subset(rewards: torch.Tensor, m: int) -> torch.Tensor:
+    """The ``m`` of a group's rewards whose (population) variance is largest: PODS's max-variance down-sampling
+    (Xu, Savani, Fang, Kolter, arXiv 2504.13818), which trains on these rollouts only.
+
+    Such a subset is always made of the ``k`` highest and the ``m - k`` lowest rewards for some ``k`` (the paper's
+    lemma), so the ``m + 1`` candidates are compared, in float64. Ties go to the ``k`` nearest ``m / 2`` (the
+    lower ``k`` first), and equal rewards are ordered by index (a stable sort), so the choice is deterministic.
+    Returns the chosen indices into ``rewards``, ascending.
+    """
+    r = rewards.detach().double().flatten()
+    g = r.numel()
+    if not 0 < m <= g:
+        raise ValueError(f"m={m} must be in 1..{g} (the group's size).")
+    order = torch.sort(r, stable=True).indices
+    best, best_var = None, -1.0
+    for k in sorted(range(m + 1), key=lambda k: (abs(2 * k - m), k)):
+        chosen = torch.cat([order[: m - k], order[g - k :]])
+        var = float(r[chosen].var(unbiased=False))
+        if var > best_var:
+            best, best_var = chosen, var
+    return torch.sort(best).values
 
 
 def group_win_rates(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
