@@ -598,7 +598,9 @@ def test_train_per_group_trains_on_the_max_variance_rollouts_with_their_own_adva
         return x0, scored
 
     def spy_accumulate(n, x0, weights, levels, eps_all, *rest):
-        seen.update(n=n, x0_kept=x0.clone(), weights=weights.clone(), levels=levels.clone(), eps=eps_all.clone())
+        seen.update(
+            n=n, x0_kept=x0.clone(), weights=weights.clone(), levels=levels.clone(), eps=eps_all.clone()
+        )
         return accumulate(n, x0, weights, levels, eps_all, *rest)
 
     monkeypatch.setattr(trainer, "sample_and_score", spy_sample)
@@ -610,7 +612,10 @@ def test_train_per_group_trains_on_the_max_variance_rollouts_with_their_own_adva
     # in each group of 4, the kept pair are the lowest and the highest reward
     for start in (0, 4):
         group = r[start : start + 4]
-        assert {r[k].item() for k in keep if start <= k < start + 4} == {group.min().item(), group.max().item()}
+        assert {r[k].item() for k in keep if start <= k < start + 4} == {
+            group.min().item(),
+            group.max().item(),
+        }
     torch.testing.assert_close(seen["x0_kept"], seen["x0"][keep], rtol=0, atol=0)
     adv = group_advantages(r[keep], torch.tensor([0, 0, 1, 1]), std="group")
     expected = awm_weights(adv.values, clip=trainer.cfg.awm.adv_clip, max_weight=trainer.cfg.awm.adv_max)
@@ -621,7 +626,10 @@ def test_train_per_group_trains_on_the_max_variance_rollouts_with_their_own_adva
         lo, hi = sorted((r[keep[j]].item(), r[keep[j + 1]].item()))
         d = (hi - lo) / 2
         w_hi = d / (d + 1e-4) / 5
-        got = {r[keep[j]].item(): seen["weights"][j].item(), r[keep[j + 1]].item(): seen["weights"][j + 1].item()}
+        got = {
+            r[keep[j]].item(): seen["weights"][j].item(),
+            r[keep[j + 1]].item(): seen["weights"][j + 1].item(),
+        }
         assert got[hi] == pytest.approx(w_hi, rel=1e-5) and got[lo] == pytest.approx(-w_hi, rel=1e-5)
     s = trainer.cfg.sample
     sigmas = trainer.model.schedule(s.num_steps, s.height, s.width)

@@ -257,7 +257,10 @@ class AWMTrainer(Trainer):
         levels = self.train_levels(sigmas, n, keep)
         k = levels.shape[1]
         eps_all = torch.stack(
-            [torch.randn((k, *x0.shape[1:]), generator=g) for g in self.row_generators(4, keep, self.rank * n)],
+            [
+                torch.randn((k, *x0.shape[1:]), generator=g)
+                for g in self.row_generators(4, keep, self.rank * n)
+            ],
             dim=1,
         ).to(self.device)
         if nk < n:
