@@ -246,7 +246,7 @@ class AWMTrainer(Trainer):
         # among themselves
         keep = self.kept_rows(rewards)
         nk = len(keep)
-        all_groups = self.gather(group_ids[keep].to(self.device))
+        all_groups = self.gather(self.advantage_groups(prompts, group_ids)[keep].to(self.device))
         adv_all = group_advantages(self.gather(rewards[keep]), all_groups, std=a.adv_std, clip=a.adv_clip)
         weights = awm_weights(
             adv_all.values[self.rank * nk : (self.rank + 1) * nk], clip=a.adv_clip, max_weight=a.adv_max

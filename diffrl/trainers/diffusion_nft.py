@@ -87,7 +87,7 @@ class DiffusionNFTTrainer(Trainer):
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         rewards = scored.total.float().to(self.device)
         all_rewards = self.gather(rewards)
-        all_groups = self.gather(group_ids.to(self.device))
+        all_groups = self.gather(self.advantage_groups(prompts, group_ids).to(self.device))
         adv_all = group_advantages(all_rewards, all_groups, std="global", clip=c.adv_clip)
         r = nft_optimality(adv_all.values[self.rank * n : (self.rank + 1) * n], c.adv_clip)
         metrics = self.reward_metrics(scored.components, all_rewards)

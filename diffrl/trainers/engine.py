@@ -518,6 +518,19 @@ class Trainer:
         metadata = {k: [v for v in vals for _ in range(group_size)] for k, vals in batch.metadata.items()}
         return prompts, metadata, batch.group_ids.repeat_interleave(group_size)
 
+    def advantage_groups(self, prompts: list[str], group_ids: torch.Tensor) -> torch.Tensor:
+        """The group id of each of this process's rows for the advantages: its drawn prompt's slot
+        (``group_by=slot``), or with ``group_by=text`` a 63-bit hash of its prompt text, the same on every process,
+        so that every image of one text in the step forms one group once gathered."""
+        if self.cfg.group_by == "slot":
+            return group_ids
+        import hashlib
+
+        return torch.tensor(
+            [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") >> 1 for p in prompts],
+            dtype=torch.long,
+        )
+
     def reward_metrics(
         self, components: dict[str, torch.Tensor], all_rewards: torch.Tensor
     ) -> dict[str, float]:

@@ -221,7 +221,7 @@ class FlowGRPOTrainer(Trainer):
 
         # 2. advantages over the whole gathered batch
         all_rewards = self.gather(rewards)
-        all_groups = self.gather(group_ids.to(self.device))
+        all_groups = self.gather(self.advantage_groups(prompts, group_ids).to(self.device))
         adv_all = self.advantages(all_rewards, all_groups)
         local = slice(self.rank * n, (self.rank + 1) * n)
         adv = adv_all.values[local]

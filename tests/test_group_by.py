@@ -1,0 +1,124 @@
+"""``group_by``: the advantages of flow_grpo, diffusion_nft and awm group a step's images by drawn slot (the default)
+or by prompt text (the reference codes' per-prompt stat trackers). A prompt file whose two rows hold the same text
+makes a step of two prompts draw that text twice: by slot two groups of four, by text one group of eight."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrl.config import ConfigError, load_config
+from diffrl.train import build_trainer
+from diffrl.trainers.objectives import awm_weights, group_advantages
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    import os
+
+    old = os.environ.get("DIFFRL_CACHE")
+    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFRL_CACHE")
+    else:
+        os.environ["DIFFRL_CACHE"] = old
+
+
+def _twice(tmp_path) -> str:
+    path = tmp_path / "twice.txt"
+    path.write_text("a red circle\na red circle\n")
+    return str(path)
+
+
+def test_bad_group_by_is_refused_in_one_sentence():
+    prompts = str(TINY / "prompts.txt")
+    with pytest.raises(ConfigError, match="group_by='prompt' must be slot or text"):
+        load_config(TINY / "awm.yaml", [f"data.train={prompts}", "group_by=prompt"])
+    with pytest.raises(ConfigError, match="group_by=text groups the advantages of .* algorithm=dpo has none"):
+        load_config(TINY / "dpo.yaml", [f"data.train={prompts}", "group_by=text"])
+
+
+def test_text_ids_are_equal_for_equal_texts_only(tmp_path):
+    trainer = build_trainer(
+        TINY / "awm.yaml",
+        [f"output_dir={tmp_path}", f"data.train={TINY / 'prompts.txt'}", "data.eval_size=0", "group_by=text"],
+    )
+    slots = torch.tensor([0, 0, 1, 1, 2])
+    ids = trainer.advantage_groups(["a", "a", "b", "b", "a"], slots)
+    assert ids[0] == ids[1] == ids[4] and ids[2] == ids[3] and ids[0] != ids[2]
+    assert (ids >= 0).all() and ids.dtype == torch.long
+    # a pure function of the text: another call (another process) gives the same ids
+    assert torch.equal(trainer.advantage_groups(["b", "a"], slots[:2]), ids[[2, 0]])
+    trainer.cfg.group_by = "slot"
+    assert torch.equal(trainer.advantage_groups(["a", "a", "b", "b", "a"], slots), slots)
+
+
+@pytest.mark.parametrize("group_by", ["slot", "text"])
+def test_awm_groups_a_text_drawn_twice_by_the_setting(group_by, tmp_path, monkeypatch):
+    trainer = build_trainer(
+        TINY / "awm.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"data.train={_twice(tmp_path)}",
+            "data.eval_size=0",
+            "awm.adv_std=group",
+            f"group_by={group_by}",
+        ],
+    )
+    seen = {}
+    sample_and_score, accumulate = trainer.sample_and_score, trainer._accumulate
+
+    def spy_sample(n, *args):
+        x0, scored = sample_and_score(n, *args)
+        seen["rewards"] = scored.total.float().clone()
+        return x0, scored
+
+    def spy_accumulate(n, x0, weights, *rest):
+        seen["weights"] = weights.clone()
+        return accumulate(n, x0, weights, *rest)
+
+    monkeypatch.setattr(trainer, "sample_and_score", spy_sample)
+    monkeypatch.setattr(trainer, "_accumulate", spy_accumulate)
+    trainer.train_step(0)
+    r = seen["rewards"]
+    groups = torch.zeros(8, dtype=torch.long) if group_by == "text" else torch.arange(2).repeat_interleave(4)
+    adv = group_advantages(r, groups, std="group")
+    a = trainer.cfg.awm
+    torch.testing.assert_close(seen["weights"], awm_weights(adv.values, clip=a.adv_clip, max_weight=a.adv_max))
+    # the other grouping gives other weights (the two slots' rewards differ), so the check above can fail
+    other = torch.arange(2).repeat_interleave(4) if group_by == "text" else torch.zeros(8, dtype=torch.long)
+    assert not torch.allclose(group_advantages(r, other, std="group").values, adv.values)
+
+
+@pytest.mark.parametrize("algo", ["flow_grpo", "diffusion_nft"])
+def test_flow_grpo_and_nft_gather_text_groups(algo, tmp_path, monkeypatch):
+    import diffrl.trainers.diffusion_nft as nft_module
+
+    trainer = build_trainer(
+        TINY / f"{algo}.yaml",
+        [f"output_dir={tmp_path}", f"data.train={_twice(tmp_path)}", "data.eval_size=0", "group_by=text"],
+    )
+    seen = []
+    if algo == "flow_grpo":
+        advantages = trainer.advantages
+
+        def spy(rewards, group_ids):
+            seen.append(group_ids.clone())
+            return advantages(rewards, group_ids)
+
+        monkeypatch.setattr(trainer, "advantages", spy)
+    else:
+        original = nft_module.group_advantages
+
+        def spy(rewards, group_ids, **kwargs):
+            seen.append(group_ids.clone())
+            return original(rewards, group_ids, **kwargs)
+
+        monkeypatch.setattr(nft_module, "group_advantages", spy)
+    trainer.train_step(0)
+    (ids,) = seen
+    assert ids.numel() == 8 and (ids == ids[0]).all()
