@@ -88,7 +88,9 @@ def test_awm_groups_a_text_drawn_twice_by_the_setting(group_by, tmp_path, monkey
     groups = torch.zeros(8, dtype=torch.long) if group_by == "text" else torch.arange(2).repeat_interleave(4)
     adv = group_advantages(r, groups, std="group")
     a = trainer.cfg.awm
-    torch.testing.assert_close(seen["weights"], awm_weights(adv.values, clip=a.adv_clip, max_weight=a.adv_max))
+    torch.testing.assert_close(
+        seen["weights"], awm_weights(adv.values, clip=a.adv_clip, max_weight=a.adv_max)
+    )
     # the other grouping gives other weights (the two slots' rewards differ), so the check above can fail
     other = torch.arange(2).repeat_interleave(4) if group_by == "text" else torch.zeros(8, dtype=torch.long)
     assert not torch.allclose(group_advantages(r, other, std="group").values, adv.values)

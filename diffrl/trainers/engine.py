@@ -527,7 +527,10 @@ class Trainer:
         import hashlib
 
         return torch.tensor(
-            [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") >> 1 for p in prompts],
+            [
+                int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") >> 1
+                for p in prompts
+            ],
             dtype=torch.long,
         )
 
