@@ -225,6 +225,11 @@ class FlowGRPOConfig:
     group."""
     adv_clip: float = 5.0
     """Advantages are clipped to +-adv_clip."""
+    train_per_group: int = 0
+    """Train on only this many of each group's group_size rollouts (m, at least 2), the m whose rewards vary most
+    (PODS's max-variance down-sampling, arXiv 2504.13818: the k best and m - k worst for the best k); their
+    advantages are computed among the kept rollouts. The training passes cost m / group_size of the full ones. 0
+    (the default, the reference's) trains on every rollout."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (DAPO dynamic sampling); their fraction is logged either way."""
     trajectory_ratio: bool = False
@@ -1137,6 +1142,11 @@ def validate(
         need(
             0 <= g.sde_window <= cfg.sample.num_steps,
             f"flow_grpo.sde_window={g.sde_window} must be between 0 and sample.num_steps.",
+        )
+        need(
+            g.train_per_group == 0 or 2 <= g.train_per_group <= g.group_size,
+            f"flow_grpo.train_per_group={g.train_per_group} must be 0 (train on every rollout) or in "
+            f"2..{g.group_size} (flow_grpo.group_size): the rollouts of a group kept for training.",
         )
         need(g.adv_std in ("global", "group"), f"flow_grpo.adv_std={g.adv_std!r} must be global or group.")
         need(

@@ -383,6 +383,8 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ("awm", ("awm.rollout_policy=ema", "awm.ema_kl_rate=0.2", "awm.clip_range=0.05", "awm.ema_kl_weight=0")),
     # AWM trained on each group's two rollouts of most varied reward (PODS's max-variance down-sampling)
     ("awm", ("awm.train_per_group=2",)),
+    # Flow-GRPO on each group's two most varied rollouts (PODS), two updates a step
+    ("flow_grpo", ("flow_grpo.train_per_group=2", "flow_grpo.num_minibatches=2")),
     # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
     (
         "flow_grpo",
@@ -448,6 +450,7 @@ VARIANT_IDS = [
     "awm-sa_solver",
     "awm-off-policy",
     "awm-pods",
+    "flow_grpo-pods",
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",

@@ -55,7 +55,6 @@ from .objectives import (
     awm_matching_loss,
     awm_weights,
     group_advantages,
-    max_variance_subset,
     nft_old_policy_decay,
 )
 
@@ -176,19 +175,6 @@ class AWMTrainer(Trainer):
                 out.append(torch.as_tensor(logit_normal_levels(u, a.time_shift), dtype=torch.float32))
         return torch.stack(out).to(self.device)
 
-    def kept_rows(self, rewards: torch.Tensor) -> list[int]:
-        """This process's rows that the update trains on: all of them, or with ``awm.train_per_group = m`` the
-        ``m`` of each group (``group_size`` consecutive rows) whose rewards vary most."""
-        a = self.cfg.awm
-        n, g = rewards.numel(), a.group_size
-        if a.train_per_group in (0, g):
-            return list(range(n))
-        return [
-            start + int(i)
-            for start in range(0, n, g)
-            for i in max_variance_subset(rewards[start : start + g], a.train_per_group)
-        ]
-
     def train_step(self, step: int) -> dict[str, float]:
         a, s = self.cfg.awm, self.cfg.sample
         model = self.model
@@ -244,7 +230,7 @@ class AWMTrainer(Trainer):
             return {**metrics, "train/skipped": 1.0}
         # the rows trained on (every process keeps as many: whole groups are a process's own), their advantages
         # among themselves
-        keep = self.kept_rows(rewards)
+        keep = self.pods_rows(rewards, G, a.train_per_group)
         nk = len(keep)
         all_groups = self.gather(self.advantage_groups(prompts, group_ids)[keep].to(self.device))
         adv_all = group_advantages(self.gather(rewards[keep]), all_groups, std=a.adv_std, clip=a.adv_clip)

@@ -43,6 +43,7 @@ from .checkpoints import CHECKPOINT_PREFIX, CheckpointManager
 from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
 from .distributed import Distributed, assign_, full_tensor
 from .monitor import MonitorState
+from .objectives import max_variance_subset
 
 __all__ = [
     "Trainer",
@@ -517,6 +518,21 @@ class Trainer:
         prompts = [p for p in batch.prompts for _ in range(group_size)]
         metadata = {k: [v for v in vals for _ in range(group_size)] for k, vals in batch.metadata.items()}
         return prompts, metadata, batch.group_ids.repeat_interleave(group_size)
+
+    @staticmethod
+    def pods_rows(rewards: torch.Tensor, group_size: int, m: int) -> list[int]:
+        """The rows of this process that the update trains on: all of them (``m`` 0 or ``group_size``), or the ``m``
+        of each group of ``group_size`` consecutive rows whose rewards vary most (PODS's max-variance
+        down-sampling, :func:`~diffrl.trainers.objectives.max_variance_subset`). A process holds whole groups, so
+        every process keeps as many rows."""
+        n = rewards.numel()
+        if m in (0, group_size):
+            return list(range(n))
+        return [
+            start + int(i)
+            for start in range(0, n, group_size)
+            for i in max_variance_subset(rewards[start : start + group_size], m)
+        ]
 
     def advantage_groups(self, prompts: list[str], group_ids: torch.Tensor) -> torch.Tensor:
         """The group id of each of this process's rows for the advantages: its drawn prompt's slot

@@ -219,23 +219,30 @@ class FlowGRPOTrainer(Trainer):
         )  # (n, T, C, h, w) the rollout's transition means
         rewards = scored.total.float().to(self.device)
 
-        # 2. advantages over the whole gathered batch
+        # 2. advantages over the whole gathered batch (with train_per_group, over the rows kept for training:
+        # every process keeps as many, and the others get no advantage)
         all_rewards = self.gather(rewards)
-        all_groups = self.gather(self.advantage_groups(prompts, group_ids).to(self.device))
-        adv_all = self.advantages(all_rewards, all_groups)
-        local = slice(self.rank * n, (self.rank + 1) * n)
-        adv = adv_all.values[local]
-        keep = torch.arange(n, device=self.device)
-        if g.dynamic_sampling:
-            keep = keep[~adv_all.zero_std[local]]
-        if g.drop_zero_advantage:
-            keep = keep[adv[keep] != 0]
         metrics = self.reward_metrics(scored.components, all_rewards)
-        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
-        metrics["sample/zero_adv_frac"] = float((adv_all.values == 0).float().mean())
         if not torch.isfinite(all_rewards).all():
             self.discard_gradients()
             return {**metrics, "train/skipped": 1.0}
+        rows = self.pods_rows(rewards, G, g.train_per_group)
+        nk = len(rows)
+        all_groups = self.gather(self.advantage_groups(prompts, group_ids)[rows].to(self.device))
+        adv_all = self.advantages(self.gather(rewards[rows]), all_groups)
+        local = slice(self.rank * nk, (self.rank + 1) * nk)
+        keep = torch.tensor(rows, dtype=torch.long, device=self.device)
+        adv = torch.zeros(n, device=self.device)
+        adv[keep] = adv_all.values[local].to(adv.device)
+        zero_std = adv_all.zero_std[local].to(keep.device)
+        if g.dynamic_sampling:
+            keep = keep[~zero_std]
+        if g.drop_zero_advantage:
+            keep = keep[adv[keep] != 0]
+        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
+        metrics["sample/zero_adv_frac"] = float((adv_all.values == 0).float().mean())
+        if nk < n:
+            metrics["sample/kept_reward_std"] = float(self.gather(rewards[rows]).std(unbiased=False))
 
         # 3. trained steps: which steps each sample trains, (n, T) (the same for every sample unless random)
         trained, per_sample = self._trained_mask(list(range(window[0], window[1])), n, s.num_steps)
