@@ -88,6 +88,9 @@ sides and the samples each side trained.
 * ``[3] zero-advantage mask``: diffrl's ``group_advantages`` and the reference's ``PerPromptStatTracker`` on reward
   sets with one group of G equal rewards (G = 4, 8, 24; the reference's PickScore config has 24): passes when
   diffrl's zero advantages are the reference's, i.e. ``drop_zero_advantage`` drops the samples the reference drops.
+* ``[5] text groups``: ``group_by=text`` on reward sets of three slots of G (4, 8, 24) whose first and last share
+  a prompt text: diffrl's advantages (``text_group_ids``) against the reference's ``PerPromptStatTracker`` with its
+  global and its per-prompt std; passes when they agree within 1e-5 and the slot grouping does not (1e-3).
 * ``[4]`` for the record, no pass/fail: the ``[1]`` set-up with each of diffrl's other options alone
   (``kl_scale=exact``, ``cfg_grad=full``, ``num_minibatches=1``, ``drop_zero_advantage=false``), diffrl's defaults
   (reference, cond, 1, false) and its former behaviour (exact, full, 1, false): the relative L2 difference from the
@@ -1014,6 +1017,40 @@ def check_zero_advantages(ref, args) -> bool:
     return ok
 
 
+def check_text_groups(ref, args) -> bool:
+    """``group_by=text`` against the reference's stat tracker on steps that draw one text twice: three slots of G
+    rewards, the first and the last with the same prompt text. diffrl's advantages (``text_group_ids``) must equal
+    the reference's, with its global and its per-prompt std; grouped by slot they must not (so the check can fail)."""
+    from diffrl.trainers.objectives import group_advantages, text_group_ids
+
+    ok = True
+    g = torch.Generator().manual_seed(args.seed + 5)
+    print(
+        f"    {'G':>3} {'std':>7} {'reward sets':>12} {'max |A_ref - A_text|':>21} {'max |A_ref - A_slot|':>21}"
+    )
+    for group in (4, 8, 24):
+        for std in ("global", "group"):
+            worst_text, worst_slot = 0.0, 0.0
+            for trial in range(100):
+                rewards = torch.rand(3 * group, generator=g)
+                texts = ["a red circle", f"a blue square {trial}", "a red circle"]
+                prompts = [texts[i // group] for i in range(3 * group)]
+                ref_adv = ref.stat_tracker_cls(std == "global").update(prompts, rewards.numpy())
+                ref_adv = torch.as_tensor(ref_adv, dtype=torch.float64)
+                text = group_advantages(rewards, text_group_ids(prompts), std=std, clip=None).values
+                slot = group_advantages(
+                    rewards, torch.arange(3).repeat_interleave(group), std=std, clip=None
+                ).values
+                worst_text = max(worst_text, float((ref_adv - text.double()).abs().max()))
+                worst_slot = max(worst_slot, float((ref_adv - slot.double()).abs().max()))
+            good = worst_text < 1e-5 and worst_slot > 1e-3
+            ok &= good
+            print(
+                f"    {group:3d} {std:>7} {100:12d} {worst_text:21.2e} {worst_slot:21.2e}{'' if good else '  <-- differ'}"
+            )
+    return ok
+
+
 def check_variants(ref, args, workdir, base) -> None:
     variants = [
         ("reference options (check [1])", {}),
@@ -1282,6 +1319,10 @@ def main(argv=None) -> int:
         results[f"[2] {args.steps} steps with sampling"] = check_sampling_steps(ref, args, workdir, model_dir)
         print("\n[3] zero-advantage mask: one group of G equal float32 rewards, global std")
         results["[3] zero-advantage mask"] = check_zero_advantages(ref, args)
+        print(
+            "\n[5] group_by=text: steps that draw one prompt text twice, against the reference's stat tracker"
+        )
+        results["[5] text groups"] = check_text_groups(ref, args)
         print(
             f"\n[4] for the record: diffrl's other options against the reference step of [1] (beta = {args.beta:g}; "
             "||a - b|| / ||b|| over all LoRA tensors)"

@@ -43,7 +43,7 @@ from .checkpoints import CHECKPOINT_PREFIX, CheckpointManager
 from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
 from .distributed import Distributed, assign_, full_tensor
 from .monitor import MonitorState
-from .objectives import max_variance_subset
+from .objectives import max_variance_subset, text_group_ids
 
 __all__ = [
     "Trainer",
@@ -540,15 +540,7 @@ class Trainer:
         so that every image of one text in the step forms one group once gathered."""
         if self.cfg.group_by == "slot":
             return group_ids
-        import hashlib
-
-        return torch.tensor(
-            [
-                int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") >> 1
-                for p in prompts
-            ],
-            dtype=torch.long,
-        )
+        return text_group_ids(prompts)
 
     def reward_metrics(
         self, components: dict[str, torch.Tensor], all_rewards: torch.Tensor

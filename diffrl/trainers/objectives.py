@@ -1,6 +1,7 @@
 """The numerics every trainer shares, as tested pure functions (float32 whatever the model dtype).
 
 * :func:`group_advantages`: Flow-GRPO / DiffusionNFT group-relative advantages.
+* :func:`text_group_ids`: group ids from prompt texts (the reference codes' per-prompt groups).
 * :func:`max_variance_subset`: PODS's max-variance down-sampling of a group's rollouts (Xu, Savani, Fang, Kolter,
   arXiv 2504.13818).
 * :func:`group_win_rates`, :func:`winrate_advantages`: Pref-GRPO's advantages from win rates within each group
@@ -31,6 +32,7 @@ __all__ = [
     "PPOStats",
     "group_advantages",
     "max_variance_subset",
+    "text_group_ids",
     "group_win_rates",
     "winrate_advantages",
     "ppo_clip_loss",
@@ -99,6 +101,17 @@ def group_advantages(
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return Advantages(values=adv.float(), zero_std=zero_std)
+
+
+def text_group_ids(prompts: list[str]) -> torch.Tensor:
+    """A group id per prompt from its text alone: a 63-bit blake2b hash, the same in every process and run, so that
+    after a gather every row of one text shares one id (the reference codes group advantages by prompt text)."""
+    import hashlib
+
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") >> 1 for p in prompts],
+        dtype=torch.long,
+    )
 
 
 def max_variance_subset(rewards: torch.Tensor, m: int) -> torch.Tensor:
