@@ -262,6 +262,11 @@ class DiffusionNFTConfig:
     """Images per prompt (G)."""
     prompts_per_step: int = 4
     """Prompt groups per training step, over all processes."""
+    train_per_group: int = 0
+    """Train on only this many of each group's group_size rollouts (m, at least 2), the m whose rewards vary most
+    (PODS's max-variance down-sampling, arXiv 2504.13818: the k best and m - k worst for the best k); their
+    advantages are computed among the kept rollouts. The training passes cost m / group_size of the full ones. 0
+    (the default, the reference's) trains on every rollout."""
     beta: float = 1.0
     """Strength of the implicit positive/negative policies (0.1 for OCR and multi-reward in the paper)."""
     kl_weight: float = 1e-4
@@ -1227,6 +1232,11 @@ def validate(
         need(
             n.prompts_per_step % num_processes == 0 and n.prompts_per_step >= 1,
             f"diffusion_nft.prompts_per_step={n.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
+        )
+        need(
+            n.train_per_group == 0 or 2 <= n.train_per_group <= n.group_size,
+            f"diffusion_nft.train_per_group={n.train_per_group} must be 0 (train on every rollout) or in "
+            f"2..{n.group_size} (diffusion_nft.group_size): the rollouts of a group kept for training.",
         )
         need(n.beta > 0, f"diffusion_nft.beta={n.beta} must be positive.")
         need(

@@ -99,6 +99,7 @@ EXTRA = {
     # AWM on each group's two most varied rollouts (PODS): each process keeps its own groups' share
     "awm-pods": [f"reward={{{GATED}: 1.0}}", "awm.train_per_group=2"],
     "flow_grpo-pods": [f"reward={{{GATED}: 1.0}}", "flow_grpo.train_per_group=2"],
+    "diffusion_nft-pods": [f"reward={{{GATED}: 1.0}}", "diffusion_nft.train_per_group=2"],
     # Flow-GRPO with a batch-normalised sum: each process scores its share, the parts are gathered and every share
     # is z-scored with the statistics of the whole batch
     "flow_grpo-batch": [

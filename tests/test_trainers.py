@@ -385,6 +385,8 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ("awm", ("awm.train_per_group=2",)),
     # Flow-GRPO on each group's two most varied rollouts (PODS), two updates a step
     ("flow_grpo", ("flow_grpo.train_per_group=2", "flow_grpo.num_minibatches=2")),
+    # DiffusionNFT on each group's two most varied rollouts (PODS), two updates a step
+    ("diffusion_nft", ("diffusion_nft.train_per_group=2", "diffusion_nft.num_minibatches=2")),
     # MixGRPO-Flash: the window moves every step (the resume at step 2 lands mid-schedule), dpm2 after it
     (
         "flow_grpo",
@@ -451,6 +453,7 @@ VARIANT_IDS = [
     "awm-off-policy",
     "awm-pods",
     "flow_grpo-pods",
+    "diffusion_nft-pods",
     "flow_grpo-mixgrpo-flash",
     "flow_grpo-guard",
     "flow_grpo-pref-grpo",

@@ -87,13 +87,22 @@ class DiffusionNFTTrainer(Trainer):
         x0, scored = self.sample_and_score(n, sample_chunk, prompts, metadata)
         rewards = scored.total.float().to(self.device)
         all_rewards = self.gather(rewards)
-        all_groups = self.gather(self.advantage_groups(prompts, group_ids).to(self.device))
-        adv_all = group_advantages(all_rewards, all_groups, std="global", clip=c.adv_clip)
-        r = nft_optimality(adv_all.values[self.rank * n : (self.rank + 1) * n], c.adv_clip)
         metrics = self.reward_metrics(scored.components, all_rewards)
-        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
         if not torch.isfinite(all_rewards).all():
             return {**metrics, "train/skipped": 1.0}
+        # the rows trained on (with train_per_group, each group's most varied; as many on every process) and their
+        # advantages among themselves; the other rows are not trained (their r is never read)
+        rows = self.pods_rows(rewards, G, c.train_per_group)
+        nk = len(rows)
+        all_groups = self.gather(self.advantage_groups(prompts, group_ids)[rows].to(self.device))
+        adv_all = group_advantages(self.gather(rewards[rows]), all_groups, std="global", clip=c.adv_clip)
+        r = torch.full((n,), 0.5, device=self.device)
+        r[rows] = nft_optimality(adv_all.values[self.rank * nk : (self.rank + 1) * nk], c.adv_clip).to(
+            r.device
+        )
+        metrics["sample/zero_std_frac"] = float(adv_all.zero_std.float().mean())
+        if nk < n:
+            metrics["sample/kept_reward_std"] = float(self.gather(rewards[rows]).std(unbiased=False))
 
         # 2. training levels and the NFT loss
         levels = sigmas[:-1]
@@ -123,9 +132,9 @@ class DiffusionNFTTrainer(Trainer):
             dim=1,
         ).to(self.device)
         # the samples in num_minibatches parts, one optimiser update after each (one part: in row order)
-        order = torch.arange(n)
+        order = torch.tensor(rows, dtype=torch.long)
         if c.num_minibatches > 1:
-            order = torch.randperm(n, generator=self.generator(5))
+            order = order[torch.randperm(nk, generator=self.generator(5))]
         parts = list(torch.tensor_split(order, c.num_minibatches))
         sizes = self.sum_over_processes(torch.tensor([p.numel() for p in parts], dtype=torch.float64))
         sums = {"policy_loss": 0.0, "kl": 0.0, "old_deviate": 0.0}
