@@ -19,7 +19,6 @@ from diffrl.trainers.objectives import (
     awm_matching_loss,
     awm_weights,
     group_advantages,
-    max_variance_subset,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +26,7 @@ PRESET = ROOT / "configs" / "tiny" / "awm.yaml"
 PROMPTS = str(ROOT / "configs" / "tiny" / "prompts.txt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("DIFFRL_CACHE")
-    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DIFFRL_CACHE")
-    else:
-        os.environ["DIFFRL_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_tiny_cache")
 
 
 # ---------------------------------------------------------------------------------------------- the objective
@@ -265,36 +254,6 @@ def test_full_fine_tuning_without_the_pull_terms_is_allowed():
         PRESET, [f"data.train={PROMPTS}", "model.lora_rank=0", "awm.kl_weight=0", "awm.ema_kl_weight=0"]
     )
     assert cfg.algorithm == "awm"
-
-
-def test_max_variance_subset_by_hand():
-    r = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.8, 0.3, 0.7, 0.4])
-    # the two lowest (0.1, 0.2) and the two highest (0.9, 0.8): variance 0.1225; three high and one low: 0.0875
-    assert max_variance_subset(r, 4).tolist() == [0, 1, 3, 4]
-    # one low reward among equal ones: every subset that holds it has variance 3/16; the balanced k = 2 is taken,
-    # and equal rewards in index order (the lowest, the first 1.0, and the last two 1.0)
-    assert max_variance_subset(torch.tensor([1.0, 1, 1, 0, 1, 1, 1, 1]), 4).tolist() == [0, 3, 6, 7]
-    assert max_variance_subset(r, 8).tolist() == list(range(8))
-    for bad in (0, 9):
-        with pytest.raises(ValueError, match=f"m={bad} must be in 1..8"):
-            max_variance_subset(r, bad)
-
-
-def test_max_variance_subset_is_the_brute_force_maximum():
-    import itertools
-
-    gen = torch.Generator().manual_seed(0)
-    for g in range(2, 9):
-        for trial in range(6):
-            # rewards with ties (rounded) and without
-            r = torch.rand(g, generator=gen, dtype=torch.float64)
-            if trial % 2:
-                r = (r * 3).round() / 3
-            for m in range(1, g + 1):
-                chosen = max_variance_subset(r, m)
-                assert chosen.numel() == m and len(set(chosen.tolist())) == m
-                best = max(float(r[list(c)].var(unbiased=False)) for c in itertools.combinations(range(g), m))
-                assert float(r[chosen].var(unbiased=False)) == pytest.approx(best, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -581,70 +540,3 @@ def test_off_policy_with_a_copied_ema_is_the_on_policy_update(tmp_path):
     assert m_off["train/matching"] == pytest.approx(m_on["train/matching"], rel=1e-6)
     for a, b in zip(on, off, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_train_per_group_trains_on_the_max_variance_rollouts_with_their_own_advantages(tmp_path, monkeypatch):
-    """awm.train_per_group=2 of groups of 4: the update's samples are each group's two rollouts whose rewards vary
-    most (PODS), weighted by advantages computed among the kept rollouts, with the levels and noise that the full run
-    draws for those rows; the rewards logged are still every rollout's."""
-    trainer = _trainer(tmp_path, "awm.train_per_group=2", "awm.adv_std=group")
-    seen = {}
-    sample_and_score = trainer.sample_and_score
-    accumulate = trainer._accumulate
-
-    def spy_sample(n, *args):
-        x0, scored = sample_and_score(n, *args)
-        seen["x0"], seen["rewards"] = x0.clone(), scored.total.float().clone()
-        return x0, scored
-
-    def spy_accumulate(n, x0, weights, levels, eps_all, *rest):
-        seen.update(
-            n=n, x0_kept=x0.clone(), weights=weights.clone(), levels=levels.clone(), eps=eps_all.clone()
-        )
-        return accumulate(n, x0, weights, levels, eps_all, *rest)
-
-    monkeypatch.setattr(trainer, "sample_and_score", spy_sample)
-    monkeypatch.setattr(trainer, "_accumulate", spy_accumulate)
-    metrics = trainer.train_step(0)
-    r = seen["rewards"]
-    assert r.numel() == 8 and seen["n"] == 4
-    keep = [*max_variance_subset(r[:4], 2).tolist(), *(4 + max_variance_subset(r[4:], 2)).tolist()]
-    # in each group of 4, the kept pair are the lowest and the highest reward
-    for start in (0, 4):
-        group = r[start : start + 4]
-        assert {r[k].item() for k in keep if start <= k < start + 4} == {
-            group.min().item(),
-            group.max().item(),
-        }
-    torch.testing.assert_close(seen["x0_kept"], seen["x0"][keep], rtol=0, atol=0)
-    adv = group_advantages(r[keep], torch.tensor([0, 0, 1, 1]), std="group")
-    expected = awm_weights(adv.values, clip=trainer.cfg.awm.adv_clip, max_weight=trainer.cfg.awm.adv_max)
-    torch.testing.assert_close(seen["weights"], expected)
-    # by hand: two rewards a group, their half-difference d is the group's std, so A = +-d / (d + 1e-4) and the
-    # weight A * adv_max / adv_clip = A / 5, positive for the higher reward
-    for j in (0, 2):
-        lo, hi = sorted((r[keep[j]].item(), r[keep[j + 1]].item()))
-        d = (hi - lo) / 2
-        w_hi = d / (d + 1e-4) / 5
-        got = {
-            r[keep[j]].item(): seen["weights"][j].item(),
-            r[keep[j + 1]].item(): seen["weights"][j + 1].item(),
-        }
-        assert got[hi] == pytest.approx(w_hi, rel=1e-5) and got[lo] == pytest.approx(-w_hi, rel=1e-5)
-    s = trainer.cfg.sample
-    sigmas = trainer.model.schedule(s.num_steps, s.height, s.width)
-    torch.testing.assert_close(seen["levels"], trainer.train_levels(sigmas, 8)[keep], rtol=0, atol=0)
-    assert metrics[f"reward/{trainer.reward.name}/mean"] == pytest.approx(float(r.mean()), rel=1e-6)
-    assert metrics["sample/kept_reward_std"] == pytest.approx(float(r[keep].std(unbiased=False)), rel=1e-5)
-    assert metrics["train/skipped"] == 0.0
-
-
-def test_train_per_group_equal_to_the_group_is_the_full_update(tmp_path):
-    runs = []
-    for extra in ((), ("awm.train_per_group=4",)):
-        trainer = _trainer(tmp_path / str(len(extra)), *extra)
-        metrics = trainer.train_step(0)
-        runs.append(([p.detach().clone() for p in trainer.params], metrics))
-    (full, m_full), (same, m_same) = runs
-    assert m_full["train/loss"] == m_same["train/loss"] and "sample/kept_reward_std" not in m_same
-    assert all(torch.equal(a, b) for a, b in zip(full, same, strict=True))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from step_spies import spy_step
 
 from diffrl.config import ConfigError, load_config
 from diffrl.train import build_trainer
@@ -15,17 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("DIFFRL_CACHE")
-    os.environ["DIFFRL_CACHE"] = str(tmp_path_factory.mktemp("diffrl-cache"))
-    yield
-    if old is None:
-        os.environ.pop("DIFFRL_CACHE")
-    else:
-        os.environ["DIFFRL_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_tiny_cache")
 
 
 def _twice(tmp_path) -> str:
@@ -69,27 +60,14 @@ def test_awm_groups_a_text_drawn_twice_by_the_setting(group_by, tmp_path, monkey
             f"group_by={group_by}",
         ],
     )
-    seen = {}
-    sample_and_score, accumulate = trainer.sample_and_score, trainer._accumulate
-
-    def spy_sample(n, *args):
-        x0, scored = sample_and_score(n, *args)
-        seen["rewards"] = scored.total.float().clone()
-        return x0, scored
-
-    def spy_accumulate(n, x0, weights, *rest):
-        seen["weights"] = weights.clone()
-        return accumulate(n, x0, weights, *rest)
-
-    monkeypatch.setattr(trainer, "sample_and_score", spy_sample)
-    monkeypatch.setattr(trainer, "_accumulate", spy_accumulate)
+    seen = spy_step(trainer, monkeypatch, "_accumulate")
     trainer.train_step(0)
     r = seen["rewards"]
     groups = torch.zeros(8, dtype=torch.long) if group_by == "text" else torch.arange(2).repeat_interleave(4)
     adv = group_advantages(r, groups, std="group")
     a = trainer.cfg.awm
     torch.testing.assert_close(
-        seen["weights"], awm_weights(adv.values, clip=a.adv_clip, max_weight=a.adv_max)
+        seen["calls"][0][2], awm_weights(adv.values, clip=a.adv_clip, max_weight=a.adv_max)
     )
     # the other grouping gives other weights (the two slots' rewards differ), so the check above can fail
     other = torch.arange(2).repeat_interleave(4) if group_by == "text" else torch.zeros(8, dtype=torch.long)
