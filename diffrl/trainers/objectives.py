@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,6 @@ def group_advantages(
 def text_group_ids(prompts: list[str]) -> torch.Tensor:
     """A group id per prompt from its text alone: a 63-bit blake2b hash, the same in every process and run, so that
     after a gather every row of one text shares one id (the reference codes group advantages by prompt text)."""
-    import hashlib
-
     return torch.tensor(
         [int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "big") >> 1 for p in prompts],
         dtype=torch.long,
