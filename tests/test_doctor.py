@@ -156,6 +156,24 @@ def test_invalid_config_and_data_fail(tmp_path):
     assert data.status == "FAIL" and str(missing) in data.message and data.fix
 
 
+def test_data_says_how_a_prompt_file_with_repeated_texts_is_grouped(tmp_path):
+    twice = tmp_path / "twice.txt"
+    twice.write_text("a red circle\na blue square\na red circle\n")
+    data = by_name(run_doctor(TINY, [f"data.train={twice}", "data.eval_size=0"], checks=["config"]), "data")
+    assert data.status == "OK" and "3 training and 0 evaluation prompts" in data.message
+    assert (
+        "2 distinct texts" in data.message and "group_by=slot keeps them two advantage groups" in data.message
+    )
+    data = by_name(
+        run_doctor(TINY, [f"data.train={twice}", "data.eval_size=0", "group_by=text"], checks=["config"]),
+        "data",
+    )
+    assert "group_by=text merges such draws into one advantage group" in data.message
+    # distinct texts: nothing to say
+    data = by_name(run_doctor(TINY, checks=["config"]), "data")
+    assert "distinct" not in data.message
+
+
 # ---------------------------------------------------------------------------------------------- model files
 
 

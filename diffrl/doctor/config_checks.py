@@ -53,4 +53,13 @@ def check_data(cfg) -> Finding:
     except (OSError, ValueError, ImportError) as err:
         what, fix = split_fix(str(err), "Point data.train at a .txt or .jsonl prompt file.")
         return Finding("data", "FAIL", what, fix)
-    return Finding("data", "OK", f"{len(train)} training and {len(evals)} evaluation prompts from {d.train}")
+    message = f"{len(train)} training and {len(evals)} evaluation prompts from {d.train}"
+    distinct = len(set(train.prompts))
+    if distinct < len(train) and cfg.algorithm in ("flow_grpo", "diffusion_nft", "awm"):
+        # the reference codes group advantages by prompt text; by slot, a text drawn twice in a step is two groups
+        message += f" ({distinct} distinct texts: a step may draw one twice, and group_by={cfg.group_by} " + (
+            "merges such draws into one advantage group, as the reference codes do)"
+            if cfg.group_by == "text"
+            else "keeps them two advantage groups; group_by=text merges them, as the reference codes do)"
+        )
+    return Finding("data", "OK", message)
