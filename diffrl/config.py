@@ -1148,11 +1148,7 @@ def validate(
             0 <= g.sde_window <= cfg.sample.num_steps,
             f"flow_grpo.sde_window={g.sde_window} must be between 0 and sample.num_steps.",
         )
-        need(
-            g.train_per_group == 0 or 2 <= g.train_per_group <= g.group_size,
-            f"flow_grpo.train_per_group={g.train_per_group} must be 0 (train on every rollout) or in "
-            f"2..{g.group_size} (flow_grpo.group_size): the rollouts of a group kept for training.",
-        )
+        _check_train_per_group("flow_grpo", g, need)
         need(g.adv_std in ("global", "group"), f"flow_grpo.adv_std={g.adv_std!r} must be global or group.")
         need(
             g.advantage in ("score", "winrate"),
@@ -1233,11 +1229,7 @@ def validate(
             n.prompts_per_step % num_processes == 0 and n.prompts_per_step >= 1,
             f"diffusion_nft.prompts_per_step={n.prompts_per_step} must be a positive multiple of the {num_processes} processes.",
         )
-        need(
-            n.train_per_group == 0 or 2 <= n.train_per_group <= n.group_size,
-            f"diffusion_nft.train_per_group={n.train_per_group} must be 0 (train on every rollout) or in "
-            f"2..{n.group_size} (diffusion_nft.group_size): the rollouts of a group kept for training.",
-        )
+        _check_train_per_group("diffusion_nft", n, need)
         need(n.beta > 0, f"diffusion_nft.beta={n.beta} must be positive.")
         need(
             n.weighting in ("adaptive", "velocity"),
@@ -1357,6 +1349,16 @@ def _validate_monitor(cfg: TrainConfig, given, need) -> None:
         )
 
 
+def _check_train_per_group(section: str, sec, need) -> None:
+    """PODS's ``<section>.train_per_group``: 0 (every rollout) or 2..group_size."""
+    m, g = sec.train_per_group, sec.group_size
+    need(
+        m == 0 or 2 <= m <= g,
+        f"{section}.train_per_group={m} must be 0 (train on every rollout) or in 2..{g} ({section}.group_size): "
+        "the rollouts of a group kept for training.",
+    )
+
+
 def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
     """The ``awm`` section's choices and sizes (its numeric ranges are in ``_RANGES``)."""
     a = cfg.awm
@@ -1387,11 +1389,7 @@ def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
         len(a.sde_t_range) == 2 and 0 <= a.sde_t_range[0] <= a.sde_t_range[1] <= 1,
         f"awm.sde_t_range={a.sde_t_range} must be [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0.3, 0.9].",
     )
-    need(
-        a.train_per_group == 0 or 2 <= a.train_per_group <= a.group_size,
-        f"awm.train_per_group={a.train_per_group} must be 0 (train on every rollout) or in 2..{a.group_size} "
-        "(awm.group_size): the rollouts of a group kept for training.",
-    )
+    _check_train_per_group("awm", a, need)
     need(a.adv_std in ("global", "group"), f"awm.adv_std={a.adv_std!r} must be global or group.")
     need(
         a.timesteps in ("levels", "logit_normal"),
