@@ -85,6 +85,9 @@ compared. Rewards: fixed random numbers, two prompts of 4 samples. Runs (``RUNS`
    adapter's, so the ratio is not 1 (its mean 0.992 here) and the clip acts on about a third of the (sample, level)
    pairs. The rollouts are the stored latents on both sides, so what is compared is the update on them; that the
    trainer samples with the EMA adapter is tested in ``tests/test_awm.py``.
+6. ``off_policy`` with ``sum_first`` and ``clip_range`` 0.008 (diffrl: ``awm.rollout_policy=ema awm.ratio=sample``):
+   one ratio a sample, ``exp`` of the mean over its 6 levels (the reference's micro-batch is one sample here); the
+   clip acts on half of the samples.
 
 Check 0, before the runs: each shipped preset (``configs/sd35m_awm_{pickscore,geneval,ocr}.yaml``) against the
 reference configuration it reproduces (``pickscore_sd3_no_cfg_1node``, ``geneval_...``, ``ocr_...``): the options
@@ -125,7 +128,8 @@ KL weight 0.1 doubled) fails every run (run 2: gradients 0.33, the KL terms of t
 (run 1's 1e-4 doubled) fails run 1 (gradients 2e-3, weights 1e-3); ``train.ema_beta=2`` fails every run (gradient
 norm 0.16 against 0.079); ``train.kl_ema_decay=0.2`` fails only run 3 (decay 0.2 against 0.3: EMA adapter 6e-2;
 the other runs' decay, 0.15, is under both caps); on run 5, ``train.clip_range=0.02`` (clipped share 0.02 against
-0.31, gradients 0.79) and ``train.off_policy=False`` (gradients 0.95) fail it.
+0.31, gradients 0.79) and ``train.off_policy=False`` (gradients 0.95) fail it; on run 6 ``train.loss_type=exp_first``
+(the per-level ratio against diffrl's per-sample one) fails it (gradients 0.18, clipped share 0.46 against 0.5).
 
 Usage: ``python benchmarks/parity_awm.py --reference /path/to/advantage_weighted_matching_clone [--per-tensor]
 [--runs 1,2] [--reference-override train.ghuber_power=0.3]`` (CPU, offline, about 15 s; set ``OMP_NUM_THREADS=1
@@ -207,6 +211,11 @@ RUNS = [
         "off_policy: the ratio to the EMA adapter, clip range 0.01",
         149,
         {"train.off_policy": True, "train.clip_range": 0.01},
+    ),
+    Run(
+        "off_policy with sum_first: one ratio a sample, clip range 0.008",
+        149,
+        {"train.off_policy": True, "train.clip_range": 0.008, "train.loss_type": "sum_first"},
     ),
 ]
 
@@ -600,10 +609,8 @@ def diffrl_options(cfg, ref) -> list[str]:
     """diffrl's options for a reference configuration."""
     t = cfg.train
     timesteps = "logit_normal" if cfg.time_type == "logit_normal" else "levels"
-    if t.off_policy and t.loss_type != "exp_first":
-        raise SystemExit(
-            "off_policy is compared with loss_type exp_first only (the reference configs'; diffrl's)"
-        )
+    if t.loss_type not in ("exp_first", "sum_first"):
+        raise SystemExit(f"loss_type {t.loss_type!r} has no diffrl counterpart")
     return [
         f"optim.lr={t.learning_rate}",
         f"optim.beta1={t.adam_beta1}",
@@ -632,6 +639,7 @@ def diffrl_options(cfg, ref) -> list[str]:
         f"awm.ema_kl_cap={t.kl_ema_decay}",
         f"awm.rollout_policy={'ema' if t.off_policy else 'current'}",
         f"awm.clip_range={float(t.clip_range)}",
+        f"awm.ratio={'sample' if t.loss_type == 'sum_first' else 'level'}",
     ]
 
 

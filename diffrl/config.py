@@ -354,6 +354,11 @@ class AWMConfig:
     clip_range: float = 1.0
     """With rollout_policy=ema, the ratio's clip: mean(max(-w r, -w clip(r, 1 - c, 1 + c))) (the reference configs'
     clip_range 1). On-policy r = 1 and the clip never acts."""
+    ratio: str = "level"
+    """With rollout_policy=ema, what one ratio r covers: level (one per sample and training level, the reference's
+    loss_type exp_first, its configs') or sample (one per sample, r = exp(mean over its levels of l_ema - l), the
+    reference's sum_first; a micro-batch's level passes are then held for one backward, num_train_timesteps times
+    the activation memory). On-policy r = 1 and both give the same gradient."""
     train_per_group: int = 0
     """Train on only this many of each group's group_size rollouts (m, at least 2), the m whose rewards vary most
     (PODS's max-variance down-sampling, arXiv 2504.13818: the k best and m - k worst for the best k); their
@@ -1408,6 +1413,7 @@ def _validate_awm(cfg: TrainConfig, num_processes: int, need) -> None:
         a.rollout_policy in ("current", "ema"),
         f"awm.rollout_policy={a.rollout_policy!r} must be current or ema.",
     )
+    need(a.ratio in ("level", "sample"), f"awm.ratio={a.ratio!r} must be level or sample.")
     need(
         cfg.model.lora_rank != 0 or a.rollout_policy == "current",
         "awm.rollout_policy=ema needs a LoRA (its EMA policy is a second adapter); set it to current or train a "

@@ -17,6 +17,7 @@ from diffrl.trainers.objectives import (
     awm_clipped_loss,
     awm_loss,
     awm_matching_loss,
+    awm_sample_clipped_loss,
     awm_weights,
     group_advantages,
 )
@@ -135,6 +136,53 @@ def test_clipped_loss_refuses_bad_shapes_and_range():
         awm_clipped_loss(m, m, m, 0)
 
 
+def test_sample_clipped_loss_by_hand():
+    # one ratio a sample from the mean over its two levels: r_i = exp(mean_k (l_old - l)); old - l per sample:
+    # (0, 0) -> r = 1; (1, 1) -> e; (2, 0) -> e (its level ratios, e^2 and 1, are not what is clipped)
+    m = torch.tensor([[1.0, 1.0], [1.0, 2.0], [0.5, 1.5]], requires_grad=True)
+    old = torch.tensor([[1.0, 1.0], [2.0, 3.0], [2.5, 1.5]])
+    w = torch.tensor([0.4, 0.5, -0.2])
+    e = math.e
+    loss, ratio = awm_sample_clipped_loss(m, old, w, 0.5)
+    torch.testing.assert_close(ratio, torch.tensor([1.0, e, e]))
+    # max(-w r, -w clip(r, 0.5, 1.5)): -0.4; max(-0.5 e, -0.75) = -0.75 (clipped); max(0.2 e, 0.3) = 0.2 e
+    assert loss.item() == pytest.approx((-0.4 - 0.75 + 0.2 * e) / 3, rel=1e-6)
+    loss.backward()
+    # d/dl_ik of -w_i exp(mean_k (old - l)) = w_i r_i / K where unclipped, 0 where clipped; over the batch of 3
+    expected = torch.tensor([[0.2, 0.2], [0.0, 0.0], [-0.1 * e, -0.1 * e]]) / 3
+    torch.testing.assert_close(m.grad, expected)
+    assert not ratio.requires_grad and ratio.shape == (3,)
+
+
+def test_sample_ratio_of_one_level_is_the_level_ratio_and_at_one_the_on_policy_gradient():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.rand(5, 1, generator=gen)
+    old = m + 0.3 * torch.randn(5, 1, generator=gen)
+    w = torch.randn(5, generator=gen)
+    by_sample = awm_sample_clipped_loss(m, old, w, 0.2)
+    by_level = awm_clipped_loss(m[:, 0], old[:, 0], w, 0.2)
+    torch.testing.assert_close(by_sample[0], by_level[0])
+    torch.testing.assert_close(by_sample[1], by_level[1])
+    # three levels at r = 1: the gradient of mean_{i,k} w_i l_ik, awm_loss's over the 15 (sample, level) pairs
+    m3 = torch.rand(5, 3, generator=gen, requires_grad=True)
+    awm_loss(m3.flatten(), w.repeat_interleave(3)).backward()
+    on_policy = m3.grad.clone()
+    m3.grad = None
+    loss, ratio = awm_sample_clipped_loss(m3, m3.detach(), w, 1.0)
+    assert ratio.tolist() == [1.0] * 5
+    loss.backward()
+    torch.testing.assert_close(m3.grad, on_policy)
+
+
+def test_sample_clipped_loss_refuses_bad_shapes():
+    with pytest.raises(ValueError, match=r"must both be \(B, K\) and weights \(3,\) \(B,\)"):
+        awm_sample_clipped_loss(torch.ones(3), torch.ones(3), torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match=r"weights \(2,\) \(B,\)"):
+        awm_sample_clipped_loss(torch.ones(3, 2), torch.ones(3, 2), torch.ones(2), 1.0)
+    with pytest.raises(ValueError, match="clip_range=-1 must be positive"):
+        awm_sample_clipped_loss(torch.ones(3, 2), torch.ones(3, 2), torch.ones(3), -1)
+
+
 def test_zero_advantages_give_a_zero_gradient():
     v, x0, eps, t = _two_samples()
     for weighting in ("ghuber", "t", "uniform"):
@@ -240,6 +288,7 @@ def test_logit_normal_levels_by_hand():
             "awm.rollout_policy=ema needs a LoRA",
         ),
         (["awm.clip_range=0"], r"awm.clip_range=0.0 must be positive and finite"),
+        (["awm.ratio=pair"], "awm.ratio='pair' must be level or sample"),
         (["awm.train_per_group=1"], r"awm.train_per_group=1 must be 0 \(train on every rollout\) or in 2..4"),
         (["awm.train_per_group=5"], r"awm.train_per_group=5 must be 0 .* or in 2..4 \(awm.group_size\)"),
     ],
@@ -525,6 +574,43 @@ def test_off_policy_rollouts_come_from_the_ema_adapter_and_the_ratio_is_to_it(
     on_policy.train_step(0)
     assert (finals[-1] - off_policy).abs().max() > 1e-2
     assert "train/ratio_mean" not in on_policy.train_step(1)
+
+
+def _off_policy_step(tmp_path, *extra):
+    """One off-policy step of a trainer whose EMA adapter was moved away from the trained one (so r != 1); returns
+    the trained weights after it and the step's metrics."""
+    trainer = _trainer(tmp_path, "awm.rollout_policy=ema", "awm.clip_range=0.005", *extra)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for e in trainer.ema_params:
+            e.add_(0.1 * torch.randn(e.shape, generator=gen))
+    metrics = trainer.train_step(0)
+    return [p.detach().clone() for p in trainer.params], metrics
+
+
+def test_off_policy_sample_ratio_does_not_depend_on_micro_batches_and_acts(tmp_path):
+    """awm.ratio=sample (the reference's sum_first) holds a micro-batch's levels for one backward: micro-batches of
+    1 and of 4 samples make the same update. It is another update than the per-level ratio's when a sample has two
+    levels, and the same with one."""
+    whole, m_whole = _off_policy_step(tmp_path / "b4", "awm.ratio=sample", "optim.train_batch_size=4")
+    split, m_split = _off_policy_step(tmp_path / "b1", "awm.ratio=sample", "optim.train_batch_size=1")
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for key in ("train/ratio_mean", "train/clip_frac", "train/policy_loss", "train/matching", "train/ema_kl"):
+        assert m_whole[key] == pytest.approx(m_split[key], rel=1e-5, abs=1e-7), key
+    assert abs(m_whole["train/ratio_mean"] - 1) > 1e-3 and m_whole["train/clip_frac"] > 0
+    # the per-level ratio: another update (and clipped share) with two levels a sample
+    by_level, m_level = _off_policy_step(tmp_path / "level", "awm.ratio=level")
+    assert max((a - b).abs().max().item() for a, b in zip(whole, by_level, strict=True)) > 1e-6
+    assert m_level["train/matching"] == pytest.approx(m_whole["train/matching"], rel=1e-6)
+    # one level a sample: one ratio either way
+    one = [
+        _off_policy_step(tmp_path / r, f"awm.ratio={r}", "awm.num_train_timesteps=1")
+        for r in ("level", "sample")
+    ]
+    for a, b in zip(one[0][0], one[1][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert one[0][1]["train/ratio_mean"] == pytest.approx(one[1][1]["train/ratio_mean"], rel=1e-6)
 
 
 def test_off_policy_with_a_copied_ema_is_the_on_policy_update(tmp_path):

@@ -379,8 +379,18 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     # AWM with the reference's SA-Solver rollouts (noisy on the steps that end in [0.3, 0.9])
     ("awm", ("awm.sampler=sa_solver", "awm.noise_level=0.4")),
     # AWM off-policy (the reference's off_policy): rollouts from the EMA adapter, which lags from step 1 on (decay
-    # 0.2), the clipped ratio to it, without the EMA pull (the adapter kept and checkpointed for the rollouts alone)
-    ("awm", ("awm.rollout_policy=ema", "awm.ema_kl_rate=0.2", "awm.clip_range=0.05", "awm.ema_kl_weight=0")),
+    # 0.2), the clipped ratio to it, one a sample (its sum_first; the per-level ratio is tests/test_distributed.py's),
+    # without the EMA pull (the adapter kept and checkpointed for the rollouts alone)
+    (
+        "awm",
+        (
+            "awm.rollout_policy=ema",
+            "awm.ratio=sample",
+            "awm.ema_kl_rate=0.2",
+            "awm.clip_range=0.05",
+            "awm.ema_kl_weight=0",
+        ),
+    ),
     # AWM trained on each group's two rollouts of most varied reward (PODS's max-variance down-sampling)
     ("awm", ("awm.train_per_group=2",)),
     # Flow-GRPO on each group's two most varied rollouts (PODS), two updates a step

@@ -23,7 +23,9 @@ diffrl differs from it (details and the reference values in docs/trainers/awm.md
   (range 1) never acts. diffrl computes that gradient, ``w grad(l)``, directly (:func:`awm_loss`), and has no
   second update per step. The reference's ``off_policy`` (rollouts from the EMA adapter, ``l_old`` the EMA adapter's
   matching loss, so ``r != 1``) is ``awm.rollout_policy=ema``, with the clipped surrogate
-  (:func:`awm_clipped_loss`, ``awm.clip_range``).
+  (:func:`awm_clipped_loss`, ``awm.clip_range``): one ratio per sample and level (its ``loss_type`` ``exp_first``,
+  the configs'), or with ``awm.ratio=sample`` one per sample from the mean over its levels (its ``sum_first``,
+  :func:`awm_sample_clipped_loss`).
 * ``rho_t`` is ``awm.weighting``: the reference's configs use ``ghuber`` (``t ((L + 1e-10)^p - 1e-10^p) / p``,
   p = 0.25), the paper's equation is ``uniform`` (``L``); both and ``t`` (``t L``) are offered.
 * Levels (``awm.timesteps=levels``, the reference's ``discrete`` draws): the indices ``[first_level, int(T *
@@ -53,6 +55,7 @@ from .objectives import (
     awm_clipped_loss,
     awm_loss,
     awm_matching_loss,
+    awm_sample_clipped_loss,
     awm_weights,
     group_advantages,
     nft_old_policy_decay,
@@ -283,13 +286,18 @@ class AWMTrainer(Trainer):
 
     def _accumulate(self, n, x0, weights, levels, eps_all, cond_all, guidance, sums) -> bool:
         """Backward passes of the micro-batches at every training level: the gradient of the mean loss over all
-        processes' samples and levels. Returns True when a loss was not finite."""
+        processes' samples and levels. With ``awm.ratio=sample`` (off-policy) a micro-batch's levels are held for
+        one backward, since a sample's ratio needs all of them. Returns True when a loss was not finite."""
         cfg, a, model = self.cfg, self.cfg.awm, self.model
+        off_policy = a.rollout_policy == "ema"
+        per_sample = off_policy and a.ratio == "sample"
         bad = False
         k = levels.shape[1]
         for i in range(0, n, cfg.optim.train_batch_size):
             mb = list(range(i, min(n, i + cfg.optim.train_batch_size)))
             cond = cond_all.select(mb)
+            w = len(mb) / n / k
+            held, held_old, held_penalty = [], [], 0.0
             for li in range(k):
                 t_b = levels[mb, li]
                 eps = eps_all[li, mb]
@@ -308,27 +316,46 @@ class AWMTrainer(Trainer):
                         v_ema = model.velocity(x_t, t_b, cond, guidance).float()
                     ema_kl = ((v - v_ema) ** 2).mean()
                 matching = awm_matching_loss(v, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power)
-                if a.rollout_policy == "ema":  # off-policy: the ratio to the EMA policy that sampled
-                    old = awm_matching_loss(
-                        v_ema, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power
-                    )
-                    policy, ratio = awm_clipped_loss(matching, old, weights[mb], a.clip_range)
-                else:
-                    policy = awm_loss(matching, weights[mb])
-                loss = policy + a.kl_weight * kl + a.ema_kl_weight * ema_kl
-                if not torch.isfinite(loss):
-                    bad = True
-                w = len(mb) / n / k
-                self.backward(loss * w)
-                sums["policy_loss"] += float(policy.detach()) * w
+                penalty = a.kl_weight * kl + a.ema_kl_weight * ema_kl
                 sums["matching"] += float(matching.detach().mean()) * w
                 sums["kl"] += float(kl.detach()) * w
                 sums["ema_kl"] += float(ema_kl.detach()) * w
-                if a.rollout_policy == "ema":
-                    sums["ratio_mean"] += float(ratio.mean()) * w
-                    clipped = (ratio - 1).abs() > a.clip_range
-                    sums["clip_frac"] += float(clipped.float().mean()) * w
+                old = None
+                if off_policy:  # the ratio to the EMA policy that sampled
+                    old = awm_matching_loss(
+                        v_ema, x0[mb], eps, t_b, weighting=a.weighting, power=a.ghuber_power
+                    )
+                if per_sample:  # the sample's ratio needs its every level: hold the graphs
+                    held.append(matching)
+                    held_old.append(old)
+                    held_penalty = held_penalty + penalty
+                    continue
+                if off_policy:
+                    policy, ratio = awm_clipped_loss(matching, old, weights[mb], a.clip_range)
+                else:
+                    policy = awm_loss(matching, weights[mb])
+                loss = policy + penalty
+                bad = bad or not bool(torch.isfinite(loss))
+                self.backward(loss * w)
+                sums["policy_loss"] += float(policy.detach()) * w
+                if off_policy:
+                    self._ratio_metrics(sums, ratio, a.clip_range, w)
+            if per_sample:
+                policy, ratio = awm_sample_clipped_loss(
+                    torch.stack(held, dim=1), torch.stack(held_old, dim=1), weights[mb], a.clip_range
+                )
+                loss = policy * k + held_penalty  # the levels' mean, as each level's w = len(mb) / n / k
+                bad = bad or not bool(torch.isfinite(loss))
+                self.backward(loss * w)
+                sums["policy_loss"] += float(policy.detach()) * w * k
+                self._ratio_metrics(sums, ratio, a.clip_range, w * k)
         return bad
+
+    @staticmethod
+    def _ratio_metrics(sums: dict, ratio: torch.Tensor, clip_range: float, w: float) -> None:
+        """Add the off-policy ratio's mean and clipped share, weighted ``w``, to ``sums``."""
+        sums["ratio_mean"] += float(ratio.mean()) * w
+        sums["clip_frac"] += float(((ratio - 1).abs() > clip_range).float().mean()) * w
 
     def extra_state(self):
         if not self.ema_params:  # ema_kl_weight = 0: no EMA adapter

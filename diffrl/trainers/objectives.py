@@ -15,8 +15,8 @@
 * :func:`nft_optimality`, :func:`nft_loss`, :func:`nft_old_policy_decay`: DiffusionNFT.
 * :func:`refl_loss`: ReFL's hinge (or linear) loss on a differentiable reward.
 * :func:`denoising_loss`: the rectified-flow (pre-training) loss, ReFL's optional regulariser.
-* :func:`awm_weights`, :func:`awm_matching_loss`, :func:`awm_loss`, :func:`awm_clipped_loss`: Advantage Weighted
-  Matching.
+* :func:`awm_weights`, :func:`awm_matching_loss`, :func:`awm_loss`, :func:`awm_clipped_loss`,
+  :func:`awm_sample_clipped_loss`: Advantage Weighted Matching.
 * :func:`flow_dpo_loss`, :func:`preference_pairs`: Diffusion-DPO on the flow-matching error (Wallace et al., arXiv
   2311.12908; Flow-DPO of arXiv 2501.13918) and the online pairs from rewards within each group.
 """
@@ -50,6 +50,7 @@ __all__ = [
     "awm_weights",
     "awm_matching_loss",
     "awm_clipped_loss",
+    "awm_sample_clipped_loss",
     "awm_loss",
     "DPOStats",
     "flow_dpo_loss",
@@ -513,11 +514,36 @@ def awm_clipped_loss(
         raise ValueError(
             f"matching {tuple(m.shape)}, old_matching {tuple(old.shape)} and weights {tuple(w.shape)} must all be (B,)."
         )
+    return _awm_surrogate(old - m, w, clip_range)
+
+
+def awm_sample_clipped_loss(
+    matching: torch.Tensor, old_matching: torch.Tensor, weights: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`awm_clipped_loss` with one ratio per sample (the reference code's ``sum_first``): ``matching`` and
+    ``old_matching`` are ``(B, K)``, a sample's K training levels, and ``r_i = exp(mean_k (l_old_ik - l_ik))``, the
+    ratio of the likelihood surrogates ``exp(-mean_k l)``; the loss is ``mean_i max(-w_i r_i, -w_i clip(r_i, 1 - c,
+    1 + c))``. Float32.
+
+    Its gradient is ``w_i r_i mean_k grad(l_ik)`` where the clip does not act, 0 where it does; at ``r = 1`` it is
+    :func:`awm_loss`'s over the ``B K`` pairs. Returns ``(loss, ratio)``, the ratio ``(B,)`` and detached."""
+    m = matching.float()
+    old = old_matching.detach().float().to(m.device)
+    w = weights.detach().float().to(m.device)
+    if not (m.shape == old.shape) or m.ndim != 2 or w.shape != m.shape[:1]:
+        raise ValueError(
+            f"matching {tuple(m.shape)} and old_matching {tuple(old.shape)} must both be (B, K) and weights "
+            f"{tuple(w.shape)} (B,)."
+        )
+    return _awm_surrogate((old - m).mean(dim=1), w, clip_range)
+
+
+def _awm_surrogate(log_ratio: torch.Tensor, w: torch.Tensor, clip_range: float):
+    """AWM's clipped surrogate on ``r = exp(log_ratio)`` (the range symmetric): ``(loss, r detached)``."""
     if not clip_range > 0:
         raise ValueError(f"clip_range={clip_range} must be positive.")
-    ratio = torch.exp(old - m)
-    surrogate = torch.maximum(-w * ratio, -w * ratio.clamp(1 - clip_range, 1 + clip_range))
-    return surrogate.mean(), ratio.detach()
+    loss, ratio, _ = _clipped_surrogate(log_ratio, w, clip_range, None)
+    return loss, ratio.detach()
 
 
 @dataclass
