@@ -680,7 +680,7 @@ def preset_expectations(cfg, ref) -> dict[str, object]:
             "awm.noise_level": s.noise_level,
             "reward": dict(cfg.reward_fn),
             "eval_reward": dict(cfg.reward_fn),
-            "group_by": "text",  # train_sd3_awm.py: stat_tracker.update(prompts decoded from the gathered tokens)
+            "group_by": "tokens",  # train_sd3_awm.py: stat_tracker.update(prompts decoded from the gathered tokens)
         }
     )
     if t.use_sa_solver and s.noise_level > 0:

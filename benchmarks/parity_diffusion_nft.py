@@ -546,6 +546,8 @@ def preset_expectations(cfg, ref, function: str) -> dict[str, object]:
             "optim.train_batch_size": t.batch_size,
             "reward": reward_weights(cfg, ref),
             "eval_reward": reward_weights(cfg, ref),  # main(): eval_reward_fn = multi_score(config.reward_fn)
+            # lines 744-750: the tracker's key is the prompt decoded from the gathered CLIP token ids
+            "group_by": "tokens" if cfg.per_prompt_stat_tracking else "slot",
             "diffusion_nft.group_size": s.num_image_per_prompt,
             "diffusion_nft.prompts_per_step": images_per_step // s.num_image_per_prompt,
             "diffusion_nft.weighting": "adaptive",  # the reference's only loss

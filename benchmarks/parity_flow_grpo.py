@@ -90,7 +90,10 @@ sides and the samples each side trained.
   diffrl's zero advantages are the reference's, i.e. ``drop_zero_advantage`` drops the samples the reference drops.
 * ``[5] text groups``: ``group_by=text`` on reward sets of three slots of G (4, 8, 24) whose first and last share
   a prompt text: diffrl's advantages (``text_group_ids``) against the reference's ``PerPromptStatTracker`` with its
-  global and its per-prompt std; passes when they agree within 1e-5 and the slot grouping does not (1e-3).
+  global and its per-prompt std; passes when they agree within 1e-5 and the slot grouping does not (1e-3). Then
+  ``group_by=tokens`` with the first and last texts differing in case and spacing only, the reference keying its
+  tracker by the texts read back through its CLIP tokenizer: passes when diffrl's agree within 1e-5 and
+  ``group_by=text``'s do not.
 * ``[4]`` for the record, no pass/fail: the ``[1]`` set-up with each of diffrl's other options alone
   (``kl_scale=exact``, ``cfg_grad=full``, ``num_minibatches=1``, ``drop_zero_advantage=false``), diffrl's defaults
   (reference, cond, 1, false) and its former behaviour (exact, full, 1, false): the relative L2 difference from the
@@ -1017,20 +1020,38 @@ def check_zero_advantages(ref, args) -> bool:
     return ok
 
 
-def check_text_groups(ref, args) -> bool:
+def check_text_groups(ref, args, model_dir) -> bool:
     """``group_by=text`` against the reference's stat tracker on steps that draw one text twice: three slots of G
     rewards, the first and the last with the same prompt text. diffrl's advantages (``text_group_ids``) must equal
-    the reference's, with its global and its per-prompt std; grouped by slot they must not (so the check can fail)."""
+    the reference's, with its global and its per-prompt std; grouped by slot they must not (so the check can fail).
+    Then ``group_by=tokens`` with the first and last texts differing in case and spacing only: the reference keys
+    its tracker by the texts read back through its first tokenizer (``train_sd3.py`` 628-634 and 757-760,
+    re-written: ``tokenizers[0](prompts, padding="max_length", max_length=256, truncation=True)`` and
+    ``pipeline.tokenizer.batch_decode(ids, skip_special_tokens=True)``, the tiny pipeline's CLIP tokenizer);
+    diffrl's ``FlowModel.tokenizer_texts`` must give the same advantages, and ``group_by=text`` must not."""
+    from transformers import CLIPTokenizer
+
+    from diffrl.models.loading import load_model
     from diffrl.trainers.objectives import group_advantages, text_group_ids
+
+    ref_tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    model = load_model(str(model_dir))
+
+    def decoded(prompts):  # the reference's key
+        ids = ref_tokenizer(
+            prompts, padding="max_length", max_length=256, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ref_tokenizer.batch_decode(ids.numpy(), skip_special_tokens=True)
 
     ok = True
     g = torch.Generator().manual_seed(args.seed + 5)
     print(
-        f"    {'G':>3} {'std':>7} {'reward sets':>12} {'max |A_ref - A_text|':>21} {'max |A_ref - A_slot|':>21}"
+        f"    {'G':>3} {'std':>7} {'reward sets':>12} {'max |A_ref - A_text|':>21} {'max |A_ref - A_slot|':>21} "
+        f"{'tokens: |A_ref - A_tokens|':>27} {'|A_ref - A_text|':>17}"
     )
     for group in (4, 8, 24):
         for std in ("global", "group"):
-            worst_text, worst_slot = 0.0, 0.0
+            worst_text, worst_slot, worst_tokens, worst_raw = 0.0, 0.0, 0.0, 0.0
             for trial in range(100):
                 rewards = torch.rand(3 * group, generator=g)
                 texts = ["a red circle", f"a blue square {trial}", "a red circle"]
@@ -1043,10 +1064,21 @@ def check_text_groups(ref, args) -> bool:
                 ).values
                 worst_text = max(worst_text, float((ref_adv - text.double()).abs().max()))
                 worst_slot = max(worst_slot, float((ref_adv - slot.double()).abs().max()))
-            good = worst_text < 1e-5 and worst_slot > 1e-3
+                # the same text in other case and spacing: one group for the reference, as for group_by=tokens
+                texts = ["A Red circle", f"a blue square {trial}", "a red  CIRCLE"]
+                prompts = [texts[i // group] for i in range(3 * group)]
+                ref_adv = ref.stat_tracker_cls(std == "global").update(decoded(prompts), rewards.numpy())
+                ref_adv = torch.as_tensor(ref_adv, dtype=torch.float64)
+                ids = text_group_ids(model.tokenizer_texts(prompts))
+                tokens = group_advantages(rewards, ids, std=std, clip=None).values
+                raw = group_advantages(rewards, text_group_ids(prompts), std=std, clip=None).values
+                worst_tokens = max(worst_tokens, float((ref_adv - tokens.double()).abs().max()))
+                worst_raw = max(worst_raw, float((ref_adv - raw.double()).abs().max()))
+            good = worst_text < 1e-5 and worst_slot > 1e-3 and worst_tokens < 1e-5 and worst_raw > 1e-3
             ok &= good
             print(
-                f"    {group:3d} {std:>7} {100:12d} {worst_text:21.2e} {worst_slot:21.2e}{'' if good else '  <-- differ'}"
+                f"    {group:3d} {std:>7} {100:12d} {worst_text:21.2e} {worst_slot:21.2e} {worst_tokens:27.2e} "
+                f"{worst_raw:17.2e}{'' if good else '  <-- differ'}"
             )
     return ok
 
@@ -1190,6 +1222,8 @@ def preset_expectations(cfg, ref: SimpleNamespace, gpus: int, code: SimpleNamesp
         "optim.train_batch_size": t.batch_size,
         "reward": dict(cfg.reward_fn),
         "eval_reward": dict(cfg.reward_fn),  # main(): eval_reward_fn is multi_score of config.reward_fn
+        # lines 757-760: the tracker's key is the prompt decoded from the gathered CLIP token ids
+        "group_by": "tokens" if cfg.per_prompt_stat_tracking else "slot",
         "flow_grpo.group_size": s.num_image_per_prompt,
         "flow_grpo.prompts_per_step": exact_ratio(images_per_step, s.num_image_per_prompt),
         "flow_grpo.noise_level": s.noise_level,
@@ -1320,9 +1354,10 @@ def main(argv=None) -> int:
         print("\n[3] zero-advantage mask: one group of G equal float32 rewards, global std")
         results["[3] zero-advantage mask"] = check_zero_advantages(ref, args)
         print(
-            "\n[5] group_by=text: steps that draw one prompt text twice, against the reference's stat tracker"
+            "\n[5] group_by=text and tokens: steps that draw one prompt text twice, against the reference's stat "
+            "tracker"
         )
-        results["[5] text groups"] = check_text_groups(ref, args)
+        results["[5] text groups"] = check_text_groups(ref, args, model_dir)
         print(
             f"\n[4] for the record: diffrl's other options against the reference step of [1] (beta = {args.beta:g}; "
             "||a - b|| / ||b|| over all LoRA tensors)"

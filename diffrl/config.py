@@ -583,9 +583,11 @@ class TrainConfig:
     """Evaluation reward(s), logged separately to catch reward hacking; empty reuses the training reward."""
     group_by: str = "slot"
     """Which images share a group for the advantages of flow_grpo, diffusion_nft and awm: slot (the group_size
-    images of each drawn prompt, the default) or text (every image of the step whose prompt text is the same,
-    gathered over processes, as the reference codes' per-prompt stat trackers group; the two differ only when a
-    step draws one text twice, from duplicate rows of the prompt file)."""
+    images of each drawn prompt, the default), text (every image of the step whose prompt text is the same, gathered
+    over processes; it differs from slot only when a step draws one text twice, from repeated rows of the prompt
+    file) or tokens (the same by the text as the model's first tokenizer reads it back, tokenized to at most 256
+    tokens and decoded: the reference codes' per-prompt stat trackers' key, so with CLIP texts that differ only in
+    case or spacing are one group)."""
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
     """Flow-GRPO settings."""
     diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
@@ -1094,10 +1096,12 @@ def validate(
         cfg.reward_normalize in ("", "batch", "running", "group"),
         f"reward_normalize={cfg.reward_normalize!r} must be empty, batch, running or group.",
     )
-    need(cfg.group_by in ("slot", "text"), f"group_by={cfg.group_by!r} must be slot or text.")
+    need(
+        cfg.group_by in ("slot", "text", "tokens"), f"group_by={cfg.group_by!r} must be slot, text or tokens."
+    )
     need(
         cfg.group_by == "slot" or cfg.algorithm in ("flow_grpo", "diffusion_nft", "awm"),
-        f"group_by=text groups the advantages of flow_grpo, diffusion_nft and awm; algorithm={cfg.algorithm} "
+        f"group_by={cfg.group_by} groups the advantages of flow_grpo, diffusion_nft and awm; algorithm={cfg.algorithm} "
         "has none to group, so leave group_by at slot.",
     )
     need(

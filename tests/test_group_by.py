@@ -1,6 +1,7 @@
 """``group_by``: the advantages of flow_grpo, diffusion_nft and awm group a step's images by drawn slot (the default)
-or by prompt text (the reference codes' per-prompt stat trackers). A prompt file whose two rows hold the same text
-makes a step of two prompts draw that text twice: by slot two groups of four, by text one group of eight."""
+or by prompt text, as given or read back through the first tokenizer (the reference codes' per-prompt stat
+trackers). A prompt file whose two rows hold the same text makes a step of two prompts draw that text twice: by slot
+two groups of four, by text (or tokens) one group of eight."""
 
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import torch
 from step_spies import spy_step
 
 from diffrl.config import ConfigError, load_config
+from diffrl.models.loading import load_model
 from diffrl.train import build_trainer
-from diffrl.trainers.objectives import awm_weights, group_advantages
+from diffrl.trainers.objectives import awm_weights, group_advantages, text_group_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -27,7 +29,7 @@ def _twice(tmp_path) -> str:
 
 def test_bad_group_by_is_refused_in_one_sentence():
     prompts = str(TINY / "prompts.txt")
-    with pytest.raises(ConfigError, match="group_by='prompt' must be slot or text"):
+    with pytest.raises(ConfigError, match="group_by='prompt' must be slot, text or tokens"):
         load_config(TINY / "awm.yaml", [f"data.train={prompts}", "group_by=prompt"])
     with pytest.raises(ConfigError, match="group_by=text groups the advantages of .* algorithm=dpo has none"):
         load_config(TINY / "dpo.yaml", [f"data.train={prompts}", "group_by=text"])
@@ -48,7 +50,50 @@ def test_text_ids_are_equal_for_equal_texts_only(tmp_path):
     assert torch.equal(trainer.advantage_groups(["a", "a", "b", "b", "a"], slots), slots)
 
 
-@pytest.mark.parametrize("group_by", ["slot", "text"])
+def test_tokens_ids_group_the_texts_the_first_tokenizer_reads_alike(tmp_path):
+    """group_by=tokens: the key is the text read back through the first tokenizer (the references'
+    ``tokenizers[0](..., max_length=256, truncation=True)`` then ``batch_decode(..., skip_special_tokens=True)``);
+    CLIP's lower-cases and normalises spacing, and cuts at 256 tokens."""
+    trainer = build_trainer(
+        TINY / "awm.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"data.train={TINY / 'prompts.txt'}",
+            "data.eval_size=0",
+            "group_by=tokens",
+        ],
+    )
+    long = "a " * 300  # 300 tokens: what follows is cut off
+    texts = ["A Red  circle", "a red circle", "a blue circle", long + "red", long + "blue"]
+    assert trainer.model.tokenizer_texts(texts[:3]) == ["a red circle", "a red circle", "a blue circle"]
+    slots = torch.arange(5)
+    ids = trainer.advantage_groups(texts, slots)
+    assert ids[0] == ids[1] and ids[3] == ids[4] and len({int(i) for i in ids}) == 3
+    torch.testing.assert_close(ids, text_group_ids(trainer.model.tokenizer_texts(texts)))
+    # by text all five are groups of their own
+    trainer.cfg.group_by = "text"
+    assert len({int(i) for i in trainer.advantage_groups(texts, slots)}) == 5
+
+
+def test_tokens_without_a_tokenizer_is_refused_before_training(tmp_path):
+    model = load_model("tiny:sd3")
+    model.pipe.tokenizer = None
+    with pytest.raises(
+        ValueError, match=r"group_by=tokens reads the prompts back .* has none; use group_by=text"
+    ):
+        build_trainer(
+            TINY / "awm.yaml",
+            [
+                f"output_dir={tmp_path}",
+                f"data.train={TINY / 'prompts.txt'}",
+                "data.eval_size=0",
+                "group_by=tokens",
+            ],
+            model=model,
+        )
+
+
+@pytest.mark.parametrize("group_by", ["slot", "text", "tokens"])
 def test_awm_groups_a_text_drawn_twice_by_the_setting(group_by, tmp_path, monkeypatch):
     trainer = build_trainer(
         TINY / "awm.yaml",
@@ -63,14 +108,15 @@ def test_awm_groups_a_text_drawn_twice_by_the_setting(group_by, tmp_path, monkey
     seen = spy_step(trainer, monkeypatch, "_accumulate")
     trainer.train_step(0)
     r = seen["rewards"]
-    groups = torch.zeros(8, dtype=torch.long) if group_by == "text" else torch.arange(2).repeat_interleave(4)
+    merged = group_by != "slot"
+    groups = torch.zeros(8, dtype=torch.long) if merged else torch.arange(2).repeat_interleave(4)
     adv = group_advantages(r, groups, std="group")
     a = trainer.cfg.awm
     torch.testing.assert_close(
         seen["calls"][0][2], awm_weights(adv.values, clip=a.adv_clip, max_weight=a.adv_max)
     )
     # the other grouping gives other weights (the two slots' rewards differ), so the check above can fail
-    other = torch.arange(2).repeat_interleave(4) if group_by == "text" else torch.zeros(8, dtype=torch.long)
+    other = torch.arange(2).repeat_interleave(4) if merged else torch.zeros(8, dtype=torch.long)
     assert not torch.allclose(group_advantages(r, other, std="group").values, adv.values)
 
 

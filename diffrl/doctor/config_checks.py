@@ -59,7 +59,7 @@ def check_data(cfg) -> Finding:
         # the reference codes group advantages by prompt text; by slot, a text drawn twice in a step is two groups
         message += f" ({distinct} distinct texts: a step may draw one twice, and group_by={cfg.group_by} " + (
             "merges such draws into one advantage group, as the reference codes do)"
-            if cfg.group_by == "text"
-            else "keeps them two advantage groups; group_by=text merges them, as the reference codes do)"
+            if cfg.group_by != "slot"
+            else "keeps them two advantage groups; group_by=text or tokens merges them, as the reference codes do)"
         )
     return Finding("data", "OK", message)

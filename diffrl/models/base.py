@@ -413,6 +413,25 @@ class FlowModel:
     def clear_prompt_cache(self) -> None:
         self._cache.clear()
 
+    def first_tokenizer(self):
+        """The pipeline's first tokenizer (``pipe.tokenizer``; a processor's own tokenizer), or None."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        return getattr(tokenizer, "tokenizer", tokenizer)
+
+    def tokenizer_texts(self, prompts: Sequence[str], max_length: int = 256) -> list[str]:
+        """The prompts as the first tokenizer reads them back: tokenized (padded and cut to ``max_length`` tokens)
+        and decoded without special tokens, the key by which the Flow-GRPO, DiffusionNFT and AWM reference codes
+        group advantages (``tokenizers[0](prompts, max_length=256, ...)``, ``pipeline.tokenizer.batch_decode``).
+        CLIP's reads lower-case the text and normalise its spacing."""
+        tokenizer = self.first_tokenizer()
+        if tokenizer is None:
+            raise ValueError(
+                f"{type(self).__name__} has no tokenizer (pipe.tokenizer) to read the prompts back with; use "
+                "group_by=text."
+            )
+        ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True).input_ids
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
     # ------------------------------------------------------------------ latents and images
     def _check_size(self, height: int, width: int, multiple: int) -> None:
         for name, value in (("height", height), ("width", width)):

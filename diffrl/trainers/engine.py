@@ -206,6 +206,11 @@ class Trainer:
             check_image_size(cfg.model.path, cfg.sample.height, cfg.sample.width)
         self.model = model if model is not None else self._load_model()
         self._check_model_metadata()
+        if cfg.group_by == "tokens" and getattr(self.model, "first_tokenizer", lambda: None)() is None:
+            raise ValueError(
+                f"group_by=tokens reads the prompts back through the model's first tokenizer, and {cfg.model.path} "
+                f"({type(self.model).__name__}) has none; use group_by=text."
+            )
         self._setup_video()
         self.model.latent_shape(cfg.sample.height, cfg.sample.width)  # a size the model cannot make fails now
         started = setup_training_mode(self.model, cfg)
@@ -537,9 +542,12 @@ class Trainer:
     def advantage_groups(self, prompts: list[str], group_ids: torch.Tensor) -> torch.Tensor:
         """The group id of each of this process's rows for the advantages: its drawn prompt's slot
         (``group_by=slot``), or with ``group_by=text`` a 63-bit hash of its prompt text, the same on every process,
-        so that every image of one text in the step forms one group once gathered."""
+        so that every image of one text in the step forms one group once gathered; ``group_by=tokens`` hashes the
+        text as the model's first tokenizer reads it back (:meth:`~diffrl.models.base.FlowModel.tokenizer_texts`)."""
         if self.cfg.group_by == "slot":
             return group_ids
+        if self.cfg.group_by == "tokens":
+            return text_group_ids(self.model.tokenizer_texts(prompts))
         return text_group_ids(prompts)
 
     def reward_metrics(
