@@ -92,7 +92,7 @@ compared. Rewards: fixed random numbers, two prompts of 4 samples. Runs (``RUNS`
 Check 0, before the runs: each shipped preset (``configs/sd35m_awm_{pickscore,geneval,ocr}.yaml``) against the
 reference configuration it reproduces (``pickscore_sd3_no_cfg_1node``, ``geneval_...``, ``ocr_...``): the options
 above plus the run's sizes (``awm.prompts_per_step`` from the config's 8-GPU batch formula), sampler and noise,
-schedule, evaluation, checkpoints, EMA and rewards, 45-46 values each. It fails on any difference (it caught the
+schedule, evaluation, checkpoints, EMA, rewards and ``group_by``, 47-48 values each. It fails on any difference (it caught the
 PickScore preset drawing its levels from index 1 where the reference's ``discrete`` draws from 0).
 
 Checks per run:

@@ -85,7 +85,7 @@ object and the code the preset lines cite: the options above (AdamW and clipping
 intervals, mixed precision, EMA (decay, interval, and the warm-up of ``EMAModuleWrapper.get_current_decay``), model
 and LoRA, data set, sizes, sampling and evaluation steps and guidance, batch sizes, ``group_size``,
 ``prompts_per_step`` (``n_gpus`` x batches x batch size / images per prompt: 48), ``weighting=adaptive``, solver,
-per-sample levels (``perms_time``) and rewards: 43 values for the PickScore preset, 44 with the multi-reward
+per-sample levels (``perms_time``), ``group_by`` and rewards: 44 values for the PickScore preset, 45 with the multi-reward
 preset's ``reward_kwargs`` (HPSv2.1, CLIP ViT-L/14). The reward weights mirror what the presets document: a single
 reward keeps the reference's weight (the advantages' division by the global std makes its scale irrelevant, so
 diffrl's raw PickScore stands for the reference's PickScore / 26); several are summed on the reference scorers'

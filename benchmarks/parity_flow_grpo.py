@@ -58,7 +58,7 @@ sides and the samples each side trained.
 * ``[0] presets``, before the others: each shipped preset that reproduces a reference run
   (``configs/sd35m_flow_grpo_{pickscore,geneval,ocr}.yaml``; the bf16 one is diffrl's own variant) against the
   configuration it names (``config/grpo.py``'s ``pickscore_sd3``, ``geneval_sd3``, ``general_ocr_sd3``, each made
-  anew), 52 values each, taken from the reference's code (written here only: the reference options below and the
+  anew), 53 values each, taken from the reference's code (written here only: the reference options below and the
   prompt-file names of its two dataset classes, ``PROMPT_FILES``): the config's seed, ``save_freq``,
   ``num_checkpoint_limit``, ``eval_freq``, mixed precision, sizes (resolution, steps, guidance, batch sizes; the
   evaluation's guidance is ``sample.guidance_scale``, as ``eval()`` samples), AdamW settings, rewards (the
