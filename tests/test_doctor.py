@@ -306,6 +306,21 @@ def test_memory_estimate_divides_what_zero_and_fsdp_partition():
     assert fsdp.trained == int(p * 16 / 4) and fsdp.weights == int(base.weights - t * 4 * 3 / 4)
 
 
+def test_memory_estimate_counts_awm_off_policy_adapter_and_held_levels():
+    """AWM off-policy keeps the EMA adapter without the EMA pull, and with awm.ratio=sample a micro-batch holds the
+    activations of its num_train_timesteps level passes at once."""
+    awm = ROOT / "configs" / "tiny" / "awm.yaml"
+    base = ["awm.ema_kl_weight=0", "awm.num_train_timesteps=3"]
+    plain = estimate_memory(load_config(awm, base), tiny_dir())
+    off = estimate_memory(load_config(awm, [*base, "awm.rollout_policy=ema"]), tiny_dir())
+    held = estimate_memory(
+        load_config(awm, [*base, "awm.rollout_policy=ema", "awm.ratio=sample"]), tiny_dir()
+    )
+    assert off.trained == plain.trained + off.trainable_params * 4
+    assert off.train_activations == plain.train_activations
+    assert held.train_activations == 3 * off.train_activations
+
+
 def test_memory_fails_when_the_estimate_exceeds_the_gpu(monkeypatch):
     monkeypatch.setattr(memory, "_device_capacity", lambda device: (1024**2, "a 1 MiB GPU"))
     found = by_name(run_doctor(TINY, checks=["memory"]), "memory")

@@ -612,7 +612,9 @@ def estimate_memory(
     per_param = (0 if full else 4) + grads + adam
     per_param += 4 if cfg.ema_decay > 0 else 0
     per_param += 4 if cfg.algorithm == "diffusion_nft" else 0
-    per_param += 4 if cfg.algorithm == "awm" and cfg.awm.ema_kl_weight > 0 else 0  # the ema_ref adapter
+    awm = cfg.algorithm == "awm"
+    # the ema_ref adapter: for the EMA pull, and for the off-policy rollouts even without the pull
+    per_param += 4 if awm and (cfg.awm.ema_kl_weight > 0 or cfg.awm.rollout_policy == "ema") else 0
     trained = p_train * per_param / fsdp
 
     f, p = facts["vae_factor"], facts["patch"]
@@ -626,6 +628,10 @@ def estimate_memory(
     c = 2 if cfg_pass else 1
     k = cfg.refl.grad_steps if cfg.algorithm == "refl" else 1
     k = 2 if cfg.algorithm == "dpo" else k  # a DPO pass holds the chosen and the rejected rows of each pair
+    if awm and cfg.awm.rollout_policy == "ema" and cfg.awm.ratio == "sample":
+        k = (
+            cfg.awm.num_train_timesteps
+        )  # a micro-batch's level passes are held for the sample ratio's backward
     per_sample = c * tokens * d * a
     if m.gradient_checkpointing:
         train_act = k * o.train_batch_size * per_sample * (facts["blocks"] + _ACT_PER_BLOCK)
