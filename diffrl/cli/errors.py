@@ -8,7 +8,10 @@
   file could not be fetched (``DownloadError``), the disk is full (``OSError`` ENOSPC or EDQUOT) at any point, and
   any ``OSError`` once a command has said that its work started (:meth:`CommandErrors.started`: ``diffrl train``
   once the trainer is built, ``diffrl download`` once it fetches), such as a checkpoint that cannot be written;
-* **130**, interrupted (Ctrl-C), without a traceback.
+* **130**, interrupted (Ctrl-C), without a traceback;
+* **128 + the signal's number** (143 for SIGTERM, 138 for SIGUSR1 on Linux), a run that stopped cleanly on that
+  signal (``TrainingStopped``: its checkpoint written, :mod:`diffrl.trainers.stopping`), as a process the signal
+  ended would.
 
 Anything else is a bug and keeps its traceback. ``diffrl doctor`` also exits 1 when a check FAILs: its report, not
 an error.
@@ -32,6 +35,19 @@ INPUT_ERRORS = (ValueError, OSError, ImportError, AttributeError, NotImplemented
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def _stop_code(err: BaseException) -> int | None:
+    """``128 + signum`` for a run stopped cleanly on a signal, else None."""
+    try:
+        from diffrl.trainers.common import TrainingStopped
+    except ImportError:  # torch itself is missing: no run got far enough to raise it
+        return None
+    if isinstance(err, TrainingStopped):
+        import signal
+
+        return 128 + (err.signum or signal.SIGTERM)
+    return None
+
+
 def _run_errors() -> tuple[type[BaseException], ...]:
     """The project's errors for work that started and failed (imported only when there is an error to classify)."""
     from diffrl.hub import DownloadError
@@ -48,6 +64,9 @@ def exit_code(err: BaseException, *, started: bool = False) -> int | None:
     ``started``: the command's long work had begun (see :meth:`CommandErrors.started`)."""
     if isinstance(err, KeyboardInterrupt):
         return INTERRUPTED
+    stop = _stop_code(err)
+    if stop is not None:
+        return stop
     if isinstance(err, _run_errors()):
         return FAILED
     if isinstance(err, OSError) and (started or err.errno in DISK_FULL):
@@ -82,7 +101,9 @@ class CommandErrors:
         code = exit_code(err, started=self._started)
         if code is None:
             return False
-        print(f"{self.prefix}: {err if code != INTERRUPTED else 'interrupted'}", file=sys.stderr, flush=True)
+        # a clean stop on a signal is no error: its message says what was saved and how to go on
+        label = "" if _stop_code(err) is not None else f"{self.prefix}: "
+        print(f"{label}{err if code != INTERRUPTED else 'interrupted'}", file=sys.stderr, flush=True)
         if self._cleanup is not None and code != INTERRUPTED:
             self._cleanup()
         self.code = code

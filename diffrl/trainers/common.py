@@ -11,12 +11,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["TrainingAborted", "RewardError", "seeded_generator", "StepBatch"]
+__all__ = ["TrainingAborted", "TrainingStopped", "RewardError", "seeded_generator", "StepBatch"]
 
 
 class TrainingAborted(RuntimeError):
     """The run stopped before ``max_steps`` (``max_bad_steps`` non-finite steps in a row); its last checkpoint is
     written and ``status.json`` says ``aborted``, but no final LoRA or pipeline is."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before ``max_steps`` on a signal (SIGTERM or SIGUSR1, :mod:`diffrl.trainers.stopping`): the
+    checkpoint of the step it stopped after is written and ``status.json`` says ``stopped``; no final evaluation,
+    LoRA or pipeline is written. ``signum`` is the signal this process received (None when another process did)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class RewardError(RuntimeError):

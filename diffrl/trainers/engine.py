@@ -40,16 +40,18 @@ from ..config import TrainConfig, load_config, validate
 from ..data import PromptSet, check_reward_metadata, train_eval_prompts
 from . import evaluation, tracking
 from .checkpoints import CHECKPOINT_PREFIX, CheckpointManager
-from .common import RewardError, StepBatch, TrainingAborted, seeded_generator
+from .common import RewardError, StepBatch, TrainingAborted, TrainingStopped, seeded_generator
 from .distributed import Distributed, assign_, full_tensor
 from .monitor import MonitorState
 from .objectives import max_variance_subset, text_group_ids
+from .stopping import StopSignals
 
 __all__ = [
     "Trainer",
     "StepBatch",
     "seeded_generator",
     "TrainingAborted",
+    "TrainingStopped",
     "RewardError",
     "setup_training_mode",
 ]
@@ -796,31 +798,38 @@ class Trainer:
             desc=self.algorithm,
         )
         metrics: dict[str, float] = {}
-        stopped = False
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            metrics = self.train_step(self.step)
-            metrics["time/step_seconds"] = time.perf_counter() - t0
-            bad = metrics.get("train/skipped", 0.0) > 0 or metrics.get("train/nonfinite_grad", 0.0) > 0
-            self.bad_steps = self.bad_steps + 1 if bad else 0
-            metrics["train/bad_steps_in_a_row"] = float(self.bad_steps)
-            self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                self.tracker.log(self.step, metrics)
-            reward_key = next((k for k in metrics if k.startswith("reward/") and k.endswith("/mean")), None)
-            if reward_key:
-                shown["reward"] = f"{metrics[reward_key]:.4g}"
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and len(self.eval_set):
-                evaluated = self.evaluate()
-                self.tracker.log(self.step, evaluated)
-                show_eval(evaluated)
-            bar.set_postfix(shown)
-            bar.update(1)
-            if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
-                self.save_checkpoint()
-            if self.bad_steps >= cfg.max_bad_steps:
-                stopped = True
-                break
+        stopped = signalled = False
+        with StopSignals() as stop:  # SIGTERM or SIGUSR1: stop after the current step, with a checkpoint
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step(self.step)
+                metrics["time/step_seconds"] = time.perf_counter() - t0
+                bad = metrics.get("train/skipped", 0.0) > 0 or metrics.get("train/nonfinite_grad", 0.0) > 0
+                self.bad_steps = self.bad_steps + 1 if bad else 0
+                metrics["train/bad_steps_in_a_row"] = float(self.bad_steps)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self.tracker.log(self.step, metrics)
+                reward_key = next(
+                    (k for k in metrics if k.startswith("reward/") and k.endswith("/mean")), None
+                )
+                if reward_key:
+                    shown["reward"] = f"{metrics[reward_key]:.4g}"
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and len(self.eval_set):
+                    evaluated = self.evaluate()
+                    self.tracker.log(self.step, evaluated)
+                    show_eval(evaluated)
+                bar.set_postfix(shown)
+                bar.update(1)
+                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if self.bad_steps >= cfg.max_bad_steps:
+                    stopped = True
+                    break
+                # every process stops after the same step when any was signalled
+                if self.step < cfg.max_steps and self.any_over_processes(stop.signum is not None):
+                    signalled = True
+                    break
         bar.close()
         self.save_checkpoint()
         if stopped:
@@ -833,6 +842,15 @@ class Trainer:
             raise TrainingAborted(
                 f"{reason}. The last checkpoint is {self.output_dir / f'{CHECKPOINT_PREFIX}{self.step:06d}'} and no "
                 "final LoRA was written; see docs/troubleshooting.md#nans-and-skipped-steps."
+            )
+        if signalled:
+            reason = f"stopped by {stop.name or 'a signal to another process'} at step {self.step} of {cfg.max_steps}"
+            self.tracker.write_status("stopped", self.step, reason)
+            self.tracker.close()
+            raise TrainingStopped(
+                f"{reason}; checkpoint written to {self.output_dir / f'{CHECKPOINT_PREFIX}{self.step:06d}'}. "
+                "Continue with the same command and resume_from_checkpoint=latest.",
+                stop.signum,
             )
         # the final evaluation, unless this step's is logged already (every eval_every steps, or by the run this one
         # resumed when it had finished)

@@ -1,5 +1,5 @@
 """The run's records in its output directory: ``metrics.jsonl`` (always), TensorBoard or W&B (``report_to``),
-``status.json`` (running, finished or aborted) and the resolved ``config.json``.
+``status.json`` (running, finished, aborted or stopped) and the resolved ``config.json``.
 
 Only the main process writes; a :class:`Tracker` made on another process does nothing.
 """
@@ -81,8 +81,8 @@ class Tracker:
             self.wandb.finish()
 
     def write_status(self, status: str, step: int, reason: str = "") -> None:
-        """``status.json`` in the run directory (atomic): ``running``, ``finished`` or ``aborted``, with the step and
-        the reason, so a stopped run cannot pass for a finished one."""
+        """``status.json`` in the run directory (atomic): ``running``, ``finished``, ``aborted`` (the NaN guard) or
+        ``stopped`` (a signal), with the step and the reason, so a stopped run cannot pass for a finished one."""
         if not self.enabled:
             return
         info = {"status": status, "step": step, "max_steps": self.max_steps}
