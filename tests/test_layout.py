@@ -243,6 +243,7 @@ TRAINERS_LAYERS = {
     "tracking": 0,
     "monitor": 0,
     "preferences": 0,
+    "stopping": 0,
     "distributed": 1,
     "evaluation": 1,
     "checkpoints": 2,
