@@ -22,15 +22,14 @@ tolerance so the comparison is not vacuous.
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from launch_rewards import gated_saturation
+from launching import two_process_command, two_process_env
 from safetensors.torch import load_file
 
 from diffrl.train import build_trainer
@@ -147,12 +146,6 @@ def _algo(case: str) -> str:
     return case.split("-")[0]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(out: Path, case: str) -> list[str]:
     # 2 steps; eval on 3 prompts (split 2 + 1 over two processes); a checkpoint every step, keeping 1, so the
     # run saves, prunes and re-saves (the final save at step 2 replaces checkpoint-000002)
@@ -170,34 +163,12 @@ def _overrides(out: Path, case: str) -> list[str]:
 def _launch_two_processes(
     case: str, out: Path, cache: Path, overrides: list[str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "DIFFRL_CACHE": str(cache),
-        "ACCELERATE_USE_CPU": "true",  # gloo on CPU even where GPUs are visible
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.accelerate_cli",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "diffrl.train",
+        *two_process_command(),
         str(PRESET[_algo(case)]),
         *(overrides if overrides is not None else _overrides(out, case)),
     ]
+    env = two_process_env(DIFFRL_CACHE=str(cache))
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
 
 

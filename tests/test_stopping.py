@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import two_process_command, two_process_env
 from safetensors.torch import load_file
 
 from diffrl.cli.errors import CommandErrors, exit_code
@@ -155,37 +156,10 @@ def test_diffrl_train_stops_on_sigterm_from_outside(tmp_path):
 def test_two_processes_under_accelerate_launch_stop_together_on_sigterm(tmp_path):
     """SIGTERM to ``accelerate launch`` (a scheduler's stop): its torchrun agent passes it on to both processes, which
     stop after the same step; the main one writes the checkpoint, and the launcher exits with 143."""
-    import socket
-
     from diffrl.models.loading import tiny_model_dir
 
     tiny_model_dir("tiny:sd3")  # built before the launch: two processes building it at once would race
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.accelerate_cli",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "diffrl.train",
-    ]
-    env = {
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    launcher, env = two_process_command(), two_process_env()
     out = tmp_path / "run"
     code, err, step = _stop_from_outside(launcher, out, signal.SIGTERM, env)
     assert code == 143, err[-3000:]
