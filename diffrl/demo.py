@@ -7,7 +7,7 @@ pipeline whose first text encoder is the toy CLIP's text tower, so it can learn 
 rewards the shapes verifier's partial credit plus its strict 0/1 correctness, so the reward pays directly for the
 metric the demo reports; :data:`DEMO_OVERRIDES` adds that reward to any other preset named with ``--config`` (the
 presets alone, which the learning benchmark uses for every trainer, reward the partial credit only). Three seeds
-gained +31.4 +- 0.8 points of held-out strict accuracy on its own 384-image evaluations (+29.1 +- 2.2 on 1 536
+gained +31.4 +- 0.8 points of held-out strict accuracy on its own 384-image evaluations (+29.3 +- 1.5 on 3 072
 images of other seeds), in about 9.5 CPU minutes a run (docs/benchmarks.md). It writes to the run directory
 (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds an earlier demo):
 
