@@ -629,9 +629,8 @@ def estimate_memory(
     k = cfg.refl.grad_steps if cfg.algorithm == "refl" else 1
     k = 2 if cfg.algorithm == "dpo" else k  # a DPO pass holds the chosen and the rejected rows of each pair
     if awm and cfg.awm.rollout_policy == "ema" and cfg.awm.ratio == "sample":
-        k = (
-            cfg.awm.num_train_timesteps
-        )  # a micro-batch's level passes are held for the sample ratio's backward
+        # a micro-batch's level passes are held for the sample ratio's backward
+        k = cfg.awm.num_train_timesteps
     per_sample = c * tokens * d * a
     if m.gradient_checkpointing:
         train_act = k * o.train_batch_size * per_sample * (facts["blocks"] + _ACT_PER_BLOCK)

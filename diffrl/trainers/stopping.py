@@ -1,6 +1,6 @@
 """Stopping a run cleanly on a signal: SIGTERM (a scheduler's time limit or preemption, ``kill``, a container's
-stop, torchrun passing on its own stop) or SIGUSR1 (what SLURM sends ahead of the time limit with
-``--signal=B:USR1@<seconds>``).
+stop, torchrun passing on its own stop) or SIGUSR1 (e.g. SLURM's early warning ``--signal=USR1@<seconds>`` to a
+one-process run; ``accelerate launch`` dies of SIGUSR1 without passing it on, so send it SIGTERM: docs/launch.md).
 
 While :meth:`diffrl.trainers.engine.Trainer.train` runs, :class:`StopSignals` records the first such signal instead of
 letting it end the process. The training loop asks after every step (all processes agree, so every process stops
