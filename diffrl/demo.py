@@ -9,7 +9,8 @@ metric the demo reports; :data:`DEMO_OVERRIDES` adds that reward to any other pr
 presets alone, which the learning benchmark uses for every trainer, reward the partial credit only). Over six seeds
 it gained +28.0 +- 2.2 points of held-out strict accuracy, measured on 3 072 images of other seeds a run (+27.7 +-
 4.8 on its own 384-image evaluations), in 7.3-7.4 CPU minutes a run on an idle machine (docs/benchmarks.md). It
-writes to the run directory (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds an earlier demo):
+writes to the run directory (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds
+an earlier demo):
 
 * ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: each evaluation's images (the
   first of each prompt);
