@@ -9,7 +9,11 @@ per seed (the same config and overrides), then samples the base model and each r
 demo evaluation uses) and prints, per seed and as mean +- sample standard deviation over the seeds: the demo's own
 base, final and gain, the re-measured ones, and the demo's CPU seconds. The demo's figures in the README are
 
-    python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2
+    python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2 3 4 5
+
+(the settings were chosen on seeds 0-2; 3-5 check them), with each final LoRA then sampled on 3 072 more images by
+``toy_failures.py --model toy:cliptext --lora runs/demo-seeds/seed-S/lora --images-per-prompt 16 --seed 5000`` and
+again with ``--seed 9000``.
 
 and overrides after ``--`` change the demo (``-- awm.ema_kl_weight=3``; ``--config`` another preset).
 
