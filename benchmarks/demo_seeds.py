@@ -15,7 +15,7 @@ base, final and gain, the re-measured ones, and the demo's CPU seconds. The demo
 ``toy_failures.py --model toy:cliptext --lora runs/demo-seeds/seed-S/lora --images-per-prompt 16 --seed 5000`` and
 again with ``--seed 9000``.
 
-and overrides after ``--`` change the demo (``-- awm.ema_kl_weight=3``; ``--config`` another preset).
+Overrides after ``--`` change the demo (``-- awm.ema_kl_weight=3``; ``--config`` another preset).
 
 A seed whose run directory already holds ``demo_summary.json`` is not run again (re-measured only), so an
 interrupted sweep continues where it stopped. Writes ``OUT/seed-S/`` (the demo's run directory, with
