@@ -128,7 +128,11 @@ def main(argv=None) -> int:
         summary = json.loads((run_dir / "demo_summary.json").read_text())
         model = json.loads((run_dir / "config.json").read_text())["config"]["model"]["path"]
         remeasured = run_dir / "remeasured.json"
-        args = ["--model", model, "--lora", str(run_dir / "lora"), "--json", str(remeasured)]
+        # a LoRA run writes lora/, a full fine-tuning (model.lora_rank=0) the whole pipeline/
+        tuned = ["--lora", str(run_dir / "lora")]
+        if not (run_dir / "lora").exists() and (run_dir / "pipeline").is_dir():
+            tuned = ["--finetuned", str(run_dir / "pipeline")]
+        args = ["--model", model, *tuned, "--json", str(remeasured)]
         args += ["--images-per-prompt", str(a.images_per_prompt), "--max-prompts", str(a.max_prompts)]
         toy_failures.main(args)
         rows.append(seed_row(seed, summary, json.loads(remeasured.read_text())))

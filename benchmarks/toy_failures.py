@@ -1,7 +1,8 @@
-"""Why toy-world prompts fail: which requirement of each prompt the images miss, for the base model and a trained LoRA.
+"""Why toy-world prompts fail: which requirement of each prompt the images miss, for the base model and a trained one.
 
 The strict accuracy says only that an image is wrong. This script samples the prompts of ``configs/toy/eval.jsonl``
-(or ``train.jsonl``) from the base toy model and, with ``--lora``, from the fine-tuned one with the same seeds,
+(or ``train.jsonl``) from the base toy model and, with ``--lora`` (a trained LoRA) or ``--finetuned`` (a fully
+fine-tuned run's ``pipeline/``), from the fine-tuned one with the same seeds,
 detects the objects with the verifier (:meth:`diffrl.toy.rewards.ShapesVerifier.detect`) and splits the failures by
 category:
 
@@ -12,7 +13,7 @@ category:
   ``reversed_only`` (only the opposite one holds) and ``neither``. A model that places the two objects without
   regard to the words has ``relation`` about equal to ``reversed_only``.
 
-    python benchmarks/toy_failures.py --lora runs/demo/lora --images-per-prompt 4
+    python benchmarks/toy_failures.py --model toy:cliptext --finetuned runs/demo/pipeline --images-per-prompt 4
 
 One torch thread on a CPU machine unless ``OMP_NUM_THREADS`` is set (as ``diffrl sample``); about a minute per 400
 images on one core.
@@ -125,6 +126,11 @@ def _fmt(name: str, stats: dict[str, dict[str, float]]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lora", default=None, help="a trained LoRA (a run's lora/ or checkpoint-N/) to compare")
+    p.add_argument(
+        "--finetuned",
+        default=None,
+        help="a fully fine-tuned pipeline of the same base (a run's pipeline/, model.lora_rank=0) to compare",
+    )
     p.add_argument("--model", default="toy", help="base model (default: the shipped toy model)")
     p.add_argument("--split", choices=("eval", "train"), default="eval")
     p.add_argument("--max-prompts", type=int, default=0, help="first N prompts of the split (0: all)")
@@ -152,17 +158,25 @@ def main(argv=None) -> int:
         items = [json.loads(line) for line in f if line.strip()]
     if a.max_prompts:
         items = items[: a.max_prompts]
+    if a.lora is not None and a.finetuned is not None:
+        p.error("--lora and --finetuned both name a fine-tuned model; give one of them.")
     if a.lora is not None:
         try:
             resolve_lora(a.lora)  # a bad path fails here, before the model loads
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
+    if a.finetuned is not None and not (Path(a.finetuned) / "model_index.json").is_file():
+        p.error(
+            f"--finetuned {a.finetuned}: no model_index.json there; give a run's pipeline/ folder (written by a "
+            "run with model.lora_rank=0)."
+        )
     prompts = [it["prompt"] for it in items]
     descs = [it["scene"] for it in items]
     cats = [d.get("category", "") for d in descs]
     model = load_model(a.model)
     if a.lora is not None:
         print(load_lora(model, a.lora))
+    tuned = load_model(a.finetuned) if a.finetuned is not None else model
     verifier = ShapesVerifier()
 
     def run(adapter: bool) -> list[dict]:
@@ -171,7 +185,7 @@ def main(argv=None) -> int:
             kw = dict(num_steps=a.num_steps, guidance_scale=a.guidance_scale, height=64, width=64)
             with torch.no_grad():
                 if adapter:
-                    images = sample_images(model, prompts, seed=a.seed + k, batch_size=64, **kw)
+                    images = sample_images(tuned, prompts, seed=a.seed + k, batch_size=64, **kw)
                 else:
                     with model.disable_adapter() if a.lora is not None else contextlib.nullcontext():
                         images = sample_images(model, prompts, seed=a.seed + k, batch_size=64, **kw)
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
         return rows
 
     results = {"base": summarise(run(False), cats * a.images_per_prompt)}
-    if a.lora is not None:
+    if a.lora is not None or a.finetuned is not None:
         results["fine-tuned"] = summarise(run(True), cats * a.images_per_prompt)
     for name, stats in results.items():
         print("\n".join(_fmt(name, stats)))

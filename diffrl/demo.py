@@ -311,8 +311,13 @@ def run_demo(
     )
     model = trainer.model
     with torch.no_grad():
-        with model.disable_adapter():
-            before = sample_images(model, pool.prompts, **kw)
+        if model.has_lora:
+            with model.disable_adapter():
+                before = sample_images(model, pool.prompts, **kw)
+        else:  # full fine-tuning keeps no base weights: load the base model again
+            from diffrl.models import load_model_from_config
+
+            before = sample_images(load_model_from_config(cfg.model, device=model.device), pool.prompts, **kw)
         with trainer.ema_weights():
             after = sample_images(model, pool.prompts, **kw)
     scenes = [m.get("scene") for m in pool.metadata]
@@ -378,5 +383,6 @@ def run_demo(
             f"in {summary['total_seconds'] / 60:.1f} min ({summary['total_cpu_seconds'] / 60:.1f} CPU min, "
             f"{summary['torch_threads']} torch thread{'s' * (summary['torch_threads'] != 1)})"
         )
-    log(f"wrote {out / 'curves.png'}, {out / 'before_after.png'}, {out / 'lora'} and {out / 'metrics.jsonl'}")
+    weights = out / ("lora" if model.has_lora else "pipeline")
+    log(f"wrote {out / 'curves.png'}, {out / 'before_after.png'}, {weights} and {out / 'metrics.jsonl'}")
     return summary

@@ -66,6 +66,38 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
     assert 0 <= counts["fixed_without_extra_shapes"] <= counts["fixed"] <= 6 and 0 <= counts["broken"] <= 6
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [("model.lora_rank=0", "awm.ema_kl_weight=0"), ("model.lora_rank=16", "awm.ema_kl_weight=3")],
+    ids=["full-fine-tuning", "lora"],
+)
+def test_the_before_pictures_are_the_base_models(mode, tmp_path, small_eval, monkeypatch):
+    """The picture's "before" row is the base model's images of its prompts and seeds, with a LoRA (the adapter
+    switched off) and with full fine-tuning (the base loaded again); the "after" row is the trained model's."""
+    import torch
+
+    import diffrl.demo as demo
+    from diffrl.models import load_model
+    from diffrl.sampling import sample_images
+
+    seen = {}
+
+    def grab(before, after, prompts, *args):
+        seen.update(before=before, after=after, prompts=prompts)
+
+    monkeypatch.setattr(demo, "before_after_grid", grab)
+    overrides = [f"output_dir={tmp_path / 'demo'}", "max_steps=1", "eval_every=0", f"data.eval={small_eval}"]
+    overrides += ["report_to=none", "awm.prompts_per_step=2", "awm.group_size=2", *mode]
+    summary = run_demo(overrides, n_pictures=3, log=lambda line: None)
+    assert (tmp_path / "demo" / ("pipeline" if mode[0].endswith("=0") else "lora")).is_dir()
+    kw = dict(num_steps=8, guidance_scale=1.0, height=64, width=64, seed=12345, batch_size=64)  # the demo's
+    with torch.no_grad():
+        base = sample_images(load_model("toy:cliptext"), seen["prompts"], **kw)
+    assert len(seen["prompts"]) == 3 and summary["max_steps"] == 1
+    torch.testing.assert_close(seen["before"], base, rtol=0, atol=1e-5)
+    assert (seen["after"] - base).abs().max() > 1e-3  # one step of training moved the images
+
+
 def test_the_demo_preset_is_awm_from_the_clip_text_toy_model_with_the_demos_reward():
     cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)
     assert DEFAULT_CONFIG.name == "demo.yaml"

@@ -121,3 +121,49 @@ def test_script_strict_accuracy_is_the_verifiers_on_the_same_images(tmp_path):
     assert result["base"]["all"]["strict"] == pytest.approx(sum(strict) / 24)
     per_category = sum(s["n"] for c, s in result["base"].items() if c != "all")
     assert per_category == 24
+
+
+def _strict_of(path: str, n_prompts: int, seed: int) -> float:
+    """The verifier's strict accuracy of one image per held-out prompt from the model at ``path``, sampled as the
+    script samples."""
+    import json
+
+    import torch
+
+    from diffrl.models import load_model
+    from diffrl.sampling import sample_images
+    from diffrl.toy.rewards import verify
+
+    rows = [
+        json.loads(line) for line in (ROOT / "configs/toy/eval.jsonl").read_text().splitlines()[:n_prompts]
+    ]
+    kw = dict(num_steps=8, guidance_scale=1.0, height=64, width=64, seed=seed, batch_size=64)
+    with torch.no_grad():
+        images = sample_images(load_model(path), [r["prompt"] for r in rows], **kw)
+    return float(verify(images, [r["scene"] for r in rows])[1].float().mean())
+
+
+def test_finetuned_pipeline_is_sampled_with_the_bases_seeds(tmp_path):
+    """``--finetuned`` (a fully fine-tuned run's pipeline/) is compared with ``--model`` on the same seeds: here the
+    shipped toy model against the toy:cliptext pipeline folder, each row the verifier's on that model's images."""
+    import json
+
+    from diffrl.toy.assets import toy_cliptext_model_dir
+
+    tuned = str(toy_cliptext_model_dir())
+    out = tmp_path / "failures.json"
+    args = ["--max-prompts", "12", "--images-per-prompt", "1", "--seed", "3", "--json", str(out)]
+    assert tf.main([*args, "--finetuned", tuned]) == 0
+    result = json.loads(out.read_text())["results"]
+    assert set(result) == {"base", "fine-tuned"}
+    assert result["base"]["all"]["strict"] == pytest.approx(_strict_of("toy", 12, 3))
+    assert result["fine-tuned"]["all"]["strict"] == pytest.approx(_strict_of(tuned, 12, 3))
+
+
+def test_finetuned_must_be_a_pipeline_folder_and_not_given_with_lora(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tf.main(["--finetuned", str(tmp_path)])
+    assert "no model_index.json there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tf.main(["--finetuned", str(tmp_path), "--lora", str(tmp_path)])
+    assert "give one of them" in capsys.readouterr().err

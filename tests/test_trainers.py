@@ -393,6 +393,18 @@ VARIANTS = [(a, ()) for a in ALGOS] + [
     ),
     # AWM trained on each group's two rollouts of most varied reward (PODS's max-variance down-sampling)
     ("awm", ("awm.train_per_group=2",)),
+    # AWM with full fine-tuning (the demo's), which keeps neither pull term, DPM-Solver++ rollouts and logit-normal
+    # levels
+    (
+        "awm",
+        (
+            "model.lora_rank=0",
+            "awm.kl_weight=0",
+            "awm.ema_kl_weight=0",
+            "awm.solver=dpm2",
+            "awm.timesteps=logit_normal",
+        ),
+    ),
     # Flow-GRPO on each group's two most varied rollouts (PODS), two updates a step
     ("flow_grpo", ("flow_grpo.train_per_group=2", "flow_grpo.num_minibatches=2")),
     # DiffusionNFT on each group's two most varied rollouts (PODS), two updates a step
@@ -462,6 +474,7 @@ VARIANT_IDS = [
     "awm-sa_solver",
     "awm-off-policy",
     "awm-pods",
+    "awm-full",
     "flow_grpo-pods",
     "diffusion_nft-pods",
     "flow_grpo-mixgrpo-flash",
