@@ -583,3 +583,34 @@ def test_toy_model_loads_in_plain_diffusers_and_makes_diffrls_images(tmp_path, s
     # the toy's latents reach |6.5|: float32 rounding of a different operation order, relative 1e-5
     torch.testing.assert_close(got.final, plain["latents"], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(model.decode(got.final), plain["images"], rtol=1e-5, atol=5e-5)
+
+
+def test_a_fully_fine_tuned_toy_model_saves_a_pipeline_plain_diffusers_loads(tmp_path):
+    """After full fine-tuning, ``save_pretrained`` writes the toy model's null T5 back (``load_model`` dropped it), so
+    the saved directory loads with a bare ``from_pretrained(dir)`` in a process without diffrl, as the shipped one
+    does, and makes the fine-tuned model's images; the model in memory still runs without T5."""
+    import subprocess
+    import sys
+
+    model = load_model("toy:cliptext")
+    model.set_full_finetuning()
+    with torch.no_grad():  # a changed model: every weight of the first block scaled
+        for p in model.transformer.transformer_blocks[0].parameters():
+            p.mul_(1.5)
+    model.save_pretrained(tmp_path / "full")
+    assert model.pipe.text_encoder_3 is None and model.collapse_t5_padding
+    out = tmp_path / "plain.pt"
+    prompts = ["a red circle", "two blue squares"]
+    subprocess.run(
+        [sys.executable, "-c", _PLAIN_TOY, str(tmp_path / "full"), str(out), *prompts],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    plain = torch.load(out)
+    assert plain["t5"] == "T5EncoderModel"
+    noise = model.sample_noise(2, 64, 64, generator=_gen(0))
+    got = rollout(model, model.encode(prompts), model.schedule(4, 64, 64), noise, guidance_scale=3.0)
+    torch.testing.assert_close(got.final, plain["latents"], rtol=1e-5, atol=1e-4)
+    reloaded = load_model(tmp_path / "full")  # and diffrl drops the null T5 again
+    assert reloaded.pipe.text_encoder_3 is None and reloaded.collapse_t5_padding

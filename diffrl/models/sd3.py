@@ -156,10 +156,14 @@ class SD3Model(FlowModel):
         prompt_cache_size: int = 4096,
         collapse_t5_padding: bool = True,
     ):
+        null_t5 = None
         if is_null_t5(getattr(pipe, "text_encoder_3", None)):
-            # its output is the zeros the pipeline uses without T5 (null_t5_encoder): run without it
+            # its output is the zeros the pipeline uses without T5 (null_t5_encoder): run without it, and keep it
+            # for save_pretrained, so that the saved pipeline loads in plain diffusers as the original does
+            null_t5 = (pipe.text_encoder_3, pipe.tokenizer_3)
             pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
         super().__init__(pipe, prompt_cache_size=prompt_cache_size)
+        self._null_t5 = null_t5
         self.max_sequence_length = max_sequence_length
         # Without T5 the pipeline's context ends in max_sequence_length zero tokens; keep one of them and let the
         # attention count it max_sequence_length times (exact, see CollapsedContextAttnProcessor).
@@ -169,6 +173,19 @@ class SD3Model(FlowModel):
         if self.collapse_t5_padding:
             self._clip_len = pipe.tokenizer_max_length
             collapse_empty_t5(self.transformer, self._clip_len, max_sequence_length)
+
+    def save_pretrained(self, save_directory):
+        """Save the whole pipeline (after full fine-tuning); a checkpoint that shipped the all-zero T5
+        (:func:`null_t5_encoder`, the toy models) is saved with it again, so that a plain
+        ``StableDiffusion3Pipeline.from_pretrained(save_directory)`` loads it, as it loads the original."""
+        if self._null_t5 is None or self.has_lora:
+            return super().save_pretrained(save_directory)
+        encoder, tokenizer = self._null_t5
+        self.pipe.register_modules(text_encoder_3=encoder, tokenizer_3=tokenizer)
+        try:
+            return super().save_pretrained(save_directory)
+        finally:
+            self.pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
 
     def _unused_lora_modules(self) -> list[str]:
         # The last MMDiT block is "context pre-only": its text-token queries are computed but their attention
