@@ -4,18 +4,20 @@ and 17: the demo's +30 points; docs/benchmarks.md, "The demo's gain").
 The first demo evaluated 96 held-out images, so its gain carried a standard error of 6 to 7 points, and a run whose
 base evaluation happened to be low reported a gain it did not make; the demo now evaluates 384 (about 3.4 points),
 and two 384-image evaluations of one LoRA still differed by up to 6 points. This script runs ``diffrl demo`` once
-per seed (the same config and overrides), then samples the base model and each run's final LoRA again with
+per seed (the same config and overrides), then samples the base model and each run's final model (its LoRA, or
+with full fine-tuning its ``pipeline/``) again with
 ``benchmarks/toy_failures.py`` (``--images-per-prompt`` images per held-out prompt, seeds 1000, 1001, ..., which no
 demo evaluation uses) and prints, per seed and as mean +- sample standard deviation over the seeds: the demo's own
-base, final and gain, the re-measured ones, and the demo's CPU seconds. The demo's figures in the README are
+base, final and gain, the re-measured ones, and the demo's CPU seconds. It reproduces the README's figures with
 
     python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2 3 4 5
 
-(the settings were chosen on seeds 0-2; 3-5 check them), with each final LoRA then sampled on 3 072 more images by
-``toy_failures.py --model toy:cliptext --lora runs/demo-seeds/seed-S/lora --images-per-prompt 16 --seed 5000`` and
-again with ``--seed 9000``.
+and each final model then sampled on 3 072 more images by ``toy_failures.py --model toy:cliptext --finetuned
+runs/demo-seeds/seed-S/pipeline --images-per-prompt 16 --seed 5000`` and again with ``--seed 9000`` (``--lora
+runs/demo-seeds/seed-S/lora`` for the LoRA demo before it). The README's runs were ``diffrl train
+configs/toy/demo.yaml seed=S``: the demo's training without its pictures, the same evaluations to the digit.
 
-Overrides after ``--`` change the demo (``-- awm.ema_kl_weight=3``; ``--config`` another preset).
+Overrides after ``--`` change the demo (``-- optim.lr=5e-5``; ``--config`` another preset).
 
 A seed whose run directory already holds ``demo_summary.json`` is not run again (re-measured only), so an
 interrupted sweep continues where it stopped. Writes ``OUT/seed-S/`` (the demo's run directory, with

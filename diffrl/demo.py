@@ -2,13 +2,14 @@
 
 ``diffrl demo [key=value ...]`` (``./scripts/demo.sh`` wraps it) trains a toy text-to-image model with the preset
 ``configs/toy/demo.yaml`` on the toy prompts and evaluates the held-out prompts before, during and after training:
-AWM for 290 steps on ``toy:cliptext`` (:func:`diffrl.toy.assets.toy_cliptext_model_dir`, a real diffusers SD3
-pipeline whose first text encoder is the toy CLIP's text tower, so it can learn "left of" and "above"). The demo
-rewards the shapes verifier's partial credit plus its strict 0/1 correctness, so the reward pays directly for the
-metric the demo reports; :data:`DEMO_OVERRIDES` adds that reward to any other preset named with ``--config`` (the
-presets alone, which the learning benchmark uses for every trainer, reward the partial credit only). Over six seeds
-it gained +28.0 +- 2.2 points of held-out strict accuracy, measured on 3 072 images of other seeds a run (+27.7 +-
-4.8 on its own 384-image evaluations), in 7.3-7.4 CPU minutes a run on an idle machine (docs/benchmarks.md). It
+AWM for 348 steps on ``toy:cliptext`` (:func:`diffrl.toy.assets.toy_cliptext_model_dir`, a real diffusers SD3
+pipeline whose first text encoder is the toy CLIP's text tower, so it can learn "left of" and "above"), fine-tuning
+all the weights of its transformer. The demo rewards the shapes verifier's partial credit plus its strict 0/1
+correctness, so the reward pays directly for the metric the demo reports; :data:`DEMO_OVERRIDES` adds that reward to
+any other preset named with ``--config`` (the presets alone, which the learning benchmark uses for every trainer,
+reward the partial credit only). Over six seeds it gained +30.7 +- 1.2 points of held-out strict accuracy, measured
+on 3 072 images of other seeds a run (+29.9 +- 3.4 on its own 384-image evaluations), in 7.0-7.8 CPU minutes of
+training a run, two runs at a time on 2 cores (docs/benchmarks.md). It
 writes to the run directory (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds
 an earlier demo):
 
@@ -18,7 +19,8 @@ an earlier demo):
 * ``before_after.png``: the same held-out prompts and seeds from the base model and from the fine-tuned one (from a
   pool of distinct prompts over all categories, those fixed without extra shapes first; the title counts the pool's
   fixed and broken prompts);
-* ``lora/``: the trained LoRA (loads into ``StableDiffusion3Pipeline`` with ``load_lora_weights``);
+* ``pipeline/``: the fine-tuned pipeline (``StableDiffusion3Pipeline.from_pretrained`` loads it; ``lora/``, the
+  trained LoRA, instead when a preset or override trains one, ``model.lora_rank`` above 0);
 * ``demo_summary.json``: base and final accuracy, the gain with its standard error (:func:`accuracy_gain`), steps,
   wall time and CPU time (``time.process_time``: training, and training with evaluations and pictures; the measure
   to compare on a shared machine);

@@ -43,9 +43,11 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, small_eval, monkeypatch):
         n_pictures=3,
         log=lines.append,
     )
-    for name in ("curves.png", "before_after.png", "metrics.jsonl", "demo_summary.json", "lora"):
+    for name in ("curves.png", "before_after.png", "metrics.jsonl", "demo_summary.json", "pipeline"):
         assert (out / name).exists(), name
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "pipeline" / "model_index.json").is_file()  # the preset fully fine-tunes: no LoRA
+    assert not (out / "lora").exists()
+    assert any(f"{out / 'pipeline'} and" in line for line in lines)
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if "eval/reward/shapes_accuracy/mean" in r]
     assert [r["step"] for r in evals] == [0, 2]
@@ -101,7 +103,8 @@ def test_the_before_pictures_are_the_base_models(mode, tmp_path, small_eval, mon
 def test_the_demo_preset_is_awm_from_the_clip_text_toy_model_with_the_demos_reward():
     cfg = load_config(DEFAULT_CONFIG, DEMO_OVERRIDES)
     assert DEFAULT_CONFIG.name == "demo.yaml"
-    assert (cfg.algorithm, cfg.model.path, cfg.max_steps) == ("awm", "toy:cliptext", 290)
+    assert (cfg.algorithm, cfg.model.path, cfg.max_steps) == ("awm", "toy:cliptext", 348)
+    assert (cfg.model.lora_rank, cfg.optim.lr, cfg.awm.ema_kl_weight) == (0, 3e-5, 0.0)  # full fine-tuning
     # the preset alone trains what the demo trains: DEMO_OVERRIDES repeats its reward for the other presets
     assert (
         load_config(DEFAULT_CONFIG).reward == cfg.reward == {"shapes_verifier": 1.0, "shapes_accuracy": 1.0}
