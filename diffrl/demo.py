@@ -7,11 +7,10 @@ pipeline whose first text encoder is the toy CLIP's text tower, so it can learn 
 all the weights of its transformer. The demo rewards the shapes verifier's partial credit plus its strict 0/1
 correctness, so the reward pays directly for the metric the demo reports; :data:`DEMO_OVERRIDES` adds that reward to
 any other preset named with ``--config`` (the presets alone, which the learning benchmark uses for every trainer,
-reward the partial credit only). Over six seeds it gained +30.7 +- 1.2 points of held-out strict accuracy, measured
-on 3 072 images of other seeds a run (+29.9 +- 3.4 on its own 384-image evaluations), in 7.0-7.8 CPU minutes of
-training a run, two runs at a time on 2 cores (docs/benchmarks.md). It
-writes to the run directory (``output_dir``, default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds
-an earlier demo):
+reward the partial credit only). Over ten seeds it gained +30.9 +- 1.5 points of held-out strict accuracy, measured
+on 3 072 images of other seeds a run (+29.3 +- 2.8 on its own 384-image evaluations), in 7.0-7.8 CPU minutes of
+training a run, two runs at a time on 2 cores (docs/benchmarks.md). It writes to the run directory (``output_dir``,
+default ``runs/demo``, or ``runs/demo-<date>-<time>`` when that holds an earlier demo):
 
 * ``metrics.jsonl`` / ``tensorboard/``: the trainer's metrics; ``eval/step_*.png``: each evaluation's images (the
   first of each prompt);
