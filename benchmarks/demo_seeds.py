@@ -10,7 +10,7 @@ with full fine-tuning its ``pipeline/``) again with
 demo evaluation uses) and prints, per seed and as mean +- sample standard deviation over the seeds: the demo's own
 base, final and gain, the re-measured ones, and the demo's CPU seconds. It reproduces the README's figures with
 
-    python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2 3 4 5
+    python benchmarks/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2 3 4 5 6 7 8 9
 
 and each final model then sampled on 3 072 more images by ``toy_failures.py --model toy:cliptext --finetuned
 runs/demo-seeds/seed-S/pipeline --images-per-prompt 16 --seed 5000`` and again with ``--seed 9000`` (``--lora
